@@ -1,0 +1,1 @@
+"""Lightning callbacks for continual fine-tuning: freezing policy, spectral bound, evaluation, adapters."""

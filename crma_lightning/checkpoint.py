@@ -1,0 +1,211 @@
+"""Adapter checkpoints: a task's LoRA in PEFT's format, CRMA as safetensors + JSON; atomic writes.
+
+A LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) loads with
+``peft.PeftModel.from_pretrained(base, dir)``. A CRMA directory (``crma_config.json`` +
+``crma.safetensors``) loads onto a fresh copy of the base model with :func:`load_crma`. Loading
+checks the base architecture and shapes and says what differs. Every file is written to a
+temporary name and renamed into place, so a crash never leaves a half-written artefact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig as PeftLoraConfig
+from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from crma_lightning.config import ConfigError, CRMAConfig
+from crma_lightning.injection import CRMAInjection, find_decoder_layers, hidden_size_of, inject_crma
+from crma_lightning.lora import adapter_names
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+CRMA_CONFIG = "crma_config.json"
+CRMA_WEIGHTS = "crma.safetensors"
+# PeftModel nests the transformers model as base_model.model; its files use that prefix.
+PEFT_PREFIX = "base_model.model."
+
+
+# -- atomic files --------------------------------------------------------------------------
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+
+    If ``path`` exists it is first renamed aside and deleted after the swap, so at every instant
+    either the old or the new complete directory is at ``path`` (or, between the two renames, a
+    complete one under the aside name).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        aside = None
+        if path.exists():
+            aside = path.with_name(f".{path.name}.old")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        os.replace(tmp, path)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- base-model identity -------------------------------------------------------------------
+def base_model_signature(model: nn.Module) -> dict[str, Any]:
+    """What an adapter must match: architecture, hidden size, decoder layer count, name."""
+    path, layers = find_decoder_layers(model)
+    return {
+        "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+        "model_type": getattr(model.config, "model_type", ""),
+        "hidden_size": hidden_size_of(model),
+        "num_layers": len(layers),
+        "layer_path": path,
+    }
+
+
+def check_signature(saved: dict[str, Any], model: nn.Module, what: str) -> None:
+    here = base_model_signature(model)
+    diffs = [
+        f"{k}: saved {saved.get(k)!r}, this model {here[k]!r}"
+        for k in ("model_type", "hidden_size", "num_layers")
+        if saved.get(k) != here[k]
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{what} was made for another base model ({saved.get('name_or_path') or 'unnamed'}): "
+            + "; ".join(diffs)
+            + ". Load it onto the base model it was trained with."
+        )
+
+
+# -- LoRA in PEFT format ---------------------------------------------------------------------
+def save_lora(model: nn.Module, adapter: str, directory: str | os.PathLike) -> Path:
+    """Write one named LoRA as a PEFT adapter directory (loads with ``PeftModel.from_pretrained``)."""
+    if adapter not in adapter_names(model):
+        raise ConfigError(f"cannot save LoRA {adapter!r}: this model has {adapter_names(model)}")
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    config = model.peft_config[adapter]
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+    return directory
+
+
+def load_lora(model: nn.Module, adapter: str, directory: str | os.PathLike) -> None:
+    """Load a PEFT adapter directory onto ``model`` as the named LoRA ``adapter`` (created if absent)."""
+    directory = Path(directory)
+    cfg_file, weights = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ConfigError(f"{directory} is not a PEFT LoRA directory (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    config = PeftLoraConfig.from_pretrained(str(directory))
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
+    if adapter not in adapter_names(model):
+        try:
+            inject_adapter_in_model(config, model, adapter_name=adapter)
+        except ValueError as e:  # peft's NoMatchingPeftModuleError
+            raise ConfigError(
+                f"LoRA {directory} does not fit this model ({type(model).__name__}): {e} "
+                f"It was made for {config.base_model_name_or_path!r}; load it onto that base model."
+            ) from None
+    expected = get_peft_model_state_dict(model, adapter_name=adapter)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or bad_shape:
+        raise ConfigError(
+            f"LoRA {directory} does not fit this model ({type(model).__name__}): "
+            f"{len(missing)} missing tensors (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]}), {len(bad_shape)} of other shape (e.g. {bad_shape[:2]}). "
+            f"It was made for {config.base_model_name_or_path!r}; load it onto that base model."
+        )
+    set_peft_model_state_dict(model, state, adapter_name=adapter)
+
+
+# -- CRMA ------------------------------------------------------------------------------------
+def save_crma(handle: CRMAInjection, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write the CRMA blocks (safetensors) and their config plus the base signature (JSON)."""
+    directory = Path(directory)
+    state = {k: v.contiguous().cpu() for k, v in handle.state_dict().items()}
+    meta = {
+        "crma": handle.config.to_dict(),
+        "layers": list(handle.blocks),
+        "base_model": base_model_signature(handle.model),
+        **(extra or {}),
+    }
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / CRMA_WEIGHTS), metadata={"format": "pt"})
+        atomic_write_json(tmp / CRMA_CONFIG, meta)
+    return directory
+
+
+def read_crma_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CRMA_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{directory} is not a CRMA directory (no {CRMA_CONFIG})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is corrupted ({e}); re-export the adapter") from None
+
+
+def load_crma(model: nn.Module, directory: str | os.PathLike, handle: CRMAInjection | None = None) -> CRMAInjection:
+    """Load a CRMA directory onto ``model``: injects the blocks (unless ``handle`` is given) and
+    loads their weights strictly, after checking the base model and the shapes."""
+    directory = Path(directory)
+    meta = read_crma_meta(directory)
+    check_signature(meta["base_model"], model, f"CRMA adapter {directory}")
+    config = CRMAConfig(**meta["crma"])
+    if handle is None:
+        handle = inject_crma(model, config)
+    elif handle.config.streams != config.streams or handle.config.form != config.form:
+        raise ConfigError(
+            f"CRMA adapter {directory} has streams={config.streams}, form={config.form}; the model's CRMA has "
+            f"streams={handle.config.streams}, form={handle.config.form}. Use matching crma settings."
+        )
+    try:
+        state = load_file(str(directory / CRMA_WEIGHTS))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ConfigError(f"{directory / CRMA_WEIGHTS} cannot be read ({e}); the file is missing or corrupted") from None
+    ours = handle.state_dict()
+    missing = sorted(set(ours) - set(state))
+    bad = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or bad or set(state) - set(ours):
+        raise ConfigError(
+            f"CRMA adapter {directory} does not match this model's blocks: missing {missing[:3]}, "
+            f"shape mismatch {bad[:3]}, unexpected {sorted(set(state) - set(ours))[:3]}."
+        )
+    handle.load_state_dict(state)
+    return handle

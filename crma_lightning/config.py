@@ -1,0 +1,129 @@
+"""Typed, self-documenting configuration of the CRMA adapter and the per-task LoRAs.
+
+Attribute docstrings become LightningCLI ``--help``. ``validate()`` reports every problem at once,
+each naming the field and the fix. Defaults that the paper (arXiv 2606.00382) leaves open are this
+project's decisions; method.md §5 lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from crma_lightning.projection import MAX_BIRKHOFF_N
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user can fix; the message says how."""
+
+
+def raise_problems(problems: list[str], what: str) -> None:
+    """Raise one :class:`ConfigError` listing all ``problems`` (no-op when empty)."""
+    if problems:
+        bullet = "\n  - "
+        raise ConfigError(f"invalid {what}:{bullet}{bullet.join(problems)}")
+
+
+@dataclass
+class CRMAConfig:
+    """The Constrained Residual Mixing Adapter placed on every decoder layer (method.md §5)."""
+
+    streams: int = 4
+    """Number of mixing streams n (the size of the doubly-stochastic matrix M). >= 2."""
+    form: Literal["additive", "subspace"] = "additive"
+    """'additive': h + g * W (M s - s), s = R h (cheap; the authors' description).
+    'subspace': h + g * U (M - I) U^T h with orthonormal U and g in [0, 1]: the whole block is
+    non-expansive, a bound on the adapter's entire effect."""
+    projection: Literal["sinkhorn", "birkhoff"] = "sinkhorn"
+    """'sinkhorn': log-domain Sinkhorn-Knopp plus the certifying rescale. 'birkhoff': exact convex
+    combination of all n! permutation matrices (n <= 5)."""
+    sinkhorn_iters: int = 20
+    """Sinkhorn iterations per forward pass (20, as in DeepSeek's mHC). >= 1."""
+    temperature: float = 1.0
+    """Temperature tau of the projection; smaller is closer to a permutation. > 0."""
+    mix_init: float = 0.0
+    """Initial logit margin of the identity in the mixing logits; 0 starts M at the uniform J/n.
+    [decision] 0: with W = 0 at init, M near I would make both W's and M's first gradients vanish."""
+    gate_init: float | None = None
+    """Initial gate value g. None: 1.0 for 'additive' (g = exp(log_gate)), 0.0 for 'subspace'
+    (g clamped to [0, 1]; 0 makes the block exactly the identity at step 0)."""
+    placement: Literal["block_output", "block_input"] = "block_output"
+    """Where on each decoder layer the block acts on the residual stream. [decision] output."""
+    layers: list[int] | None = None
+    """Indices of the decoder layers that get a block (negative counts from the end); None = all."""
+    batched_projection: bool = True
+    """Project all layers' logits in one batched call per forward pass instead of one call per
+    layer. Needs every layer's logits at the model's entry, so it is off under FSDP sharding."""
+    init_seed: int = 0
+    """Seed of the read/write projection initialisation (same adapter on every rank and rerun)."""
+
+    def resolved_gate_init(self) -> float:
+        if self.gate_init is not None:
+            return self.gate_init
+        return 1.0 if self.form == "additive" else 0.0
+
+    def problems(self, prefix: str = "crma") -> list[str]:
+        p = []
+        if self.streams < 2:
+            p.append(f"{prefix}.streams must be >= 2 (got {self.streams}); n = 1 mixes nothing. Use 4.")
+        if self.sinkhorn_iters < 1:
+            p.append(f"{prefix}.sinkhorn_iters must be >= 1 (got {self.sinkhorn_iters}); the default is 20.")
+        if not self.temperature > 0:
+            p.append(f"{prefix}.temperature must be > 0 (got {self.temperature}); the default is 1.0.")
+        if self.form not in ("additive", "subspace"):
+            p.append(f"{prefix}.form must be 'additive' or 'subspace' (got {self.form!r}).")
+        if self.projection not in ("sinkhorn", "birkhoff"):
+            p.append(f"{prefix}.projection must be 'sinkhorn' or 'birkhoff' (got {self.projection!r}).")
+        if self.projection == "birkhoff" and self.streams > MAX_BIRKHOFF_N:
+            p.append(
+                f"{prefix}.projection 'birkhoff' supports streams <= {MAX_BIRKHOFF_N} "
+                f"(got {self.streams}); use projection 'sinkhorn' or fewer streams."
+            )
+        if self.placement not in ("block_output", "block_input"):
+            p.append(f"{prefix}.placement must be 'block_output' or 'block_input' (got {self.placement!r}).")
+        g = self.resolved_gate_init()
+        if self.form == "subspace" and not 0.0 <= g <= 1.0:
+            p.append(f"{prefix}.gate_init must lie in [0, 1] for the subspace form (got {g}).")
+        if self.form == "additive" and not g > 0:
+            p.append(f"{prefix}.gate_init must be > 0 for the additive form, g = exp(log_gate) (got {g}).")
+        return p
+
+    def validate(self) -> CRMAConfig:
+        raise_problems(self.problems(), "CRMA config")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft LoRA): one fresh adapter per task, or one shared (NAIVE)."""
+
+    r: int = 8
+    """LoRA rank. >= 1."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: list[str] | str | None = None
+    """Module names (or peft's 'all-linear') to adapt; None uses peft's default for the model type
+    (q_proj, v_proj for Llama-like models, c_attn for GPT-2)."""
+    extra: dict = field(default_factory=dict)
+    """Further peft.LoraConfig arguments (e.g. use_rslora: true)."""
+
+    def problems(self, prefix: str = "lora") -> list[str]:
+        p = []
+        if self.r < 1:
+            p.append(f"{prefix}.r must be >= 1 (got {self.r}).")
+        if not self.alpha > 0:
+            p.append(f"{prefix}.alpha must be > 0 (got {self.alpha}).")
+        if not 0.0 <= self.dropout < 1.0:
+            p.append(f"{prefix}.dropout must lie in [0, 1) (got {self.dropout}).")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            p.append(f"{prefix}.target_modules is an empty list; give module names or leave it unset.")
+        return p
+
+    def validate(self) -> LoRAConfig:
+        raise_problems(self.problems(), "LoRA config")
+        return self

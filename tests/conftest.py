@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random-init causal LMs of every supported family, built from configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from crma_lightning.backbone import BackboneConfig, load_backbone  # noqa: E402
+
+_COMMON = dict(vocab_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+
+#: One tiny config per supported family (2 layers, width 32).
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_key_value_heads=2, **_COMMON),
+    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_key_value_heads=2, **_COMMON),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_key_value_heads=2, **_COMMON),
+    "gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8, **_COMMON),
+    "phi3": dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_key_value_heads=2, pad_token_id=0, **_COMMON),
+    "gpt2": dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    model = load_backbone(BackboneConfig(config=TINY_CONFIGS[family], init_seed=seed))
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,154 @@
+"""CRMA block and injection on tiny models of every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, tiny_model
+from torch import nn
+
+from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
+from crma_lightning.crma import CRMABlock
+from crma_lightning.injection import inject_crma
+from crma_lightning.lora import activate_lora, add_lora, lora_disabled
+
+
+def _perturb(handle, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in handle.blocks.values():
+            for p in b.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _class_dicts(model):
+    return {type(m): dict(vars(type(m))) for m in model.modules()}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("form", ["additive", "subspace"])
+def test_identity_at_init_toggle_and_remove(family, form, tokens):
+    model = tiny_model(family)
+    classes_before = _class_dicts(model)
+    base = model(tokens).logits
+    add_lora(model, "t1", LoRAConfig(target_modules="all-linear"))
+    activate_lora(model, "t1")
+    handle = inject_crma(model, CRMAConfig(form=form))
+    assert len(handle.blocks) == 2
+    assert all(name.endswith((".0", ".1")) for name in handle.blocks)
+    # Identity at step 0 (LoRA B = 0 too): max abs diff <= 1e-6 in fp32.
+    assert (model(tokens).logits - base).abs().max().item() <= 1e-6
+
+    _perturb(handle)
+    with_crma = model(tokens).logits
+    assert (with_crma - base).abs().max() > 1e-3
+    with handle.disabled():
+        assert torch.equal(model(tokens).logits, base)  # same weights, CRMA off: exactly the base(+LoRA)
+    assert torch.equal(model(tokens).logits, with_crma)
+
+    handle.remove()
+    assert torch.equal(model(tokens).logits, base)
+    assert not any("crma" in n for n, _ in model.named_modules())
+    # Wrap, don't patch: no transformers class was modified.
+    assert _class_dicts(model).keys() >= classes_before.keys()
+    for cls, d in classes_before.items():
+        assert dict(vars(cls)) == d
+
+
+def test_toggle_reproduces_lora_logits_exactly(tokens):
+    model = tiny_model("llama")
+    add_lora(model, "t1", LoRAConfig(r=4))
+    activate_lora(model, "t1")
+    model.eval()  # new LoRA dropout modules start in training mode
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    lora_only = model(tokens).logits
+    handle = inject_crma(model, CRMAConfig())
+    _perturb(handle)
+    assert (model(tokens).logits - lora_only).abs().max() > 1e-3
+    handle.enabled = False
+    assert torch.equal(model(tokens).logits, lora_only)
+    with lora_disabled(model):
+        base = model(tokens).logits
+    assert (base - lora_only).abs().max() > 1e-4
+
+
+def test_batched_projection_equals_per_layer(tokens):
+    model = tiny_model("qwen2")
+    handle = inject_crma(model, CRMAConfig(batched_projection=True))
+    _perturb(handle, seed=3)
+    batched = model(tokens).logits
+    (batched.square().mean()).backward()
+    g_batched = [p.grad.clone() for p in handle.parameters()]
+    model.zero_grad()
+    handle.set_batched_projection(False)
+    per_layer = model(tokens).logits
+    (per_layer.square().mean()).backward()
+    torch.testing.assert_close(batched, per_layer, atol=1e-6, rtol=0)
+    for a, p in zip(g_batched, handle.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+    assert all(b.step_mix is None for b in handle.blocks.values())  # no stale M after forward
+
+
+def test_param_groups_declared_and_trainable(tokens):
+    model = tiny_model("llama")
+    handle = inject_crma(model, CRMAConfig())
+    groups = handle.param_groups()
+    assert set(groups) == {"crma_proj", "crma_mix", "crma_gate"}
+    assert [p.shape for p in groups["crma_mix"]] == [(4, 4), (4, 4)]
+    assert [p.shape for p in groups["crma_proj"]] == [(4, 32), (32, 4)] * 2
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in handle.parameters():
+        p.requires_grad_(True)
+    model(tokens).logits.square().mean().backward()
+    # W = 0 at init: the write projection gets a gradient first, the rest of the chain follows.
+    assert all(b.write.grad.abs().sum() > 0 for b in handle.blocks.values())
+
+
+@pytest.mark.parametrize("projection,streams", [("sinkhorn", 2), ("sinkhorn", 8), ("birkhoff", 3), ("birkhoff", 5)])
+def test_block_bound_and_subspace_non_expansive(projection, streams):
+    cfg = CRMAConfig(streams=streams, projection=projection, form="subspace", gate_init=1.0, mix_init=3.0)
+    block = CRMABlock(16, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        block.log_mix.normal_(0, 5)
+    d = block.diagnostics()
+    assert d.sigma_max.item() <= 1 + 1e-6
+    h = torch.randn(100, 16)
+    out = block(h)
+    assert (out.norm(dim=-1) <= h.norm(dim=-1) * (1 + 1e-5)).all()
+
+
+def test_block_input_placement_and_layer_selection(tokens):
+    model = tiny_model("mistral")
+    base = model(tokens).logits
+    handle = inject_crma(model, CRMAConfig(placement="block_input", layers=[-1]))
+    assert list(handle.blocks) == ["model.layers.1"]
+    assert torch.equal(model(tokens).logits, base)
+    _perturb(handle)
+    assert (model(tokens).logits - base).abs().max() > 1e-3
+
+
+def test_validation_lists_every_problem():
+    with pytest.raises(ConfigError) as e:
+        CRMAConfig(streams=1, sinkhorn_iters=0, temperature=0.0).validate()
+    msg = str(e.value)
+    assert "crma.streams" in msg and "crma.sinkhorn_iters" in msg and "crma.temperature" in msg
+    with pytest.raises(ConfigError, match="birkhoff"):
+        CRMAConfig(streams=6, projection="birkhoff").validate()
+
+
+def test_unsupported_model_names_layouts():
+    class NotAnLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+    with pytest.raises(ConfigError, match="model.layers.*transformer.h"):
+        inject_crma(NotAnLM(), CRMAConfig())
+    model = tiny_model("gpt2")
+    inject_crma(model, CRMAConfig())
+    with pytest.raises(ConfigError, match="already has CRMA"):
+        inject_crma(model, CRMAConfig())
