@@ -86,11 +86,16 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def activate_lora(model: nn.Module, adapter: str) -> None:
-    """Make ``adapter`` the one active LoRA. Leaves every adapter frozen: trainability is the
-    freezing policy's job, not a side effect of switching."""
+    """Make ``adapter`` the one active LoRA. Trainability (``requires_grad``) is left exactly as it
+    was: it is the freezing policy's job, not a side effect of switching (peft's own set_adapter
+    would make the active adapter trainable)."""
     if adapter not in adapter_names(model):
         raise ConfigError(f"no LoRA adapter named {adapter!r}; this model has {adapter_names(model)}")
+    params = [p for _, layer in tuner_layers(model) for p in layer.parameters()]
+    flags = [p.requires_grad for p in params]
     set_adapter(model, adapter, inference_mode=True)
+    for p, flag in zip(params, flags, strict=True):
+        p.requires_grad_(flag)
 
 
 def active_lora(model: nn.Module) -> str | None:

@@ -1,0 +1,48 @@
+"""Task-boundary events for callbacks, robust to resume.
+
+A task is complete once the epoch after its last one has started (or training has ended after
+it). Callbacks that act at task ends (evaluate, save adapters) subclass :class:`TaskBoundaryCallback`
+and implement :meth:`on_task_end`; it runs once per completed task, in order, at the first epoch
+start (or train end) that sees the task complete. Because a task's weights do not change until the
+next task's first step, running it there is the same as running it at the very end of the task —
+and a run resumed from a checkpoint saved in between catches up on what it missed.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+
+class TaskBoundaryCallback(Callback):
+    """Calls :meth:`on_task_end` once for every completed task; the progress is resumable state."""
+
+    def __init__(self) -> None:
+        self.tasks_done: list[str] = []
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def completed_tasks(trainer: pl.Trainer) -> int:
+        dm = trainer.datamodule
+        return min(trainer.current_epoch // dm.epochs_per_task, dm.num_tasks)
+
+    def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        names = trainer.datamodule.task_names
+        for k in range(self.completed_tasks(trainer)):
+            if names[k] not in self.tasks_done:
+                self.on_task_end(trainer, pl_module, k)
+                self.tasks_done.append(names[k])
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"tasks_done": list(self.tasks_done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tasks_done = list(state_dict["tasks_done"])

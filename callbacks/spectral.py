@@ -1,0 +1,85 @@
+"""Logs the CRMA spectral bound and projection health per layer (method.md §6).
+
+Per layer: ``spectral/<layer>/{sigma_max,sigma_2,row_err,col_err,rescale,gate}``; across layers:
+``spectral/max_sigma`` and ``spectral/max_row_col_err``. Uses the same projection functions as the
+adapter (one implementation). The run-wide maxima are resumable state and go into summary.json.
+An exactly doubly-stochastic M always has sigma_max = 1; the row/column errors and sigma_2
+(collapse toward J/n shows as sigma_2 -> 0) are the informative diagnostics.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class SpectralBoundLogger(Callback):
+    """Every ``every_n_steps`` optimizer steps, log each CRMA layer's mixing-matrix diagnostics."""
+
+    def __init__(self, every_n_steps: int = 1, per_layer: bool = True):
+        """
+        Args:
+            every_n_steps: log after every n-th optimizer step (the maxima still see only those).
+            per_layer: also log one series per layer (else only the maxima across layers).
+        """
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.per_layer = per_layer
+        self.max_sigma: float | None = None
+        self.max_row_col_err: float | None = None
+        self.steps_checked = 0
+
+    def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Current diagnostics of every layer, as metric name -> value."""
+        metrics: dict[str, float] = {}
+        sig, err = [], []
+        for i, block in enumerate(pl_module.crma.blocks.values()):
+            d = block.diagnostics()
+            row_col = max(d.row_err.item(), d.col_err.item())
+            sig.append(d.sigma_max.item())
+            err.append(row_col)
+            if self.per_layer:
+                prefix = f"spectral/layer_{i:02d}"
+                metrics |= {
+                    f"{prefix}/sigma_max": d.sigma_max.item(),
+                    f"{prefix}/sigma_2": d.sigma_2.item(),
+                    f"{prefix}/row_err": d.row_err.item(),
+                    f"{prefix}/col_err": d.col_err.item(),
+                    f"{prefix}/rescale": d.rescale.item(),
+                    f"{prefix}/gate": block.gate_value().item(),
+                }
+        metrics["spectral/max_sigma"] = max(sig)
+        metrics["spectral/max_row_col_err"] = max(err)
+        return metrics
+
+    def _record(self, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            metrics = self.measure(pl_module)
+        self.max_sigma = max(self.max_sigma or 0.0, metrics["spectral/max_sigma"])
+        self.max_row_col_err = max(self.max_row_col_err or 0.0, metrics["spectral/max_row_col_err"])
+        self.steps_checked += 1
+        for name, value in metrics.items():
+            # Parameters are replicated on every rank: no cross-rank reduction needed.
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module, "crma", None) is not None and self.max_sigma is None:
+            with torch.no_grad():
+                m = self.measure(pl_module)
+            self.max_sigma, self.max_row_col_err = m["spectral/max_sigma"], m["spectral/max_row_col_err"]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if getattr(pl_module, "crma", None) is None:
+            return
+        if trainer.global_step % self.every_n_steps == 0:
+            self._record(pl_module)
+
+    def state_dict(self) -> dict:
+        return {"max_sigma": self.max_sigma, "max_row_col_err": self.max_row_col_err, "steps_checked": self.steps_checked}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.max_sigma = state_dict["max_sigma"]
+        self.max_row_col_err = state_dict["max_row_col_err"]
+        self.steps_checked = state_dict["steps_checked"]

@@ -1,0 +1,126 @@
+"""LightningCLI for continual fine-tuning: one ``fit`` runs the whole task sequence.
+
+Links shared values once: the task names and the seed flow from ``data`` to ``model``, and
+``trainer.max_epochs`` is derived from the number of tasks and ``data.epochs_per_task``. Trainer
+defaults the task loop depends on are set here. ``--ckpt_path last`` (or a path inside a run
+directory) resumes in the same run directory, so nothing of the run is split or lost.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from crma_lightning.config import ConfigError
+from crma_lightning.data import ContinualDataModule
+from crma_lightning.module import ContinualLM
+
+
+def _task_name(task) -> str:
+    # Parsed tasks are TaskSpec objects, or Namespaces (with or without class_path/init_args).
+    if isinstance(task, dict):
+        return task["name"]
+    args = getattr(task, "init_args", task)
+    return args["name"] if isinstance(args, dict) else args.name
+
+
+def _task_names(tasks) -> list[str]:
+    return [_task_name(t) for t in tasks or []]
+
+
+def _max_epochs(tasks, epochs_per_task: int) -> int:
+    return len(tasks or []) * epochs_per_task
+
+
+class ContinualCLI(LightningCLI):
+    """``python train.py fit --config configs/tiny.yaml``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # Optimizer and schedule are model arguments (they need the parameter groups).
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(ContinualLM, ContinualDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.tasks", "model.task_names", compute_fn=_task_names)
+        parser.link_arguments("data.seed", "model.seed")
+        parser.link_arguments(("data.tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=_max_epochs)
+        parser.set_defaults(
+            {
+                "trainer.reload_dataloaders_every_n_epochs": 1,
+                "trainer.use_distributed_sampler": False,
+                "trainer.num_sanity_val_steps": 0,
+                "trainer.log_every_n_steps": 1,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand != "fit":
+            return
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if ckpt:
+            _resume_in_place(cfg, ckpt)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            print(f"run dir: {run_dir}", flush=True)
+            rank_zero_info(f"open it in TensorBoard: tensorboard --logdir {run_dir}")
+
+
+def _logger_root(cfg) -> tuple[str, str] | None:
+    """(save_dir, name) of a TensorBoard/CSV logger in the parsed config, if any."""
+    logger = cfg.get("trainer", {}).get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if logger is None or isinstance(logger, bool):
+        return None
+    args = logger.get("init_args", {})
+    return str(args.get("save_dir", ".")), str(args.get("name", "lightning_logs"))
+
+
+def _resume_in_place(cfg, ckpt: str) -> None:
+    """Point the logger at the run directory that holds the checkpoint (and resolve 'last')."""
+    root = _logger_root(cfg)
+    if root is None:
+        return
+    base = Path(root[0]) / root[1]
+    if ckpt == "last":
+        runs = sorted(
+            (p for p in base.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
+            key=lambda p: int(p.name.split("_")[-1]),
+        )
+        if not runs:
+            raise ConfigError(f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume")
+        run = runs[-1]
+        cfg["ckpt_path"] = str(run / "checkpoints" / "last.ckpt")
+    else:
+        path = Path(ckpt)
+        if not path.is_file():
+            raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        run = path.resolve().parent.parent
+        if run.parent.resolve() != base.resolve() or not re.fullmatch(r"version_\d+", run.name):
+            return  # a checkpoint from elsewhere: start a new run directory
+    logger = cfg["trainer"]["logger"]
+    logger = logger[0] if isinstance(logger, list) else logger
+    logger["init_args"]["version"] = int(run.name.split("_")[-1])
+
+
+def main(args: list[str] | None = None) -> ContinualCLI | None:
+    """Entry point of ``train.py``: configuration problems become one clear line, exit code 2."""
+    debug = "--debug" in (args if args is not None else sys.argv)
+    if debug:
+        (args if args is not None else sys.argv).remove("--debug")
+    try:
+        return ContinualCLI(args=args)
+    except ConfigError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

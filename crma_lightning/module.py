@@ -1,0 +1,286 @@
+"""The LightningModule: a frozen causal LM plus per-task LoRAs and (MODULAR) the shared CRMA.
+
+Conditions (method.md §2): NAIVE trains one shared LoRA on every task; FROZEN trains a fresh LoRA
+per task and freezes it afterwards; MODULAR is FROZEN plus CRMA on every decoder layer, trained
+during every task. Prior task i is evaluated with LoRA_i (+ the latest CRMA).
+
+The whole task sequence is one ``fit``: tasks are consecutive blocks of epochs
+(``data.epochs_per_task`` each). What changes at a boundary (active LoRA, trainable set, schedule
+restart, optimizer state) is a pure function of the epoch and the global step, so resuming from any
+checkpoint lands in the same state. Which parameters train is decided by the
+``callbacks.freezing.FreezingPolicy`` callback through :meth:`adapter_parameters`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from crma_lightning.backbone import BackboneConfig, load_backbone
+from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig, raise_problems
+from crma_lightning.injection import CRMAInjection, inject_crma
+from crma_lightning.lora import SHARED_ADAPTER, activate_lora, add_lora, lora_parameters
+from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
+
+Strategy = Literal["naive", "frozen", "modular"]
+STRATEGIES = ("naive", "frozen", "modular")
+
+
+@dataclass
+class GroupLR:
+    """Learning rate of each parameter group (the optimizer's own ``lr`` is not used)."""
+
+    lora: float = 2e-4
+    """All LoRA matrices."""
+    crma_proj: float = 1e-3
+    """CRMA read/write projections (or the subspace basis)."""
+    crma_mix: float = 1e-2
+    """CRMA mixing logits (no weight decay: decay would pull M toward the uniform J/n)."""
+    crma_gate: float = 1e-2
+    """CRMA gate (no weight decay)."""
+
+    def problems(self, prefix: str = "model.lr") -> list[str]:
+        return [
+            f"{prefix}.{k} must be >= 0 (got {v}); learning rates cannot be negative."
+            for k, v in vars(self).items()
+            if not (isinstance(v, int | float) and v >= 0 and math.isfinite(v))
+        ]
+
+
+#: Groups whose parameters get no weight decay.
+NO_DECAY = ("crma_mix", "crma_gate")
+
+
+@dataclass
+class TokenStats:
+    """Summed over the labelled tokens of a batch (weighted by ``example_weight`` when present)."""
+
+    loss_sum: Tensor
+    tokens: Tensor
+    correct: Tensor
+
+
+class ContinualLM(pl.LightningModule):
+    """Continual fine-tuning of a causal LM under NAIVE, FROZEN or MODULAR (CRMA)."""
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        task_names: list[str],
+        strategy: Strategy = "modular",
+        lora: LoRAConfig | None = None,
+        crma: CRMAConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr: GroupLR | None = None,
+        lr_schedule: TaskSchedule | None = None,
+        reset_optimizer_per_task: bool = True,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            backbone: the causal LM to fine-tune (frozen).
+            task_names: the task sequence, in order (linked from ``data.tasks`` by the CLI).
+            strategy: naive (one shared LoRA), frozen (fresh LoRA per task, frozen after it), or
+                modular (frozen + CRMA trained throughout; the paper's method).
+            lora: LoRA rank, alpha, dropout, target modules.
+            crma: the CRMA adapter (used by 'modular' only).
+            optimizer: optimizer class (class_path + init_args), called with the parameter groups.
+            lr: learning rate per parameter group.
+            lr_schedule: per-task schedule (restarts at every task); default warm-up + cosine.
+            reset_optimizer_per_task: clear optimizer moments at every task start, as a fresh
+                per-task optimizer would.
+            gradient_checkpointing: recompute activations in backward (saves memory).
+            seed: seeds per-step randomness (dropout) as a function of the step, for exact resume
+                (linked from ``data.seed``).
+        """
+        super().__init__()
+        self.backbone_config = backbone
+        self.task_names = list(task_names)
+        self.strategy = strategy
+        self.lora_config = lora or LoRAConfig()
+        self.crma_config = crma or CRMAConfig()
+        self.optimizer_factory = optimizer
+        self.lr = lr or GroupLR()
+        self.lr_schedule = lr_schedule or WarmupCosine()
+        self.reset_optimizer_per_task = reset_optimizer_per_task
+        self.gradient_checkpointing = gradient_checkpointing
+        self.seed = seed
+        self._validate()
+        self.model: nn.Module | None = None
+        self.crma: CRMAInjection | None = None
+        self._task_starts: list[int] | None = None
+
+    def _validate(self) -> None:
+        p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
+        if self.strategy not in STRATEGIES:
+            p.append(f"model.strategy must be one of {STRATEGIES} (got {self.strategy!r}).")
+        if self.strategy == "modular":
+            p += self.crma_config.problems("model.crma")
+        if not self.task_names:
+            p.append("model.task_names is empty: list at least one task under data.tasks.")
+        if len(set(self.task_names)) != len(self.task_names):
+            p.append(f"task names must be unique (got {self.task_names}).")
+        if SHARED_ADAPTER in self.task_names:
+            p.append(f"'{SHARED_ADAPTER}' is reserved for NAIVE's shared LoRA; rename that task.")
+        raise_problems(p, "model configuration")
+
+    # -- building ------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the backbone, add the LoRA(s) and (MODULAR) CRMA. Idempotent."""
+        if self.model is not None:
+            return
+        model = load_backbone(self.backbone_config)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for adapter in self.adapter_names():
+            add_lora(model, adapter, self.lora_config)
+        if self.strategy == "modular":
+            self.crma = inject_crma(model, self.crma_config)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.model = model
+        activate_lora(model, self.adapter_for(self.task_names[0]))
+        # Every parameter that will ever train requires grad when the strategy wraps the model
+        # (DDP builds its reducer then); the freezing policy narrows it per task.
+        for p in self.ever_trainable_parameters():
+            p.requires_grad_(True)
+
+    def adapter_names(self) -> list[str]:
+        return [SHARED_ADAPTER] if self.strategy == "naive" else list(self.task_names)
+
+    def adapter_for(self, task: str) -> str:
+        """The LoRA used for ``task``: its own, or the shared one under NAIVE."""
+        if task not in self.task_names:
+            raise ConfigError(f"unknown task {task!r}; tasks are {self.task_names}")
+        return SHARED_ADAPTER if self.strategy == "naive" else task
+
+    def use_task(self, task: str) -> None:
+        """Route the forward pass through ``task``'s LoRA (trainability is not changed)."""
+        activate_lora(self._model, self.adapter_for(task))
+
+    @property
+    def _model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("the backbone is not built yet: call configure_model() first")
+        return self.model
+
+    # -- the adapter contract used by freezing, optimizer groups and checkpoints -------------
+    def adapter_parameters(self, kind: Literal["lora", "crma"], task: str | None = None) -> list[nn.Parameter]:
+        """``lora``: the LoRA used for ``task`` (all LoRAs when ``task`` is None); ``crma``: all
+        CRMA parameters (empty unless MODULAR)."""
+        if kind == "crma":
+            return self.crma.parameters() if self.crma is not None else []
+        names = self.adapter_names() if task is None else [self.adapter_for(task)]
+        return [p for name in names for p in lora_parameters(self._model, name)]
+
+    def ever_trainable_parameters(self) -> list[nn.Parameter]:
+        return self.adapter_parameters("lora") + self.adapter_parameters("crma")
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"lora": self.adapter_parameters("lora")}
+        if self.crma is not None:
+            groups.update(self.crma.param_groups())
+        return groups
+
+    # -- forward and loss ----------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def token_stats(self, batch: dict[str, Tensor]) -> TokenStats:
+        """Summed next-token loss, labelled-token count and correct predictions of a batch."""
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+        logits = logits[:, :-1].float()  # (B, T-1, V)
+        mask = (labels != -100).float()
+        if "example_weight" in batch:
+            mask = mask * batch["example_weight"].float()[:, None]
+        safe = labels.clamp_min(0)
+        nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T-1)
+        correct = (logits.argmax(-1) == safe).float()
+        return TokenStats((nll * mask).sum(), mask.sum(), (correct * mask).sum())
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        stats = self.token_stats(batch)
+        # Normalise by the global token count: DDP averages gradients over ranks, so
+        # loss_sum * world / global_tokens gives exactly the single-process token mean.
+        tokens = self.trainer.strategy.reduce(stats.tokens.detach(), reduce_op="sum")
+        loss = stats.loss_sum * self.trainer.world_size / tokens.clamp_min(1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # -- task boundaries -----------------------------------------------------------------
+    def task_steps(self) -> list[int]:
+        """Optimizer steps of every task, from the DataModule's per-task batch counts."""
+        dm = self.trainer.datamodule
+        accumulate = self.trainer.accumulate_grad_batches
+        return [
+            math.ceil(dm.train_batches_per_epoch(k, self.trainer.world_size) / accumulate) * dm.epochs_per_task
+            for k in range(dm.num_tasks)
+        ]
+
+    def task_start_step(self, task_index: int) -> int:
+        if self._task_starts is None:
+            self._task_starts = task_starts(self.task_steps())
+        return self._task_starts[task_index]
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "task_names"):
+            raise ConfigError("fit needs the continual DataModule (data: class_path: crma_lightning.data.ContinualDataModule)")
+        if list(dm.task_names) != self.task_names:
+            raise ConfigError(
+                f"model.task_names {self.task_names} differ from data.tasks {list(dm.task_names)}; "
+                "leave model.task_names unset, the CLI links it from data.tasks"
+            )
+        from callbacks.evaluation import ContinualEvaluation
+        from callbacks.freezing import FreezingPolicy
+
+        have = {type(c) for c in self.trainer.callbacks}
+        missing = [c for c in (FreezingPolicy, ContinualEvaluation) if not any(issubclass(h, c) for h in have)]
+        if missing:
+            raise ConfigError(
+                "trainer.callbacks lacks "
+                + ", ".join(f"callbacks.{c.__module__.split('.')[-1]}.{c.__name__}" for c in missing)
+                + "; add it by class_path (see configs/base.yaml)"
+            )
+        if self.trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data")
+
+    def on_train_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        k = dm.task_index_at_epoch(self.trainer.current_epoch)
+        if self.reset_optimizer_per_task and k > 0 and self.trainer.global_step == self.task_start_step(k):
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        # Dropout masks as a function of (seed, step, rank): identical after a resume.
+        torch.manual_seed(self.seed * 1_000_003 + self.trainer.global_step * 7919 + self.global_rank)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.ever_trainable_parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    # -- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = [
+            {"params": params, "lr": getattr(self.lr, name), "name": name}
+            | ({"weight_decay": 0.0} if name in NO_DECAY else {})
+            for name, params in self.param_groups().items()
+            if params
+        ]
+        optimizer = self.optimizer_factory(groups)
+        schedule = LambdaLR(optimizer, per_task_lambda(self.lr_schedule, self.task_steps()))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
