@@ -2,8 +2,9 @@
 
 A task is complete once the epoch after its last one has started (or training has ended after
 it). Callbacks that act at task ends (evaluate, save adapters) subclass :class:`TaskBoundaryCallback`
-and implement :meth:`on_task_end`; it runs once per completed task, in order, at the first epoch
-start (or train end) that sees the task complete. Because a task's weights do not change until the
+and implement :meth:`on_task_end`; it runs once per completed task, in order, at the first train
+start, epoch start or train end that sees the task complete. (Train start matters: a run resumed
+from a checkpoint taken on a task's last step gets no epoch-start hook for the next epoch.) Because a task's weights do not change until the
 next task's first step, running it there is the same as running it at the very end of the task —
 and a run resumed from a checkpoint saved in between catches up on what it missed.
 """
@@ -34,6 +35,9 @@ class TaskBoundaryCallback(Callback):
             if names[k] not in self.tasks_done:
                 self.on_task_end(trainer, pl_module, k)
                 self.tasks_done.append(names[k])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._catch_up(trainer, pl_module)

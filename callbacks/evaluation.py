@@ -72,6 +72,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if BASE_ROW not in self.loss_rows:
             self._add_row(trainer, pl_module, BASE_ROW)
+        super().on_train_start(trainer, pl_module)
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
         self._add_row(trainer, pl_module, trainer.datamodule.task_names[task_index])

@@ -6,8 +6,8 @@
 | frozen   | LoRA_k                               |
 | modular  | LoRA_k and every CRMA parameter      |
 
-The base model never trains. Applied at every epoch start (idempotent, so a resumed run gets the
-same trainable set); parameters outside the set get ``requires_grad=False`` and hence no gradient,
+The base model never trains. Applied at train start and at every epoch start (idempotent; a run
+resumed mid-epoch gets no epoch-start hook, so the train-start call is what restores its set); parameters outside the set get ``requires_grad=False`` and hence no gradient,
 which the optimizer skips entirely (no weight decay, no momentum): frozen stays bit-identical.
 """
 
@@ -22,9 +22,12 @@ POLICY: dict[str, tuple[str, ...]] = {"naive": ("lora",), "frozen": ("lora",), "
 class FreezingPolicy(Callback):
     """Sets the trainable parameters for the current task from the module's adapter contract."""
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
-        task = dm.task_names[dm.task_index_at_epoch(trainer.current_epoch)]
+        task = dm.task_names[min(dm.task_index_at_epoch(trainer.current_epoch), dm.num_tasks - 1)]
         self.apply(pl_module, task)
 
     @staticmethod

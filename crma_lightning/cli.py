@@ -41,6 +41,7 @@ class ContinualCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         # Optimizer and schedule are model arguments (they need the parameter groups).
         kwargs.setdefault("auto_configure_optimizers", False)

@@ -141,8 +141,11 @@ class ContinualLM(pl.LightningModule):
         model = load_backbone(self.backbone_config)
         for p in model.parameters():
             p.requires_grad_(False)
-        for adapter in self.adapter_names():
-            add_lora(model, adapter, self.lora_config)
+        for i, adapter in enumerate(self.adapter_names()):
+            # LoRA A is randomly initialised: seed it so every rank and every rerun agree.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 7_919 + i)
+                add_lora(model, adapter, self.lora_config)
         if self.strategy == "modular":
             self.crma = inject_crma(model, self.crma_config)
         if self.gradient_checkpointing:
@@ -256,16 +259,17 @@ class ContinualLM(pl.LightningModule):
         if self.trainer.reload_dataloaders_every_n_epochs != 1:
             raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data")
 
-    def on_train_epoch_start(self) -> None:
-        dm = self.trainer.datamodule
-        k = dm.task_index_at_epoch(self.trainer.current_epoch)
-        if self.reset_optimizer_per_task and k > 0 and self.trainer.global_step == self.task_start_step(k):
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        step = self.trainer.global_step
+        # Checked per batch, not per epoch: Lightning skips on_train_epoch_start when it resumes
+        # from a checkpoint taken on an epoch's last step. Before the task's first optimizer step
+        # the state is cleared (repeating it for accumulated micro-batches is harmless).
+        k = self.trainer.datamodule.task_index_at_epoch(self.trainer.current_epoch)
+        if self.reset_optimizer_per_task and k > 0 and step == self.task_start_step(k):
             for opt in self.trainer.optimizers:
                 opt.state.clear()
-
-    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         # Dropout masks as a function of (seed, step, rank): identical after a resume.
-        torch.manual_seed(self.seed * 1_000_003 + self.trainer.global_step * 7919 + self.global_rank)
+        torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.ever_trainable_parameters() if p.grad is not None]

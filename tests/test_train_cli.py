@@ -1,0 +1,163 @@
+"""End to end: ``python train.py fit`` as a subprocess on the tiny config, for every strategy.
+
+Checks the output contract of a run directory (README, "Output contract"), the FROZEN oracle
+(zero drift), NAIVE forgetting, the MODULAR spectral bound, and TensorBoard scalars read back from
+the event files. Also: every YAML under configs/ parses, and --help works.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from crma_lightning.checkpoint import CRMA_CONFIG, CRMA_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+from crma_lightning.cli import ContinualCLI
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["alpha", "beta", "gamma"]
+# Smaller than configs/tiny.yaml so the three runs fit the default suite's budget.
+FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02"]
+
+
+def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def fit(tmp: Path, strategy: str) -> tuple[Path, subprocess.CompletedProcess]:
+    proc = run_train(
+        "fit",
+        "--config", "configs/tiny.yaml",
+        "--config", f"configs/strategy/{strategy}.yaml",
+        "--trainer.logger.init_args.save_dir", str(tmp),
+        *FAST,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("run dir: ")]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    return Path(lines[0].removeprefix("run dir: ")), proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    tmp = tmp_path_factory.mktemp("runs")
+    return {s: fit(tmp / s, s) for s in ("naive", "frozen", "modular")}
+
+
+def read_matrix(path: Path) -> tuple[list[str], list[list[float]]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["after", *TASKS]
+    return [r[0] for r in rows[1:]], [[float(x) for x in r[1:]] for r in rows[1:]]
+
+
+@pytest.mark.parametrize("strategy", ["naive", "frozen", "modular"])
+def test_output_contract(runs, strategy):
+    run_dir, proc = runs[strategy]
+    for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
+        names, values = read_matrix(run_dir / "continual" / name)
+        assert names == ["base", *TASKS]
+        assert all(len(v) == len(TASKS) for v in values)
+    assert (run_dir / "continual" / "loss_matrix.png").stat().st_size > 1000
+    summary = json.loads((run_dir / "continual" / "summary.json").read_text())
+    for key in ("strategy", "tasks", "seed", "base_model", "drift_pct", "bwt", "fwt", "forgetting",
+                "final_avg_loss", "spectral_max_sigma", "spectral_max_row_col_err"):  # fmt: skip
+        assert key in summary, key
+    assert summary["strategy"] == strategy and summary["tasks"] == TASKS and summary["seed"] == 0
+    for task in TASKS:
+        assert (run_dir / "adapters" / task / PEFT_CONFIG).is_file()
+        assert (run_dir / "adapters" / task / PEFT_WEIGHTS).is_file()
+    has_crma = (run_dir / "adapters" / "crma" / CRMA_WEIGHTS).is_file()
+    assert has_crma == (strategy == "modular")
+    if has_crma:
+        assert json.loads((run_dir / "adapters" / "crma" / CRMA_CONFIG).read_text())["after_task"] == "gamma"
+    # progress bar names the task; the final table is printed
+    assert "task 2/3 beta" in proc.stdout + proc.stderr
+    assert "holdout loss" in proc.stdout and "drift_pct=" in proc.stdout
+
+
+def test_frozen_is_an_exact_oracle(runs):
+    run_dir, _ = runs["frozen"]
+    _, loss = read_matrix(run_dir / "continual" / "loss_matrix.csv")
+    for i in range(len(TASKS) - 1):
+        trained = loss[i + 1][i]
+        assert all(abs(loss[j][i] - trained) <= 1e-6 for j in range(i + 1, len(TASKS) + 1))
+    summary = json.loads((run_dir / "continual" / "summary.json").read_text())
+    assert abs(summary["drift_pct"]) <= 1e-6
+    assert summary["spectral_max_sigma"] is None and summary["spectral_max_row_col_err"] is None
+
+
+def test_naive_forgets_and_modular_stays_bounded(runs):
+    naive = json.loads((runs["naive"][0] / "continual" / "summary.json").read_text())
+    modular = json.loads((runs["modular"][0] / "continual" / "summary.json").read_text())
+    frozen = json.loads((runs["frozen"][0] / "continual" / "summary.json").read_text())
+    assert naive["drift_pct"] > 5.0, naive
+    assert naive["bwt"] < -0.1
+    assert modular["drift_pct"] < naive["drift_pct"] / 5
+    assert modular["spectral_max_sigma"] <= 1 + 1e-6
+    assert modular["spectral_max_row_col_err"] < 1e-3
+    # every condition learns its tasks: final average loss well below the base model's
+    _, base = read_matrix(runs["frozen"][0] / "continual" / "loss_matrix.csv")
+    assert frozen["final_avg_loss"] < sum(base[0]) / len(TASKS) - 0.3
+
+
+def test_tensorboard_scalars_read_back(runs):
+    run_dir, _ = runs["modular"]
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/grad_norm", "cl/drift_pct", "spectral/max_sigma", "spectral/layer_00/row_err",
+                *(f"val/{t}/loss" for t in TASKS), *(f"val/{t}/accuracy" for t in TASKS)):  # fmt: skip
+        assert tag in tags, (tag, sorted(tags)[:20])
+    drift = acc.Scalars("cl/drift_pct")
+    summary = json.loads((run_dir / "continual" / "summary.json").read_text())
+    assert drift[-1].value == pytest.approx(summary["drift_pct"], rel=1e-5)
+    assert [e.step for e in acc.Scalars("val/alpha/loss")] == [0, 1, 2, 3]  # base + after each task
+    assert max(e.value for e in acc.Scalars("spectral/max_sigma")) <= 1 + 1e-6
+    assert "continual/loss_matrix" in acc.Tags()["images"]
+
+
+class ParseOnly(ContinualCLI):
+    def instantiate_classes(self) -> None:  # parse and validate, build nothing
+        pass
+
+
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "strategy" not in p.parts)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+@pytest.mark.parametrize("strategy", ["", "naive", "frozen", "modular"])
+def test_every_config_parses(config, strategy):
+    args = ["--config", str(config)]
+    if strategy:
+        args += ["--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml")]
+    cli = ParseOnly(args=args, run=False)
+    assert cli.config.model.task_names == [t.init_args.name if "init_args" in t else t.name for t in cli.config.data.tasks]
+    if strategy:
+        assert cli.config.model.strategy == strategy
+    assert cli.config.trainer.max_epochs == len(cli.config.data.tasks) * cli.config.data.epochs_per_task
+
+
+def test_help_and_print_config():
+    proc = run_train("fit", "--help", timeout=180)
+    assert proc.returncode == 0 and "--model.strategy" in proc.stdout and "--data.tasks" in proc.stdout
+    proc = run_train("fit", "--config", "configs/tiny.yaml", "--print_config", timeout=180)
+    assert proc.returncode == 0 and "  strategy: modular" in proc.stdout and "name: beta" in proc.stdout
+    assert "seed_everything: 0" in proc.stdout
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    proc = run_train("fit", "--config", "configs/tiny.yaml", "--model.crma.streams", "1",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=180)  # fmt: skip
+    assert proc.returncode == 2
+    assert "model.crma.streams must be >= 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
