@@ -33,25 +33,21 @@ class SpectralBoundLogger(Callback):
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """Current diagnostics of every layer, as metric name -> value."""
-        metrics: dict[str, float] = {}
-        sig, err = [], []
-        for i, block in enumerate(pl_module.crma.blocks.values()):
-            d = block.diagnostics()
-            row_col = max(d.row_err.item(), d.col_err.item())
-            sig.append(d.sigma_max.item())
-            err.append(row_col)
-            if self.per_layer:
-                prefix = f"spectral/layer_{i:02d}"
-                metrics |= {
-                    f"{prefix}/sigma_max": d.sigma_max.item(),
-                    f"{prefix}/sigma_2": d.sigma_2.item(),
-                    f"{prefix}/row_err": d.row_err.item(),
-                    f"{prefix}/col_err": d.col_err.item(),
-                    f"{prefix}/rescale": d.rescale.item(),
-                    f"{prefix}/gate": block.gate_value().item(),
-                }
-        metrics["spectral/max_sigma"] = max(sig)
-        metrics["spectral/max_row_col_err"] = max(err)
+        d = pl_module.crma.diagnostics()  # each field (L,), one batched projection
+        row_col = torch.maximum(d.row_err, d.col_err)
+        metrics = {"spectral/max_sigma": d.sigma_max.max().item(), "spectral/max_row_col_err": row_col.max().item()}
+        if self.per_layer:
+            fields = {
+                "sigma_max": d.sigma_max,
+                "sigma_2": d.sigma_2,
+                "row_err": d.row_err,
+                "col_err": d.col_err,
+                "rescale": d.rescale,
+                "gate": pl_module.crma.gates(),
+            }
+            for name, values in fields.items():
+                for i, v in enumerate(values.tolist()):
+                    metrics[f"spectral/layer_{i:02d}/{name}"] = v
         return metrics
 
     def _record(self, pl_module: pl.LightningModule) -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crma_lightning.config import CRMAConfig
-from crma_lightning.projection import Diagnostics, certify, diagnostics, identity_logits, project, sinkhorn
+from crma_lightning.projection import Diagnostics, identity_logits, project, project_with_diagnostics
 
 #: Names of the parameter groups every block declares; freezing, optimizer groups and
 #: checkpoints go through :meth:`CRMABlock.param_groups`, never through parameter-name matching.
@@ -69,11 +69,7 @@ class CRMABlock(nn.Module):
     def diagnostics(self) -> Diagnostics:
         """Health of the current M, including the certifying rescale actually applied (method.md §6)."""
         c = self.config
-        if c.projection == "sinkhorn":
-            raw = sinkhorn(self.log_mix, iters=c.sinkhorn_iters, tau=c.temperature, certified=False)
-            m, scale = certify(raw)
-            return diagnostics(m, rescale=scale)
-        return diagnostics(project(self.log_mix, c.projection, c.streams, tau=c.temperature))
+        return project_with_diagnostics(self.log_mix, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)[1]
 
     def gate_value(self) -> Tensor:
         if self.config.form == "additive":

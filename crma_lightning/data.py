@@ -635,3 +635,23 @@ class ContinualDataModule(LightningDataModule):
             batch["example_weight"] = torch.tensor(weights[lo : lo + batch_size], dtype=torch.float32)
             batches.append(batch)
         return batches
+
+    def _holdout_loaders(self) -> list[DataLoader]:
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            # During fit, callbacks.evaluation.ContinualEvaluation evaluates every task at task
+            # boundaries; a per-epoch validation loop would only repeat that work.
+            return []
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return [
+            DataLoader(self.holdout_batches(task, rank, world), batch_size=None, shuffle=False)
+            for task in self.task_names
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per task over its holdout set (rank shard), for ``validate``; empty during fit."""
+        return self._holdout_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """Same as :meth:`val_dataloader`, for the ``test`` subcommand."""
+        return self._holdout_loaders()

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from crma_lightning.config import ConfigError, CRMAConfig
 from crma_lightning.crma import CRMA_GROUPS, CRMABlock
-from crma_lightning.projection import project
+from crma_lightning.projection import Diagnostics, project, project_with_diagnostics
 
 #: Where decoder layers live, by model family. Llama, Mistral, Qwen2, Gemma2/3, Phi-3 and most
 #: recent decoders use ``model.layers``; GPT-2 ``transformer.h``; multimodal Gemma3
@@ -129,6 +129,20 @@ class CRMAInjection:
         c = self.config
         logits = torch.stack([b.log_mix for b in self.blocks.values()])  # (L, n, n) or (L, n!)
         return project(logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)
+
+    @torch.no_grad()
+    def diagnostics(self) -> Diagnostics:
+        """Every layer's projection health in one batched call; each field has shape ``(L,)``.
+
+        For Sinkhorn the rescale is the one the projection actually applied.
+        """
+        c = self.config
+        logits = torch.stack([b.log_mix for b in self.blocks.values()])
+        return project_with_diagnostics(logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)[1]
+
+    def gates(self) -> Tensor:
+        """Every layer's gate value g, shape ``(L,)``."""
+        return torch.stack([b.gate_value().detach() for b in self.blocks.values()])
 
     @property
     def enabled(self) -> bool:

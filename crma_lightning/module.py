@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.aggregation import SumMetric
 
 from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig, raise_problems
@@ -115,6 +116,10 @@ class ContinualLM(pl.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self._validate()
+        # validate/test subcommands: per-task sums, all-reduced across ranks by torchmetrics.
+        self.holdout_sums = nn.ModuleDict(
+            {t: nn.ModuleDict({k: SumMetric() for k in ("loss_sum", "tokens", "correct")}) for t in self.task_names}
+        )
         self.model: nn.Module | None = None
         self.crma: CRMAInjection | None = None
         self._task_starts: list[int] | None = None
@@ -220,6 +225,35 @@ class ContinualLM(pl.LightningModule):
         loss = stats.loss_sum * self.trainer.world_size / tokens.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    # -- validate / test subcommands: every task's holdout set with the current weights ------
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        task = self.task_names[dataloader_idx]
+        self.use_task(task)
+        s = self.token_stats(batch)
+        for name, value in (("loss_sum", s.loss_sum), ("tokens", s.tokens), ("correct", s.correct)):
+            self.holdout_sums[task][name].update(value)
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        for task, sums in self.holdout_sums.items():
+            v = {name: metric.compute() for name, metric in sums.items()}
+            tokens = v["tokens"].clamp_min(1)
+            self.log(f"{prefix}/{task}/loss", v["loss_sum"] / tokens, add_dataloader_idx=False)
+            self.log(f"{prefix}/{task}/accuracy", v["correct"] / tokens, add_dataloader_idx=False)
+            for metric in sums.values():
+                metric.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
 
     # -- task boundaries -----------------------------------------------------------------
     def task_steps(self) -> list[int]:

@@ -167,8 +167,12 @@ def diagnostics(m: Tensor, rescale: Tensor | None = None) -> Diagnostics:
     )
 
 
-def sinkhorn_with_diagnostics(logits: Tensor, iters: int = 20, tau: float = 1.0) -> tuple[Tensor, Diagnostics]:
-    """Certified Sinkhorn plus the diagnostics, including the rescale factor actually applied."""
-    raw = sinkhorn(logits, iters=iters, tau=tau, certified=False)
-    m, c = certify(raw)
-    return m, diagnostics(m, rescale=c.detach())
+def project_with_diagnostics(
+    logits: Tensor, kind: ProjectionKind, n: int, *, iters: int = 20, tau: float = 1.0
+) -> tuple[Tensor, Diagnostics]:
+    """:func:`project` plus its diagnostics; for Sinkhorn, ``rescale`` is the divisor actually applied."""
+    if kind == "sinkhorn":
+        m, c = certify(sinkhorn(logits, iters=iters, tau=tau, certified=False))
+        return m, diagnostics(m, rescale=c.detach())
+    m = project(logits, kind, n, iters=iters, tau=tau)
+    return m, diagnostics(m)

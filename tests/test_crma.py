@@ -152,3 +152,18 @@ def test_unsupported_model_names_layouts():
     inject_crma(model, CRMAConfig())
     with pytest.raises(ConfigError, match="already has CRMA"):
         inject_crma(model, CRMAConfig())
+
+
+def test_batched_diagnostics_match_each_block():
+    model = tiny_model("llama")
+    handle = inject_crma(model, CRMAConfig(sinkhorn_iters=3))
+    _perturb(handle, seed=5)
+    with torch.no_grad():
+        for b in handle.blocks.values():
+            b.log_mix.mul_(20)  # peaked: 3 iterations leave the rescale active
+    batched = handle.diagnostics()
+    for i, block in enumerate(handle.blocks.values()):
+        d = block.diagnostics()
+        for field in ("sigma_max", "sigma_2", "row_err", "col_err", "rescale"):
+            torch.testing.assert_close(getattr(batched, field)[i], getattr(d, field))
+    assert (batched.rescale > 1).any() and (batched.sigma_max <= 1 + 1e-6).all()

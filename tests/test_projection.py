@@ -18,8 +18,8 @@ from crma_lightning.projection import (
     diagnostics,
     permutation_matrices,
     project,
+    project_with_diagnostics,
     sinkhorn,
-    sinkhorn_with_diagnostics,
 )
 
 TOL = 1e-6
@@ -115,7 +115,7 @@ def test_batched_equals_per_matrix():
     batched = sinkhorn(x)
     one_by_one = torch.stack([torch.stack([sinkhorn(x[i, j]) for j in range(3)]) for i in range(5)])
     torch.testing.assert_close(batched, one_by_one)
-    m, d = sinkhorn_with_diagnostics(x)
+    m, d = project_with_diagnostics(x, "sinkhorn", 4)
     assert d.sigma_max.shape == (5, 3) and d.row_err.shape == (5, 3)
     torch.testing.assert_close(m, batched)
 

@@ -161,3 +161,32 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "model.crma.streams must be >= 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ckpt_path_last_resumes_in_place_and_matches_the_uninterrupted_run(runs, tmp_path):
+    save = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    base = ["fit", "--config", "configs/tiny.yaml", *save, *FAST]
+    cut = run_train(*base, "--trainer.max_steps", "45")  # mid-task 3 (16 steps per task); last.ckpt at step 40
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    resumed = run_train(*base, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_dir = tmp_path / "tiny" / "version_0"
+    assert f"run dir: {run_dir}" in resumed.stdout
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["version_0"]  # no second run dir
+    full_dir, _ = runs["modular"]
+    for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
+        assert (run_dir / "continual" / name).read_text() == (full_dir / "continual" / name).read_text()
+
+
+def test_validate_subcommand_evaluates_every_task(runs, tmp_path):
+    run_dir, _ = runs["frozen"]
+    proc = run_train("validate", "--config", "configs/tiny.yaml", "--config", "configs/strategy/frozen.yaml",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path), *FAST,
+                     "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # last.ckpt is at step 40 of 48: alpha and beta are finished, frozen LoRAs, so their
+    # holdout losses equal the final matrix's to float precision.
+    _, loss = read_matrix(run_dir / "continual" / "loss_matrix.csv")
+    for task, expected in zip(TASKS[:2], loss[-1][:2], strict=True):
+        line = next(line for line in proc.stdout.splitlines() if f"val/{task}/loss" in line)
+        assert float(line.split("│")[2].strip().rstrip("…")[:7]) == pytest.approx(expected, abs=1e-4)
