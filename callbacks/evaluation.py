@@ -123,7 +123,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         write_report(out_dir, tasks, self.loss_rows, self.acc_rows, summary)
         loss, acc = self.matrices()
         figures = {
-            "loss_matrix": heatmap_figure(loss, list(self.loss_rows), tasks, "holdout loss L[after, task]", "viridis_r"),
+            "loss_matrix": heatmap_figure(loss, list(self.loss_rows), tasks, "holdout loss L[after, task] (lower is better)", "viridis_r"),
             "accuracy_matrix": heatmap_figure(acc, list(self.acc_rows), tasks, "token accuracy A[after, task]", "viridis"),
         }
         for name, fig in figures.items():

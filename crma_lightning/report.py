@@ -55,16 +55,16 @@ def heatmap_figure(matrix: np.ndarray, row_names: Sequence[str], tasks: Sequence
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.55 * len(row_names)))
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.9 * len(tasks)), 1.2 + 0.55 * len(row_names)))
     im = ax.imshow(matrix, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(tasks)), labels=list(tasks), rotation=30, ha="right")
     ax.set_yticks(range(len(row_names)), labels=[f"after {r}" if r != BASE_ROW else BASE_ROW for r in row_names])
     ax.set_xlabel("evaluated on task")
     ax.set_title(title)
-    finite = matrix[np.isfinite(matrix)]
-    mid = (finite.max() + finite.min()) / 2 if finite.size else 0.0
     for (r, c), v in np.ndenumerate(matrix):
-        ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=8, color="white" if v < mid else "black")
+        red, green, blue, _ = im.cmap(im.norm(v))
+        light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5  # readable text on any cell colour
+        ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=8, color="black" if light else "white")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
