@@ -7,11 +7,9 @@ JSON), rewritten after every task. Written by rank 0, atomically.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
 
-from callbacks.boundary import TaskBoundaryCallback
+from callbacks.boundary import TaskBoundaryCallback, run_dir
 from crma_lightning.checkpoint import save_crma, save_lora
 
 
@@ -27,10 +25,10 @@ class AdapterCheckpoint(TaskBoundaryCallback):
         self.dirname = dirname
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
+        root = run_dir(trainer) / self.dirname  # on every rank: a collective
         if not trainer.is_global_zero:
             return
         task = trainer.datamodule.task_names[task_index]
-        root = Path(trainer.log_dir or trainer.default_root_dir) / self.dirname
         save_lora(pl_module.model, pl_module.adapter_for(task), root / task)
         if pl_module.crma is not None:
             save_crma(

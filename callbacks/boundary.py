@@ -11,8 +11,16 @@ and a run resumed from a checkpoint saved in between catches up on what it misse
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The run directory (the logger's log dir). A collective: ``Trainer.log_dir`` broadcasts from
+    rank 0, so call it on every rank, never inside a rank-0-only branch (that deadlocks DDP)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class TaskBoundaryCallback(Callback):

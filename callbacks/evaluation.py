@@ -12,14 +12,12 @@ step = number of tasks trained.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from callbacks.boundary import TaskBoundaryCallback
+from callbacks.boundary import TaskBoundaryCallback, run_dir
 from callbacks.spectral import SpectralBoundLogger
 from crma_lightning import metrics as clm
 from crma_lightning.report import BASE_ROW, heatmap_figure, save_figure, table, write_report
@@ -114,12 +112,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
         return out
 
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out_dir = run_dir(trainer) / "continual"  # on every rank: a collective
         if not trainer.is_global_zero:
             return
         tasks = list(trainer.datamodule.task_names)
         step = len(self.loss_rows) - 1
         summary = self.summary(trainer, pl_module)
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "continual"
         write_report(out_dir, tasks, self.loss_rows, self.acc_rows, summary)
         loss, acc = self.matrices()
         figures = {

@@ -69,8 +69,8 @@ class ContinualCLI(LightningCLI):
             _resume_in_place(cfg, ckpt)
 
     def after_fit(self) -> None:
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank
         if self.trainer.is_global_zero:
-            run_dir = self.trainer.log_dir or self.trainer.default_root_dir
             print(f"run dir: {run_dir}", flush=True)
             rank_zero_info(f"open it in TensorBoard: tensorboard --logdir {run_dir}")
 

@@ -6,7 +6,8 @@ epoch and hands out the current task. Every task also keeps a fixed holdout set 
 evaluate after later tasks to measure forgetting (``holdout_batches``).
 
 Sources: ``synthetic`` permutation tasks (``crma_lightning.synthetic``), local files (.txt .jsonl
-.json .parquet .csv) and ``datasets`` hub names.
+.json .parquet .csv), ``corpus:<domain>`` for a domain of the shipped corpus (``crma_lightning.corpus``,
+read like a local .jsonl file) and ``datasets`` hub names.
 
 Batches are dicts of ``input_ids``, ``attention_mask``, ``labels`` (all ``(B, T)`` int64), right-padded
 to the longest sequence in the batch. Labels are NOT shifted (the model predicts ``labels[:, 1:]``
@@ -37,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from crma_lightning import corpus
 from crma_lightning.config import ConfigError
 from crma_lightning.synthetic import FIRST_TOKEN, permutation_sequences
 
@@ -49,6 +51,9 @@ TINY_TOKENIZER = "tiny"
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 """File extension -> ``datasets`` builder used to read it."""
 
+CORPUS_PREFIX = "corpus:"
+"""Task ``source`` prefix naming a domain of the shipped corpus, e.g. ``corpus:medical``."""
+
 _TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _MAP_BATCH = 1000
 
@@ -60,7 +65,8 @@ class TaskSpec:
     name: str
     """Unique task name; the key of the task's adapter state, metrics (``val/<name>/loss``) and checkpoints."""
     source: str = "synthetic"
-    """``synthetic``, a local file (.txt .jsonl .json .parquet .csv), or a ``datasets`` hub name."""
+    """``synthetic``, a local file (.txt .jsonl .json .parquet .csv), ``corpus:<domain>`` (a shipped domain,
+    see ``crma_lightning.corpus.DOMAINS``), or a ``datasets`` hub name."""
     format: Literal["text", "prompt_response"] = "text"
     """``text``: records are concatenated with eos and cut into ``max_length`` blocks, every token
     trained. ``prompt_response``: one example per record, loss on the response (+ eos) only."""
@@ -241,6 +247,8 @@ def _caused_by_network(err: BaseException | None) -> bool:
 def _source_kind(source: str) -> Literal["synthetic", "file", "hub"]:
     if source == "synthetic":
         return "synthetic"
+    if source.startswith(CORPUS_PREFIX):
+        return "file"
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_BUILDERS or path.exists():
         return "file"
@@ -386,7 +394,14 @@ class ContinualDataModule(LightningDataModule):
                     f"{where}.source: {task.source!r} needs data.tokenizer (a name, a folder, or 'tiny'); "
                     "only synthetic tasks work without one"
                 )
-            if kind == "file":
+            if task.source.startswith(CORPUS_PREFIX):
+                domain = task.source.removeprefix(CORPUS_PREFIX)
+                if domain not in corpus.DOMAINS:
+                    problems.append(
+                        f"{where}.source: unknown corpus domain {domain!r}; the shipped domains are "
+                        f"{', '.join(CORPUS_PREFIX + d for d in corpus.DOMAINS)}"
+                    )
+            elif kind == "file":
                 path = Path(task.source).expanduser()
                 if path.suffix.lower() not in FILE_BUILDERS:
                     problems.append(f"{where}.source: {task.source!r} is not one of {sorted(FILE_BUILDERS)}")
@@ -512,13 +527,18 @@ class ContinualDataModule(LightningDataModule):
         return tokenized
 
     def _load_file(self, index: int, task: TaskSpec) -> datasets.Dataset:
-        path = Path(task.source).expanduser()
+        if task.source.startswith(CORPUS_PREFIX):
+            # A shipped domain: gzipped jsonl records {"text": ...}; `datasets` decompresses .gz itself.
+            path = Path(corpus.domain_path(task.source.removeprefix(CORPUS_PREFIX)))
+            builder = "json"
+        else:
+            path = Path(task.source).expanduser()
+            builder = FILE_BUILDERS[path.suffix.lower()]
         where = f"task '{task.name}' (data.tasks[{index}].source)"
         if not path.is_file():
             raise ConfigError(f"{where}: file {str(path)!r} does not exist")
         if path.stat().st_size == 0:
             raise ConfigError(f"{where}: file {str(path)!r} is empty")
-        builder = FILE_BUILDERS[path.suffix.lower()]
         try:
             raw = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
         except Exception as err:
