@@ -1,0 +1,68 @@
+"""DDP on CPU (gloo): two processes give the same result as one process with the same global batch.
+
+``train.py fit`` runs as a subprocess in its own process group with a timeout; the group is
+killed on timeout, so no rank outlives the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crma_lightning.report import read_matrix_csv
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02"]
+
+
+def run_fit(save_dir: Path, *args: str, timeout: int = 420) -> Path:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
+           "--trainer.logger.init_args.save_dir", str(save_dir), *COMMON, *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"train.py did not finish within {timeout} s (killed its process group)")
+    assert proc.returncode == 0, err[-4000:]
+    line = next(line for line in out.splitlines() if line.startswith("run dir: "))
+    return Path(line.removeprefix("run dir: "))
+
+
+@pytest.mark.parametrize("strategy", ["modular"])
+def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tmp_path):
+    single = run_fit(tmp_path / "single", "--config", f"configs/strategy/{strategy}.yaml", "--data.batch_size", "16")
+    ddp = run_fit(
+        tmp_path / "ddp",
+        "--config", f"configs/strategy/{strategy}.yaml",
+        "--data.batch_size", "8",
+        "--trainer.devices", "2",
+        "--trainer.strategy", "ddp_find_unused_parameters_true",
+    )  # fmt: skip
+    for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
+        rows_1, tasks_1, m_1 = read_matrix_csv(single / "continual" / name)
+        rows_2, tasks_2, m_2 = read_matrix_csv(ddp / "continual" / name)
+        assert (rows_1, tasks_1) == (rows_2, tasks_2)
+        np.testing.assert_allclose(m_2, m_1, atol=1e-4, rtol=0)
+    s1 = json.loads((single / "continual" / "summary.json").read_text())
+    s2 = json.loads((ddp / "continual" / "summary.json").read_text())
+    assert s2["drift_pct"] == pytest.approx(s1["drift_pct"], abs=1e-2)
+    # the adapters rank 0 saved equal the single-process ones
+    from safetensors.torch import load_file
+
+    for task in s1["tasks"]:
+        a = load_file(single / "adapters" / task / "adapter_model.safetensors")
+        b = load_file(ddp / "adapters" / task / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), atol=1e-4, rtol=0)
