@@ -256,27 +256,32 @@ def _source_kind(source: str) -> Literal["synthetic", "file", "hub"]:
 
 
 def _tokenize_text(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, field: str, max_length: int
-) -> dict[str, list[list[int]]]:
-    """group_texts: records (+ eos) concatenated and cut into ``max_length`` blocks, each one example.
+    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, field: str, max_length: int
+) -> dict[str, list]:
+    """Each record (+ eos) cut into ``max_length`` blocks, each block one example tagged with its record.
 
-    Within one map batch the last block may be shorter; blocks under 2 tokens teach nothing and go.
+    Blocks never span records, so the holdout/train split (by record) cannot put one record's text
+    on both sides. Blocks under 2 tokens teach nothing and are dropped; so are blank records.
     """
-    texts = [t for t in batch[field] if isinstance(t, str) and t.strip()]
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    encoded = tokenizer(texts).input_ids if texts else []
-    for ids in encoded:
-        stream.extend(ids)
+    keep = [(i, t) for i, t in zip(indices, batch[field], strict=True) if isinstance(t, str) and t.strip()]
+    encoded = tokenizer([t for _, t in keep]).input_ids if keep else []
+    out: dict[str, list] = {"input_ids": [], "labels": [], "record": []}
+    for (record, _), ids in zip(keep, encoded, strict=True):
         if not ids or ids[-1] != eos:
-            stream.append(eos)
-    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
-    blocks = [b for b in blocks if len(b) >= 2]
-    return {"input_ids": blocks, "labels": blocks}
+            ids = [*ids, eos]
+        for lo in range(0, len(ids), max_length):
+            block = ids[lo : lo + max_length]
+            if len(block) >= 2:
+                out["input_ids"].append(block)
+                out["labels"].append(block)
+                out["record"].append(record)
+    return out
 
 
 def _tokenize_prompt_response(
     batch: dict[str, list],
+    indices: list[int],
     tokenizer: PreTrainedTokenizerBase,
     prompt_field: str,
     response_field: str,
@@ -292,11 +297,12 @@ def _tokenize_prompt_response(
     responses = ["" if r is None else str(r) for r in batch[response_field]]
     prompt_ids = tokenizer(prompts).input_ids
     response_ids = tokenizer(responses, add_special_tokens=False).input_ids
-    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for p, r in zip(prompt_ids, response_ids, strict=True):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "record": []}
+    for record, p, r in zip(indices, prompt_ids, response_ids, strict=True):
         ids = (p + r + [eos])[:max_length]
         if len(ids) <= len(p) or len(ids) < 2:
             continue
+        out["record"].append(record)
         out["input_ids"].append(ids)
         out["labels"].append([IGNORE_INDEX] * len(p) + ids[len(p) :])
     return out
@@ -509,6 +515,7 @@ class ContinualDataModule(LightningDataModule):
         tokenized = raw.map(
             fn,
             batched=True,
+            with_indices=True,
             batch_size=_MAP_BATCH,
             remove_columns=raw.column_names,
             fn_kwargs={"tokenizer": self.hf_tokenizer, "max_length": self.max_length, **fn_kwargs},
@@ -570,22 +577,37 @@ class ContinualDataModule(LightningDataModule):
         return raw
 
     def _split(self, task: TaskSpec, examples: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
-        """Seeded shuffle; holdout = the first ``holdout_size``, train = up to ``train_size`` after it."""
+        """Seeded split by source record: holdout = the first ``holdout_size`` examples of the shuffled
+        records, train = up to ``train_size`` examples of the records after them.
+
+        A record cut into several blocks lies wholly on one side: the rest of the record that
+        completes the holdout is used for neither.
+        """
         n = len(examples)
         if n <= self.holdout_size:
             raise ConfigError(
                 f"task '{task.name}' ({task.source}) has {n} examples after tokenisation, which leaves none for "
                 f"training after data.holdout_size={self.holdout_size}; lower data.holdout_size or add data"
             )
-        perm = np.random.default_rng(self.seed).permutation(n)
-        holdout = examples.select(perm[: self.holdout_size])
-        train = examples.select(perm[self.holdout_size : self.holdout_size + self.train_size])
+        records = np.asarray(examples["record"]) if "record" in examples.column_names else np.arange(n)
+        ids, dense = np.unique(records, return_inverse=True)
+        rank = np.random.default_rng(self.seed).permutation(len(ids))[dense]  # shuffled position of each record
+        order = np.lexsort((np.arange(n), rank))  # examples grouped by shuffled record, in-record order kept
+        holdout = order[: self.holdout_size]
+        rest = order[self.holdout_size :]
+        rest = rest[rank[rest] != rank[holdout[-1]]]
+        train = rest[: self.train_size]
+        if len(train) == 0:
+            raise ConfigError(
+                f"task '{task.name}' ({task.source}): no training example is left after data.holdout_size="
+                f"{self.holdout_size} (the source has {len(ids)} records); lower data.holdout_size or add data"
+            )
         if len(train) < self.train_size:
             rank_zero_warn(
                 f"task '{task.name}' ({task.source}): only {len(train)} training examples after the holdout, "
                 f"fewer than data.train_size={self.train_size}; using all of them"
             )
-        return holdout, train
+        return examples.select(holdout), examples.select(train)
 
     def _require(self, task: str) -> None:
         if task not in self.task_names:

@@ -356,11 +356,14 @@ def test_every_file_format_loads(tmp_path):
         batch = next(iter(dm.train_dataloader_for_epoch(epoch)))
         assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 32
         assert all(v.dtype == torch.long for v in batch.values())
-    # group_texts: full blocks of max_length, records joined by eos, blank lines gone, every token trained.
+    # Text: each record (+ eos) is cut into max_length blocks that never span records; blank lines
+    # are gone; every real token is trained.
     block = dm.holdout_batches("txt")[0]
-    assert block["input_ids"].shape[1] == 32 and torch.equal(block["labels"], block["input_ids"])
-    joined = tok.decode(torch.cat([b["input_ids"][0] for b in dm.holdout_batches("txt")]))
-    assert "\n" not in joined and "<|endoftext|>line" in joined
+    real = block["attention_mask"].bool()
+    assert torch.equal(block["labels"][real], block["input_ids"][real])
+    for row, mask in zip(block["input_ids"], real, strict=True):
+        text = tok.decode(row[mask])
+        assert text.startswith("line ") and text.endswith("<|endoftext|>") and text.count("line ") == 1
     # The same lines from .txt and .parquet make the same blocks and, with the same seed, the same split.
     assert _as_tuples(dm.holdout_batches("txt")) == _as_tuples(dm.holdout_batches("parquet"))
 
@@ -479,3 +482,14 @@ def test_offline_hub_name_suggests_a_local_file():
     message = str(info.value)
     assert "task 'hub'" in message and "data.tasks[0].source" in message
     assert "offline" in message and "local file" in message
+
+
+def test_split_is_by_record_so_no_record_is_on_both_sides(tmp_path):
+    records = [{"text": f"record {i}: " + " ".join(f"w{i}x{j}" for j in range(40))} for i in range(30)]
+    path = _write_jsonl(tmp_path / "long.jsonl", records)
+    dm = ContinualDataModule([TaskSpec("long", source=path)], tokenizer="tiny", max_length=32, train_size=200, holdout_size=7)
+    dm.setup()
+    holdout, train = dm._holdout["long"], dm._train["long"]
+    assert len(holdout) == 7 and len(train) > 50
+    assert len(set(holdout["record"]) & set(train["record"])) == 0
+    assert max(holdout["record"].count(r) for r in set(holdout["record"])) > 1  # records really span blocks
