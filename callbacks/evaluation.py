@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks.boundary import TaskBoundaryCallback, run_dir
 from callbacks.spectral import SpectralBoundLogger
 from crma_lightning import metrics as clm
+from crma_lightning.config import ConfigError
 from crma_lightning.report import BASE_ROW, heatmap_figure, save_figure, table, write_report
 
 
@@ -69,6 +70,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if BASE_ROW not in self.loss_rows:
+            if trainer.global_step > 0:
+                # Resumed without this callback's state: the base row can no longer be measured.
+                raise ConfigError(
+                    "the checkpoint has no ContinualEvaluation state (was the callback missing or renamed?); "
+                    "the base-model row cannot be recomputed after training. Resume with the same callbacks."
+                )
             self._add_row(trainer, pl_module, BASE_ROW)
         super().on_train_start(trainer, pl_module)
 

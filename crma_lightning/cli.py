@@ -12,12 +12,13 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
-from crma_lightning.module import ContinualLM
+from crma_lightning.module import ContinualLM, NonFiniteError
 
 
 def _task_name(task) -> str:
@@ -61,12 +62,14 @@ class ContinualCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand != "fit":
+        if self.subcommand not in ("fit", "validate", "test"):
             return
         cfg = self.config[self.subcommand]
         ckpt = cfg.get("ckpt_path")
-        if ckpt:
+        if ckpt and self.subcommand == "fit":
             _resume_in_place(cfg, ckpt)
+        if cfg.get("ckpt_path") and cfg["ckpt_path"] not in ("last", "best"):
+            check_checkpoint(cfg["ckpt_path"])
 
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank
@@ -113,6 +116,21 @@ def _resume_in_place(cfg, ckpt: str) -> None:
     logger["init_args"]["version"] = int(run.name.split("_")[-1])
 
 
+def check_checkpoint(path: str) -> None:
+    """Fail early and clearly on a missing, truncated or foreign checkpoint file (safe load, mmap)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, not a torch file, unsafe pickle: all mean "don't trust it"
+        raise ConfigError(
+            f"--ckpt_path {path} is corrupted or not a safe checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "resume from an earlier file in the run's checkpoints/ folder"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
+
+
 def main(args: list[str] | None = None) -> ContinualCLI | None:
     """Entry point of ``train.py``: configuration problems become one clear line, exit code 2."""
     debug = "--debug" in (args if args is not None else sys.argv)
@@ -120,8 +138,8 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
         (args if args is not None else sys.argv).remove("--debug")
     try:
         return ContinualCLI(args=args)
-    except ConfigError as e:
+    except (ConfigError, NonFiniteError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None

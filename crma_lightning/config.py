@@ -7,8 +7,12 @@ project's decisions; method.md §5 lists them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal, Union
 
 from crma_lightning.projection import MAX_BIRKHOFF_N
 
@@ -22,6 +26,56 @@ def raise_problems(problems: list[str], what: str) -> None:
     if problems:
         bullet = "\n  - "
         raise ConfigError(f"invalid {what}:{bullet}{bullet.join(problems)}")
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type hint ``hint`` (the hints configs use; floats must be finite).
+
+    A ``Literal`` checks only the type of its values; the value itself is each config's own check.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin is Union or origin is types.UnionType:
+        return any(matches_type(value, a) for a in args)
+    if origin is Literal:
+        return any(isinstance(value, type(a)) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(matches_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(matches_type(k, args[0]) for k in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # bool is an int subclass, but `r: true` is a mistake, not a rank
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # NaN/inf would pass or fail the range checks silently and poison training
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, origin or hint)
+
+
+def type_problems(config: Any, prefix: str) -> list[str]:
+    """One problem per field of the dataclass ``config`` whose value does not fit its annotation.
+
+    Range checks compare values (``streams < 2``); on a wrong type they would raise TypeError
+    instead of naming the field, so configs return these problems before running them.
+    """
+    hints = typing.get_type_hints(type(config))
+    return [
+        f"{prefix}.{f.name} must be {_describe(hints[f.name])}, got {type(value).__name__} {value!r}"
+        for f in dataclasses.fields(config)
+        if not matches_type(value := getattr(config, f.name), hints[f.name])
+    ]
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hint is float:
+        return "a finite number"
+    return str(hint).replace("typing.", "") if args else getattr(hint, "__name__", str(hint))
 
 
 @dataclass
@@ -63,7 +117,9 @@ class CRMAConfig:
         return 1.0 if self.form == "additive" else 0.0
 
     def problems(self, prefix: str = "crma") -> list[str]:
-        p = []
+        p = type_problems(self, prefix)
+        if p:
+            return p
         if self.streams < 2:
             p.append(f"{prefix}.streams must be >= 2 (got {self.streams}); n = 1 mixes nothing. Use 4.")
         if self.sinkhorn_iters < 1:
@@ -113,7 +169,9 @@ class LoRAConfig:
     """Further peft.LoraConfig arguments (e.g. use_rslora: true)."""
 
     def problems(self, prefix: str = "lora") -> list[str]:
-        p = []
+        p = type_problems(self, prefix)
+        if p:
+            return p
         if self.r < 1:
             p.append(f"{prefix}.r must be >= 1 (got {self.r}).")
         if not self.alpha > 0:

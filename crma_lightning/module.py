@@ -60,6 +60,10 @@ class GroupLR:
 NO_DECAY = ("crma_mix", "crma_gate")
 
 
+class NonFiniteError(RuntimeError):
+    """Training met a NaN/inf loss or gradient and ``model.nonfinite`` is 'stop'."""
+
+
 @dataclass
 class TokenStats:
     """Summed over the labelled tokens of a batch (weighted by ``example_weight`` when present)."""
@@ -84,6 +88,7 @@ class ContinualLM(pl.LightningModule):
         lr_schedule: TaskSchedule | None = None,
         reset_optimizer_per_task: bool = True,
         gradient_checkpointing: bool = False,
+        nonfinite: Literal["skip", "stop"] = "stop",
         seed: int = 0,
     ):
         """
@@ -100,6 +105,8 @@ class ContinualLM(pl.LightningModule):
             reset_optimizer_per_task: clear optimizer moments at every task start, as a fresh
                 per-task optimizer would.
             gradient_checkpointing: recompute activations in backward (saves memory).
+            nonfinite: on a NaN/inf loss or gradient, 'skip' the step (counted and logged as
+                train/nonfinite_skipped) or 'stop' with a message; the last checkpoint stays.
             seed: seeds per-step randomness (dropout) as a function of the step, for exact resume
                 (linked from ``data.seed``).
         """
@@ -114,6 +121,8 @@ class ContinualLM(pl.LightningModule):
         self.lr_schedule = lr_schedule or WarmupCosine()
         self.reset_optimizer_per_task = reset_optimizer_per_task
         self.gradient_checkpointing = gradient_checkpointing
+        self.nonfinite = nonfinite
+        self.nonfinite_skipped = 0
         self.seed = seed
         self._validate()
         # validate/test subcommands: per-task sums, all-reduced across ranks by torchmetrics.
@@ -126,6 +135,8 @@ class ContinualLM(pl.LightningModule):
 
     def _validate(self) -> None:
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
+        if self.nonfinite not in ("skip", "stop"):
+            p.append(f"model.nonfinite must be 'skip' or 'stop' (got {self.nonfinite!r}).")
         if self.strategy not in STRATEGIES:
             p.append(f"model.strategy must be one of {STRATEGIES} (got {self.strategy!r}).")
         if self.strategy == "modular":
@@ -220,11 +231,27 @@ class ContinualLM(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         stats = self.token_stats(batch)
         # Normalise by the global token count: DDP averages gradients over ranks, so
-        # loss_sum * world / global_tokens gives exactly the single-process token mean.
-        tokens = self.trainer.strategy.reduce(stats.tokens.detach(), reduce_op="sum")
+        # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
+        # all-reduce counts ranks with a non-finite loss, so every rank takes the same decision.
+        bad = (~torch.isfinite(stats.loss_sum.detach())).float()
+        tokens, bad = self.trainer.strategy.reduce(torch.stack([stats.tokens.detach(), bad]), reduce_op="sum")
+        if bad > 0:
+            return self._nonfinite("loss")
         loss = stats.loss_sum * self.trainer.world_size / tokens.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _nonfinite(self, what: str) -> None:
+        step = self.trainer.global_step
+        if self.nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite {what} at step {step}; stopped (the last checkpoint is kept). Lower the learning "
+                "rates (model.lr.*), clip gradients (trainer.gradient_clip_val), or set model.nonfinite: skip."
+            )
+        self.nonfinite_skipped += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=1)
+        # Returning None from training_step makes Lightning skip backward and the optimizer step.
+        return None
 
     # -- validate / test subcommands: every task's holdout set with the current weights ------
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
@@ -306,10 +333,36 @@ class ContinualLM(pl.LightningModule):
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.ever_trainable_parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm, batch_size=1)
+        params = [p for p in self.ever_trainable_parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        # Gradients are already all-reduced here, so every rank sees the same norm.
+        if not torch.isfinite(norm):
+            self._nonfinite("gradient")
+            for p in params:  # no gradient: the optimizer leaves these parameters untouched
+                p.grad = None
+            return
+        self.log("train/grad_norm", norm, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["continual"] = {
+            "tasks": list(self.task_names),
+            "strategy": self.strategy,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("continual")
+        if saved is None:
+            raise ConfigError("this checkpoint was not written by crma-lightning's ContinualLM; pass one from <run dir>/checkpoints/")
+        if saved["tasks"] != self.task_names or saved["strategy"] != self.strategy:
+            raise ConfigError(
+                f"the checkpoint was trained with tasks {saved['tasks']} (strategy {saved['strategy']}); this run has "
+                f"data.tasks {self.task_names} (strategy {self.strategy}). Resume with the same task list and "
+                "strategy, or start a new run without --ckpt_path."
+            )
+        self.nonfinite_skipped = saved["nonfinite_skipped"]
 
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self):

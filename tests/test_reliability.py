@@ -1,0 +1,105 @@
+"""Nothing lost: SIGKILL at three points then ``--ckpt_path last`` gives the uninterrupted result;
+non-finite losses/gradients are skipped or stop cleanly; bad input is one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from crma_lightning.report import read_matrix_csv
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02", "--model.lora.dropout", "0.1"]
+CALLBACKS = [
+    "callbacks.freezing.FreezingPolicy",
+    "callbacks.evaluation.ContinualEvaluation",
+    "callbacks.spectral.SpectralBoundLogger",
+    "callbacks.adapters.AdapterCheckpoint",
+    "callbacks.progress.TaskProgressBar",
+]
+
+
+def train(save_dir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "tests")}  # fmt: skip
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
+           "--trainer.logger.init_args.save_dir", str(save_dir), *FAST, *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"train.py ran past {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def callbacks_with(fault: str, replace_evaluation: bool = False) -> list[str]:
+    """A full trainer.callbacks list (JSON) with the fault injector inserted."""
+    items = [{"class_path": c} for c in CALLBACKS]
+    if replace_evaluation:
+        items[1] = json.loads(fault)
+    else:
+        items.insert(4, json.loads(fault))  # after evaluation and adapter saving
+    items.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10}})  # fmt: skip
+    return ["--trainer.callbacks", json.dumps(items)]
+
+
+def artefacts(run_dir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
+        rows, _, m = read_matrix_csv(run_dir / "continual" / name)
+        assert rows == ["base", "alpha", "beta", "gamma"]
+        out[name] = m
+    for f in sorted((run_dir / "adapters").rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.parent.name}/{k}"] = v.numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, np.ndarray]:
+    tmp = tmp_path_factory.mktemp("full")
+    proc = train(tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return artefacts(tmp / "tiny" / "version_0")
+
+
+KILLS = {
+    "mid-task": ('{"class_path": "faults.KillAtStep", "init_args": {"step": 25}}', False),
+    "after-task-boundary": ('{"class_path": "faults.KillAtEpochStart", "init_args": {"epoch": 2}}', False),
+    "during-evaluation": ('{"class_path": "faults.KillDuringEvaluation", "init_args": {"row": 3}}', True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILLS))
+def test_sigkill_then_resume_matches_uninterrupted(point, uninterrupted, tmp_path):
+    fault, replace = KILLS[point]
+    killed = train(tmp_path, *callbacks_with(fault, replace))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "tiny" / "version_0"
+    # Whatever was on disk at the kill is whole: no temp files, and readable CSV / JSON.
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    if (run_dir / "continual" / "summary.json").exists():
+        json.loads((run_dir / "continual" / "summary.json").read_text())
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"] > 0
+
+    resumed = train(tmp_path, *callbacks_with('{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}'),
+                    "--ckpt_path", "last")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = artefacts(run_dir)
+    assert got.keys() == uninterrupted.keys()
+    for k, v in uninterrupted.items():
+        np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=k)
