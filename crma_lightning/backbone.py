@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from crma_lightning.config import ConfigError
+from crma_lightning.config import ConfigError, type_problems
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +41,10 @@ class BackboneConfig:
     """Further ``from_pretrained`` keyword arguments (e.g. attn_implementation: sdpa)."""
 
     def problems(self, prefix: str = "model.backbone") -> list[str]:
-        p = []
+        # Types first: the checks below would raise TypeError on, e.g., a list dtype or an int config.
+        p = type_problems(self, prefix)
+        if p:
+            return p
         if (self.name_or_path is None) == (self.config is None):
             p.append(f"{prefix}: set exactly one of name_or_path (hub name or local path) and config (random init).")
         if self.config is not None and "model_type" not in self.config:

@@ -61,15 +61,26 @@ class ContinualCLI(LightningCLI):
             }
         )
 
-    def before_instantiate_classes(self) -> None:
-        if self.subcommand not in ("fit", "validate", "test"):
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Here, not in before_instantiate_classes: LightningCLI reads --ckpt_path right after parsing.
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("fit", "validate", "test"):
             return
-        cfg = self.config[self.subcommand]
+        cfg = self.config[subcommand]
         ckpt = cfg.get("ckpt_path")
-        if ckpt and self.subcommand == "fit":
+        if ckpt and subcommand == "fit":
             _resume_in_place(cfg, ckpt)
         if cfg.get("ckpt_path") and cfg["ckpt_path"] not in ("last", "best"):
             check_checkpoint(cfg["ckpt_path"])
+
+    def before_fit(self) -> None:
+        global _fresh_run_dir
+        # Remember a run directory this invocation creates, so a failure before the first
+        # checkpoint leaves no half-made run behind (see main()).
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        resuming = self.config[self.subcommand].get("ckpt_path")
+        _fresh_run_dir = None if (resuming or run_dir.exists()) else run_dir
 
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank
@@ -116,6 +127,21 @@ def _resume_in_place(cfg, ckpt: str) -> None:
     logger["init_args"]["version"] = int(run.name.split("_")[-1])
 
 
+_fresh_run_dir: Path | None = None
+
+
+def _remove_unfinished_run() -> None:
+    run = _fresh_run_dir
+    if run is None or not run.is_dir() or any((run / "checkpoints").glob("*.ckpt")):
+        return
+    import shutil
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def check_checkpoint(path: str) -> None:
     """Fail early and clearly on a missing, truncated or foreign checkpoint file (safe load, mmap)."""
     if not Path(path).is_file():
@@ -139,6 +165,8 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
     try:
         return ContinualCLI(args=args)
     except (ConfigError, NonFiniteError) as e:
+        if isinstance(e, ConfigError):
+            _remove_unfinished_run()
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)

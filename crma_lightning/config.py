@@ -7,7 +7,6 @@ project's decisions; method.md §5 lists them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import types
 import typing
@@ -55,17 +54,18 @@ def matches_type(value: Any, hint: Any) -> bool:
     return isinstance(value, origin or hint)
 
 
-def type_problems(config: Any, prefix: str) -> list[str]:
-    """One problem per field of the dataclass ``config`` whose value does not fit its annotation.
+def type_problems(config: Any, prefix: str, hints: dict[str, Any] | None = None) -> list[str]:
+    """One problem per attribute of ``config`` named in ``hints`` whose value does not fit its hint.
 
-    Range checks compare values (``streams < 2``); on a wrong type they would raise TypeError
-    instead of naming the field, so configs return these problems before running them.
+    ``hints`` defaults to the annotations of ``config``'s dataclass. Range checks compare values
+    (``streams < 2``); on a wrong type they would raise TypeError instead of naming the field, so
+    configs return these problems before running them.
     """
-    hints = typing.get_type_hints(type(config))
+    hints = typing.get_type_hints(type(config)) if hints is None else hints
     return [
-        f"{prefix}.{f.name} must be {_describe(hints[f.name])}, got {type(value).__name__} {value!r}"
-        for f in dataclasses.fields(config)
-        if not matches_type(value := getattr(config, f.name), hints[f.name])
+        f"{prefix}.{name} must be {_describe(hint)}, got {type(value).__name__} {value!r}"
+        for name, hint in hints.items()
+        if not matches_type(value := getattr(config, name), hint)
     ]
 
 
@@ -117,6 +117,7 @@ class CRMAConfig:
         return 1.0 if self.form == "additive" else 0.0
 
     def problems(self, prefix: str = "crma") -> list[str]:
+        # Types first: the range checks below would raise TypeError on, e.g., r: "8".
         p = type_problems(self, prefix)
         if p:
             return p
@@ -169,6 +170,7 @@ class LoRAConfig:
     """Further peft.LoraConfig arguments (e.g. use_rslora: true)."""
 
     def problems(self, prefix: str = "lora") -> list[str]:
+        # Types first: the range checks below would raise TypeError on, e.g., r: "8".
         p = type_problems(self, prefix)
         if p:
             return p

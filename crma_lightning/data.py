@@ -20,6 +20,7 @@ is padded by wrapping around to a multiple of ``batch_size * W`` so that every r
 number of full batches and every example is seen at least once per epoch.
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -27,10 +28,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
@@ -39,7 +41,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from crma_lightning import corpus
-from crma_lightning.config import ConfigError
+from crma_lightning.config import ConfigError, type_problems
 from crma_lightning.synthetic import FIRST_TOKEN, permutation_sequences
 
 IGNORE_INDEX = -100
@@ -50,6 +52,20 @@ TINY_TOKENIZER = "tiny"
 
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 """File extension -> ``datasets`` builder used to read it."""
+
+_READ_OPTIONS = {
+    "text": {"encoding": "utf-8-sig"},  # drops a UTF-8 byte-order mark instead of training on it
+    "csv": {"keep_default_na": False},  # keeps records such as "NA", "None" or "null" as text
+}
+"""Reader options per builder; the json and csv readers already skip a byte-order mark."""
+
+_FILE_SHAPES = {
+    "text": "a .txt file holds UTF-8 text, one record per line",
+    "json": 'a .jsonl file holds one JSON object per line, e.g. {"text": "..."}; a .json file, a list of them',
+    "csv": "a .csv file holds UTF-8 text: a header line naming the fields, then one record per line",
+    "parquet": "a .parquet file is written by a Parquet writer, e.g. pandas.DataFrame.to_parquet",
+}
+"""What a readable file of each builder looks like, for error messages."""
 
 CORPUS_PREFIX = "corpus:"
 """Task ``source`` prefix naming a domain of the shipped corpus, e.g. ``corpus:medical``."""
@@ -97,13 +113,21 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer by hub name, local folder, ``tiny`` or ``path/to/model.gguf``; pad falls back to eos."""
     if name == TINY_TOKENIZER:
         name = tiny_tokenizer_path()
-    if name.endswith(".gguf"):
-        path = Path(name).expanduser()
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(path.parent), gguf_file=path.name, trust_remote_code=False
-        )
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    try:
+        if name.endswith(".gguf"):
+            path = _local_path(name)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, trust_remote_code=False
+            )
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except Exception as err:
+        # transformers raises OSError, ValueError (bad repo id, folder without a tokenizer) and
+        # others depending on what is wrong; all mean the same thing to the user.
+        raise ConfigError(
+            f"data.tokenizer: {name!r} could not be loaded ({type(err).__name__}: {err}); give a hub name "
+            "cached on this machine, a local folder with tokenizer files, path/to/model.gguf, or 'tiny'"
+        ) from err
     if tokenizer.eos_token_id is None:
         raise ConfigError(
             f"data.tokenizer: '{name}' has no eos token; the data pipeline ends every example with it"
@@ -236,12 +260,39 @@ def _offline() -> bool:
     return any(f.upper() in {"1", "ON", "YES", "TRUE"} for f in flags) or bool(datasets.config.HF_HUB_OFFLINE)
 
 
-def _caused_by_network(err: BaseException | None) -> bool:
+def _caused_by(err: BaseException | None, kind: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
     while err is not None:
-        if isinstance(err, ConnectionError | TimeoutError):
+        if isinstance(err, kind):
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def _caused_by_network(err: BaseException | None) -> bool:
+    return _caused_by(err, (ConnectionError, TimeoutError))
+
+
+def _is_text_feature(feature: Any, numbers: bool) -> bool:
+    """Whether a column of this ``datasets`` feature holds text (or, with ``numbers``, scalars written as text)."""
+    dtype = feature.dtype if isinstance(feature, datasets.Value) else None
+    if dtype in ("string", "large_string", "null"):  # null: every value missing
+        return True
+    return numbers and dtype is not None and (dtype == "bool" or dtype.startswith(("int", "uint", "float")))
+
+
+def _local_path(source: str) -> Path:
+    path = Path(source)
+    try:
+        return path.expanduser()
+    except RuntimeError:  # '~someone/x.txt' for an unknown user: keep it literal, reported as missing
+        return path
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system (pathlib only hides "not found" errors)
+        return False
 
 
 def _source_kind(source: str) -> Literal["synthetic", "file", "hub"]:
@@ -249,10 +300,14 @@ def _source_kind(source: str) -> Literal["synthetic", "file", "hub"]:
         return "synthetic"
     if source.startswith(CORPUS_PREFIX):
         return "file"
-    path = Path(source).expanduser()
-    if path.suffix.lower() in FILE_BUILDERS or path.exists():
+    path = _local_path(source)
+    if path.suffix.lower() in FILE_BUILDERS:
         return "file"
-    return "hub"
+    try:
+        exists = path.exists()
+    except OSError:  # as in _is_file
+        exists = False
+    return "file" if exists else "hub"
 
 
 def _tokenize_text(
@@ -308,6 +363,24 @@ def _tokenize_prompt_response(
     return out
 
 
+def _task_spec(task: Any, where: str, problems: list[str]) -> TaskSpec | None:
+    """``task`` (a TaskSpec or a mapping of its fields) as a well-typed TaskSpec; None after adding problems."""
+    if isinstance(task, Mapping):
+        known = [f.name for f in dataclasses.fields(TaskSpec)]
+        if "name" not in task or any(key not in known for key in task):
+            problems.append(f"{where}: a task needs a name and takes only the fields {known}; got {list(task)}")
+            return None
+        task = TaskSpec(**task)
+    if not isinstance(task, TaskSpec):
+        problems.append(
+            f"{where}: must be a task such as {{name: a, source: data.jsonl}}, got {type(task).__name__} {task!r}"
+        )
+        return None
+    found = type_problems(task, where)
+    problems += found
+    return None if found else task
+
+
 class ContinualDataModule(LightningDataModule):
     """A sequence of tasks for continual fine-tuning, each with a training set and a fixed holdout set.
 
@@ -344,7 +417,7 @@ class ContinualDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        self.tasks = [TaskSpec(**t) if isinstance(t, Mapping) else t for t in tasks]
+        self.tasks = tasks  # checked and made a list of TaskSpec by _validate
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.train_size = train_size
@@ -362,7 +435,19 @@ class ContinualDataModule(LightningDataModule):
         self._holdout: dict[str, datasets.Dataset] = {}
 
     def _validate(self) -> None:
-        problems = []
+        # Types first: the checks after them compare values and call str methods, which would raise
+        # TypeError/AttributeError on a wrong type instead of naming the field.
+        hints = {k: v for k, v in get_type_hints(type(self).__init__).items() if k not in ("tasks", "return")}
+        problems = type_problems(self, "data", hints)
+        if isinstance(self.tasks, list | tuple):
+            specs = [_task_spec(task, f"data.tasks[{i}]", problems) for i, task in enumerate(self.tasks)]
+        else:
+            problems.append(
+                f"data.tasks must be a list of tasks, got {type(self.tasks).__name__} {self.tasks!r}"
+            )
+        if problems:
+            raise ConfigError("invalid data config:\n  - " + "\n  - ".join(problems))
+        self.tasks = specs
         lowest = {
             "max_length": 2,  # a shifted loss needs one input and one target
             "train_size": 1,
@@ -408,10 +493,10 @@ class ContinualDataModule(LightningDataModule):
                         f"{', '.join(CORPUS_PREFIX + d for d in corpus.DOMAINS)}"
                     )
             elif kind == "file":
-                path = Path(task.source).expanduser()
+                path = _local_path(task.source)
                 if path.suffix.lower() not in FILE_BUILDERS:
                     problems.append(f"{where}.source: {task.source!r} is not one of {sorted(FILE_BUILDERS)}")
-                elif not path.is_file():
+                elif not _is_file(path):
                     problems.append(
                         f"{where}.source: file {task.source!r} does not exist (cwd {os.getcwd()})"
                     )
@@ -488,14 +573,22 @@ class ContinualDataModule(LightningDataModule):
                     f"data.synthetic_vocab: task '{task.name}' uses ids up to {FIRST_TOKEN + self.synthetic_vocab - 1}"
                     f" but the tokenizer has {len(self.hf_tokenizer)}; lower data.synthetic_vocab"
                 )
-            seqs = permutation_sequences(
-                self.seed,
-                task.name,
-                self.train_size + self.holdout_size,
-                self.max_length,
-                self.synthetic_vocab,
-                self.synthetic_jump,
-            ).tolist()
+            try:
+                seqs = permutation_sequences(
+                    self.seed,
+                    task.name,
+                    self.train_size + self.holdout_size,
+                    self.max_length,
+                    self.synthetic_vocab,
+                    self.synthetic_jump,
+                ).tolist()
+            except MemoryError as err:  # numpy refuses absurd sizes at once; say which settings to lower
+                raise ConfigError(
+                    f"task '{task.name}': {self.train_size + self.holdout_size} synthetic sequences of "
+                    f"data.max_length={self.max_length} over data.synthetic_vocab={self.synthetic_vocab} tokens do "
+                    "not fit in memory; lower data.train_size, data.holdout_size, data.max_length or "
+                    "data.synthetic_vocab"
+                ) from err
             return datasets.Dataset.from_dict({"input_ids": seqs, "labels": seqs})
         raw = self._load_file(index, task) if kind == "file" else self._load_hub(index, task)
         where = f"task '{task.name}' ({task.source})"
@@ -506,6 +599,16 @@ class ContinualDataModule(LightningDataModule):
                 raise ConfigError(
                     f"{where}: field {field!r} is not in the data; its fields are {raw.column_names}; "
                     f"set data.tasks[{index}].{name} to one of them"
+                )
+            # Lists and objects would be tokenised as their Python repr, numbers in a text field
+            # silently dropped as "blank"; prompt/response numbers are written as text (CSV reads
+            # a column of digits as numbers).
+            if not _is_text_feature(raw.features[field], numbers=task.format == "prompt_response"):
+                feature = raw.features[field]
+                held = "values of mixed types" if isinstance(feature, datasets.Json) else f"{feature} values"
+                raise ConfigError(
+                    f"{where}: field {field!r} holds {held}, not text; set data.tasks[{index}].{name} to a "
+                    f"field of strings, or make every {field!r} value a string"
                 )
         if task.format == "text":
             fn, fn_kwargs = _tokenize_text, {"field": task.text_field}
@@ -523,7 +626,7 @@ class ContinualDataModule(LightningDataModule):
         )
         if len(tokenized) == 0:
             if task.format == "text":
-                reason = f"every {task.text_field!r} record is blank"
+                reason = f"every {task.text_field!r} record is blank or missing"
             else:
                 reason = (
                     f"no example has a response token within data.max_length={self.max_length} and at least "
@@ -539,20 +642,32 @@ class ContinualDataModule(LightningDataModule):
             path = Path(corpus.domain_path(task.source.removeprefix(CORPUS_PREFIX)))
             builder = "json"
         else:
-            path = Path(task.source).expanduser()
+            path = _local_path(task.source)
             builder = FILE_BUILDERS[path.suffix.lower()]
         where = f"task '{task.name}' (data.tasks[{index}].source)"
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(f"{where}: file {str(path)!r} does not exist")
         if path.stat().st_size == 0:
             raise ConfigError(f"{where}: file {str(path)!r} is empty")
         try:
-            raw = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train")
+            raw = datasets.load_dataset(
+                builder, data_files=str(path.resolve()), split="train", **_READ_OPTIONS.get(builder, {})
+            )
         except Exception as err:
             cause = err.__cause__ or err
-            raise ConfigError(
-                f"{where}: file {str(path)!r} could not be read as {builder} ({type(cause).__name__}: {cause})"
-            ) from err
+            if _caused_by(err, UnicodeDecodeError):
+                problem = f"is not UTF-8 text ({cause})"
+            elif "corresponds to no data" in str(cause):  # datasets' words for a file without records
+                problem = "has no records"
+            else:
+                problem = f"could not be read as {builder} ({type(cause).__name__}: {cause})"
+            raise ConfigError(f"{where}: file {str(path)!r} {problem}; {_FILE_SHAPES[builder]}") from err
+        try:
+            # The json and parquet readers take string bytes as they are; invalid UTF-8 would only
+            # surface as a UnicodeDecodeError in the middle of tokenisation.
+            raw.data.validate(full=True)
+        except pa.ArrowInvalid as err:
+            raise ConfigError(f"{where}: file {str(path)!r} is not UTF-8 text ({err}); {_FILE_SHAPES[builder]}") from err
         if len(raw) == 0:
             raise ConfigError(f"{where}: file {str(path)!r} is empty (no records)")
         return raw

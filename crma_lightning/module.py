@@ -131,6 +131,8 @@ class ContinualLM(pl.LightningModule):
         )
         self.model: nn.Module | None = None
         self.crma: CRMAInjection | None = None
+        # Checkpoints hold only the adapters (see on_save_checkpoint); the frozen base is reloaded.
+        self.strict_loading = False
         self._task_starts: list[int] | None = None
 
     def _validate(self) -> None:
@@ -142,11 +144,14 @@ class ContinualLM(pl.LightningModule):
         if self.strategy == "modular":
             p += self.crma_config.problems("model.crma")
         if not self.task_names:
-            p.append("model.task_names is empty: list at least one task under data.tasks.")
+            p.append("data.tasks is empty: list at least one task (e.g. `- name: a` for a synthetic one).")
         if len(set(self.task_names)) != len(self.task_names):
-            p.append(f"task names must be unique (got {self.task_names}).")
+            dup = sorted({t for t in self.task_names if self.task_names.count(t) > 1})
+            p.append(f"data.tasks: task name(s) {dup} used twice; task names must be unique (got {self.task_names}).")
         if SHARED_ADAPTER in self.task_names:
-            p.append(f"'{SHARED_ADAPTER}' is reserved for NAIVE's shared LoRA; rename that task.")
+            p.append(f"data.tasks: the name '{SHARED_ADAPTER}' is reserved for NAIVE's shared LoRA; rename that task.")
+        if "crma" in self.task_names:
+            p.append("data.tasks: the name 'crma' is reserved (adapters/crma/ holds the CRMA state); rename that task.")
         raise_problems(p, "model configuration")
 
     # -- building ------------------------------------------------------------------------
@@ -317,6 +322,12 @@ class ContinualLM(pl.LightningModule):
                 + ", ".join(f"callbacks.{c.__module__.split('.')[-1]}.{c.__name__}" for c in missing)
                 + "; add it by class_path (see configs/base.yaml)"
             )
+        vocab = self._model.get_input_embeddings().num_embeddings
+        if getattr(dm, "vocab_size", 0) > vocab:
+            raise ConfigError(
+                f"data: the token ids go up to {dm.vocab_size - 1} (data.tokenizer / data.synthetic_vocab) but the "
+                f"model's embedding has {vocab} rows; use the model's own tokenizer or a smaller synthetic_vocab"
+            )
         if self.trainer.reload_dataloaders_every_n_epochs != 1:
             raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data")
 
@@ -345,7 +356,15 @@ class ContinualLM(pl.LightningModule):
             return
         self.log("train/grad_norm", norm, batch_size=1)
 
+    def _adapter_state_names(self) -> set[str]:
+        keep = {id(p) for p in self.ever_trainable_parameters()}
+        return {name for name, p in self.named_parameters() if id(p) in keep}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen base is bit-identical to what configure_model() loads, so it is left out:
+        # a Mistral-7B checkpoint is then megabytes of adapters, not 14 GB of base weights.
+        names = self._adapter_state_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         checkpoint["continual"] = {
             "tasks": list(self.task_names),
             "strategy": self.strategy,
@@ -361,6 +380,12 @@ class ContinualLM(pl.LightningModule):
                 f"the checkpoint was trained with tasks {saved['tasks']} (strategy {saved['strategy']}); this run has "
                 f"data.tasks {self.task_names} (strategy {self.strategy}). Resume with the same task list and "
                 "strategy, or start a new run without --ckpt_path."
+            )
+        missing = sorted(self._adapter_state_names() - set(checkpoint["state_dict"]))
+        if missing:
+            raise ConfigError(
+                f"the checkpoint lacks {len(missing)} adapter tensors of this model (e.g. {missing[:2]}); it was "
+                "written with other LoRA/CRMA settings. Resume with the run's own config.yaml."
             )
         self.nonfinite_skipped = saved["nonfinite_skipped"]
 

@@ -165,7 +165,7 @@ def test_module_validation_lists_every_problem():
             lr=GroupLR(lora=-1.0),
         )
     msg = str(e.value)
-    for needle in ("model.backbone", "model.strategy", "unique", "'shared' is reserved", "model.lr.lora"):
+    for needle in ("model.backbone", "model.strategy", "used twice", "'shared' is reserved", "model.lr.lora"):
         assert needle in msg, needle
 
 

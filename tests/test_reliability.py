@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from crma_lightning.report import read_matrix_csv
@@ -103,3 +104,58 @@ def test_sigkill_then_resume_matches_uninterrupted(point, uninterrupted, tmp_pat
     assert got.keys() == uninterrupted.keys()
     for k, v in uninterrupted.items():
         np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=k)
+
+
+class NaNAt(Callback):
+    """Makes the gradient (or, via a forward hook, the loss) non-finite at one step."""
+
+    def __init__(self, step: int, where: str):
+        self.step, self.where, self.handle = step, where, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.where == "loss" and trainer.global_step == self.step:
+            def poison(module, args, out):
+                out.logits.mul_(float("nan"))
+
+            self.handle = pl_module.model.register_forward_hook(poison)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.where == "grad" and trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_nonfinite_step_is_skipped_and_counted(where, tmp_path):
+    from test_framework import build
+
+    snaps = {}
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step in (3, 4):
+                snaps[trainer.global_step] = [p.detach().clone() for p in pl_module.ever_trainable_parameters()]
+
+    module, dm, trainer = build("modular", tmp_path, callbacks=[NaNAt(3, where), Watch()])
+    module.nonfinite = "skip"
+    trainer.fit(module, dm)
+    assert module.nonfinite_skipped == 1
+    for a, b in zip(snaps[3], snaps[4], strict=True):  # the poisoned step changed nothing
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    loss, _ = trainer.callbacks[1].matrices()
+    assert np.isfinite(loss).all()
+
+
+def test_nonfinite_stop_raises_a_clear_error(tmp_path):
+    from test_framework import build
+
+    from crma_lightning.module import NonFiniteError
+
+    module, dm, trainer = build("frozen", tmp_path, callbacks=[NaNAt(5, "grad")])
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 5.*model.nonfinite: skip"):
+        trainer.fit(module, dm)
