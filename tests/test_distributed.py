@@ -49,11 +49,13 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tm
         "--trainer.devices", "2",
         "--trainer.strategy", "ddp_find_unused_parameters_true",
     )  # fmt: skip
-    for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
+    # Token accuracy is an argmax: float-level differences between the two reductions flip a
+    # near-tie now and then (one token is 1/1488 here), so it gets a few tokens of slack.
+    for name, atol in (("loss_matrix.csv", 1e-4), ("accuracy_matrix.csv", 3e-3)):
         rows_1, tasks_1, m_1 = read_matrix_csv(single / "continual" / name)
         rows_2, tasks_2, m_2 = read_matrix_csv(ddp / "continual" / name)
         assert (rows_1, tasks_1) == (rows_2, tasks_2)
-        np.testing.assert_allclose(m_2, m_1, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(m_2, m_1, atol=atol, rtol=0, err_msg=name)
     s1 = json.loads((single / "continual" / "summary.json").read_text())
     s2 = json.loads((ddp / "continual" / "summary.json").read_text())
     assert s2["drift_pct"] == pytest.approx(s1["drift_pct"], abs=1e-2)
