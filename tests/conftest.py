@@ -13,6 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from crma_lightning.backbone import BackboneConfig, load_backbone  # noqa: E402
 
+# Tiny models: one intra-op thread is faster than two on 2 cores and keeps timings stable when
+# subprocess tests run beside the pytest process.
+torch.set_num_threads(1)
+
 _COMMON = dict(vocab_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
 #: One tiny config per supported family (2 layers, width 32).

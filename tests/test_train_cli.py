@@ -27,7 +27,8 @@ FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lor
 
 
 def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     return subprocess.run(
         [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
