@@ -164,6 +164,12 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
         (args if args is not None else sys.argv).remove("--debug")
     try:
         return ContinualCLI(args=args)
+    except UnicodeDecodeError as e:
+        # jsonargparse reads --config files as UTF-8 and lets the decode error through.
+        if debug:
+            raise
+        print(f"error: a --config file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ConfigError, NonFiniteError) as e:
         if isinstance(e, ConfigError):
             _remove_unfinished_run()
