@@ -117,7 +117,7 @@ class CRMAConfig:
         return 1.0 if self.form == "additive" else 0.0
 
     def problems(self, prefix: str = "crma") -> list[str]:
-        # Types first: the range checks below would raise TypeError on, e.g., r: "8".
+        # Types first: the range checks below would raise TypeError on, e.g., streams: "4".
         p = type_problems(self, prefix)
         if p:
             return p

@@ -21,6 +21,7 @@ number of full batches and every example is seen at least once per epoch.
 """
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -278,6 +279,50 @@ def _is_text_feature(feature: Any, numbers: bool) -> bool:
     if dtype in ("string", "large_string", "null"):  # null: every value missing
         return True
     return numbers and dtype is not None and (dtype == "bool" or dtype.startswith(("int", "uint", "float")))
+
+
+def _json_problem(path: Path) -> str | None:
+    """Why a .json/.jsonl file is not JSON objects (one per line, or one list of them), or None.
+
+    Checked here because pyarrow's JSON reader (26.0) kills the process with SIGSEGV on a block
+    that starts with a bare ``null`` line (``datasets`` turns a .json list into such lines) and on
+    very deep nesting. One more pass over the file in Python costs little next to tokenising it.
+    """
+    with path.open("rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    # A list, or one object in a .json file, is one document (datasets reads those whole too).
+    if head.startswith(b"[") or (head.startswith(b"{") and path.suffix.lower() == ".json"):
+        try:
+            document = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except (ValueError, RecursionError):  # not one JSON document: JSON lines, checked below
+            document = None
+        if isinstance(document, dict):  # e.g. {"text": [...]}: one record, left to the field checks
+            return None
+        if isinstance(document, list):
+            bad = next((i for i, r in enumerate(document) if not isinstance(r, dict)), None)
+            return None if bad is None else f"element {bad} of the list is {_snippet(document[bad])}, not an object"
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number} is not UTF-8 text ({err})"
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except ValueError as err:
+                return f"line {number} is not valid JSON ({err})"
+            except RecursionError:
+                return f"line {number} nests lists or objects too deeply to be text records"
+            if not isinstance(record, dict):
+                return f"line {number} is {_snippet(record)}, not a JSON object"
+    return None
+
+
+def _snippet(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _local_path(source: str) -> Path:
@@ -649,6 +694,12 @@ class ContinualDataModule(LightningDataModule):
             raise ConfigError(f"{where}: file {str(path)!r} does not exist")
         if path.stat().st_size == 0:
             raise ConfigError(f"{where}: file {str(path)!r} is empty")
+        if path.suffix.lower() in (".json", ".jsonl"):  # not the shipped .jsonl.gz domains
+            problem = _json_problem(path)
+            if problem:
+                raise ConfigError(
+                    f"{where}: file {str(path)!r} could not be read as json: {problem}; {_FILE_SHAPES['json']}"
+                )
         try:
             raw = datasets.load_dataset(
                 builder, data_files=str(path.resolve()), split="train", **_READ_OPTIONS.get(builder, {})

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 from unittest.mock import patch
@@ -24,11 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from crma_lightning.backbone import BackboneConfig
-from crma_lightning.cli import ContinualCLI
+from crma_lightning.cli import ContinualCLI, main
 from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec, load_tokenizer
 
@@ -71,14 +72,22 @@ def _load(path: Path, task: dict | None = None, **kwargs) -> ContinualDataModule
     return dm
 
 
+def _event(label: str) -> None:
+    """Tally outcomes for ``--hypothesis-show-statistics`` (a no-op in the plain tests)."""
+    if currently_in_test_context():
+        event(label)
+
+
 def _assert_clear(err: ConfigError, *names: str) -> None:
     """The message names one of ``names`` (a file path or a field) and does not echo the input."""
     message = str(err)
+    _event("ConfigError: " + re.sub(r"'[^']*'|\d+", "_", message.splitlines()[-1])[:60])
     assert any(name in message for name in names), message
     assert len(message) < 4000, message[:500]
 
 
 def _assert_well_formed(dm: ContinualDataModule) -> None:
+    _event("loaded")
     for task in dm.task_names:
         batches = [
             *dm.holdout_batches(task),
@@ -95,9 +104,9 @@ def _assert_well_formed(dm: ContinualDataModule) -> None:
 
 # ----------------------------------------------------------------------------- generated files
 
+_texts = st.one_of(st.text(max_size=30), st.text(alphabet="\x00\r\n\t \ufeff\u2028é", max_size=6))
 _scalars = st.one_of(
-    st.text(max_size=30),
-    st.text(alphabet="\x00\r\n\t \ufeff\u2028é", max_size=6),
+    _texts,
     st.integers(-(2**70), 2**70),
     st.floats(),
     st.booleans(),
@@ -108,10 +117,16 @@ _values = st.one_of(
     st.lists(st.text(max_size=5), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-# A record is usually an object, sometimes not (a JSON line that is a number, a list, a string).
-_records = st.lists(
-    st.one_of(st.dictionaries(st.sampled_from(FIELD_NAMES), _values, max_size=4), _values), max_size=12
-)
+
+
+@st.composite
+def _records(draw) -> list:
+    """Records that are mostly objects of text, sometimes of any JSON value, sometimes not objects."""
+    values = draw(st.sampled_from([_texts, _texts, _values]))
+    record = st.dictionaries(st.sampled_from(FIELD_NAMES), values, max_size=4)
+    if draw(st.integers(0, 3)) == 0:  # a JSON line that is a number, a list, a string, null
+        record = st.one_of(record, _values)
+    return draw(st.lists(record, max_size=12))
 
 
 def _serialise(suffix: str, records: list, data: st.DataObject) -> bytes:
@@ -182,7 +197,7 @@ _sizes = st.fixed_dictionaries(
 
 
 @settings(FUZZ, max_examples=80)
-@given(data=st.data(), suffix=st.sampled_from(SUFFIXES), records=_records, task=_task_options, sizes=_sizes)
+@given(data=st.data(), suffix=st.sampled_from(SUFFIXES), records=_records(), task=_task_options, sizes=_sizes)
 def test_generated_files_load_or_fail_naming_the_file(workdir, data, suffix, records, task, sizes):
     content = _serialise(suffix, records, data)
     if data.draw(st.booleans(), label="mangle"):
@@ -293,10 +308,21 @@ def test_csv_records_that_look_like_missing_values_are_kept(workdir):
 BAD_FILES = {
     "empty file": (".jsonl", b"", {}, "is empty"),
     "only blank lines": (".txt", b"\n \n\t\n", {}, "blank"),
-    "json line not an object": (".jsonl", b'[1, 2]\n"text"\n', {}, "one JSON object per line"),
+    "json line not an object": (".jsonl", b'[1, 2]\n"text"\n', {}, "line 1 is [1, 2], not a JSON object"),
     "json lines of numbers": (".jsonl", b"1\n2\n", {}, "one JSON object per line"),
+    # A bare null starting a block, or deep nesting, segfaults pyarrow's JSON reader: caught before it.
+    "null as the first json line": (".jsonl", b'null\n{"text": "a b"}\n', {}, "line 1 is null"),
+    "null after records": (".jsonl", b'{"text": "a b"}\n' * 3 + b"null\n", {}, "line 4 is null"),
+    "json list holding null": (".json", b'[null, {"text": "a b"}]', {}, "element 0 of the list is null"),
+    "json list of strings": (".json", b'["a b", "c d"]', {}, 'element 0 of the list is "a b"'),
+    "deep nesting": (".jsonl", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", {}, "too deeply"),
     "empty objects": (".jsonl", b"{}\n{}\n", {}, "has no records"),
-    "invalid utf-8 in a json string": (".jsonl", b'{"text": "caf\xe9"}\n' * 3, {}, "is not UTF-8 text"),
+    "invalid utf-8 in a json string": (
+        ".jsonl",
+        b'{"text": "a"}\n{"text": "caf\xe9"}\n',
+        {},
+        "line 2 is not UTF-8",
+    ),
     "invalid utf-8 text": (".txt", b"caf\xe9\n" * 3, {}, "is not UTF-8 text"),
     "utf-16 text": (".txt", "hello\nworld\n".encode("utf-16"), {}, "is not UTF-8 text"),
     "utf-16 csv": (".csv", "text\nhello\n".encode("utf-16"), {}, "is not UTF-8 text"),
@@ -351,9 +377,10 @@ _anything = st.one_of(
     st.lists(st.integers(0, 3), max_size=2),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-_sources = st.sampled_from(
+
+
+_bad_sources = st.sampled_from(
     [
-        "synthetic",
         "corpus:nope",
         "missing.jsonl",
         "notes.docx",
@@ -364,69 +391,87 @@ _sources = st.sampled_from(
         "no-such-org/no-such-dataset",
     ]
 )
-_task_fields = {
-    "source": _sources | _anything,
-    "format": st.sampled_from(["text", "prompt_response", "chat"]) | _anything,
-    "text_field": st.sampled_from(FIELD_NAMES) | _anything,
-    "hub_config": st.none() | _anything,
-}
-_tasks = st.one_of(
+_bad_tasks = st.one_of(
     st.builds(
         TaskSpec,
-        name=st.sampled_from(["a", "b", "a b", ""]) | _anything,
-        **{k: v for k, v in _task_fields.items()},
+        name=st.sampled_from(["a", "a b", ""]) | _anything,
+        source=_bad_sources | _anything,
+        format=st.sampled_from(["text", "prompt_response", "chat"]) | _anything,
+        text_field=_anything,
+        hub_config=_anything,
     ),
     st.fixed_dictionaries(
-        {"name": st.sampled_from(["a", "b"])}, optional={**_task_fields, "bogus": _anything}
+        {"name": st.sampled_from(["a", "b"])}, optional={"source": _bad_sources, "bogus": _anything}
     ),
     st.dictionaries(st.text(max_size=5), _anything, max_size=3),
     _anything,
 )
-_dm_arguments = st.fixed_dictionaries(
-    {"tasks": st.lists(_tasks, max_size=3) | _anything},
-    optional={
-        "tokenizer": st.sampled_from([None, "tiny", "", "no/such-tokenizer", "x.gguf"]) | _anything,
-        "max_length": st.integers(-1, 24) | _anything,
-        "train_size": st.integers(-1, 24) | _anything,
-        "holdout_size": st.integers(-1, 8) | _anything,
-        "batch_size": st.integers(-1, 8) | _anything,
-        "eval_batch_size": st.integers(-1, 8) | _anything,
-        "epochs_per_task": st.integers(-1, 3) | _anything,
-        "seed": st.integers(-1, 2**70) | _anything,
-        "synthetic_vocab": st.integers(-1, 64) | _anything,
-        "synthetic_jump": st.floats(-1, 2) | _anything,
-        "num_workers": st.integers(-1, 0) | _anything,
-    },
+_good_tasks = st.lists(
+    st.builds(TaskSpec, name=st.sampled_from(["a", "b", "c"])),  # synthetic: files are fuzzed above
+    min_size=1,
+    max_size=3,
+    unique_by=lambda t: t.name,
 )
+_good_arguments = {
+    "tasks": _good_tasks,
+    "tokenizer": st.just("tiny"),
+    "max_length": st.integers(2, 24),
+    "train_size": st.integers(1, 24),
+    "holdout_size": st.integers(1, 8),
+    "batch_size": st.integers(1, 8),
+    "eval_batch_size": st.integers(1, 8),
+    "epochs_per_task": st.integers(1, 3),
+    "seed": st.integers(0, 2**70),
+    "synthetic_vocab": st.integers(2, 64),
+    "synthetic_jump": st.floats(0, 1, exclude_max=True),
+    "num_workers": st.just(0),
+}
+_bad_arguments = {
+    "tasks": st.lists(_bad_tasks, max_size=3) | _anything,
+    "tokenizer": st.sampled_from(["", "no/such-tokenizer", "x.gguf", "/"]) | _anything,
+    "max_length": st.integers(-(2**70), 1) | _anything,
+    "synthetic_jump": st.floats(min_value=1)
+    | st.floats(max_value=0, exclude_max=True)
+    | st.just(float("nan"))
+    | _anything,
+    **{name: st.integers(-(2**70), -1) | _anything for name in ["train_size", "seed", "num_workers"]},
+    **{
+        name: st.integers(-3, 0) | _anything
+        for name in ["holdout_size", "batch_size", "eval_batch_size", "epochs_per_task"]
+    },
+    "synthetic_vocab": st.integers(-3, 1) | _anything,
+}
+
+
+@settings(FUZZ, max_examples=60)
+@given(arguments=st.fixed_dictionaries(_good_arguments))
+def test_valid_data_module_arguments_load(arguments):
+    dm = ContinualDataModule(**arguments)
+    dm.setup()
+    _assert_well_formed(dm)
 
 
 @settings(FUZZ, max_examples=150)
-@given(arguments=_dm_arguments)
-def test_data_module_arguments_fail_naming_the_field(arguments):
+@given(data=st.data(), field=st.sampled_from(sorted(_bad_arguments)))
+def test_a_bad_data_module_argument_is_named(data, field):
+    arguments = data.draw(st.fixed_dictionaries({**_good_arguments, field: _bad_arguments[field]}))
     try:
         dm = ContinualDataModule(**arguments)
         dm.setup()
     except ConfigError as err:
-        _assert_clear(err, "data.")
+        _assert_clear(err, f"data.{field}")
         return
-    _assert_well_formed(dm)
+    _assert_well_formed(dm)  # the "bad" draw was a valid value after all (e.g. tokenizer None)
 
 
 # ----------------------------------------------------------------------------- adapter and backbone configs
 
 _config_values = _anything | st.sampled_from(
-    [
-        "additive",
-        "subspace",
-        "sinkhorn",
-        "birkhoff",
-        "block_output",
-        "float32",
-        "bfloat16",
-        "all-linear",
-        "llama",
-    ]
+    ["additive", "subspace", "sinkhorn", "birkhoff", "block_output", "float32", "bfloat16", "all-linear"]
 )
+
+
+PREFIXES = {CRMAConfig: "model.crma", LoRAConfig: "model.lora", BackboneConfig: "model.backbone"}
 
 
 def _config_strategy(cls):
@@ -441,9 +486,7 @@ def _config_strategy(cls):
     ),
 )
 def test_adapter_and_backbone_configs_report_problems_naming_the_field(config):
-    prefix = {CRMAConfig: "model.crma", LoRAConfig: "model.lora", BackboneConfig: "model.backbone"}[
-        type(config)
-    ]
+    prefix = PREFIXES[type(config)]
     problems = config.problems(prefix)
     assert all(isinstance(p, str) and p.startswith((f"{prefix}.", f"{prefix}:")) for p in problems), problems
     if isinstance(config, BackboneConfig):
@@ -475,16 +518,8 @@ def _parse(*args: str) -> tuple[ParseOnly | None, int | None, str]:
             return None, exit_.code, err.getvalue()
 
 
-_DATA_KEYS = [
-    "max_length",
-    "train_size",
-    "holdout_size",
-    "batch_size",
-    "seed",
-    "synthetic_jump",
-    "tokenizer",
-    "tasks",
-]
+_KEYS = ["max_length", "train_size", "holdout_size", "seed", "synthetic_jump", "tokenizer", "tasks"]
+_KEYS += ["streams", "temperature", "form", "r", "dropout", "target_modules"]  # model.crma, model.lora
 _YAML_VALUES = st.one_of(
     st.none(),
     st.booleans(),
@@ -509,7 +544,7 @@ _YAML_VALUES = st.one_of(
 @settings(FUZZ, max_examples=30)
 @given(
     section=st.sampled_from(["data", "model.crma", "model.lora"]),
-    key=st.sampled_from([*_DATA_KEYS, "streams", "temperature", "form", "r", "dropout", "target_modules"]),
+    key=st.sampled_from(_KEYS),
     value=_YAML_VALUES,
     bom=st.booleans(),
     crlf=st.booleans(),
@@ -556,18 +591,19 @@ def test_cli_mangled_config_file_parses_or_exits_with_a_message(workdir, data):
     assert cli is not None or (code == 2 and "error:" in stderr), stderr[-2000:]
 
 
-@pytest.mark.xfail(
-    raises=UnicodeDecodeError,
-    strict=True,
-    reason="jsonargparse decodes --config files without catching UnicodeDecodeError; crma_lightning/cli.py "
-    "(not this file's owner) would have to turn it into a clear error",
-)
 @pytest.mark.parametrize(
     "content",
     [b"data:\n  seed: 0 # caf\xe9\n", "data:\n  seed: 0\n".encode("utf-16")],
     ids=["latin-1", "utf-16"],
 )
-def test_cli_config_file_that_is_not_utf8(workdir, content):
+def test_cli_config_file_that_is_not_utf8_exits_with_a_message(workdir, content):
+    # jsonargparse lets the UnicodeDecodeError through the CLI class; the entry point catches it.
     path = _write(workdir, ".yaml", content)
-    cli, code, stderr = _parse("--config", str(REPO / "configs" / "tiny.yaml"), "--config", str(path))
-    assert cli is None and code == 2 and str(path) in stderr
+    err = io.StringIO()
+    with (
+        patch.object(sys, "argv", ["train.py"]),
+        contextlib.redirect_stderr(err),
+        pytest.raises(SystemExit) as exit_,
+    ):
+        main(["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--config", str(path)])
+    assert exit_.value.code == 2 and "not UTF-8" in err.getvalue() and "Traceback" not in err.getvalue()
