@@ -140,9 +140,15 @@ def with_lora(base: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
 
 
 def build(key: str) -> tuple[nn.Module, list[nn.Parameter], nn.Module, list[nn.Parameter], CRMAInjection]:
-    """Two identical LoRA models (a deep copy, so LoRA-only carries no CRMA hooks), one with CRMA."""
-    lora_model, lora_params = with_lora(load_base(key))
-    crma_model = copy.deepcopy(lora_model)
+    """Two identical LoRA models, one with CRMA; LoRA-only carries no CRMA hook at all.
+
+    Both are deep copies of one loaded model, so neither keeps the loader's memory layout (e.g. the
+    GGUF dequantisation's) and the comparison is between equally fresh allocations.
+    """
+    loaded, _ = with_lora(load_base(key))
+    lora_model, crma_model = copy.deepcopy(loaded), copy.deepcopy(loaded)
+    del loaded
+    lora_params = lora_parameters(lora_model, ADAPTER)  # requires_grad survives the copy
     handle = inject_crma(crma_model, CRMAConfig(batched_projection=True))
     crma_params = lora_parameters(crma_model, ADAPTER) + handle.parameters()
     for p in crma_params:
@@ -536,8 +542,8 @@ def report(args: argparse.Namespace, runs: list[ModelRun], all_stats: dict, info
         "",
         "## Protocol",
         "",
-        "- One process; every variant is built before timing. LoRA-only and LoRA+CRMA are two copies of the same",
-        "  model (deep copy after adding the LoRA), so the LoRA-only model carries no CRMA hooks at all.",
+        "- One process; every variant is built before timing. LoRA-only and LoRA+CRMA are two deep copies of",
+        "  the same loaded LoRA model (CRMA injected into the second), so LoRA-only carries no CRMA hook at all.",
         "  LoRA: peft defaults of `LoRAConfig()` (r=8, alpha=16, dropout 0.05, q_proj/v_proj), one active adapter,",
         "  base frozen. CRMA: `CRMAConfig()` defaults (n=4 streams, additive, certified Sinkhorn, 20 iterations) on",
         "  every decoder layer; its parameters and the LoRA's require grad. Models in train mode (dropout on).",
