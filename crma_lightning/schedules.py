@@ -36,7 +36,30 @@ class Constant(TaskSchedule):
         return 1.0
 
 
-class WarmupCosine(TaskSchedule):
+class _WarmupDecay(TaskSchedule):
+    """Linear warm-up over ``warmup_ratio`` of each task, then :meth:`decay` from 1 to ``min_ratio``."""
+
+    def __init__(self, warmup_ratio: float, min_ratio: float):
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"model.lr_schedule.warmup_ratio must lie in [0, 1), got {warmup_ratio}")
+        if not 0 <= min_ratio <= 1:
+            raise ValueError(f"model.lr_schedule.min_ratio must lie in [0, 1], got {min_ratio}")
+        self.warmup_ratio = warmup_ratio
+        self.min_ratio = min_ratio
+
+    def decay(self, progress: float) -> float:
+        """Fraction of the way from 1 (progress 0) to 0 (progress 1) still left."""
+        raise NotImplementedError
+
+    def factor(self, step: int, total: int) -> float:
+        warmup = int(self.warmup_ratio * total)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return self.min_ratio + (1 - self.min_ratio) * self.decay(progress)
+
+
+class WarmupCosine(_WarmupDecay):
     """Linear warm-up, then cosine decay to ``min_ratio`` of the base rate, restarted per task."""
 
     def __init__(self, warmup_ratio: float = 0.1, min_ratio: float = 0.1):
@@ -45,39 +68,25 @@ class WarmupCosine(TaskSchedule):
             warmup_ratio: fraction of each task's optimizer steps spent warming up (0 <= x < 1).
             min_ratio: final learning rate of each task as a fraction of the base rate.
         """
-        if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"model.lr_schedule.warmup_ratio must lie in [0, 1), got {warmup_ratio}")
-        if not 0 <= min_ratio <= 1:
-            raise ValueError(f"model.lr_schedule.min_ratio must lie in [0, 1], got {min_ratio}")
-        self.warmup_ratio = warmup_ratio
-        self.min_ratio = min_ratio
+        super().__init__(warmup_ratio, min_ratio)
 
-    def factor(self, step: int, total: int) -> float:
-        warmup = int(self.warmup_ratio * total)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    def decay(self, progress: float) -> float:
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class WarmupLinear(TaskSchedule):
+class WarmupLinear(_WarmupDecay):
     """Linear warm-up, then linear decay to ``min_ratio``, restarted per task."""
 
     def __init__(self, warmup_ratio: float = 0.1, min_ratio: float = 0.0):
         """
         Args:
-            warmup_ratio: fraction of each task's optimizer steps spent warming up.
+            warmup_ratio: fraction of each task's optimizer steps spent warming up (0 <= x < 1).
             min_ratio: final learning rate of each task as a fraction of the base rate.
         """
-        self.warmup_ratio = warmup_ratio
-        self.min_ratio = min_ratio
+        super().__init__(warmup_ratio, min_ratio)
 
-    def factor(self, step: int, total: int) -> float:
-        warmup = int(self.warmup_ratio * total)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 1.0 - (1.0 - self.min_ratio) * min(1.0, progress)
+    def decay(self, progress: float) -> float:
+        return 1.0 - progress
 
 
 def task_starts(task_steps: Sequence[int]) -> list[int]:
