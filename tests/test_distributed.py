@@ -7,35 +7,22 @@ killed on timeout, so no rank outlives the test.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from subproc import run_train
 
 from crma_lightning.report import read_matrix_csv
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02"]
 
 
-def run_fit(save_dir: Path, *args: str, timeout: int = 420) -> Path:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
-           "--trainer.logger.init_args.save_dir", str(save_dir), *COMMON, *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"train.py did not finish within {timeout} s (killed its process group)")
-    assert proc.returncode == 0, err[-4000:]
-    line = next(line for line in out.splitlines() if line.startswith("run dir: "))
+def run_fit(save_dir: Path, *args: str) -> Path:
+    proc = run_train("fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(save_dir),
+                     *COMMON, *args)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("run dir: "))
     return Path(line.removeprefix("run dir: "))
 
 

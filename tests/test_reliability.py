@@ -4,10 +4,8 @@ non-finite losses/gradients are skipped or stop cleanly; bad input is one clear 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +13,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
+from subproc import REPO, run_train
 
 from crma_lightning.report import read_matrix_csv
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02", "--model.lora.dropout", "0.1"]
 CALLBACKS = [
     "callbacks.freezing.FreezingPolicy",
@@ -30,19 +28,8 @@ CALLBACKS = [
 
 
 def train(save_dir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "tests")}  # fmt: skip
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/tiny.yaml",
-           "--trainer.logger.init_args.save_dir", str(save_dir), *FAST, *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"train.py ran past {timeout} s: {err[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_train("fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(save_dir),
+                     *FAST, *args, timeout=timeout, env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
 
 
 def callbacks_with(fault: str, replace_evaluation: bool = False) -> list[str]:

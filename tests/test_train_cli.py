@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from subproc import REPO, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from crma_lightning.checkpoint import CRMA_CONFIG, CRMA_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 from crma_lightning.cli import ContinualCLI
 
-REPO = Path(__file__).resolve().parents[1]
 TASKS = ["alpha", "beta", "gamma"]
 # Smaller than configs/tiny.yaml so the three runs fit the default suite's budget.
 FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02"]
-
-
-def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
-    )
 
 
 def fit(tmp: Path, strategy: str) -> tuple[Path, subprocess.CompletedProcess]:
