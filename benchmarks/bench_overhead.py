@@ -311,17 +311,22 @@ def measure(run: ModelRun, wait_s: float) -> None:
     """Warm-up, then rounds until ``run.steps`` quiet ones (or 3x that many, or the time budget).
 
     Each round runs every variant once, rotating which goes first, and records how busy the rest of
-    the machine was meanwhile, so that :func:`summarise` can keep the quiet rounds.
+    the machine was meanwhile, so that :func:`summarise` can keep the quiet rounds. After a busy
+    round it waits for quiet again (``wait_s`` in all per model; waiting does not use the budget).
     """
     steps, handle = variants(run)
     names = list(steps)
-    run.waited_s = wait_until_quiet(wait_s)
     run.times = {n: [] for n in names}
     run.cpu_times = {n: [] for n in names}
     meter = NeighbourMeter()
+    run.waited_s = wait_until_quiet(wait_s)
     deadline = time.perf_counter() + run.budget_s
     r = 0
     while r < run.warmup or not enough_rounds(run, deadline):
+        if run.others_pct and not is_quiet(run.others_pct[-1]) and run.waited_s < wait_s:
+            waited = wait_until_quiet(wait_s - run.waited_s)
+            run.waited_s += waited
+            deadline += waited
         order = names[r % len(names) :] + names[: r % len(names)]
         meter.start()
         lap = {name: timed(steps[name], handle) for name in order}
@@ -343,8 +348,12 @@ def measure(run: ModelRun, wait_s: float) -> None:
             )
 
 
+def is_quiet(others_pct: float | None) -> bool:
+    return others_pct is None or others_pct <= QUIET_PCT
+
+
 def quiet_rounds(run: ModelRun) -> list[int]:
-    return [i for i, o in enumerate(run.others_pct) if o is None or o <= QUIET_PCT]
+    return [i for i, o in enumerate(run.others_pct) if is_quiet(o)]
 
 
 def enough_rounds(run: ModelRun, deadline: float) -> bool:
@@ -516,7 +525,7 @@ def contention(run: ModelRun, stats: dict) -> list[str]:
     line = (
         f"Other processes used {statistics.mean(known):.0f}% of the machine's CPU on average during the "
         f"{r['measured']} measured rounds; {len(quiet_rounds(run))} were quiet (<= {QUIET_PCT:.0f}%)."
-        f" Waited {run.waited_s:.0f} s for a quiet machine before measuring."
+        f" Waited {run.waited_s:.0f} s in all for a quiet machine."
     )
     if r["quiet_only"]:
         line += f" Statistics use the {r['used']} quiet rounds."
@@ -556,11 +565,11 @@ def report(args: argparse.Namespace, runs: list[ModelRun], all_stats: dict, info
         "- Blocks alone: the L CRMA blocks chained on a random `(B, T, d)` hidden state, M given, forward +",
         "  `backward(grad)`. 'Component estimate' = (blocks alone + batched projection alone) / LoRA-only step:",
         "  far less noisy than the step ratio, but it leaves out hook dispatch and cache effects on the step.",
-        f"- Before each model, wait (at most {args.wait_s:.0f} s) for a 5 s window in which other processes use",
-        f"  <= {QUIET_PCT:.0f}% of the machine. Then warm-up rounds and measured rounds (counts per model below);",
-        "  each round runs every variant once, rotating which goes first, and records the CPU time other",
-        "  processes used meanwhile (`/proc/stat` minus our own `getrusage`). Rounds with neighbours above",
-        f"  {QUIET_PCT:.0f}% are dropped when enough quiet ones remain.",
+        f"- Before each model, and after any busy round, wait (at most {args.wait_s:.0f} s in all per model) for a",
+        f"  5 s window in which other processes use <= {QUIET_PCT:.0f}% of the machine. Warm-up rounds, then",
+        "  measured rounds (counts per model below); each round runs every variant once, rotating which goes",
+        "  first, and records the CPU time other processes used meanwhile (`/proc/stat` minus our own",
+        f"  `getrusage`). Rounds with neighbours above {QUIET_PCT:.0f}% are dropped when enough quiet ones remain.",
         "- Median, IQR (q3 - q1) and min over the rounds used. 'vs LoRA-only' is the median (and IQR) of",
         "  per-round ratios variant / LoRA-only, with a 95% percentile-bootstrap CI (2000 resamples, seeded):",
         "  a target is 'met' when the whole CI lies under it, 'MISSED' when it lies above, else 'inconclusive'.",
@@ -610,7 +619,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=120, help="measuring time limit, tiny model (s)")
     p.add_argument("--smollm2-budget-s", type=float, default=360, help="measuring time limit, SmolLM2 (s)")
     p.add_argument(
-        "--wait-s", type=float, default=180, help="wait at most this long for a quiet machine per model"
+        "--wait-s",
+        type=float,
+        default=300,
+        help="wait at most this long in all for a quiet machine, per model",
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument(
