@@ -1,9 +1,17 @@
 """Continual fine-tuning with CRMA: ``python train.py fit --config configs/tiny.yaml``.
 
-See README.md; ``python train.py fit --help`` lists every option.
+``fit``/``validate``/``test`` are LightningCLI (``python train.py fit --help`` lists every option);
+``predict``/``route``/``export`` use a finished run (``crma_lightning.serve.cli``, docs/inference.md).
 """
+
+import sys
 
 from crma_lightning.cli import main
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] in ("predict", "route", "export"):
+        from crma_lightning.serve.cli import main as serve_main
+
+        serve_main(sys.argv[1:])
+    else:
+        main()

@@ -1,0 +1,21 @@
+"""Use a trained run: load it, generate for a task, route without a task id, export a task.
+
+``load_run(run_dir)`` -> :class:`TrainedRun` (``generate``, ``route``, ``export``);
+``load_exported(dir)`` -> :class:`ExportedModel`. Command line: ``train.py predict|route|export``
+(:mod:`crma_lightning.serve.cli`). Guide: docs/inference.md.
+"""
+
+from crma_lightning.serve.export import ExportedModel, export_task, load_exported
+from crma_lightning.serve.run import AUTO, Completion, RunInfo, TrainedRun, load_run, read_run
+
+__all__ = [
+    "AUTO",
+    "Completion",
+    "ExportedModel",
+    "RunInfo",
+    "TrainedRun",
+    "export_task",
+    "load_exported",
+    "load_run",
+    "read_run",
+]

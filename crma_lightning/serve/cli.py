@@ -1,0 +1,215 @@
+"""``train.py predict | export | route``: use a finished run from the command line.
+
+    python train.py predict --run runs/tiny/version_0 --input prompts.jsonl --output out.jsonl
+    python train.py export  --run runs/tiny/version_0 --task beta --output exported/beta
+    python train.py route   --run runs/tiny/version_0 --input prompts.jsonl --output routed.jsonl
+
+Input lines are JSON objects with a ``prompt`` (text) or ``input_ids`` (token ids, for runs on
+synthetic tasks without a tokenizer) and an optional ``task`` (a task name or ``auto``; default
+``--task``). Output lines repeat the input object and add ``task`` (the one used), ``routed`` and
+``completion`` (plus ``completion_ids``), in input order, written atomically once all are done.
+Problems the user can fix print one ``error:`` line and exit with status 2, as ``fit`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from crma_lightning.checkpoint import atomic_write_text
+from crma_lightning.config import ConfigError
+
+SUBCOMMANDS = ("predict", "export", "route")
+
+
+def read_prompts(path: str, default_task: str) -> tuple[list[dict[str, Any]], list[Any], list[str]]:
+    """Records, prompts and tasks of a jsonl file; a :class:`ConfigError` naming the first bad line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--input {path}: no such file")
+    records, prompts, tasks = [], [], []
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--input {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    shape = (
+        'each line must be a JSON object such as {"prompt": "...", "task": "auto"} (or "input_ids": [5, 9])'
+    )
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"--input {path} line {number} is not valid JSON ({e}); {shape}") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"--input {path} line {number} is not a JSON object; {shape}")
+        prompt = record.get("prompt", record.get("input_ids"))
+        if not (
+            isinstance(prompt, str)
+            or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt))
+        ):
+            raise ConfigError(
+                f"--input {path} line {number} has no 'prompt' string or 'input_ids' list of ints; {shape}"
+            )
+        task = record.get("task", default_task)
+        if not isinstance(task, str):
+            raise ConfigError(
+                f"--input {path} line {number}: 'task' must be a task name or 'auto', got {task!r}"
+            )
+        records.append(record)
+        prompts.append(prompt)
+        tasks.append(task)
+    if not records:
+        raise ConfigError(f"--input {path} has no prompts; {shape}")
+    return records, prompts, tasks
+
+
+def _check_tasks(run: Any, tasks: list[str], path: str) -> None:
+    from crma_lightning.serve.run import AUTO
+
+    for number, task in enumerate(tasks, 1):
+        if task != AUTO and task not in run.tasks:
+            raise ConfigError(
+                f"--input {path}: prompt {number} asks for task {task!r}, which is not a completed task of this run; "
+                f"use one of {run.tasks} or 'auto'"
+            )
+
+
+def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        kw |= {"temperature": args.temperature, "top_p": args.top_p}
+    return kw
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from crma_lightning.serve.run import load_run
+
+    records, prompts, tasks = read_prompts(args.input, args.task)
+    run = load_run(args.run, device=args.device)
+    _check_tasks(run, tasks, args.input)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="predict", unit="prompt", disable=args.quiet) as bar:
+        results = run.complete(
+            prompts,
+            tasks,
+            crma=not args.no_crma,
+            batch_size=args.batch_size,
+            progress=bar.update,
+            **_generation_kwargs(args),
+        )
+    rows = []
+    for record, result in zip(records, results, strict=True):
+        row = {**record, "task": result.task, "routed": result.routed, "completion": result.completion}
+        row["completion_ids"] = result.completion_ids
+        rows.append(row)
+    _write_jsonl(args.output, rows)
+    print(
+        f"wrote {len(rows)} completions to {args.output} ({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+    )
+
+
+def cmd_route(args: argparse.Namespace) -> None:
+    from crma_lightning.serve.run import load_run
+
+    records, prompts, _ = read_prompts(args.input, "auto")
+    run = load_run(args.run, device=args.device)
+    ids = [run.encode(p, f"--input {args.input} prompt {i + 1}") for i, p in enumerate(prompts)]
+    losses = run.route_losses(ids, batch_size=args.batch_size, crma=not args.no_crma)
+    chosen = run.route_ids(ids, batch_size=args.batch_size, crma=not args.no_crma)
+    rows = [
+        {
+            **r,
+            "task": t,
+            "losses": {k: (None if v != v else round(v, 6)) for k, v in zip(run.tasks, row, strict=True)},
+        }
+        for r, t, row in zip(records, chosen, losses.tolist(), strict=True)
+    ]
+    _write_jsonl(args.output, rows)
+    print(f"routed {len(rows)} prompts to {args.output}", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from crma_lightning.serve.run import load_run
+
+    run = load_run(args.run, device="cpu")
+    out = run.export(args.task, args.output)
+    print(
+        f"exported task {args.task!r} to {out} (load it with crma_lightning.serve.load_exported)",
+        file=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description="Use a finished crma-lightning run.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run", required=True, help="run directory (`fit` prints it as `run dir:`)")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    p = sub.add_parser("predict", help="complete every prompt of a jsonl file")
+    common(p)
+    p.add_argument(
+        "--input", required=True, help='jsonl: {"prompt": "..." | "input_ids": [...], "task": optional}'
+    )
+    p.add_argument("--output", required=True, help="jsonl of the input objects plus task, routed, completion")
+    p.add_argument(
+        "--task", default="auto", help="task for lines without one: a task name or 'auto' (route; default)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--no-crma", action="store_true", help="switch CRMA off (the LoRA alone)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("route", help="choose a task for every prompt of a jsonl file (no generation)")
+    common(p)
+    p.add_argument("--input", required=True, help='jsonl: {"prompt": "..." | "input_ids": [...]}')
+    p.add_argument("--output", required=True, help="jsonl of the input objects plus task and per-task losses")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--no-crma", action="store_true", help="score with CRMA off")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.set_defaults(fn=cmd_route)
+
+    p = sub.add_parser(
+        "export", help="write one task's model: merged weights + CRMA, and its LoRA in PEFT format"
+    )
+    common(p)
+    p.add_argument("--task", required=True, help="the task to export")
+    p.add_argument("--output", required=True, help="directory to write (replaced atomically if it exists)")
+    p.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

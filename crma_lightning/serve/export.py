@@ -1,0 +1,195 @@
+"""Export one task of a run for a colleague, and load such an export in one call.
+
+``export_task(run, task, out_dir)`` writes::
+
+    out_dir/
+      crma_export.json   manifest: task, strategy, base model, dtype, what is where
+      model/             the base model with the task's LoRA merged into its weights
+                         (save_pretrained, safetensors) + the run's tokenizer, if it had one
+      crma/              the CRMA state (modular runs): re-injected by load_exported
+      peft_lora/         the task's LoRA alone in PEFT format, for tools that only know PEFT
+
+``load_exported(out_dir)`` returns the model with CRMA on, ready to generate. ``model/`` on its own
+(``AutoModelForCausalLM.from_pretrained``) and ``peft_lora/`` on the base model
+(``PeftModel.from_pretrained``) are both the task's model with **CRMA off**. The merge is peft's
+own (``merge_and_unload``); the whole directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from crma_lightning.backbone import DTYPES, load_backbone
+from crma_lightning.checkpoint import atomic_directory, atomic_write_json, load_crma, save_crma, save_lora
+from crma_lightning.config import ConfigError
+from crma_lightning.data import load_tokenizer
+from crma_lightning.injection import CRMAInjection
+from crma_lightning.serve import generation
+from crma_lightning.serve.generation import Prompt
+
+MANIFEST = "crma_export.json"
+FORMAT = "crma-lightning-export"
+VERSION = 1
+MODEL_DIR = "model"
+CRMA_DIR = "crma"
+PEFT_DIR = "peft_lora"
+
+
+def export_task(run: Any, task: str, out_dir: str | os.PathLike) -> Path:
+    """Write ``task``'s model from ``run`` (a :class:`~crma_lightning.serve.run.TrainedRun`) to ``out_dir``.
+
+    The base model is loaded afresh from the run's backbone config and the task's LoRA merged into
+    it, so the run's own model is left untouched (this holds a second copy of the base in memory).
+    """
+    adapter = run.adapter_for(task)
+    out_dir = Path(out_dir)
+    backbone = run.info.backbone
+    with atomic_directory(out_dir) as tmp:
+        save_lora(run.model, adapter, tmp / PEFT_DIR)
+        base = load_backbone(backbone)
+        merged = PeftModel.from_pretrained(base, str(tmp / PEFT_DIR)).merge_and_unload()
+        _save_pretrained(merged, tmp / MODEL_DIR)
+        if run.tokenizer is not None:
+            run.tokenizer.save_pretrained(str(tmp / MODEL_DIR))
+        if run.crma is not None:
+            save_crma(
+                run.crma, tmp / CRMA_DIR, extra={"task": task, "strategy": run.strategy, "tasks": run.tasks}
+            )
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "task": task,
+                "strategy": run.strategy,
+                "tasks": run.tasks,
+                "source_run": str(Path(run.info.run_dir).resolve()),
+                "base_model": backbone.label,
+                "dtype": backbone.dtype,
+                "trust_remote_code": backbone.trust_remote_code,
+                "model_dir": MODEL_DIR,
+                "crma_dir": CRMA_DIR if run.crma is not None else None,
+                "peft_lora_dir": PEFT_DIR,
+                "tokenizer": run.tokenizer is not None,
+                "note": f"{MODEL_DIR}/ alone and {PEFT_DIR}/ on the base model are the task's model with CRMA off; "
+                "crma_lightning.serve.load_exported(dir) puts CRMA back on",
+            },
+        )
+    return out_dir
+
+
+def _save_pretrained(model: PreTrainedModel, directory: Path) -> None:
+    """``save_pretrained`` as safetensors; a GGUF-loaded model is first rebuilt as a plain one
+    (transformers refuses to save a model that still carries its GGUF quantization config)."""
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+        plain.load_state_dict(model.state_dict(), strict=True)
+        model = plain
+    model.save_pretrained(str(directory), safe_serialization=True)
+
+
+class ExportedModel:
+    """A task's model as exported: base with the LoRA merged, CRMA re-injected (on by default)."""
+
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        crma: CRMAInjection | None,
+    ) -> None:
+        self.manifest = manifest
+        self.model = model
+        self.tokenizer = tokenizer
+        self.crma = crma
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    def _set_crma(self, on: bool) -> bool | None:
+        if self.crma is None:
+            return None
+        before = self.crma.enabled
+        self.crma.enabled = on
+        return before
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, crma: bool = True) -> Tensor:
+        before = self._set_crma(crma)
+        try:
+            device = generation.model_device(self.model)
+            return self.model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False
+            ).logits
+        finally:
+            self._set_crma(before if before is not None else True)
+
+    def generate(
+        self, prompt: Prompt | list[Prompt], crma: bool = True, batch_size: int = 8, **generate_kwargs: Any
+    ):
+        """Complete ``prompt`` (text or token ids, or a list of them); see ``TrainedRun.generate``."""
+        single = generation.is_single(prompt)
+        prompts = [prompt] if single else list(prompt)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        ids = [generation.encode(p, self.tokenizer, vocab, f"prompt {i}") for i, p in enumerate(prompts)]
+        pad = 0 if self.tokenizer is None else self.tokenizer.pad_token_id
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        before = self._set_crma(crma)
+        try:
+            new = generation.generate_ids(
+                self.model, ids, pad_id=pad, eos_id=eos, batch_size=batch_size, **generate_kwargs
+            )
+        finally:
+            self._set_crma(before if before is not None else True)
+        out = [generation.decode(row, self.tokenizer) for row in new]
+        return out[0] if single else out
+
+
+def load_exported(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedModel:
+    """Load a directory written by :func:`export_task`: model, CRMA state (checked against the
+    model's architecture) and tokenizer, in one call."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ConfigError(
+            f"{directory} is not an exported task (no {MANIFEST}); make one with "
+            "`python train.py export --run <run dir> --task <task> --output <dir>`"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged ({e}); export the task again") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ConfigError(
+            f"{path} is format {manifest.get('format')!r} v{manifest.get('version')}; this version reads {FORMAT!r} v{VERSION}"
+        )
+    model_dir = directory / manifest["model_dir"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir),
+            dtype=DTYPES[manifest["dtype"]],
+            trust_remote_code=bool(manifest["trust_remote_code"]),
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{model_dir} cannot be loaded as a causal LM ({e}); export the task again"
+        ) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    crma = load_crma(model, directory / manifest["crma_dir"]) if manifest["crma_dir"] else None
+    model.to(device)
+    tokenizer = load_tokenizer(str(model_dir)) if manifest["tokenizer"] else None
+    return ExportedModel(manifest, model, tokenizer, crma)

@@ -1,0 +1,396 @@
+"""Load a finished run from its run directory and use it: logits, generation, routing.
+
+``load_run("runs/tiny/version_0")`` rebuilds the base model from the run's ``config.yaml`` (the
+configuration LightningCLI saved), puts every completed task's LoRA back from ``adapters/<task>/``
+and, for MODULAR runs, the latest CRMA from ``adapters/crma/`` — checking the base architecture
+and every tensor's shape on the way (``crma_lightning.checkpoint``). Nothing is unpickled: adapters
+are safetensors and the configuration is YAML read with ``yaml.safe_load``.
+
+Routing without a task id (``task="auto"``): the simplest honest method. For each prompt, every
+task's adapter (LoRA_k + the CRMA, as that task would be served) scores the prompt by its own mean
+next-token loss, and the task with the lowest loss wins. It costs one forward pass over the prompt
+per task; ``benchmarks/bench_routing.py`` measures its accuracy and what it does to the losses.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from crma_lightning.backbone import BackboneConfig, load_backbone
+from crma_lightning.checkpoint import (
+    CRMA_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    load_crma,
+    load_lora,
+    read_crma_meta,
+)
+from crma_lightning.config import ConfigError
+from crma_lightning.data import ContinualDataModule, TaskSpec, load_tokenizer
+from crma_lightning.injection import CRMAInjection
+from crma_lightning.lora import SHARED_ADAPTER, activate_lora
+from crma_lightning.serve import generation
+from crma_lightning.serve.generation import Prompt
+
+AUTO = "auto"
+"""Task value that asks for routing instead of naming a task."""
+
+CONFIG_FILE = "config.yaml"
+ADAPTERS_DIR = "adapters"
+CRMA_DIR = "crma"
+
+
+def _init_args(section: Any) -> dict[str, Any]:
+    """A config section as plain keyword arguments (``class_path``/``init_args`` form unwrapped)."""
+    if isinstance(section, dict) and "init_args" in section:
+        return dict(section["init_args"] or {})
+    return dict(section or {})
+
+
+@dataclass
+class RunInfo:
+    """What a run directory says about its run: the parsed ``config.yaml`` and the adapters present."""
+
+    run_dir: Path
+    strategy: str
+    tasks: list[str]
+    """Every task of the configured sequence, in training order."""
+    trained: list[str]
+    """The tasks whose adapters were written (all of them unless the run stopped early), in order."""
+    backbone: BackboneConfig
+    data: dict[str, Any]
+    """``data`` init arguments of :class:`~crma_lightning.data.ContinualDataModule`, tasks as dicts."""
+
+    @property
+    def tokenizer_name(self) -> str | None:
+        return self.data.get("tokenizer")
+
+    def adapter_dir(self, task: str) -> Path:
+        return self.run_dir / ADAPTERS_DIR / task
+
+    @property
+    def crma_dir(self) -> Path:
+        return self.run_dir / ADAPTERS_DIR / CRMA_DIR
+
+    def datamodule(self) -> ContinualDataModule:
+        """The run's DataModule, rebuilt from its config: the same holdout split (same seed, sizes)."""
+        known = {f.name for f in fields(TaskSpec)}
+        tasks = [
+            TaskSpec(**{k: v for k, v in _init_args(t).items() if k in known}) for t in self.data["tasks"]
+        ]
+        return ContinualDataModule(**{**self.data, "tasks": tasks})
+
+
+def read_run(run_dir: str | os.PathLike) -> RunInfo:
+    """Parse ``<run_dir>/config.yaml`` and list the completed tasks; a clear error for a non-run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} does not exist; pass the path `fit` printed as `run dir:`"
+        )
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no {CONFIG_FILE}, so it is not a run directory of `train.py fit`; pass the path "
+            "`fit` printed as `run dir:` (e.g. runs/tiny/version_0)"
+        )
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        model = _init_args(cfg["model"])
+        data = _init_args(cfg["data"])
+        backbone = BackboneConfig(**model["backbone"])
+        tasks = [_init_args(t)["name"] for t in data["tasks"]]
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{path} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
+        ) from None
+    strategy = model.get("strategy", "modular")
+    trained = [t for t in tasks if (run_dir / ADAPTERS_DIR / t / PEFT_WEIGHTS).is_file()]
+    if not trained:
+        raise ConfigError(
+            f"{run_dir} has no trained adapters ({ADAPTERS_DIR}/<task>/{PEFT_WEIGHTS} for none of the tasks {tasks}): "
+            "the run stopped before its first task ended. Train it further (`train.py fit ... --ckpt_path last`)."
+        )
+    return RunInfo(run_dir, strategy, tasks, trained, backbone, data)
+
+
+@dataclass
+class Completion:
+    """One prompt's result: the task used (``routed`` when chosen by :meth:`TrainedRun.route`)."""
+
+    task: str
+    routed: bool
+    completion: str | list[int]
+    """Decoded text, or token ids for a run without a tokenizer."""
+    completion_ids: list[int]
+
+
+class TrainedRun:
+    """A finished (or partly finished) run, ready for inference. Build it with :func:`load_run`.
+
+    ``model`` is the plain transformers model with every task's LoRA (peft named adapters) and,
+    for MODULAR, the CRMA blocks; exactly one LoRA is active at a time (:meth:`using`).
+    """
+
+    def __init__(
+        self,
+        info: RunInfo,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None,
+        crma: CRMAInjection | None,
+    ) -> None:
+        self.info = info
+        self.model = model
+        self.tokenizer = tokenizer
+        self.crma = crma
+
+    # -- tasks -----------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks this run can serve (those it completed), in training order."""
+        return list(self.info.trained)
+
+    @property
+    def strategy(self) -> str:
+        return self.info.strategy
+
+    def adapter_for(self, task: str) -> str:
+        """The LoRA serving ``task``: its own, or under NAIVE the shared one (as at the end of the run)."""
+        if task not in self.info.tasks:
+            raise ConfigError(
+                f"unknown task {task!r}; this run's tasks are {self.tasks} (or 'auto' to route)"
+            )
+        if task not in self.info.trained:
+            raise ConfigError(
+                f"task {task!r} was never completed in {self.info.run_dir} (no {ADAPTERS_DIR}/{task}/); "
+                f"completed tasks: {self.tasks}"
+            )
+        return SHARED_ADAPTER if self.strategy == "naive" else task
+
+    @contextmanager
+    def using(self, task: str, crma: bool = True) -> Iterator[None]:
+        """Serve as ``task`` (its LoRA active) with CRMA on or off; restores the previous state."""
+        adapter = self.adapter_for(task)
+        previous = self.crma.enabled if self.crma is not None else None
+        activate_lora(self.model, adapter)
+        if self.crma is not None:
+            self.crma.enabled = crma
+        try:
+            yield
+        finally:
+            if self.crma is not None:
+                self.crma.enabled = previous
+
+    @property
+    def device(self) -> torch.device:
+        return generation.model_device(self.model)
+
+    @property
+    def pad_id(self) -> int:
+        return 0 if self.tokenizer is None else self.tokenizer.pad_token_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.tokenizer is None else self.tokenizer.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().num_embeddings
+
+    def encode(self, prompt: Prompt, where: str = "prompt") -> list[int]:
+        return generation.encode(prompt, self.tokenizer, self.vocab_size, where)
+
+    # -- forward ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, task: str, crma: bool = True
+    ) -> Tensor:
+        """``(B, T, V)`` logits of the model serving ``task``."""
+        with self.using(task, crma):
+            return self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False
+            ).logits
+
+    def generate(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        task: str,
+        crma: bool = True,
+        batch_size: int = 8,
+        **generate_kwargs: Any,
+    ) -> str | list[int] | list[str | list[int]]:
+        """Complete ``prompt`` (text or token ids, or a list of them) as ``task`` would.
+
+        ``task="auto"`` routes each prompt first (:meth:`route`). ``generate_kwargs`` are
+        transformers generation arguments (``max_new_tokens`` defaults to 32; greedy unless
+        ``do_sample=True``). Returns the completion (without the prompt), or a list of them.
+        """
+        single = generation.is_single(prompt)
+        results = self.complete(
+            [prompt] if single else list(prompt), task, crma, batch_size, **generate_kwargs
+        )
+        texts = [r.completion for r in results]
+        return texts[0] if single else texts
+
+    def complete(
+        self,
+        prompts: Sequence[Prompt],
+        tasks: str | Sequence[str],
+        crma: bool = True,
+        batch_size: int = 8,
+        progress: Any = None,
+        **generate_kwargs: Any,
+    ) -> list[Completion]:
+        """Completions of ``prompts``, each as its task (one name for all, or one per prompt;
+        ``auto`` routes). Prompts are batched per task; results come back in input order.
+        ``progress``, if given, is called with the number of prompts finished by each batch."""
+        tasks = [tasks] * len(prompts) if isinstance(tasks, str) else list(tasks)
+        if len(tasks) != len(prompts):
+            raise ConfigError(f"got {len(prompts)} prompts but {len(tasks)} tasks")
+        ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        auto = [i for i, t in enumerate(tasks) if t == AUTO]
+        routed = set(auto)
+        for t in set(tasks) - {AUTO}:
+            self.adapter_for(t)  # unknown names fail before any work
+        if auto:
+            for i, t in zip(auto, self.route_ids([ids[i] for i in auto], batch_size), strict=True):
+                tasks[i] = t
+        out: list[Completion | None] = [None] * len(prompts)
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            with self.using(task, crma):
+                for lo in range(0, len(rows), batch_size):
+                    chunk = rows[lo : lo + batch_size]
+                    new = generation.generate_ids(
+                        self.model, [ids[i] for i in chunk], pad_id=self.pad_id, eos_id=self.eos_id,
+                        batch_size=batch_size, **generate_kwargs,
+                    )  # fmt: skip
+                    for i, row in zip(chunk, new, strict=True):
+                        out[i] = Completion(task, i in routed, generation.decode(row, self.tokenizer), row)
+                    if progress is not None:
+                        progress(len(chunk))
+        return out  # type: ignore[return-value]
+
+    # -- routing ---------------------------------------------------------------------------
+    def route_losses(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> Tensor:
+        """``(N, K)`` mean next-token loss of each prompt under each of the K :attr:`tasks`."""
+        columns = []
+        for task in self.tasks:
+            with self.using(task, crma):
+                columns.append(
+                    generation.prompt_losses(
+                        self.model, list(prompts), pad_id=self.pad_id, batch_size=batch_size
+                    )
+                )
+        return torch.stack(columns, dim=1)
+
+    def route_ids(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> list[str]:
+        """The task whose adapter gives each prompt the lowest loss.
+
+        A 1-token prompt has no next-token loss; it goes to the last completed task. Under NAIVE
+        every task is served by the same LoRA, so routing is moot: the last task is returned.
+        """
+        if self.strategy == "naive":
+            return [self.tasks[-1]] * len(prompts)
+        losses = self.route_losses(prompts, batch_size, crma)
+        best = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=1)
+        scorable = torch.isfinite(losses).all(dim=1)
+        return [self.tasks[int(k)] if ok else self.tasks[-1] for k, ok in zip(best, scorable, strict=True)]
+
+    def route(
+        self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True
+    ) -> str | list[str]:
+        """The task chosen for ``prompt`` (or for each of a list of prompts) without a task id."""
+        single = generation.is_single(prompts)
+        items = [prompts] if single else list(prompts)
+        chosen = self.route_ids(
+            [self.encode(p, f"prompt {i}") for i, p in enumerate(items)], batch_size, crma
+        )
+        return chosen[0] if single else chosen
+
+    # -- export ----------------------------------------------------------------------------
+    def export(self, task: str, out_dir: str | os.PathLike) -> Path:
+        """Write ``task``'s model for a colleague; see :func:`crma_lightning.serve.export.export_task`."""
+        from crma_lightning.serve.export import export_task
+
+        return export_task(self, task, out_dir)
+
+
+def load_run(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    backbone: BackboneConfig | None = None,
+    tokenizer: str | None = None,
+) -> TrainedRun:
+    """Load a run from its run directory: base model, CRMA state and every completed task's LoRA.
+
+    Args:
+        run_dir: the directory ``fit`` printed as ``run dir:`` (holds ``config.yaml`` and ``adapters/``).
+        device: where to put the model.
+        backbone: load this base model instead of the one in ``config.yaml`` (e.g. after moving the
+            weights); it must be the same architecture, or loading fails naming what differs.
+        tokenizer: override ``data.tokenizer`` of the config likewise.
+    """
+    info = read_run(run_dir)
+    if backbone is not None:
+        info.backbone = backbone
+    if tokenizer is not None:
+        info.data["tokenizer"] = tokenizer
+    meta = None
+    if info.strategy == "modular":
+        if not (info.crma_dir / CRMA_WEIGHTS).is_file():
+            raise ConfigError(
+                f"{info.run_dir} is a modular run but has no {ADAPTERS_DIR}/{CRMA_DIR}/{CRMA_WEIGHTS}; the CRMA state "
+                "is missing (copy the whole run directory, adapters/ included)"
+            )
+        meta = read_crma_meta(info.crma_dir)
+        saved = {"strategy": meta.get("strategy"), "tasks": meta.get("tasks")}
+        if saved != {"strategy": info.strategy, "tasks": info.tasks}:
+            raise ConfigError(
+                f"{info.crma_dir} was written by a run with {saved}, but {info.run_dir / CONFIG_FILE} says strategy "
+                f"{info.strategy!r}, tasks {info.tasks}; the run directory mixes two runs"
+            )
+    model = load_backbone(info.backbone).to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [SHARED_ADAPTER] if info.strategy == "naive" else info.trained
+    for name in names:
+        # Under NAIVE, adapters/<last task>/ is the shared LoRA as the run ended.
+        source = info.trained[-1] if name == SHARED_ADAPTER else name
+        _check_adapter_dir(info.adapter_dir(source))
+        with warnings.catch_warnings():
+            # Several named adapters on one model is exactly what we want (as in lora.add_lora).
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+            load_lora(model, name, info.adapter_dir(source))
+    crma = load_crma(model, info.crma_dir) if meta is not None else None
+    model.to(device)  # LoRA and CRMA tensors are created on the CPU
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    tok = load_tokenizer(info.tokenizer_name) if info.tokenizer_name else None
+    if tok is not None and len(tok) > model.get_input_embeddings().num_embeddings:
+        raise ConfigError(
+            f"data.tokenizer {info.tokenizer_name!r} has {len(tok)} tokens but the model's embedding has "
+            f"{model.get_input_embeddings().num_embeddings} rows; this is not the tokenizer the run used"
+        )
+    return TrainedRun(info, model, tok, crma)
+
+
+def _check_adapter_dir(directory: Path) -> None:
+    if not (directory / PEFT_CONFIG).is_file() or not (directory / PEFT_WEIGHTS).is_file():
+        raise ConfigError(
+            f"{directory} is incomplete (needs {PEFT_CONFIG} and {PEFT_WEIGHTS}); the run directory is damaged"
+        )

@@ -1,0 +1,344 @@
+"""Using a finished run: load -> generate, predict over a jsonl, export round trip, routing.
+
+Two real runs are trained once per module, in-process through the real CLI (``crma_lightning.cli.
+main``, which writes the run directory of the output contract): ``configs/tiny.yaml`` (synthetic
+tasks, token-id prompts) with a smaller data set, and a text run with the shipped tiny tokenizer on
+two corpus domains. ``train.py predict`` itself runs once as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from subproc import run_train
+from transformers import AutoModelForCausalLM
+
+from crma_lightning.backbone import BackboneConfig, load_backbone
+from crma_lightning.cli import main as fit_main
+from crma_lightning.config import ConfigError
+from crma_lightning.serve import load_exported, load_run, read_run
+from crma_lightning.serve.cli import main as serve_main
+from crma_lightning.serve.cli import read_prompts
+
+TEXT_TASKS = '[{"name": "code", "source": "corpus:code"}, {"name": "legal", "source": "corpus:legal"}]'
+
+
+def _fit(tmp, name: str, *overrides: str):
+    cli = fit_main(
+        ["fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp),
+         "--trainer.logger.init_args.name", name,
+         "--model.crma.init_seed", "0", *overrides]
+    )  # fmt: skip
+    return cli.trainer.log_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """configs/tiny.yaml (3 synthetic tasks, MODULAR) with 128 training examples per task."""
+    return _fit(
+        tmp_path_factory.mktemp("runs"), "tiny", "--data.train_size", "128", "--data.holdout_size", "16"
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_run(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """Two corpus domains, the shipped tiny tokenizer, one epoch each."""
+    return _fit(
+        tmp_path_factory.mktemp("runs"), "text", "--data.tokenizer", "tiny", "--data.tasks", TEXT_TASKS,
+        "--model.backbone.config.vocab_size", "512", "--data.train_size", "64", "--data.holdout_size", "16",
+        "--data.epochs_per_task", "1",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def text(text_dir):
+    return load_run(text_dir)
+
+
+def _holdout(run, task):
+    dm = run.info.datamodule()
+    return dm.holdout_batches(task, batch_size=64)
+
+
+# -- load -------------------------------------------------------------------------------------
+def test_loaded_run_reproduces_the_runs_final_loss_row(tiny, tiny_dir):
+    """Base + every LoRA + CRMA back from the run dir: the holdout losses are the run's own."""
+    assert tiny.tasks == ["alpha", "beta", "gamma"] and tiny.strategy == "modular"
+    final = (Path(tiny_dir) / "continual" / "loss_matrix.csv").read_text().splitlines()[-1].split(",")
+    for task, expected in zip(tiny.tasks, map(float, final[1:]), strict=True):
+        loss_sum = tokens = 0.0
+        for batch in _holdout(tiny, task):
+            logits = tiny.logits(batch["input_ids"], batch["attention_mask"], task=task)[:, :-1]
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), labels.clamp_min(0), reduction="none"
+            )
+            mask = labels != -100
+            loss_sum += float(nll[mask].sum())
+            tokens += float(mask.sum())
+        assert loss_sum / tokens == pytest.approx(expected, abs=1e-5)
+
+
+def test_load_checks_the_base_model(tiny_dir):
+    other = BackboneConfig(config={"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})  # fmt: skip
+    with pytest.raises(ConfigError, match="does not fit this model|another base model"):
+        load_run(tiny_dir, backbone=other)
+
+
+def test_clear_errors_for_bad_run_dirs(tmp_path, tiny_dir, tiny):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        load_run(tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(f"{tiny_dir}/config.yaml", bare / "config.yaml")
+    with pytest.raises(ConfigError, match="no trained adapters"):
+        read_run(bare)
+    with pytest.raises(ConfigError, match="unknown task 'delta'"):
+        tiny.generate([5, 6, 7], task="delta")
+
+
+def test_a_run_that_stopped_early_serves_its_completed_tasks(tmp_path, tiny_dir):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_dir, partial)
+    shutil.rmtree(partial / "adapters" / "gamma")
+    run = load_run(partial)
+    assert run.tasks == ["alpha", "beta"]
+    with pytest.raises(ConfigError, match="never completed"):
+        run.generate([5, 6, 7], task="gamma")
+    assert run.route([[5, 6, 7, 8]]) in (["alpha"], ["beta"])
+
+
+# -- generate ---------------------------------------------------------------------------------
+def test_greedy_generation_with_kv_cache_equals_full_forward_argmax(tiny):
+    """CRMA acts per position, so the cached decode is the same as re-running the whole sequence."""
+    prompt = [5, 9, 14, 20, 33]
+    for crma in (True, False):
+        fast = tiny.generate(prompt, task="beta", crma=crma, max_new_tokens=10)
+        seq = list(prompt)
+        for _ in range(10):
+            seq.append(int(tiny.logits(torch.tensor([seq]), task="beta", crma=crma)[0, -1].argmax()))
+        assert fast == seq[len(prompt) :]
+        with tiny.using("beta", crma):
+            no_cache = tiny.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, use_cache=False,
+                                           pad_token_id=0, eos_token_id=None)  # fmt: skip
+        assert no_cache[0, len(prompt) :].tolist() == fast
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [40]]
+    assert tiny.generate(prompts, task="gamma", max_new_tokens=6) == [
+        tiny.generate(p, task="gamma", max_new_tokens=6) for p in prompts
+    ]
+
+
+def test_crma_on_by_default_and_switchable_off(tiny):
+    x = torch.tensor([[5, 9, 14, 20, 33, 41]])
+    on, off = tiny.logits(x, task="alpha"), tiny.logits(x, task="alpha", crma=False)
+    assert (on - off).abs().max() > 1e-3
+    assert tiny.crma.enabled  # restored after the call
+    assert torch.equal(tiny.logits(x, task="alpha", crma=True), on)
+
+
+def test_text_generation_with_the_runs_tokenizer(text):
+    out = text.generate("def parse(", task="code", max_new_tokens=6)
+    assert isinstance(out, str)
+    both = text.generate(["def parse(", "Permission is hereby granted"], task="auto", max_new_tokens=6)
+    assert isinstance(both, list) and len(both) == 2 and all(isinstance(s, str) for s in both)
+    sampled = text.generate("def parse(", task="legal", do_sample=True, top_p=0.9, max_new_tokens=4)
+    assert isinstance(sampled, str)
+    with pytest.raises(ConfigError, match="bad generation arguments"):
+        text.generate("x", task="code", max_new_tokens=-1)
+
+
+# -- routing ----------------------------------------------------------------------------------
+def test_routing_picks_the_right_task_on_the_tiny_config(tiny):
+    """Each task's holdout prefixes (8 tokens) go to that task's adapter nearly always."""
+    for task in tiny.tasks:
+        batch = _holdout(tiny, task)[0]
+        prompts = [row[:8].tolist() for row in batch["input_ids"]]
+        chosen = tiny.route(prompts)
+        assert np.mean([c == task for c in chosen]) >= 0.9, (task, chosen)
+    losses = tiny.route_losses([[5, 6, 7, 8], [9]])
+    assert losses.shape == (2, 3) and torch.isnan(losses[1]).all()
+    assert tiny.route([9]) == "gamma"  # a 1-token prompt has no loss: the last task
+    completions = tiny.complete([prompts[0], [5, 6, 7]], ["auto", "alpha"], max_new_tokens=3)
+    assert completions[0].routed and not completions[1].routed and completions[1].task == "alpha"
+
+
+# -- predict ----------------------------------------------------------------------------------
+def test_predict_over_a_jsonl_file_through_train_py(text_dir, text, tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    lines = [
+        {"id": 1, "prompt": "import os\nimport sys\n", "task": "code"},
+        {"id": 2, "prompt": "THE SOFTWARE IS PROVIDED", "task": "legal"},
+        {"id": 3, "prompt": "def main():"},
+        {"id": 4, "prompt": "Redistribution and use in source", "task": "auto"},
+    ]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = run_train("predict", "--run", str(text_dir), "--input", str(src), "--output", str(out),
+                     "--batch-size", "3", "--max-new-tokens", "5", timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predict" in proc.stderr  # the progress bar
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 2, 3, 4]
+    assert [r["routed"] for r in rows] == [False, False, True, True]
+    assert (
+        rows[0]["task"] == "code"
+        and rows[1]["task"] == "legal"
+        and {rows[2]["task"], rows[3]["task"]} <= {"code", "legal"}
+    )
+    expected = text.complete([x["prompt"] for x in lines], [r["task"] for r in rows], max_new_tokens=5)
+    assert [r["completion"] for r in rows] == [c.completion for c in expected]
+    assert all(len(r["completion_ids"]) <= 5 for r in rows)
+
+
+def test_predict_with_token_ids_on_the_synthetic_run(tiny_dir, tiny, tmp_path, capsys):
+    src = tmp_path / "ids.jsonl"
+    src.write_text(
+        '{"input_ids": [5, 6, 7, 8, 9, 10, 11, 12]}\n{"input_ids": [20, 21, 22], "task": "beta"}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    serve_main(
+        [
+            "predict",
+            "--run",
+            tiny_dir,
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--no-crma",
+            "--quiet",
+        ]
+    )
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[1]["task"] == "beta" and rows[1]["completion"] == tiny.generate(
+        [20, 21, 22], task="beta", crma=False, max_new_tokens=4
+    )
+    assert rows[0]["routed"] and len(rows[0]["completion"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "a"}\n{"prompt": \n', "line 2 is not valid JSON"),
+        ('["a"]\n', "line 1 is not a JSON object"),
+        ('{"text": "a"}\n', "line 1 has no 'prompt' string"),
+        ('{"prompt": "a", "task": 3}\n', "'task' must be a task name"),
+        ("\n\n", "has no prompts"),
+    ],
+)
+def test_bad_jsonl_lines_are_named(tmp_path, content, message):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        read_prompts(str(src), "auto")
+
+
+def test_cli_errors_are_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"input_ids": [5, 6], "task": "delta"}\n')
+    cases = [
+        (
+            [
+                "predict",
+                "--run",
+                str(tmp_path / "nope"),
+                "--input",
+                str(src),
+                "--output",
+                str(tmp_path / "o"),
+            ],
+            "does not exist",
+        ),
+        (
+            ["predict", "--run", tiny_dir, "--input", str(src), "--output", str(tmp_path / "o")],
+            "task 'delta'",
+        ),
+        (
+            ["predict", "--run", tiny_dir, "--input", str(tmp_path / "none.jsonl"), "--output", "o"],
+            "no such file",
+        ),
+        (
+            ["export", "--run", tiny_dir, "--task", "delta", "--output", str(tmp_path / "e")],
+            "unknown task 'delta'",
+        ),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
+        ), err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+# -- export -----------------------------------------------------------------------------------
+def test_export_round_trip_gives_the_runs_logits(tiny, tmp_path):
+    out = tiny.export("beta", tmp_path / "beta")
+    assert {p.name for p in out.iterdir()} == {"crma_export.json", "model", "crma", "peft_lora"}
+    x = torch.tensor([[5, 9, 14, 20, 33, 41, 50, 7], [3, 4, 5, 6, 7, 8, 9, 10]])
+    exported = load_exported(out)
+    assert exported.task == "beta"
+    for crma in (True, False):
+        assert (exported.logits(x, crma=crma) - tiny.logits(x, task="beta", crma=crma)).abs().max() <= 1e-5
+    assert exported.generate([5, 9, 14], max_new_tokens=6) == tiny.generate(
+        [5, 9, 14], task="beta", max_new_tokens=6
+    )
+
+    # PEFT-only tools: base + the LoRA alone, and the merged weights alone, are the task with CRMA off.
+    base = load_backbone(tiny.info.backbone).eval()
+    peft_model = PeftModel.from_pretrained(base, str(out / "peft_lora")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    off = tiny.logits(x, task="beta", crma=False)
+    with torch.no_grad():
+        assert (peft_model(x).logits - off).abs().max() <= 1e-5
+        assert (merged(x).logits - off).abs().max() <= 1e-5
+
+
+def test_export_of_a_text_run_carries_the_tokenizer(text, tmp_path):
+    out = tmp_path / "legal"
+    serve_main(["export", "--run", str(text.info.run_dir), "--task", "legal", "--output", str(out)])
+    exported = load_exported(out)
+    assert exported.tokenizer is not None
+    prompt = "Permission is hereby granted"
+    assert exported.generate(prompt, max_new_tokens=6) == text.generate(
+        prompt, task="legal", max_new_tokens=6
+    )
+    with pytest.raises(ConfigError, match="not an exported task"):
+        load_exported(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["naive", "frozen"])
+def test_other_strategies_load_export_and_route(strategy, tmp_path):
+    run_dir = _fit(tmp_path, strategy, "--config", f"configs/strategy/{strategy}.yaml",
+                   "--data.train_size", "64", "--data.holdout_size", "16", "--data.epochs_per_task", "1")  # fmt: skip
+    run = load_run(run_dir)
+    assert run.crma is None and run.tasks == ["alpha", "beta", "gamma"]
+    x = torch.tensor([[5, 9, 14, 20, 33]])
+    out = run.export("alpha", tmp_path / "alpha")
+    assert not (out / "crma").exists()
+    assert (load_exported(out).logits(x) - run.logits(x, task="alpha")).abs().max() <= 1e-5
+    routed = run.route([[5, 9, 14, 20, 33]])
+    assert routed[0] in run.tasks
+    if strategy == "naive":  # one shared LoRA: every task is the same model
+        assert torch.equal(run.logits(x, task="alpha"), run.logits(x, task="gamma"))
