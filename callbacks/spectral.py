@@ -32,10 +32,14 @@ class SpectralBoundLogger(Callback):
         self.steps_checked = 0
 
     def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Current diagnostics of every layer, as metric name -> value."""
+        """Current diagnostics of every layer, as metric name -> value. Under FSDP this gathers the
+        sharded logits and gates, so it runs on every rank (as Lightning's hooks do)."""
         d = pl_module.crma.diagnostics()  # each field (L,), one batched projection
         row_col = torch.maximum(d.row_err, d.col_err)
-        metrics = {"spectral/max_sigma": d.sigma_max.max().item(), "spectral/max_row_col_err": row_col.max().item()}
+        metrics = {
+            "spectral/max_sigma": d.sigma_max.max().item(),
+            "spectral/max_row_col_err": row_col.max().item(),
+        }
         if self.per_layer:
             fields = {
                 "sigma_max": d.sigma_max,
@@ -57,7 +61,7 @@ class SpectralBoundLogger(Callback):
         self.max_row_col_err = max(self.max_row_col_err or 0.0, metrics["spectral/max_row_col_err"])
         self.steps_checked += 1
         for name, value in metrics.items():
-            # Parameters are replicated on every rank: no cross-rank reduction needed.
+            # Identical on every rank (DDP replicas; FSDP shards are gathered by measure()).
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -73,7 +77,11 @@ class SpectralBoundLogger(Callback):
             self._record(pl_module)
 
     def state_dict(self) -> dict:
-        return {"max_sigma": self.max_sigma, "max_row_col_err": self.max_row_col_err, "steps_checked": self.steps_checked}
+        return {
+            "max_sigma": self.max_sigma,
+            "max_row_col_err": self.max_row_col_err,
+            "steps_checked": self.steps_checked,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.max_sigma = state_dict["max_sigma"]

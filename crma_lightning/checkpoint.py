@@ -9,6 +9,7 @@ temporary name and renamed into place, so a crash never leaves a half-written ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,10 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from crma_lightning.config import ConfigError, CRMAConfig
 from crma_lightning.injection import CRMAInjection, find_decoder_layers, hidden_size_of, inject_crma
@@ -110,12 +113,35 @@ def check_signature(saved: dict[str, Any], model: nn.Module, what: str) -> None:
 
 
 # -- LoRA in PEFT format ---------------------------------------------------------------------
-def save_lora(model: nn.Module, adapter: str, directory: str | os.PathLike) -> Path:
-    """Write one named LoRA as a PEFT adapter directory (loads with ``PeftModel.from_pretrained``)."""
+def lora_state(model: nn.Module, adapter: str) -> dict[str, Tensor]:
+    """One named LoRA's tensors, whole, on CPU, keyed as in PEFT's file. Under FSDP the shards are
+    gathered from every rank: a collective, so every rank must call it."""
     if adapter not in adapter_names(model):
         raise ConfigError(f"cannot save LoRA {adapter!r}: this model has {adapter_names(model)}")
     state = get_peft_model_state_dict(model, adapter_name=adapter)
-    state = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {PEFT_PREFIX + k: _whole(v) for k, v in state.items()}
+
+
+def _whole(t: Tensor) -> Tensor:
+    t = t.detach()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).contiguous().cpu()
+
+
+def save_lora(model: nn.Module, adapter: str, directory: str | os.PathLike, write: bool = True) -> Path:
+    """Write one named LoRA as a PEFT adapter directory (loads with ``PeftModel.from_pretrained``).
+
+    Distributed: call on every rank (sharded tensors are gathered); only ranks with ``write`` write.
+    """
+    state = lora_state(model, adapter)
+    if write:
+        write_lora(model, adapter, state, directory)
+    return Path(directory)
+
+
+def write_lora(
+    model: nn.Module, adapter: str, state: dict[str, Tensor], directory: str | os.PathLike
+) -> Path:
+    """Write ``state`` (from :func:`lora_state`) with the adapter's PEFT config, atomically."""
     config = model.peft_config[adapter]
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
@@ -129,7 +155,9 @@ def load_lora(model: nn.Module, adapter: str, directory: str | os.PathLike) -> N
     directory = Path(directory)
     cfg_file, weights = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
     if not cfg_file.is_file() or not weights.is_file():
-        raise ConfigError(f"{directory} is not a PEFT LoRA directory (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+        raise ConfigError(
+            f"{directory} is not a PEFT LoRA directory (needs {PEFT_CONFIG} and {PEFT_WEIGHTS})"
+        )
     config = PeftLoraConfig.from_pretrained(str(directory))
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
     if adapter not in adapter_names(model):
@@ -155,10 +183,35 @@ def load_lora(model: nn.Module, adapter: str, directory: str | os.PathLike) -> N
 
 
 # -- CRMA ------------------------------------------------------------------------------------
-def save_crma(handle: CRMAInjection, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the CRMA blocks (safetensors) and their config plus the base signature (JSON)."""
+def crma_state(handle: CRMAInjection) -> dict[str, Tensor]:
+    """The CRMA blocks' tensors, whole, on CPU (gathered under FSDP: call on every rank)."""
+    return {k: _whole(v) for k, v in handle.state_dict().items()}
+
+
+def save_crma(
+    handle: CRMAInjection,
+    directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    write: bool = True,
+) -> Path:
+    """Write the CRMA blocks (safetensors) and their config plus the base signature (JSON).
+
+    Distributed: call on every rank (sharded tensors are gathered); only ranks with ``write`` write.
+    """
+    state = crma_state(handle)
+    if write:
+        write_crma(handle, state, directory, extra)
+    return Path(directory)
+
+
+def write_crma(
+    handle: CRMAInjection,
+    state: dict[str, Tensor],
+    directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``state`` (from :func:`crma_state`) with its config and the base signature, atomically."""
     directory = Path(directory)
-    state = {k: v.contiguous().cpu() for k, v in handle.state_dict().items()}
     meta = {
         "crma": handle.config.to_dict(),
         "layers": list(handle.blocks),
@@ -171,6 +224,16 @@ def save_crma(handle: CRMAInjection, directory: str | os.PathLike, extra: dict[s
     return directory
 
 
+def fingerprint(state: dict[str, Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``state``: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().contiguous().cpu()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def read_crma_meta(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CRMA_CONFIG
     if not path.is_file():
@@ -181,7 +244,9 @@ def read_crma_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path} is corrupted ({e}); re-export the adapter") from None
 
 
-def load_crma(model: nn.Module, directory: str | os.PathLike, handle: CRMAInjection | None = None) -> CRMAInjection:
+def load_crma(
+    model: nn.Module, directory: str | os.PathLike, handle: CRMAInjection | None = None
+) -> CRMAInjection:
     """Load a CRMA directory onto ``model``: injects the blocks (unless ``handle`` is given) and
     loads their weights strictly, after checking the base model and the shapes."""
     directory = Path(directory)
@@ -198,7 +263,9 @@ def load_crma(model: nn.Module, directory: str | os.PathLike, handle: CRMAInject
     try:
         state = load_file(str(directory / CRMA_WEIGHTS))
     except Exception as e:  # safetensors raises several types for a damaged file
-        raise ConfigError(f"{directory / CRMA_WEIGHTS} cannot be read ({e}); the file is missing or corrupted") from None
+        raise ConfigError(
+            f"{directory / CRMA_WEIGHTS} cannot be read ({e}); the file is missing or corrupted"
+        ) from None
     ours = handle.state_dict()
     missing = sorted(set(ours) - set(state))
     bad = [k for k in ours if k in state and state[k].shape != ours[k].shape]

@@ -51,7 +51,9 @@ class ContinualCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.tasks", "model.task_names", compute_fn=_task_names)
         parser.link_arguments("data.seed", "model.seed")
-        parser.link_arguments(("data.tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=_max_epochs)
+        parser.link_arguments(
+            ("data.tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=_max_epochs
+        )
         parser.set_defaults(
             {
                 "trainer.reload_dataloaders_every_n_epochs": 1,
@@ -108,16 +110,18 @@ def _resume_in_place(cfg, ckpt: str) -> None:
     base = Path(root[0]) / root[1]
     if ckpt == "last":
         runs = sorted(
-            (p for p in base.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()),
+            (p for p in base.glob("version_*") if _is_checkpoint(p / "checkpoints" / "last.ckpt")),
             key=lambda p: int(p.name.split("_")[-1]),
         )
         if not runs:
-            raise ConfigError(f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume")
+            raise ConfigError(
+                f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume"
+            )
         run = runs[-1]
         cfg["ckpt_path"] = str(run / "checkpoints" / "last.ckpt")
     else:
         path = Path(ckpt)
-        if not path.is_file():
+        if not _is_checkpoint(path):
             raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint file")
         run = path.resolve().parent.parent
         if run.parent.resolve() != base.resolve() or not re.fullmatch(r"version_\d+", run.name):
@@ -142,12 +146,29 @@ def _remove_unfinished_run() -> None:
         shutil.rmtree(run, ignore_errors=True)
 
 
+#: Lightning's metadata file inside a sharded (distributed-checkpoint) folder.
+SHARDED_META = "meta.pt"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder (FSDP: DCP shards + ``meta.pt``)."""
+    return path.is_file() or (path.is_dir() and (path / SHARDED_META).is_file())
+
+
 def check_checkpoint(path: str) -> None:
-    """Fail early and clearly on a missing, truncated or foreign checkpoint file (safe load, mmap)."""
-    if not Path(path).is_file():
+    """Fail early and clearly on a missing, truncated or foreign checkpoint (safe load, mmap).
+
+    For a sharded checkpoint folder the metadata file is checked; the shards are read by DCP.
+    """
+    if not _is_checkpoint(Path(path)):
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
+    sharded = Path(path).is_dir()
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if sharded:
+            ckpt = torch.load(Path(path) / SHARDED_META, map_location="cpu", weights_only=True)
+            ckpt.setdefault("state_dict", {})  # the tensors are in the shards
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, not a torch file, unsafe pickle: all mean "don't trust it"
         raise ConfigError(
             f"--ckpt_path {path} is corrupted or not a safe checkpoint ({type(e).__name__}: {str(e)[:200]}); "
@@ -168,7 +189,10 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
         # jsonargparse reads --config files as UTF-8 and lets the decode error through.
         if debug:
             raise
-        print(f"error: a --config file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8", file=sys.stderr)
+        print(
+            f"error: a --config file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     except (ConfigError, NonFiniteError) as e:
         if isinstance(e, ConfigError):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from crma_lightning.config import ConfigError, CRMAConfig
@@ -25,7 +26,13 @@ from crma_lightning.projection import Diagnostics, project, project_with_diagnos
 #: Where decoder layers live, by model family. Llama, Mistral, Qwen2, Gemma2/3, Phi-3 and most
 #: recent decoders use ``model.layers``; GPT-2 ``transformer.h``; multimodal Gemma3
 #: ``model.language_model.layers``; OPT ``model.decoder.layers``; GPT-NeoX ``gpt_neox.layers``.
-LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers")
+LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "model.decoder.layers",
+    "gpt_neox.layers",
+)
 
 CHILD_NAME = "crma"
 
@@ -59,7 +66,9 @@ def hidden_size_of(model: nn.Module) -> int:
     for key in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(text, key, None), int):
             return getattr(text, key)
-    raise ConfigError(f"cannot read the hidden size from {type(config).__name__} (no hidden_size/n_embd/d_model)")
+    raise ConfigError(
+        f"cannot read the hidden size from {type(config).__name__} (no hidden_size/n_embd/d_model)"
+    )
 
 
 def _replace_hidden(output: Any, hidden: Tensor) -> Any:
@@ -125,24 +134,36 @@ class CRMAInjection:
 
     # -- public API --------------------------------------------------------------------
     def mixing_matrices(self) -> Tensor:
-        """All layers' M in one batched projection, ``(L, n, n)`` float32."""
+        """All layers' M in one batched projection, ``(L, n, n)`` float32.
+
+        Differentiable only with unsharded parameters: under FSDP the batched projection is off and
+        each layer projects inside its own forward (see :meth:`set_batched_projection`).
+        """
         c = self.config
         logits = torch.stack([b.log_mix for b in self.blocks.values()])  # (L, n, n) or (L, n!)
         return project(logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)
+
+    def _full_logits(self) -> Tensor:
+        # Under FSDP each rank holds a shard of every log_mix: gather (a collective, every rank).
+        return torch.stack([_full(b.log_mix.detach()) for b in self.blocks.values()])  # (L, n, n) or (L, n!)
 
     @torch.no_grad()
     def diagnostics(self) -> Diagnostics:
         """Every layer's projection health in one batched call; each field has shape ``(L,)``.
 
-        For Sinkhorn the rescale is the one the projection actually applied.
+        For Sinkhorn the rescale is the one the projection actually applied. Under FSDP this
+        gathers the logits and must be called on every rank.
         """
         c = self.config
-        logits = torch.stack([b.log_mix for b in self.blocks.values()])
-        return project_with_diagnostics(logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)[1]
+        logits = self._full_logits()
+        return project_with_diagnostics(
+            logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature
+        )[1]
 
+    @torch.no_grad()
     def gates(self) -> Tensor:
-        """Every layer's gate value g, shape ``(L,)``."""
-        return torch.stack([b.gate_value().detach() for b in self.blocks.values()])
+        """Every layer's gate value g, shape ``(L,)`` (gathered under FSDP: call on every rank)."""
+        return torch.stack([_full(b.gate_value().detach()) for b in self.blocks.values()])
 
     @property
     def enabled(self) -> bool:
@@ -175,8 +196,15 @@ class CRMAInjection:
         return [p for params in self.param_groups().values() for p in params]
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Block tensors keyed ``<layer name>.<param>`` (the layer name, not the ``crma`` child)."""
-        return {f"{name}.{k}": v.detach() for name, b in self.blocks.items() for k, v in b.state_dict().items()}
+        """Block tensors keyed ``<layer name>.<param>`` (the layer name, not the ``crma`` child).
+
+        Whole tensors: under FSDP the shards are gathered, so every rank must call this.
+        """
+        return {
+            f"{name}.{k}": _full(v.detach())
+            for name, b in self.blocks.items()
+            for k, v in b.state_dict().items()
+        }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for name, block in self.blocks.items():
@@ -192,6 +220,10 @@ class CRMAInjection:
         for name in self.blocks:
             delattr(self.model.get_submodule(name), CHILD_NAME)
         self.blocks = {}
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _output_hook(block: CRMABlock):

@@ -21,15 +21,24 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
 from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig, raise_problems
+from crma_lightning.crma import CRMABlock
 from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.lora import SHARED_ADAPTER, activate_lora, add_lora, lora_parameters
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
+from crma_lightning.sharding import (
+    average_replicated_grads,
+    fully_shard_model,
+    lora_modules,
+    mark_fsdp1_units,
+)
 
 Strategy = Literal["naive", "frozen", "modular"]
 STRATEGIES = ("naive", "frozen", "modular")
@@ -127,13 +136,19 @@ class ContinualLM(pl.LightningModule):
         self._validate()
         # validate/test subcommands: per-task sums, all-reduced across ranks by torchmetrics.
         self.holdout_sums = nn.ModuleDict(
-            {t: nn.ModuleDict({k: SumMetric() for k in ("loss_sum", "tokens", "correct")}) for t in self.task_names}
+            {
+                t: nn.ModuleDict({k: SumMetric() for k in ("loss_sum", "tokens", "correct")})
+                for t in self.task_names
+            }
         )
         self.model: nn.Module | None = None
         self.crma: CRMAInjection | None = None
         # Checkpoints hold only the adapters (see on_save_checkpoint); the frozen base is reloaded.
         self.strict_loading = False
         self._task_starts: list[int] | None = None
+        # FSDP2: parameters left whole on every rank (0-dim) and the mesh their grads average over.
+        self._replicated: list[nn.Parameter] = []
+        self._dp_mesh = None
 
     def _validate(self) -> None:
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
@@ -147,11 +162,17 @@ class ContinualLM(pl.LightningModule):
             p.append("data.tasks is empty: list at least one task (e.g. `- name: a` for a synthetic one).")
         if len(set(self.task_names)) != len(self.task_names):
             dup = sorted({t for t in self.task_names if self.task_names.count(t) > 1})
-            p.append(f"data.tasks: task name(s) {dup} used twice; task names must be unique (got {self.task_names}).")
+            p.append(
+                f"data.tasks: task name(s) {dup} used twice; task names must be unique (got {self.task_names})."
+            )
         if SHARED_ADAPTER in self.task_names:
-            p.append(f"data.tasks: the name '{SHARED_ADAPTER}' is reserved for NAIVE's shared LoRA; rename that task.")
+            p.append(
+                f"data.tasks: the name '{SHARED_ADAPTER}' is reserved for NAIVE's shared LoRA; rename that task."
+            )
         if "crma" in self.task_names:
-            p.append("data.tasks: the name 'crma' is reserved (adapters/crma/ holds the CRMA state); rename that task.")
+            p.append(
+                "data.tasks: the name 'crma' is reserved (adapters/crma/ holds the CRMA state); rename that task."
+            )
         raise_problems(p, "model configuration")
 
     # -- building ------------------------------------------------------------------------
@@ -175,9 +196,39 @@ class ContinualLM(pl.LightningModule):
         self.model = model
         activate_lora(model, self.adapter_for(self.task_names[0]))
         # Every parameter that will ever train requires grad when the strategy wraps the model
-        # (DDP builds its reducer then); the freezing policy narrows it per task.
+        # (DDP builds its reducer then); the freezing policy narrows it per task. Adapters train
+        # in float32 whatever the base dtype (a bf16 base keeps fp32 LoRAs and CRMA).
         for p in self.ever_trainable_parameters():
+            p.data = p.data.float()
             p.requires_grad_(True)
+        self._shard()
+
+    def _shard(self) -> None:
+        """FSDP2 under ModelParallelStrategy (a device mesh is set), FSDP1 wrap units under
+        ``strategy: fsdp``; nothing otherwise.
+
+        Sharded parameters exist whole only inside their layer's forward, so the batched projection
+        (all layers' logits stacked before the model's forward) is replaced by one projection per
+        layer inside the layer's own forward.
+        """
+        mesh = self._device_mesh
+        fsdp1 = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        if mesh is None and not fsdp1:
+            return
+        if self.crma is not None:
+            self.crma.set_batched_projection(False)
+        if mesh is not None:
+            names = mesh.mesh_dim_names or ()
+            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+                raise ConfigError(
+                    "tensor parallelism is not supported: set tensor_parallel_size: 1 (FSDP2 only)"
+                )
+            self._dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+            self._replicated = fully_shard_model(self._model, self._dp_mesh)
+        else:
+            adapters = [m for m in self._model.modules() if isinstance(m, CRMABlock)]
+            adapters += lora_modules(self._model)
+            mark_fsdp1_units(self._model, adapters)
 
     def adapter_names(self) -> list[str]:
         return [SHARED_ADAPTER] if self.strategy == "naive" else list(self.task_names)
@@ -199,7 +250,9 @@ class ContinualLM(pl.LightningModule):
         return self.model
 
     # -- the adapter contract used by freezing, optimizer groups and checkpoints -------------
-    def adapter_parameters(self, kind: Literal["lora", "crma"], task: str | None = None) -> list[nn.Parameter]:
+    def adapter_parameters(
+        self, kind: Literal["lora", "crma"], task: str | None = None
+    ) -> list[nn.Parameter]:
         """``lora``: the LoRA used for ``task`` (all LoRAs when ``task`` is None); ``crma``: all
         CRMA parameters (empty unless MODULAR)."""
         if kind == "crma":
@@ -293,7 +346,8 @@ class ContinualLM(pl.LightningModule):
         dm = self.trainer.datamodule
         accumulate = self.trainer.accumulate_grad_batches
         return [
-            math.ceil(dm.train_batches_per_epoch(k, self.trainer.world_size) / accumulate) * dm.epochs_per_task
+            math.ceil(dm.train_batches_per_epoch(k, self.trainer.world_size) / accumulate)
+            * dm.epochs_per_task
             for k in range(dm.num_tasks)
         ]
 
@@ -305,7 +359,9 @@ class ContinualLM(pl.LightningModule):
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "task_names"):
-            raise ConfigError("fit needs the continual DataModule (data: class_path: crma_lightning.data.ContinualDataModule)")
+            raise ConfigError(
+                "fit needs the continual DataModule (data: class_path: crma_lightning.data.ContinualDataModule)"
+            )
         if list(dm.task_names) != self.task_names:
             raise ConfigError(
                 f"model.task_names {self.task_names} differ from data.tasks {list(dm.task_names)}; "
@@ -315,7 +371,9 @@ class ContinualLM(pl.LightningModule):
         from callbacks.freezing import FreezingPolicy
 
         have = {type(c) for c in self.trainer.callbacks}
-        missing = [c for c in (FreezingPolicy, ContinualEvaluation) if not any(issubclass(h, c) for h in have)]
+        missing = [
+            c for c in (FreezingPolicy, ContinualEvaluation) if not any(issubclass(h, c) for h in have)
+        ]
         if missing:
             raise ConfigError(
                 "trainer.callbacks lacks "
@@ -329,7 +387,9 @@ class ContinualLM(pl.LightningModule):
                 f"model's embedding has {vocab} rows; use the model's own tokenizer or a smaller synthetic_vocab"
             )
         if self.trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data")
+            raise ConfigError(
+                "trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data"
+            )
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         step = self.trainer.global_step
@@ -344,11 +404,16 @@ class ContinualLM(pl.LightningModule):
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._replicated:
+            average_replicated_grads(self._replicated, self._dp_mesh)
         params = [p for p in self.ever_trainable_parameters() if p.grad is not None]
         if not params:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-        # Gradients are already all-reduced here, so every rank sees the same norm.
+        # Gradients are already reduced here. Under DDP every rank holds them whole; under FSDP each
+        # holds a shard (a DTensor), and get_total_norm combines the shards' norms across ranks.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=False)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
         if not torch.isfinite(norm):
             self._nonfinite("gradient")
             for p in params:  # no gradient: the optimizer leaves these parameters untouched
@@ -356,14 +421,15 @@ class ContinualLM(pl.LightningModule):
             return
         self.log("train/grad_norm", norm, batch_size=1)
 
-    def _adapter_state_names(self) -> set[str]:
+    def adapter_state_names(self) -> set[str]:
+        """State-dict keys of every adapter tensor (what checkpoints keep)."""
         keep = {id(p) for p in self.ever_trainable_parameters()}
         return {name for name, p in self.named_parameters() if id(p) in keep}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen base is bit-identical to what configure_model() loads, so it is left out:
         # a Mistral-7B checkpoint is then megabytes of adapters, not 14 GB of base weights.
-        names = self._adapter_state_names()
+        names = self.adapter_state_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         checkpoint["continual"] = {
             "tasks": list(self.task_names),
@@ -374,14 +440,16 @@ class ContinualLM(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("continual")
         if saved is None:
-            raise ConfigError("this checkpoint was not written by crma-lightning's ContinualLM; pass one from <run dir>/checkpoints/")
+            raise ConfigError(
+                "this checkpoint was not written by crma-lightning's ContinualLM; pass one from <run dir>/checkpoints/"
+            )
         if saved["tasks"] != self.task_names or saved["strategy"] != self.strategy:
             raise ConfigError(
                 f"the checkpoint was trained with tasks {saved['tasks']} (strategy {saved['strategy']}); this run has "
                 f"data.tasks {self.task_names} (strategy {self.strategy}). Resume with the same task list and "
                 "strategy, or start a new run without --ckpt_path."
             )
-        missing = sorted(self._adapter_state_names() - set(checkpoint["state_dict"]))
+        missing = sorted(self.adapter_state_names() - set(checkpoint["state_dict"]))
         if missing:
             raise ConfigError(
                 f"the checkpoint lacks {len(missing)} adapter tensors of this model (e.g. {missing[:2]}); it was "

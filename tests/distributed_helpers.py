@@ -1,0 +1,144 @@
+"""Helpers for the multi-process tests: free ports, several train.py processes at once (each in its
+own process group, all killed on timeout), run directories, and the invariants every distributed
+run must keep (same matrices and adapters as one process, finished LoRAs frozen, ranks agreeing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from subproc import REPO, run_train
+
+from crma_lightning.report import read_matrix_csv
+
+#: Small runs: 64 training examples (4 global batches of 16 per epoch, 8 steps per task, 24 in
+#: all; ModelCheckpoint every 10 steps leaves last.ckpt at step 20, inside task 3).
+SMALL = ["--data.train_size", "64", "--data.holdout_size", "32", "--model.lr.lora", "0.02"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("run dir: "))
+    return Path(line.removeprefix("run dir: "))
+
+
+def fit(save_dir: Path, *args: str, timeout: int = 420) -> Path:
+    return run_dir_of(
+        run_train("fit", *args, "--trainer.logger.init_args.save_dir", str(save_dir), timeout=timeout)
+    )
+
+
+def fit_nodes(save_dir: Path, num_nodes: int, *args: str, timeout: int = 420) -> Path:
+    """One train.py per simulated node (NODE_RANK 0..num_nodes-1) on localhost, run concurrently."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    cmd = [sys.executable, "train.py", "fit", *args, "--trainer.logger.init_args.save_dir", str(save_dir),
+           "--trainer.num_nodes", str(num_nodes), "--trainer.devices", "1"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**env, "NODE_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for r in range(num_nodes)
+    ]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {num_nodes} node processes did not finish within {timeout} s (killed)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    for r, res in enumerate(results):
+        assert res.returncode == 0, f"node {r}: {res.stderr[-4000:]}"
+    return run_dir_of(results[0])
+
+
+def read_checkpoint_state(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """The model state of a checkpoint: a file, or a sharded DCP folder (converted offline)."""
+    if path.is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        out = tmp / f"{path.parent.parent.name}_{path.name}.pt"
+        dcp_to_torch_save(path, out)
+        return torch.load(out, weights_only=True)["state_dict"]
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def lora_from_checkpoint(state: dict[str, torch.Tensor], adapter: str) -> dict[str, torch.Tensor]:
+    """The named LoRA's tensors from a ContinualLM state dict, keyed as in its PEFT file."""
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) > 2 and parts[-2] == adapter and parts[-3].startswith("lora_"):
+            # model.<hf path>.lora_A.<adapter>.weight -> base_model.model.<hf path>.lora_A.weight
+            out["base_model.model." + ".".join(parts[1:-2] + parts[-1:])] = v
+    return out
+
+
+def assert_matches_single(dist_run: Path, single_run: Path, adapter_atol: float = 1e-4) -> None:
+    """Same matrices (loss 1e-4; accuracy, an argmax, a few tokens) and adapters as one process."""
+    for name, atol in (("loss_matrix.csv", 1e-4), ("accuracy_matrix.csv", 3e-3)):
+        rows_1, tasks_1, m_1 = read_matrix_csv(single_run / "continual" / name)
+        rows_2, tasks_2, m_2 = read_matrix_csv(dist_run / "continual" / name)
+        assert (rows_1, tasks_1) == (rows_2, tasks_2)
+        np.testing.assert_allclose(m_2, m_1, atol=atol, rtol=0, err_msg=name)
+    tasks = json.loads((single_run / "continual" / "summary.json").read_text())["tasks"]
+    files = [f"{t}/adapter_model.safetensors" for t in tasks]
+    if (single_run / "adapters" / "crma").is_dir():
+        files.append("crma/crma.safetensors")
+    for f in files:
+        a, b = load_file(single_run / "adapters" / f), load_file(dist_run / "adapters" / f)
+        assert a.keys() == b.keys(), f
+        for k in a:
+            np.testing.assert_allclose(
+                b[k].numpy(), a[k].numpy(), atol=adapter_atol, rtol=0, err_msg=f"{f}: {k}"
+            )
+
+
+def assert_ranks_agree(run: Path, world_size: int) -> None:
+    """Every rank held bit-identical adapters at every task end (SHA-256 per rank)."""
+    hashes = json.loads((run / "adapters" / "ranks.json").read_text())
+    tasks = json.loads((run / "continual" / "summary.json").read_text())["tasks"]
+    assert list(hashes) == tasks
+    for task, per_rank in hashes.items():
+        assert len(per_rank) == world_size and len(set(per_rank)) == 1, (task, per_rank)
+
+
+def assert_finished_loras_frozen(run: Path, tmp: Path, finished: list[str]) -> None:
+    """The LoRAs of tasks finished before the last checkpoint are bit-identical in it to what was
+    saved at their task's end: nothing (no reducer, weight decay or momentum) moved them."""
+    state = read_checkpoint_state(run / "checkpoints" / "last.ckpt", tmp)
+    for task in finished:
+        saved = load_file(run / "adapters" / task / "adapter_model.safetensors")
+        now = lora_from_checkpoint(state, task)
+        assert now.keys() == saved.keys() and saved, task
+        for k in saved:
+            assert torch.equal(now[k], saved[k]), f"LoRA {task} moved after its task ended: {k}"

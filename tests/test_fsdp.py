@@ -1,0 +1,88 @@
+"""FSDP2 on CPU (gloo): ``fully_shard`` per decoder layer through ModelParallelStrategy.
+
+Two processes on one node and two simulated nodes (one process each, NODE_RANK 0/1 on localhost)
+must give one process's matrices and adapters (same global batch), keep finished LoRAs
+bit-identical, write adapter-only sharded checkpoints, and resume from one. Every ``train.py``
+runs in its own process group with a timeout, killed on expiry.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed_helpers import (
+    SMALL,
+    assert_finished_loras_frozen,
+    assert_matches_single,
+    assert_ranks_agree,
+    fit,
+    fit_nodes,
+    read_checkpoint_state,
+)
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from crma_lightning.report import read_matrix_csv
+
+FSDP2 = ["--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    # configs/tiny.yaml in one process, global batch 16 (fsdp2_cpu.yaml: 8 per rank x 2).
+    return fit(tmp_path_factory.mktemp("single"), "--config", "configs/tiny.yaml", *SMALL)
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory) -> Path:
+    return fit(tmp_path_factory.mktemp("fsdp2"), *FSDP2)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process(fsdp2, single, tmp_path):
+    assert_matches_single(fsdp2, single)
+    assert_ranks_agree(fsdp2, world_size=2)
+    assert_finished_loras_frozen(fsdp2, tmp_path, finished=["alpha", "beta"])
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_is_sharded_and_holds_only_adapters(fsdp2, tmp_path):
+    ckpt = fsdp2 / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (ckpt / "meta.pt").is_file()
+    state = read_checkpoint_state(ckpt, tmp_path)
+    assert state and all(".lora_" in k or ".crma." in k for k in state), sorted(state)[:5]
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_from_a_sharded_checkpoint(fsdp2, tmp_path):
+    # Resume a copy of the finished run from its sharded last.ckpt (step 20 of 24, inside task 3):
+    # the rest of task 3 must give the same final row and adapters.
+    run = tmp_path / "fsdp2_cpu" / "version_0"
+    shutil.copytree(fsdp2, run)
+    resumed = fit(tmp_path, *FSDP2, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    assert resumed == run
+    # It continued from step 20 (a restart from scratch would give the same numbers, so check):
+    new_events = max(run.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    acc = EventAccumulator(str(new_events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(20, 24))
+    for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
+        _, _, before = read_matrix_csv(fsdp2 / "continual" / name)
+        _, _, after = read_matrix_csv(resumed / "continual" / name)
+        np.testing.assert_allclose(after, before, atol=1e-6, rtol=0, err_msg=name)
+    for f in ("gamma/adapter_model.safetensors", "crma/crma.safetensors"):
+        a, b = load_file(fsdp2 / "adapters" / f), load_file(resumed / "adapters" / f)
+        for k in a:
+            np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), atol=1e-6, rtol=0, err_msg=f"{f}: {k}")
+
+
+@pytest.mark.slow
+def test_fsdp2_two_simulated_nodes_match_one_process(single, tmp_path):
+    run = fit_nodes(tmp_path, 2, *FSDP2)
+    assert_matches_single(run, single)
+    assert_ranks_agree(run, world_size=2)
+    assert_finished_loras_frozen(run, tmp_path, finished=["alpha", "beta"])
