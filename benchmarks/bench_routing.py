@@ -18,7 +18,8 @@ same data, seed and sizes, so the same examples that filled ``continual/loss_mat
 - Drift: ``crma_lightning.metrics.drift_pct`` of the run's loss matrix with its final row replaced
   by the oracle row (recomputed, as a check against the CSV) and by the routed row.
 - Cost: wall time of routing (K forward passes over the prompt, K = number of tasks) per prompt,
-  at ``--batch-size`` and at batch 1, next to one forward pass with the task known.
+  at ``--batch-size`` and at batch 1, next to one forward pass with the task known; at one prompt
+  length (``--cost-prompt-tokens``, default the largest P).
 
 Run:  .venv/bin/python benchmarks/bench_routing.py --run runs/tiny/version_0
 Works on any finished run dir (synthetic, text or prompt/response tasks; random-init, local-folder
@@ -147,11 +148,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--prompt-tokens", type=int, nargs="+", default=[4, 8, 16], help="prompt lengths P for text tasks"
     )
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    ap.add_argument(
+        "--cost-prompt-tokens", type=int, default=None, help="P for the timing (default: the largest)"
+    )
     ap.add_argument("--timing-prompts", type=int, default=48, help="prompts timed at batch 1")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/routing", help="output path without extension")
+    ap.add_argument("--note", default="", help="a line for the report, e.g. the command that trained the run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"({args.threads} thread(s)), device {args.device}",
         "load_avg_1min_start": round(load0, 2),
         "run_dir": str(Path(args.run).resolve()),
+        "note": args.note,
         "strategy": run.strategy,
         "base_model": run.info.backbone.label,
         "tasks": tasks,
@@ -250,8 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
             },
         }
 
-    # Cost, at the first prompt length.
-    p = args.prompt_tokens[0]
+    # Cost, at one prompt length.
+    p = args.cost_prompt_tokens or max(args.prompt_tokens)
     prompts = [e[0][: prompt_length(e, p)] for e in examples]
     few = prompts[: args.timing_prompts]
     first = tasks[0]
@@ -298,6 +304,7 @@ def render(r: dict) -> str:
         f"- Command: `{r['command']}`",
         f"- Run: `{r['run_dir']}` ({r['strategy']}, base {r['base_model']}, tasks {', '.join(tasks)}; "
         f"holdout examples per task {', '.join(str(v) for v in r['holdout_examples'].values())})",
+        *([f"- {r['note']}"] if r.get("note") else []),
         f"- Date: {r['date']}; machine: {r['machine']}; load average {r['load_avg_1min_start']} / {r['load_avg_1min_end']}",
         f"- Router: {r['router']}. Prompt = the first P tokens of a holdout example (the unlabelled prompt "
         "for prompt/response tasks).",

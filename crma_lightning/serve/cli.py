@@ -7,7 +7,8 @@
 Input lines are JSON objects with a ``prompt`` (text) or ``input_ids`` (token ids, for runs on
 synthetic tasks without a tokenizer) and an optional ``task`` (a task name or ``auto``; default
 ``--task``). Output lines repeat the input object and add ``task`` (the one used), ``routed`` and
-``completion`` (plus ``completion_ids``), in input order, written atomically once all are done.
+``completion`` (text plus ``completion_ids``; token ids for a run without a tokenizer), in input
+order, written atomically once all are done.
 Problems the user can fix print one ``error:`` line and exit with status 2, as ``fit`` does.
 """
 
@@ -114,7 +115,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     rows = []
     for record, result in zip(records, results, strict=True):
         row = {**record, "task": result.task, "routed": result.routed, "completion": result.completion}
-        row["completion_ids"] = result.completion_ids
+        if isinstance(result.completion, str):  # without a tokenizer the completion already is the ids
+            row["completion_ids"] = result.completion_ids
         rows.append(row)
     _write_jsonl(args.output, rows)
     print(
