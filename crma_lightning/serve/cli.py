@@ -132,7 +132,7 @@ def cmd_route(args: argparse.Namespace) -> None:
     run = load_run(args.run, device=args.device)
     ids = [run.encode(p, f"--input {args.input} prompt {i + 1}") for i, p in enumerate(prompts)]
     losses = run.route_losses(ids, batch_size=args.batch_size, crma=not args.no_crma)
-    chosen = run.route_ids(ids, batch_size=args.batch_size, crma=not args.no_crma)
+    chosen = run.choose(losses)
     rows = [
         {
             **r,

@@ -140,9 +140,8 @@ class ExportedModel:
         before = self._set_crma(crma)
         try:
             device = generation.model_device(self.model)
-            return self.model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False
-            ).logits
+            mask = None if attention_mask is None else attention_mask.to(device)
+            return self.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False).logits
         finally:
             self._set_crma(before if before is not None else True)
 

@@ -217,9 +217,10 @@ class TrainedRun:
         self, input_ids: Tensor, attention_mask: Tensor | None = None, *, task: str, crma: bool = True
     ) -> Tensor:
         """``(B, T, V)`` logits of the model serving ``task``."""
+        mask = None if attention_mask is None else attention_mask.to(self.device)
         with self.using(task, crma):
             return self.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False
+                input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False
             ).logits
 
     def generate(
@@ -295,18 +296,23 @@ class TrainedRun:
                 )
         return torch.stack(columns, dim=1)
 
-    def route_ids(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> list[str]:
-        """The task whose adapter gives each prompt the lowest loss.
+    def choose(self, losses: Tensor) -> list[str]:
+        """The task with the lowest loss in each row of :meth:`route_losses`' ``(N, K)`` output.
 
-        A 1-token prompt has no next-token loss; it goes to the last completed task. Under NAIVE
-        every task is served by the same LoRA, so routing is moot: the last task is returned.
+        A 1-token prompt has no next-token loss (NaN); it goes to the last completed task. Under
+        NAIVE every task is served by the same LoRA, so routing is moot: the last task is returned.
         """
         if self.strategy == "naive":
-            return [self.tasks[-1]] * len(prompts)
-        losses = self.route_losses(prompts, batch_size, crma)
+            return [self.tasks[-1]] * losses.shape[0]
         best = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=1)
         scorable = torch.isfinite(losses).all(dim=1)
         return [self.tasks[int(k)] if ok else self.tasks[-1] for k, ok in zip(best, scorable, strict=True)]
+
+    def route_ids(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> list[str]:
+        """The task whose adapter gives each (tokenised) prompt the lowest loss; see :meth:`choose`."""
+        if self.strategy == "naive":  # one shared LoRA: nothing to score
+            return [self.tasks[-1]] * len(prompts)
+        return self.choose(self.route_losses(prompts, batch_size, crma))
 
     def route(
         self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True
