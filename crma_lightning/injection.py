@@ -11,7 +11,7 @@ Matching rule (one, documented): the decoder layers are the ``nn.ModuleList`` fo
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -145,7 +145,26 @@ class CRMAInjection:
 
     def _full_logits(self) -> Tensor:
         # Under FSDP each rank holds a shard of every log_mix: gather (a collective, every rank).
-        return torch.stack([_full(b.log_mix.detach()) for b in self.blocks.values()])  # (L, n, n) or (L, n!)
+        with self._unsharded():
+            return torch.stack(
+                [_full(b.log_mix.detach()) for b in self.blocks.values()]
+            )  # (L, n, n) or (L, n!)
+
+    def _wrappers(self) -> list[nn.Module]:
+        # The layer's ``crma`` child: the block itself, or (FSDP1) the FSDP unit wrapping it.
+        return [getattr(self.model.get_submodule(name), CHILD_NAME) for name in self.blocks]
+
+    @contextmanager
+    def _unsharded(self) -> Iterator[None]:
+        """FSDP1: the blocks' parameters whole for the duration (a collective); FSDP2 and
+        unsharded models need nothing here (FSDP2 parameters are DTensors, gathered by _full)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+        with ExitStack() as stack:
+            for w in self._wrappers():
+                if isinstance(w, FSDP1):
+                    stack.enter_context(FSDP1.summon_full_params(w, writeback=False))
+            yield
 
     @torch.no_grad()
     def diagnostics(self) -> Diagnostics:
@@ -163,7 +182,8 @@ class CRMAInjection:
     @torch.no_grad()
     def gates(self) -> Tensor:
         """Every layer's gate value g, shape ``(L,)`` (gathered under FSDP: call on every rank)."""
-        return torch.stack([_full(b.gate_value().detach()) for b in self.blocks.values()])
+        with self._unsharded():
+            return torch.stack([_full(b.gate_value().detach()) for b in self.blocks.values()])
 
     @property
     def enabled(self) -> bool:
@@ -198,12 +218,13 @@ class CRMAInjection:
     def state_dict(self) -> dict[str, Tensor]:
         """Block tensors keyed ``<layer name>.<param>`` (the layer name, not the ``crma`` child).
 
-        Whole tensors: under FSDP the shards are gathered, so every rank must call this.
+        Whole tensors: under FSDP the shards are gathered, so every rank must call this. (Through
+        the ``crma`` child, so that an FSDP1 unit wrapping the block gathers its flat parameter.)
         """
         return {
             f"{name}.{k}": _full(v.detach())
-            for name, b in self.blocks.items()
-            for k, v in b.state_dict().items()
+            for name, w in zip(self.blocks, self._wrappers(), strict=True)
+            for k, v in w.state_dict().items()
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -227,22 +248,25 @@ def _full(t: Tensor) -> Tensor:
 
 
 def _output_hook(block: CRMABlock):
-    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+    # The block is called through its layer's ``crma`` child: the block itself, or the FSDP1 unit
+    # wrapping it (whose forward all-gathers the block's parameters first).
+    def hook(layer: nn.Module, _args: Any, output: Any) -> Any:
         if not block.enabled:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        return _replace_hidden(output, block(hidden))
+        return _replace_hidden(output, getattr(layer, CHILD_NAME)(hidden))
 
     return hook
 
 
 def _input_hook(block: CRMABlock):
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    def hook(layer: nn.Module, args: tuple, kwargs: dict) -> Any:
         if not block.enabled:
             return None
+        crma = getattr(layer, CHILD_NAME)
         if args:
-            return (block(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": block(kwargs["hidden_states"])}
+            return (crma(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": crma(kwargs["hidden_states"])}
 
     return hook
 

@@ -46,38 +46,46 @@ def fit(save_dir: Path, *args: str, timeout: int = 420) -> Path:
 
 
 def fit_nodes(save_dir: Path, num_nodes: int, *args: str, timeout: int = 420) -> Path:
-    """One train.py per simulated node (NODE_RANK 0..num_nodes-1) on localhost, run concurrently."""
+    """One train.py per simulated node (NODE_RANK 0..num_nodes-1) on localhost, run concurrently.
+
+    Output goes to files (no pipe can fill up); if one node fails, the others are killed at once
+    instead of waiting for a rendezvous that never comes.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
     cmd = [sys.executable, "train.py", "fit", *args, "--trainer.logger.init_args.save_dir", str(save_dir),
            "--trainer.num_nodes", str(num_nodes), "--trainer.devices", "1"]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**env, "NODE_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        for r in range(num_nodes)
-    ]
-    deadline = time.monotonic() + timeout
-    results = []
+    logs = save_dir / "node_logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs, files = [], []
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the {num_nodes} node processes did not finish within {timeout} s (killed)")
+        for r in range(num_nodes):
+            out, err = open(logs / f"{r}.out", "w"), open(logs / f"{r}.err", "w")  # noqa: SIM115
+            files += [out, err]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "NODE_RANK": str(r)}, stdout=out, stderr=err,
+                                          text=True, start_new_session=True))  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # a node failed: stop the rest
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {num_nodes} node processes did not finish within {timeout} s (killed)")
+            time.sleep(0.5)
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
+                p.wait()
+        for f in files:
+            f.close()
+    results = [
+        subprocess.CompletedProcess(
+            cmd, p.returncode, (logs / f"{r}.out").read_text(), (logs / f"{r}.err").read_text()
+        )
+        for r, p in enumerate(procs)
+    ]
     for r, res in enumerate(results):
-        assert res.returncode == 0, f"node {r}: {res.stderr[-4000:]}"
+        assert res.returncode == 0, f"node {r} (exit {res.returncode}): {res.stderr[-4000:]}"
     return run_dir_of(results[0])
 
 
