@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from crma_lightning import corpus
+from crma_lightning.backbone import converted_gguf, resolve_path
 from crma_lightning.config import ConfigError, type_problems
 from crma_lightning.synthetic import FIRST_TOKEN, permutation_sequences
 
@@ -116,18 +117,22 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         name = tiny_tokenizer_path()
     try:
         if name.endswith(".gguf"):
-            path = _local_path(name)
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(path.parent), gguf_file=path.name, trust_remote_code=False
-            )
+            # The converted checkpoint's fast tokenizer loads in well under a second; reading
+            # the GGUF file's vocabulary takes ~4 s on every run.
+            path = _local_path(resolve_path(name, "data.tokenizer"))
+            folder = converted_gguf(str(path.parent), path.name, "data.tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(resolve_path(name, "data.tokenizer"), trust_remote_code=False)
+    except ConfigError:
+        raise
     except Exception as err:
         # transformers raises OSError, ValueError (bad repo id, folder without a tokenizer) and
         # others depending on what is wrong; all mean the same thing to the user.
         raise ConfigError(
             f"data.tokenizer: {name!r} could not be loaded ({type(err).__name__}: {err}); give a hub name "
-            "cached on this machine, a local folder with tokenizer files, path/to/model.gguf, or 'tiny'"
+            "cached on this machine, a local folder with tokenizer files, path/to/model.gguf, package:<module>/<file>, "
+            "or 'tiny'"
         ) from err
     if tokenizer.eos_token_id is None:
         raise ConfigError(

@@ -115,6 +115,14 @@ def test_tensorboard_scalars_read_back(runs):
     assert [e.step for e in acc.Scalars("val/alpha/loss")] == [0, 1, 2, 3]  # base + after each task
     assert max(e.value for e in acc.Scalars("spectral/max_sigma")) <= 1 + 1e-6
     assert "continual/loss_matrix" in acc.Tags()["images"]
+    # Per-task gradient-norm statistics (callbacks.gradnorm) agree with the per-step series.
+    steps = [e.value for e in acc.Scalars("train/grad_norm")]
+    stats = json.loads((run_dir / "continual" / "grad_norm.json").read_text())
+    assert list(stats) == TASKS
+    assert sum(s["steps"] for s in stats.values()) == len(steps)
+    assert max(s["max"] for s in stats.values()) == pytest.approx(max(steps), rel=1e-6)
+    assert sum(s["mean"] * s["steps"] for s in stats.values()) == pytest.approx(sum(steps), rel=1e-5)
+    assert acc.Scalars(f"grad_norm/{TASKS[0]}/max")[0].value == pytest.approx(stats[TASKS[0]]["max"], rel=1e-6)
 
 
 class ParseOnly(ContinualCLI):
