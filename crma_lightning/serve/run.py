@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -250,7 +250,7 @@ class TrainedRun:
         tasks: str | Sequence[str],
         crma: bool = True,
         batch_size: int = 8,
-        progress: Any = None,
+        progress: Callable[[int], object] | None = None,
         **generate_kwargs: Any,
     ) -> list[Completion]:
         """Completions of ``prompts``, each as its task (one name for all, or one per prompt;
