@@ -254,8 +254,9 @@ class TrainedRun:
         **generate_kwargs: Any,
     ) -> list[Completion]:
         """Completions of ``prompts``, each as its task (one name for all, or one per prompt;
-        ``auto`` routes). Prompts are batched per task; results come back in input order.
-        ``progress``, if given, is called with the number of prompts finished by each batch."""
+        ``auto`` routes, scoring with CRMA as set by ``crma``). Prompts are batched per task;
+        results come back in input order. ``progress``, if given, is called with the number of
+        prompts finished by each batch."""
         tasks = [tasks] * len(prompts) if isinstance(tasks, str) else list(tasks)
         if len(tasks) != len(prompts):
             raise ConfigError(f"got {len(prompts)} prompts but {len(tasks)} tasks")
@@ -265,7 +266,7 @@ class TrainedRun:
         for t in set(tasks) - {AUTO}:
             self.adapter_for(t)  # unknown names fail before any work
         if auto:
-            for i, t in zip(auto, self.route_ids([ids[i] for i in auto], batch_size), strict=True):
+            for i, t in zip(auto, self.route_ids([ids[i] for i in auto], batch_size, crma), strict=True):
                 tasks[i] = t
         out: list[Completion | None] = [None] * len(prompts)
         for task in dict.fromkeys(tasks):
