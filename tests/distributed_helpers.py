@@ -45,6 +45,17 @@ def fit(save_dir: Path, *args: str, timeout: int = 420) -> Path:
     )
 
 
+_FITS: dict[tuple[str, ...], Path] = {}
+
+
+def fit_once(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Path:
+    """``fit`` with these arguments once per test session (the single-process references are
+    shared by the DDP and FSDP tests)."""
+    if args not in _FITS:
+        _FITS[args] = fit(tmp_path_factory.mktemp("ref"), *args)
+    return _FITS[args]
+
+
 def fit_nodes(save_dir: Path, num_nodes: int, *args: str, timeout: int = 420) -> Path:
     """One train.py per simulated node (NODE_RANK 0..num_nodes-1) on localhost, run concurrently.
 

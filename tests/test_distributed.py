@@ -23,13 +23,14 @@ from distributed_helpers import (
     assert_ranks_agree,
     fit,
     fit_nodes,
+    fit_once,
 )
 from safetensors.torch import load_file
 
 DDP = ["--trainer.strategy", "ddp_find_unused_parameters_true"]
 
 
-def single_run(tmp: Path, strategy: str) -> Path:
+def single_run(tmp_path_factory, strategy: str) -> Path:
     # One process, global batch 16. NAIVE sums it from the same two micro-batches of 8 as the two
     # ranks do (accumulate_grad_batches 2): its third task amplifies float summation order (after
     # the optimizer reset, Adam's first step is ~ lr * sign(g), so near-zero gradient entries flip).
@@ -39,7 +40,7 @@ def single_run(tmp: Path, strategy: str) -> Path:
         ["--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"] if strategy == "naive" else []
     )
     args = ["--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml", *SMALL, *batch]
-    return fit(tmp / "single", *args)
+    return fit_once(tmp_path_factory, *args)
 
 
 def ddp_args(strategy: str) -> list[str]:
@@ -56,8 +57,8 @@ def ddp_args(strategy: str) -> list[str]:
         pytest.param("naive", marks=pytest.mark.slow),
     ],
 )
-def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tmp_path):
-    single = single_run(tmp_path, strategy)
+def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tmp_path, tmp_path_factory):
+    single = single_run(tmp_path_factory, strategy)
     ddp = fit(tmp_path / "ddp", *ddp_args(strategy), "--trainer.devices", "2")
     assert_matches_single(ddp, single)
     assert_ranks_agree(ddp, world_size=2)
@@ -70,8 +71,8 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tm
 
 
 @pytest.mark.slow
-def test_ddp_two_simulated_nodes_match_one_process(tmp_path):
-    single = single_run(tmp_path, "modular")
+def test_ddp_two_simulated_nodes_match_one_process(tmp_path, tmp_path_factory):
+    single = single_run(tmp_path_factory, "modular")
     run = fit_nodes(tmp_path / "nodes", 2, *ddp_args("modular"))
     assert_matches_single(run, single)
     assert_ranks_agree(run, world_size=2)

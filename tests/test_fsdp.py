@@ -20,6 +20,7 @@ from distributed_helpers import (
     assert_ranks_agree,
     fit,
     fit_nodes,
+    fit_once,
     read_checkpoint_state,
 )
 from safetensors.torch import load_file
@@ -32,8 +33,11 @@ FSDP2 = ["--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL]
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    # configs/tiny.yaml in one process, global batch 16 (fsdp2_cpu.yaml: 8 per rank x 2).
-    return fit(tmp_path_factory.mktemp("single"), "--config", "configs/tiny.yaml", *SMALL)
+    # configs/tiny.yaml in one process, global batch 16 (fsdp2_cpu.yaml: 8 per rank x 2); the same
+    # arguments as the DDP tests' MODULAR reference, so one run serves both.
+    return fit_once(
+        tmp_path_factory, "--config", "configs/tiny.yaml", "--config", "configs/strategy/modular.yaml", *SMALL
+    )
 
 
 @pytest.fixture(scope="module")
