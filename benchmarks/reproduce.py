@@ -394,6 +394,10 @@ def protocol_settings(run: Path, extra: list[str]) -> dict:
     }
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -425,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir = Path(args.runs_dir).resolve()
     # Seed-major order: the first seed's three conditions finish first, for an early look.
     keys = [(c, s) for s in seeds for c in conditions]
+    # SIGTERM (and SIGINT, which a shell's background job ignores) stop the runs in flight too.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
         done = list(pool.map(lambda k: train(args.config, k[0], k[1], runs_dir, extra, args.threads), keys))
@@ -452,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    first = runs[(conditions[0], seeds[0])]
+    # The MODULAR run's config shows every setting in use (the CRMA ones too).
+    first = runs[("modular" if "modular" in conditions else conditions[0], seeds[0])]
     summary = json.loads((first / "continual" / "summary.json").read_text())
     protocol = {
         "command": " ".join(["python", "benchmarks/reproduce.py", *argv] + (["--", *extra] if extra else [])),
