@@ -32,6 +32,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -120,6 +121,19 @@ def row(values, choice, start=None):
     return total / count if count else float("nan")
 
 
+def command_line(argv: list[str]) -> str:
+    """The command, shell-quoted, without ``--note`` (a remark, not a setting)."""
+    kept, skip = [], False
+    for a in argv:
+        if a.startswith("--note="):
+            continue
+        if skip or a == "--note":
+            skip = not skip
+            continue
+        kept.append(a)
+    return shlex.join(["python", "benchmarks/bench_routing.py", *kept])
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
     fn()
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     result: dict = {
-        "command": "python benchmarks/bench_routing.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(sys.argv[1:] if argv is None else argv),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
         f"({args.threads} thread(s)), device {args.device}",
