@@ -39,11 +39,20 @@ PEFT_PREFIX = "base_model.model."
 
 
 # -- atomic files --------------------------------------------------------------------------
+def _umask_mode(directory: bool) -> int:
+    """The mode a plain open()/mkdir() would give: temp files are owner-only (0600/0700), and
+    run directories and exports are meant to be read by others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _umask_mode(directory=False))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -70,6 +79,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(_umask_mode(directory=True))
         yield tmp
         aside = None
         if path.exists():

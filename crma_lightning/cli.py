@@ -40,10 +40,23 @@ def _max_epochs(tasks, epochs_per_task: int) -> int:
 class ContinualCLI(LightningCLI):
     """``python train.py fit --config configs/tiny.yaml``."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `predict` uses a finished run directory (train.py sends it, `route` and `export` to
+        # crma_lightning.serve.cli), so LightningCLI's own predict is not offered.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "default_env": False,
+                "description": "Continual fine-tuning with CRMA. fit/validate/test train and evaluate; "
+                "`train.py predict|route|export --run <run dir>` use a finished run (--help on each).",
+            },
+        )
         # Optimizer and schedule are model arguments (they need the parameter groups).
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(ContinualLM, ContinualDataModule, *args, **kwargs)

@@ -86,17 +86,7 @@ def export_task(run: TrainedRun, task: str, out_dir: str | os.PathLike) -> Path:
                 "crma_lightning.serve.load_exported(dir) puts CRMA back on",
             },
         )
-        _shareable(tmp)
     return out_dir
-
-
-def _shareable(root: Path) -> None:
-    """Give the export ordinary permissions (the umask's), not the owner-only ones of temp files:
-    it is meant to be handed to someone else."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _save_pretrained(model: PreTrainedModel, directory: Path) -> None:
