@@ -370,6 +370,22 @@ def markdown(res: dict, protocol: dict) -> str:
         lines += ["", "## Spectral bound", "",
                   f"Over every logged step of every MODULAR run: max σ_max(M) = {sp['max_sigma']:.7f}, max row/column-sum "
                   f"error {sp['max_row_col_err']:.1e}. Paper: {PAPER['spectral']}."]  # fmt: skip
+    for label, v in res.get("variants", {}).items():
+        lines += [
+            "",
+            f"## Also tried: MODULAR with {label}",
+            "",
+            f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this report's.",
+            "",
+            f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: mean ± SD | per seed |",
+            "|---|---|---|---|---|",
+        ]
+        for name, d, a in (
+            ("this report's MODULAR", v["base_drift"], v["base_adv"]),
+            (label, v["drift"], v["adv"]),
+        ):
+            lines.append(f"| {name} | {fmt_ms(*clm.mean_sd(d))} | {' / '.join(f'{x:+.2f}' for x in d)} | "
+                         f"{fmt_ms(*clm.mean_sd(a))} | {' / '.join(f'{x:+.2f}' for x in a)} |")  # fmt: skip
     lines += ["", "## Protocol", ""]
     lines += [f"- {k}: {v}" for k, v in protocol["settings"].items()]
     lines += ["- wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items())]
@@ -392,6 +408,34 @@ def protocol_settings(run: Path, extra: list[str]) -> dict:
         "precision / clipping": f"{t['precision']}, gradient_clip_val {t.get('gradient_clip_val')}",
         "extra train.py arguments": " ".join(extra) or "none",
     }
+
+
+def compare_variant(spec: str, res: dict) -> dict:
+    """``LABEL=path.json``: the MODULAR runs of another reproduce.py report, against this one's FROZEN.
+
+    Only seeds present in both count. The advantage needs only the final rows, which both JSONs hold.
+    """
+    label, _, path = spec.partition("=")
+    other = json.loads(Path(path).read_text())
+    theirs = other["results"]
+    seeds = [s for s in res["seeds"] if s in theirs["seeds"]]
+    if not seeds or "modular" not in theirs["conditions"] or "frozen" not in res["conditions"]:
+        raise SystemExit(f"--compare {spec}: needs MODULAR runs there and FROZEN runs here for common seeds")
+
+    def final(r: dict, c: str, s: int) -> np.ndarray:
+        return np.asarray(r["final_loss"][c]["per_seed"][r["seeds"].index(s)])
+
+    def adv(r: dict, s: int) -> float:
+        f, m = final(res, "frozen", s)[:-1], final(r, "modular", s)[:-1]  # prior tasks only
+        return float(100 * np.mean((f - m) / f))
+
+    def drift(r: dict, s: int) -> float:
+        return r["drift"]["modular"]["per_seed"][r["seeds"].index(s)]
+
+    extra = other["protocol"]["command"].partition(" -- ")[2].split()
+    return {label: {"source": Path(path).name, "extra": extra, "seeds": seeds,
+                    "drift": [drift(theirs, s) for s in seeds], "adv": [adv(theirs, s) for s in seeds],
+                    "base_drift": [drift(res, s) for s in seeds], "base_adv": [adv(res, s) for s in seeds]}}  # fmt: skip
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -418,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--jobs", type=int, default=1, help="runs at a time (e.g. --jobs 2 --threads 1 on 2 cores)"
     )
+    p.add_argument("--compare", action="append", default=[], metavar="LABEL=JSON",
+                   help="add another report's MODULAR runs (e.g. other CRMA learning rates) as a variant")  # fmt: skip
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     conditions = [c.strip() for c in args.conditions.split(",")]
@@ -457,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
             ),
         }
+    for spec in args.compare:
+        res.setdefault("variants", {}).update(compare_variant(spec, res))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The MODULAR run's config shows every setting in use (the CRMA ones too).
