@@ -388,7 +388,9 @@ def markdown(res: dict, protocol: dict) -> str:
                          f"{fmt_ms(*clm.mean_sd(a))} | {' / '.join(f'{x:+.2f}' for x in a)} |")  # fmt: skip
     lines += ["", "## Protocol", ""]
     lines += [f"- {k}: {v}" for k, v in protocol["settings"].items()]
-    lines += ["- wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items())]
+    resumed = protocol.get("resumed", [])
+    lines += ["- wall time per run (s): " + ", ".join(f"{k} {v:.0f}" + ("*" * (k in resumed)) for k, v in protocol["wall_s"].items())
+              + (" (* resumed after an interruption: the time before it is not counted)" if resumed else "")]  # fmt: skip
     lines += ["", "![drift, loss matrices and peak gradient norms](" + protocol["figure"] + ")", ""]
     return "\n".join(lines)
 
@@ -517,6 +519,12 @@ def main(argv: list[str] | None = None) -> None:
         "model": summary["base_model"],
         "settings": protocol_settings(first, extra),
         "wall_s": wall,
+        # train.log gets Lightning's restore line whenever a run continued from a checkpoint
+        "resumed": [
+            name
+            for name, run in ((run_name(*k), runs[k]) for k in keys)
+            if "Restored all states" in (run.parent / "train.log").read_text(errors="replace")
+        ],  # fmt: skip
         "figure": out.with_suffix(".png").name,
     }
     figure(res, out.with_suffix(".png"))
