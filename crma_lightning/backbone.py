@@ -114,6 +114,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crma_lightning"
 
 
+def plain_model(model: PreTrainedModel) -> PreTrainedModel:
+    """``model`` as a plain transformers model that ``save_pretrained`` accepts (same weights, shared).
+
+    A GGUF-loaded model keeps its ``quantization_config`` (and quantizer), and ``save_pretrained``
+    refuses it; the same architecture rebuilt from the config without it, on the meta device, takes
+    the weights by assignment (no copy). Other models are returned unchanged.
+    """
+    if getattr(model, "hf_quantizer", None) is None and not getattr(
+        model.config, "quantization_config", None
+    ):
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    return plain
+
+
 def converted_gguf(folder: str, gguf_file: str, field: str = "model.backbone.gguf_file") -> Path:
     """A plain transformers checkpoint (fp32 safetensors + tokenizer) of ``folder/gguf_file``, converted once.
 
@@ -145,13 +166,7 @@ def converted_gguf(folder: str, gguf_file: str, field: str = "model.backbone.ggu
         gguf_model = AutoModelForCausalLM.from_pretrained(
             str(src.parent), gguf_file=src.name, dtype=torch.float32
         )
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # save_pretrained refuses a model that claims to be quantised
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(gguf_model.state_dict(), assign=True)
-        plain.tie_weights()
+        plain = plain_model(gguf_model)
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         with atomic_directory(dest) as tmp:
             plain.save_pretrained(tmp, safe_serialization=True)

