@@ -1,1 +1,34 @@
-"""Lightning callbacks for continual fine-tuning: freezing policy, spectral bound, evaluation, adapters."""
+"""Lightning callbacks for continual fine-tuning: the method's own, and optional ones.
+
+The callbacks the method needs are added by ``train.py`` itself (``crma_lightning.cli``); each has
+a top-level config section named by its key in :data:`METHOD_CALLBACKS` (``evaluation:
+{batch_size: 32}``), so configs list only optional callbacks under ``trainer.callbacks``. In
+Python, pass ``callbacks=method_callbacks()`` to the ``Trainer``.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
+
+from callbacks.adapters import AdapterCheckpoint
+from callbacks.evaluation import ContinualEvaluation
+from callbacks.freezing import FreezingPolicy
+from callbacks.gradnorm import GradNormStats
+from callbacks.progress import TaskProgressBar
+from callbacks.spectral import SpectralBoundLogger
+
+METHOD_CALLBACKS: dict[str, type[Callback]] = {
+    "freezing": FreezingPolicy,
+    "evaluation": ContinualEvaluation,
+    "spectral": SpectralBoundLogger,
+    "adapters": AdapterCheckpoint,
+    "grad_norm": GradNormStats,
+    "progress_bar": TaskProgressBar,
+}
+"""Config section -> callback class, for every callback the CLI adds."""
+
+
+def method_callbacks(progress_bar: bool = True) -> list[Callback]:
+    """One instance of every method callback with its defaults (``progress_bar=False`` leaves out
+    the task progress bar, for ``Trainer(enable_progress_bar=False)``)."""
+    return [cls() for key, cls in METHOD_CALLBACKS.items() if progress_bar or key != "progress_bar"]

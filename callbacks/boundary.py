@@ -4,23 +4,24 @@ A task is complete once the epoch after its last one has started (or training ha
 it). Callbacks that act at task ends (evaluate, save adapters) subclass :class:`TaskBoundaryCallback`
 and implement :meth:`on_task_end`; it runs once per completed task, in order, at the first train
 start, epoch start or train end that sees the task complete. (Train start matters: a run resumed
-from a checkpoint taken on a task's last step gets no epoch-start hook for the next epoch.) Because a task's weights do not change until the
-next task's first step, running it there is the same as running it at the very end of the task —
-and a run resumed from a checkpoint saved in between catches up on what it missed.
+from a checkpoint taken on a task's last step gets no epoch-start hook for the next epoch.) Because
+a task's weights do not change until the next task's first step, running it there is the same as
+running it at the very end of the task, and a run resumed from a checkpoint saved in between
+catches up on what it missed.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from crma_lightning.rundir import RunDir
 
-def run_dir(trainer: pl.Trainer) -> Path:
+
+def run_dir(trainer: pl.Trainer) -> RunDir:
     """The run directory (the logger's log dir). A collective: ``Trainer.log_dir`` broadcasts from
     rank 0, so call it on every rank, never inside a rank-0-only branch (that deadlocks DDP)."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    return RunDir(trainer.log_dir or trainer.default_root_dir)
 
 
 class TaskBoundaryCallback(Callback):

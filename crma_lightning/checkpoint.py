@@ -4,7 +4,8 @@ A LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) loads
 ``peft.PeftModel.from_pretrained(base, dir)``. A CRMA directory (``crma_config.json`` +
 ``crma.safetensors``) loads onto a fresh copy of the base model with :func:`load_crma`. Loading
 checks the base architecture and shapes and says what differs. Every file is written to a
-temporary name and renamed into place, so a crash never leaves a half-written artefact.
+temporary name and renamed into place (:mod:`crma_lightning.atomic`), so a crash never leaves a
+half-written artefact. Lightning checkpoints hold only the adapters (:func:`adapter_only_checkpoint`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +21,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
+from crma_lightning.atomic import atomic_directory, atomic_write_json
 from crma_lightning.config import ConfigError, CRMAConfig
+from crma_lightning.dist import whole_cpu
 from crma_lightning.injection import CRMAInjection, find_decoder_layers, hidden_size_of, inject_crma
 from crma_lightning.lora import adapter_names
 
@@ -36,62 +34,6 @@ CRMA_CONFIG = "crma_config.json"
 CRMA_WEIGHTS = "crma.safetensors"
 # PeftModel nests the transformers model as base_model.model; its files use that prefix.
 PEFT_PREFIX = "base_model.model."
-
-
-# -- atomic files --------------------------------------------------------------------------
-def _umask_mode(directory: bool) -> int:
-    """The mode a plain open()/mkdir() would give: temp files are owner-only (0600/0700), and
-    run directories and exports are meant to be read by others."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _umask_mode(directory=False))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
-
-    If ``path`` exists it is first renamed aside and deleted after the swap, so at every instant
-    either the old or the new complete directory is at ``path`` (or, between the two renames, a
-    complete one under the aside name).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        tmp.chmod(_umask_mode(directory=True))
-        yield tmp
-        aside = None
-        if path.exists():
-            aside = path.with_name(f".{path.name}.old")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(path, aside)
-        os.replace(tmp, path)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # -- base-model identity -------------------------------------------------------------------
@@ -129,12 +71,7 @@ def lora_state(model: nn.Module, adapter: str) -> dict[str, Tensor]:
     if adapter not in adapter_names(model):
         raise ConfigError(f"cannot save LoRA {adapter!r}: this model has {adapter_names(model)}")
     state = get_peft_model_state_dict(model, adapter_name=adapter)
-    return {PEFT_PREFIX + k: _whole(v) for k, v in state.items()}
-
-
-def _whole(t: Tensor) -> Tensor:
-    t = t.detach()
-    return (t.full_tensor() if isinstance(t, DTensor) else t).contiguous().cpu()
+    return {PEFT_PREFIX + k: whole_cpu(v) for k, v in state.items()}
 
 
 def save_lora(model: nn.Module, adapter: str, directory: str | os.PathLike, write: bool = True) -> Path:
@@ -195,7 +132,7 @@ def load_lora(model: nn.Module, adapter: str, directory: str | os.PathLike) -> N
 # -- CRMA ------------------------------------------------------------------------------------
 def crma_state(handle: CRMAInjection) -> dict[str, Tensor]:
     """The CRMA blocks' tensors, whole, on CPU (gathered under FSDP: call on every rank)."""
-    return {k: _whole(v) for k, v in handle.state_dict().items()}
+    return {k: whole_cpu(v) for k, v in handle.state_dict().items()}
 
 
 def save_crma(
@@ -286,3 +223,33 @@ def load_crma(
         )
     handle.load_state_dict(state)
     return handle
+
+
+# -- Lightning checkpoints: adapters only ------------------------------------------------------
+def adapter_only_checkpoint(checkpoint: dict, keep: set[str], identity: dict[str, Any]) -> None:
+    """Drop every tensor but the adapters (``keep``) from a Lightning checkpoint, in place, and
+    record ``identity`` (tasks, strategy, counters) under ``checkpoint["continual"]``."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    checkpoint["continual"] = dict(identity)
+
+
+def check_resumable(checkpoint: dict, identity: dict[str, Any], needed: set[str]) -> dict[str, Any]:
+    """The ``continual`` record of a checkpoint this run can resume from; a clear error otherwise."""
+    saved = checkpoint.get("continual")
+    if saved is None:
+        raise ConfigError(
+            "this checkpoint was not written by crma-lightning's ContinualLM; pass one from <run dir>/checkpoints/"
+        )
+    if saved["tasks"] != identity["tasks"] or saved["strategy"] != identity["strategy"]:
+        raise ConfigError(
+            f"the checkpoint was trained with tasks {saved['tasks']} (strategy {saved['strategy']}); this run has "
+            f"data.tasks {identity['tasks']} (strategy {identity['strategy']}). Resume with the same task list and "
+            "strategy, or start a new run without --ckpt_path."
+        )
+    missing = sorted(needed - set(checkpoint["state_dict"]))
+    if missing:
+        raise ConfigError(
+            f"the checkpoint lacks {len(missing)} adapter tensors of this model (e.g. {missing[:2]}); it was "
+            "written with other LoRA/CRMA settings. Resume with the run's own config.yaml."
+        )
+    return saved

@@ -2,23 +2,29 @@
 
 Links shared values once: the task names and the seed flow from ``data`` to ``model``, and
 ``trainer.max_epochs`` is derived from the number of tasks and ``data.epochs_per_task``. Trainer
-defaults the task loop depends on are set here. ``--ckpt_path last`` (or a path inside a run
-directory) resumes in the same run directory, so nothing of the run is split or lost.
+defaults the task loop depends on are set here, and the callbacks the method needs are added here
+(``callbacks.METHOD_CALLBACKS``, each with its own config section such as ``evaluation:``), so
+configs list only optional callbacks. ``--ckpt_path last`` (or a path inside a run directory)
+resumes in the same run directory, so nothing of the run is split or lost.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks import METHOD_CALLBACKS
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
 from crma_lightning.module import ContinualLM, NonFiniteError
+from crma_lightning.rundir import SHARDED_META, RunDir, is_checkpoint, versions
 
 
 def _task_name(task) -> str:
@@ -62,6 +68,8 @@ class ContinualCLI(LightningCLI):
         super().__init__(ContinualLM, ContinualDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key, callback in METHOD_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
         parser.link_arguments("data.tasks", "model.task_names", compute_fn=_task_names)
         parser.link_arguments("data.seed", "model.seed")
         parser.link_arguments(
@@ -88,6 +96,25 @@ class ContinualCLI(LightningCLI):
             _resume_in_place(cfg, ckpt)
         if cfg.get("ckpt_path") and cfg["ckpt_path"] not in ("last", "best"):
             check_checkpoint(cfg["ckpt_path"])
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        sections = {cls: key for key, cls in METHOD_CALLBACKS.items()}
+        twice = [(type(c), sections[type(c)]) for c in listed if type(c) in sections]
+        if twice:
+            raise ConfigError(
+                "trainer.callbacks lists "
+                + ", ".join(f"{cls.__module__}.{cls.__name__}" for cls, _ in twice)
+                + ", which train.py adds itself; remove it from trainer.callbacks and set its options under "
+                + ", ".join(f"`{key}:`" for _, key in twice)
+            )
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if type(c) is not METHOD_CALLBACKS["progress_bar"]]
+        # The method's callbacks run first, so a callback listed in the config sees every task's
+        # end already handled (adapters written, row evaluated) when its own hook runs.
+        config["callbacks"] = [*callbacks, *listed]
+        return super()._instantiate_trainer(config, [])
 
     def before_fit(self) -> None:
         global _fresh_run_dir
@@ -122,26 +149,21 @@ def _resume_in_place(cfg, ckpt: str) -> None:
         return
     base = Path(root[0]) / root[1]
     if ckpt == "last":
-        runs = sorted(
-            (p for p in base.glob("version_*") if _is_checkpoint(p / "checkpoints" / "last.ckpt")),
-            key=lambda p: int(p.name.split("_")[-1]),
-        )
+        runs = [r for r in versions(base) if r.has_checkpoint()]
         if not runs:
-            raise ConfigError(
-                f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume"
-            )
+            raise ConfigError(f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume")
         run = runs[-1]
-        cfg["ckpt_path"] = str(run / "checkpoints" / "last.ckpt")
+        cfg["ckpt_path"] = str(run.last_checkpoint)
     else:
         path = Path(ckpt)
-        if not _is_checkpoint(path):
+        if not is_checkpoint(path):
             raise ConfigError(f"--ckpt_path {ckpt}: no such checkpoint file")
-        run = path.resolve().parent.parent
-        if run.parent.resolve() != base.resolve() or not re.fullmatch(r"version_\d+", run.name):
+        run = RunDir(path.resolve().parent.parent)
+        if run.path.parent.resolve() != base.resolve() or run.version is None:
             return  # a checkpoint from elsewhere: start a new run directory
     logger = cfg["trainer"]["logger"]
     logger = logger[0] if isinstance(logger, list) else logger
-    logger["init_args"]["version"] = int(run.name.split("_")[-1])
+    logger["init_args"]["version"] = run.version
 
 
 _fresh_run_dir: Path | None = None
@@ -149,7 +171,7 @@ _fresh_run_dir: Path | None = None
 
 def _remove_unfinished_run() -> None:
     run = _fresh_run_dir
-    if run is None or not run.is_dir() or any((run / "checkpoints").glob("*.ckpt")):
+    if run is None or not run.is_dir() or any(RunDir(run).checkpoints.glob("*.ckpt")):
         return
     import shutil
 
@@ -159,21 +181,12 @@ def _remove_unfinished_run() -> None:
         shutil.rmtree(run, ignore_errors=True)
 
 
-#: Lightning's metadata file inside a sharded (distributed-checkpoint) folder.
-SHARDED_META = "meta.pt"
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """A checkpoint file, or a sharded checkpoint folder (FSDP: DCP shards + ``meta.pt``)."""
-    return path.is_file() or (path.is_dir() and (path / SHARDED_META).is_file())
-
-
 def check_checkpoint(path: str) -> None:
     """Fail early and clearly on a missing, truncated or foreign checkpoint (safe load, mmap).
 
     For a sharded checkpoint folder the metadata file is checked; the shards are read by DCP.
     """
-    if not _is_checkpoint(Path(path)):
+    if not is_checkpoint(Path(path)):
         raise ConfigError(f"--ckpt_path {path}: no such checkpoint file")
     sharded = Path(path).is_dir()
     try:

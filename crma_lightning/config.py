@@ -2,7 +2,7 @@
 
 Attribute docstrings become LightningCLI ``--help``. ``validate()`` reports every problem at once,
 each naming the field and the fix. Defaults that the paper (arXiv 2606.00382) leaves open are this
-project's decisions; method.md §5 lists them.
+project's decisions; docs/method.md §5 lists them.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _describe(hint: Any) -> str:
 
 @dataclass
 class CRMAConfig:
-    """The Constrained Residual Mixing Adapter placed on every decoder layer (method.md §5)."""
+    """The Constrained Residual Mixing Adapter placed on every decoder layer (docs/method.md §5)."""
 
     streams: int = 4
     """Number of mixing streams n (the size of the doubly-stochastic matrix M). >= 2."""
@@ -187,3 +187,28 @@ class LoRAConfig:
     def validate(self) -> LoRAConfig:
         raise_problems(self.problems(), "LoRA config")
         return self
+
+
+@dataclass
+class GroupLR:
+    """Learning rate of each parameter group (the optimizer's own ``lr`` is not used)."""
+
+    lora: float = 2e-4
+    """All LoRA matrices."""
+    crma_proj: float = 1e-3
+    """CRMA read/write projections (or the subspace basis)."""
+    crma_mix: float = 1e-2
+    """CRMA mixing logits (no weight decay: decay would pull M toward the uniform J/n)."""
+    crma_gate: float = 1e-2
+    """CRMA gate (no weight decay)."""
+
+    def problems(self, prefix: str = "model.lr") -> list[str]:
+        return [
+            f"{prefix}.{k} must be >= 0 (got {v}); learning rates cannot be negative."
+            for k, v in vars(self).items()
+            if not (isinstance(v, int | float) and v >= 0 and math.isfinite(v))
+        ]
+
+
+NO_DECAY = ("crma_mix", "crma_gate")
+"""Parameter groups that get no weight decay."""

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from crma_lightning.config import ConfigError, CRMAConfig
 from crma_lightning.crma import CRMA_GROUPS, CRMABlock
+from crma_lightning.dist import full_tensor
 from crma_lightning.projection import Diagnostics, project, project_with_diagnostics
 
 #: Where decoder layers live, by model family. Llama, Mistral, Qwen2, Gemma2/3, Phi-3 and most
@@ -147,7 +147,7 @@ class CRMAInjection:
         # Under FSDP each rank holds a shard of every log_mix: gather (a collective, every rank).
         with self._unsharded():
             return torch.stack(
-                [_full(b.log_mix.detach()) for b in self.blocks.values()]
+                [full_tensor(b.log_mix.detach()) for b in self.blocks.values()]
             )  # (L, n, n) or (L, n!)
 
     def _wrappers(self) -> list[nn.Module]:
@@ -183,7 +183,7 @@ class CRMAInjection:
     def gates(self) -> Tensor:
         """Every layer's gate value g, shape ``(L,)`` (gathered under FSDP: call on every rank)."""
         with self._unsharded():
-            return torch.stack([_full(b.gate_value().detach()) for b in self.blocks.values()])
+            return torch.stack([full_tensor(b.gate_value().detach()) for b in self.blocks.values()])
 
     @property
     def enabled(self) -> bool:
@@ -222,7 +222,7 @@ class CRMAInjection:
         the ``crma`` child, so that an FSDP1 unit wrapping the block gathers its flat parameter.)
         """
         return {
-            f"{name}.{k}": _full(v.detach())
+            f"{name}.{k}": full_tensor(v.detach())
             for name, w in zip(self.blocks, self._wrappers(), strict=True)
             for k, v in w.state_dict().items()
         }
@@ -241,10 +241,6 @@ class CRMAInjection:
         for name in self.blocks:
             delattr(self.model.get_submodule(name), CHILD_NAME)
         self.blocks = {}
-
-
-def _full(t: Tensor) -> Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _output_hook(block: CRMABlock):

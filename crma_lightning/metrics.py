@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the raw loss and accuracy matrices (method.md §4).
+"""Continual-learning metrics from the raw loss and accuracy matrices (docs/method.md §4).
 
 ``L[j, i]`` is the mean holdout loss on task i after training task j, with row 0 the base model
 before any training (shape ``(T + 1, T)``); ``A`` is the same for token accuracy. Every summary

@@ -1,86 +1,47 @@
 """The LightningModule: a frozen causal LM plus per-task LoRAs and (MODULAR) the shared CRMA.
 
-Conditions (method.md §2): NAIVE trains one shared LoRA on every task; FROZEN trains a fresh LoRA
-per task and freezes it afterwards; MODULAR is FROZEN plus CRMA on every decoder layer, trained
-during every task. Prior task i is evaluated with LoRA_i (+ the latest CRMA).
+Conditions (docs/method.md §2, :mod:`crma_lightning.layout`): NAIVE trains one shared LoRA on every
+task; FROZEN trains a fresh LoRA per task and freezes it afterwards; MODULAR is FROZEN plus CRMA on
+every decoder layer, trained during every task. Prior task i is evaluated with LoRA_i (+ the latest
+CRMA).
 
 The whole task sequence is one ``fit``: tasks are consecutive blocks of epochs
 (``data.epochs_per_task`` each). What changes at a boundary (active LoRA, trainable set, schedule
 restart, optimizer state) is a pure function of the epoch and the global step, so resuming from any
-checkpoint lands in the same state. Which parameters train is decided by the
-``callbacks.freezing.FreezingPolicy`` callback through :meth:`adapter_parameters`.
+checkpoint lands in the same state. Which parameters train is set by the freezing callback through
+:meth:`trainable_parameters`; callbacks use the module through ``crma_lightning.protocols``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import SumMetric
 
+from crma_lightning import losses
 from crma_lightning.backbone import BackboneConfig, load_backbone
-from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig, raise_problems
-from crma_lightning.crma import CRMABlock
+from crma_lightning.checkpoint import adapter_only_checkpoint, check_resumable
+from crma_lightning.config import NO_DECAY, ConfigError, CRMAConfig, GroupLR, LoRAConfig, raise_problems
+from crma_lightning.data.tasks import name_problems
 from crma_lightning.injection import CRMAInjection, inject_crma
-from crma_lightning.lora import SHARED_ADAPTER, activate_lora, add_lora, lora_parameters
+from crma_lightning.layout import AdapterKind, Strategy, layout_of
+from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+from crma_lightning.protocols import REQUIRED_ROLES
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
-from crma_lightning.sharding import (
-    average_replicated_grads,
-    fsdp1_policy,
-    fully_shard_model,
-    lora_modules,
-    mark_fsdp1_units,
-)
+from crma_lightning.sharding import average_replicated_grads, shard_for_strategy
 
-Strategy = Literal["naive", "frozen", "modular"]
-STRATEGIES = ("naive", "frozen", "modular")
-
-
-@dataclass
-class GroupLR:
-    """Learning rate of each parameter group (the optimizer's own ``lr`` is not used)."""
-
-    lora: float = 2e-4
-    """All LoRA matrices."""
-    crma_proj: float = 1e-3
-    """CRMA read/write projections (or the subspace basis)."""
-    crma_mix: float = 1e-2
-    """CRMA mixing logits (no weight decay: decay would pull M toward the uniform J/n)."""
-    crma_gate: float = 1e-2
-    """CRMA gate (no weight decay)."""
-
-    def problems(self, prefix: str = "model.lr") -> list[str]:
-        return [
-            f"{prefix}.{k} must be >= 0 (got {v}); learning rates cannot be negative."
-            for k, v in vars(self).items()
-            if not (isinstance(v, int | float) and v >= 0 and math.isfinite(v))
-        ]
-
-
-#: Groups whose parameters get no weight decay.
-NO_DECAY = ("crma_mix", "crma_gate")
+__all__ = ["ContinualLM", "GroupLR", "NonFiniteError"]
 
 
 class NonFiniteError(RuntimeError):
     """Training met a NaN/inf loss or gradient and ``model.nonfinite`` is 'stop'."""
-
-
-@dataclass
-class TokenStats:
-    """Summed over the labelled tokens of a batch (weighted by ``example_weight`` when present)."""
-
-    loss_sum: Tensor
-    tokens: Tensor
-    correct: Tensor
 
 
 class ContinualLM(pl.LightningModule):
@@ -134,7 +95,9 @@ class ContinualLM(pl.LightningModule):
         self.nonfinite = nonfinite
         self.nonfinite_skipped = 0
         self.seed = seed
+        self.run_facts: dict[str, Any] = {}
         self._validate()
+        self.layout = layout_of(strategy)
         # validate/test subcommands: per-task sums, all-reduced across ranks by torchmetrics.
         self.holdout_sums = nn.ModuleDict(
             {
@@ -155,25 +118,12 @@ class ContinualLM(pl.LightningModule):
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
         if self.nonfinite not in ("skip", "stop"):
             p.append(f"model.nonfinite must be 'skip' or 'stop' (got {self.nonfinite!r}).")
-        if self.strategy not in STRATEGIES:
-            p.append(f"model.strategy must be one of {STRATEGIES} (got {self.strategy!r}).")
-        if self.strategy == "modular":
-            p += self.crma_config.problems("model.crma")
-        if not self.task_names:
-            p.append("data.tasks is empty: list at least one task (e.g. `- name: a` for a synthetic one).")
-        if len(set(self.task_names)) != len(self.task_names):
-            dup = sorted({t for t in self.task_names if self.task_names.count(t) > 1})
-            p.append(
-                f"data.tasks: task name(s) {dup} used twice; task names must be unique (got {self.task_names})."
-            )
-        if SHARED_ADAPTER in self.task_names:
-            p.append(
-                f"data.tasks: the name '{SHARED_ADAPTER}' is reserved for NAIVE's shared LoRA; rename that task."
-            )
-        if "crma" in self.task_names:
-            p.append(
-                "data.tasks: the name 'crma' is reserved (adapters/crma/ holds the CRMA state); rename that task."
-            )
+        try:
+            if layout_of(self.strategy).crma:
+                p += self.crma_config.problems("model.crma")
+        except ConfigError as e:
+            p.append(str(e))
+        p += name_problems(self.task_names)
         raise_problems(p, "model configuration")
 
     # -- building ------------------------------------------------------------------------
@@ -184,12 +134,12 @@ class ContinualLM(pl.LightningModule):
         model = load_backbone(self.backbone_config)
         for p in model.parameters():
             p.requires_grad_(False)
-        for i, adapter in enumerate(self.adapter_names()):
+        for i, adapter in enumerate(self.layout.adapter_names(self.task_names)):
             # LoRA A is randomly initialised: seed it so every rank and every rerun agree.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed * 7_919 + i)
                 add_lora(model, adapter, self.lora_config)
-        if self.strategy == "modular":
+        if self.layout.crma:
             self.crma = inject_crma(model, self.crma_config)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -202,47 +152,12 @@ class ContinualLM(pl.LightningModule):
         for p in self.ever_trainable_parameters():
             p.data = p.data.float()
             p.requires_grad_(True)
-        self._shard()
-
-    def _shard(self) -> None:
-        """FSDP2 under ModelParallelStrategy (a device mesh is set), FSDP1 wrap units under
-        ``strategy: fsdp``; nothing otherwise.
-
-        Sharded parameters exist whole only inside their layer's forward, so the batched projection
-        (all layers' logits stacked before the model's forward) is replaced by one projection per
-        layer inside the layer's own forward.
-        """
-        mesh = self._device_mesh
-        fsdp1 = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-        if mesh is None and not fsdp1:
-            return
-        if self.crma is not None:
-            self.crma.set_batched_projection(False)
-        if mesh is not None:
-            names = mesh.mesh_dim_names or ()
-            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-                raise ConfigError(
-                    "tensor parallelism is not supported: set tensor_parallel_size: 1 (FSDP2 only)"
-                )
-            self._dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
-            self._replicated = fully_shard_model(self._model, self._dp_mesh)
-        else:
-            adapters = [m for m in self._model.modules() if isinstance(m, CRMABlock)]
-            adapters += lora_modules(self._model)
-            mark_fsdp1_units(self._model, adapters)
-            # A plain `strategy: fsdp` gets the same units as AdapterFSDPStrategy (it wraps after
-            # configure_model); settings given explicitly win.
-            self.trainer.strategy.kwargs.setdefault("auto_wrap_policy", fsdp1_policy)
-            self.trainer.strategy.kwargs.setdefault("use_orig_params", True)
-
-    def adapter_names(self) -> list[str]:
-        return [SHARED_ADAPTER] if self.strategy == "naive" else list(self.task_names)
+        trainer = self._trainer.strategy if self._trainer is not None else None
+        self._replicated, self._dp_mesh = shard_for_strategy(model, self.crma, trainer, self._device_mesh)
 
     def adapter_for(self, task: str) -> str:
         """The LoRA used for ``task``: its own, or the shared one under NAIVE."""
-        if task not in self.task_names:
-            raise ConfigError(f"unknown task {task!r}; tasks are {self.task_names}")
-        return SHARED_ADAPTER if self.strategy == "naive" else task
+        return self.layout.adapter_for(task, self.task_names)
 
     def use_task(self, task: str) -> None:
         """Route the forward pass through ``task``'s LoRA (trainability is not changed)."""
@@ -255,15 +170,17 @@ class ContinualLM(pl.LightningModule):
         return self.model
 
     # -- the adapter contract used by freezing, optimizer groups and checkpoints -------------
-    def adapter_parameters(
-        self, kind: Literal["lora", "crma"], task: str | None = None
-    ) -> list[nn.Parameter]:
+    def adapter_parameters(self, kind: AdapterKind, task: str | None = None) -> list[nn.Parameter]:
         """``lora``: the LoRA used for ``task`` (all LoRAs when ``task`` is None); ``crma``: all
-        CRMA parameters (empty unless MODULAR)."""
+        CRMA parameters (empty without CRMA)."""
         if kind == "crma":
             return self.crma.parameters() if self.crma is not None else []
-        names = self.adapter_names() if task is None else [self.adapter_for(task)]
+        names = self.layout.adapter_names(self.task_names) if task is None else [self.adapter_for(task)]
         return [p for name in names for p in lora_parameters(self._model, name)]
+
+    def trainable_parameters(self, task: str) -> list[nn.Parameter]:
+        """What trains during ``task``: its LoRA, plus CRMA under MODULAR (the layout's table)."""
+        return [p for kind in self.layout.trains for p in self.adapter_parameters(kind, task)]
 
     def ever_trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter_parameters("lora") + self.adapter_parameters("crma")
@@ -278,20 +195,12 @@ class ContinualLM(pl.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def token_stats(self, batch: dict[str, Tensor]) -> TokenStats:
-        """Summed next-token loss, labelled-token count and correct predictions of a batch."""
+    def token_stats(self, batch: dict[str, Tensor]) -> losses.TokenStats:
+        """Summed next-token loss, scored-token count and correct predictions of a batch."""
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-        logits = logits[:, :-1].float()  # (B, T-1, V)
-        mask = (labels != -100).float()
-        if "example_weight" in batch:
-            mask = mask * batch["example_weight"].float()[:, None]
-        safe = labels.clamp_min(0)
-        nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T-1)
-        correct = (logits.argmax(-1) == safe).float()
-        return TokenStats((nll * mask).sum(), mask.sum(), (correct * mask).sum())
+        return losses.token_stats(logits, batch["labels"], batch.get("example_weight"))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         stats = self.token_stats(batch)
         # Normalise by the global token count: DDP averages gradients over ranks, so
         # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
@@ -372,18 +281,14 @@ class ContinualLM(pl.LightningModule):
                 f"model.task_names {self.task_names} differ from data.tasks {list(dm.task_names)}; "
                 "leave model.task_names unset, the CLI links it from data.tasks"
             )
-        from callbacks.evaluation import ContinualEvaluation
-        from callbacks.freezing import FreezingPolicy
-
-        have = {type(c) for c in self.trainer.callbacks}
-        missing = [
-            c for c in (FreezingPolicy, ContinualEvaluation) if not any(issubclass(h, c) for h in have)
-        ]
+        roles = {getattr(c, "role", None) for c in self.trainer.callbacks}
+        missing = [f"{role} ({what})" for role, what in REQUIRED_ROLES.items() if role not in roles]
         if missing:
             raise ConfigError(
-                "trainer.callbacks lacks "
-                + ", ".join(f"callbacks.{c.__module__.split('.')[-1]}.{c.__name__}" for c in missing)
-                + "; add it by class_path (see configs/base.yaml)"
+                "the trainer lacks the callbacks the method needs: "
+                + "; ".join(missing)
+                + ". `train.py` adds them "
+                "itself; in Python pass callbacks=callbacks.method_callbacks() to the Trainer"
             )
         vocab = self._model.get_input_embeddings().num_embeddings
         if getattr(dm, "vocab_size", 0) > vocab:
@@ -426,6 +331,7 @@ class ContinualLM(pl.LightningModule):
             return
         self.log("train/grad_norm", norm, batch_size=1)
 
+    # -- checkpoints: adapters only ----------------------------------------------------------
     def adapter_state_names(self) -> set[str]:
         """State-dict keys of every adapter tensor (what checkpoints keep)."""
         keep = {id(p) for p in self.ever_trainable_parameters()}
@@ -434,33 +340,19 @@ class ContinualLM(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen base is bit-identical to what configure_model() loads, so it is left out:
         # a Mistral-7B checkpoint is then megabytes of adapters, not 14 GB of base weights.
-        names = self.adapter_state_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
-        checkpoint["continual"] = {
+        adapter_only_checkpoint(checkpoint, self.adapter_state_names(), self.resume_identity())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = check_resumable(checkpoint, self.resume_identity(), self.adapter_state_names())
+        self.nonfinite_skipped = saved["nonfinite_skipped"]
+
+    def resume_identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this module to resume it (and the counters it carries)."""
+        return {
             "tasks": list(self.task_names),
             "strategy": self.strategy,
             "nonfinite_skipped": self.nonfinite_skipped,
         }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("continual")
-        if saved is None:
-            raise ConfigError(
-                "this checkpoint was not written by crma-lightning's ContinualLM; pass one from <run dir>/checkpoints/"
-            )
-        if saved["tasks"] != self.task_names or saved["strategy"] != self.strategy:
-            raise ConfigError(
-                f"the checkpoint was trained with tasks {saved['tasks']} (strategy {saved['strategy']}); this run has "
-                f"data.tasks {self.task_names} (strategy {self.strategy}). Resume with the same task list and "
-                "strategy, or start a new run without --ckpt_path."
-            )
-        missing = sorted(self.adapter_state_names() - set(checkpoint["state_dict"]))
-        if missing:
-            raise ConfigError(
-                f"the checkpoint lacks {len(missing)} adapter tensors of this model (e.g. {missing[:2]}); it was "
-                "written with other LoRA/CRMA settings. Resume with the run's own config.yaml."
-            )
-        self.nonfinite_skipped = saved["nonfinite_skipped"]
 
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self):

@@ -6,7 +6,7 @@ configure_model` calls :func:`fully_shard_model` on the device mesh's data-paral
 Every decoder layer (with its LoRAs and CRMA block, which are its children) is one FSDP unit and
 the root model (embeddings, final norm, LM head) another. Parameters are sharded ``DTensor``s
 between forward passes; anything that reads a whole adapter tensor (saving, diagnostics) goes
-through :func:`full_tensor`, a collective that every rank must call.
+through :func:`crma_lightning.dist.full_tensor`, a collective that every rank must call.
 
 :class:`AdapterShardedStrategy` is ``ModelParallelStrategy`` whose checkpoints hold only the
 adapters: a sharded (DCP) checkpoint folder of a 7B run stays megabytes, and it loads back
@@ -34,20 +34,49 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from crma_lightning.injection import find_decoder_layers
+from crma_lightning.config import ConfigError
+from crma_lightning.crma import CRMABlock
+from crma_lightning.dist import full_tensor
+from crma_lightning.injection import CRMAInjection, find_decoder_layers
 from crma_lightning.lora import tuner_layers
 
 #: Attribute set on modules that :func:`fsdp1_policy` wraps as their own FSDP1 unit.
 FSDP_UNIT = "_crma_fsdp_unit"
 
 
-def full_tensor(t: Tensor) -> Tensor:
-    """The whole tensor: gathered from every rank for a ``DTensor`` (a collective), else ``t``."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def shard_for_strategy(
+    model: nn.Module, crma: CRMAInjection | None, strategy: Any, mesh: Any
+) -> tuple[list[nn.Parameter], Any]:
+    """Prepare ``model`` for the trainer's strategy: FSDP2 under ModelParallelStrategy (``mesh`` is
+    set), FSDP1 wrap units under ``strategy: fsdp``, nothing otherwise.
+
+    Returns the parameters FSDP2 leaves whole on every rank and the data-parallel mesh their
+    gradients average over (``[]``, None without FSDP2). Sharded parameters exist whole only inside
+    their layer's forward, so the batched projection (all layers' logits stacked before the model's
+    forward) is replaced by one projection per layer inside the layer's own forward.
+    """
+    fsdp1 = isinstance(strategy, FSDPStrategy)
+    if mesh is None and not fsdp1:
+        return [], None
+    if crma is not None:
+        crma.set_batched_projection(False)
+    if mesh is not None:
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError("tensor parallelism is not supported: set tensor_parallel_size: 1 (FSDP2 only)")
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        return fully_shard_model(model, dp_mesh), dp_mesh
+    adapters = [m for m in model.modules() if isinstance(m, CRMABlock)] + lora_modules(model)
+    mark_fsdp1_units(model, adapters)
+    # A plain `strategy: fsdp` gets the same units as AdapterFSDPStrategy (it wraps after
+    # configure_model); settings given explicitly win.
+    strategy.kwargs.setdefault("auto_wrap_policy", fsdp1_policy)
+    strategy.kwargs.setdefault("use_orig_params", True)
+    return [], None
 
 
 def fully_shard_model(model: nn.Module, mesh: Any) -> list[nn.Parameter]:

@@ -20,11 +20,15 @@ import torch
 from safetensors.torch import load_file
 from subproc import REPO, run_train
 
-from crma_lightning.report import read_matrix_csv
+from crma_lightning.rundir import read_matrix_csv
 
 #: Small runs: 64 training examples (4 global batches of 16 per epoch, 8 steps per task, 24 in
 #: all; ModelCheckpoint every 10 steps leaves last.ckpt at step 20, inside task 3).
 SMALL = ["--data.train_size", "64", "--data.holdout_size", "32", "--model.lr.lora", "0.02"]
+
+#: The single-process reference of a 2-rank run at 8 examples per rank: the same two micro-batches
+#: of 8, summed by gradient accumulation (see test_distributed.single_run for why not batch 16).
+MICRO_8X2 = ["--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"]
 
 
 def free_port() -> int:

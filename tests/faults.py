@@ -1,5 +1,6 @@
 """Fault injection for the reliability tests: callbacks that SIGKILL their own process at a chosen
-point. Loaded by the training subprocess through PYTHONPATH (tests/) and ``--trainer.callbacks+=``."""
+point. Loaded by the training subprocess through PYTHONPATH (tests/) and ``--trainer.callbacks``;
+they run after the method's callbacks, which ``train.py`` adds first."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import os
 import signal
 
 from lightning.pytorch.callbacks import Callback
-
-from callbacks.evaluation import ContinualEvaluation
 
 
 def _die() -> None:
@@ -37,19 +36,21 @@ class KillAtEpochStart(Callback):
             _die()
 
 
-class KillDuringEvaluation(ContinualEvaluation):
-    """ContinualEvaluation that dies after computing row ``row`` but before storing or writing it."""
+class KillDuringEvaluation(Callback):
+    """Makes the run's evaluation callback die after computing row ``row`` but before storing or
+    writing it (its ``evaluate`` is wrapped at setup: a test-only patch of one instance)."""
 
-    def __init__(self, row: int, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, row: int):
         self.row = row
 
-    @property
-    def state_key(self) -> str:
-        return "ContinualEvaluation"  # the resumed run (plain ContinualEvaluation) reads this state
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        evaluation = next(c for c in trainer.callbacks if getattr(c, "role", None) == "evaluation")
+        evaluate = evaluation.evaluate
 
-    def evaluate(self, trainer, pl_module):
-        result = super().evaluate(trainer, pl_module)
-        if len(self.loss_rows) == self.row:
-            _die()
-        return result
+        def dying_evaluate(trainer, pl_module):
+            result = evaluate(trainer, pl_module)
+            if len(evaluation.loss_rows) == self.row:
+                _die()
+            return result
+
+        evaluation.evaluate = dying_evaluate

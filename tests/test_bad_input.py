@@ -53,7 +53,7 @@ def _cases():
     qa = [{"prompt": f"Q{i}?", "response": f"answer {i}"} for i in range(40)]
     return {
         "empty task list": (lambda t: tasks(), ["data.tasks", "is empty"]),
-        "duplicate task names": (lambda t: tasks({"name": "a"}, {"name": "a"}), ["data.tasks", "['a'] used twice"]),
+        "duplicate task names": (lambda t: tasks({"name": "a"}, {"name": "a"}), ["data.tasks[1].name", "'a' is used twice"]),
         "missing data file": (lambda t: tasks({"name": "a", "source": str(t / "nope.jsonl")}), ["nope.jsonl"]),
         "empty data file": (lambda t: (t / "e.txt").write_text("") and [] or tasks({"name": "a", "source": str(t / "e.txt")}), ["e.txt", "empty"]),
         "unreadable data file": (lambda t: (t / "b.jsonl").write_text('{"text": "unterminated\n') and [] or tasks({"name": "a", "source": str(t / "b.jsonl")}), ["b.jsonl"]),

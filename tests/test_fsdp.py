@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from distributed_helpers import (
+    MICRO_8X2,
     SMALL,
     assert_finished_loras_frozen,
     assert_matches_single,
@@ -26,18 +27,19 @@ from distributed_helpers import (
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from crma_lightning.report import read_matrix_csv
+from crma_lightning.rundir import read_matrix_csv
 
 FSDP2 = ["--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL]
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    # configs/tiny.yaml in one process, global batch 16 (fsdp2_cpu.yaml: 8 per rank x 2); the same
-    # arguments as the DDP tests' MODULAR reference, so one run serves both.
+    # configs/tiny.yaml in one process summing two micro-batches of 8 (fsdp2_cpu.yaml: 8 per rank
+    # x 2); the same arguments as the DDP tests' MODULAR reference, so one run serves both.
     return fit_once(
-        tmp_path_factory, "--config", "configs/tiny.yaml", "--config", "configs/strategy/modular.yaml", *SMALL
-    )
+        tmp_path_factory, "--config", "configs/tiny.yaml", "--config", "configs/strategy/modular.yaml", *SMALL,
+        *MICRO_8X2,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.cli import main as fit_main
 from crma_lightning.config import ConfigError
-from crma_lightning.serve import load_exported, load_run, read_run
+from crma_lightning.serve import export_task, load_exported, load_run, read_run
 from crma_lightning.serve.cli import main as serve_main
 from crma_lightning.serve.cli import read_prompts
 
@@ -132,7 +132,7 @@ def test_greedy_generation_with_kv_cache_equals_full_forward_argmax(tiny):
         for _ in range(10):
             seq.append(int(tiny.logits(torch.tensor([seq]), task="beta", crma=crma)[0, -1].argmax()))
         assert fast == seq[len(prompt) :]
-        with tiny.using("beta", crma):
+        with tiny.serving("beta", crma):
             no_cache = tiny.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, use_cache=False,
                                            pad_token_id=0, eos_token_id=None)  # fmt: skip
         assert no_cache[0, len(prompt) :].tolist() == fast
@@ -304,7 +304,7 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
 
 # -- export -----------------------------------------------------------------------------------
 def test_export_round_trip_gives_the_runs_logits(tiny, tmp_path):
-    out = tiny.export("beta", tmp_path / "beta")
+    out = export_task(tiny, "beta", tmp_path / "beta")
     assert {p.name for p in out.iterdir()} == {"crma_export.json", "model", "crma", "peft_lora"}
     x = torch.tensor([[5, 9, 14, 20, 33, 41, 50, 7], [3, 4, 5, 6, 7, 8, 9, 10]])
     exported = load_exported(out)
@@ -346,7 +346,7 @@ def test_other_strategies_load_export_and_route(strategy, tmp_path):
     run = load_run(run_dir)
     assert run.crma is None and run.tasks == ["alpha", "beta", "gamma"]
     x = torch.tensor([[5, 9, 14, 20, 33]])
-    out = run.export("alpha", tmp_path / "alpha")
+    out = export_task(run, "alpha", tmp_path / "alpha")
     assert not (out / "crma").exists()
     assert (load_exported(out).logits(x) - run.logits(x, task="alpha")).abs().max() <= 1e-5
     routed = run.route([[5, 9, 14, 20, 33]])

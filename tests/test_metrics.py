@@ -1,4 +1,4 @@
-"""Continual-learning metrics on hand-computed matrices (method.md §4)."""
+"""Continual-learning metrics on hand-computed matrices (docs/method.md §4)."""
 
 from __future__ import annotations
 

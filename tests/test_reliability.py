@@ -15,16 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from subproc import REPO, run_train
 
-from crma_lightning.report import read_matrix_csv
+from crma_lightning.rundir import read_matrix_csv
 
 FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02", "--model.lora.dropout", "0.1"]
-CALLBACKS = [
-    "callbacks.freezing.FreezingPolicy",
-    "callbacks.evaluation.ContinualEvaluation",
-    "callbacks.spectral.SpectralBoundLogger",
-    "callbacks.adapters.AdapterCheckpoint",
-    "callbacks.progress.TaskProgressBar",
-]
 
 
 def train(save_dir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -32,13 +25,10 @@ def train(save_dir: Path, *args: str, timeout: int = 300) -> subprocess.Complete
                      *FAST, *args, timeout=timeout, env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
 
 
-def callbacks_with(fault: str, replace_evaluation: bool = False) -> list[str]:
-    """A full trainer.callbacks list (JSON) with the fault injector inserted."""
-    items = [{"class_path": c} for c in CALLBACKS]
-    if replace_evaluation:
-        items[1] = json.loads(fault)
-    else:
-        items.insert(4, json.loads(fault))  # after evaluation and adapter saving
+def callbacks_with(fault: str) -> list[str]:
+    """The trainer.callbacks list (JSON): the fault injector (it runs after the method's callbacks,
+    so after evaluation and adapter saving) and the config's ModelCheckpoint."""
+    items = [json.loads(fault)]
     items.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10}})  # fmt: skip
     return ["--trainer.callbacks", json.dumps(items)]
@@ -65,17 +55,16 @@ def uninterrupted(tmp_path_factory) -> dict[str, np.ndarray]:
 
 
 KILLS = {
-    "mid-task": ('{"class_path": "faults.KillAtStep", "init_args": {"step": 25}}', False),
-    "after-task-boundary": ('{"class_path": "faults.KillAtEpochStart", "init_args": {"epoch": 2}}', False),
-    "during-evaluation": ('{"class_path": "faults.KillDuringEvaluation", "init_args": {"row": 3}}', True),
+    "mid-task": '{"class_path": "faults.KillAtStep", "init_args": {"step": 25}}',
+    "after-task-boundary": '{"class_path": "faults.KillAtEpochStart", "init_args": {"epoch": 2}}',
+    "during-evaluation": '{"class_path": "faults.KillDuringEvaluation", "init_args": {"row": 3}}',
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", list(KILLS))
 def test_sigkill_then_resume_matches_uninterrupted(point, uninterrupted, tmp_path):
-    fault, replace = KILLS[point]
-    killed = train(tmp_path, *callbacks_with(fault, replace))
+    killed = train(tmp_path, *callbacks_with(KILLS[point]))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     run_dir = tmp_path / "tiny" / "version_0"
     # Whatever was on disk at the kill is whole: no temp files, and readable CSV / JSON.

@@ -1,11 +1,14 @@
 """Use a trained run: load it, generate for a task, route without a task id, export a task.
 
-``load_run(run_dir)`` -> :class:`TrainedRun` (``generate``, ``route``, ``export``);
-``load_exported(dir)`` -> :class:`ExportedModel`. Command line: ``train.py predict|route|export``
+``load_run(run_dir)`` -> :class:`TrainedRun` (``generate``, ``route``, ``holdout_loss``);
+``export_task(run, task, dir)`` writes one task's model and ``load_exported(dir)`` ->
+:class:`ExportedModel` reads it back. Both served classes share :class:`ServedModel` (``logits``,
+batched generation, prompt scoring); ``export`` builds on ``run``, never the other way. Command line: ``train.py predict|route|export``
 (:mod:`crma_lightning.serve.cli`). Guide: docs/inference.md.
 """
 
 from crma_lightning.serve.export import ExportedModel, export_task, load_exported
+from crma_lightning.serve.model import ServedModel
 from crma_lightning.serve.run import AUTO, Completion, RunInfo, TrainedRun, load_run, read_run
 
 __all__ = [
@@ -13,6 +16,7 @@ __all__ = [
     "Completion",
     "ExportedModel",
     "RunInfo",
+    "ServedModel",
     "TrainedRun",
     "export_task",
     "load_exported",

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crma_lightning.checkpoint import atomic_write_text
+from crma_lightning.atomic import atomic_write_text
 from crma_lightning.config import ConfigError
 
 SUBCOMMANDS = ("predict", "export", "route")
@@ -146,10 +146,11 @@ def cmd_route(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from crma_lightning.serve.export import export_task
     from crma_lightning.serve.run import load_run
 
     run = load_run(args.run, device="cpu")
-    out = run.export(args.task, args.output)
+    out = export_task(run, args.task, args.output)
     print(
         f"exported task {args.task!r} to {out} (load it with crma_lightning.serve.load_exported)",
         file=sys.stderr,

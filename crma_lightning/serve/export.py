@@ -20,23 +20,23 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import PeftModel
-from torch import Tensor, nn
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from crma_lightning.atomic import atomic_directory, atomic_write_json
 from crma_lightning.backbone import DTYPES, load_backbone, plain_model
-from crma_lightning.checkpoint import atomic_directory, atomic_write_json, load_crma, save_crma, save_lora
+from crma_lightning.checkpoint import load_crma, save_crma, save_lora
 from crma_lightning.config import ConfigError
 from crma_lightning.data import load_tokenizer
 from crma_lightning.injection import CRMAInjection
 from crma_lightning.serve import generation
 from crma_lightning.serve.generation import Prompt
-
-if TYPE_CHECKING:
-    from crma_lightning.serve.run import TrainedRun
+from crma_lightning.serve.model import ServedModel
+from crma_lightning.serve.run import TrainedRun
 
 MANIFEST = "crma_export.json"
 FORMAT = "crma-lightning-export"
@@ -90,7 +90,7 @@ def export_task(run: TrainedRun, task: str, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-class ExportedModel:
+class ExportedModel(ServedModel):
     """A task's model as exported: base with the LoRA merged, CRMA re-injected (on by default)."""
 
     def __init__(
@@ -100,50 +100,19 @@ class ExportedModel:
         tokenizer: PreTrainedTokenizerBase | None,
         crma: CRMAInjection | None,
     ) -> None:
+        super().__init__(model, tokenizer, crma)
         self.manifest = manifest
-        self.model = model
-        self.tokenizer = tokenizer
-        self.crma = crma
 
     @property
     def task(self) -> str:
         return self.manifest["task"]
 
-    def _set_crma(self, on: bool) -> bool | None:
-        if self.crma is None:
-            return None
-        before = self.crma.enabled
-        self.crma.enabled = on
-        return before
-
-    @torch.no_grad()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, crma: bool = True) -> Tensor:
-        before = self._set_crma(crma)
-        try:
-            device = generation.model_device(self.model)
-            mask = None if attention_mask is None else attention_mask.to(device)
-            return self.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False).logits
-        finally:
-            self._set_crma(before if before is not None else True)
-
-    def generate(
-        self, prompt: Prompt | list[Prompt], crma: bool = True, batch_size: int = 8, **generate_kwargs: Any
-    ):
+    def generate(self, prompt: Prompt | list[Prompt], crma: bool = True, batch_size: int = 8, **generate_kwargs: Any):
         """Complete ``prompt`` (text or token ids, or a list of them); see ``TrainedRun.generate``."""
         single = generation.is_single(prompt)
         prompts = [prompt] if single else list(prompt)
-        vocab = self.model.get_input_embeddings().num_embeddings
-        ids = [generation.encode(p, self.tokenizer, vocab, f"prompt {i}") for i, p in enumerate(prompts)]
-        pad = 0 if self.tokenizer is None else self.tokenizer.pad_token_id
-        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
-        before = self._set_crma(crma)
-        try:
-            new = generation.generate_ids(
-                self.model, ids, pad_id=pad, eos_id=eos, batch_size=batch_size, **generate_kwargs
-            )
-        finally:
-            self._set_crma(before if before is not None else True)
-        out = [generation.decode(row, self.tokenizer) for row in new]
+        ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        out = [self.decode(row) for row in self.generate_ids(ids, self.task, crma, batch_size, **generate_kwargs)]
         return out[0] if single else out
 
 

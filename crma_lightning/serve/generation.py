@@ -1,7 +1,7 @@
 """Prompts in, completions out: encoding, left-padded batches, ``generate``, per-prompt loss.
 
-Shared by a loaded run (:mod:`crma_lightning.serve.run`) and an exported model
-(:mod:`crma_lightning.serve.export`); which LoRA and whether CRMA is on is the caller's business.
+Used by :class:`crma_lightning.serve.model.ServedModel`, the base of a loaded run and of an
+exported model; which LoRA and whether CRMA is on is the caller's business.
 A prompt is text (needs the run's tokenizer) or a list of token ids (runs on synthetic tasks have
 no tokenizer). CRMA acts per token position on each decoder layer's output, so generation with the
 KV cache computes exactly what a full forward pass would (``tests/test_inference.py`` checks it).
@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.config import ConfigError
+from crma_lightning.data.loading import pad
+from crma_lightning.losses import labels_from_mask, sequence_losses
 
 Prompt = str | Sequence[int]
 
@@ -64,18 +65,6 @@ def decode(ids: list[int], tokenizer: PreTrainedTokenizerBase | None) -> str | l
     return ids if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def pad_batch(ids: list[list[int]], pad_id: int, side: str, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(input_ids, attention_mask)``, both ``(B, T_max)`` int64, padded on the ``side`` given."""
-    length = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for row, x in enumerate(ids):
-        span = slice(length - len(x), length) if side == "left" else slice(0, len(x))
-        input_ids[row, span] = torch.tensor(x, dtype=torch.long)
-        mask[row, span] = 1
-    return input_ids.to(device), mask.to(device)
-
-
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -109,7 +98,7 @@ def generate_ids(
     out: list[list[int]] = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
-        input_ids, mask = pad_batch(chunk, pad_id, "left", device)
+        input_ids, mask = (t.to(device) for t in pad(chunk, pad_id, "left"))
         generated = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
         for row in generated[:, input_ids.shape[1] :].tolist():  # (B, new tokens)
             if eos_id is not None and eos_id in row:
@@ -127,12 +116,7 @@ def prompt_losses(model: nn.Module, prompts: list[list[int]], *, pad_id: int, ba
     device = model_device(model)
     out = []
     for lo in range(0, len(prompts), batch_size):
-        input_ids, mask = pad_batch(prompts[lo : lo + batch_size], pad_id, "right", device)
-        logits = (
-            model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        )  # (B, T-1, V)
-        targets = input_ids[:, 1:]
-        valid = mask[:, 1:].float()  # (B, T-1)
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
-        out.append((nll * valid).sum(1) / valid.sum(1))  # 0/0 = NaN for a 1-token prompt
+        input_ids, mask = (t.to(device) for t in pad(prompts[lo : lo + batch_size], pad_id, "right"))
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        out.append(sequence_losses(logits, labels_from_mask(input_ids, mask)))
     return torch.cat(out).cpu()

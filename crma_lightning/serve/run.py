@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from crma_lightning import losses
 from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.checkpoint import (
     CRMA_WEIGHTS,
@@ -39,30 +39,22 @@ from crma_lightning.checkpoint import (
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec, load_tokenizer
 from crma_lightning.injection import CRMAInjection
-from crma_lightning.lora import SHARED_ADAPTER, activate_lora
+from crma_lightning.layout import SHARED_ADAPTER, layout_of
+from crma_lightning.lora import activate_lora
+from crma_lightning.rundir import RunDir, init_args
 from crma_lightning.serve import generation
 from crma_lightning.serve.generation import Prompt
+from crma_lightning.serve.model import ServedModel
 
 AUTO = "auto"
 """Task value that asks for routing instead of naming a task."""
-
-CONFIG_FILE = "config.yaml"
-ADAPTERS_DIR = "adapters"
-CRMA_DIR = "crma"
-
-
-def _init_args(section: Any) -> dict[str, Any]:
-    """A config section as plain keyword arguments (``class_path``/``init_args`` form unwrapped)."""
-    if isinstance(section, dict) and "init_args" in section:
-        return dict(section["init_args"] or {})
-    return dict(section or {})
 
 
 @dataclass
 class RunInfo:
     """What a run directory says about its run: the parsed ``config.yaml`` and the adapters present."""
 
-    run_dir: Path
+    run: RunDir
     strategy: str
     tasks: list[str]
     """Every task of the configured sequence, in training order."""
@@ -73,56 +65,44 @@ class RunInfo:
     """``data`` init arguments of :class:`~crma_lightning.data.ContinualDataModule`, tasks as dicts."""
 
     @property
-    def tokenizer_name(self) -> str | None:
-        return self.data.get("tokenizer")
-
-    def adapter_dir(self, task: str) -> Path:
-        return self.run_dir / ADAPTERS_DIR / task
+    def run_dir(self) -> Path:
+        return self.run.path
 
     @property
-    def crma_dir(self) -> Path:
-        return self.run_dir / ADAPTERS_DIR / CRMA_DIR
+    def tokenizer_name(self) -> str | None:
+        return self.data.get("tokenizer")
 
     def datamodule(self) -> ContinualDataModule:
         """The run's DataModule, rebuilt from its config: the same holdout split (same seed, sizes)."""
         known = {f.name for f in fields(TaskSpec)}
         tasks = [
-            TaskSpec(**{k: v for k, v in _init_args(t).items() if k in known}) for t in self.data["tasks"]
+            TaskSpec(**{k: v for k, v in init_args(t).items() if k in known}) for t in self.data["tasks"]
         ]
         return ContinualDataModule(**{**self.data, "tasks": tasks})
 
 
 def read_run(run_dir: str | os.PathLike) -> RunInfo:
     """Parse ``<run_dir>/config.yaml`` and list the completed tasks; a clear error for a non-run."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(
-            f"run directory {str(run_dir)!r} does not exist; pass the path `fit` printed as `run dir:`"
-        )
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{run_dir} has no {CONFIG_FILE}, so it is not a run directory of `train.py fit`; pass the path "
-            "`fit` printed as `run dir:` (e.g. runs/tiny/version_0)"
-        )
+    run = RunDir(run_dir)
+    cfg = run.read_config()
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-        model = _init_args(cfg["model"])
-        data = _init_args(cfg["data"])
+        model, data = init_args(cfg["model"]), init_args(cfg["data"])
         backbone = BackboneConfig(**model["backbone"])
-        tasks = [_init_args(t)["name"] for t in data["tasks"]]
-    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as e:
+        tasks = [init_args(t)["name"] for t in data["tasks"]]
+    except (KeyError, TypeError) as e:
         raise ConfigError(
-            f"{path} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
+            f"{run.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
         ) from None
     strategy = model.get("strategy", "modular")
-    trained = [t for t in tasks if (run_dir / ADAPTERS_DIR / t / PEFT_WEIGHTS).is_file()]
+    layout_of(strategy)  # an unknown strategy fails here, naming the field
+    trained = [t for t in tasks if (run.adapter(t) / PEFT_WEIGHTS).is_file()]
     if not trained:
         raise ConfigError(
-            f"{run_dir} has no trained adapters ({ADAPTERS_DIR}/<task>/{PEFT_WEIGHTS} for none of the tasks {tasks}): "
-            "the run stopped before its first task ended. Train it further (`train.py fit ... --ckpt_path last`)."
+            f"{run.path} has no trained adapters ({run.adapter('<task>').relative_to(run.path)}/{PEFT_WEIGHTS} for "
+            f"none of the tasks {tasks}): the run stopped before its first task ended. Train it further "
+            "(`train.py fit ... --ckpt_path last`)."
         )
-    return RunInfo(run_dir, strategy, tasks, trained, backbone, data)
+    return RunInfo(run, strategy, tasks, trained, backbone, data)
 
 
 @dataclass
@@ -136,11 +116,11 @@ class Completion:
     completion_ids: list[int]
 
 
-class TrainedRun:
+class TrainedRun(ServedModel):
     """A finished (or partly finished) run, ready for inference. Build it with :func:`load_run`.
 
     ``model`` is the plain transformers model with every task's LoRA (peft named adapters) and,
-    for MODULAR, the CRMA blocks; exactly one LoRA is active at a time (:meth:`using`).
+    for MODULAR, the CRMA blocks; exactly one LoRA is active at a time (:meth:`serving`).
     """
 
     def __init__(
@@ -150,10 +130,8 @@ class TrainedRun:
         tokenizer: PreTrainedTokenizerBase | None,
         crma: CRMAInjection | None,
     ) -> None:
+        super().__init__(model, tokenizer, crma)
         self.info = info
-        self.model = model
-        self.tokenizer = tokenizer
-        self.crma = crma
 
     # -- tasks -----------------------------------------------------------------------------
     @property
@@ -168,61 +146,24 @@ class TrainedRun:
     def adapter_for(self, task: str) -> str:
         """The LoRA serving ``task``: its own, or under NAIVE the shared one (as at the end of the run)."""
         if task not in self.info.tasks:
-            raise ConfigError(
-                f"unknown task {task!r}; this run's tasks are {self.tasks} (or 'auto' to route)"
-            )
+            raise ConfigError(f"unknown task {task!r}; this run's tasks are {self.tasks} (or 'auto' to route)")
         if task not in self.info.trained:
             raise ConfigError(
-                f"task {task!r} was never completed in {self.info.run_dir} (no {ADAPTERS_DIR}/{task}/); "
+                f"task {task!r} was never completed in {self.info.run_dir} (no {self.info.run.adapter(task)}); "
                 f"completed tasks: {self.tasks}"
             )
-        return SHARED_ADAPTER if self.strategy == "naive" else task
+        return layout_of(self.strategy).adapter_for(task, self.info.tasks)
 
     @contextmanager
-    def using(self, task: str, crma: bool = True) -> Iterator[None]:
-        """Serve as ``task`` (its LoRA active) with CRMA on or off; restores the previous state."""
-        adapter = self.adapter_for(task)
-        previous = self.crma.enabled if self.crma is not None else None
-        activate_lora(self.model, adapter)
-        if self.crma is not None:
-            self.crma.enabled = crma
-        try:
+    def serving(self, task: str | None, crma: bool = True) -> Iterator[None]:
+        """Serve as ``task`` (its LoRA active) with CRMA on or off; restores the CRMA switch."""
+        if task is None:
+            raise ConfigError(f"name a task to serve: one of {self.tasks}, or 'auto' to route")
+        activate_lora(self.model, self.adapter_for(task))
+        with super().serving(task, crma):
             yield
-        finally:
-            if self.crma is not None:
-                self.crma.enabled = previous
 
-    @property
-    def device(self) -> torch.device:
-        return generation.model_device(self.model)
-
-    @property
-    def pad_id(self) -> int:
-        return 0 if self.tokenizer is None else self.tokenizer.pad_token_id
-
-    @property
-    def eos_id(self) -> int | None:
-        return None if self.tokenizer is None else self.tokenizer.eos_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.get_input_embeddings().num_embeddings
-
-    def encode(self, prompt: Prompt, where: str = "prompt") -> list[int]:
-        return generation.encode(prompt, self.tokenizer, self.vocab_size, where)
-
-    # -- forward ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def logits(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, task: str, crma: bool = True
-    ) -> Tensor:
-        """``(B, T, V)`` logits of the model serving ``task``."""
-        mask = None if attention_mask is None else attention_mask.to(self.device)
-        with self.using(task, crma):
-            return self.model(
-                input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False
-            ).logits
-
+    # -- generation ------------------------------------------------------------------------
     def generate(
         self,
         prompt: Prompt | Sequence[Prompt],
@@ -238,9 +179,7 @@ class TrainedRun:
         ``do_sample=True``). Returns the completion (without the prompt), or a list of them.
         """
         single = generation.is_single(prompt)
-        results = self.complete(
-            [prompt] if single else list(prompt), task, crma, batch_size, **generate_kwargs
-        )
+        results = self.complete([prompt] if single else list(prompt), task, crma, batch_size, **generate_kwargs)
         texts = [r.completion for r in results]
         return texts[0] if single else texts
 
@@ -271,31 +210,19 @@ class TrainedRun:
         out: list[Completion | None] = [None] * len(prompts)
         for task in dict.fromkeys(tasks):
             rows = [i for i, t in enumerate(tasks) if t == task]
-            with self.using(task, crma):
-                for lo in range(0, len(rows), batch_size):
-                    chunk = rows[lo : lo + batch_size]
-                    new = generation.generate_ids(
-                        self.model, [ids[i] for i in chunk], pad_id=self.pad_id, eos_id=self.eos_id,
-                        batch_size=batch_size, **generate_kwargs,
-                    )  # fmt: skip
-                    for i, row in zip(chunk, new, strict=True):
-                        out[i] = Completion(task, i in routed, generation.decode(row, self.tokenizer), row)
-                    if progress is not None:
-                        progress(len(chunk))
+            for lo in range(0, len(rows), batch_size):
+                chunk = rows[lo : lo + batch_size]
+                new = self.generate_ids([ids[i] for i in chunk], task, crma, batch_size, **generate_kwargs)
+                for i, row in zip(chunk, new, strict=True):
+                    out[i] = Completion(task, i in routed, self.decode(row), row)
+                if progress is not None:
+                    progress(len(chunk))
         return out  # type: ignore[return-value]
 
     # -- routing ---------------------------------------------------------------------------
     def route_losses(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> Tensor:
         """``(N, K)`` mean next-token loss of each prompt under each of the K :attr:`tasks`."""
-        columns = []
-        for task in self.tasks:
-            with self.using(task, crma):
-                columns.append(
-                    generation.prompt_losses(
-                        self.model, list(prompts), pad_id=self.pad_id, batch_size=batch_size
-                    )
-                )
-        return torch.stack(columns, dim=1)
+        return torch.stack([self.prompt_losses(prompts, task, crma, batch_size) for task in self.tasks], dim=1)
 
     def choose(self, losses: Tensor) -> list[str]:
         """The task with the lowest loss in each row of :meth:`route_losses`' ``(N, K)`` output.
@@ -315,23 +242,33 @@ class TrainedRun:
             return [self.tasks[-1]] * len(prompts)
         return self.choose(self.route_losses(prompts, batch_size, crma))
 
-    def route(
-        self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True
-    ) -> str | list[str]:
+    def route(self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True) -> str | list[str]:
         """The task chosen for ``prompt`` (or for each of a list of prompts) without a task id."""
         single = generation.is_single(prompts)
         items = [prompts] if single else list(prompts)
-        chosen = self.route_ids(
-            [self.encode(p, f"prompt {i}") for i, p in enumerate(items)], batch_size, crma
-        )
+        chosen = self.route_ids([self.encode(p, f"prompt {i}") for i, p in enumerate(items)], batch_size, crma)
         return chosen[0] if single else chosen
 
-    # -- export ----------------------------------------------------------------------------
-    def export(self, task: str, out_dir: str | os.PathLike) -> Path:
-        """Write ``task``'s model for a colleague; see :func:`crma_lightning.serve.export.export_task`."""
-        from crma_lightning.serve.export import export_task
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def holdout_loss(self, task: str, crma: bool = True, dm: ContinualDataModule | None = None) -> float:
+        """Mean next-token loss on ``task``'s holdout set (the run's own split), served as ``task``.
 
-        return export_task(self, task, out_dir)
+        With the run's final adapters this is the run's last loss-matrix row (within float
+        summation order); ``crma=False`` is the paper's inference ablation.
+        """
+        dm = dm or self.info.datamodule()
+        total = tokens = 0.0
+        with self.serving(task, crma):
+            for batch in dm.holdout_batches(task):
+                logits = self.model(
+                    input_ids=batch["input_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device),
+                    use_cache=False,
+                ).logits
+                s = losses.token_stats(logits, batch["labels"].to(self.device), batch["example_weight"].to(self.device))
+                total, tokens = total + float(s.loss_sum), tokens + float(s.tokens)
+        return total / max(tokens, 1.0)
 
 
 def load_run(
@@ -356,33 +293,32 @@ def load_run(
     if tokenizer is not None:
         info.data["tokenizer"] = tokenizer
     meta = None
-    if info.strategy == "modular":
-        if not (info.crma_dir / CRMA_WEIGHTS).is_file():
+    if layout_of(info.strategy).crma:
+        if not (info.run.crma / CRMA_WEIGHTS).is_file():
             raise ConfigError(
-                f"{info.run_dir} is a modular run but has no {ADAPTERS_DIR}/{CRMA_DIR}/{CRMA_WEIGHTS}; the CRMA state "
+                f"{info.run_dir} is a {info.strategy} run but has no {info.run.crma / CRMA_WEIGHTS}; the CRMA state "
                 "is missing (copy the whole run directory, adapters/ included)"
             )
-        meta = read_crma_meta(info.crma_dir)
+        meta = read_crma_meta(info.run.crma)
         saved = {"strategy": meta.get("strategy"), "tasks": meta.get("tasks")}
         if saved != {"strategy": info.strategy, "tasks": info.tasks}:
             raise ConfigError(
-                f"{info.crma_dir} was written by a run with {saved}, but {info.run_dir / CONFIG_FILE} says strategy "
+                f"{info.run.crma} was written by a run with {saved}, but {info.run.config_file} says strategy "
                 f"{info.strategy!r}, tasks {info.tasks}; the run directory mixes two runs"
             )
     model = load_backbone(info.backbone).to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [SHARED_ADAPTER] if info.strategy == "naive" else info.trained
-    for name in names:
-        # Under NAIVE, adapters/<last task>/ is the shared LoRA as the run ended.
-        source = info.trained[-1] if name == SHARED_ADAPTER else name
-        _check_adapter_dir(info.adapter_dir(source))
+    for name in layout_of(info.strategy).adapter_names(info.trained):
+        # A shared LoRA (NAIVE): adapters/<last task>/ holds it as the run ended.
+        source = info.run.adapter(info.trained[-1] if name == SHARED_ADAPTER else name)
+        _check_adapter_dir(source)
         with warnings.catch_warnings():
             # Several named adapters on one model is exactly what we want (as in lora.add_lora).
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-            load_lora(model, name, info.adapter_dir(source))
-    crma = load_crma(model, info.crma_dir) if meta is not None else None
+            load_lora(model, name, source)
+    crma = load_crma(model, info.run.crma) if meta is not None else None
     model.to(device)  # LoRA and CRMA tensors are created on the CPU
     for p in model.parameters():
         p.requires_grad_(False)

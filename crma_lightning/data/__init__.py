@@ -1,0 +1,33 @@
+"""Continual-learning data: task specs, sources, tokenisation, batching and the DataModule.
+
+One file per concern:
+
+- :mod:`.tasks`: ``TaskSpec`` and the validation of a task list;
+- :mod:`.sources`: reading raw records (local files, shipped corpus domains, hub datasets);
+- :mod:`.tokenize`: tokenizers and tokenisation (text blocks, prompt/response, synthetic tasks);
+- :mod:`.split`: the seeded holdout/train split by source record;
+- :mod:`.loading`: padding, the sharded per-epoch sampler, the resumable training loader;
+- :mod:`.module`: ``ContinualDataModule``, one task per stage of one ``fit``.
+"""
+
+from crma_lightning.data.loading import PadCollator, ResumableDataLoader, ShardedBatchSampler, pad
+from crma_lightning.data.module import ContinualDataModule
+from crma_lightning.data.tasks import CORPUS_PREFIX, FILE_BUILDERS, TaskSpec, source_kind
+from crma_lightning.data.tokenize import TINY_TOKENIZER, load_tokenizer, tiny_tokenizer_path
+from crma_lightning.losses import IGNORE_INDEX
+
+__all__ = [
+    "CORPUS_PREFIX",
+    "FILE_BUILDERS",
+    "IGNORE_INDEX",
+    "TINY_TOKENIZER",
+    "ContinualDataModule",
+    "PadCollator",
+    "ResumableDataLoader",
+    "ShardedBatchSampler",
+    "TaskSpec",
+    "load_tokenizer",
+    "pad",
+    "source_kind",
+    "tiny_tokenizer_path",
+]

@@ -1,0 +1,153 @@
+"""Batches: padding, the sharded per-epoch sampler and the resumable training loader.
+
+Batches are dicts of ``input_ids``, ``attention_mask``, ``labels`` (all ``(B, T)`` int64), padded to
+the longest sequence in the batch. Labels are NOT shifted and are ``IGNORE_INDEX`` on padding.
+
+Distributed training shards here, not through Lightning's sampler (``use_distributed_sampler=False``):
+each epoch draws one global permutation of the task's training set from ``(seed, epoch)``, cuts it
+into batches, and rank ``r`` of ``W`` takes global batches ``r, r + W, r + 2W, ...``. The permutation
+is padded by wrapping around to a multiple of ``batch_size * W`` so that every rank yields the same
+number of full batches and every example is seen at least once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from crma_lightning.config import ConfigError
+from crma_lightning.losses import IGNORE_INDEX
+
+
+def pad(
+    rows: Sequence[Sequence[int]], value: int, side: Literal["left", "right"] = "right"
+) -> tuple[Tensor, Tensor]:
+    """``rows`` of token ids as one ``(B, T_max)`` int64 tensor padded with ``value`` on ``side``, and
+    the ``(B, T_max)`` int64 mask of real tokens. The one padding routine of training, evaluation
+    and generation (decoder-only generation pads on the left)."""
+    length = max(len(r) for r in rows)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        out[i, span] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return out, mask
+
+
+class PadCollator:
+    """Stack examples into a right-padded batch, padded to the longest example in the batch."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[Mapping[str, list[int]]]) -> dict[str, Tensor]:
+        input_ids, attention_mask = pad([ex["input_ids"] for ex in examples], self.pad_id)
+        labels, _ = pad([ex["labels"] for ex in examples], IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One rank's batches of one epoch: every ``world_size``-th batch of a seeded global permutation.
+
+    The permutation of ``range(num_examples)`` comes from ``(seed, epoch)``, is tiled to a multiple
+    of ``batch_size * world_size`` (the first examples of the epoch repeat), and is cut into batches
+    of ``batch_size``; this rank takes batches ``rank, rank + world_size, ...``. ``start`` skips that
+    many of this rank's batches without producing their indices; it is read when iteration begins.
+
+    Deliberately not a ``BatchSampler`` and without ``drop_last``: with
+    ``use_distributed_sampler=True`` Lightning then refuses to inject its own sampler, loudly.
+    """
+
+    def __init__(
+        self, num_examples: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if num_examples < 1 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(
+                f"need num_examples >= 1, batch_size >= 1, 0 <= rank < world_size; "
+                f"got {num_examples}, {batch_size}, rank {rank} of {world_size}"
+            )
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.start = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_examples / (self.batch_size * self.world_size))
+
+    def rank_batches(self) -> np.ndarray:
+        """All of this rank's batches this epoch, ``(len(self), batch_size)`` example indices."""
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
+        order = np.resize(perm, len(self) * self.world_size * self.batch_size)  # wraps around
+        return order.reshape(-1, self.batch_size)[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # Materialised now, not lazily, so a later change of `start` cannot affect this iteration.
+        return iter(self.rank_batches()[self.start :].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader over one task's training set that can resume mid-epoch.
+
+    Lightning saves ``state_dict()`` in checkpoints and calls ``load_state_dict()`` on resume
+    (it checks ``isinstance(loader, lightning.fabric.utilities.types._Stateful)``). Batches are
+    counted in the main process as they are handed out, so the count is exact with workers too.
+    After ``load_state_dict`` the next iteration starts ``batches_yielded`` batches into the epoch;
+    the skipped batches are never loaded.
+    """
+
+    batch_sampler: ShardedBatchSampler
+
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        batch_sampler: ShardedBatchSampler,
+        collate_fn: PadCollator,
+        task: str,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers)
+        self.task = task
+        self._batches_yielded = 0
+        self._resume_at = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.batch_sampler.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "epoch": self.epoch, "batches_yielded": self._batches_yielded}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["epoch"] != self.epoch:
+            # The checkpoint's position belongs to an epoch that is over: start this one afresh.
+            self._resume_at = 0
+            return
+        if state_dict["task"] != self.task:
+            raise ConfigError(
+                f"the checkpoint was taken in epoch {self.epoch} on task '{state_dict['task']}', but the data "
+                f"config now trains '{self.task}' in that epoch; resume with the same data.tasks order and "
+                "data.epochs_per_task"
+            )
+        self._resume_at = int(state_dict["batches_yielded"])
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        start, self._resume_at = self._resume_at, 0
+        self.batch_sampler.start = min(start, len(self.batch_sampler))
+        self._batches_yielded = self.batch_sampler.start
+        return self._count(super().__iter__())
+
+    def _count(self, batches: Iterator[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        for batch in batches:
+            self._batches_yielded += 1
+            yield batch

@@ -1,0 +1,278 @@
+"""The continual-learning DataModule: a sequence of tasks, one task per stage of one ``fit``.
+
+Task ``k`` is trained during epochs ``[k * epochs_per_task, (k + 1) * epochs_per_task)``; the trainer
+runs with ``reload_dataloaders_every_n_epochs=1`` so ``train_dataloader()`` is asked again at every
+epoch and hands out the current task. Every task also keeps a fixed holdout set that the
+evaluation callback scores after later tasks to measure forgetting (:meth:`holdout_batches`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import get_type_hints
+
+import datasets
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from crma_lightning.config import ConfigError, raise_problems, type_problems
+from crma_lightning.data.loading import PadCollator, ResumableDataLoader, ShardedBatchSampler
+from crma_lightning.data.sources import load_hub, load_records
+from crma_lightning.data.split import split_by_record
+from crma_lightning.data.tasks import TaskSpec, source_kind, task_specs
+from crma_lightning.data.tokenize import load_tokenizer, synthetic_examples, tokenize_records
+from crma_lightning.hub import is_offline
+from crma_lightning.synthetic import FIRST_TOKEN
+
+#: Lowest allowed value of each numeric setting.
+_LOWEST = {
+    "max_length": 2,  # a shifted loss needs one input and one target
+    "train_size": 1,
+    "holdout_size": 1,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "epochs_per_task": 1,
+    "seed": 0,
+    "synthetic_vocab": 2,
+    "num_workers": 0,
+}
+
+
+class ContinualDataModule(LightningDataModule):
+    """A sequence of tasks for continual fine-tuning, each with a training set and a fixed holdout set.
+
+    Args:
+        tasks: The tasks in training order.
+        tokenizer: Tokenizer name or local folder for ``AutoTokenizer.from_pretrained``, ``tiny`` for the
+            one shipped in the package, or ``path/to/model.gguf``. Needed only for non-synthetic tasks.
+        max_length: Tokens per example: synthetic sequence length, text block length, truncation length.
+        train_size: Training examples per task (fewer, with a warning, if the source runs out).
+        holdout_size: Holdout examples per task, set aside before training examples are drawn.
+        batch_size: Training examples per batch on each rank.
+        eval_batch_size: Examples per batch in ``holdout_batches``.
+        epochs_per_task: Epochs spent on each task before moving to the next.
+        seed: Seeds the holdout/train split, the per-epoch shuffles and synthetic data.
+        synthetic_vocab: Size of the token range a synthetic task permutes (ids ``3 .. 3 + synthetic_vocab - 1``).
+        synthetic_jump: Probability that a synthetic sequence jumps to a random token instead of
+            following the permutation; > 0 keeps holdout sequences distinct from training ones.
+        num_workers: DataLoader worker processes for training batches.
+    """
+
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        tokenizer: str | None = None,
+        max_length: int = 128,
+        train_size: int = 500,
+        holdout_size: int = 100,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        epochs_per_task: int = 1,
+        seed: int = 0,
+        synthetic_vocab: int = 64,
+        synthetic_jump: float = 0.2,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.train_size = train_size
+        self.holdout_size = holdout_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.epochs_per_task = epochs_per_task
+        self.seed = seed
+        self.synthetic_vocab = synthetic_vocab
+        self.synthetic_jump = synthetic_jump
+        self.num_workers = num_workers
+        self.tasks = self._validate(tasks)
+        self._hf_tokenizer: PreTrainedTokenizerBase | None = None
+        self._train: dict[str, datasets.Dataset] = {}
+        self._holdout: dict[str, datasets.Dataset] = {}
+
+    def _validate(self, tasks) -> list[TaskSpec]:
+        # Types first: the checks after them compare values and call str methods, which would raise
+        # TypeError/AttributeError on a wrong type instead of naming the field.
+        hints = {k: v for k, v in get_type_hints(type(self).__init__).items() if k not in ("tasks", "return")}
+        problems = type_problems(self, "data", hints)
+        typed = not problems
+        specs = task_specs(tasks, self.tokenizer, problems)
+        if typed:
+            problems += [
+                f"data.{k}: must be >= {low}, got {getattr(self, k)}"
+                for k, low in _LOWEST.items()
+                if getattr(self, k) < low
+            ]
+            if not 0.0 <= self.synthetic_jump < 1.0:
+                problems.append(f"data.synthetic_jump: must lie in [0, 1), got {self.synthetic_jump}")
+        raise_problems(problems, "data config")
+        return specs
+
+    # -- task schedule -----------------------------------------------------------------------
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.num_tasks * self.epochs_per_task
+
+    def task_index_at_epoch(self, epoch: int) -> int:
+        """Index of the task trained in ``epoch``; epochs past the schedule stay on the last task."""
+        if epoch < 0:
+            raise ConfigError(f"epoch must be >= 0, got {epoch}")
+        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+
+    # -- tokens ------------------------------------------------------------------------------
+    @property
+    def hf_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The loaded tokenizer (lazily), or None when ``data.tokenizer`` is not set."""
+        if self._hf_tokenizer is None and self.tokenizer is not None:
+            self._hf_tokenizer = load_tokenizer(self.tokenizer)
+        return self._hf_tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        tokenizer = self.hf_tokenizer
+        return 0 if tokenizer is None else tokenizer.pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the data can contain: ``len(tokenizer)``, or ``3 + synthetic_vocab`` without a tokenizer."""
+        tokenizer = self.hf_tokenizer
+        return FIRST_TOKEN + self.synthetic_vocab if tokenizer is None else len(tokenizer)
+
+    # -- building ----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download hub datasets and the tokenizer into the local caches (runs once per node)."""
+        if is_offline():
+            return
+        if self.tokenizer is not None:
+            load_tokenizer(self.tokenizer)  # fills the hub cache that setup() reads on every rank
+        for i, task in enumerate(self.tasks):
+            if source_kind(task.source) == "hub":
+                load_hub(i, task)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenise every task and split it into holdout and training sets; later calls do nothing."""
+        for i, task in enumerate(self.tasks):
+            if task.name not in self._train:
+                self._holdout[task.name], self._train[task.name] = split_by_record(
+                    self._examples(i, task),
+                    self.holdout_size,
+                    self.train_size,
+                    self.seed,
+                    where=f"task '{task.name}' ({task.source})",
+                )
+
+    def _examples(self, index: int, task: TaskSpec) -> datasets.Dataset:
+        kind = source_kind(task.source)
+        if kind == "synthetic":
+            count = self.train_size + self.holdout_size
+            return synthetic_examples(
+                task,
+                count,
+                self.seed,
+                self.max_length,
+                self.synthetic_vocab,
+                self.synthetic_jump,
+                self.hf_tokenizer,
+            )
+        return tokenize_records(load_records(index, task, kind), task, self.hf_tokenizer, self.max_length)
+
+    def _require(self, task: str) -> None:
+        if task not in self.task_names:
+            raise ConfigError(f"unknown task {task!r}; the tasks are {self.task_names}")
+        self.setup()
+
+    # -- loaders -----------------------------------------------------------------------------
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The current epoch's task, this rank's shard (see :mod:`crma_lightning.data.loading`)."""
+        trainer = self.trainer
+        if trainer is None:
+            return self.train_dataloader_for_epoch(0)
+        epoch_bound = trainer.max_epochs is None or trainer.max_epochs < 0 or trainer.max_epochs > 1
+        if self.total_epochs > 1 and epoch_bound and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ConfigError(
+                "trainer.reload_dataloaders_every_n_epochs must be 1 with several task epochs "
+                f"({self.num_tasks} tasks x data.epochs_per_task={self.epochs_per_task}): the training data "
+                "changes with the epoch"
+            )
+        return self.train_dataloader_for_epoch(trainer.current_epoch, trainer.global_rank, trainer.world_size)
+
+    def train_dataloader_for_epoch(
+        self, epoch: int, rank: int = 0, world_size: int = 1
+    ) -> ResumableDataLoader:
+        """Training batches of ``epoch``'s task for ``rank`` of ``world_size``, shuffled by ``(seed, epoch)``."""
+        task = self.task_names[self.task_index_at_epoch(epoch)]
+        self._require(task)
+        data = self._train[task]
+        sampler = ShardedBatchSampler(len(data), self.batch_size, self.seed, epoch, rank, world_size)
+        return ResumableDataLoader(data, sampler, PadCollator(self.pad_token_id), task, self.num_workers)
+
+    def train_batches_per_epoch(self, task_index: int, world_size: int = 1) -> int:
+        """Batches each rank yields in one epoch of task ``task_index``."""
+        task = self.task_names[task_index]
+        self._require(task)
+        return math.ceil(len(self._train[task]) / (self.batch_size * world_size))
+
+    def holdout_batches(
+        self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None
+    ) -> list[dict[str, Tensor]]:
+        """The holdout set of ``task``, examples ``rank::world_size``, in order, batched.
+
+        Every rank gets the same number of batches with the same batch sizes (collectives inside
+        a sharded forward, and all-gathers of per-example losses, need that): ranks short of
+        ``ceil(holdout / world_size)`` examples repeat a real example with ``example_weight`` 0.
+        Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
+        """
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        self._require(task)
+        holdout = self._holdout[task]
+        batch_size = batch_size or self.eval_batch_size
+        indices = list(range(len(holdout)))[rank::world_size]
+        weights = [1.0] * len(indices)
+        per_rank = math.ceil(len(holdout) / world_size)
+        indices += [0] * (per_rank - len(indices))
+        weights += [0.0] * (per_rank - len(weights))
+        collate = PadCollator(self.pad_token_id)
+        batches = []
+        for lo in range(0, per_rank, batch_size):
+            rows = holdout[indices[lo : lo + batch_size]]
+            batch = collate(
+                [
+                    {"input_ids": a, "labels": b}
+                    for a, b in zip(rows["input_ids"], rows["labels"], strict=True)
+                ]
+            )
+            batch["example_weight"] = torch.tensor(weights[lo : lo + batch_size], dtype=torch.float32)
+            batches.append(batch)
+        return batches
+
+    def _holdout_loaders(self) -> list[DataLoader]:
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            # During fit the evaluation callback scores every task at task boundaries; a per-epoch
+            # validation loop would only repeat that work.
+            return []
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return [
+            DataLoader(self.holdout_batches(task, rank, world), batch_size=None, shuffle=False)
+            for task in self.task_names
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per task over its holdout set (rank shard), for ``validate``; empty during fit."""
+        return self._holdout_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """Same as :meth:`val_dataloader`, for the ``test`` subcommand."""
+        return self._holdout_loaders()

@@ -1,0 +1,193 @@
+"""Tokenizers and tokenisation: from raw records (or synthetic tasks) to ``input_ids``/``labels``.
+
+Examples are lists of token ids with unshifted labels (``IGNORE_INDEX`` on unscored tokens, see
+:mod:`crma_lightning.losses`) and the index of the source record they came from, so the holdout
+split can keep a record's blocks on one side.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import datasets
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from crma_lightning.config import ConfigError
+from crma_lightning.data.tasks import TaskSpec, local_path
+from crma_lightning.hub import converted_gguf, resolve_path
+from crma_lightning.losses import IGNORE_INDEX
+from crma_lightning.synthetic import FIRST_TOKEN, permutation_sequences
+
+TINY_TOKENIZER = "tiny"
+"""``tokenizer`` value that selects the 512-token BPE shipped in ``crma_lightning/assets``."""
+
+_MAP_BATCH = 1000
+
+
+def tiny_tokenizer_path() -> str:
+    """Folder of the 512-token byte-level BPE shipped with the package (``<pad>`` = 0, eos = 1)."""
+    try:
+        root = resources.files("crma_lightning")
+    except (TypeError, NotADirectoryError):
+        # Python < 3.12 cannot anchor resources in a namespace package (no __init__.py, as under an
+        # editable install); the package folder above this module is the same place.
+        root = Path(__file__).parents[1]
+    return str(root / "assets" / "tiny_tokenizer")
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer by hub name, local folder, ``tiny`` or ``path/to/model.gguf``; pad falls back to eos."""
+    if name == TINY_TOKENIZER:
+        name = tiny_tokenizer_path()
+    try:
+        if name.endswith(".gguf"):
+            # The converted checkpoint's fast tokenizer loads in well under a second; reading
+            # the GGUF file's vocabulary takes ~4 s on every run.
+            path = local_path(resolve_path(name, "data.tokenizer"))
+            folder = converted_gguf(str(path.parent), path.name, "data.tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolve_path(name, "data.tokenizer"), trust_remote_code=False
+            )
+    except ConfigError:
+        raise
+    except Exception as err:
+        # transformers raises OSError, ValueError (bad repo id, folder without a tokenizer) and
+        # others depending on what is wrong; all mean the same thing to the user.
+        raise ConfigError(
+            f"data.tokenizer: {name!r} could not be loaded ({type(err).__name__}: {err}); give a hub name "
+            "cached on this machine, a local folder with tokenizer files, path/to/model.gguf, package:<module>/<file>, "
+            "or 'tiny'"
+        ) from err
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"data.tokenizer: '{name}' has no eos token; the data pipeline ends every example with it"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize_text(
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    field: str,
+    max_length: int,
+) -> dict[str, list]:
+    """Each record (+ eos) cut into ``max_length`` blocks, each block one example tagged with its record.
+
+    Blocks never span records, so the holdout/train split (by record) cannot put one record's text
+    on both sides. Blocks under 2 tokens teach nothing and are dropped; so are blank records.
+    """
+    eos = tokenizer.eos_token_id
+    keep = [(i, t) for i, t in zip(indices, batch[field], strict=True) if isinstance(t, str) and t.strip()]
+    encoded = tokenizer([t for _, t in keep]).input_ids if keep else []
+    out: dict[str, list] = {"input_ids": [], "labels": [], "record": []}
+    for (record, _), ids in zip(keep, encoded, strict=True):
+        if not ids or ids[-1] != eos:
+            ids = [*ids, eos]
+        for lo in range(0, len(ids), max_length):
+            block = ids[lo : lo + max_length]
+            if len(block) >= 2:
+                out["input_ids"].append(block)
+                out["labels"].append(block)
+                out["record"].append(record)
+    return out
+
+
+def tokenize_prompt_response(
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_field: str,
+    response_field: str,
+    max_length: int,
+) -> dict[str, list[list[int]]]:
+    """prompt + response + eos, truncated to ``max_length``; labels -100 on the prompt.
+
+    The prompt takes the tokenizer's own special tokens (e.g. a Llama BOS); the response none.
+    Examples left with no response token or under 2 tokens are dropped.
+    """
+    eos = tokenizer.eos_token_id
+    prompts = ["" if p is None else str(p) for p in batch[prompt_field]]
+    responses = ["" if r is None else str(r) for r in batch[response_field]]
+    prompt_ids = tokenizer(prompts).input_ids
+    response_ids = tokenizer(responses, add_special_tokens=False).input_ids
+    out: dict[str, list] = {"input_ids": [], "labels": [], "record": []}
+    for record, p, r in zip(indices, prompt_ids, response_ids, strict=True):
+        ids = (p + r + [eos])[:max_length]
+        if len(ids) <= len(p) or len(ids) < 2:
+            continue
+        out["record"].append(record)
+        out["input_ids"].append(ids)
+        out["labels"].append([IGNORE_INDEX] * len(p) + ids[len(p) :])
+    return out
+
+
+def tokenize_records(
+    raw: datasets.Dataset, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> datasets.Dataset:
+    """Tokenise a task's records (``format: text`` or ``prompt_response``); an error if none is usable."""
+    where = f"task '{task.name}' ({task.source})"
+    if task.format == "text":
+        fn, fn_kwargs = tokenize_text, {"field": task.text_field}
+    else:
+        fn = tokenize_prompt_response
+        fn_kwargs = {"prompt_field": task.prompt_field, "response_field": task.response_field}
+    tokenized = raw.map(
+        fn,
+        batched=True,
+        with_indices=True,
+        batch_size=_MAP_BATCH,
+        remove_columns=raw.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, **fn_kwargs},
+        desc=f"tokenising {task.name}",
+    )
+    if len(tokenized) == 0:
+        if task.format == "text":
+            reason = f"every {task.text_field!r} record is blank or missing"
+        else:
+            reason = (
+                f"no example has a response token within data.max_length={max_length} and at least "
+                f"2 tokens: prompts fill max_length or {task.prompt_field!r}/{task.response_field!r} are "
+                "empty; raise data.max_length or fix the fields"
+            )
+        raise ConfigError(f"{where}: no usable example ({len(raw)} records): {reason}")
+    return tokenized
+
+
+def synthetic_examples(
+    task: TaskSpec,
+    count: int,
+    seed: int,
+    max_length: int,
+    vocab: int,
+    jump: float,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> datasets.Dataset:
+    """``count`` permutation sequences of a synthetic task (``crma_lightning.synthetic``), every token scored."""
+    if tokenizer is not None and FIRST_TOKEN + vocab > len(tokenizer):
+        raise ConfigError(
+            f"data.synthetic_vocab: task '{task.name}' uses ids up to {FIRST_TOKEN + vocab - 1}"
+            f" but the tokenizer has {len(tokenizer)}; lower data.synthetic_vocab"
+        )
+    try:
+        seqs = permutation_sequences(
+            seed,
+            task.name,
+            count,
+            max_length,
+            vocab,
+            jump,
+        ).tolist()
+    except MemoryError as err:  # numpy refuses absurd sizes at once; say which settings to lower
+        raise ConfigError(
+            f"task '{task.name}': {count} synthetic sequences of "
+            f"data.max_length={max_length} over data.synthetic_vocab={vocab} tokens do "
+            "not fit in memory; lower data.train_size, data.holdout_size, data.max_length or "
+            "data.synthetic_vocab"
+        ) from err
+    return datasets.Dataset.from_dict({"input_ids": seqs, "labels": seqs})

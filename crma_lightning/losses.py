@@ -1,0 +1,76 @@
+"""The next-token loss, in one place: training, evaluation, routing and the benchmarks use it.
+
+Labels follow the data pipeline's convention (``crma_lightning.data``): they are NOT shifted, so
+position t of the logits predicts ``labels[:, t + 1]``, and ``IGNORE_INDEX`` (-100) marks tokens
+that are not scored (padding, prompt tokens). The loss is computed in float32 whatever the model's
+dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""Label value that the loss skips (``torch.nn.functional.cross_entropy``'s default ``ignore_index``)."""
+
+
+@dataclass
+class TokenLosses:
+    """Per position of a batch, ``(B, T - 1)`` each: what position t predicts about token t + 1."""
+
+    nll: Tensor
+    """Next-token negative log-likelihood (float32; 0 where unscored)."""
+    scored: Tensor
+    """1.0 where the target token is scored, else 0.0 (float32)."""
+    correct: Tensor
+    """1.0 where the argmax prediction equals the target (float32)."""
+
+
+@dataclass
+class TokenStats:
+    """Sums over the scored tokens of a batch (weighted by ``example_weight`` when given)."""
+
+    loss_sum: Tensor
+    tokens: Tensor
+    correct: Tensor
+
+
+def token_losses(logits: Tensor, labels: Tensor) -> TokenLosses:
+    """``logits (B, T, V)`` and unshifted ``labels (B, T)`` -> per-position next-token losses."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    scored = (targets != IGNORE_INDEX).float()
+    safe = targets.clamp_min(0)
+    nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T-1)
+    correct = (logits.argmax(-1) == safe).float()
+    return TokenLosses(nll, scored, correct)
+
+
+def token_stats(logits: Tensor, labels: Tensor, example_weight: Tensor | None = None) -> TokenStats:
+    """Summed next-token loss, scored-token count and correct predictions of a batch.
+
+    ``example_weight (B,)`` scales each example's tokens (0 drops padding examples that only keep
+    ranks' batch counts equal).
+    """
+    t = token_losses(logits, labels)
+    mask = t.scored
+    if example_weight is not None:
+        mask = mask * example_weight.float()[:, None]
+    return TokenStats((t.nll * mask).sum(), mask.sum(), (t.correct * mask).sum())
+
+
+def sequence_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token loss of each sequence over its scored tokens, ``(B,)`` float32.
+
+    NaN for a sequence with no scored target (e.g. a 1-token prompt): 0 / 0.
+    """
+    t = token_losses(logits, labels)
+    return (t.nll * t.scored).sum(1) / t.scored.sum(1)
+
+
+def labels_from_mask(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Score every real token of ``input_ids``: labels equal to the ids, ``IGNORE_INDEX`` on padding."""
+    return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)

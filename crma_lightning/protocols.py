@@ -1,0 +1,70 @@
+"""The small typed interface between the LightningModule and the callbacks.
+
+Callbacks (``callbacks/``) talk to the module only through :class:`ContinualModule`; the module
+knows the callbacks only by the roles they declare (:data:`REQUIRED_ROLES`), never by importing
+them. ``crma_lightning.cli.ContinualCLI`` adds the required callbacks itself; a Python user adds
+``callbacks.method_callbacks()`` to the Trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from crma_lightning.backbone import BackboneConfig
+from crma_lightning.injection import CRMAInjection
+from crma_lightning.layout import AdapterKind
+from crma_lightning.losses import TokenStats
+
+REQUIRED_ROLES = {
+    "freezing": "sets what trains during each task",
+    "evaluation": "evaluates every task before training and after each task",
+}
+"""Roles a ``fit`` cannot do without; a callback declares its role in a class attribute ``role``."""
+
+
+@runtime_checkable
+class ContinualModule(Protocol):
+    """What callbacks may read and call on the module (``crma_lightning.module.ContinualLM``)."""
+
+    task_names: list[str]
+    strategy: str
+    backbone_config: BackboneConfig
+    crma: CRMAInjection | None
+    """The CRMA blocks, or None when the strategy has none."""
+    model: nn.Module | None
+    """The transformers model with the LoRAs (and CRMA blocks) injected."""
+    nonfinite_skipped: int
+    """Optimizer steps skipped for a non-finite loss or gradient so far."""
+    run_facts: dict[str, Any]
+    """Run-wide values that callbacks report for summary.json (e.g. the spectral bound)."""
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """Every parameter (``nn.Module.parameters``): the base, the LoRAs and the CRMA blocks."""
+
+    def adapter_for(self, task: str) -> str:
+        """The name of the LoRA that serves ``task``."""
+
+    def use_task(self, task: str) -> None:
+        """Route the forward pass through ``task``'s adapters."""
+
+    def adapter_parameters(self, kind: AdapterKind, task: str | None = None) -> list[nn.Parameter]:
+        """The adapter parameters of one kind (a task's LoRA, or all CRMA parameters)."""
+
+    def trainable_parameters(self, task: str) -> list[nn.Parameter]:
+        """What trains during ``task`` under the module's strategy."""
+
+    def token_stats(self, batch: dict[str, Tensor]) -> TokenStats:
+        """Summed next-token loss, scored tokens and correct predictions of a batch."""
+
+
+def as_continual(pl_module: Any) -> ContinualModule:
+    """``pl_module`` typed as a :class:`ContinualModule`, or a clear error for another module."""
+    if not isinstance(pl_module, ContinualModule):
+        raise TypeError(
+            f"crma-lightning's callbacks need a ContinualLM-like module, got {type(pl_module).__name__} "
+            "(see crma_lightning.protocols.ContinualModule)"
+        )
+    return pl_module

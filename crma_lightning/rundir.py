@@ -1,0 +1,216 @@
+"""The run directory: every path and file name of a run, and the reading of a finished run.
+
+A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
+
+    config.yaml                   the configuration LightningCLI saved (what load_run rebuilds from)
+    checkpoints/last.ckpt         Lightning checkpoints (adapters and optimizer state only); a
+                                  sharded (FSDP2) checkpoint is a folder of DCP shards + meta.pt
+    adapters/<task>/              the LoRA serving <task>, PEFT format, written at the task's end
+    adapters/crma/                the latest CRMA state (safetensors + JSON), rewritten per task
+    adapters/ranks.json           every rank's adapter hash at every task end
+    continual/loss_matrix.csv     holdout loss L[after, task]; header ``after,<tasks>``, row ``base`` first
+    continual/accuracy_matrix.csv token accuracy, same layout
+    continual/summary.json        drift, BWT, FWT, forgetting, final averages, spectral bound
+    continual/grad_norm.json      per-task peak and mean gradient norm
+    continual/*.png               heatmaps of the matrices
+    events.out.tfevents.*         TensorBoard
+
+Callbacks, the report, ``serve`` and the benchmarks name these files only through this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import yaml
+
+from crma_lightning.atomic import atomic_write_json, atomic_write_text, json_safe
+from crma_lightning.config import ConfigError
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+ADAPTERS_DIR = "adapters"
+CRMA_DIR = "crma"
+RANKS_FILE = "ranks.json"
+RESULTS_DIR = "continual"
+LOSS_MATRIX = "loss_matrix"
+ACCURACY_MATRIX = "accuracy_matrix"
+SUMMARY_FILE = "summary.json"
+GRAD_NORM_FILE = "grad_norm.json"
+SHARDED_META = "meta.pt"
+"""Lightning's metadata file inside a sharded (distributed-checkpoint) folder."""
+
+BASE_ROW = "base"
+"""Name of the matrices' first row: the model before any training."""
+
+RESERVED_TASK_NAMES = (CRMA_DIR,)
+"""Task names that would collide with a run-directory entry (``adapters/crma/``)."""
+
+_VERSION = re.compile(r"version_(\d+)")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder (FSDP: DCP shards + ``meta.pt``)."""
+    return path.is_file() or (path.is_dir() and (path / SHARDED_META).is_file())
+
+
+class Matrix(NamedTuple):
+    """One results matrix as written to CSV: row names (``base`` first), task names, values."""
+
+    rows: list[str]
+    tasks: list[str]
+    values: np.ndarray
+    """``(len(rows), len(tasks))`` float64."""
+
+
+def matrix_csv(rows: dict[str, list[float]], tasks: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["after", *tasks])
+    for name, values in rows.items():
+        writer.writerow([name, *(f"{v:.8g}" for v in values)])
+    return buf.getvalue()
+
+
+def read_matrix_csv(path: str | os.PathLike) -> Matrix:
+    with open(path, encoding="utf-8", newline="") as f:
+        data = list(csv.reader(f))
+    header, body = data[0], data[1:]
+    values = np.array([[float(x) for x in r[1:]] for r in body], dtype=np.float64).reshape(len(body), -1)
+    return Matrix([r[0] for r in body], header[1:], values)
+
+
+def init_args(section: Any) -> dict[str, Any]:
+    """A config section as plain keyword arguments (``class_path``/``init_args`` form unwrapped)."""
+    if isinstance(section, dict) and "init_args" in section:
+        return dict(section["init_args"] or {})
+    return dict(section or {})
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run. Paths only; nothing is created until a writer asks for it."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    # -- layout ------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
+    @property
+    def adapters(self) -> Path:
+        return self.path / ADAPTERS_DIR
+
+    def adapter(self, task: str) -> Path:
+        """The PEFT folder of the LoRA that serves ``task``."""
+        return self.adapters / task
+
+    @property
+    def crma(self) -> Path:
+        return self.adapters / CRMA_DIR
+
+    @property
+    def ranks_file(self) -> Path:
+        return self.adapters / RANKS_FILE
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS_DIR
+
+    def matrix_file(self, name: str = LOSS_MATRIX) -> Path:
+        return self.results / f"{name}.csv"
+
+    def figure_file(self, name: str) -> Path:
+        return self.results / f"{name}.png"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.results / SUMMARY_FILE
+
+    @property
+    def grad_norm_file(self) -> Path:
+        return self.results / GRAD_NORM_FILE
+
+    # -- writing results ---------------------------------------------------------------------
+    def write_matrices(
+        self, tasks: list[str], rows: dict[str, dict[str, list[float]]], summary: dict[str, Any]
+    ) -> None:
+        """``rows[name]`` is one matrix (row name -> values per task); each becomes ``<name>.csv``;
+        then the summary. Each file is replaced atomically."""
+        for name, matrix in rows.items():
+            atomic_write_text(self.matrix_file(name), matrix_csv(matrix, tasks))
+        atomic_write_json(self.summary_file, json_safe(summary))
+
+    # -- reading a run -----------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        """``config.yaml`` parsed with ``yaml.safe_load`` (nothing is executed or unpickled)."""
+        if not self.path.is_dir():
+            raise ConfigError(
+                f"run directory {str(self.path)!r} does not exist; pass the path `fit` printed as `run dir:`"
+            )
+        if not self.config_file.is_file():
+            raise ConfigError(
+                f"{self.path} has no {CONFIG_FILE}, so it is not a run directory of `train.py fit`; pass the "
+                "path `fit` printed as `run dir:` (e.g. runs/tiny/version_0)"
+            )
+        try:
+            cfg = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+            for section in ("model", "data"):  # both are needed to rebuild the run
+                init_args(cfg[section])
+        except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{self.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
+            ) from None
+        return cfg
+
+    def read_matrix(self, name: str = LOSS_MATRIX) -> Matrix:
+        return read_matrix_csv(self.matrix_file(name))
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_file.read_text(encoding="utf-8"))
+
+    def read_grad_norm(self) -> dict[str, Any] | None:
+        f = self.grad_norm_file
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+
+    def is_complete(self) -> bool:
+        """Whether the run evaluated every task of its sequence (its summary says so)."""
+        if not self.summary_file.is_file():
+            return False
+        s = self.read_summary()
+        return s.get("tasks_completed") == len(s.get("tasks", ()))
+
+    def has_checkpoint(self) -> bool:
+        return is_checkpoint(self.last_checkpoint)
+
+    @property
+    def version(self) -> int | None:
+        m = _VERSION.fullmatch(self.path.name)
+        return int(m.group(1)) if m else None
+
+
+def versions(root: str | os.PathLike) -> list[RunDir]:
+    """The ``version_N`` run directories under a logger's ``<save_dir>/<name>``, oldest first."""
+    runs = [RunDir(p) for p in Path(root).glob("version_*") if p.is_dir()]
+    return sorted((r for r in runs if r.version is not None), key=lambda r: r.version)
