@@ -24,7 +24,7 @@ from callbacks import METHOD_CALLBACKS
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
 from crma_lightning.module import ContinualLM, NonFiniteError
-from crma_lightning.rundir import SHARDED_META, RunDir, is_checkpoint, versions
+from crma_lightning.rundir import SHARDED_META, RunDir, init_args, is_checkpoint, versions
 
 
 def _task_name(task) -> str:
@@ -85,6 +85,7 @@ class ContinualCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        check_linked_options(sys.argv[1:] if args is None else list(args))
         super().parse_arguments(parser, args)
         # Here, not in before_instantiate_classes: LightningCLI reads --ckpt_path right after parsing.
         subcommand = self.config.get("subcommand")
@@ -129,6 +130,45 @@ class ContinualCLI(LightningCLI):
         if self.trainer.is_global_zero:
             print(f"run dir: {run_dir}", flush=True)
             rank_zero_info(f"open it in TensorBoard: tensorboard --logdir {run_dir}")
+
+
+#: Options the CLI computes itself, and what sets them.
+LINKED = {
+    "trainer.max_epochs": "is derived as len(data.tasks) x data.epochs_per_task; to train longer set "
+    "--data.epochs_per_task",
+    "model.task_names": "comes from the names in data.tasks; list the tasks under data.tasks",
+    "model.seed": "comes from data.seed; set --data.seed",
+}
+
+
+def _nested(cfg: Any, dotted: str) -> bool:
+    """Whether ``dotted`` (e.g. ``trainer.max_epochs``) is set in a parsed config file."""
+    for part in dotted.split("."):
+        cfg = init_args(cfg) if isinstance(cfg, dict) else cfg
+        if not isinstance(cfg, dict) or part not in cfg:
+            return False
+        cfg = cfg[part]
+    return True
+
+
+def check_linked_options(argv: list[str]) -> None:
+    """One clear line for an option the CLI sets itself (``LINKED``), given on the command line or
+    in a ``--config`` file; jsonargparse would print a cryptic link error or silently override it."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if key in LINKED:
+            raise ConfigError(f"--{key} cannot be set: it {LINKED[key]}")
+        if key == "config":
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            try:
+                cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else None
+            except (OSError, yaml.YAMLError, UnicodeDecodeError):
+                continue  # jsonargparse reports unreadable config files itself
+            for linked, where in LINKED.items():
+                if _nested(cfg, linked):
+                    raise ConfigError(f"{path}: {linked} cannot be set: it {where}")
 
 
 def _logger_root(cfg) -> tuple[str, str] | None:

@@ -23,17 +23,17 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics.aggregation import SumMetric
 
 from crma_lightning import losses
 from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.checkpoint import adapter_only_checkpoint, check_resumable
 from crma_lightning.config import NO_DECAY, ConfigError, CRMAConfig, GroupLR, LoRAConfig, raise_problems
 from crma_lightning.data.tasks import name_problems
+from crma_lightning.holdout import HoldoutSteps, holdout_sums
 from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.layout import AdapterKind, Strategy, layout_of
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
-from crma_lightning.protocols import REQUIRED_ROLES
+from crma_lightning.protocols import check_fit_setup
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
 from crma_lightning.sharding import average_replicated_grads, shard_for_strategy
 
@@ -44,7 +44,7 @@ class NonFiniteError(RuntimeError):
     """Training met a NaN/inf loss or gradient and ``model.nonfinite`` is 'stop'."""
 
 
-class ContinualLM(pl.LightningModule):
+class ContinualLM(HoldoutSteps, pl.LightningModule):
     """Continual fine-tuning of a causal LM under NAIVE, FROZEN or MODULAR (CRMA)."""
 
     def __init__(
@@ -98,13 +98,7 @@ class ContinualLM(pl.LightningModule):
         self.run_facts: dict[str, Any] = {}
         self._validate()
         self.layout = layout_of(strategy)
-        # validate/test subcommands: per-task sums, all-reduced across ranks by torchmetrics.
-        self.holdout_sums = nn.ModuleDict(
-            {
-                t: nn.ModuleDict({k: SumMetric() for k in ("loss_sum", "tokens", "correct")})
-                for t in self.task_names
-            }
-        )
+        self.holdout_sums = holdout_sums(self.task_names)  # validate/test (crma_lightning.holdout)
         self.model: nn.Module | None = None
         self.crma: CRMAInjection | None = None
         # Checkpoints hold only the adapters (see on_save_checkpoint); the frozen base is reloaded.
@@ -225,35 +219,6 @@ class ContinualLM(pl.LightningModule):
         # Returning None from training_step makes Lightning skip backward and the optimizer step.
         return None
 
-    # -- validate / test subcommands: every task's holdout set with the current weights ------
-    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        task = self.task_names[dataloader_idx]
-        self.use_task(task)
-        s = self.token_stats(batch)
-        for name, value in (("loss_sum", s.loss_sum), ("tokens", s.tokens), ("correct", s.correct)):
-            self.holdout_sums[task][name].update(value)
-
-    def _eval_epoch_end(self, prefix: str) -> None:
-        for task, sums in self.holdout_sums.items():
-            v = {name: metric.compute() for name, metric in sums.items()}
-            tokens = v["tokens"].clamp_min(1)
-            self.log(f"{prefix}/{task}/loss", v["loss_sum"] / tokens, add_dataloader_idx=False)
-            self.log(f"{prefix}/{task}/accuracy", v["correct"] / tokens, add_dataloader_idx=False)
-            for metric in sums.values():
-                metric.reset()
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     # -- task boundaries -----------------------------------------------------------------
     def task_steps(self) -> list[int]:
         """Optimizer steps of every task, from the DataModule's per-task batch counts."""
@@ -271,35 +236,7 @@ class ContinualLM(pl.LightningModule):
         return self._task_starts[task_index]
 
     def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "task_names"):
-            raise ConfigError(
-                "fit needs the continual DataModule (data: class_path: crma_lightning.data.ContinualDataModule)"
-            )
-        if list(dm.task_names) != self.task_names:
-            raise ConfigError(
-                f"model.task_names {self.task_names} differ from data.tasks {list(dm.task_names)}; "
-                "leave model.task_names unset, the CLI links it from data.tasks"
-            )
-        roles = {getattr(c, "role", None) for c in self.trainer.callbacks}
-        missing = [f"{role} ({what})" for role, what in REQUIRED_ROLES.items() if role not in roles]
-        if missing:
-            raise ConfigError(
-                "the trainer lacks the callbacks the method needs: "
-                + "; ".join(missing)
-                + ". `train.py` adds them "
-                "itself; in Python pass callbacks=callbacks.method_callbacks() to the Trainer"
-            )
-        vocab = self._model.get_input_embeddings().num_embeddings
-        if getattr(dm, "vocab_size", 0) > vocab:
-            raise ConfigError(
-                f"data: the token ids go up to {dm.vocab_size - 1} (data.tokenizer / data.synthetic_vocab) but the "
-                f"model's embedding has {vocab} rows; use the model's own tokenizer or a smaller synthetic_vocab"
-            )
-        if self.trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ConfigError(
-                "trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data"
-            )
+        check_fit_setup(self.trainer, self.task_names, self._model.get_input_embeddings().num_embeddings)
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         step = self.trainer.global_step

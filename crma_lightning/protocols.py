@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from crma_lightning.backbone import BackboneConfig
+from crma_lightning.config import ConfigError
 from crma_lightning.injection import CRMAInjection
 from crma_lightning.layout import AdapterKind
 from crma_lightning.losses import TokenStats
@@ -68,3 +69,37 @@ def as_continual(pl_module: Any) -> ContinualModule:
             "(see crma_lightning.protocols.ContinualModule)"
         )
     return pl_module
+
+
+def check_fit_setup(trainer: Any, task_names: list[str], vocab_size: int) -> None:
+    """Everything a ``fit`` of the continual module needs from its trainer and data, or one clear
+    error: the continual DataModule with the same tasks, the callbacks of :data:`REQUIRED_ROLES`,
+    token ids within the embedding, and a data reload every epoch."""
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "task_names"):
+        raise ConfigError(
+            "fit needs the continual DataModule (data: class_path: crma_lightning.data.ContinualDataModule)"
+        )
+    if list(dm.task_names) != task_names:
+        raise ConfigError(
+            f"model.task_names {task_names} differ from data.tasks {list(dm.task_names)}; "
+            "leave model.task_names unset, the CLI links it from data.tasks"
+        )
+    roles = {getattr(c, "role", None) for c in trainer.callbacks}
+    missing = [f"{role} ({what})" for role, what in REQUIRED_ROLES.items() if role not in roles]
+    if missing:
+        raise ConfigError(
+            "the trainer lacks the callbacks the method needs: "
+            + "; ".join(missing)
+            + ". `train.py` adds them "
+            "itself; in Python pass callbacks=callbacks.method_callbacks() to the Trainer"
+        )
+    if getattr(dm, "vocab_size", 0) > vocab_size:
+        raise ConfigError(
+            f"data: the token ids go up to {dm.vocab_size - 1} (data.tokenizer / data.synthetic_vocab) but the "
+            f"model's embedding has {vocab_size} rows; use the model's own tokenizer or a smaller synthetic_vocab"
+        )
+    if trainer.reload_dataloaders_every_n_epochs != 1:
+        raise ConfigError(
+            "trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data"
+        )

@@ -54,6 +54,7 @@ def _cases():
     return {
         "empty task list": (lambda t: tasks(), ["data.tasks", "is empty"]),
         "duplicate task names": (lambda t: tasks({"name": "a"}, {"name": "a"}), ["data.tasks[1].name", "'a' is used twice"]),
+        "reserved task name": (lambda t: tasks({"name": "crma"}), ["data.tasks[0].name", "'crma' is reserved"]),
         "missing data file": (lambda t: tasks({"name": "a", "source": str(t / "nope.jsonl")}), ["nope.jsonl"]),
         "empty data file": (lambda t: (t / "e.txt").write_text("") and [] or tasks({"name": "a", "source": str(t / "e.txt")}), ["e.txt", "empty"]),
         "unreadable data file": (lambda t: (t / "b.jsonl").write_text('{"text": "unterminated\n') and [] or tasks({"name": "a", "source": str(t / "b.jsonl")}), ["b.jsonl"]),
@@ -66,6 +67,10 @@ def _cases():
         "sinkhorn iterations < 1": (lambda t: ["--model.crma.sinkhorn_iters", "0"], ["model.crma.sinkhorn_iters"]),
         "negative learning rate": (lambda t: ["--model.lr.lora", "-0.1"], ["model.lr.lora"]),
         "LoRA targets match nothing": (lambda t: ["--model.lora.target_modules", "[no_such_proj]"], ["no_such_proj", "lora.target_modules"]),
+        "linked option on the command line": (lambda t: ["--trainer.max_epochs", "2"], ["--trainer.max_epochs cannot be set", "data.epochs_per_task"]),
+        "linked option in a config file": (lambda t: (t / "more.yaml").write_text("trainer:\n  max_epochs: 3\nmodel:\n  seed: 4\n") and [] or ["--config", str(t / "more.yaml")], ["more.yaml: trainer.max_epochs cannot be set", "data.epochs_per_task"]),
+        "linked seed": (lambda t: ["--model.seed=3"], ["--model.seed cannot be set", "--data.seed"]),
+        "a method callback listed in trainer.callbacks": (lambda t: ["--trainer.callbacks", '[{"class_path": "callbacks.evaluation.ContinualEvaluation"}]'], ["callbacks.evaluation.ContinualEvaluation", "train.py adds itself", "`evaluation:`"]),
         "corrupted checkpoint": (lambda t: (t / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip") and [] or ["--ckpt_path", str(t / "bad.ckpt")], ["bad.ckpt", "corrupted"]),
     }
 
