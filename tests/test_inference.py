@@ -119,7 +119,12 @@ def test_a_run_that_stopped_early_serves_its_completed_tasks(tmp_path, tiny_dir)
     assert run.tasks == ["alpha", "beta"]
     with pytest.raises(ConfigError, match="never completed"):
         run.generate([5, 6, 7], task="gamma")
-    assert run.route([[5, 6, 7, 8]]) in (["alpha"], ["beta"])
+    # Routing chooses among the completed tasks only, and still right: each task's own holdout
+    # prefixes (8 tokens) go to it (the tiny run routes them all correctly; see the routing test).
+    dm = run.info.datamodule()
+    for task in run.tasks:
+        prefixes = [b[:8].tolist() for b in dm.holdout_batches(task, batch_size=16)[0]["input_ids"]]
+        assert run.route(prefixes) == [task] * len(prefixes)
 
 
 # -- generate ---------------------------------------------------------------------------------
@@ -154,12 +159,25 @@ def test_crma_on_by_default_and_switchable_off(tiny):
 
 
 def test_text_generation_with_the_runs_tokenizer(text):
-    out = text.generate("def parse(", task="code", max_new_tokens=6)
-    assert isinstance(out, str)
-    both = text.generate(["def parse(", "Permission is hereby granted"], task="auto", max_new_tokens=6)
-    assert isinstance(both, list) and len(both) == 2 and all(isinstance(s, str) for s in both)
+    # Text in, text out through the run's own tokenizer: the completion is the decoded greedy
+    # continuation, token by token the argmax of the full-sequence logits.
+    ids = text.tokenizer("def parse(").input_ids
+    seq = list(ids)
+    for _ in range(6):
+        seq.append(int(text.logits(torch.tensor([seq]), task="code")[0, -1].argmax()))
+    new = seq[len(ids) :]
+    if text.eos_id in new:
+        new = new[: new.index(text.eos_id)]
+    assert text.generate("def parse(", task="code", max_new_tokens=6) == text.tokenizer.decode(new, skip_special_tokens=True)
+    prompts = ["def parse(", "Permission is hereby granted"]
+    routed = text.route(prompts)
+    assert text.generate(prompts, task="auto", max_new_tokens=6) == [
+        text.generate(p, task=t, max_new_tokens=6) for p, t in zip(prompts, routed, strict=True)
+    ]
+    torch.manual_seed(0)
     sampled = text.generate("def parse(", task="legal", do_sample=True, top_p=0.9, max_new_tokens=4)
-    assert isinstance(sampled, str)
+    torch.manual_seed(0)
+    assert sampled == text.generate("def parse(", task="legal", do_sample=True, top_p=0.9, max_new_tokens=4)
     with pytest.raises(ConfigError, match="bad generation arguments"):
         text.generate("x", task="code", max_new_tokens=-1)
 
@@ -300,6 +318,57 @@ def test_cli_errors_are_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
             exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0]
         ), err
     assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+# -- untrusted run directories ---------------------------------------------------------------
+def _tampered(tiny_dir, tmp_path, edit) -> Path:
+    """A copy of the tiny run whose config.yaml was changed by ``edit(cfg)``."""
+    import yaml
+
+    run = tmp_path / "tampered"
+    shutil.copytree(tiny_dir, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    edit(cfg)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_a_run_dir_that_asks_to_run_code_is_refused(tiny_dir, tmp_path, capsys):
+    remote = _tampered(tiny_dir, tmp_path / "a", lambda c: c["model"]["backbone"].update(trust_remote_code=True))
+    with pytest.raises(ConfigError, match="trust_remote_code.*--trust-remote-code"):
+        load_run(remote)
+    assert load_run(remote, trust_remote_code=True).tasks == ["alpha", "beta", "gamma"]
+
+    foreign = _tampered(tiny_dir, tmp_path / "b", lambda c: c["data"].update(class_path="evil.payload.DataModule"))
+    with pytest.raises(ConfigError, match="evil.payload.DataModule.*--allow-foreign-classes"):
+        load_run(foreign)
+    assert load_run(foreign, allow_foreign_classes=True).tasks == ["alpha", "beta", "gamma"]
+
+    # A hub model other than the one the adapters were trained on (recorded in their PEFT config).
+    other = _tampered(tiny_dir, tmp_path / "c", lambda c: c["model"]["backbone"].update(name_or_path="org/model-b", config=None))
+    for task in ("alpha", "beta", "gamma"):
+        f = other / "adapters" / task / "adapter_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "base_model_name_or_path": "org/model-a"}))
+    with pytest.raises(ConfigError, match="'org/model-b'.*trained on 'org/model-a'.*--base-model"):
+        load_run(other)
+
+    # The command line says the same in one line, exit 2, and names the flag.
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"input_ids": [5, 6]}\n')
+    for run, flag in ((remote, "--trust-remote-code"), (foreign, "--allow-foreign-classes"), (other, "--base-model")):
+        with pytest.raises(SystemExit) as exit_info:
+            serve_main(["predict", "--run", str(run), "--input", str(src), "--output", str(tmp_path / "o.jsonl")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and flag in err[0], err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_export_that_asks_to_run_code_is_refused(tiny, tmp_path):
+    out = export_task(tiny, "alpha", tmp_path / "alpha")
+    manifest = json.loads((out / "crma_export.json").read_text())
+    (out / "crma_export.json").write_text(json.dumps({**manifest, "trust_remote_code": True}))
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        load_exported(out)
 
 
 # -- export -----------------------------------------------------------------------------------

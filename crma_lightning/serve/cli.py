@@ -92,14 +92,28 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+def _load(args: argparse.Namespace, device: str):
+    """``load_run`` with the command line's trust flags (see ``serve.run.check_trusted``)."""
+    from crma_lightning.backbone import BackboneConfig
+    from crma_lightning.serve.run import load_run
+
+    backbone = BackboneConfig(name_or_path=args.base_model) if args.base_model else None
+    return load_run(
+        args.run,
+        device=device,
+        backbone=backbone,
+        trust_remote_code=args.trust_remote_code,
+        allow_foreign_classes=args.allow_foreign_classes,
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from crma_lightning.serve.run import load_run
 
     records, prompts, tasks = read_prompts(args.input, args.task)
-    run = load_run(args.run, device=args.device)
+    run = _load(args, args.device)
     _check_tasks(run, tasks, args.input)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -126,10 +140,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_route(args: argparse.Namespace) -> None:
-    from crma_lightning.serve.run import load_run
 
     records, prompts, _ = read_prompts(args.input, "auto")
-    run = load_run(args.run, device=args.device)
+    run = _load(args, args.device)
     ids = [run.encode(p, f"--input {args.input} prompt {i + 1}") for i, p in enumerate(prompts)]
     losses = run.route_losses(ids, batch_size=args.batch_size, crma=not args.no_crma)
     chosen = run.choose(losses)
@@ -147,9 +160,8 @@ def cmd_route(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from crma_lightning.serve.export import export_task
-    from crma_lightning.serve.run import load_run
 
-    run = load_run(args.run, device="cpu")
+    run = _load(args, "cpu")
     out = export_task(run, args.task, args.output)
     print(
         f"exported task {args.task!r} to {out} (load it with crma_lightning.serve.load_exported)",
@@ -164,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--run", required=True, help="run directory (`fit` prints it as `run dir:`)")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        p.add_argument(
+            "--trust-remote-code", action="store_true", help="allow a run whose config sets trust_remote_code"
+        )
+        p.add_argument(
+            "--allow-foreign-classes", action="store_true", help="allow a config naming classes from other packages"
+        )
+        p.add_argument(
+            "--base-model", help="load the adapters onto this base (hub name or folder) instead of config.yaml's"
+        )
 
     p = sub.add_parser("predict", help="complete every prompt of a jsonl file")
     common(p)

@@ -116,9 +116,12 @@ class ExportedModel(ServedModel):
         return out[0] if single else out
 
 
-def load_exported(directory: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedModel:
+def load_exported(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> ExportedModel:
     """Load a directory written by :func:`export_task`: model, CRMA state (checked against the
-    model's architecture) and tokenizer, in one call."""
+    model's architecture) and tokenizer, in one call. An export whose manifest asks for
+    ``trust_remote_code`` is refused unless ``trust_remote_code=True``: nothing in it runs otherwise."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -133,6 +136,11 @@ def load_exported(directory: str | os.PathLike, device: str | torch.device = "cp
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConfigError(
             f"{path} is format {manifest.get('format')!r} v{manifest.get('version')}; this version reads {FORMAT!r} v{VERSION}"
+        )
+    if manifest.get("trust_remote_code") and not trust_remote_code:
+        raise ConfigError(
+            f"{path} asks for trust_remote_code, which runs code shipped with the model; pass "
+            "trust_remote_code=True only if you trust its author"
         )
     model_dir = directory / manifest["model_dir"]
     try:

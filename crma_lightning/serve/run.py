@@ -14,6 +14,7 @@ per task; ``benchmarks/bench_routing.py`` measures its accuracy and what it does
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from crma_lightning.checkpoint import (
 )
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec, load_tokenizer
+from crma_lightning.hub import PACKAGE_PREFIX
 from crma_lightning.injection import CRMAInjection
 from crma_lightning.layout import SHARED_ADAPTER, layout_of
 from crma_lightning.lora import activate_lora
@@ -146,7 +148,9 @@ class TrainedRun(ServedModel):
     def adapter_for(self, task: str) -> str:
         """The LoRA serving ``task``: its own, or under NAIVE the shared one (as at the end of the run)."""
         if task not in self.info.tasks:
-            raise ConfigError(f"unknown task {task!r}; this run's tasks are {self.tasks} (or 'auto' to route)")
+            raise ConfigError(
+                f"unknown task {task!r}; this run's tasks are {self.tasks} (or 'auto' to route)"
+            )
         if task not in self.info.trained:
             raise ConfigError(
                 f"task {task!r} was never completed in {self.info.run_dir} (no {self.info.run.adapter(task)}); "
@@ -179,7 +183,9 @@ class TrainedRun(ServedModel):
         ``do_sample=True``). Returns the completion (without the prompt), or a list of them.
         """
         single = generation.is_single(prompt)
-        results = self.complete([prompt] if single else list(prompt), task, crma, batch_size, **generate_kwargs)
+        results = self.complete(
+            [prompt] if single else list(prompt), task, crma, batch_size, **generate_kwargs
+        )
         texts = [r.completion for r in results]
         return texts[0] if single else texts
 
@@ -222,7 +228,9 @@ class TrainedRun(ServedModel):
     # -- routing ---------------------------------------------------------------------------
     def route_losses(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> Tensor:
         """``(N, K)`` mean next-token loss of each prompt under each of the K :attr:`tasks`."""
-        return torch.stack([self.prompt_losses(prompts, task, crma, batch_size) for task in self.tasks], dim=1)
+        return torch.stack(
+            [self.prompt_losses(prompts, task, crma, batch_size) for task in self.tasks], dim=1
+        )
 
     def choose(self, losses: Tensor) -> list[str]:
         """The task with the lowest loss in each row of :meth:`route_losses`' ``(N, K)`` output.
@@ -242,11 +250,15 @@ class TrainedRun(ServedModel):
             return [self.tasks[-1]] * len(prompts)
         return self.choose(self.route_losses(prompts, batch_size, crma))
 
-    def route(self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True) -> str | list[str]:
+    def route(
+        self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True
+    ) -> str | list[str]:
         """The task chosen for ``prompt`` (or for each of a list of prompts) without a task id."""
         single = generation.is_single(prompts)
         items = [prompts] if single else list(prompts)
-        chosen = self.route_ids([self.encode(p, f"prompt {i}") for i, p in enumerate(items)], batch_size, crma)
+        chosen = self.route_ids(
+            [self.encode(p, f"prompt {i}") for i, p in enumerate(items)], batch_size, crma
+        )
         return chosen[0] if single else chosen
 
     # -- evaluation --------------------------------------------------------------------------
@@ -266,9 +278,76 @@ class TrainedRun(ServedModel):
                     attention_mask=batch["attention_mask"].to(self.device),
                     use_cache=False,
                 ).logits
-                s = losses.token_stats(logits, batch["labels"].to(self.device), batch["example_weight"].to(self.device))
+                s = losses.token_stats(
+                    logits, batch["labels"].to(self.device), batch["example_weight"].to(self.device)
+                )
                 total, tokens = total + float(s.loss_sum), tokens + float(s.tokens)
         return total / max(tokens, 1.0)
+
+
+#: Module prefixes whose classes a run's config.yaml may name (``class_path``): this project's and
+#: the libraries it configures. Loading a run instantiates none of them, but a foreign one marks a
+#: config that was not written by ``train.py fit``.
+KNOWN_CLASS_PREFIXES = ("crma_lightning.", "callbacks.", "lightning.", "torch.")
+
+
+def check_trusted(
+    info: RunInfo,
+    cfg: dict[str, Any],
+    *,
+    trust_remote_code: bool,
+    allow_foreign_classes: bool,
+    check_base: bool = True,
+) -> None:
+    """Refuse, with one line naming the flag that allows it, a run directory whose config asks this
+    process to run code: ``trust_remote_code``, classes from outside this project, or a hub model
+    other than the one its adapters were trained on (a run directory is data, often downloaded)."""
+    if info.backbone.trust_remote_code and not trust_remote_code:
+        raise ConfigError(
+            f"{info.run.config_file} asks for model.backbone.trust_remote_code, which runs code shipped with "
+            f"{info.backbone.name_or_path!r}; pass --trust-remote-code (load_run(..., trust_remote_code=True)) "
+            "only if you trust its author"
+        )
+    foreign = sorted({v for v in _class_paths(cfg) if not v.startswith(KNOWN_CLASS_PREFIXES)})
+    if foreign and not allow_foreign_classes:
+        raise ConfigError(
+            f"{info.run.config_file} names classes from outside crma-lightning ({', '.join(foreign)}); it was not "
+            "written by train.py fit as is. Pass --allow-foreign-classes (load_run(..., allow_foreign_classes=True)) "
+            "if you trust it"
+        )
+    trained_on = _trained_base(info) if check_base else None
+    name = info.backbone.name_or_path
+    if name and trained_on and _is_hub_name(name) and name != trained_on:
+        raise ConfigError(
+            f"{info.run.config_file} names the hub model {name!r}, but the run's adapters were trained on "
+            f"{trained_on!r}; pass --base-model (load_run(..., backbone=...)) to load them onto another base on purpose"
+        )
+
+
+def _class_paths(cfg: Any) -> list[str]:
+    if isinstance(cfg, dict):
+        own = [cfg["class_path"]] if isinstance(cfg.get("class_path"), str) else []
+        return own + [v for x in cfg.values() for v in _class_paths(x)]
+    if isinstance(cfg, list):
+        return [v for x in cfg for v in _class_paths(x)]
+    return []
+
+
+def _is_hub_name(name: str) -> bool:
+    """A hub repo id (``owner/model``), as opposed to a local folder or a ``package:`` path."""
+    return (
+        not name.startswith(PACKAGE_PREFIX) and not Path(name).expanduser().exists() and name.count("/") == 1
+    )
+
+
+def _trained_base(info: RunInfo) -> str | None:
+    """``base_model_name_or_path`` recorded in the first trained adapter's PEFT config, if any."""
+    try:
+        return json.loads((info.run.adapter(info.trained[0]) / PEFT_CONFIG).read_text()).get(
+            "base_model_name_or_path"
+        )
+    except (OSError, ValueError):
+        return None
 
 
 def load_run(
@@ -277,8 +356,14 @@ def load_run(
     device: str | torch.device = "cpu",
     backbone: BackboneConfig | None = None,
     tokenizer: str | None = None,
+    trust_remote_code: bool = False,
+    allow_foreign_classes: bool = False,
 ) -> TrainedRun:
     """Load a run from its run directory: base model, CRMA state and every completed task's LoRA.
+
+    A run directory is data: its ``config.yaml`` is read with ``yaml.safe_load`` and nothing in it
+    is executed; a config that would run code (see :func:`check_trusted`) is refused unless the
+    matching flag is passed.
 
     Args:
         run_dir: the directory ``fit`` printed as ``run dir:`` (holds ``config.yaml`` and ``adapters/``).
@@ -286,10 +371,20 @@ def load_run(
         backbone: load this base model instead of the one in ``config.yaml`` (e.g. after moving the
             weights); it must be the same architecture, or loading fails naming what differs.
         tokenizer: override ``data.tokenizer`` of the config likewise.
+        trust_remote_code: allow a config that sets ``model.backbone.trust_remote_code``.
+        allow_foreign_classes: allow a config that names classes from outside this project.
     """
     info = read_run(run_dir)
-    if backbone is not None:
+    overridden = backbone is not None
+    if overridden:
         info.backbone = backbone
+    check_trusted(
+        info,
+        info.run.read_config(),
+        trust_remote_code=trust_remote_code or overridden,
+        allow_foreign_classes=allow_foreign_classes,
+        check_base=not overridden,
+    )
     if tokenizer is not None:
         info.data["tokenizer"] = tokenizer
     meta = None
