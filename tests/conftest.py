@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-init causal LMs of every supported family, built from configs."""
+"""Shared fixtures: tiny random-init causal LMs of every supported family and layout, built from configs."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ TINY_CONFIGS: dict[str, dict] = {
     "gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8, **_COMMON),
     "phi3": dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_key_value_heads=2, pad_token_id=0, **_COMMON),
     "gpt2": dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+    # Layouts other than model.layers / transformer.h (injection.LAYER_PATHS), and Gemma3's text model.
+    "opt": dict(model_type="opt", ffn_dim=64, hidden_size=32, word_embed_proj_dim=32, **_COMMON),  # model.decoder.layers
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, **_COMMON),  # gpt_neox.layers
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8, **_COMMON),
 }
 
 

@@ -54,3 +54,27 @@ class KillDuringEvaluation(Callback):
             return result
 
         evaluation.evaluate = dying_evaluate
+
+
+class NaNAt(Callback):
+    """Makes the gradient (or, via a forward hook, the loss) non-finite at optimizer step ``step``."""
+
+    def __init__(self, step: int, where: str):
+        self.step, self.where, self.handle = step, where, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.where == "loss" and trainer.global_step == self.step:
+
+            def poison(module, args, out):
+                out.logits.mul_(float("nan"))
+
+            self.handle = pl_module.model.register_forward_hook(poison)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def on_after_backward(self, trainer, pl_module):
+        if self.where == "grad" and trainer.global_step == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))

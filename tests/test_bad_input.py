@@ -63,6 +63,7 @@ def _cases():
         "holdout larger than data": (lambda t: [*tasks({"name": "a", "format": "prompt_response", "source": jsonl(t / "f.jsonl", qa[:6])}), "--data.holdout_size", "8"], ["data.holdout_size"]),
         "unknown model offline": (lambda t: ["--model.backbone.config", "null", "--model.backbone.name_or_path", "nobody/no-such-model"], ["model.backbone.name_or_path", "nobody/no-such-model"]),
         "model layout not injectable": (lambda t: ["--model.backbone.config", json.dumps({"model_type": "bert", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "is_decoder": True})], ["cannot inject CRMA", "model.layers"]),
+        "tokenizer larger than the model's vocabulary": (lambda t: tasks({"name": "a", "source": "corpus:code"}), ["token ids go up to 511", "embedding has 96 rows"]),
         "streams < 2": (lambda t: ["--model.crma.streams", "1"], ["model.crma.streams"]),
         "sinkhorn iterations < 1": (lambda t: ["--model.crma.sinkhorn_iters", "0"], ["model.crma.sinkhorn_iters"]),
         "negative learning rate": (lambda t: ["--model.lr.lora", "-0.1"], ["model.lr.lora"]),
@@ -84,7 +85,7 @@ def test_bad_input_is_one_clear_error(case, tmp_path, capsys):
     expect_error(fit_args(tmp_path, *build(tmp_path)), capsys, *needles, tmp_path=tmp_path)
 
 
-def test_resume_with_another_task_list_is_refused(tmp_path, capsys):
+def test_resume_with_another_task_list_or_strategy_is_refused(tmp_path, capsys):
     main(fit_args(tmp_path, "--trainer.max_steps", "10"))
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
     capsys.readouterr()
@@ -93,3 +94,17 @@ def test_resume_with_another_task_list_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "trained with tasks ['alpha', 'beta', 'gamma']" in err and "'other'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, "--config", str(REPO / "configs" / "strategy" / "frozen.yaml"), "--ckpt_path", str(ckpt)))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "(strategy modular)" in err and "(strategy frozen)" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    """--debug: the same problem raises the exception itself (a traceback) instead of one line."""
+    from crma_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.crma.streams"):
+        main([*fit_args(tmp_path, "--model.crma.streams", "1"), "--debug"])
+    assert "error:" not in capsys.readouterr().err

@@ -167,3 +167,26 @@ def test_batched_diagnostics_match_each_block():
         for field in ("sigma_max", "sigma_2", "row_err", "col_err", "rescale"):
             torch.testing.assert_close(getattr(batched, field)[i], getattr(d, field))
     assert (batched.rescale > 1).any() and (batched.sigma_max <= 1 + 1e-6).all()
+
+
+def test_a_multimodal_language_model_layout():
+    """Gemma3's image-text model keeps its decoder at model.language_model.layers; the vision
+    tower's layers are not decoder layers and get no block."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    model.eval()
+    x = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    base = model(input_ids=x).logits
+    handle = inject_crma(model, CRMAConfig())
+    assert handle.layer_path == "model.language_model.layers" and len(handle.blocks) == 2
+    assert (model(input_ids=x).logits - base).abs().max().item() <= 1e-6
+    _perturb(handle)
+    assert (model(input_ids=x).logits - base).abs().max() > 1e-3
+    with handle.disabled():
+        assert torch.equal(model(input_ids=x).logits, base)

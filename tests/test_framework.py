@@ -174,3 +174,24 @@ def test_fit_without_the_required_callbacks_fails_clearly(tmp_path):
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, reload_dataloaders_every_n_epochs=1, enable_progress_bar=False)
     with pytest.raises(ConfigError, match=r"lacks the callbacks the method needs: freezing .*evaluation .*method_callbacks\(\)"):
         trainer.fit(module, dm)
+
+
+def test_no_weight_decay_on_mixing_logits_and_gate(tmp_path):
+    """Decay would pull M toward J/n and the gate toward 1: those groups get none; the others the
+    optimizer's own, and a step with zero gradients moves only the decayed parameters."""
+    module, dm, trainer = build("modular", tmp_path)
+    module.configure_model()
+    module.trainer = trainer
+    trainer.datamodule = dm
+    dm.setup()
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay = {g["name"]: g["weight_decay"] for g in optimizer.param_groups}
+    assert decay == {"lora": 0.01, "crma_proj": 0.01, "crma_mix": 0.0, "crma_gate": 0.0}
+    before = {g["name"]: [p.detach().clone() for p in g["params"]] for g in optimizer.param_groups}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g in optimizer.param_groups:
+        moved = any(not torch.equal(a, p) for a, p in zip(before[g["name"]], g["params"], strict=True))
+        assert moved == (g["name"] in ("lora", "crma_proj")), g["name"]

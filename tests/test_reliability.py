@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import NaNAt
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from subproc import REPO, run_train
@@ -82,29 +83,6 @@ def test_sigkill_then_resume_matches_uninterrupted(point, uninterrupted, tmp_pat
         np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=k)
 
 
-class NaNAt(Callback):
-    """Makes the gradient (or, via a forward hook, the loss) non-finite at one step."""
-
-    def __init__(self, step: int, where: str):
-        self.step, self.where, self.handle = step, where, None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.where == "loss" and trainer.global_step == self.step:
-            def poison(module, args, out):
-                out.logits.mul_(float("nan"))
-
-            self.handle = pl_module.model.register_forward_hook(poison)
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
-
-    def on_after_backward(self, trainer, pl_module):
-        if self.where == "grad" and trainer.global_step == self.step:
-            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
-
-
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_nonfinite_step_is_skipped_and_counted(where, tmp_path):
     from test_framework import build
@@ -127,11 +105,13 @@ def test_nonfinite_step_is_skipped_and_counted(where, tmp_path):
     assert np.isfinite(loss).all()
 
 
-def test_nonfinite_stop_raises_a_clear_error(tmp_path):
-    from test_framework import build
-
-    from crma_lightning.module import NonFiniteError
-
-    module, dm, trainer = build("frozen", tmp_path, callbacks=[NaNAt(5, "grad")])
-    with pytest.raises(NonFiniteError, match="non-finite gradient at step 5.*model.nonfinite: skip"):
-        trainer.fit(module, dm)
+def test_nonfinite_stop_exits_1_with_one_error_line_and_keeps_the_checkpoint(tmp_path):
+    """The documented behaviour of model.nonfinite: stop, through train.py: exit status 1, one
+    `error:` line naming the step and the fixes, no traceback, the last checkpoint kept."""
+    proc = train(tmp_path, *callbacks_with('{"class_path": "faults.NaNAt", "init_args": {"step": 12, "where": "grad"}}'))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite gradient at step 12" in errors[0] and "model.nonfinite: skip" in errors[0]
+    assert "Traceback" not in proc.stderr
+    ckpt = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True, mmap=True)["global_step"] == 10
