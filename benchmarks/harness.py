@@ -276,6 +276,12 @@ def command_line(script: str | os.PathLike, argv: Sequence[str], drop: Sequence[
     return shlex.join(["python", os.path.relpath(Path(script).resolve(), REPO), *kept])
 
 
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository when it lies inside it (results name no one's home), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
