@@ -326,30 +326,38 @@ def report(args: argparse.Namespace, runs: list[ModelRun], all_stats: dict, info
 
 
 # -- CLI ---------------------------------------------------------------------------------------
+#: Per model: label, flag prefix, measurement defaults, note. SmolLM2's LoRA step is ~5 s at 8 x 128
+#: on 2 cores: fewer, smaller steps keep a run near 10 minutes.
+MODELS = {
+    "tiny": ("Tiny random-init Llama (4 layers, hidden 128, vocab 2048)", "",
+             dict(steps=60, warmup=5, batch_size=8, seq_len=128, budget_s=120.0), ""),
+    "smollm2": ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "smollm2_",
+                dict(steps=20, warmup=2, batch_size=4, seq_len=128, budget_s=360.0),
+                "Fewer rounds and a smaller batch than the tiny model to keep the run near 10 minutes (--smollm2-* flags)."),
+}  # fmt: skip
+SETTING_HELP = {"steps": "quiet measured rounds wanted", "warmup": "warm-up rounds", "batch_size": "batch size",
+                "seq_len": "sequence length", "budget_s": "measuring time limit (s)"}  # fmt: skip
+
+
+def flag(prefix: str, name: str) -> str:
+    return "--" + (prefix + name).replace("_", "-")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = p.add_argument
-    add("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
-    add("--steps", type=int, default=60, help="quiet measured rounds wanted on the tiny model")
-    add("--warmup", type=int, default=5, help="warm-up rounds on the tiny model")
-    add("--batch-size", type=int, default=8, help="tiny model batch size")
-    add("--seq-len", type=int, default=128, help="tiny model sequence length")
-    # SmolLM2's LoRA step is ~5 s at 8 x 128 on 2 cores: fewer, smaller steps keep a run near 10 min.
-    add("--smollm2-steps", type=int, default=20, help="quiet measured rounds wanted on SmolLM2")
-    add("--smollm2-warmup", type=int, default=2, help="warm-up rounds on SmolLM2")
-    add("--smollm2-batch-size", type=int, default=4, help="SmolLM2 batch size")
-    add("--smollm2-seq-len", type=int, default=128, help="SmolLM2 sequence length")
-    add("--budget-s", type=float, default=120, help="measuring time limit, tiny model (s)")
-    add("--smollm2-budget-s", type=float, default=360, help="measuring time limit, SmolLM2 (s)")
-    add("--wait-s", type=float, default=300, help="wait at most this long in all for a quiet machine, per model")
-    add("--threads", type=int, default=2, help="torch.set_num_threads")
-    add("--out", type=Path, default=Path("benchmarks/results/overhead.md"),
-        help="Markdown results; a .json with the raw times is written next to it")  # fmt: skip
+    p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    for key, (_, prefix, defaults, _) in MODELS.items():
+        for name, default in defaults.items():
+            p.add_argument(flag(prefix, name), type=type(default), default=default, help=f"{SETTING_HELP[name]}, {key}")
+    p.add_argument("--wait-s", type=float, default=300, help="wait at most this long in all for a quiet machine, per model")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.md"),
+                   help="Markdown results; a .json with the raw times is written next to it")  # fmt: skip
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(args.models) - set(TARGETS)
+    unknown = set(args.models) - set(MODELS)
     if unknown:
-        p.error(f"unknown --models {sorted(unknown)}; choose from {sorted(TARGETS)}")
+        p.error(f"unknown --models {sorted(unknown)}; choose from {sorted(MODELS)}")
     if args.steps < 2 or args.smollm2_steps < 2:
         p.error("--steps and --smollm2-steps must be >= 2 (quartiles need two points)")
     return args
@@ -357,16 +365,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> list[ModelRun]:
     runs = []
-    if "tiny" in args.models:
-        runs.append(ModelRun("tiny", "Tiny random-init Llama (4 layers, hidden 128, vocab 2048)", args.batch_size,
-                             args.seq_len, args.steps, args.warmup, args.budget_s))  # fmt: skip
-    if "smollm2" in args.models:
-        run = ModelRun("smollm2", "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", args.smollm2_batch_size,
-                       args.smollm2_seq_len, args.smollm2_steps, args.smollm2_warmup, args.smollm2_budget_s,
-                       note="Fewer rounds and a smaller batch than the tiny model to keep the run near 10 minutes "
-                       "(--smollm2-* flags).")  # fmt: skip
-        run.skipped = smollm2_missing()
-        runs.append(run)
+    for key in args.models:
+        label, prefix, defaults, note = MODELS[key]
+        settings = {name: getattr(args, prefix + name) for name in defaults}
+        runs.append(ModelRun(key, label, **settings, note=note))
+        if key == "smollm2":
+            runs[-1].skipped = smollm2_missing()
     return runs
 
 
