@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--timeout", type=int, default=600)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for ddp.{md,json}")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for ddp.{md,json}"
+    )
     args = parser.parse_args(argv)
     names = args.variants.split(",")
     unknown = sorted(set(names) - set(VARIANTS))
@@ -150,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     table = summarise(rows, names)
     meta = {"date": info["date"], "cpus": info["machine"]["cores"], "python": info["machine"]["python"],
             "loadavg_at_end": os.getloadavg(), "command": info["command"], "machine": info["machine"]}  # fmt: skip
-    md, js = write_report(args.out / "ddp", markdown(meta, table, args.rounds), {"meta": meta, "summary": table, "runs": rows})
+    md, js = write_report(
+        args.out / "ddp", markdown(meta, table, args.rounds), {"meta": meta, "summary": table, "runs": rows}
+    )
     print(md.read_text())
 
 

@@ -153,7 +153,10 @@ def variants(run: ModelRun) -> dict[str, Callable[[], Timing]]:
         return lambda: model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
     def per_layer_projection() -> None:  # what each block does on its own when batched_projection is off
-        ms = [project(b.log_mix, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature) for b in blocks]
+        ms = [
+            project(b.log_mix, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)
+            for b in blocks
+        ]
         torch.stack(ms).sum().backward()
 
     def blocks_alone() -> None:
@@ -188,7 +191,10 @@ def measure(run: ModelRun, wait_s: float) -> Rounds[Timing]:
         if lap["lora"].wall_s > 0.5 or done % 20 == 0:  # progress without flooding
             laps = ", ".join(f"{n} {lap[n].wall_s * 1e3:.1f} ms" for n in STEP_VARIANTS)
             busy_s = "?" if busy is None else f"{busy:.0f}%"
-            print(f"  {run.key} round {done} (quiet {len(rounds.quiet())}, neighbours {busy_s}): {laps}", flush=True)
+            print(
+                f"  {run.key} round {done} (quiet {len(rounds.quiet())}, neighbours {busy_s}): {laps}",
+                flush=True,
+            )
 
     rounds = interleave(variants(run), run.steps, warmup=run.warmup, max_rounds=3 * run.steps,
                         budget_s=run.budget_s, wait_s=wait_s, progress=progress)  # fmt: skip
@@ -210,7 +216,11 @@ def time_stats(times: dict[str, list[float]]) -> dict:
             "overhead_ci95_pct": [100 * (x - 1) for x in r.ci95],
             "overhead_of_medians_pct": 100 * (stats[name]["median_s"] / stats["lora"]["median_s"] - 1),
         }
-    for part, host in (("proj_batched", "crma_batched"), ("proj_per_layer", "crma_per_layer"), ("blocks", "crma_batched")):
+    for part, host in (
+        ("proj_batched", "crma_batched"),
+        ("proj_per_layer", "crma_per_layer"),
+        ("blocks", "crma_batched"),
+    ):
         stats[part]["share_pct"] = 100 * stats[part]["median_s"] / stats[host]["median_s"]
     # CRMA's parts timed alone, against the LoRA-only step: a lower-noise estimate that leaves out
     # hook dispatch and any cache effects on the rest of the step.
@@ -264,9 +274,15 @@ def model_section(run: ModelRun, stats: dict | None) -> list[str]:
               "|---|---:|---:|---:|---|---:|"]  # fmt: skip
     for name, label in VARIANTS.items():
         s = stats[name]
-        vs = f"{s['overhead_pct']:+.1f}% [{s['overhead_iqr_pct'][0]:+.1f}, {s['overhead_iqr_pct'][1]:+.1f}]" if "overhead_pct" in s else ""
+        vs = (
+            f"{s['overhead_pct']:+.1f}% [{s['overhead_iqr_pct'][0]:+.1f}, {s['overhead_iqr_pct'][1]:+.1f}]"
+            if "overhead_pct" in s
+            else ""
+        )
         share = f"{s['share_pct']:.2f}%" if "share_pct" in s else ""
-        lines.append(f"| {label} | {ms(s['median_s'])} | {ms(s['iqr_s'])} | {ms(s['min_s'])} | {vs} | {share} |")
+        lines.append(
+            f"| {label} | {ms(s['median_s'])} | {ms(s['iqr_s'])} | {ms(s['min_s'])} | {vs} | {share} |"
+        )
     b = stats["crma_batched"]
     lo, hi = b["overhead_ci95_pct"]
     lines += ["",
@@ -348,8 +364,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     for key, (_, prefix, defaults, _) in MODELS.items():
         for name, default in defaults.items():
-            p.add_argument(flag(prefix, name), type=type(default), default=default, help=f"{SETTING_HELP[name]}, {key}")
-    p.add_argument("--wait-s", type=float, default=300, help="wait at most this long in all for a quiet machine, per model")
+            p.add_argument(
+                flag(prefix, name), type=type(default), default=default, help=f"{SETTING_HELP[name]}, {key}"
+            )
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=300,
+        help="wait at most this long in all for a quiet machine, per model",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.md"),
                    help="Markdown results; a .json with the raw times is written next to it")  # fmt: skip

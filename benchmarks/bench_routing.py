@@ -96,12 +96,16 @@ def prompt_length(example: Example, p: int) -> int:
     return first if first > 0 else max(1, min(p, len(example[0]) - 1))
 
 
-def per_task(values, choice: Sequence[int], truth: np.ndarray, start: Sequence[int] | None = None) -> list[float]:
+def per_task(
+    values, choice: Sequence[int], truth: np.ndarray, start: Sequence[int] | None = None
+) -> list[float]:
     """For each true task i: the mean over labelled positions of ``values[choice[e]][e]``, pooled over
     task i's examples e (only positions predicting tokens from ``start[e]`` on, if given)."""
     out = []
     for i in range(len(values)):
-        parts = [values[choice[e]][e][max(start[e] - 1, 0) if start else 0 :] for e in np.flatnonzero(truth == i)]
+        parts = [
+            values[choice[e]][e][max(start[e] - 1, 0) if start else 0 :] for e in np.flatnonzero(truth == i)
+        ]
         v = np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
         v = v[~np.isnan(v)]
         out.append(float(v.mean()) if v.size else float("nan"))
@@ -124,9 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a finished run directory")
-    ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[4, 8, 16], help="prompt lengths P for text tasks")
+    ap.add_argument(
+        "--prompt-tokens", type=int, nargs="+", default=[4, 8, 16], help="prompt lengths P for text tasks"
+    )
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    ap.add_argument("--cost-prompt-tokens", type=int, default=None, help="P for the timing (default: the largest)")
+    ap.add_argument(
+        "--cost-prompt-tokens", type=int, default=None, help="P for the timing (default: the largest)"
+    )
     ap.add_argument("--timing-prompts", type=int, default=48, help="prompts timed at batch 1")
     ap.add_argument("--repeats", type=int, default=3, help="timing rounds (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -162,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     matrices = run_matrices(run)
     if matrices is not None:
         result["csv_final_row"] = matrices[0][-1].tolist()
-        result["oracle_vs_csv_max_abs_diff"] = float(np.max(np.abs(matrices[0][-1] - result["oracle"]["loss"])))
+        result["oracle_vs_csv_max_abs_diff"] = float(
+            np.max(np.abs(matrices[0][-1] - result["oracle"]["loss"]))
+        )
 
     def drift_with(final_loss: list[float], final_acc: list[float]) -> tuple[float | None, float | None]:
         if matrices is None or len(tasks) < 2:
@@ -178,7 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     for p in args.prompt_tokens:
         starts = [prompt_length(e, p) for e in examples]
-        chosen = run.route_ids([e[0][:s] for e, s in zip(examples, starts, strict=True)], batch_size=args.batch_size)
+        chosen = run.route_ids(
+            [e[0][:s] for e, s in zip(examples, starts, strict=True)], batch_size=args.batch_size
+        )
         choice = [tasks.index(t) for t in chosen]
         confusion = np.zeros((len(tasks), len(tasks)), dtype=int)
         np.add.at(confusion, (truth, choice), 1)
@@ -186,7 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
         drift, bwt = drift_with(routed_loss, routed_acc)
         result["by_prompt_tokens"][str(p)] = {
             "mean_prompt_tokens": float(np.mean(starts)),
-            "routing_accuracy": {t: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, t in enumerate(tasks)},
+            "routing_accuracy": {
+                t: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, t in enumerate(tasks)
+            },
             "routing_accuracy_all": float(np.trace(confusion) / confusion.sum()),
             "confusion": confusion.tolist(),
             "routed": {"loss": routed_loss, "accuracy": routed_acc, "drift_pct": drift, "bwt": bwt},
@@ -206,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
         "route_1": lambda: run.route_ids(few, batch_size=1),
         "known_1": lambda: run.prompt_losses(few, tasks[0], batch_size=1),
     }
-    rounds = interleave({k: lambda f=f: time_call(f).wall_s for k, f in calls.items()}, args.repeats, warmup=1)
+    rounds = interleave(
+        {k: lambda f=f: time_call(f).wall_s for k, f in calls.items()}, args.repeats, warmup=1
+    )
     t = {k: statistics.median(v) for k, v in rounds.values.items()}
     result["cost"] = {
         "prompt_tokens": p,
@@ -252,11 +268,15 @@ def render(r: dict) -> str:
     ]
     for p, b in by_p.items():
         accs = _cells([b["routing_accuracy"][t] for t in tasks], 3)
-        lines.append(f"| {p} (mean {b['mean_prompt_tokens']:.1f}) | {accs} | {b['routing_accuracy_all']:.3f} |")
+        lines.append(
+            f"| {p} (mean {b['mean_prompt_tokens']:.1f}) | {accs} | {b['routing_accuracy_all']:.3f} |"
+        )
     lines += ["", "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids", "",
               "| evaluation | " + " | ".join(tasks) + " | drift_pct | bwt |", "|---|" + "---|" * (n + 2)]  # fmt: skip
     if "csv_final_row" in r:
-        lines.append(f"| run's loss_matrix.csv | {_cells(r['csv_final_row'])} | {_f(r.get('csv_drift_pct'), 3)} | |")
+        lines.append(
+            f"| run's loss_matrix.csv | {_cells(r['csv_final_row'])} | {_f(r.get('csv_drift_pct'), 3)} | |"
+        )
     o = r["oracle"]
     lines.append(f"| oracle (recomputed) | {_cells(o['loss'])} | {_f(o['drift_pct'], 3)} | {_f(o['bwt'])} |")
     for p, b in by_p.items():
@@ -268,7 +288,9 @@ def render(r: dict) -> str:
               "| P | " + " | ".join(f"{t} oracle / routed" for t in tasks) + " |", "|---|" + "---|" * n]  # fmt: skip
     for p, b in by_p.items():
         c = b["continuation"]
-        pairs = " | ".join(f"{_f(a)} / {_f(z)}" for a, z in zip(c["oracle_loss"], c["routed_loss"], strict=True))
+        pairs = " | ".join(
+            f"{_f(a)} / {_f(z)}" for a, z in zip(c["oracle_loss"], c["routed_loss"], strict=True)
+        )
         lines.append(f"| {p} | {pairs} |")
     first = next(iter(by_p))
     lines += ["", f"Confusion at P={first} (rows: true task, columns: routed task):", "",

@@ -142,12 +142,16 @@ def throughput(args, report: dict) -> None:
     measure(args, report, f"fp16/{name}/modular", backbone, "modular", "float32", torch.float16)
 
 
-def measure(args, report: dict, key: str, backbone: BackboneConfig, strategy: str, dtype: str, amp: torch.dtype) -> None:
+def measure(
+    args, report: dict, key: str, backbone: BackboneConfig, strategy: str, dtype: str, amp: torch.dtype
+) -> None:
     """One throughput entry; an exception is recorded under ``errors`` and the check goes on."""
     model = params = handle = None
     try:
         model, params, handle = build(backbone, strategy, dtype)
-        report["throughput"][key] = train_steps(model, params, handle, amp, args.batch, args.seq, args.warmup, args.steps)
+        report["throughput"][key] = train_steps(
+            model, params, handle, amp, args.batch, args.seq, args.warmup, args.steps
+        )
     except Exception:
         report["errors"][key] = traceback.format_exc()[-3000:]
     finally:
@@ -188,7 +192,9 @@ def lightning_runs(report: dict, timeout: int) -> None:
                 row |= {k: summary[k] for k in ("final_avg_loss", "spectral_max_sigma", "drift_pct")}
                 row["adapters"] = sorted(p.name for p in run.adapters.iterdir())
                 ckpt = run.last_checkpoint
-                row["checkpoint"] = "sharded folder" if ckpt.is_dir() else ("file" if ckpt.is_file() else "missing")
+                row["checkpoint"] = (
+                    "sharded folder" if ckpt.is_dir() else ("file" if ckpt.is_file() else "missing")
+                )
                 row["checkpoint_mib"] = (
                     sum(f.stat().st_size for f in ([ckpt] if ckpt.is_file() else ckpt.rglob("*"))) / 2**20
                 )

@@ -64,7 +64,9 @@ def finished_run(root: Path) -> RunDir | None:
     return next((r for r in reversed(versions(root)) if r.is_complete()), None)
 
 
-def train(config: str, condition: str, seed: int, runs_dir: Path, extra: list[str], threads: int) -> tuple[RunDir, float]:
+def train(
+    config: str, condition: str, seed: int, runs_dir: Path, extra: list[str], threads: int
+) -> tuple[RunDir, float]:
     """Run (or finish) one condition x seed; returns its run dir and its training wall time."""
     name = run_name(condition, seed)
     root = runs_dir / name
@@ -99,7 +101,10 @@ def crma_ablation(run: RunDir) -> dict[str, list[float]]:
     """
     served = load_run(run.path)
     dm = served.info.datamodule()
-    return {mode: [served.holdout_loss(t, crma=mode == "on", dm=dm) for t in served.tasks] for mode in ("on", "off")}
+    return {
+        mode: [served.holdout_loss(t, crma=mode == "on", dm=dm) for t in served.tasks]
+        for mode in ("on", "off")
+    }
 
 
 # -- aggregation -------------------------------------------------------------------------------
@@ -218,7 +223,9 @@ def markdown(res: dict, protocol: dict) -> str:
         d, paper = res["drift"][c], PAPER["drift"].get(c)
         p_ms = "0 by construction" if c == "frozen" else pm(paper[0], paper[1]) if paper else "n/a"
         p_seed = seeds_str(paper[2], "+.1f") if paper and paper[2] else "—"
-        lines.append(f"| {c.upper()} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} | {p_ms} | {p_seed} |")
+        lines.append(
+            f"| {c.upper()} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} | {p_ms} | {p_seed} |"
+        )
     if "modular_vs_frozen" in res:
         a, (p_mean, p_sd, p_seeds) = res["modular_vs_frozen"], PAPER["modular_vs_frozen"]
         lines += ["", "## MODULAR vs FROZEN: prior-task holdout loss advantage (%, + = MODULAR better)", "",
@@ -228,7 +235,12 @@ def markdown(res: dict, protocol: dict) -> str:
                   f"| paper | {pm(p_mean, p_sd)} | {seeds_str(p_seeds)} |", "",
                   "Per prior task (mean over seeds): "
                   + ", ".join(f"{t} {v:+.2f} %" for t, v in zip(tasks, a["per_task_mean"], strict=False))]  # fmt: skip
-    lines += ["", "## Final holdout loss per task (after the last task; mean over seeds)", "", *head("condition", tasks, "mean")]
+    lines += [
+        "",
+        "## Final holdout loss per task (after the last task; mean over seeds)",
+        "",
+        *head("condition", tasks, "mean"),
+    ]
     for c in conds:
         final = res["final_loss"][c]["mean"]
         lines.append(row(c.upper(), final, f"{np.mean(final):.4f}"))
@@ -251,7 +263,9 @@ def markdown(res: dict, protocol: dict) -> str:
                   f"Paper: {PAPER['grad']}.", "", *head("condition", tasks, "max over tasks")]  # fmt: skip
         for c in conds:
             if peaks[c] is not None:
-                cells = [f"{p:.3g} ({m:.3g})" for p, m in zip(peaks[c], grad_per_task(res, c, "mean"), strict=True)]
+                cells = [
+                    f"{p:.3g} ({m:.3g})" for p, m in zip(peaks[c], grad_per_task(res, c, "mean"), strict=True)
+                ]
                 lines.append(f"| {c.upper()} | " + " | ".join(cells) + f" | {max(peaks[c]):.3g} |")
         if peaks.get("naive") and peaks.get("modular"):
             red = 100 * (1 - np.asarray(peaks["modular"]) / np.asarray(peaks["naive"]))
@@ -267,8 +281,13 @@ def markdown(res: dict, protocol: dict) -> str:
                   f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this report's.", "",
                   f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: mean ± SD | per seed |",
                   "|---|---|---|---|---|"]  # fmt: skip
-        for name, d, a in (("this report's MODULAR", v["base_drift"], v["base_adv"]), (label, v["drift"], v["adv"])):
-            lines.append(f"| {name} | {pm(*clm.mean_sd(d))} | {seeds_str(d)} | {pm(*clm.mean_sd(a))} | {seeds_str(a)} |")
+        for name, d, a in (
+            ("this report's MODULAR", v["base_drift"], v["base_adv"]),
+            (label, v["drift"], v["adv"]),
+        ):
+            lines.append(
+                f"| {name} | {pm(*clm.mean_sd(d))} | {seeds_str(d)} | {pm(*clm.mean_sd(a))} | {seeds_str(a)} |"
+            )
     resumed = protocol.get("resumed", [])
     lines += ["", "## Protocol", "", *[f"- {k}: {v}" for k, v in protocol["settings"].items()],
               "- wall time per run (s): " + ", ".join(f"{k} {v:.0f}" + "*" * (k in resumed) for k, v in protocol["wall_s"].items())
@@ -282,14 +301,18 @@ def protocol_settings(run: RunDir, extra: list[str]) -> dict:
     d, m, t = init_args(cfg["data"]), init_args(cfg["model"]), cfg["trainer"]
     lora, crma, sched = m["lora"], m["crma"], m["lr_schedule"]
     return {
-        "tasks": ", ".join(f"{x['name']} ({x.get('source', 'synthetic')})" for x in map(init_args, d["tasks"])),
+        "tasks": ", ".join(
+            f"{x['name']} ({x.get('source', 'synthetic')})" for x in map(init_args, d["tasks"])
+        ),
         "examples per task": f"{d['train_size']} train / {d['holdout_size']} holdout blocks of {d['max_length']} tokens",
         "batch": f"{d['batch_size']} x {t.get('accumulate_grad_batches', 1)} accumulation, {d['epochs_per_task']} epoch(s) per task",
         "LoRA": f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, targets {lora['target_modules']}",
         "CRMA (MODULAR)": f"n={crma['streams']}, form {crma['form']}, {crma['projection']} ({crma['sinkhorn_iters']} iterations)",
         "learning rates": ", ".join(f"{k} {v}" for k, v in m["lr"].items()),
         "schedule": f"{sched['class_path'].split('.')[-1]} {sched.get('init_args', {})}, restarted per task",
-        "optimizer": str(m["optimizer"]["class_path"] if isinstance(m["optimizer"], dict) else m["optimizer"]),
+        "optimizer": str(
+            m["optimizer"]["class_path"] if isinstance(m["optimizer"], dict) else m["optimizer"]
+        ),
         "precision / clipping": f"{t['precision']}, gradient_clip_val {t.get('gradient_clip_val')}",
         "extra train.py arguments": " ".join(extra) or "none",
     }
@@ -330,14 +353,20 @@ def _interrupt(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="configs/smollm2.yaml")
     p.add_argument("--seeds", default="0,42,1234")
     p.add_argument("--conditions", default=",".join(CONDITIONS))
     p.add_argument("--runs-dir", default="runs/reproduction", help="where the runs go (reused on a rerun)")
-    p.add_argument("--out", default="benchmarks/results/reproduction.md", help="report; .json and .png beside it")
+    p.add_argument(
+        "--out", default="benchmarks/results/reproduction.md", help="report; .json and .png beside it"
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="OMP threads per run")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. --jobs 2 --threads 1 on 2 cores)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (e.g. --jobs 2 --threads 1 on 2 cores)"
+    )
     p.add_argument("--compare", action="append", default=[], metavar="LABEL=JSON",
                    help="add another report's MODULAR runs (e.g. other CRMA learning rates) as a variant")  # fmt: skip
     args = p.parse_args(ours)
@@ -345,7 +374,9 @@ def main(argv: list[str] | None = None) -> None:
     conditions = [c.strip() for c in args.conditions.split(",")]
     unknown = sorted(set(conditions) - set(CONDITIONS))
     if unknown or len(seeds) < 2:
-        p.error(f"conditions must be among {CONDITIONS} (got {unknown}) and at least 2 seeds are needed for an SD")
+        p.error(
+            f"conditions must be among {CONDITIONS} (got {unknown}) and at least 2 seeds are needed for an SD"
+        )
     info = run_info(__file__, argv)
     runs_dir = Path(args.runs_dir).resolve()
     keys = [(c, s) for s in seeds for c in conditions]  # seed-major: the first seed's runs finish first
@@ -367,7 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.compare:
         res.setdefault("variants", {}).update(compare_variant(spec, res))
     out = Path(args.out)
-    first = runs[("modular" if "modular" in conditions else conditions[0], seeds[0])]  # shows every setting in use
+    first = runs[
+        ("modular" if "modular" in conditions else conditions[0], seeds[0])
+    ]  # shows every setting in use
     protocol = {
         "command": info["command"],
         "date": info["date"],
@@ -376,8 +409,11 @@ def main(argv: list[str] | None = None) -> None:
         "settings": protocol_settings(first, extra),
         "wall_s": {run_name(*k): w for k, (_, w) in zip(keys, done, strict=True)},
         # train.log gets Lightning's restore line whenever a run continued from a checkpoint
-        "resumed": [run_name(*k) for k in keys
-                    if "Restored all states" in (runs[k].path.parent / "train.log").read_text(errors="replace")],  # fmt: skip
+        "resumed": [
+            run_name(*k)
+            for k in keys
+            if "Restored all states" in (runs[k].path.parent / "train.log").read_text(errors="replace")
+        ],  # fmt: skip
         "figure": out.with_suffix(".png").name,
     }
     figure(res, out.with_suffix(".png"))
