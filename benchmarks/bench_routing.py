@@ -19,7 +19,8 @@ same data, seed and sizes, so the same examples that filled ``continual/loss_mat
   by the oracle row (recomputed, as a check against the CSV) and by the routed row.
 - Cost: wall time of routing (K forward passes over the prompt, K = number of tasks) per prompt,
   at ``--batch-size`` and at batch 1, next to one forward pass with the task known; at one prompt
-  length (``--cost-prompt-tokens``, default the largest P).
+  length (``--cost-prompt-tokens``, default the largest P). The four are timed in interleaved
+  rounds (harness.py), median over ``--repeats`` rounds after one warm-up round.
 
 Run:  .venv/bin/python benchmarks/bench_routing.py --run runs/tiny/version_0
 Works on any finished run dir (synthetic, text or prompt/response tasks; random-init, local-folder
@@ -29,41 +30,35 @@ or GGUF backbones). Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
-import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from harness import interleave, machine_line, repo_relative, run_info, time_call, write_report
 
 from crma_lightning import metrics as clm
-from crma_lightning.checkpoint import atomic_write_json, atomic_write_text
-from crma_lightning.data import IGNORE_INDEX
-from crma_lightning.serve import generation
-from crma_lightning.serve.run import TrainedRun, load_run
+from crma_lightning.data.loading import pad
+from crma_lightning.losses import IGNORE_INDEX, token_losses
+from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX
+from crma_lightning.serve import TrainedRun, load_run
+
+Example = tuple[list[int], list[int]]
+"""One holdout example, unpadded: ``(input_ids, labels)``."""
 
 
-def holdout_examples(run: TrainedRun, batch_size: int) -> dict[str, list[tuple[list[int], list[int]]]]:
+def holdout_examples(run: TrainedRun, batch_size: int) -> dict[str, list[Example]]:
     """``task -> [(input_ids, labels)]`` of every trained task's holdout set, unpadded."""
     dm = run.info.datamodule()
     dm.setup()
     out = {}
     for task in run.tasks:
         rows = []
-        for batch in dm.holdout_batches(task, batch_size=batch_size):
-            for ids, labels, mask, w in zip(
-                batch["input_ids"],
-                batch["labels"],
-                batch["attention_mask"],
-                batch["example_weight"],
-                strict=True,
-            ):
+        for b in dm.holdout_batches(task, batch_size=batch_size):
+            for ids, labels, mask, w in zip(b["input_ids"], b["labels"], b["attention_mask"], b["example_weight"],
+                                            strict=True):  # fmt: skip
                 if w > 0:
                     n = int(mask.sum())
                     rows.append((ids[:n].tolist(), labels[:n].tolist()))
@@ -72,90 +67,65 @@ def holdout_examples(run: TrainedRun, batch_size: int) -> dict[str, list[tuple[l
 
 
 @torch.no_grad()
-def token_scores(run: TrainedRun, examples: list[tuple[list[int], list[int]]], batch_size: int):
-    """Per example and per adapter: next-token NLL and correctness at every position, as
-    ``nll[k][e]``, ``correct[k][e]`` float arrays of length len(example) - 1 (NaN where unlabelled)."""
+def token_scores(run: TrainedRun, examples: list[Example], batch_size: int):
+    """Per adapter k and example e: next-token NLL and correctness at every position, as float arrays
+    ``nll[k][e]``, ``correct[k][e]`` of length len(example) - 1, NaN where the target is unscored."""
     nll, correct = [], []
     for task in run.tasks:
         nll_k, cor_k = [], []
-        with run.using(task):
-            for lo in range(0, len(examples), batch_size):
-                chunk = examples[lo : lo + batch_size]
-                ids, mask = generation.pad_batch([e[0] for e in chunk], run.pad_id, "right", run.device)
-                labels, _ = generation.pad_batch([e[1] for e in chunk], IGNORE_INDEX, "right", run.device)
-                logits = run.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-                target = labels[:, 1:]  # (B, T-1)
-                safe = target.clamp_min(0)
-                token_nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T-1)
-                hit = (logits.argmax(-1) == safe).float()
-                labelled = target != IGNORE_INDEX
-                for row, e in enumerate(chunk):
-                    n = len(e[0]) - 1
-                    keep = labelled[row, :n]
-                    nll_k.append(torch.where(keep, token_nll[row, :n], torch.nan).cpu().numpy())
-                    cor_k.append(torch.where(keep, hit[row, :n], torch.nan).cpu().numpy())
+        for lo in range(0, len(examples), batch_size):
+            chunk = examples[lo : lo + batch_size]
+            ids, mask = pad([e[0] for e in chunk], run.pad_id)
+            labels, _ = pad([e[1] for e in chunk], IGNORE_INDEX)
+            t = token_losses(run.logits(ids, mask, task=task), labels.to(run.device))  # (B, T-1) each
+            keep = t.scored.bool()
+            nll_b = torch.where(keep, t.nll, torch.nan).cpu().numpy()
+            cor_b = torch.where(keep, t.correct, torch.nan).cpu().numpy()
+            for row, e in enumerate(chunk):
+                n = len(e[0]) - 1
+                nll_k.append(nll_b[row, :n])
+                cor_k.append(cor_b[row, :n])
         nll.append(nll_k)
         correct.append(cor_k)
     return nll, correct
 
 
-def prompt_length(example: tuple[list[int], list[int]], p: int) -> int:
+def prompt_length(example: Example, p: int) -> int:
     """Tokens of the example sent as the prompt: the unlabelled prefix, or else the first ``p``."""
-    labels = example[1]
-    first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), 0)
-    if first > 0:
-        return first
-    return max(1, min(p, len(example[0]) - 1))
+    first = next((i for i, y in enumerate(example[1]) if y != IGNORE_INDEX), 0)
+    return first if first > 0 else max(1, min(p, len(example[0]) - 1))
 
 
-def row(values, choice, start=None):
-    """Mean over labelled tokens (from ``start[e]`` on, if given) of ``values[choice[e]][e]``, pooled."""
-    total, count = 0.0, 0
-    for e, k in enumerate(choice):
-        v = values[k][e]
-        if start is not None:
-            v = v[max(start[e] - 1, 0) :]  # position j predicts token j + 1
+def per_task(
+    values, choice: Sequence[int], truth: np.ndarray, start: Sequence[int] | None = None
+) -> list[float]:
+    """For each true task i: the mean over labelled positions of ``values[choice[e]][e]``, pooled over
+    task i's examples e (only positions predicting tokens from ``start[e]`` on, if given)."""
+    out = []
+    for i in range(len(values)):
+        parts = [
+            values[choice[e]][e][max(start[e] - 1, 0) if start else 0 :] for e in np.flatnonzero(truth == i)
+        ]
+        v = np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
         v = v[~np.isnan(v)]
-        total += float(v.sum())
-        count += v.size
-    return total / count if count else float("nan")
+        out.append(float(v.mean()) if v.size else float("nan"))
+    return out
 
 
-def command_line(argv: list[str]) -> str:
-    """The command, shell-quoted, without ``--note`` (a remark, not a setting)."""
-    kept, skip = [], False
-    for a in argv:
-        if a.startswith("--note="):
-            continue
-        if skip or a == "--note":
-            skip = not skip
-            continue
-        kept.append(a)
-    return shlex.join(["python", "benchmarks/bench_routing.py", *kept])
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def read_matrix(path: Path, tasks: list[str]) -> tuple[list[str], np.ndarray] | None:
-    if not path.is_file():
+def run_matrices(run: TrainedRun) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's loss and accuracy matrices (base row + one per trained task, trained tasks' columns)."""
+    rd = run.info.run
+    if not rd.matrix_file(LOSS_MATRIX).is_file():
         return None
-    lines = [ln.split(",") for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    header = lines[0][1:]
-    cols = [header.index(t) for t in tasks]
-    names = [ln[0] for ln in lines[1:]]
-    return names, np.array([[float(ln[1 + c]) for c in cols] for ln in lines[1:]])
+    loss, acc = rd.read_matrix(LOSS_MATRIX), rd.read_matrix(ACCURACY_MATRIX)
+    if loss.rows != [BASE_ROW, *run.tasks]:
+        return None
+    cols = [loss.tasks.index(t) for t in run.tasks]
+    return loss.values[:, cols], acc.values[:, cols]
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a finished run directory")
     ap.add_argument(
@@ -166,95 +136,65 @@ def main(argv: list[str] | None = None) -> dict:
         "--cost-prompt-tokens", type=int, default=None, help="P for the timing (default: the largest)"
     )
     ap.add_argument("--timing-prompts", type=int, default=48, help="prompts timed at batch 1")
-    ap.add_argument("--repeats", type=int, default=3, help="timing repeats (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timing rounds (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/routing", help="output path without extension")
     ap.add_argument("--note", default="", help="a line for the report, e.g. the command that trained the run")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    load0 = os.getloadavg()[0]
+    info = run_info(__file__, argv, drop=("--note",))
 
     run = load_run(args.run, device=args.device)
     tasks = run.tasks
-    K = len(tasks)
-    per_task = holdout_examples(run, args.batch_size)
-    examples = [e for t in tasks for e in per_task[t]]
-    truth = np.array([k for k, t in enumerate(tasks) for _ in per_task[t]])
-    nll, correct = token_scores(run, examples, args.batch_size)
+    per_task_examples = holdout_examples(run, args.batch_size)
+    examples = [e for t in tasks for e in per_task_examples[t]]
+    truth = np.array([k for k, t in enumerate(tasks) for _ in per_task_examples[t]])
     oracle = truth.tolist()
-
-    def _subset(choice, start, sel):
-        idx = np.flatnonzero(sel)
-        sub_choice = [choice[e] for e in idx]
-        sub_start = None if start is None else [start[e] for e in idx]
-        return sub_choice, sub_start
-
-    def sub_values(values, sel):
-        idx = np.flatnonzero(sel)
-        return [[values[k][e] for e in idx] for k in range(K)]
-
-    def rowwise(values, choice, start=None):
-        out = []
-        for i in range(K):
-            sel = truth == i
-            c, s = _subset(choice, start, sel)
-            out.append(row(sub_values(values, sel), c, s))
-        return out
-
+    nll, correct = token_scores(run, examples, args.batch_size)
     result: dict = {
-        "command": command_line(sys.argv[1:] if argv is None else argv),
-        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({args.threads} thread(s)), device {args.device}",
-        "load_avg_1min_start": round(load0, 2),
-        "run_dir": str(Path(args.run).resolve()),
+        "command": info["command"],
+        "date": info["date"],
+        "machine": f"{machine_line(info['machine'])}, device {args.device}",
+        "load_avg_1min_start": round(info["load_start"], 2),
+        "run_dir": repo_relative(run.info.run_dir),
         "note": args.note,
         "strategy": run.strategy,
         "base_model": run.info.backbone.label,
         "tasks": tasks,
-        "holdout_examples": {t: len(per_task[t]) for t in tasks},
+        "holdout_examples": {t: len(per_task_examples[t]) for t in tasks},
         "router": "argmin over tasks of the prompt's mean next-token loss under LoRA_k + CRMA",
-        "oracle": {
-            "loss": rowwise(nll, oracle),
-            "accuracy": rowwise(correct, oracle),
-        },
+        "oracle": {"loss": per_task(nll, oracle, truth), "accuracy": per_task(correct, oracle, truth)},
         "by_prompt_tokens": {},
     }
-    csv = read_matrix(run.info.run_dir / "continual" / "loss_matrix.csv", tasks)
-    acc_csv = read_matrix(run.info.run_dir / "continual" / "accuracy_matrix.csv", tasks)
-    matrix = acc_matrix = None
-    if csv is not None and csv[0][1:] == tasks:  # base row + one row per trained task
-        matrix, acc_matrix = csv[1], acc_csv[1]
-        result["csv_final_row"] = matrix[-1].tolist()
+    matrices = run_matrices(run)
+    if matrices is not None:
+        result["csv_final_row"] = matrices[0][-1].tolist()
         result["oracle_vs_csv_max_abs_diff"] = float(
-            np.max(np.abs(matrix[-1] - np.array(result["oracle"]["loss"])))
+            np.max(np.abs(matrices[0][-1] - result["oracle"]["loss"]))
         )
 
-    def drift_with(final_loss, final_acc):
-        if matrix is None or K < 2:
+    def drift_with(final_loss: list[float], final_acc: list[float]) -> tuple[float | None, float | None]:
+        if matrices is None or len(tasks) < 2:
             return None, None
-        L, A = matrix.copy(), acc_matrix.copy()
-        L[-1], A[-1] = final_loss, final_acc
-        return clm.drift_pct(L), clm.bwt(A)
+        loss, acc = (m.copy() for m in matrices)
+        loss[-1], acc[-1] = final_loss, final_acc
+        return clm.drift_pct(loss), clm.bwt(acc)
 
-    result["oracle"]["drift_pct"], result["oracle"]["bwt"] = drift_with(
-        result["oracle"]["loss"], result["oracle"]["accuracy"]
-    )
-    if matrix is not None and K >= 2:
-        result["csv_drift_pct"] = clm.drift_pct(matrix)
+    o = result["oracle"]
+    o["drift_pct"], o["bwt"] = drift_with(o["loss"], o["accuracy"])
+    if matrices is not None and len(tasks) >= 2:
+        result["csv_drift_pct"] = clm.drift_pct(matrices[0])
 
     for p in args.prompt_tokens:
         starts = [prompt_length(e, p) for e in examples]
-        prompts = [e[0][:s] for e, s in zip(examples, starts, strict=True)]
-        chosen = run.route_ids(prompts, batch_size=args.batch_size)
+        chosen = run.route_ids(
+            [e[0][:s] for e, s in zip(examples, starts, strict=True)], batch_size=args.batch_size
+        )
         choice = [tasks.index(t) for t in chosen]
-        confusion = np.zeros((K, K), dtype=int)
-        for i, k in zip(truth, choice, strict=True):
-            confusion[i, k] += 1
-        routed_loss = rowwise(nll, choice)
-        routed_acc = rowwise(correct, choice)
+        confusion = np.zeros((len(tasks), len(tasks)), dtype=int)
+        np.add.at(confusion, (truth, choice), 1)
+        routed_loss, routed_acc = per_task(nll, choice, truth), per_task(correct, choice, truth)
         drift, bwt = drift_with(routed_loss, routed_acc)
         result["by_prompt_tokens"][str(p)] = {
             "mean_prompt_tokens": float(np.mean(starts)),
@@ -265,53 +205,51 @@ def main(argv: list[str] | None = None) -> dict:
             "confusion": confusion.tolist(),
             "routed": {"loss": routed_loss, "accuracy": routed_acc, "drift_pct": drift, "bwt": bwt},
             "continuation": {
-                "oracle_loss": rowwise(nll, oracle, starts),
-                "routed_loss": rowwise(nll, choice, starts),
+                "oracle_loss": per_task(nll, oracle, truth, starts),
+                "routed_loss": per_task(nll, choice, truth, starts),
             },
         }
 
-    # Cost, at one prompt length.
+    # Cost, at one prompt length: routing (K forward passes) against one forward with the task known.
     p = args.cost_prompt_tokens or max(args.prompt_tokens)
     prompts = [e[0][: prompt_length(e, p)] for e in examples]
     few = prompts[: args.timing_prompts]
-    first = tasks[0]
-
-    def known_task(batch):
-        def fn():
-            with run.using(first):
-                generation.prompt_losses(run.model, batch_prompts, pad_id=run.pad_id, batch_size=batch)
-
-        return fn
-
-    batch_prompts = prompts
-    t_route = timed(lambda: run.route_ids(prompts, batch_size=args.batch_size), args.repeats)
-    t_known = timed(known_task(args.batch_size), args.repeats)
-    batch_prompts = few
-    t_route_1 = timed(lambda: run.route_ids(few, batch_size=1), args.repeats)
-    t_known_1 = timed(known_task(1), args.repeats)
+    calls = {
+        "route": lambda: run.route_ids(prompts, batch_size=args.batch_size),
+        "known": lambda: run.prompt_losses(prompts, tasks[0], batch_size=args.batch_size),
+        "route_1": lambda: run.route_ids(few, batch_size=1),
+        "known_1": lambda: run.prompt_losses(few, tasks[0], batch_size=1),
+    }
+    rounds = interleave(
+        {k: lambda f=f: time_call(f).wall_s for k, f in calls.items()}, args.repeats, warmup=1
+    )
+    t = {k: statistics.median(v) for k, v in rounds.values.items()}
     result["cost"] = {
         "prompt_tokens": p,
         "batch_size": args.batch_size,
-        "route_ms_per_prompt": 1e3 * t_route / len(prompts),
-        "one_forward_ms_per_prompt": 1e3 * t_known / len(prompts),
-        "route_ms_per_prompt_batch1": 1e3 * t_route_1 / len(few),
-        "one_forward_ms_per_prompt_batch1": 1e3 * t_known_1 / len(few),
-        "forward_passes_per_prompt": K,
+        "route_ms_per_prompt": 1e3 * t["route"] / len(prompts),
+        "one_forward_ms_per_prompt": 1e3 * t["known"] / len(prompts),
+        "route_ms_per_prompt_batch1": 1e3 * t["route_1"] / len(few),
+        "one_forward_ms_per_prompt_batch1": 1e3 * t["known_1"] / len(few),
+        "forward_passes_per_prompt": len(tasks),
     }
     result["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
-    out = Path(args.out)
-    atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), render(result))
-    print(render(result))
+    text = render(result)
+    write_report(args.out, text, result)
+    print(text)
     return result
 
 
-def _f(x, digits=4):
+def _f(x: float | None, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _cells(values: Sequence[float | None], digits: int = 4) -> str:
+    return " | ".join(_f(v, digits) for v in values)
+
+
 def render(r: dict) -> str:
-    tasks = r["tasks"]
+    tasks, by_p, n = r["tasks"], r["by_prompt_tokens"], len(r["tasks"])
     lines = [
         "# Routing without a task id (`task: auto`)",
         "",
@@ -326,59 +264,38 @@ def render(r: dict) -> str:
         "## Routing accuracy (share of each task's holdout examples routed to that task)",
         "",
         "| prompt tokens P | " + " | ".join(tasks) + " | all |",
-        "|---|" + "---|" * (len(tasks) + 1),
+        "|---|" + "---|" * (n + 1),
     ]
-    for p, b in r["by_prompt_tokens"].items():
-        accs = " | ".join(f"{b['routing_accuracy'][t]:.3f}" for t in tasks)
+    for p, b in by_p.items():
+        accs = _cells([b["routing_accuracy"][t] for t in tasks], 3)
         lines.append(
             f"| {p} (mean {b['mean_prompt_tokens']:.1f}) | {accs} | {b['routing_accuracy_all']:.3f} |"
         )
-    lines += ["", "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids", ""]
-    lines += [
-        "| evaluation | " + " | ".join(tasks) + " | drift_pct | bwt |",
-        "|---|" + "---|" * (len(tasks) + 2),
-    ]
+    lines += ["", "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids", "",
+              "| evaluation | " + " | ".join(tasks) + " | drift_pct | bwt |", "|---|" + "---|" * (n + 2)]  # fmt: skip
     if "csv_final_row" in r:
         lines.append(
-            "| run's loss_matrix.csv | "
-            + " | ".join(_f(v) for v in r["csv_final_row"])
-            + f" | {_f(r.get('csv_drift_pct'), 3)} | |"
+            f"| run's loss_matrix.csv | {_cells(r['csv_final_row'])} | {_f(r.get('csv_drift_pct'), 3)} | |"
         )
     o = r["oracle"]
-    lines.append(
-        "| oracle (recomputed) | "
-        + " | ".join(_f(v) for v in o["loss"])
-        + f" | {_f(o['drift_pct'], 3)} | {_f(o['bwt'])} |"
-    )
-    for p, b in r["by_prompt_tokens"].items():
+    lines.append(f"| oracle (recomputed) | {_cells(o['loss'])} | {_f(o['drift_pct'], 3)} | {_f(o['bwt'])} |")
+    for p, b in by_p.items():
         x = b["routed"]
-        lines.append(
-            f"| routed, P={p} | "
-            + " | ".join(_f(v) for v in x["loss"])
-            + f" | {_f(x['drift_pct'], 3)} | {_f(x['bwt'])} |"
-        )
+        lines.append(f"| routed, P={p} | {_cells(x['loss'])} | {_f(x['drift_pct'], 3)} | {_f(x['bwt'])} |")
     if "oracle_vs_csv_max_abs_diff" in r:
         lines += ["", f"Oracle row vs the run's CSV: max |diff| = {r['oracle_vs_csv_max_abs_diff']:.2e}."]
-    lines += [
-        "",
-        "Loss on the continuation only (tokens after the prompt; the router never saw them):",
-        "",
-        "| P | " + " | ".join(f"{t} oracle / routed" for t in tasks) + " |",
-        "|---|" + "---|" * len(tasks),
-    ]
-    for p, b in r["by_prompt_tokens"].items():
+    lines += ["", "Loss on the continuation only (tokens after the prompt; the router never saw them):", "",
+              "| P | " + " | ".join(f"{t} oracle / routed" for t in tasks) + " |", "|---|" + "---|" * n]  # fmt: skip
+    for p, b in by_p.items():
         c = b["continuation"]
-        lines.append(
-            f"| {p} | "
-            + " | ".join(
-                f"{_f(a)} / {_f(z)}" for a, z in zip(c["oracle_loss"], c["routed_loss"], strict=True)
-            )
-            + " |"
+        pairs = " | ".join(
+            f"{_f(a)} / {_f(z)}" for a, z in zip(c["oracle_loss"], c["routed_loss"], strict=True)
         )
-    first = next(iter(r["by_prompt_tokens"]))
-    lines += ["", f"Confusion at P={first} (rows: true task, columns: routed task):", ""]
-    lines += ["| true \\ routed | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for t, c in zip(tasks, r["by_prompt_tokens"][first]["confusion"], strict=True):
+        lines.append(f"| {p} | {pairs} |")
+    first = next(iter(by_p))
+    lines += ["", f"Confusion at P={first} (rows: true task, columns: routed task):", "",
+              "| true \\ routed | " + " | ".join(tasks) + " |", "|---|" + "---|" * n]  # fmt: skip
+    for t, c in zip(tasks, by_p[first]["confusion"], strict=True):
         lines.append(f"| {t} | " + " | ".join(str(v) for v in c) + " |")
     c = r["cost"]
     lines += [
@@ -387,13 +304,11 @@ def render(r: dict) -> str:
         "",
         "| batch | routing ms/prompt | one forward, task known, ms/prompt | ratio |",
         "|---|---|---|---|",
-        f"| {c['batch_size']} | {c['route_ms_per_prompt']:.2f} | {c['one_forward_ms_per_prompt']:.2f} | "
-        f"{c['route_ms_per_prompt'] / c['one_forward_ms_per_prompt']:.1f}x |",
-        f"| 1 | {c['route_ms_per_prompt_batch1']:.2f} | {c['one_forward_ms_per_prompt_batch1']:.2f} | "
-        f"{c['route_ms_per_prompt_batch1'] / c['one_forward_ms_per_prompt_batch1']:.1f}x |",
-        "",
     ]
-    return "\n".join(lines)
+    for batch, sfx in ((c["batch_size"], ""), (1, "_batch1")):
+        route, one = c[f"route_ms_per_prompt{sfx}"], c[f"one_forward_ms_per_prompt{sfx}"]
+        lines.append(f"| {batch} | {route:.2f} | {one:.2f} | {route / one:.1f}x |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

