@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from crma_lightning.atomic import atomic_write_json, atomic_write_text, json_safe  # noqa: E402
+from crma_lightning.rundir import RUN_DIR_LINE  # noqa: E402
 
 if TYPE_CHECKING:
     from torch import nn
@@ -369,7 +370,6 @@ def with_lora(model: nn.Module, adapter: str, config: LoRAConfig) -> list[nn.Par
 
 
 # -- train.py fit subprocesses -----------------------------------------------------------------
-RUN_DIR_LINE = "run dir: "
 """How ``train.py fit`` names the run directory it writes (``crma_lightning.cli``)."""
 
 _running: set[subprocess.Popen] = set()

@@ -181,10 +181,11 @@ def figure(res: dict, path: Path) -> None:
     ax_grad.set_title("peak gradient norm per task")
     if ax_grad.lines:
         ax_grad.legend()
-    for ax, c in zip(np.atleast_1d(bottom.subplots(1, len(conds))), conds, strict=True):
-        m = res["loss_matrix_mean"][c]
-        im = heatmap(ax, np.asarray(m["matrix"]), m["rows"], tasks, f"{c.upper()}: holdout loss (mean over seeds)",
-                     "viridis_r", fmt="{:.3f}")  # fmt: skip
+    means = [np.asarray(res["loss_matrix_mean"][c]["matrix"]) for c in conds]
+    limits = (min(m.min() for m in means), max(m.max() for m in means))  # one colour scale for every panel
+    for ax, c, matrix in zip(np.atleast_1d(bottom.subplots(1, len(conds))), conds, means, strict=True):
+        im = heatmap(ax, matrix, res["loss_matrix_mean"][c]["rows"], tasks, f"{c.upper()}: holdout loss (mean over seeds)",
+                     "viridis_r", fmt="{:.3f}", limits=limits)  # fmt: skip
         bottom.colorbar(im, ax=ax, shrink=0.9)
     save_figure(fig, path)
     plt.close(fig)

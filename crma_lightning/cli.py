@@ -24,7 +24,7 @@ from callbacks import METHOD_CALLBACKS
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
 from crma_lightning.module import ContinualLM, NonFiniteError
-from crma_lightning.rundir import SHARDED_META, RunDir, init_args, is_checkpoint, versions
+from crma_lightning.rundir import RUN_DIR_LINE, SHARDED_META, RunDir, init_args, is_checkpoint, versions
 
 
 def _task_name(task) -> str:
@@ -128,7 +128,7 @@ class ContinualCLI(LightningCLI):
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank
         if self.trainer.is_global_zero:
-            print(f"run dir: {run_dir}", flush=True)
+            print(f"{RUN_DIR_LINE}{run_dir}", flush=True)
             rank_zero_info(f"open it in TensorBoard: tensorboard --logdir {run_dir}")
 
 

@@ -35,9 +35,12 @@ def heatmap(
     title: str,
     cmap: str,
     fmt: str = "{:.3g}",
+    limits: tuple[float, float] | None = None,
 ):
-    """Draw one matrix on ``ax`` with its values written in the cells (readable on any colour)."""
-    im = ax.imshow(matrix, cmap=cmap, aspect="auto")
+    """Draw one matrix on ``ax`` with its values written in the cells (readable on any colour);
+    ``limits`` (vmin, vmax) puts several panels on one colour scale."""
+    vmin, vmax = limits if limits is not None else (None, None)
+    im = ax.imshow(matrix, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(tasks)), labels=list(tasks), rotation=30, ha="right")
     ax.set_yticks(
         range(len(row_names)), labels=[f"after {r}" if r != BASE_ROW else BASE_ROW for r in row_names]

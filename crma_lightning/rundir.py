@@ -49,6 +49,9 @@ GRAD_NORM_FILE = "grad_norm.json"
 SHARDED_META = "meta.pt"
 """Lightning's metadata file inside a sharded (distributed-checkpoint) folder."""
 
+RUN_DIR_LINE = "run dir: "
+"""What ``train.py fit`` prints before the run directory's path when it ends (scripts parse it)."""
+
 BASE_ROW = "base"
 """Name of the matrices' first row: the model before any training."""
 

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from crma_lightning.checkpoint import CRMA_CONFIG, CRMA_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 from crma_lightning.cli import ContinualCLI
+from crma_lightning.rundir import RUN_DIR_LINE
 
 TASKS = ["alpha", "beta", "gamma"]
 # Smaller than configs/tiny.yaml so the three runs fit the default suite's budget.
@@ -33,9 +34,9 @@ def fit(tmp: Path, strategy: str) -> tuple[Path, subprocess.CompletedProcess]:
         *FAST,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("run dir: ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE)]
     assert len(lines) == 1, proc.stdout[-2000:]
-    return Path(lines[0].removeprefix("run dir: ")), proc
+    return Path(lines[0].removeprefix(RUN_DIR_LINE)), proc
 
 
 @pytest.fixture(scope="module")
