@@ -73,15 +73,28 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def swap_in(new: Path, path: Path) -> None:
-    """Move the complete directory ``new`` to ``path``, replacing what is there (see above)."""
+    """Move the complete directory ``new`` to ``path``, replacing what is there (a file or a
+    folder). Between the two renames the old complete version is at :func:`aside_of` ``(path)``."""
     aside = None
     if path.exists():
-        aside = path.with_name(f".{path.name}.old")
-        shutil.rmtree(aside, ignore_errors=True)
+        aside = aside_of(path)
+        _remove(aside)
         os.replace(path, aside)
     os.replace(new, path)
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
+
+
+def aside_of(path: Path) -> Path:
+    """Where :func:`swap_in` keeps the previous version of ``path`` during the swap."""
+    return path.with_name(f".{path.name}.old")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def json_safe(obj: Any) -> Any:

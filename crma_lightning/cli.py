@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks import METHOD_CALLBACKS
+from callbacks.adapters import RanksDivergedError
+from crma_lightning.atomic import atomic_write_text
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
 from crma_lightning.module import ContinualLM, NonFiniteError
@@ -43,6 +45,22 @@ def _max_epochs(tasks, epochs_per_task: int) -> int:
     return len(tasks or []) * epochs_per_task
 
 
+class AtomicSaveConfig(SaveConfigCallback):
+    """Lightning's config saver, writing ``config.yaml`` atomically (a kill while it writes leaves
+    no half a config, which ``load_run`` would then refuse as damaged)."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if self.already_saved:
+            return
+        run = RunDir(trainer.log_dir)  # a collective: every rank
+        if trainer.is_global_zero:
+            if not self.overwrite and run.config_file.is_file():
+                raise ConfigError(f"{run.config_file} exists: this run directory belongs to another run")
+            atomic_write_text(run.config_file, self.parser.dump(self.config, skip_none=False))
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
+
+
 class ContinualCLI(LightningCLI):
     """``python train.py fit --config configs/tiny.yaml``."""
 
@@ -53,6 +71,7 @@ class ContinualCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("save_config_callback", AtomicSaveConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault(
@@ -191,9 +210,15 @@ def _resume_in_place(cfg, ckpt: str) -> None:
     if ckpt == "last":
         runs = [r for r in versions(base) if r.has_checkpoint()]
         if not runs:
+            started = versions(base)
+            if started:
+                raise ConfigError(
+                    f"--ckpt_path last: {started[-1].path} has no complete checkpoint yet (the run stopped before "
+                    "or during its first save); start it again without --ckpt_path"
+                )
             raise ConfigError(f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume")
         run = runs[-1]
-        cfg["ckpt_path"] = str(run.last_checkpoint)
+        cfg["ckpt_path"] = str(run.resumable_checkpoint())
     else:
         path = Path(ckpt)
         if not is_checkpoint(path):
@@ -260,7 +285,7 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
             file=sys.stderr,
         )
         raise SystemExit(2) from None
-    except (ConfigError, NonFiniteError) as e:
+    except (ConfigError, NonFiniteError, RanksDivergedError) as e:
         if isinstance(e, ConfigError):
             _remove_unfinished_run()
         if debug:

@@ -107,6 +107,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         # FSDP2: parameters left whole on every rank (0-dim) and the mesh their grads average over.
         self._replicated: list[nn.Parameter] = []
         self._dp_mesh = None
+        self._skip_step = False  # set by training_step on a non-finite loss
 
     def _validate(self) -> None:
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
@@ -194,7 +195,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         return losses.token_stats(logits, batch["labels"], batch.get("example_weight"))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         stats = self.token_stats(batch)
         # Normalise by the global token count: DDP averages gradients over ranks, so
         # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
@@ -202,12 +203,19 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         bad = (~torch.isfinite(stats.loss_sum.detach())).float()
         tokens, bad = self.trainer.strategy.reduce(torch.stack([stats.tokens.detach(), bad]), reduce_op="sum")
         if bad > 0:
-            return self._nonfinite("loss")
+            # Lightning refuses a skipped (None) training_step under DDP/FSDP, so every rank keeps
+            # its backward and gradient reduction in step with a zero-weighted loss, and
+            # on_before_optimizer_step drops the (non-finite) gradients: the optimizer then leaves
+            # every parameter untouched, as Lightning's own skip would.
+            self._nonfinite("loss")
+            self._skip_step = True
+            return stats.loss_sum.nan_to_num(0.0, 0.0, 0.0) * 0.0
         loss = stats.loss_sum * self.trainer.world_size / tokens.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def _nonfinite(self, what: str) -> None:
+        """Stop with a clear error, or count a skipped step (model.nonfinite)."""
         step = self.trainer.global_step
         if self.nonfinite == "stop":
             raise NonFiniteError(
@@ -216,8 +224,6 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             )
         self.nonfinite_skipped += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=1)
-        # Returning None from training_step makes Lightning skip backward and the optimizer step.
-        return None
 
     # -- task boundaries -----------------------------------------------------------------
     def task_steps(self) -> list[int]:
@@ -254,6 +260,11 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         if self._replicated:
             average_replicated_grads(self._replicated, self._dp_mesh)
         params = [p for p in self.ever_trainable_parameters() if p.grad is not None]
+        if self._skip_step:  # a non-finite loss on some rank (training_step): no update anywhere
+            self._skip_step = False
+            for p in params:
+                p.grad = None
+            return
         if not params:
             return
         # Gradients are already reduced here. Under DDP every rank holds them whole; under FSDP each

@@ -12,6 +12,7 @@ A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
     continual/accuracy_matrix.csv token accuracy, same layout
     continual/summary.json        drift, BWT, FWT, forgetting, final averages, spectral bound
     continual/grad_norm.json      per-task peak and mean gradient norm
+    continual/resources.json      per-task step time and memory (optional ResourceMonitor callback)
     continual/*.png               heatmaps of the matrices
     events.out.tfevents.*         TensorBoard
 
@@ -32,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
-from crma_lightning.atomic import atomic_write_json, atomic_write_text, json_safe
+from crma_lightning.atomic import aside_of, atomic_write_json, atomic_write_text, json_safe
 from crma_lightning.config import ConfigError
 
 CONFIG_FILE = "config.yaml"
@@ -46,6 +47,7 @@ LOSS_MATRIX = "loss_matrix"
 ACCURACY_MATRIX = "accuracy_matrix"
 SUMMARY_FILE = "summary.json"
 GRAD_NORM_FILE = "grad_norm.json"
+RESOURCES_FILE = "resources.json"
 SHARDED_META = "meta.pt"
 """Lightning's metadata file inside a sharded (distributed-checkpoint) folder."""
 
@@ -155,6 +157,11 @@ class RunDir:
     def grad_norm_file(self) -> Path:
         return self.results / GRAD_NORM_FILE
 
+    @property
+    def resources_file(self) -> Path:
+        """Per-task step time and memory (the optional ``callbacks.resources.ResourceMonitor``)."""
+        return self.results / RESOURCES_FILE
+
     # -- writing results ---------------------------------------------------------------------
     def write_matrices(
         self, tasks: list[str], rows: dict[str, dict[str, list[float]]], summary: dict[str, Any]
@@ -204,8 +211,16 @@ class RunDir:
         s = self.read_summary()
         return s.get("tasks_completed") == len(s.get("tasks", ()))
 
+    def resumable_checkpoint(self) -> Path | None:
+        """``checkpoints/last.ckpt`` if it is complete; else the previous one that a save was
+        swapping out when the run died (``atomic.swap_in``); else None."""
+        for path in (self.last_checkpoint, aside_of(self.last_checkpoint)):
+            if is_checkpoint(path):
+                return path
+        return None
+
     def has_checkpoint(self) -> bool:
-        return is_checkpoint(self.last_checkpoint)
+        return self.resumable_checkpoint() is not None
 
     @property
     def version(self) -> int | None:

@@ -21,6 +21,7 @@ dtype per flat parameter.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from crma_lightning.atomic import swap_in
 from crma_lightning.config import ConfigError
 from crma_lightning.crma import CRMABlock
 from crma_lightning.dist import full_tensor
@@ -216,6 +218,25 @@ class AdapterShardedStrategy(ModelParallelStrategy):
     def _adapter_state(self) -> dict[str, Tensor]:
         names = self.lightning_module.adapter_state_names()
         return {k: v for k, v in self.model.state_dict().items() if k in names}
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """A sharded checkpoint is written under a temporary sibling name and swapped in by rank 0
+        once every rank's shards and the metadata are complete, so a kill during any save leaves the
+        previous checkpoint loadable (and the first save, none at all)."""
+        path = Path(self.broadcast(str(filepath)))
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        partial = path.with_name(f".{path.name}.partial")
+        if self.global_rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.barrier("crma_sharded_save_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("crma_sharded_save_written")  # every rank's shards and meta.pt are on disk
+        if self.global_rank == 0:
+            swap_in(partial, path)
+        self.barrier("crma_sharded_save_swapped")
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = self._adapter_state()

@@ -147,7 +147,9 @@ def assert_matches_single(dist_run: Path, single_run: Path, adapter_atol: float 
 
 
 def assert_ranks_agree(run: Path, world_size: int) -> None:
-    """Every rank held bit-identical adapters at every task end (SHA-256 per rank)."""
+    """``adapters/ranks.json`` has one SHA-256 per rank for every task, all equal. (A run whose
+    ranks differ stops before writing it: ``test_ranks_that_diverge_stop_the_run_at_the_next_task_end``
+    proves that guard; this checks every rank took part in the exchange.)"""
     hashes = json.loads((run / "adapters" / "ranks.json").read_text())
     tasks = json.loads((run / "continual" / "summary.json").read_text())["tasks"]
     assert list(hashes) == tasks

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -57,13 +58,17 @@ class KillDuringEvaluation(Callback):
 
 
 class NaNAt(Callback):
-    """Makes the gradient (or, via a forward hook, the loss) non-finite at optimizer step ``step``."""
+    """Makes the gradient (or, via a forward hook, the loss) non-finite at optimizer step ``step``,
+    on rank ``rank`` only (every rank when None)."""
 
-    def __init__(self, step: int, where: str):
-        self.step, self.where, self.handle = step, where, None
+    def __init__(self, step: int, where: str, rank: int | None = None):
+        self.step, self.where, self.rank, self.handle = step, where, rank, None
+
+    def _here(self, trainer) -> bool:
+        return trainer.global_step == self.step and self.rank in (None, trainer.global_rank)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.where == "loss" and trainer.global_step == self.step:
+        if self.where == "loss" and self._here(trainer):
 
             def poison(module, args, out):
                 out.logits.mul_(float("nan"))
@@ -76,5 +81,39 @@ class NaNAt(Callback):
             self.handle = None
 
     def on_after_backward(self, trainer, pl_module):
-        if self.where == "grad" and trainer.global_step == self.step:
+        if self.where == "grad" and self._here(trainer):
             next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("inf"))
+
+
+class KillInsideShardedSave(Callback):
+    """SIGKILLs every rank inside sharded checkpoint save number ``save`` (1-based), after the DCP
+    shards are written but before the save returns: a job killed while writing a checkpoint."""
+
+    def __init__(self, save: int):
+        self.save = save
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import lightning.pytorch.strategies.model_parallel as mp
+
+        write, count = mp._distributed_checkpoint_save, [0]
+
+        def dying_write(state, path):
+            write(state, path)
+            count[0] += 1
+            if count[0] == self.save:
+                _die()
+
+        mp._distributed_checkpoint_save = dying_write
+
+
+class PerturbOnRank(Callback):
+    """After optimizer step ``step``, moves one trainable adapter weight on rank ``rank`` only: the
+    replicas diverge, as they would if a parameter were left out of the gradient all-reduce."""
+
+    def __init__(self, step: int, rank: int = 1):
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad).add_(1e-3)

@@ -13,6 +13,7 @@ killed on timeout, so no rank outlives the test.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,11 @@ from distributed_helpers import (
     fit,
     fit_nodes,
     fit_once,
+    run_dir_of,
 )
 from safetensors.torch import load_file
+from subproc import REPO, run_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 DDP = ["--trainer.strategy", "ddp_find_unused_parameters_true"]
 
@@ -77,3 +81,35 @@ def test_ddp_two_simulated_nodes_match_one_process(tmp_path, tmp_path_factory):
     assert_matches_single(run, single)
     assert_ranks_agree(run, world_size=2)
     assert_finished_loras_frozen(run, tmp_path, finished=["alpha", "beta"])
+
+
+def _ddp_with(save_dir: Path, *callbacks: dict, extra: tuple[str, ...] = ()):
+    listed = [*callbacks, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10}}]  # fmt: skip
+    return run_train("fit", *ddp_args("modular"), "--trainer.devices", "2", "--trainer.logger.init_args.save_dir",
+                     str(save_dir), "--trainer.callbacks", json.dumps(listed), *extra,
+                     env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ranks_that_diverge_stop_the_run_at_the_next_task_end(tmp_path):
+    # One rank's adapter moved by 1e-3 mid-task: the hashes exchanged at the task end differ, and
+    # the run stops there with one error line (exit 1) instead of training on with two models.
+    proc = _ddp_with(tmp_path, {"class_path": "faults.PerturbOnRank", "init_args": {"step": 3, "rank": 1}})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "after task 'alpha' the ranks hold different adapters" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "tiny" / "version_0" / "adapters" / "alpha").exists()  # nothing of it was written
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    # NaN on rank 1 only, model.nonfinite: skip. The decision is all-reduced, so both ranks skip the
+    # step: the run ends (diverged replicas would stop it at the task end) and counts one skip.
+    proc = _ddp_with(tmp_path, {"class_path": "faults.NaNAt", "init_args": {"step": 5, "where": "loss", "rank": 1}},
+                     extra=("--model.nonfinite", "skip"))  # fmt: skip
+    run = run_dir_of(proc)
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert acc.Scalars("train/nonfinite_skipped")[-1].value == 1.0
+    assert_ranks_agree(run, world_size=2)

@@ -8,11 +8,14 @@ runs in its own process group with a timeout, killed on expiry.
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from distributed_helpers import (
     MICRO_8X2,
     SMALL,
@@ -25,6 +28,7 @@ from distributed_helpers import (
     read_checkpoint_state,
 )
 from safetensors.torch import load_file
+from subproc import REPO, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from crma_lightning.rundir import read_matrix_csv
@@ -84,6 +88,68 @@ def test_fsdp2_resumes_from_a_sharded_checkpoint(fsdp2, tmp_path):
         a, b = load_file(fsdp2 / "adapters" / f), load_file(resumed / "adapters" / f)
         for k in a:
             np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), atol=1e-6, rtol=0, err_msg=f"{f}: {k}")
+
+
+def _fit_killed(save_dir: Path, save: int) -> subprocess.CompletedProcess:
+    fault = json.dumps([{"class_path": "faults.KillInsideShardedSave", "init_args": {"save": save}},
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10}}])  # fmt: skip
+    return run_train("fit", *FSDP2, "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.callbacks", fault,
+                     env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_sharded_save_leaves_the_previous_checkpoint(fsdp2, tmp_path):
+    # Killed inside the second save (step 20): last.ckpt is still the complete step-10 checkpoint,
+    # and --ckpt_path last resumes from it to the uninterrupted result.
+    killed = _fit_killed(tmp_path, save=2)
+    assert killed.returncode != 0
+    run = tmp_path / "fsdp2_cpu" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    assert (last / "meta.pt").is_file() and torch.load(last / "meta.pt", weights_only=True)["global_step"] == 10
+    resumed = fit(tmp_path, *FSDP2, "--ckpt_path", "last")
+    assert resumed == run
+    for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
+        np.testing.assert_allclose(read_matrix_csv(resumed / "continual" / name)[2],
+                                   read_matrix_csv(fsdp2 / "continual" / name)[2], atol=1e-6, rtol=0, err_msg=name)  # fmt: skip
+    assert not (run / "checkpoints" / ".last.ckpt.partial").exists()
+
+    # Killed inside the first save: there is no last.ckpt, and resuming says so in one line.
+    first = tmp_path / "first"
+    assert _fit_killed(first, save=1).returncode != 0
+    assert not (first / "fsdp2_cpu" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    proc = run_train("fit", *FSDP2, "--trainer.logger.init_args.save_dir", str(first), "--ckpt_path", "last")
+    assert proc.returncode == 2 and "has no complete checkpoint yet" in proc.stderr, proc.stderr[-2000:]
+
+
+def _logged(save_dir: Path, prefix: str) -> dict[str, float]:
+    """The ``<prefix>/<task>/{loss,accuracy}`` scalars of the one run under ``save_dir``."""
+    events = next(save_dir.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith(f"{prefix}/")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_under_fsdp2_match_one_process(fsdp2, subcommand, tmp_path):
+    # The sharded last.ckpt evaluated by 2 FSDP2 ranks, and the same weights (converted to one
+    # file) by one process: every task's holdout loss and accuracy agree.
+    ckpt = fsdp2 / "checkpoints" / "last.ckpt"
+    sharded = run_train(subcommand, *FSDP2, "--trainer.logger.init_args.save_dir", str(tmp_path / "sharded"),
+                        "--ckpt_path", str(ckpt))  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    single_ckpt = tmp_path / "single.ckpt"
+    meta = torch.load(ckpt / "meta.pt", weights_only=True)
+    torch.save({**meta, "state_dict": read_checkpoint_state(ckpt, tmp_path)}, single_ckpt)
+    single = run_train(subcommand, "--config", "configs/tiny.yaml", *SMALL, "--trainer.logger.init_args.save_dir",
+                       str(tmp_path / "single"), "--ckpt_path", str(single_ckpt))  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    prefix = "val" if subcommand == "validate" else "test"
+    got, expected = _logged(tmp_path / "sharded", prefix), _logged(tmp_path / "single", prefix)
+    assert sorted(got) == sorted(f"{prefix}/{t}/{m}" for t in ("alpha", "beta", "gamma") for m in ("loss", "accuracy"))
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, abs=1e-5), k
 
 
 @pytest.mark.slow

@@ -1,0 +1,102 @@
+"""What each task costs in time and memory: step time, resident memory, optimizer state.
+
+An optional callback (``trainer.callbacks: - class_path: callbacks.resources.ResourceMonitor``).
+At every task end it records, per task: the median training-step time (the interval between
+consecutive batch starts, the task's first step excluded since it follows the boundary work), the
+process's resident memory now (also after returning the allocator's free pages to the system: what
+is really held) and at its peak, the bytes held in optimizer state, and how many
+parameters train. They are logged as ``resources/*`` at step = tasks trained and written to the run
+directory's ``continual/resources.json`` (rank 0, atomically). A long task sequence should show the
+step time and the memory flat, and the optimizer state holding only the current task's adapters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import statistics
+import time
+
+import lightning.pytorch as pl
+
+from callbacks.boundary import TaskBoundaryCallback, run_dir
+from crma_lightning.atomic import atomic_write_json
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, in MiB (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+    except OSError:
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trimmed_resident_mb() -> float:
+    """Resident memory after asking glibc to return its free heap pages (``malloc_trim``): what the
+    process holds, rather than what its allocator keeps cached. Same as :func:`resident_mb` where
+    there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return resident_mb()
+
+
+def peak_resident_mb() -> float:
+    """The process's peak resident memory so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ResourceMonitor(TaskBoundaryCallback):
+    """Per task: median step time, resident memory, optimizer-state bytes, trainable parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_task: dict[str, dict[str, float]] = {}
+        self._starts: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
+        self._starts.append(time.perf_counter())
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
+        out = run_dir(trainer).resources_file  # on every rank: a collective
+        task = trainer.datamodule.task_names[task_index]
+        gaps = [
+            b - a for a, b in zip(self._starts[1:], self._starts[2:], strict=False)
+        ]  # the first follows the boundary
+        state_bytes = sum(
+            t.numel() * t.element_size()
+            for opt in trainer.optimizers
+            for s in opt.state.values()
+            for t in s.values()
+            if hasattr(t, "numel")
+        )
+        row = {
+            "step_s_median": statistics.median(gaps) if gaps else None,
+            "steps_timed": len(gaps),
+            "rss_mb": resident_mb(),
+            "rss_trimmed_mb": trimmed_resident_mb(),
+            "peak_rss_mb": peak_resident_mb(),
+            "optimizer_state_mb": state_bytes / 2**20,
+            "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+        }
+        self.per_task[task] = row
+        self._starts = []
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"resources/{k}": v for k, v in row.items() if v is not None}, step=task_index + 1
+            )
+        if trainer.is_global_zero:
+            atomic_write_json(out, self.per_task)
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"per_task": {k: dict(v) for k, v in self.per_task.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.per_task = {k: dict(v) for k, v in state_dict["per_task"].items()}
