@@ -12,6 +12,7 @@ step time and the memory flat, and the optimizer state holding only the current 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -38,10 +39,8 @@ def trimmed_resident_mb() -> float:
     """Resident memory after asking glibc to return its free heap pages (``malloc_trim``): what the
     process holds, rather than what its allocator keeps cached. Same as :func:`resident_mb` where
     there is no glibc."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # no glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
     return resident_mb()
 
 
