@@ -30,7 +30,7 @@ from crma_lightning.rundir import RunDir
 SERIES = {
     "step_s_median": "median step time, s",
     "rss_mb": "resident memory at task end, MiB",
-    "rss_trimmed_mb": "held memory (after malloc_trim), MiB",
+    "held_anon_mb": "held anonymous memory (after malloc_trim), MiB",
     "peak_rss_mb": "peak resident memory, MiB",
     "optimizer_state_mb": "optimizer state, MiB",
     "checkpoint_mb": "checkpoint after the task, MiB",

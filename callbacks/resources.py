@@ -3,8 +3,8 @@
 An optional callback (``trainer.callbacks: - class_path: callbacks.resources.ResourceMonitor``).
 At every task end it records, per task: the median training-step time (the interval between
 consecutive batch starts, the task's first step excluded since it follows the boundary work), the
-process's resident memory now (also after returning the allocator's free pages to the system: what
-is really held) and at its peak, the bytes held in optimizer state, and how many
+process's resident memory now, its anonymous memory after returning the allocator's free pages to
+the system (what it really holds), its peak resident memory, the bytes held in optimizer state, and how many
 parameters train. They are logged as ``resources/*`` at step = tasks trained and written to the run
 directory's ``continual/resources.json`` (rank 0, atomically). A long task sequence should show the
 step time and the memory flat, and the optimizer state holding only the current task's adapters.
@@ -35,13 +35,18 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def trimmed_resident_mb() -> float:
-    """Resident memory after asking glibc to return its free heap pages (``malloc_trim``): what the
-    process holds, rather than what its allocator keeps cached. Same as :func:`resident_mb` where
-    there is no glibc."""
+def held_anonymous_mb() -> float:
+    """Anonymous resident memory (``RssAnon``: heap, tensors; not mapped files or libraries) after
+    asking glibc to return its free heap pages (``malloc_trim``): what the process holds, rather
+    than what its allocator keeps cached. 0 where ``/proc/self/status`` does not exist."""
     with contextlib.suppress(OSError, AttributeError):  # no glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return resident_mb()
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            line = next(ln for ln in f if ln.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024  # kB
 
 
 def peak_resident_mb() -> float:
@@ -79,7 +84,7 @@ class ResourceMonitor(TaskBoundaryCallback):
             "step_s_median": statistics.median(gaps) if gaps else None,
             "steps_timed": len(gaps),
             "rss_mb": resident_mb(),
-            "rss_trimmed_mb": trimmed_resident_mb(),
+            "held_anon_mb": held_anonymous_mb(),
             "peak_rss_mb": peak_resident_mb(),
             "optimizer_state_mb": state_bytes / 2**20,
             "trainable_params": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),

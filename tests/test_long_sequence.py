@@ -35,5 +35,5 @@ def test_thirty_tasks_grow_at_most_linearly(tmp_path):
     steps = np.asarray(s["step_s_median"])
     assert np.median(steps[-5:]) <= 1.5 * np.median(steps[:5])
     # Held memory: no faster than linear, and under 2 MiB per task (a finished LoRA here is 70 KiB).
-    held = g["rss_trimmed_mb"]
+    held = g["held_anon_mb"]
     assert held["slope_per_task"] < 2.0 and held["quadratic_coef"] < 0.05, held
