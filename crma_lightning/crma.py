@@ -55,7 +55,11 @@ class CRMABlock(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """This block's parameters by group: projections, mixing logits, gate."""
         if self.config.form == "additive":
-            return {"crma_proj": [self.read, self.write], "crma_mix": [self.log_mix], "crma_gate": [self.log_gate]}
+            return {
+                "crma_proj": [self.read, self.write],
+                "crma_mix": [self.log_mix],
+                "crma_gate": [self.log_gate],
+            }
         return {"crma_proj": [self.basis], "crma_mix": [self.log_mix], "crma_gate": [self.gate]}
 
     def mixing_matrix(self) -> Tensor:
@@ -69,7 +73,9 @@ class CRMABlock(nn.Module):
     def diagnostics(self) -> Diagnostics:
         """Health of the current M, including the certifying rescale actually applied (method.md §6)."""
         c = self.config
-        return project_with_diagnostics(self.log_mix, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)[1]
+        return project_with_diagnostics(
+            self.log_mix, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature
+        )[1]
 
     def gate_value(self) -> Tensor:
         if self.config.form == "additive":

@@ -111,7 +111,9 @@ def birkhoff(logits: Tensor, n: int, tau: float = 1.0) -> Tensor:
     """
     perms = permutation_matrices(n, logits.device)
     if logits.shape[-1] != perms.shape[0]:
-        raise ValueError(f"birkhoff logits for n={n} need last dim {perms.shape[0]} (= n!), got {logits.shape[-1]}")
+        raise ValueError(
+            f"birkhoff logits for n={n} need last dim {perms.shape[0]} (= n!), got {logits.shape[-1]}"
+        )
     if tau <= 0:
         raise ValueError(f"birkhoff tau must be > 0, got {tau}")
     with torch.autocast(device_type=logits.device.type, enabled=False):

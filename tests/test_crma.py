@@ -108,7 +108,9 @@ def test_param_groups_declared_and_trainable(tokens):
     assert all(b.write.grad.abs().sum() > 0 for b in handle.blocks.values())
 
 
-@pytest.mark.parametrize("projection,streams", [("sinkhorn", 2), ("sinkhorn", 8), ("birkhoff", 3), ("birkhoff", 5)])
+@pytest.mark.parametrize(
+    "projection,streams", [("sinkhorn", 2), ("sinkhorn", 8), ("birkhoff", 3), ("birkhoff", 5)]
+)
 def test_block_bound_and_subspace_non_expansive(projection, streams):
     cfg = CRMAConfig(streams=streams, projection=projection, form="subspace", gate_init=1.0, mix_init=3.0)
     block = CRMABlock(16, cfg, torch.Generator().manual_seed(0))

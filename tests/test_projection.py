@@ -35,7 +35,11 @@ def _assert_bounded(m: torch.Tensor) -> None:
 
 def _assert_finite_grad(logits: torch.Tensor, fn) -> None:
     x = logits.clone().requires_grad_(True)
-    w = torch.linspace(-1, 1, x.shape[-1] * x.shape[-1]).reshape(x.shape[-1], x.shape[-1]) if x.dim() == 2 else 1.0
+    w = (
+        torch.linspace(-1, 1, x.shape[-1] * x.shape[-1]).reshape(x.shape[-1], x.shape[-1])
+        if x.dim() == 2
+        else 1.0
+    )
     (fn(x) * w).sum().backward()
     assert torch.isfinite(x.grad).all()
 
