@@ -122,7 +122,8 @@ class CRMABlock(nn.Module):
         # The model-level batched projection may hand the block its M for the current forward pass.
         self.step_mix: Tensor | None = None
         self.enabled = True
-        #: torch.compile the write and this block's own projection (opt-in; does not pay on CPU).
+        #: torch.compile the write and this block's own projection (opt-in; on CPU the compiled
+        #: write is slower than the eager one: benchmarks/results/kernels.md).
         self.compiled = compiled
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
