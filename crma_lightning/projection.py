@@ -209,8 +209,9 @@ def project(
     """Dispatch to :func:`sinkhorn` (certified) or :func:`birkhoff`; returns ``(..., n, n)`` float32.
 
     ``compiled`` runs a ``torch.compile`` of this function instead (opt-in). On CPU the first call
-    per shape compiles for 15-30 s and later calls save ~0.1 ms each against the custom backward,
-    so it pays only after ~10^5 steps (``benchmarks/results/kernels.md``); GPUs are not measured.
+    per shape compiles for 11-30 s; at L = 30 later calls save ~0.12 ms (~15 %) against the custom
+    backward, so it pays only after ~10^5 steps, and at L = 2 it is not reliably faster
+    (``benchmarks/results/kernels.md``). GPUs are not measured.
     """
     if compiled:
         return _compiled_project()(logits, kind, n, iters=iters, tau=tau)
