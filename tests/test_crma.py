@@ -182,7 +182,7 @@ def test_custom_write_backward_matches_autograd():
     h, read, write = (
         torch.randn(4, 8, 24, generator=gen),
         torch.randn(4, 24, generator=gen),
-        torch.randn(24, 4),
+        torch.randn(24, 4, generator=gen),
     )
     grads = []
     for custom in (True, False):
