@@ -10,18 +10,28 @@ non-negative matrix ``||M||_2 <= sqrt(||M||_1 * ||M||_inf)``, so dividing by
 ``c = max(max row sum, max col sum, 1)`` makes ``||M||_2 <= 1`` hold exactly, whatever the
 iteration count. The result is doubly *sub*-stochastic; at convergence ``c == 1`` and nothing
 changes.
+
+Why ``log_softmax`` and a hand-written backward: at the sizes CRMA uses (``(L, 4, 4)``) Sinkhorn's
+cost is per-call overhead, not arithmetic. Each half-iteration is one ``log_softmax`` kernel
+(``x - logsumexp(x)`` was ~9; the values differ by float32 rounding, at most ~5e-7 on M).
+:class:`_LogSinkhorn` runs the ``2K`` of them without recording an autograd graph and replays them
+backwards with the very kernel autograd's ``LogSoftmaxBackward`` calls, so its gradient is
+bit-identical to autograd's through the same iterations (``benchmarks/results/kernels.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 ProjectionKind = Literal["sinkhorn", "birkhoff"]
 
@@ -51,6 +61,16 @@ def _float32(logits: Tensor) -> Tensor:
     return logits.to(torch.float32)
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)`` when autocast is on there, else a no-op.
+
+    Entering an autocast context costs ~15 us on CPU, as much as a few kernels at ``(L, 4, 4)``.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def certify(m: Tensor) -> tuple[Tensor, Tensor]:
     """Divide non-negative ``m (..., n, n)`` by ``c = max(max row sum, max col sum, 1)``.
 
@@ -63,23 +83,66 @@ def certify(m: Tensor) -> tuple[Tensor, Tensor]:
     return m / c[..., None, None], c
 
 
-def sinkhorn(logits: Tensor, iters: int = 20, tau: float = 1.0, *, certified: bool = True) -> Tensor:
+def _iterates(x: Tensor, iters: int) -> list[Tensor]:
+    """The ``2 * iters`` log-domain half-iterations of ``x (..., n, n)``, alternately rows and columns.
+
+    ``log_softmax(x, dim)`` is ``x - logsumexp(x, dim)`` in one kernel: rows (then columns) of
+    ``exp`` of the result sum to 1.
+    """
+    out = []
+    for _ in range(iters):
+        x = torch.log_softmax(x, dim=-1)  # rows sum to 1
+        out.append(x)
+        x = torch.log_softmax(x, dim=-2)  # columns sum to 1
+        out.append(x)
+    return out
+
+
+class _LogSinkhorn(torch.autograd.Function):
+    """``exp`` of the last Sinkhorn iterate of float32 ``x (..., n, n)``; the backward replays the iterations.
+
+    Autograd of the unrolled loop records ``2K + 1`` nodes and stores every iterate. This Function
+    stores the same iterates (each half-step's backward needs its own output) but no graph, and its
+    backward calls ``torch._log_softmax_backward_data``, the kernel autograd's ``LogSoftmaxBackward``
+    uses, in the same order: the gradient is bit-identical to autograd's (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, iters: int) -> Tensor:
+        its = _iterates(x, iters)
+        m = its[-1].exp()
+        ctx.save_for_backward(m, *its)
+        return m
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_m: Tensor) -> tuple[Tensor, None]:
+        m, *its = ctx.saved_tensors
+        g = grad_m * m  # through exp
+        for i in reversed(range(len(its))):
+            dim = -1 if i % 2 == 0 else -2
+            g = torch._log_softmax_backward_data(g, its[i], dim, g.dtype)
+        return g, None
+
+
+def sinkhorn(
+    logits: Tensor, iters: int = 20, tau: float = 1.0, *, certified: bool = True, custom_backward: bool = True
+) -> Tensor:
     """Log-domain Sinkhorn–Knopp: ``(..., n, n)`` logits -> doubly (sub-)stochastic matrices.
 
     Computed in float32 with autocast disabled; the result is float32. ``tau`` is the temperature
     (smaller = closer to a permutation). With ``certified`` the output is rescaled so that its
-    spectral norm is provably at most 1 (see the module docstring).
+    spectral norm is provably at most 1 (see the module docstring). ``custom_backward=False``
+    differentiates the unrolled iterations with autograd instead of :class:`_LogSinkhorn`: the same
+    values and gradients, slower, but twice differentiable and traceable by ``torch.compile``.
     """
     if iters < 1:
         raise ValueError(f"sinkhorn iters must be >= 1, got {iters}")
     if tau <= 0:
         raise ValueError(f"sinkhorn tau must be > 0, got {tau}")
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         x = _float32(logits) / tau
-        for _ in range(iters):
-            x = x - torch.logsumexp(x, dim=-1, keepdim=True)  # rows sum to 1
-            x = x - torch.logsumexp(x, dim=-2, keepdim=True)  # columns sum to 1
-        m = x.exp()
+        m = _LogSinkhorn.apply(x, iters) if custom_backward else _iterates(x, iters)[-1].exp()
         if certified:
             m, _ = certify(m)
     return m
@@ -111,10 +174,12 @@ def birkhoff(logits: Tensor, n: int, tau: float = 1.0) -> Tensor:
     """
     perms = permutation_matrices(n, logits.device)
     if logits.shape[-1] != perms.shape[0]:
-        raise ValueError(f"birkhoff logits for n={n} need last dim {perms.shape[0]} (= n!), got {logits.shape[-1]}")
+        raise ValueError(
+            f"birkhoff logits for n={n} need last dim {perms.shape[0]} (= n!), got {logits.shape[-1]}"
+        )
     if tau <= 0:
         raise ValueError(f"birkhoff tau must be > 0, got {tau}")
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         w = torch.softmax(_float32(logits) / tau, dim=-1)
         return torch.einsum("...k,kij->...ij", w, perms)
 
@@ -138,13 +203,36 @@ def identity_logits(kind: ProjectionKind, n: int, strength: float) -> Tensor:
     return logits
 
 
-def project(logits: Tensor, kind: ProjectionKind, n: int, *, iters: int = 20, tau: float = 1.0) -> Tensor:
-    """Dispatch to :func:`sinkhorn` (certified) or :func:`birkhoff`; returns ``(..., n, n)`` float32."""
+def project(
+    logits: Tensor, kind: ProjectionKind, n: int, *, iters: int = 20, tau: float = 1.0, compiled: bool = False
+) -> Tensor:
+    """Dispatch to :func:`sinkhorn` (certified) or :func:`birkhoff`; returns ``(..., n, n)`` float32.
+
+    ``compiled`` runs a ``torch.compile`` of this function instead (opt-in). On CPU the first call
+    per shape compiles for 11-30 s; at L = 30 later calls save ~0.12 ms (~15 %) against the custom
+    backward, so it pays only after ~10^5 steps, and at L = 2 it is not reliably faster
+    (``benchmarks/results/kernels.md``). GPUs are not measured.
+    """
+    if compiled:
+        return _compiled_project()(logits, kind, n, iters=iters, tau=tau)
     if kind == "sinkhorn":
         return sinkhorn(logits, iters=iters, tau=tau, certified=True)
     if kind == "birkhoff":
         return birkhoff(logits, n, tau=tau)
     raise ValueError(f"unknown projection kind {kind!r}; choose 'sinkhorn' or 'birkhoff'")
+
+
+def _project_unrolled(logits: Tensor, kind: ProjectionKind, n: int, *, iters: int, tau: float) -> Tensor:
+    if kind == "sinkhorn":
+        return sinkhorn(logits, iters=iters, tau=tau, certified=True, custom_backward=False)
+    return project(logits, kind, n, iters=iters, tau=tau)
+
+
+@cache
+def _compiled_project() -> Callable[..., Tensor]:
+    # Dynamo traces the unrolled iterations and derives the backward itself; the custom Function's
+    # Python backward would be opaque to the compiler.
+    return torch.compile(_project_unrolled)
 
 
 @torch.no_grad()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_CONFIGS, tiny_model
 from torch import nn
 
 from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
-from crma_lightning.crma import CRMABlock
+from crma_lightning.crma import CRMABlock, low_rank_residual
 from crma_lightning.injection import inject_crma
 from crma_lightning.lora import activate_lora, add_lora, lora_disabled
 
@@ -108,7 +109,9 @@ def test_param_groups_declared_and_trainable(tokens):
     assert all(b.write.grad.abs().sum() > 0 for b in handle.blocks.values())
 
 
-@pytest.mark.parametrize("projection,streams", [("sinkhorn", 2), ("sinkhorn", 8), ("birkhoff", 3), ("birkhoff", 5)])
+@pytest.mark.parametrize(
+    "projection,streams", [("sinkhorn", 2), ("sinkhorn", 8), ("birkhoff", 3), ("birkhoff", 5)]
+)
 def test_block_bound_and_subspace_non_expansive(projection, streams):
     cfg = CRMAConfig(streams=streams, projection=projection, form="subspace", gate_init=1.0, mix_init=3.0)
     block = CRMABlock(16, cfg, torch.Generator().manual_seed(0))
@@ -129,6 +132,84 @@ def test_block_input_placement_and_layer_selection(tokens):
     assert torch.equal(model(tokens).logits, base)
     _perturb(handle)
     assert (model(tokens).logits - base).abs().max() > 1e-3
+
+
+def _reference_forward(block: CRMABlock, h: torch.Tensor) -> torch.Tensor:
+    """method.md §5 written out step by step (the block's forward before the fused write)."""
+    m, g = block.mixing_matrix(), block.gate_value()
+    if block.config.form == "additive":
+        s = F.linear(h, block.read)  # (..., n)
+        return h + g * F.linear(s @ m.T - s, block.write)
+    u, _ = torch.linalg.qr(block.basis.float())
+    s = h @ u  # (..., n)
+    return h + g * (s @ (m - torch.eye(m.shape[-1])).T) @ u.T
+
+
+def _perturbed_block(form: str, d: int, seed: int = 0) -> CRMABlock:
+    block = CRMABlock(d, CRMAConfig(form=form, gate_init=0.5), torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return block
+
+
+def _out_and_grads(fn, block, h, grad):
+    block.zero_grad()
+    h = h.clone().requires_grad_(True)
+    out = fn(h)
+    out.backward(grad)
+    return out.detach(), h.grad, [p.grad.clone() for p in block.parameters()]
+
+
+@pytest.mark.parametrize("form", ["additive", "subspace"])
+@pytest.mark.parametrize("shape", [(16, 32, 64), (3, 40)])
+def test_fused_write_matches_the_reference_formulation(form, shape):
+    block = _perturbed_block(form, shape[-1])
+    gen = torch.Generator().manual_seed(2)
+    h, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    out, gh, gp = _out_and_grads(block, block, h, grad)
+    ref, gh_ref, gp_ref = _out_and_grads(lambda x: _reference_forward(block, x), block, h, grad)
+    # Float summation order differs (g and M folded into W' first): rounding only.
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh, gh_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gp, gp_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_write_backward_matches_autograd():
+    gen = torch.Generator().manual_seed(3)
+    h, read, write = (
+        torch.randn(4, 8, 24, generator=gen),
+        torch.randn(4, 24, generator=gen),
+        torch.randn(24, 4, generator=gen),
+    )
+    grads = []
+    for custom in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (h, read, write)]
+        low_rank_residual(*leaves, custom_backward=custom).sum().backward()  # expanded (stride-0) grad
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # h needs no gradient (frozen embeddings before the first block): only the factors get one.
+    r = read.clone().requires_grad_(True)
+    low_rank_residual(h, r, write).square().sum().backward()
+    assert r.grad is not None and torch.isfinite(r.grad).all()
+
+
+@pytest.mark.parametrize("form", ["additive", "subspace"])
+def test_block_is_exactly_the_identity_at_init_in_its_dtype(form):
+    block = CRMABlock(64, CRMAConfig(form=form), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        block.log_mix.normal_(0, 3)  # M far from I: only W = 0 (resp. g = 0) makes it the identity
+    h = torch.randn(16, 32, 64)
+    assert torch.equal(block(h), h)
+    hb = h.to(torch.bfloat16)
+    assert block(hb).dtype == torch.bfloat16 and torch.equal(block(hb), hb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(h)
+    assert out.dtype == torch.float32 and torch.equal(out, h)  # autocast does not round the residual stream
+    assert torch.equal(block.to(torch.bfloat16)(hb), hb)  # bf16 parameters (a bf16-true run)
 
 
 def test_validation_lists_every_problem():

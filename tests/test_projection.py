@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from crma_lightning.projection import (
     MAX_BIRKHOFF_N,
+    _LogSinkhorn,
     birkhoff,
     certify,
     diagnostics,
@@ -35,7 +36,11 @@ def _assert_bounded(m: torch.Tensor) -> None:
 
 def _assert_finite_grad(logits: torch.Tensor, fn) -> None:
     x = logits.clone().requires_grad_(True)
-    w = torch.linspace(-1, 1, x.shape[-1] * x.shape[-1]).reshape(x.shape[-1], x.shape[-1]) if x.dim() == 2 else 1.0
+    w = (
+        torch.linspace(-1, 1, x.shape[-1] * x.shape[-1]).reshape(x.shape[-1], x.shape[-1])
+        if x.dim() == 2
+        else 1.0
+    )
     (fn(x) * w).sum().backward()
     assert torch.isfinite(x.grad).all()
 
@@ -142,3 +147,57 @@ def test_permutations_and_errors():
         sinkhorn(torch.zeros(3, 3), iters=0)
     with pytest.raises(ValueError, match="unknown projection"):
         project(torch.zeros(3, 3), "softmax", 3)  # type: ignore[arg-type]
+
+
+def _sinkhorn_grad(logits, w, **kw):
+    x = logits.clone().requires_grad_(True)
+    m = sinkhorn(x, **kw)
+    (m * w).sum().backward()
+    return m.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    "shape,std,iters,tau",
+    [
+        ((4, 4), 1.0, 20, 1.0),
+        ((30, 4, 4), 1.0, 20, 1.0),
+        ((30, 4, 4), 10.0, 20, 1.0),  # peaked: the certifying rescale is active
+        ((2, 3, 5, 5), 3.0, 7, 0.3),
+        ((8, 16, 16), 10.0, 3, 2.0),  # c > 1 on most matrices
+        ((6, 2, 2), 1.0, 1, 1.0),
+    ],
+)
+def test_custom_backward_is_bit_identical_to_autograd(shape, std, iters, tau):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(shape, generator=g) * std
+    w = torch.randn(shape, generator=g)
+    m, grad = _sinkhorn_grad(logits, w, iters=iters, tau=tau)
+    m_ref, grad_ref = _sinkhorn_grad(logits, w, iters=iters, tau=tau, custom_backward=False)
+    assert torch.equal(m, m_ref)
+    assert torch.equal(grad, grad_ref)  # same kernels in the same order: bit-identical, not just close
+    _assert_bounded(m)
+    # The log_softmax iterations agree with the earlier x - logsumexp(x) form up to float32 rounding.
+    x = logits / tau
+    for _ in range(iters):
+        x = x - torch.logsumexp(x, -1, keepdim=True)
+        x = x - torch.logsumexp(x, -2, keepdim=True)
+    torch.testing.assert_close(m, certify(x.exp())[0], atol=2e-6, rtol=0)
+
+
+def test_custom_backward_gradcheck_float64():
+    # sinkhorn() always computes in float32, so gradcheck the Function itself, plus the rescale.
+    x = (
+        torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    ).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _LogSinkhorn.apply(t, 4), (x,))
+    assert torch.autograd.gradcheck(lambda t: certify(_LogSinkhorn.apply(t * 5, 2))[0], (x,))
+
+
+def test_custom_backward_under_bf16_autocast():
+    logits = (torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(2)) * 5).to(torch.bfloat16)
+    w = torch.randn(6, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m, grad = _sinkhorn_grad(logits, w)
+        m_ref, grad_ref = _sinkhorn_grad(logits, w, custom_backward=False)
+    assert m.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert torch.equal(m, m_ref) and torch.equal(grad, grad_ref)
