@@ -1,6 +1,6 @@
 """Benchmark: the CRMA kernels (issue 16, point 4), old formulation against new, forward + backward on CPU.
 
-1. The block's write (method.md §5, additive form) at (8, 128, 576) (SmolLM2 width) and (16, 32, 64),
+1. The block's write (docs/method.md §5, additive form) at (8, 128, 576) (SmolLM2 width) and (16, 32, 64),
    n = 4, M given: ``old`` (s = R h, M s - s, W, * g, + h: the forward before this change),
    ``fused`` (g W (M - I) folded into W', one ``addmm``; the default, custom backward),
    ``fused_autograd`` (the same ``addmm`` differentiated by autograd), ``compiled``
@@ -12,24 +12,20 @@
 3. The bound: sigma_max, row/column errors and the rescale of Sinkhorn (K = 20) and Birkhoff on
    random logits, and the largest differences between old and new formulations.
 
-Variants run interleaved in rounds, each round in a rotated order; medians over rounds, and the
-ratio of medians against ``old`` with a paired bootstrap 95 % interval (rounds resampled jointly).
+Variants run interleaved in rounds (harness.py), each round in a rotated order; medians over rounds,
+and the median of the per-round ratios against ``old`` with its bootstrap 95 % interval.
 Both CPU time of this process and wall time are recorded: on a shared machine the wall clock also
 counts the time a neighbour held the core, the CPU clock does not. Threads default to 1: there one
 busy neighbour stalls every parallel region (a 19200-element ``exp`` took 6 ms with 2 threads, 4 us
 with 1), and with one thread the process's CPU time is the kernels' own.
 
-Run (from the repository root; PYTHONPATH=. so a worktree imports its own crma_lightning):
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_kernels.py [--quick] [--no-compile] [--rounds N]
+Run:  .venv/bin/python benchmarks/bench_kernels.py [--quick] [--no-compile] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import random
 import statistics
 import sys
 import time
@@ -38,9 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import Timing, interleave, machine_line, paired_ratio, run_info, time_call, write_report
 from torch import Tensor
 
-from crma_lightning.checkpoint import atomic_write_json, atomic_write_text
 from crma_lightning.config import CRMAConfig
 from crma_lightning.crma import CRMABlock, low_rank_residual
 from crma_lightning.projection import (
@@ -101,37 +97,21 @@ def step(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor) -> Callable[[]
 
 def reps_for(step: Callable[[], None], target_s: float = 0.01) -> int:
     """Inner repetitions so one timing spans ~target_s (timer resolution and call jitter)."""
-    t = time.perf_counter()
-    step()
-    return max(1, round(target_s / max(time.perf_counter() - t, 1e-6)))
+    return max(1, round(target_s / max(time_call(step).wall_s, 1e-6)))
 
 
 def measure(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, dict[str, list]]:
-    """Per-call microseconds, CPU and wall, of every variant: interleaved rounds, order rotated each round."""
-    for run in steps.values():
-        for _ in range(warmup):
-            run()
+    """Per-call microseconds, CPU and wall, of every variant: harness rounds (order rotated each round)."""
     reps = {k: reps_for(s) for k, s in steps.items()}
-    names, times = list(steps), {k: {"cpu": [], "wall": []} for k in steps}
-    for r in range(rounds):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            c, t = time.process_time(), time.perf_counter()
-            for _ in range(reps[k]):
-                steps[k]()
-            times[k]["wall"].append((time.perf_counter() - t) / reps[k] * 1e6)
-            times[k]["cpu"].append((time.process_time() - c) / reps[k] * 1e6)
-    return times
 
+    def timed(k: str) -> Callable[[], Timing]:
+        return lambda: time_call(lambda: [steps[k]() for _ in range(reps[k])])
 
-def ratio_ci(a: list[float], b: list[float], n_boot: int = 2000) -> tuple[float, float, float]:
-    """median(a) / median(b), and a paired percentile-bootstrap 95 % interval over rounds."""
-    rng = random.Random(0)
-    idx = range(len(a))
-    boots = sorted(
-        statistics.median(a[i] for i in s) / statistics.median(b[i] for i in s)
-        for s in ([rng.choice(idx) for _ in idx] for _ in range(n_boot))
-    )
-    return statistics.median(a) / statistics.median(b), boots[int(0.025 * n_boot)], boots[int(0.975 * n_boot)]
+    got = interleave({k: timed(k) for k in steps}, rounds, warmup=warmup)
+    return {
+        k: {"cpu": [t.cpu_s / reps[k] * 1e6 for t in ts], "wall": [t.wall_s / reps[k] * 1e6 for t in ts]}
+        for k, ts in got.values.items()
+    }
 
 
 def summarise(section: str, times: dict[str, dict[str, list]], compile_s: float | None) -> list[dict]:
@@ -139,8 +119,8 @@ def summarise(section: str, times: dict[str, dict[str, list]], compile_s: float 
     for k, v in times.items():
         row = {"section": section, "variant": k, "compile_s": compile_s if k == "compiled" else None}
         for clock in ("cpu", "wall"):
-            r, lo, hi = ratio_ci(v[clock], times["old"][clock])
-            row[clock] = {"median_us": statistics.median(v[clock]), "ratio_vs_old": r, "ci95": [lo, hi]}
+            r = paired_ratio(v[clock], times["old"][clock])
+            row[clock] = {"median_us": statistics.median(v[clock]), "ratio_vs_old": r.median, "ci95": list(r.ci95)}
         rows.append(row)
     return rows
 
@@ -251,8 +231,8 @@ def markdown(meta: dict, timings: list[dict], diffs: dict, bounds: list[dict]) -
         "## Timings",
         "",
         "Per call, forward + backward, in CPU time of this process (the machine may be shared: CPU time",
-        "leaves out the time other processes held the core) and wall time. 'vs old' = median(variant) /",
-        "median(old), below 1 is faster, with a paired bootstrap 95% CI; 'compile s' = the first call",
+        "leaves out the time other processes held the core) and wall time. 'vs old' = the median over rounds",
+        "of variant / old, below 1 is faster, with its bootstrap 95% CI; 'compile s' = the first call",
         "(a cold compile of that shape alone: inductor's caches are off).",
         "",
         "| section | variant | CPU us | CPU vs old (95% CI) | wall us | wall vs old (95% CI) | compile s |",
@@ -308,14 +288,14 @@ def main() -> None:
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
     start = time.time()
+    info = run_info("benchmarks/bench_kernels.py", sys.argv[1:])
     meta = {
-        "command": " ".join(["PYTHONPATH=. python benchmarks/bench_kernels.py", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
+        "command": info["command"],
+        "date": info["date"],
+        "machine": machine_line(info["machine"]),
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "load average (1 min) at start": round(os.getloadavg()[0], 2),
-        "rounds": f"{args.rounds} measured after {args.warmup} warm-up calls per variant",
+        "load average (1 min) at start": round(info["load_start"], 2),
+        "rounds": f"{args.rounds} measured after {args.warmup} warm-up rounds",
     }
     timings, diffs = [], {}
     bench_block(args, timings, diffs)
@@ -327,10 +307,7 @@ def main() -> None:
     }
     text = markdown(meta, timings, diffs, bounds)
     print(text)
-    atomic_write_text(args.out.with_suffix(".md"), text)
-    atomic_write_json(
-        args.out.with_suffix(".json"), {"meta": meta, "timings": timings, "diffs": diffs, "bounds": bounds}
-    )
+    write_report(args.out, text, {"meta": meta, "timings": timings, "diffs": diffs, "bounds": bounds})
 
 
 if __name__ == "__main__":

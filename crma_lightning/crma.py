@@ -1,6 +1,6 @@
 """The CRMA block: a residual adapter whose n x n mixing matrix is (sub-)doubly stochastic.
 
-Reference: CRMA, arXiv 2606.00382; method.md §5. For one decoder layer, on every token's hidden
+Reference: CRMA, arXiv 2606.00382; docs/method.md §5. For one decoder layer, on every token's hidden
 state h in R^d:
 
     additive:  s = R h,  h' = h + g * W (M s - s)            R (n, d), W (d, n) = 0 at init
@@ -152,7 +152,7 @@ class CRMABlock(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self) -> Diagnostics:
-        """Health of the current M, including the certifying rescale actually applied (method.md §6)."""
+        """Health of the current M, including the certifying rescale actually applied (docs/method.md §6)."""
         c = self.config
         return project_with_diagnostics(
             self.log_mix, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature

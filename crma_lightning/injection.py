@@ -141,7 +141,7 @@ class CRMAInjection:
         """
         c = self.config
         logits = torch.stack([b.log_mix for b in self.blocks.values()])  # (L, n, n) or (L, n!)
-        return project(logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature)
+        return project(logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature, compiled=c.compile)
 
     def _full_logits(self) -> Tensor:
         # Under FSDP each rank holds a shard of every log_mix: gather (a collective, every rank).
@@ -291,7 +291,7 @@ def inject_crma(model: nn.Module, config: CRMAConfig) -> CRMAInjection:
     gen = torch.Generator().manual_seed(config.init_seed)
     blocks: dict[str, CRMABlock] = {}
     for i in resolve_layer_indices(config.layers, len(layers)):
-        block = CRMABlock(d, config, generator=gen).to(device)
+        block = CRMABlock(d, config, generator=gen, compiled=config.compile).to(device)
         layers[i].add_module(CHILD_NAME, block)
         blocks[f"{path}.{i}"] = block
     handle = CRMAInjection(model, config, path, blocks)

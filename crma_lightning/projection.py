@@ -1,7 +1,7 @@
 """Projection of mixing logits onto (sub-)doubly-stochastic matrices, with a certified spectral bound.
 
 Pure functions over tensors, batched over any leading dimensions, so all layers' ``(L, n, n)``
-logits are projected in one call. Reference: CRMA, arXiv 2606.00382 (method.md §5); the exact
+logits are projected in one call. Reference: CRMA, arXiv 2606.00382 (docs/method.md §5); the exact
 Birkhoff construction follows mHC-lite, arXiv 2601.05732.
 
 Why a certifying rescale: a finite number of Sinkhorn–Knopp iterations is not exactly doubly
@@ -237,7 +237,7 @@ def _compiled_project() -> Callable[..., Tensor]:
 
 @torch.no_grad()
 def diagnostics(m: Tensor, rescale: Tensor | None = None) -> Diagnostics:
-    """Row/column errors, spectral norm and second singular value of ``m (..., n, n)`` (method.md §6).
+    """Row/column errors, spectral norm and second singular value of ``m (..., n, n)`` (docs/method.md §6).
 
     ``rescale`` is the certifying divisor if known; otherwise it is recomputed from ``m`` (and is 1
     for any matrix already inside the bound).

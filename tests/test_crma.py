@@ -135,7 +135,7 @@ def test_block_input_placement_and_layer_selection(tokens):
 
 
 def _reference_forward(block: CRMABlock, h: torch.Tensor) -> torch.Tensor:
-    """method.md §5 written out step by step (the block's forward before the fused write)."""
+    """docs/method.md §5 written out step by step (the block's forward before the fused write)."""
     m, g = block.mixing_matrix(), block.gate_value()
     if block.config.form == "additive":
         s = F.linear(h, block.read)  # (..., n)

@@ -97,7 +97,7 @@ def test_birkhoff_is_doubly_stochastic(n, data, tau):
 
 
 def test_certify_fixes_an_unconverged_sinkhorn():
-    # Peaked logits: 3 iterations leave ||M||_2 well above 1 (method.md §5 measured 1.52).
+    # Peaked logits: 3 iterations leave ||M||_2 well above 1 (docs/method.md §5 measured 1.52).
     x = torch.randn(64, 8, 8, generator=torch.Generator().manual_seed(0)) * 10
     raw = sinkhorn(x, iters=3, certified=False)
     assert diagnostics(raw).sigma_max.max() > 1.1
