@@ -12,6 +12,8 @@ crash keeps the last complete row) and logged as ``val/<task>/loss``, ``val/<tas
 
 from __future__ import annotations
 
+import gc
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -160,6 +162,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     add_figure(f"continual/{name}", fig, global_step=step, close=False)
         for fig in figures.values():
             pyplot().close(fig)
+        # A figure is a web of reference cycles holding its (tasks x tasks) pixel buffer; collect it
+        # now rather than when the cyclic collector gets to it (memory would pile up over tasks).
+        gc.collect()
 
     def render(self, trainer: pl.Trainer, module: ContinualModule) -> str:
         tasks = list(trainer.datamodule.task_names)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import resource
 import statistics
@@ -37,8 +38,9 @@ def resident_mb() -> float:
 
 def held_anonymous_mb() -> float:
     """Anonymous resident memory (``RssAnon``: heap, tensors; not mapped files or libraries) after
-    asking glibc to return its free heap pages (``malloc_trim``): what the process holds, rather
-    than what its allocator keeps cached. 0 where ``/proc/self/status`` does not exist."""
+    collecting cyclic garbage and asking glibc to return its free heap pages (``malloc_trim``):
+    what the process holds, rather than what its allocator and the cyclic collector have yet to free. 0 where ``/proc/self/status`` does not exist."""
+    gc.collect()  # objects in reference cycles (matplotlib figures) wait for the cyclic collector
     with contextlib.suppress(OSError, AttributeError):  # no glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
