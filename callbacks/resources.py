@@ -2,7 +2,8 @@
 
 An optional callback (``trainer.callbacks: - class_path: callbacks.resources.ResourceMonitor``).
 At every task end it records, per task: the median training-step time (the interval between
-consecutive batch starts, the task's first step excluded since it follows the boundary work), the
+consecutive batch starts, the task's first step excluded since it follows the boundary work), in
+wall and in this process's CPU time, the
 process's resident memory now, its anonymous memory after returning the allocator's free pages to
 the system (what it really holds), its peak resident memory, the bytes held in optimizer state, and how many
 parameters train. They are logged as ``resources/*`` at step = tasks trained and written to the run
@@ -62,19 +63,18 @@ class ResourceMonitor(TaskBoundaryCallback):
     def __init__(self) -> None:
         super().__init__()
         self.per_task: dict[str, dict[str, float]] = {}
-        self._starts: list[float] = []
+        self._starts: list[tuple[float, float]] = []  # (wall, process CPU) at each batch start
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
     ) -> None:
-        self._starts.append(time.perf_counter())
+        self._starts.append((time.perf_counter(), time.process_time()))
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
         out = run_dir(trainer).resources_file  # on every rank: a collective
         task = trainer.datamodule.task_names[task_index]
-        gaps = [
-            b - a for a, b in zip(self._starts[1:], self._starts[2:], strict=False)
-        ]  # the first follows the boundary
+        # The task's first step follows the boundary work (evaluation, saving): left out.
+        gaps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(self._starts[1:], self._starts[2:], strict=False)]
         state_bytes = sum(
             t.numel() * t.element_size()
             for opt in trainer.optimizers
@@ -83,7 +83,9 @@ class ResourceMonitor(TaskBoundaryCallback):
             if hasattr(t, "numel")
         )
         row = {
-            "step_s_median": statistics.median(gaps) if gaps else None,
+            "step_s_median": statistics.median(g[0] for g in gaps) if gaps else None,
+            # CPU time of this process: what the step itself costs, less what neighbours take.
+            "step_cpu_s_median": statistics.median(g[1] for g in gaps) if gaps else None,
             "steps_timed": len(gaps),
             "rss_mb": resident_mb(),
             "held_anon_mb": held_anonymous_mb(),
