@@ -11,6 +11,7 @@ resumes in the same run directory, so nothing of the run is split or lost.
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,13 @@ class ContinualCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
         parser.link_arguments("data.tasks", "model.task_names", compute_fn=_task_names)
         parser.link_arguments("data.seed", "model.seed")
+        parser.add_argument(
+            "--dist_timeout",
+            type=float | None,
+            default=None,
+            help="Seconds a collective may wait for the other ranks before the run stops with "
+            "'error: a peer rank was lost' (default: the strategy's, 30 min).",
+        )
         parser.link_arguments(
             ("data.tasks", "data.epochs_per_task"), "trainer.max_epochs", compute_fn=_max_epochs
         )
@@ -134,7 +142,15 @@ class ContinualCLI(LightningCLI):
         # The method's callbacks run first, so a callback listed in the config sees every task's
         # end already handled (adapters written, row evaluated) when its own hook runs.
         config["callbacks"] = [*callbacks, *listed]
-        return super()._instantiate_trainer(config, [])
+        _check_fsdp1_device(config)
+        trainer = super()._instantiate_trainer(config, [])
+        _find_unused_parameters(trainer)
+        timeout = self.config[self.subcommand].get("dist_timeout")
+        if timeout is not None and hasattr(trainer.strategy, "_timeout"):
+            # DDP, FSDP and ModelParallel (FSDP2) strategies pass it to init_process_group (gloo:
+            # every collective; NCCL: the watchdog), before any process group exists.
+            trainer.strategy._timeout = timedelta(seconds=timeout)
+        return trainer
 
     def before_fit(self) -> None:
         global _fresh_run_dir
@@ -143,6 +159,8 @@ class ContinualCLI(LightningCLI):
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         resuming = self.config[self.subcommand].get("ckpt_path")
         _fresh_run_dir = None if (resuming or run_dir.exists()) else run_dir
+        global _launcher
+        _launcher = self.trainer.strategy.launcher
 
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank
@@ -231,7 +249,76 @@ def _resume_in_place(cfg, ckpt: str) -> None:
     logger["init_args"]["version"] = run.version
 
 
+def _find_unused_parameters(trainer: Trainer) -> None:
+    """DDP must look for unused parameters: each task's step uses only that task's adapters.
+
+    Plain ``ddp`` (also what ``strategy: auto`` picks for several devices) trains one step and then
+    stops with DDP's "parameters that were not used" error; it is switched on here, before the
+    model is wrapped, on every rank. An explicit ``find_unused_parameters=False`` cannot work and is
+    refused before training.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy):
+        return
+    kwargs = strategy._ddp_kwargs  # passed to DistributedDataParallel by DDPStrategy._setup_model
+    if kwargs.get("find_unused_parameters", True) is False:
+        raise ConfigError(
+            "trainer.strategy sets find_unused_parameters=False, but each task trains only its own "
+            "adapters (the others get no gradient); use `ddp` or `ddp_find_unused_parameters_true`"
+        )
+    if not kwargs.get("find_unused_parameters"):
+        kwargs["find_unused_parameters"] = True
+        rank_zero_info("DDP: find_unused_parameters=True (each task trains only its own adapters)")
+
+
+def _check_fsdp1_device(config: dict[str, Any]) -> None:
+    """FSDP1 (``strategy: fsdp``) is GPU-only in Lightning; say what to use on CPU instead of its
+    traceback."""
+    strategy = config.get("strategy")
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if not (name.startswith("fsdp") or name in ("FSDPStrategy", "AdapterFSDPStrategy")):
+        return
+    accelerator = config.get("accelerator")
+    if accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available()):
+        raise ConfigError(
+            f"trainer.strategy {name} (FSDP1) needs a GPU; on CPU use FSDP2: "
+            "--config configs/distributed/fsdp2_cpu.yaml (crma_lightning.sharding.AdapterShardedStrategy)"
+        )
+
+
 _fresh_run_dir: Path | None = None
+_launcher = None  # the strategy's launcher: on rank 0 of a node it holds the other local ranks
+
+#: What gloo, NCCL and the TCP store say when another rank died, hung or cannot be reached.
+_PEER_LOST = (
+    "closed by peer",
+    "reset by peer",
+    "timed out",
+    "timeout",
+    "pair closure",
+    "broken pipe",
+    "connection refused",
+    "communicator was aborted",
+)
+
+
+def _peer_lost(e: BaseException) -> bool:
+    dist = getattr(torch, "distributed", None)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    return isinstance(e, getattr(dist, "DistError", ())) or any(p in str(e).lower() for p in _PEER_LOST)
+
+
+def _stop_local_ranks() -> None:
+    """Kill the ranks this process launched (Lightning kills them only on Ctrl+C), so none is left
+    waiting for the full timeout."""
+    import signal
+
+    for proc in getattr(_launcher, "procs", None) or []:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
 
 
 def _remove_unfinished_run() -> None:
@@ -275,7 +362,7 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
     if debug:
         (args if args is not None else sys.argv).remove("--debug")
     try:
-        return ContinualCLI(args=args)
+        cli = ContinualCLI(args=args)
     except UnicodeDecodeError as e:
         # jsonargparse reads --config files as UTF-8 and lets the decode error through.
         if debug:
@@ -292,3 +379,27 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+    except RuntimeError as e:  # DistError (store, network) and gloo's errors are RuntimeErrors
+        if debug or not _peer_lost(e):
+            raise
+        _stop_local_ranks()
+        rank = torch.distributed.get_rank()
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"error: rank {rank}: a peer rank was lost (died, hung or unreachable): {first}", file=sys.stderr)
+        raise SystemExit(1) from None
+    _destroy_process_group()
+    return cli
+
+
+def _destroy_process_group() -> None:
+    """Shut the process group down on every rank once the subcommand has finished.
+
+    Lightning destroys it at exit only for NCCL (``lightning.fabric.utilities.distributed.
+    _init_dist_connection``). A gloo group left alive keeps its worker threads into interpreter
+    finalization; one still releasing the last collective's tensors there needs the GIL, is ended by
+    ``pthread_exit`` inside a destructor and aborts the process (``terminate called without an
+    active exception``, exit 134). Only on success: after a failure a peer may be stuck in a
+    collective, and shutting down could wait for it.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

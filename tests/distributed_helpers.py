@@ -5,6 +5,7 @@ run must keep (same matrices and adapters as one process, finished LoRAs frozen,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -167,3 +168,50 @@ def assert_finished_loras_frozen(run: Path, tmp: Path, finished: list[str]) -> N
         assert now.keys() == saved.keys() and saved, task
         for k in saved:
             assert torch.equal(now[k], saved[k]), f"LoRA {task} moved after its task ended: {k}"
+
+
+def children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Lightning's launcher starts local ranks 1.. as children of rank 0)."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_rank_mid_run(save_dir: Path, *args: str, sig: int = signal.SIGKILL, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """Start a 2-rank ``train.py fit``, wait for its first complete checkpoint, send ``sig`` to rank 1
+    and return rank 0's result and the seconds it lived after the signal. Everything left of the
+    run is killed at the end."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "train.py", "fit", *args, "--trainer.logger.init_args.save_dir", str(save_dir)]
+    save_dir.mkdir(parents=True, exist_ok=True)
+    with open(save_dir / "rank0.out", "w") as out, open(save_dir / "rank0.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            ckpt = None
+            while ckpt is None:
+                found = [p for p in save_dir.glob("*/version_*/checkpoints/last.ckpt")]
+                if found and (found[0].is_file() or (found[0] / "meta.pt").is_file()):
+                    ckpt = found[0]
+                elif proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"no checkpoint before the run ended or timed out: {(save_dir / 'rank0.err').read_text()[-3000:]}")
+                time.sleep(0.2)
+            victims = children(proc.pid)
+            assert victims, "rank 1 was not found among rank 0's children"
+            os.kill(victims[0], sig)
+            start = time.monotonic()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank 0 did not exit within {timeout} s of losing rank 1")
+            lived = time.monotonic() - start
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # rank 1 too: it is in rank 0's process group
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    result = subprocess.CompletedProcess(cmd, proc.returncode, (save_dir / "rank0.out").read_text(),
+                                         (save_dir / "rank0.err").read_text())  # fmt: skip
+    return result, lived

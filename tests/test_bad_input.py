@@ -72,6 +72,8 @@ def _cases():
         "linked option in a config file": (lambda t: (t / "more.yaml").write_text("trainer:\n  max_epochs: 3\nmodel:\n  seed: 4\n") and [] or ["--config", str(t / "more.yaml")], ["more.yaml: trainer.max_epochs cannot be set", "data.epochs_per_task"]),
         "linked seed": (lambda t: ["--model.seed=3"], ["--model.seed cannot be set", "--data.seed"]),
         "a method callback listed in trainer.callbacks": (lambda t: ["--trainer.callbacks", '[{"class_path": "callbacks.evaluation.ContinualEvaluation"}]'], ["callbacks.evaluation.ContinualEvaluation", "train.py adds itself", "`evaluation:`"]),
+        "DDP told not to look for unused parameters": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_false"], ["find_unused_parameters=False", "use `ddp`"]),
+        "FSDP1 on CPU": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "fsdp"], ["trainer.strategy fsdp (FSDP1) needs a GPU", "configs/distributed/fsdp2_cpu.yaml"]),
         "corrupted checkpoint": (lambda t: (t / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip") and [] or ["--ckpt_path", str(t / "bad.ckpt")], ["bad.ckpt", "corrupted"]),
     }
 

@@ -63,7 +63,12 @@ def ddp_args(strategy: str) -> list[str]:
 )
 def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tmp_path, tmp_path_factory):
     single = single_run(tmp_path_factory, strategy)
-    ddp = fit(tmp_path / "ddp", *ddp_args(strategy), "--trainer.devices", "2")
+    # Plain `ddp`, what most users type: the CLI turns on find_unused_parameters (each task trains
+    # only its own adapters) and says so in one line.
+    proc = run_train("fit", *ddp_args(strategy), "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "ddp"))  # fmt: skip
+    ddp = run_dir_of(proc)
+    assert (proc.stdout + proc.stderr).count("DDP: find_unused_parameters=True") == 1
     assert_matches_single(ddp, single)
     assert_ranks_agree(ddp, world_size=2)
     if strategy == "naive":
