@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -371,6 +372,12 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
             f"error: a --config file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8",
             file=sys.stderr,
         )
+        raise SystemExit(2) from None
+    except MisconfigurationException as e:  # Lightning's word for a setting the user can fix
+        _remove_unfinished_run()
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except (ConfigError, NonFiniteError, RanksDivergedError) as e:
         if isinstance(e, ConfigError):

@@ -27,7 +27,7 @@ DDP = ["--config", "configs/tiny.yaml", *SMALL, "--trainer.devices", "2", "--tra
 FSDP2 = ["--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL]
 #: A quick run for the exit loop: 2 tasks, 1 epoch each, 2 steps per task.
 QUICK = ["--data.train_size", "32", "--data.holdout_size", "8", "--data.epochs_per_task", "1",
-         "--data.tasks", '[{"name": "a"}, {"name": "b"}]', "--trainer.enable_checkpointing", "false"]  # fmt: skip
+         "--data.tasks", '[{"name": "a"}, {"name": "b"}]', "--trainer.callbacks", "[]"]  # fmt: skip
 SETUPS = {"ddp": DDP, "fsdp2": FSDP2}
 
 
