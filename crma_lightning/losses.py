@@ -25,8 +25,8 @@ class TokenLosses:
     """Next-token negative log-likelihood (float32; 0 where unscored)."""
     scored: Tensor
     """1.0 where the target token is scored, else 0.0 (float32)."""
-    correct: Tensor
-    """1.0 where the argmax prediction equals the target (float32)."""
+    correct: Tensor | None
+    """1.0 where the argmax prediction equals the target (float32); None when not asked for."""
 
 
 @dataclass
@@ -35,31 +35,39 @@ class TokenStats:
 
     loss_sum: Tensor
     tokens: Tensor
-    correct: Tensor
+    correct: Tensor | None
+    """None when accuracy was not asked for (training: the argmax over the vocabulary is skipped)."""
 
 
-def token_losses(logits: Tensor, labels: Tensor) -> TokenLosses:
-    """``logits (B, T, V)`` and unshifted ``labels (B, T)`` -> per-position next-token losses."""
+def token_losses(logits: Tensor, labels: Tensor, accuracy: bool = True) -> TokenLosses:
+    """``logits (B, T, V)`` and unshifted ``labels (B, T)`` -> per-position next-token losses.
+
+    ``accuracy=False`` skips the argmax over the vocabulary (a pass over the (B, T, V) logits).
+    """
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     logits = logits[:, :-1].float()  # (B, T-1, V)
     scored = (targets != IGNORE_INDEX).float()
     safe = targets.clamp_min(0)
     nll = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")  # (B, T-1)
-    correct = (logits.argmax(-1) == safe).float()
+    correct = (logits.argmax(-1) == safe).float() if accuracy else None
     return TokenLosses(nll, scored, correct)
 
 
-def token_stats(logits: Tensor, labels: Tensor, example_weight: Tensor | None = None) -> TokenStats:
-    """Summed next-token loss, scored-token count and correct predictions of a batch.
+def token_stats(
+    logits: Tensor, labels: Tensor, example_weight: Tensor | None = None, accuracy: bool = True
+) -> TokenStats:
+    """Summed next-token loss, scored-token count and (unless ``accuracy=False``) correct
+    predictions of a batch.
 
     ``example_weight (B,)`` scales each example's tokens (0 drops padding examples that only keep
     ranks' batch counts equal).
     """
-    t = token_losses(logits, labels)
+    t = token_losses(logits, labels, accuracy)
     mask = t.scored
     if example_weight is not None:
         mask = mask * example_weight.float()[:, None]
-    return TokenStats((t.nll * mask).sum(), mask.sum(), (t.correct * mask).sum())
+    correct = (t.correct * mask).sum() if t.correct is not None else None
+    return TokenStats((t.nll * mask).sum(), mask.sum(), correct)
 
 
 def sequence_losses(logits: Tensor, labels: Tensor) -> Tensor:
@@ -67,7 +75,7 @@ def sequence_losses(logits: Tensor, labels: Tensor) -> Tensor:
 
     NaN for a sequence with no scored target (e.g. a 1-token prompt): 0 / 0.
     """
-    t = token_losses(logits, labels)
+    t = token_losses(logits, labels, accuracy=False)
     return (t.nll * t.scored).sum(1) / t.scored.sum(1)
 
 

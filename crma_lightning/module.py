@@ -190,13 +190,14 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self._model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def token_stats(self, batch: dict[str, Tensor]) -> losses.TokenStats:
-        """Summed next-token loss, scored-token count and correct predictions of a batch."""
+    def token_stats(self, batch: dict[str, Tensor], accuracy: bool = True) -> losses.TokenStats:
+        """Summed next-token loss, scored-token count and (unless ``accuracy=False``) correct
+        predictions of a batch."""
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        return losses.token_stats(logits, batch["labels"], batch.get("example_weight"))
+        return losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        stats = self.token_stats(batch)
+        stats = self.token_stats(batch, accuracy=False)  # training logs the loss only
         # Normalise by the global token count: DDP averages gradients over ranks, so
         # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
         # all-reduce counts ranks with a non-finite loss, so every rank takes the same decision.

@@ -57,8 +57,8 @@ class ContinualModule(Protocol):
     def trainable_parameters(self, task: str) -> list[nn.Parameter]:
         """What trains during ``task`` under the module's strategy."""
 
-    def token_stats(self, batch: dict[str, Tensor]) -> TokenStats:
-        """Summed next-token loss, scored tokens and correct predictions of a batch."""
+    def token_stats(self, batch: dict[str, Tensor], accuracy: bool = True) -> TokenStats:
+        """Summed next-token loss, scored tokens and (with ``accuracy``) correct predictions of a batch."""
 
 
 def as_continual(pl_module: Any) -> ContinualModule:
