@@ -27,6 +27,13 @@ from callbacks.adapters import RanksDivergedError
 from crma_lightning.atomic import atomic_write_text
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
+from crma_lightning.dist import (
+    check_fsdp1_device,
+    destroy_process_group,
+    peer_lost,
+    require_find_unused_parameters,
+    stop_local_ranks,
+)
 from crma_lightning.module import ContinualLM, NonFiniteError
 from crma_lightning.rundir import RUN_DIR_LINE, SHARDED_META, RunDir, init_args, is_checkpoint, versions
 
@@ -143,9 +150,9 @@ class ContinualCLI(LightningCLI):
         # The method's callbacks run first, so a callback listed in the config sees every task's
         # end already handled (adapters written, row evaluated) when its own hook runs.
         config["callbacks"] = [*callbacks, *listed]
-        _check_fsdp1_device(config)
+        check_fsdp1_device(config)
         trainer = super()._instantiate_trainer(config, [])
-        _find_unused_parameters(trainer)
+        require_find_unused_parameters(trainer)
         timeout = self.config[self.subcommand].get("dist_timeout")
         if timeout is not None and hasattr(trainer.strategy, "_timeout"):
             # DDP, FSDP and ModelParallel (FSDP2) strategies pass it to init_process_group (gloo:
@@ -250,77 +257,8 @@ def _resume_in_place(cfg, ckpt: str) -> None:
     logger["init_args"]["version"] = run.version
 
 
-def _find_unused_parameters(trainer: Trainer) -> None:
-    """DDP must look for unused parameters: each task's step uses only that task's adapters.
-
-    Plain ``ddp`` (also what ``strategy: auto`` picks for several devices) trains one step and then
-    stops with DDP's "parameters that were not used" error; it is switched on here, before the
-    model is wrapped, on every rank. An explicit ``find_unused_parameters=False`` cannot work and is
-    refused before training.
-    """
-    from lightning.pytorch.strategies import DDPStrategy
-
-    strategy = trainer.strategy
-    if not isinstance(strategy, DDPStrategy):
-        return
-    kwargs = strategy._ddp_kwargs  # passed to DistributedDataParallel by DDPStrategy._setup_model
-    if kwargs.get("find_unused_parameters", True) is False:
-        raise ConfigError(
-            "trainer.strategy sets find_unused_parameters=False, but each task trains only its own "
-            "adapters (the others get no gradient); use `ddp` or `ddp_find_unused_parameters_true`"
-        )
-    if not kwargs.get("find_unused_parameters"):
-        kwargs["find_unused_parameters"] = True
-        rank_zero_info("DDP: find_unused_parameters=True (each task trains only its own adapters)")
-
-
-def _check_fsdp1_device(config: dict[str, Any]) -> None:
-    """FSDP1 (``strategy: fsdp``) is GPU-only in Lightning; say what to use on CPU instead of its
-    traceback."""
-    strategy = config.get("strategy")
-    name = strategy if isinstance(strategy, str) else type(strategy).__name__
-    if not (name.startswith("fsdp") or name in ("FSDPStrategy", "AdapterFSDPStrategy")):
-        return
-    accelerator = config.get("accelerator")
-    if accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available()):
-        raise ConfigError(
-            f"trainer.strategy {name} (FSDP1) needs a GPU; on CPU use FSDP2: "
-            "--config configs/distributed/fsdp2_cpu.yaml (crma_lightning.sharding.AdapterShardedStrategy)"
-        )
-
-
 _fresh_run_dir: Path | None = None
 _launcher = None  # the strategy's launcher: on rank 0 of a node it holds the other local ranks
-
-#: What gloo, NCCL and the TCP store say when another rank died, hung or cannot be reached.
-_PEER_LOST = (
-    "closed by peer",
-    "reset by peer",
-    "timed out",
-    "timeout",
-    "pair closure",
-    "broken pipe",
-    "connection refused",
-    "communicator was aborted",
-)
-
-
-def _peer_lost(e: BaseException) -> bool:
-    dist = getattr(torch, "distributed", None)
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return False
-    return isinstance(e, getattr(dist, "DistError", ())) or any(p in str(e).lower() for p in _PEER_LOST)
-
-
-def _stop_local_ranks() -> None:
-    """Kill the ranks this process launched (Lightning kills them only on Ctrl+C), so none is left
-    waiting for the full timeout."""
-    import signal
-
-    for proc in getattr(_launcher, "procs", None) or []:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-
 
 def _remove_unfinished_run() -> None:
     run = _fresh_run_dir
@@ -387,26 +325,12 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
     except RuntimeError as e:  # DistError (store, network) and gloo's errors are RuntimeErrors
-        if debug or not _peer_lost(e):
+        if debug or not peer_lost(e):
             raise
-        _stop_local_ranks()
+        stop_local_ranks(_launcher)
         rank = torch.distributed.get_rank()
         first = str(e).strip().splitlines()[0][:300]
         print(f"error: rank {rank}: a peer rank was lost (died, hung or unreachable): {first}", file=sys.stderr)
         raise SystemExit(1) from None
-    _destroy_process_group()
+    destroy_process_group()
     return cli
-
-
-def _destroy_process_group() -> None:
-    """Shut the process group down on every rank once the subcommand has finished.
-
-    Lightning destroys it at exit only for NCCL (``lightning.fabric.utilities.distributed.
-    _init_dist_connection``). A gloo group left alive keeps its worker threads into interpreter
-    finalization; one still releasing the last collective's tensors there needs the GIL, is ended by
-    ``pthread_exit`` inside a destructor and aborts the process (``terminate called without an
-    active exception``, exit 134). Only on success: after a failure a peer may be stuck in a
-    collective, and shutting down could wait for it.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
