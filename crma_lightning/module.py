@@ -31,7 +31,7 @@ from crma_lightning.config import NO_DECAY, ConfigError, CRMAConfig, GroupLR, Lo
 from crma_lightning.data.tasks import name_problems
 from crma_lightning.holdout import HoldoutSteps, holdout_sums
 from crma_lightning.injection import CRMAInjection, inject_crma
-from crma_lightning.layout import AdapterKind, Strategy, layout_of
+from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
 from crma_lightning.protocols import check_fit_setup
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
@@ -51,7 +51,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self,
         backbone: BackboneConfig,
         task_names: list[str],
-        strategy: Strategy = "modular",
+        strategy: Strategy | None = None,
+        layout: AdapterLayout | None = None,
         lora: LoRAConfig | None = None,
         crma: CRMAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -66,8 +67,10 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         Args:
             backbone: the causal LM to fine-tune (frozen).
             task_names: the task sequence, in order (linked from ``data.tasks`` by the CLI).
-            strategy: naive (one shared LoRA), frozen (fresh LoRA per task, frozen after it), or
-                modular (frozen + CRMA trained throughout; the paper's method).
+            strategy: a layout by name: naive (one shared LoRA), frozen (fresh LoRA per task, frozen
+                after it), modular (frozen + CRMA trained throughout; the paper's method), inc_lora
+                (per-task LoRAs summed). Default modular.
+            layout: the adapter layout by class (``crma_lightning.layout``), instead of ``strategy``.
             lora: LoRA rank, alpha, dropout, target modules.
             crma: the CRMA adapter (used by 'modular' only).
             optimizer: optimizer class (class_path + init_args), called with the parameter groups.
@@ -84,7 +87,6 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         super().__init__()
         self.backbone_config = backbone
         self.task_names = list(task_names)
-        self.strategy = strategy
         self.lora_config = lora or LoRAConfig()
         self.crma_config = crma or CRMAConfig()
         self.optimizer_factory = optimizer
@@ -96,8 +98,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self.nonfinite_skipped = 0
         self.seed = seed
         self.run_facts: dict[str, Any] = {}
-        self._validate()
-        self.layout = layout_of(strategy)
+        self._validate(strategy, layout)
         self.holdout_sums = holdout_sums(self.task_names)  # validate/test (crma_lightning.holdout)
         self.model: nn.Module | None = None
         self.crma: CRMAInjection | None = None
@@ -109,17 +110,23 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self._dp_mesh = None
         self._skip_step = False  # set by training_step on a non-finite loss
 
-    def _validate(self) -> None:
+    def _validate(self, strategy: str | None, layout: AdapterLayout | None) -> None:
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
         if self.nonfinite not in ("skip", "stop"):
             p.append(f"model.nonfinite must be 'skip' or 'stop' (got {self.nonfinite!r}).")
         try:
-            if layout_of(self.strategy).crma:
+            self.layout = resolve_layout(strategy, layout)
+            if self.layout.crma:
                 p += self.crma_config.problems("model.crma")
         except ConfigError as e:
             p.append(str(e))
         p += name_problems(self.task_names)
         raise_problems(p, "model configuration")
+
+    @property
+    def strategy(self) -> str:
+        """The layout's name: naive, frozen, modular, inc_lora (summary.json, checkpoints, serve)."""
+        return self.layout.name
 
     # -- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -140,7 +147,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
-        activate_lora(model, self.adapter_for(self.task_names[0]))
+        activate_lora(model, self.layout.active_for(self.task_names[0], self.task_names))
         # Every parameter that will ever train requires grad when the strategy wraps the model
         # (DDP builds its reducer then); the freezing policy narrows it per task. Adapters train
         # in float32 whatever the base dtype (a bf16 base keeps fp32 LoRAs and CRMA).
@@ -155,8 +162,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         return self.layout.adapter_for(task, self.task_names)
 
     def use_task(self, task: str) -> None:
-        """Route the forward pass through ``task``'s LoRA (trainability is not changed)."""
-        activate_lora(self._model, self.adapter_for(task))
+        """Route the forward pass through ``task``'s LoRA(s) (trainability is not changed)."""
+        activate_lora(self._model, self.layout.active_for(task, self.task_names))
 
     @property
     def _model(self) -> nn.Module:
