@@ -5,9 +5,12 @@
 | ``SharedLoRA`` (``naive``)          | one shared               | the shared LoRA         | the shared LoRA          |
 | ``TaskLoRA`` (``frozen``)           | one per task             | LoRA_k                  | LoRA_k                   |
 | ``TaskLoRAWithCRMA`` (``modular``)  | one per task, and CRMA   | LoRA_k + CRMA           | LoRA_k and all of CRMA   |
-| ``IncrementalLoRA`` (``inc_lora``)  | one per task             | LoRA_1 + ... + LoRA_k   | LoRA_k                   |
+| ``IncrementalLoRA`` (``inc_lora``)  | one per task             | every LoRA, summed      | LoRA_k                   |
 
-A LoRA that does not train in a task stays bit-identical (it gets no gradient). Without a task id
+A LoRA that does not train in a task stays bit-identical (it gets no gradient). Under
+``IncrementalLoRA`` a task's LoRA is zero (B = 0) until its task trains it, so "every LoRA" is
+exactly the sum of the LoRAs of the tasks trained so far, for every task alike: it never needs a
+task id, and its evaluation uses none. Without a task id
 at inference, a layout either has one model for every task (``shared``), sums every trained LoRA
 (``sum``: IncLoRA, O-LoRA), or needs the task routed (``route``). The base model never trains
 (docs/method.md §2). Pick one in YAML by name (``model.strategy: naive``) or by class
@@ -36,7 +39,7 @@ class AdapterLayout:
     shared_lora: ClassVar[bool] = False
     """One LoRA for every task (else one per task)."""
     cumulative: ClassVar[bool] = False
-    """Task k's forward runs through the LoRAs of tasks 1..k together (summed)."""
+    """Every forward runs through all LoRAs together (summed): no task id is ever used."""
     no_task_id: ClassVar[NoTaskId] = "route"
     """What serves an input whose task is not known: see the module docstring."""
 
@@ -58,7 +61,7 @@ class AdapterLayout:
     def active_for(self, task: str, tasks: list[str]) -> list[str]:
         """The LoRAs active in the forward pass for ``task`` (training it, or serving it with its id)."""
         own = self.adapter_for(task, tasks)
-        return tasks[: tasks.index(task) + 1] if self.cumulative else [own]
+        return list(tasks) if self.cumulative else [own]
 
     def active_without_task_id(self, trained: list[str]) -> list[str] | None:
         """The LoRAs that serve an input of unknown task after ``trained`` tasks; None: route it."""
@@ -96,8 +99,8 @@ class TaskLoRAWithCRMA(AdapterLayout):
 
 
 class IncrementalLoRA(AdapterLayout):
-    """IncLoRA (and, with ``methods.OrthogonalLoRA``, O-LoRA): a fresh LoRA per task, frozen after
-    it, every earlier task's LoRA active beside it; without a task id all of them are summed."""
+    """IncLoRA (and, with ``regularizers.OrthogonalLoRA``, O-LoRA): a fresh LoRA per task, frozen
+    after it; every forward sums all of them (those of later tasks are still zero)."""
 
     name = "inc_lora"
     cumulative = True

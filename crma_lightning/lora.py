@@ -81,6 +81,11 @@ def lora_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
     return params
 
 
+def lora_down_weights(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The ``lora_A`` weight ``(r, in_features)`` of ``adapter`` in every adapted layer, in module order."""
+    return [layer.lora_A[adapter].weight for _, layer in tuner_layers(model) if adapter in getattr(layer, "lora_A", {})]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}).keys())
 

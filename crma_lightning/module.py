@@ -34,6 +34,7 @@ from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
 from crma_lightning.protocols import check_fit_setup
+from crma_lightning.regularizers import Regularizer, penalties
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
 from crma_lightning.sharding import average_replicated_grads, shard_for_strategy
 
@@ -53,6 +54,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         task_names: list[str],
         strategy: Strategy | None = None,
         layout: AdapterLayout | None = None,
+        regularizers: list[Regularizer] | None = None,
         lora: LoRAConfig | None = None,
         crma: CRMAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -71,6 +73,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
                 after it), modular (frozen + CRMA trained throughout; the paper's method), inc_lora
                 (per-task LoRAs summed). Default modular.
             layout: the adapter layout by class (``crma_lightning.layout``), instead of ``strategy``.
+            regularizers: terms added to the loss (``crma_lightning.regularizers``: EWC, LwF,
+                OrthogonalLoRA), each by class_path.
             lora: LoRA rank, alpha, dropout, target modules.
             crma: the CRMA adapter (used by 'modular' only).
             optimizer: optimizer class (class_path + init_args), called with the parameter groups.
@@ -98,6 +102,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self.nonfinite_skipped = 0
         self.seed = seed
         self.run_facts: dict[str, Any] = {}
+        self.regularizers = list(regularizers or [])
         self._validate(strategy, layout)
         self.holdout_sums = holdout_sums(self.task_names)  # validate/test (crma_lightning.holdout)
         self.model: nn.Module | None = None
@@ -121,6 +126,10 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         except ConfigError as e:
             p.append(str(e))
         p += name_problems(self.task_names)
+        if hasattr(self, "layout"):
+            p += [q for reg in self.regularizers for q in reg.problems(self)]
+            names = [reg.name for reg in self.regularizers]
+            p += [f"model.regularizers: {n} is listed twice" for n in sorted(set(names)) if names.count(n) > 1]
         raise_problems(p, "model configuration")
 
     @property
@@ -184,6 +193,15 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         """What trains during ``task``: its LoRA, plus CRMA under MODULAR (the layout's table)."""
         return [p for kind in self.layout.trains for p in self.adapter_parameters(kind, task)]
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train in every task (the shared LoRA, CRMA): what EWC and LwF protect."""
+        shared = self.adapter_parameters("lora") if self.layout.shared_lora else []
+        return shared + self.adapter_parameters("crma")
+
+    def current_task(self) -> str:
+        dm = self.trainer.datamodule
+        return self.task_names[dm.task_index_at_epoch(self.trainer.current_epoch)]
+
     def ever_trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter_parameters("lora") + self.adapter_parameters("crma")
 
@@ -204,7 +222,9 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         return losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        stats = self.token_stats(batch, accuracy=False)  # training logs the loss only
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        # Training logs the loss only: no accuracy (an argmax over the vocabulary).
+        stats = losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy=False)
         # Normalise by the global token count: DDP averages gradients over ranks, so
         # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
         # all-reduce counts ranks with a non-finite loss, so every rank takes the same decision.
@@ -220,7 +240,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             return stats.loss_sum.nan_to_num(0.0, 0.0, 0.0) * 0.0
         loss = stats.loss_sum * self.trainer.world_size / tokens.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        penalty = penalties(self, batch, logits, tokens)
+        return loss if penalty is None else loss + penalty
 
     def _nonfinite(self, what: str) -> None:
         """Stop with a clear error, or count a skipped step (model.nonfinite)."""
@@ -258,9 +279,12 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         # from a checkpoint taken on an epoch's last step. Before the task's first optimizer step
         # the state is cleared (repeating it for accumulated micro-batches is harmless).
         k = self.trainer.datamodule.task_index_at_epoch(self.trainer.current_epoch)
-        if self.reset_optimizer_per_task and k > 0 and step == self.task_start_step(k):
-            for opt in self.trainer.optimizers:
-                opt.state.clear()
+        if k > 0 and step == self.task_start_step(k):
+            if self.reset_optimizer_per_task:
+                for opt in self.trainer.optimizers:
+                    opt.state.clear()
+            for reg in self.regularizers:
+                reg.on_task_start(self, self.task_names[k])
         # Dropout masks as a function of (seed, step, rank): identical after a resume.
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
 
@@ -301,6 +325,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = check_resumable(checkpoint, self.resume_identity(), self.adapter_state_names())
         self.nonfinite_skipped = saved["nonfinite_skipped"]
+        for reg in self.regularizers:
+            reg.load_state_dict(saved.get("regularizers", {}).get(reg.name, {}))
 
     def resume_identity(self) -> dict[str, Any]:
         """What a checkpoint must share with this module to resume it (and the counters it carries)."""
@@ -308,6 +334,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             "tasks": list(self.task_names),
             "strategy": self.strategy,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "regularizers": {reg.name: reg.state_dict() for reg in self.regularizers},
         }
 
     # -- optimization ----------------------------------------------------------------------

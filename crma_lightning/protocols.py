@@ -54,6 +54,15 @@ class ContinualModule(Protocol):
     def adapter_parameters(self, kind: AdapterKind, task: str | None = None) -> list[nn.Parameter]:
         """The adapter parameters of one kind (a task's LoRA, or all CRMA parameters)."""
 
+    regularizers: list
+    """Terms added to the loss (``crma_lightning.regularizers``), with task-boundary hooks."""
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train in every task (the shared LoRA, CRMA)."""
+
+    def current_task(self) -> str:
+        """The task the trainer's current epoch belongs to."""
+
     def trainable_parameters(self, task: str) -> list[nn.Parameter]:
         """What trains during ``task`` under the module's strategy."""
 

@@ -233,11 +233,30 @@ class ContinualDataModule(LightningDataModule):
         ``ceil(holdout / world_size)`` examples repeat a real example with ``example_weight`` 0.
         Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
         """
+        self._require(task)
+        return self._fixed_batches(self._holdout[task], rank, world_size, batch_size or self.eval_batch_size)
+
+    def train_batches(
+        self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None, limit: int | None = None
+    ) -> list[dict[str, Tensor]]:
+        """The training set of ``task`` in a fixed order (not the epoch's shuffle), batched by
+        ``batch_size`` (default ``data.batch_size``), global batches ``rank::world_size``, at most
+        ``limit`` global batches: the same batches whatever the number of ranks (EWC's Fisher)."""
+        self._require(task)
+        data = self._train[task]
+        batch_size = batch_size or self.batch_size
+        if limit is not None:
+            data = data.select(range(min(len(data), limit * batch_size)))
+        batches = [data.select(range(lo, min(lo + batch_size, len(data)))) for lo in range(0, len(data), batch_size)]
+        collate = PadCollator(self.pad_token_id)
+        return [
+            collate([{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"], strict=True)])
+            for rows in batches[rank::world_size]
+        ]
+
+    def _fixed_batches(self, holdout: datasets.Dataset, rank: int, world_size: int, batch_size: int) -> list[dict[str, Tensor]]:
         if not 0 <= rank < world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-        self._require(task)
-        holdout = self._holdout[task]
-        batch_size = batch_size or self.eval_batch_size
         indices = list(range(len(holdout)))[rank::world_size]
         weights = [1.0] * len(indices)
         per_rank = math.ceil(len(holdout) / world_size)
