@@ -35,3 +35,141 @@ def test_the_papers_conditions_keep_their_loss_matrices(strategy, tmp_path):
     # Equal to the 8 significant digits of the CSV on the development machine; other CPUs' kernels
     # may round differently, hence the tolerance.
     np.testing.assert_allclose(got.values, want.values, atol=1e-6, rtol=0)
+
+
+# -- regularisers: their defining properties, in-process with a real Trainer --------------------
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from conftest import TINY_CONFIGS  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from callbacks import method_callbacks  # noqa: E402
+from crma_lightning.backbone import BackboneConfig  # noqa: E402
+from crma_lightning.config import ConfigError, GroupLR, LoRAConfig  # noqa: E402
+from crma_lightning.data import ContinualDataModule, TaskSpec  # noqa: E402
+from crma_lightning.module import ContinualLM  # noqa: E402
+from crma_lightning.regularizers import EWC, LwF, OrthogonalLoRA, distillation, ewc_penalty, orthogonality  # noqa: E402
+
+TASKS = ["a", "b", "c"]
+
+
+def build(strategy: str, regularizers: list, tmp_path, extra_callbacks=(), epochs_per_task: int = 1):
+    module = ContinualLM(
+        BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80}), list(TASKS), strategy=strategy,
+        regularizers=regularizers, lora=LoRAConfig(r=4, dropout=0.0, target_modules="all-linear"),
+        lr=GroupLR(lora=1e-2, crma_proj=3e-3, crma_mix=1e-2, crma_gate=1e-2),
+    )  # fmt: skip
+    dm = ContinualDataModule([TaskSpec(t) for t in TASKS], max_length=16, train_size=64, holdout_size=16,
+                             batch_size=16, eval_batch_size=16, epochs_per_task=epochs_per_task, synthetic_vocab=48)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=len(TASKS) * epochs_per_task, reload_dataloaders_every_n_epochs=1,
+                         use_distributed_sampler=False, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[*method_callbacks(progress_bar=False), *extra_callbacks])  # fmt: skip
+    return module, dm, trainer
+
+
+def test_penalty_maths_on_hand_computed_values():
+    p, a, f = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0]), torch.tensor([4.0, 9.0])
+    assert ewc_penalty([p], [a], [f]).item() == pytest.approx(0.5 * 4 * 0.25)
+    assert ewc_penalty([a], [a], [f]).item() == 0.0  # zero at its anchor
+    # Its gradient is the closed form F (theta - theta*), as autograd computes it.
+    q = (torch.randn(3, 5, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    anchor, fisher = torch.randn(3, 5), torch.rand(3, 5)
+    (grad,) = torch.autograd.grad(ewc_penalty([q], [anchor], [fisher]), q)
+    torch.testing.assert_close(grad, fisher * (q.detach() - anchor), rtol=0, atol=1e-6)
+    # Orthogonality: |A_i A_t^T|_1, zero for orthogonal row spaces.
+    e = torch.eye(4)
+    assert orthogonality([e[:2]], e[2:]).item() == 0.0
+    assert orthogonality([torch.tensor([[1.0, 2.0]])], torch.tensor([[3.0, -1.0], [0.0, 1.0]])).item() == 1.0 + 2.0
+    # Distillation is zero against itself and positive otherwise.
+    s = torch.randn(2, 3, 7)
+    mask = torch.ones(2, 3)
+    assert distillation(s, s, mask, 2.0).abs().item() < 1e-6
+    assert distillation(s, torch.randn(2, 3, 7), mask, 2.0).item() > 0
+
+
+@pytest.mark.parametrize("strategy", ["naive", "modular"])
+def test_ewc_fisher_covers_exactly_the_shared_parameters(strategy, tmp_path):
+    ewc = EWC(weight=10.0)
+    module, dm, trainer = build(strategy, [ewc], tmp_path)
+    trainer.fit(module, dm)
+    shared = module.shared_parameters()
+    expected = module.adapter_parameters("lora") if strategy == "naive" else module.adapter_parameters("crma")
+    assert [id(p) for p in shared] == [id(p) for p in expected]
+    assert [f.shape for f in ewc.fisher] == [p.shape for p in shared]
+    assert all((f >= 0).all() for f in ewc.fisher) and any(f.sum() > 0 for f in ewc.fisher)
+    # The anchor is the shared parameters at the last task end (here: the end of the run).
+    for anchor, p in zip(ewc.anchors, shared, strict=True):
+        assert torch.equal(anchor, p.detach().float())
+
+
+def test_meaningless_combinations_are_one_clear_error():
+    backbone = BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80})
+    for strategy, reg, needle in (("frozen", EWC(), "EWC protects parameters shared"), ("inc_lora", LwF(), "LwF protects"),
+                                  ("naive", OrthogonalLoRA(), "OrthogonalLoRA keeps each task's LoRA")):  # fmt: skip
+        with pytest.raises(ConfigError, match=needle):
+            ContinualLM(backbone, list(TASKS), strategy=strategy, regularizers=[reg])
+    with pytest.raises(ConfigError, match="EWC weight must be >= 0"):
+        EWC(weight=-1.0)
+
+
+class _Probe(Callback):
+    """Records, during task b, the LwF teacher's logits and the live model's on one batch."""
+
+    def __init__(self, lwf: LwF):
+        self.lwf, self.seen = lwf, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.current_task() == "b" and batch_idx == 2 and not self.seen:
+            with torch.no_grad():
+                self.seen = {"teacher": self.lwf.teacher_logits(pl_module, batch), "live": pl_module(batch["input_ids"]),
+                             "snapshot": [s.clone() for s in self.lwf.snapshot], "batch": batch}  # fmt: skip
+
+
+def test_lwf_targets_come_from_the_boundary_model_not_the_live_one(tmp_path):
+    lwf = LwF(weight=1.0, temperature=2.0)
+    probe = _Probe(lwf)
+    boundary = {}
+
+    class Boundary(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if pl_module.current_task() == "b" and batch_idx == 0 and not boundary:
+                boundary["params"] = [p.detach().clone() for p in pl_module.shared_parameters()]
+
+    module, dm, trainer = build("naive", [lwf], tmp_path, extra_callbacks=[Boundary(), probe])
+    trainer.fit(module, dm)
+    for s, b in zip(probe.seen["snapshot"], boundary["params"], strict=True):
+        assert torch.equal(s, b)  # the snapshot is the shared LoRA as task b began
+    # The teacher's logits are those of a model holding the boundary weights, not the live ones.
+    batch = probe.seen["batch"]
+    with torch.no_grad():
+        live_now = [p.detach().clone() for p in module.shared_parameters()]
+        for p, b in zip(module.shared_parameters(), boundary["params"], strict=True):
+            p.copy_(b)
+        module.use_task("b")
+        from_boundary = module(batch["input_ids"])
+        for p, v in zip(module.shared_parameters(), live_now, strict=True):
+            p.copy_(v)
+    torch.testing.assert_close(probe.seen["teacher"], from_boundary, rtol=0, atol=1e-6)
+    assert (probe.seen["teacher"] - probe.seen["live"]).abs().max() > 1e-4
+
+
+def test_olora_orthogonality_falls_while_earlier_loras_stay_bit_identical(tmp_path):
+    olora = OrthogonalLoRA(l1=1.0)
+    terms, ends = [], {}
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if pl_module.current_task() == "b":
+                terms.append(olora.penalty(pl_module, batch, torch.zeros(1), torch.ones(())).item())
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            for t in TASKS[: trainer.current_epoch // 2]:  # tasks finished (2 epochs each)
+                ends.setdefault(t, [p.detach().clone() for p in pl_module.adapter_parameters("lora", t)])
+
+    module, dm, trainer = build("inc_lora", [olora], tmp_path, extra_callbacks=[Watch()], epochs_per_task=2)
+    trainer.fit(module, dm)
+    assert terms[-1] < 0.5 * terms[0], terms  # the new LoRA's A turned away from task a's
+    for t, saved in ends.items():  # a and b: never moved after their tasks ended
+        for before, p in zip(saved, module.adapter_parameters("lora", t), strict=True):
+            assert torch.equal(before, p)
