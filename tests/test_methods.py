@@ -7,6 +7,7 @@ became composable).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,53 @@ def test_olora_orthogonality_falls_while_earlier_loras_stay_bit_identical(tmp_pa
     for t, saved in ends.items():  # a and b: never moved after their tasks ended
         for before, p in zip(saved, module.adapter_parameters("lora", t), strict=True):
             assert torch.equal(before, p)
+
+
+# -- replay -------------------------------------------------------------------------------------
+from crma_lightning.data import Replay  # noqa: E402
+from crma_lightning.data.replay import buffer  # noqa: E402
+
+
+def test_the_replay_buffer_holds_only_finished_tasks_in_the_configured_amounts():
+    sizes = [50, 40, 30]
+    per_task = buffer(Replay(per_task=7), sizes, seed=0)
+    assert [sum(k == t for k, _ in per_task) for t in range(3)] == [7, 7, 7]
+    assert all(0 <= i < sizes[k] for k, i in per_task) and len(set(per_task)) == 21
+    assert buffer(Replay(per_task=7), sizes[:2], seed=0) == per_task[:14]  # earlier choices kept
+    uniform = buffer(Replay(per_task=None, memory=20, sampling="uniform"), sizes, seed=0)
+    assert [sum(k == t for k, _ in uniform) for t in range(3)] == [6, 6, 6]
+    reservoir = buffer(Replay(per_task=None, memory=20, sampling="reservoir"), sizes, seed=0)
+    assert len(reservoir) == 20 and len(set(reservoir)) == 20 and all(0 <= i < sizes[k] for k, i in reservoir)
+    assert reservoir == buffer(Replay(per_task=None, memory=20, sampling="reservoir"), sizes, seed=0)
+    assert reservoir != buffer(Replay(per_task=None, memory=20, sampling="reservoir"), sizes, seed=1)
+    # Reservoir sampling keeps every example with the same chance: over many seeds, each task's
+    # share of the buffer is close to its share of the examples (50/120, 40/120, 30/120).
+    counts = np.zeros(3)
+    for seed in range(300):
+        for k, _ in buffer(Replay(per_task=None, memory=20, sampling="reservoir"), sizes, seed):
+            counts[k] += 1
+    np.testing.assert_allclose(counts / counts.sum(), np.array(sizes) / sum(sizes), atol=0.02)
+
+
+def test_replay_batches_mix_the_configured_ratio_on_one_and_two_ranks():
+    dm = ContinualDataModule([TaskSpec(t) for t in TASKS], max_length=16, train_size=64, holdout_size=8,
+                             batch_size=8, synthetic_vocab=48, replay=Replay(ratio=0.25, per_task=10))  # fmt: skip
+    assert dm.train_batches_per_epoch(0) == 8 and dm.train_batches_per_epoch(2) == math.ceil(64 / 6)
+    kept = dm.replay_buffer(2)
+    assert {k for k, _ in kept} == {0, 1} and len(kept) == 20
+    one = list(dm.train_dataloader_for_epoch(2).batch_sampler)
+    two = [list(dm.train_dataloader_for_epoch(2, rank, 2).batch_sampler) for rank in (0, 1)]
+    for batches in (one, [b for pair in zip(*two, strict=True) for b in pair]):
+        assert all(len(b) == 8 and sum(i >= 64 for i in b) == 2 for b in batches)  # 2 of 8 from the buffer
+    # Two ranks draw exactly the global batches one process draws (global batch g = r + 2i); they
+    # pad to a whole number of global batches by wrapping around.
+    interleaved = [b for pair in zip(*two, strict=True) for b in pair]
+    assert interleaved[: len(one)] == one
+    loader = dm.train_dataloader_for_epoch(2)
+    rows = next(iter(loader))
+    assert rows["input_ids"].shape[0] == 8
+    assert loader.state_dict()["replay_buffer"] == [list(p) for p in kept]
+    with pytest.raises(ConfigError, match="data.replay.ratio must lie in"):
+        ContinualDataModule([TaskSpec("a")], replay=Replay(ratio=1.5))
+    with pytest.raises(ConfigError, match="exactly one of per_task and memory"):
+        ContinualDataModule([TaskSpec("a")], replay=Replay(per_task=None))
