@@ -61,6 +61,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         lr: GroupLR | None = None,
         lr_schedule: TaskSchedule | None = None,
         reset_optimizer_per_task: bool = True,
+        schedule_per_task: bool = True,
         gradient_checkpointing: bool = False,
         nonfinite: Literal["skip", "stop"] = "stop",
         seed: int = 0,
@@ -82,6 +83,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             lr_schedule: per-task schedule (restarts at every task); default warm-up + cosine.
             reset_optimizer_per_task: clear optimizer moments at every task start, as a fresh
                 per-task optimizer would.
+            schedule_per_task: restart ``lr_schedule`` at every task (else one schedule over the
+                whole run: joint multi-task training).
             gradient_checkpointing: recompute activations in backward (saves memory).
             nonfinite: on a NaN/inf loss or gradient, 'skip' the step (counted and logged as
                 train/nonfinite_skipped) or 'stop' with a message; the last checkpoint stays.
@@ -97,6 +100,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self.lr = lr or GroupLR()
         self.lr_schedule = lr_schedule or WarmupCosine()
         self.reset_optimizer_per_task = reset_optimizer_per_task
+        self.schedule_per_task = schedule_per_task
         self.gradient_checkpointing = gradient_checkpointing
         self.nonfinite = nonfinite
         self.nonfinite_skipped = 0
@@ -346,5 +350,6 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             if params
         ]
         optimizer = self.optimizer_factory(groups)
-        schedule = LambdaLR(optimizer, per_task_lambda(self.lr_schedule, self.task_steps()))
+        steps = self.task_steps() if self.schedule_per_task else [sum(self.task_steps())]
+        schedule = LambdaLR(optimizer, per_task_lambda(self.lr_schedule, steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -108,6 +108,11 @@ def check_fit_setup(trainer: Any, task_names: list[str], vocab_size: int) -> Non
             f"data: the token ids go up to {dm.vocab_size - 1} (data.tokenizer / data.synthetic_vocab) but the "
             f"model's embedding has {vocab_size} rows; use the model's own tokenizer or a smaller synthetic_vocab"
         )
+    if getattr(dm, "multitask", False) and not trainer.lightning_module.layout.shared_lora:
+        raise ConfigError(
+            "data.multitask trains one model on every task: set model.strategy: naive (one shared LoRA); "
+            "configs/methods/multitask.yaml does"
+        )
     if trainer.reload_dataloaders_every_n_epochs != 1:
         raise ConfigError(
             "trainer.reload_dataloaders_every_n_epochs must be 1: each epoch serves its task's data"

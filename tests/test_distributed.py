@@ -23,7 +23,6 @@ from distributed_helpers import (
     assert_finished_loras_frozen,
     assert_matches_single,
     assert_ranks_agree,
-    fit,
     fit_nodes,
     fit_once,
     run_dir_of,

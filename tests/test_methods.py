@@ -224,3 +224,41 @@ def test_replay_batches_mix_the_configured_ratio_on_one_and_two_ranks():
         ContinualDataModule([TaskSpec("a")], replay=Replay(ratio=1.5))
     with pytest.raises(ConfigError, match="exactly one of per_task and memory"):
         ContinualDataModule([TaskSpec("a")], replay=Replay(per_task=None))
+
+
+def test_multitask_sees_every_tasks_data_in_every_stage_and_each_example_once():
+    dm = ContinualDataModule([TaskSpec(t) for t in TASKS], max_length=16, train_size=60, holdout_size=8,
+                             batch_size=8, synthetic_vocab=48, multitask=True)  # fmt: skip
+    slices = [dm.joint_slice(k) for k in range(3)]
+    assert sorted(p for s in slices for p in s) == sorted((k, i) for k in range(3) for i in range(60))
+    for s in slices:
+        assert len(s) == 60 and {k for k, _ in s} == {0, 1, 2}
+    assert dm.train_batches_per_epoch(1) == math.ceil(60 / 8)
+    batch = next(iter(dm.train_dataloader_for_epoch(1)))
+    assert batch["input_ids"].shape == (8, 16)
+
+
+# -- the presets --------------------------------------------------------------------------------
+PRESETS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+@pytest.mark.parametrize("base", ["tiny", "smollm2"])
+def test_every_method_preset_parses_on_any_base_config(preset, base):
+    from crma_lightning.cli import ContinualCLI
+
+    class ParseOnly(ContinualCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    cli = ParseOnly(args=["--config", str(REPO / "configs" / f"{base}.yaml"), "--config", str(preset)], run=False)
+    assert cli.config.model.strategy in ("naive", "frozen", "modular", "inc_lora")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_method_preset_runs(preset, tmp_path):
+    run = fit_dir(tmp_path, "--config", str(preset), "--data.train_size", "32", "--data.holdout_size", "16",
+                  "--data.epochs_per_task", "1")  # fmt: skip
+    summary = __import__("json").loads((run / "continual" / "summary.json").read_text())
+    assert summary["tasks_completed"] == 3 and summary["final_avg_loss"] < 4.6

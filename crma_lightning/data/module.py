@@ -12,6 +12,7 @@ import math
 from typing import get_type_hints
 
 import datasets
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
@@ -62,6 +63,10 @@ class ContinualDataModule(LightningDataModule):
             following the permutation; > 0 keeps holdout sequences distinct from training ones.
         num_workers: DataLoader worker processes for training batches.
         replay: mix examples of finished tasks into later tasks' batches (``crma_lightning.data.replay``).
+        multitask: joint training, the reference upper bound: the training examples of all tasks
+            are pooled and shuffled once, and stage k trains on the k-th of ``len(tasks)`` equal
+            slices of the pool (every stage sees every task); each example is trained on as often
+            as in the sequential run. Evaluation after each stage is as usual.
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class ContinualDataModule(LightningDataModule):
         synthetic_jump: float = 0.2,
         num_workers: int = 0,
         replay: Replay | None = None,
+        multitask: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -93,6 +99,7 @@ class ContinualDataModule(LightningDataModule):
         self.synthetic_jump = synthetic_jump
         self.num_workers = num_workers
         self.replay = replay
+        self.multitask = multitask
         self.tasks = self._validate(tasks)
         self._hf_tokenizer: PreTrainedTokenizerBase | None = None
         self._train: dict[str, datasets.Dataset] = {}
@@ -115,6 +122,8 @@ class ContinualDataModule(LightningDataModule):
                 problems.append(f"data.synthetic_jump: must lie in [0, 1), got {self.synthetic_jump}")
             if self.replay is not None:
                 problems += replay_problems(self.replay, self.batch_size)
+                if self.multitask:
+                    problems.append("data.replay and data.multitask: joint training already sees every task; set one")
         raise_problems(problems, "data config")
         return specs
 
@@ -223,6 +232,8 @@ class ContinualDataModule(LightningDataModule):
         self._require(task)
         data = self._train[task]
         collate = PadCollator(self.pad_token_id)
+        if self.multitask:
+            data = MixedRows([], {j: self._train[t] for j, t in enumerate(self.task_names)}, self.joint_slice(k))
         if self.replay is None or k == 0:
             sampler = ShardedBatchSampler(len(data), self.batch_size, self.seed, epoch, rank, world_size)
             return ResumableDataLoader(data, sampler, collate, task, self.num_workers)
@@ -231,6 +242,14 @@ class ContinualDataModule(LightningDataModule):
         sampler = ReplayBatchSampler(len(data), self.batch_size, len(kept), replayed, self.seed, epoch, rank, world_size)
         rows = MixedRows(data, {j: self._train[self.task_names[j]] for j in range(k)}, kept)
         return ResumableDataLoader(rows, sampler, collate, task, self.num_workers, replay_buffer=kept)
+
+    def joint_slice(self, stage: int) -> list[tuple[int, int]]:
+        """``data.multitask``: the ``(task index, example index)`` pairs stage ``stage`` trains on."""
+        self.setup()
+        pool = [(k, i) for k, t in enumerate(self.task_names) for i in range(len(self._train[t]))]
+        order = np.random.default_rng([self.seed, 4_241]).permutation(len(pool))
+        bounds = np.linspace(0, len(pool), self.num_tasks + 1).round().astype(int)
+        return [pool[j] for j in order[bounds[stage] : bounds[stage + 1]]]
 
     def replay_buffer(self, task_index: int) -> list[tuple[int, int]]:
         """``(task index, example index)`` pairs of the replay buffer while task ``task_index`` trains."""
@@ -243,6 +262,8 @@ class ContinualDataModule(LightningDataModule):
         """Batches each rank yields in one epoch of task ``task_index``."""
         task = self.task_names[task_index]
         self._require(task)
+        if self.multitask:
+            return math.ceil(len(self.joint_slice(task_index)) / (self.batch_size * world_size))
         per_batch = self.batch_size
         if self.replay is not None and task_index > 0:
             per_batch -= self.replay.replayed(self.batch_size)  # the rest of each batch is replay

@@ -111,7 +111,8 @@ class ReplayBatchSampler(ShardedBatchSampler):
 
 
 class MixedRows:
-    """The current task's examples followed by the buffer's, as one indexable dataset of rows."""
+    """The current task's rows followed by ``(task index, example index)`` pairs of other tasks' rows
+    (the replay buffer; with no current rows, a joint multi-task slice), as one indexable dataset."""
 
     def __init__(self, current: Any, tasks: Mapping[int, Any], kept: Sequence[tuple[int, int]]) -> None:
         self.current = current
