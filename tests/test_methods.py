@@ -262,3 +262,43 @@ def test_every_method_preset_runs(preset, tmp_path):
                   "--data.epochs_per_task", "1")  # fmt: skip
     summary = __import__("json").loads((run / "continual" / "summary.json").read_text())
     assert summary["tasks_completed"] == 3 and summary["final_avg_loss"] < 4.6
+
+
+# -- every method keeps the framework's guarantees ----------------------------------------------
+COMBINED = {  # the stateful parts together: replay buffer, EWC's Fisher and anchors, LwF's snapshot
+    "modular_replay_ewc_lwf": ["--model.strategy", "modular", "--data.replay", '{"ratio": 0.25, "per_task": 16}',
+                               "--model.regularizers", '[{"class_path": "crma_lightning.regularizers.EWC", "init_args": {"weight": 100}}, '
+                               '{"class_path": "crma_lightning.regularizers.LwF"}]'],
+    "olora": ["--config", "configs/methods/olora.yaml"],
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(COMBINED))
+def test_a_killed_method_run_resumes_to_the_uninterrupted_result(method, tmp_path):
+    from test_reliability import artefacts, callbacks_with, train
+
+    full = train(tmp_path / "full", *COMBINED[method])
+    assert full.returncode == 0, full.stderr[-3000:]
+    expected = artefacts(tmp_path / "full" / "tiny" / "version_0")
+    killed = train(tmp_path / "k", *COMBINED[method], *callbacks_with('{"class_path": "faults.KillAtStep", "init_args": {"step": 25}}'))
+    assert killed.returncode != 0
+    resumed = train(tmp_path / "k", *COMBINED[method], "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = artefacts(tmp_path / "k" / "tiny" / "version_0")
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=k)
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_equal_one_process_under_a_combined_method(tmp_path, tmp_path_factory):
+    from distributed_helpers import MICRO_8X2, SMALL, assert_matches_single, fit, fit_once
+
+    # 60 examples: 10 batches of 6 new (+ 2 replayed) examples per epoch, so one process summing pairs
+    # of micro-batches and two ranks take the same steps (with 64, one process would end each epoch
+    # on a lone micro-batch where the two ranks pad a global batch by wrapping around).
+    args = ["--config", "configs/tiny.yaml", *SMALL, "--data.train_size", "60", *COMBINED["modular_replay_ewc_lwf"]]
+    single = fit_once(tmp_path_factory, *args, *MICRO_8X2)
+    ddp = fit(tmp_path, *args, "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert_matches_single(ddp, single)

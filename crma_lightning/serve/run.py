@@ -163,7 +163,7 @@ class TrainedRun(ServedModel):
         if task is None:
             raise ConfigError(f"name a task to serve: one of {self.tasks}, or 'auto' to route")
         self.adapter_for(task)  # a clear error for an unknown or unfinished task
-        activate_lora(self.model, layout_of(self.strategy).active_for(task, self.info.tasks))
+        activate_lora(self.model, layout_of(self.strategy).active_for(task, self.info.trained))
         with super().serving(task, crma):
             yield
 
