@@ -15,6 +15,7 @@ from callbacks.evaluation import ContinualEvaluation
 from callbacks.freezing import FreezingPolicy
 from callbacks.gradnorm import GradNormStats
 from callbacks.progress import TaskProgressBar
+from callbacks.regularization import RegularizerHooks
 from callbacks.spectral import SpectralBoundLogger
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
@@ -23,6 +24,7 @@ METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "spectral": SpectralBoundLogger,
     "adapters": AdapterCheckpoint,
     "grad_norm": GradNormStats,
+    "regularization": RegularizerHooks,
     "progress_bar": TaskProgressBar,
 }
 """Config section -> callback class, for every callback the CLI adds."""

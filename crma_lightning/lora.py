@@ -81,19 +81,27 @@ def lora_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
     return params
 
 
+def lora_down_weights(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    """The ``lora_A`` weight ``(r, in_features)`` of ``adapter`` in every adapted layer, in module order."""
+    return [layer.lora_A[adapter].weight for _, layer in tuner_layers(model) if adapter in getattr(layer, "lora_A", {})]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(getattr(model, "peft_config", {}).keys())
 
 
-def activate_lora(model: nn.Module, adapter: str) -> None:
-    """Make ``adapter`` the one active LoRA. Trainability (``requires_grad``) is left exactly as it
-    was: it is the freezing policy's job, not a side effect of switching (peft's own set_adapter
-    would make the active adapter trainable)."""
-    if adapter not in adapter_names(model):
-        raise ConfigError(f"no LoRA adapter named {adapter!r}; this model has {adapter_names(model)}")
+def activate_lora(model: nn.Module, adapter: str | list[str]) -> None:
+    """Make ``adapter`` the one active LoRA, or the LoRAs of a list all active together (their
+    updates summed, as peft sums active adapters). Trainability (``requires_grad``) is left exactly
+    as it was: it is the freezing policy's job, not a side effect of switching (peft's own
+    set_adapter would make the active adapter trainable)."""
+    names = [adapter] if isinstance(adapter, str) else list(adapter)
+    unknown = [a for a in names if a not in adapter_names(model)]
+    if unknown or not names:
+        raise ConfigError(f"no LoRA adapter named {unknown or names!r}; this model has {adapter_names(model)}")
     params = [p for _, layer in tuner_layers(model) for p in layer.parameters()]
     flags = [p.requires_grad for p in params]
-    set_adapter(model, adapter, inference_mode=True)
+    set_adapter(model, names[0] if len(names) == 1 else names, inference_mode=True)
     for p, flag in zip(params, flags, strict=True):
         p.requires_grad_(flag)
 

@@ -31,9 +31,10 @@ from crma_lightning.config import NO_DECAY, ConfigError, CRMAConfig, GroupLR, Lo
 from crma_lightning.data.tasks import name_problems
 from crma_lightning.holdout import HoldoutSteps, holdout_sums
 from crma_lightning.injection import CRMAInjection, inject_crma
-from crma_lightning.layout import AdapterKind, Strategy, layout_of
+from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
 from crma_lightning.protocols import check_fit_setup
+from crma_lightning.regularizers import Regularizer, penalties
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
 from crma_lightning.sharding import average_replicated_grads, shard_for_strategy
 
@@ -51,13 +52,16 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self,
         backbone: BackboneConfig,
         task_names: list[str],
-        strategy: Strategy = "modular",
+        strategy: Strategy | None = None,
+        layout: AdapterLayout | None = None,
+        regularizers: list[Regularizer] | None = None,
         lora: LoRAConfig | None = None,
         crma: CRMAConfig | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr: GroupLR | None = None,
         lr_schedule: TaskSchedule | None = None,
         reset_optimizer_per_task: bool = True,
+        schedule_per_task: bool = True,
         gradient_checkpointing: bool = False,
         nonfinite: Literal["skip", "stop"] = "stop",
         seed: int = 0,
@@ -66,8 +70,12 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         Args:
             backbone: the causal LM to fine-tune (frozen).
             task_names: the task sequence, in order (linked from ``data.tasks`` by the CLI).
-            strategy: naive (one shared LoRA), frozen (fresh LoRA per task, frozen after it), or
-                modular (frozen + CRMA trained throughout; the paper's method).
+            strategy: a layout by name: naive (one shared LoRA), frozen (fresh LoRA per task, frozen
+                after it), modular (frozen + CRMA trained throughout; the paper's method), inc_lora
+                (per-task LoRAs summed). Default modular.
+            layout: the adapter layout by class (``crma_lightning.layout``), instead of ``strategy``.
+            regularizers: terms added to the loss (``crma_lightning.regularizers``: EWC, LwF,
+                OrthogonalLoRA), each by class_path.
             lora: LoRA rank, alpha, dropout, target modules.
             crma: the CRMA adapter (used by 'modular' only).
             optimizer: optimizer class (class_path + init_args), called with the parameter groups.
@@ -75,6 +83,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             lr_schedule: per-task schedule (restarts at every task); default warm-up + cosine.
             reset_optimizer_per_task: clear optimizer moments at every task start, as a fresh
                 per-task optimizer would.
+            schedule_per_task: restart ``lr_schedule`` at every task (else one schedule over the
+                whole run: joint multi-task training).
             gradient_checkpointing: recompute activations in backward (saves memory).
             nonfinite: on a NaN/inf loss or gradient, 'skip' the step (counted and logged as
                 train/nonfinite_skipped) or 'stop' with a message; the last checkpoint stays.
@@ -84,20 +94,20 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         super().__init__()
         self.backbone_config = backbone
         self.task_names = list(task_names)
-        self.strategy = strategy
         self.lora_config = lora or LoRAConfig()
         self.crma_config = crma or CRMAConfig()
         self.optimizer_factory = optimizer
         self.lr = lr or GroupLR()
         self.lr_schedule = lr_schedule or WarmupCosine()
         self.reset_optimizer_per_task = reset_optimizer_per_task
+        self.schedule_per_task = schedule_per_task
         self.gradient_checkpointing = gradient_checkpointing
         self.nonfinite = nonfinite
         self.nonfinite_skipped = 0
         self.seed = seed
         self.run_facts: dict[str, Any] = {}
-        self._validate()
-        self.layout = layout_of(strategy)
+        self.regularizers = list(regularizers or [])
+        self._validate(strategy, layout)
         self.holdout_sums = holdout_sums(self.task_names)  # validate/test (crma_lightning.holdout)
         self.model: nn.Module | None = None
         self.crma: CRMAInjection | None = None
@@ -109,17 +119,27 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self._dp_mesh = None
         self._skip_step = False  # set by training_step on a non-finite loss
 
-    def _validate(self) -> None:
+    def _validate(self, strategy: str | None, layout: AdapterLayout | None) -> None:
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
         if self.nonfinite not in ("skip", "stop"):
             p.append(f"model.nonfinite must be 'skip' or 'stop' (got {self.nonfinite!r}).")
         try:
-            if layout_of(self.strategy).crma:
+            self.layout = resolve_layout(strategy, layout)
+            if self.layout.crma:
                 p += self.crma_config.problems("model.crma")
         except ConfigError as e:
             p.append(str(e))
         p += name_problems(self.task_names)
+        if hasattr(self, "layout"):
+            p += [q for reg in self.regularizers for q in reg.problems(self)]
+            names = [reg.name for reg in self.regularizers]
+            p += [f"model.regularizers: {n} is listed twice" for n in sorted(set(names)) if names.count(n) > 1]
         raise_problems(p, "model configuration")
+
+    @property
+    def strategy(self) -> str:
+        """The layout's name: naive, frozen, modular, inc_lora (summary.json, checkpoints, serve)."""
+        return self.layout.name
 
     # -- building ------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -140,7 +160,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.model = model
-        activate_lora(model, self.adapter_for(self.task_names[0]))
+        activate_lora(model, self.layout.active_for(self.task_names[0], self.task_names))
         # Every parameter that will ever train requires grad when the strategy wraps the model
         # (DDP builds its reducer then); the freezing policy narrows it per task. Adapters train
         # in float32 whatever the base dtype (a bf16 base keeps fp32 LoRAs and CRMA).
@@ -155,8 +175,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         return self.layout.adapter_for(task, self.task_names)
 
     def use_task(self, task: str) -> None:
-        """Route the forward pass through ``task``'s LoRA (trainability is not changed)."""
-        activate_lora(self._model, self.adapter_for(task))
+        """Route the forward pass through ``task``'s LoRA(s) (trainability is not changed)."""
+        activate_lora(self._model, self.layout.active_for(task, self.task_names))
 
     @property
     def _model(self) -> nn.Module:
@@ -176,6 +196,15 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
     def trainable_parameters(self, task: str) -> list[nn.Parameter]:
         """What trains during ``task``: its LoRA, plus CRMA under MODULAR (the layout's table)."""
         return [p for kind in self.layout.trains for p in self.adapter_parameters(kind, task)]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train in every task (the shared LoRA, CRMA): what EWC and LwF protect."""
+        shared = self.adapter_parameters("lora") if self.layout.shared_lora else []
+        return shared + self.adapter_parameters("crma")
+
+    def current_task(self) -> str:
+        dm = self.trainer.datamodule
+        return self.task_names[dm.task_index_at_epoch(self.trainer.current_epoch)]
 
     def ever_trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter_parameters("lora") + self.adapter_parameters("crma")
@@ -197,7 +226,9 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         return losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        stats = self.token_stats(batch, accuracy=False)  # training logs the loss only
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        # Training logs the loss only: no accuracy (an argmax over the vocabulary).
+        stats = losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy=False)
         # Normalise by the global token count: DDP averages gradients over ranks, so
         # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
         # all-reduce counts ranks with a non-finite loss, so every rank takes the same decision.
@@ -213,7 +244,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             return stats.loss_sum.nan_to_num(0.0, 0.0, 0.0) * 0.0
         loss = stats.loss_sum * self.trainer.world_size / tokens.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        penalty = penalties(self, batch, logits, tokens)
+        return loss if penalty is None else loss + penalty
 
     def _nonfinite(self, what: str) -> None:
         """Stop with a clear error, or count a skipped step (model.nonfinite)."""
@@ -251,9 +283,12 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         # from a checkpoint taken on an epoch's last step. Before the task's first optimizer step
         # the state is cleared (repeating it for accumulated micro-batches is harmless).
         k = self.trainer.datamodule.task_index_at_epoch(self.trainer.current_epoch)
-        if self.reset_optimizer_per_task and k > 0 and step == self.task_start_step(k):
-            for opt in self.trainer.optimizers:
-                opt.state.clear()
+        if k > 0 and step == self.task_start_step(k):
+            if self.reset_optimizer_per_task:
+                for opt in self.trainer.optimizers:
+                    opt.state.clear()
+            for reg in self.regularizers:
+                reg.on_task_start(self, self.task_names[k])
         # Dropout masks as a function of (seed, step, rank): identical after a resume.
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
 
@@ -294,6 +329,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = check_resumable(checkpoint, self.resume_identity(), self.adapter_state_names())
         self.nonfinite_skipped = saved["nonfinite_skipped"]
+        for reg in self.regularizers:
+            reg.load_state_dict(saved.get("regularizers", {}).get(reg.name, {}))
 
     def resume_identity(self) -> dict[str, Any]:
         """What a checkpoint must share with this module to resume it (and the counters it carries)."""
@@ -301,6 +338,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             "tasks": list(self.task_names),
             "strategy": self.strategy,
             "nonfinite_skipped": self.nonfinite_skipped,
+            "regularizers": {reg.name: reg.state_dict() for reg in self.regularizers},
         }
 
     # -- optimization ----------------------------------------------------------------------
@@ -312,5 +350,6 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
             if params
         ]
         optimizer = self.optimizer_factory(groups)
-        schedule = LambdaLR(optimizer, per_task_lambda(self.lr_schedule, self.task_steps()))
+        steps = self.task_steps() if self.schedule_per_task else [sum(self.task_steps())]
+        schedule = LambdaLR(optimizer, per_task_lambda(self.lr_schedule, steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -54,6 +54,15 @@ class ContinualModule(Protocol):
     def adapter_parameters(self, kind: AdapterKind, task: str | None = None) -> list[nn.Parameter]:
         """The adapter parameters of one kind (a task's LoRA, or all CRMA parameters)."""
 
+    regularizers: list
+    """Terms added to the loss (``crma_lightning.regularizers``), with task-boundary hooks."""
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train in every task (the shared LoRA, CRMA)."""
+
+    def current_task(self) -> str:
+        """The task the trainer's current epoch belongs to."""
+
     def trainable_parameters(self, task: str) -> list[nn.Parameter]:
         """What trains during ``task`` under the module's strategy."""
 
@@ -98,6 +107,11 @@ def check_fit_setup(trainer: Any, task_names: list[str], vocab_size: int) -> Non
         raise ConfigError(
             f"data: the token ids go up to {dm.vocab_size - 1} (data.tokenizer / data.synthetic_vocab) but the "
             f"model's embedding has {vocab_size} rows; use the model's own tokenizer or a smaller synthetic_vocab"
+        )
+    if getattr(dm, "multitask", False) and not trainer.lightning_module.layout.shared_lora:
+        raise ConfigError(
+            "data.multitask trains one model on every task: set model.strategy: naive (one shared LoRA); "
+            "configs/methods/multitask.yaml does"
         )
     if trainer.reload_dataloaders_every_n_epochs != 1:
         raise ConfigError(

@@ -12,6 +12,7 @@ One file per concern:
 
 from crma_lightning.data.loading import PadCollator, ResumableDataLoader, ShardedBatchSampler, pad
 from crma_lightning.data.module import ContinualDataModule
+from crma_lightning.data.replay import Replay
 from crma_lightning.data.tasks import CORPUS_PREFIX, FILE_BUILDERS, TaskSpec, source_kind
 from crma_lightning.data.tokenize import TINY_TOKENIZER, load_tokenizer, tiny_tokenizer_path
 from crma_lightning.losses import IGNORE_INDEX
@@ -23,6 +24,7 @@ __all__ = [
     "TINY_TOKENIZER",
     "ContinualDataModule",
     "PadCollator",
+    "Replay",
     "ResumableDataLoader",
     "ShardedBatchSampler",
     "TaskSpec",

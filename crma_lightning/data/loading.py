@@ -115,9 +115,11 @@ class ResumableDataLoader(DataLoader):
         collate_fn: PadCollator,
         task: str,
         num_workers: int = 0,
+        replay_buffer: list[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers)
         self.task = task
+        self.replay_buffer = replay_buffer  # (task index, example index) pairs mixed in, if any
         self._batches_yielded = 0
         self._resume_at = 0
 
@@ -126,7 +128,10 @@ class ResumableDataLoader(DataLoader):
         return self.batch_sampler.epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "epoch": self.epoch, "batches_yielded": self._batches_yielded}
+        state = {"task": self.task, "epoch": self.epoch, "batches_yielded": self._batches_yielded}
+        if self.replay_buffer is not None:
+            state["replay_buffer"] = [list(pair) for pair in self.replay_buffer]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["epoch"] != self.epoch:
@@ -138,6 +143,13 @@ class ResumableDataLoader(DataLoader):
                 f"the checkpoint was taken in epoch {self.epoch} on task '{state_dict['task']}', but the data "
                 f"config now trains '{self.task}' in that epoch; resume with the same data.tasks order and "
                 "data.epochs_per_task"
+            )
+        saved = state_dict.get("replay_buffer")
+        mine = None if self.replay_buffer is None else [list(pair) for pair in self.replay_buffer]
+        if saved != mine:
+            raise ConfigError(
+                "the checkpoint's replay buffer differs from the one these data settings give (data.replay, "
+                "data.seed, data.train_size or the data changed); resume with the run's own config"
             )
         self._resume_at = int(state_dict["batches_yielded"])
 

@@ -12,6 +12,7 @@ import math
 from typing import get_type_hints
 
 import datasets
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
@@ -20,6 +21,8 @@ from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.config import ConfigError, raise_problems, type_problems
 from crma_lightning.data.loading import PadCollator, ResumableDataLoader, ShardedBatchSampler
+from crma_lightning.data.replay import MixedRows, Replay, ReplayBatchSampler, replay_problems
+from crma_lightning.data.replay import buffer as replay_buffer_of
 from crma_lightning.data.sources import load_hub, load_records
 from crma_lightning.data.split import split_by_record
 from crma_lightning.data.tasks import TaskSpec, source_kind, task_specs
@@ -59,6 +62,11 @@ class ContinualDataModule(LightningDataModule):
         synthetic_jump: Probability that a synthetic sequence jumps to a random token instead of
             following the permutation; > 0 keeps holdout sequences distinct from training ones.
         num_workers: DataLoader worker processes for training batches.
+        replay: mix examples of finished tasks into later tasks' batches (``crma_lightning.data.replay``).
+        multitask: joint training, the reference upper bound: the training examples of all tasks
+            are pooled and shuffled once, and stage k trains on the k-th of ``len(tasks)`` equal
+            slices of the pool (every stage sees every task); each example is trained on as often
+            as in the sequential run. Evaluation after each stage is as usual.
     """
 
     def __init__(
@@ -75,6 +83,8 @@ class ContinualDataModule(LightningDataModule):
         synthetic_vocab: int = 64,
         synthetic_jump: float = 0.2,
         num_workers: int = 0,
+        replay: Replay | None = None,
+        multitask: bool = False,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -88,6 +98,8 @@ class ContinualDataModule(LightningDataModule):
         self.synthetic_vocab = synthetic_vocab
         self.synthetic_jump = synthetic_jump
         self.num_workers = num_workers
+        self.replay = replay
+        self.multitask = multitask
         self.tasks = self._validate(tasks)
         self._hf_tokenizer: PreTrainedTokenizerBase | None = None
         self._train: dict[str, datasets.Dataset] = {}
@@ -96,7 +108,7 @@ class ContinualDataModule(LightningDataModule):
     def _validate(self, tasks) -> list[TaskSpec]:
         # Types first: the checks after them compare values and call str methods, which would raise
         # TypeError/AttributeError on a wrong type instead of naming the field.
-        hints = {k: v for k, v in get_type_hints(type(self).__init__).items() if k not in ("tasks", "return")}
+        hints = {k: v for k, v in get_type_hints(type(self).__init__).items() if k not in ("tasks", "return", "replay")}
         problems = type_problems(self, "data", hints)
         typed = not problems
         specs = task_specs(tasks, self.tokenizer, problems)
@@ -108,6 +120,10 @@ class ContinualDataModule(LightningDataModule):
             ]
             if not 0.0 <= self.synthetic_jump < 1.0:
                 problems.append(f"data.synthetic_jump: must lie in [0, 1), got {self.synthetic_jump}")
+            if self.replay is not None:
+                problems += replay_problems(self.replay, self.batch_size)
+                if self.multitask:
+                    problems.append("data.replay and data.multitask: joint training already sees every task; set one")
         raise_problems(problems, "data config")
         return specs
 
@@ -211,17 +227,47 @@ class ContinualDataModule(LightningDataModule):
         self, epoch: int, rank: int = 0, world_size: int = 1
     ) -> ResumableDataLoader:
         """Training batches of ``epoch``'s task for ``rank`` of ``world_size``, shuffled by ``(seed, epoch)``."""
-        task = self.task_names[self.task_index_at_epoch(epoch)]
+        k = self.task_index_at_epoch(epoch)
+        task = self.task_names[k]
         self._require(task)
         data = self._train[task]
-        sampler = ShardedBatchSampler(len(data), self.batch_size, self.seed, epoch, rank, world_size)
-        return ResumableDataLoader(data, sampler, PadCollator(self.pad_token_id), task, self.num_workers)
+        collate = PadCollator(self.pad_token_id)
+        if self.multitask:
+            data = MixedRows([], {j: self._train[t] for j, t in enumerate(self.task_names)}, self.joint_slice(k))
+        if self.replay is None or k == 0:
+            sampler = ShardedBatchSampler(len(data), self.batch_size, self.seed, epoch, rank, world_size)
+            return ResumableDataLoader(data, sampler, collate, task, self.num_workers)
+        kept = self.replay_buffer(k)
+        replayed = self.replay.replayed(self.batch_size)
+        sampler = ReplayBatchSampler(len(data), self.batch_size, len(kept), replayed, self.seed, epoch, rank, world_size)
+        rows = MixedRows(data, {j: self._train[self.task_names[j]] for j in range(k)}, kept)
+        return ResumableDataLoader(rows, sampler, collate, task, self.num_workers, replay_buffer=kept)
+
+    def joint_slice(self, stage: int) -> list[tuple[int, int]]:
+        """``data.multitask``: the ``(task index, example index)`` pairs stage ``stage`` trains on."""
+        self.setup()
+        pool = [(k, i) for k, t in enumerate(self.task_names) for i in range(len(self._train[t]))]
+        order = np.random.default_rng([self.seed, 4_241]).permutation(len(pool))
+        bounds = np.linspace(0, len(pool), self.num_tasks + 1).round().astype(int)
+        return [pool[j] for j in order[bounds[stage] : bounds[stage + 1]]]
+
+    def replay_buffer(self, task_index: int) -> list[tuple[int, int]]:
+        """``(task index, example index)`` pairs of the replay buffer while task ``task_index`` trains."""
+        if self.replay is None:
+            return []
+        self.setup()
+        return replay_buffer_of(self.replay, [len(self._train[t]) for t in self.task_names[:task_index]], self.seed)
 
     def train_batches_per_epoch(self, task_index: int, world_size: int = 1) -> int:
         """Batches each rank yields in one epoch of task ``task_index``."""
         task = self.task_names[task_index]
         self._require(task)
-        return math.ceil(len(self._train[task]) / (self.batch_size * world_size))
+        if self.multitask:
+            return math.ceil(len(self.joint_slice(task_index)) / (self.batch_size * world_size))
+        per_batch = self.batch_size
+        if self.replay is not None and task_index > 0:
+            per_batch -= self.replay.replayed(self.batch_size)  # the rest of each batch is replay
+        return math.ceil(len(self._train[task]) / (per_batch * world_size))
 
     def holdout_batches(
         self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None
@@ -233,11 +279,30 @@ class ContinualDataModule(LightningDataModule):
         ``ceil(holdout / world_size)`` examples repeat a real example with ``example_weight`` 0.
         Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
         """
+        self._require(task)
+        return self._fixed_batches(self._holdout[task], rank, world_size, batch_size or self.eval_batch_size)
+
+    def train_batches(
+        self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None, limit: int | None = None
+    ) -> list[dict[str, Tensor]]:
+        """The training set of ``task`` in a fixed order (not the epoch's shuffle), batched by
+        ``batch_size`` (default ``data.batch_size``), global batches ``rank::world_size``, at most
+        ``limit`` global batches: the same batches whatever the number of ranks (EWC's Fisher)."""
+        self._require(task)
+        data = self._train[task]
+        batch_size = batch_size or self.batch_size
+        if limit is not None:
+            data = data.select(range(min(len(data), limit * batch_size)))
+        batches = [data.select(range(lo, min(lo + batch_size, len(data)))) for lo in range(0, len(data), batch_size)]
+        collate = PadCollator(self.pad_token_id)
+        return [
+            collate([{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"], strict=True)])
+            for rows in batches[rank::world_size]
+        ]
+
+    def _fixed_batches(self, holdout: datasets.Dataset, rank: int, world_size: int, batch_size: int) -> list[dict[str, Tensor]]:
         if not 0 <= rank < world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-        self._require(task)
-        holdout = self._holdout[task]
-        batch_size = batch_size or self.eval_batch_size
         indices = list(range(len(holdout)))[rank::world_size]
         weights = [1.0] * len(indices)
         per_rank = math.ceil(len(holdout) / world_size)

@@ -41,7 +41,7 @@ from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec, load_tokenizer
 from crma_lightning.hub import PACKAGE_PREFIX
 from crma_lightning.injection import CRMAInjection
-from crma_lightning.layout import SHARED_ADAPTER, layout_of
+from crma_lightning.layout import SHARED_ADAPTER, layout_from_config, layout_of
 from crma_lightning.lora import activate_lora
 from crma_lightning.rundir import RunDir, init_args
 from crma_lightning.serve import generation
@@ -95,8 +95,7 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
         raise ConfigError(
             f"{run.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
         ) from None
-    strategy = model.get("strategy", "modular")
-    layout_of(strategy)  # an unknown strategy fails here, naming the field
+    strategy = layout_from_config(model).name  # an unknown strategy or layout fails here, naming the field
     trained = [t for t in tasks if (run.adapter(t) / PEFT_WEIGHTS).is_file()]
     if not trained:
         raise ConfigError(
@@ -163,7 +162,8 @@ class TrainedRun(ServedModel):
         """Serve as ``task`` (its LoRA active) with CRMA on or off; restores the CRMA switch."""
         if task is None:
             raise ConfigError(f"name a task to serve: one of {self.tasks}, or 'auto' to route")
-        activate_lora(self.model, self.adapter_for(task))
+        self.adapter_for(task)  # a clear error for an unknown or unfinished task
+        activate_lora(self.model, layout_of(self.strategy).active_for(task, self.info.trained))
         with super().serving(task, crma):
             yield
 

@@ -1,0 +1,49 @@
+"""Task-end hooks of the module's regularisers (``model.regularizers``): EWC's Fisher pass.
+
+At the end of each task every regulariser sees that task's training set in a fixed batching (the
+same batches whatever the number of ranks; this rank's share of them), with the task's own
+adapters active, and may update its state (EWC: the Fisher of the shared parameters and their
+anchor). Sums are all-reduced across ranks by the regulariser through ``reduce``. The progress is
+resumable state (TaskBoundaryCallback); the regularisers' own state goes into the checkpoint with
+the module.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+from callbacks.boundary import TaskBoundaryCallback
+from crma_lightning.protocols import as_continual
+
+
+class RegularizerHooks(TaskBoundaryCallback):
+    """Calls every regulariser's ``on_task_end`` with the finished task's training batches."""
+
+    role = "regularization"
+
+    def __init__(self, batch_size: int | None = None):
+        """
+        Args:
+            batch_size: batch size of the task-end passes (default: data.eval_batch_size).
+        """
+        super().__init__()
+        self.batch_size = batch_size
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
+        module = as_continual(pl_module)
+        if not module.regularizers:
+            return
+        dm = trainer.datamodule
+        task = dm.task_names[task_index]
+        current = module.current_task()
+        batch_size = self.batch_size or dm.eval_batch_size
+        module.use_task(task)  # the finished task's adapters, as its last step saw them
+        try:
+            for reg in module.regularizers:
+                batches = dm.train_batches(
+                    task, trainer.global_rank, trainer.world_size, batch_size, limit=getattr(reg, "max_batches", None)
+                )
+                batches = [{k: v.to(pl_module.device) for k, v in b.items()} for b in batches]
+                reg.on_task_end(module, task, batches, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        finally:
+            module.use_task(current)
