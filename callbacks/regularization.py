@@ -10,6 +10,8 @@ the module.
 
 from __future__ import annotations
 
+import time
+
 import lightning.pytorch as pl
 
 from callbacks.boundary import TaskBoundaryCallback
@@ -28,6 +30,7 @@ class RegularizerHooks(TaskBoundaryCallback):
         """
         super().__init__()
         self.batch_size = batch_size
+        self.seconds: dict[str, float] = {}  # per task: time spent in the task-end passes
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
         module = as_continual(pl_module)
@@ -37,6 +40,7 @@ class RegularizerHooks(TaskBoundaryCallback):
         task = dm.task_names[task_index]
         current = module.current_task()
         batch_size = self.batch_size or dm.eval_batch_size
+        start = time.perf_counter()
         module.use_task(task)  # the finished task's adapters, as its last step saw them
         try:
             for reg in module.regularizers:
@@ -47,3 +51,13 @@ class RegularizerHooks(TaskBoundaryCallback):
                 reg.on_task_end(module, task, batches, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         finally:
             module.use_task(current)
+        self.seconds[task] = time.perf_counter() - start
+        for logger in trainer.loggers:
+            logger.log_metrics({"regularization/task_end_s": self.seconds[task]}, step=task_index + 1)
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"seconds": dict(self.seconds)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.seconds = dict(state_dict.get("seconds", {}))
