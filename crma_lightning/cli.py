@@ -29,7 +29,7 @@ from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
 from crma_lightning.dist import (
     check_fsdp1_device,
-    destroy_process_group,
+    end_distributed_run,
     peer_lost,
     require_find_unused_parameters,
     stop_local_ranks,
@@ -169,6 +169,7 @@ class ContinualCLI(LightningCLI):
         _fresh_run_dir = None if (resuming or run_dir.exists()) else run_dir
         global _launcher
         _launcher = self.trainer.strategy.launcher
+        self.model.check_strategy(self.trainer.strategy)
 
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank
@@ -332,5 +333,5 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
         first = str(e).strip().splitlines()[0][:300]
         print(f"error: rank {rank}: a peer rank was lost (died, hung or unreachable): {first}", file=sys.stderr)
         raise SystemExit(1) from None
-    destroy_process_group()
+    end_distributed_run(_launcher)
     return cli

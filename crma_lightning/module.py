@@ -20,6 +20,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -167,8 +168,17 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         for p in self.ever_trainable_parameters():
             p.data = p.data.float()
             p.requires_grad_(True)
-        trainer = self._trainer.strategy if self._trainer is not None else None
-        self._replicated, self._dp_mesh = shard_for_strategy(model, self.crma, trainer, self._device_mesh)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        self.check_strategy(strategy)
+        self._replicated, self._dp_mesh = shard_for_strategy(model, self.crma, strategy, self._device_mesh)
+
+    def check_strategy(self, strategy: Any) -> None:
+        """Refuse what this module cannot train under ``strategy``; train.py calls it before ranks launch."""
+        if self.regularizers and isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+            raise ConfigError(
+                "model.regularizers are not supported under FSDP sharding yet (EWC and LwF need the whole shared "
+                "parameters outside the sharded forward); use DDP (trainer.strategy: ddp)"
+            )
 
     def adapter_for(self, task: str) -> str:
         """The LoRA used for ``task``: its own, or the shared one under NAIVE."""

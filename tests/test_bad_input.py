@@ -74,6 +74,7 @@ def _cases():
         "a method callback listed in trainer.callbacks": (lambda t: ["--trainer.callbacks", '[{"class_path": "callbacks.evaluation.ContinualEvaluation"}]'], ["callbacks.evaluation.ContinualEvaluation", "train.py adds itself", "`evaluation:`"]),
         "DDP told not to look for unused parameters": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_false"], ["find_unused_parameters=False", "use `ddp`"]),
         "FSDP1 on CPU": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "fsdp"], ["trainer.strategy fsdp (FSDP1) needs a GPU", "configs/distributed/fsdp2_cpu.yaml"]),
+        "a regulariser under FSDP sharding": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", '{"class_path": "crma_lightning.sharding.AdapterShardedStrategy"}', "--model.strategy", "naive", "--model.regularizers", '[{"class_path": "crma_lightning.regularizers.EWC"}]'], ["not supported under FSDP sharding", "use DDP"]),
         "corrupted checkpoint": (lambda t: (t / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip") and [] or ["--ckpt_path", str(t / "bad.ckpt")], ["bad.ckpt", "corrupted"]),
     }
 
