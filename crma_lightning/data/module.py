@@ -217,6 +217,11 @@ class ContinualDataModule(LightningDataModule):
         sampler = ShardedBatchSampler(len(data), self.batch_size, self.seed, epoch, rank, world_size)
         return ResumableDataLoader(data, sampler, PadCollator(self.pad_token_id), task, self.num_workers)
 
+    def num_train_examples(self, task: str) -> int:
+        """Examples in the training set of ``task``."""
+        self._require(task)
+        return len(self._train[task])
+
     def train_batches_per_epoch(self, task_index: int, world_size: int = 1) -> int:
         """Batches each rank yields in one epoch of task ``task_index``."""
         task = self.task_names[task_index]
@@ -233,20 +238,42 @@ class ContinualDataModule(LightningDataModule):
         ``ceil(holdout / world_size)`` examples repeat a real example with ``example_weight`` 0.
         Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
         """
+        self._require(task)
+        return self._shard_batches(self._holdout[task], rank, world_size, batch_size)
+
+    def train_batches(
+        self,
+        task: str,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """The first ``limit`` (default all) training examples of ``task``, in the training set's
+        stored order (records shuffled by the seed, not by epoch), sharded and batched as
+        :meth:`holdout_batches`: the same examples whatever the world size, each once. For
+        statistics of a task's data (routing); training itself uses :meth:`train_dataloader`."""
+        self._require(task)
+        data = self._train[task]
+        if limit is not None and limit < len(data):
+            data = data.select(range(limit))
+        return self._shard_batches(data, rank, world_size, batch_size)
+
+    def _shard_batches(
+        self, data: datasets.Dataset, rank: int, world_size: int, batch_size: int | None
+    ) -> list[dict[str, Tensor]]:
         if not 0 <= rank < world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-        self._require(task)
-        holdout = self._holdout[task]
         batch_size = batch_size or self.eval_batch_size
-        indices = list(range(len(holdout)))[rank::world_size]
+        indices = list(range(len(data)))[rank::world_size]
         weights = [1.0] * len(indices)
-        per_rank = math.ceil(len(holdout) / world_size)
+        per_rank = math.ceil(len(data) / world_size)
         indices += [0] * (per_rank - len(indices))
         weights += [0.0] * (per_rank - len(weights))
         collate = PadCollator(self.pad_token_id)
         batches = []
         for lo in range(0, per_rank, batch_size):
-            rows = holdout[indices[lo : lo + batch_size]]
+            rows = data[indices[lo : lo + batch_size]]
             batch = collate(
                 [
                     {"input_ids": a, "labels": b}
