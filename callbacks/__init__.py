@@ -15,6 +15,7 @@ from callbacks.evaluation import ContinualEvaluation
 from callbacks.freezing import FreezingPolicy
 from callbacks.gradnorm import GradNormStats
 from callbacks.progress import TaskProgressBar
+from callbacks.routing import RoutingStatistics
 from callbacks.spectral import SpectralBoundLogger
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
@@ -22,6 +23,7 @@ METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "evaluation": ContinualEvaluation,
     "spectral": SpectralBoundLogger,
     "adapters": AdapterCheckpoint,
+    "routing": RoutingStatistics,
     "grad_norm": GradNormStats,
     "progress_bar": TaskProgressBar,
 }
