@@ -79,6 +79,10 @@ class RoutingStatistics(TaskBoundaryCallback):
         self.enabled = enabled
         self.seconds: dict[str, float] = {}
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:  # a layer the model does not have fails now, not after the first task
+            resolve_layer(self.layer, num_layers(as_continual(pl_module).model))
+
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
         run = run_dir(trainer)  # on every rank: a collective
         if not self.enabled:

@@ -72,6 +72,8 @@ def _cases():
         "linked option in a config file": (lambda t: (t / "more.yaml").write_text("trainer:\n  max_epochs: 3\nmodel:\n  seed: 4\n") and [] or ["--config", str(t / "more.yaml")], ["more.yaml: trainer.max_epochs cannot be set", "data.epochs_per_task"]),
         "linked seed": (lambda t: ["--model.seed=3"], ["--model.seed cannot be set", "--data.seed"]),
         "a method callback listed in trainer.callbacks": (lambda t: ["--trainer.callbacks", '[{"class_path": "callbacks.evaluation.ContinualEvaluation"}]'], ["callbacks.evaluation.ContinualEvaluation", "train.py adds itself", "`evaluation:`"]),
+        "routing layer outside the model": (lambda t: ["--routing.layer", "31"], ["routing.layer 31 is outside", "1..2", "null for 1"]),
+        "routing options invalid": (lambda t: ["--routing.max_examples", "0", "--routing.batch_size", "0"], ["routing.max_examples must be >= 1", "routing.batch_size must be >= 1"]),
         "corrupted checkpoint": (lambda t: (t / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip") and [] or ["--ckpt_path", str(t / "bad.ckpt")], ["bad.ckpt", "corrupted"]),
     }
 
