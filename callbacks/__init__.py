@@ -16,6 +16,7 @@ from callbacks.freezing import FreezingPolicy
 from callbacks.gradnorm import GradNormStats
 from callbacks.progress import TaskProgressBar
 from callbacks.regularization import RegularizerHooks
+from callbacks.routing import RoutingStatistics
 from callbacks.spectral import SpectralBoundLogger
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
@@ -23,6 +24,7 @@ METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "evaluation": ContinualEvaluation,
     "spectral": SpectralBoundLogger,
     "adapters": AdapterCheckpoint,
+    "routing": RoutingStatistics,
     "grad_norm": GradNormStats,
     "regularization": RegularizerHooks,
     "progress_bar": TaskProgressBar,

@@ -8,6 +8,10 @@ A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
     adapters/<task>/              the LoRA serving <task>, PEFT format, written at the task's end
     adapters/crma/                the latest CRMA state (safetensors + JSON), rewritten per task
     adapters/ranks.json           every rank's adapter hash at every task end
+    routing/<task>.safetensors    the task's routing statistics (frozen-base features of its
+                                  training data: count, sum, sum of outer products; float64)
+    routing/<task>.json           how they were gathered (layer, pooling, base signature) and the
+                                  SHA-256 of the .safetensors file, written after it
     continual/loss_matrix.csv     holdout loss L[after, task]; header ``after,<tasks>``, row ``base`` first
     continual/accuracy_matrix.csv token accuracy, same layout
     continual/summary.json        drift, BWT, FWT, forgetting, final averages, spectral bound
@@ -42,6 +46,7 @@ LAST_CHECKPOINT = "last.ckpt"
 ADAPTERS_DIR = "adapters"
 CRMA_DIR = "crma"
 RANKS_FILE = "ranks.json"
+ROUTING_DIR = "routing"
 RESULTS_DIR = "continual"
 LOSS_MATRIX = "loss_matrix"
 ACCURACY_MATRIX = "accuracy_matrix"
@@ -138,6 +143,18 @@ class RunDir:
     @property
     def ranks_file(self) -> Path:
         return self.adapters / RANKS_FILE
+
+    @property
+    def routing(self) -> Path:
+        return self.path / ROUTING_DIR
+
+    def routing_stats(self, task: str) -> Path:
+        """The routing statistics of ``task`` (``crma_lightning.routing_stats``)."""
+        return self.routing / f"{task}.safetensors"
+
+    def routing_meta(self, task: str) -> Path:
+        """What :meth:`routing_stats` was gathered with, and its hash."""
+        return self.routing / f"{task}.json"
 
     @property
     def results(self) -> Path:

@@ -128,7 +128,8 @@ def lora_from_checkpoint(state: dict[str, torch.Tensor], adapter: str) -> dict[s
 
 
 def assert_matches_single(dist_run: Path, single_run: Path, adapter_atol: float = 1e-4) -> None:
-    """Same matrices (loss 1e-4; accuracy, an argmax, a few tokens) and adapters as one process."""
+    """Same matrices (loss 1e-4; accuracy, an argmax, a few tokens), adapters and routing
+    statistics as one process."""
     for name, atol in (("loss_matrix.csv", 1e-4), ("accuracy_matrix.csv", 3e-3)):
         rows_1, tasks_1, m_1 = read_matrix_csv(single_run / "continual" / name)
         rows_2, tasks_2, m_2 = read_matrix_csv(dist_run / "continual" / name)
@@ -145,6 +146,27 @@ def assert_matches_single(dist_run: Path, single_run: Path, adapter_atol: float 
             np.testing.assert_allclose(
                 b[k].numpy(), a[k].numpy(), atol=adapter_atol, rtol=0, err_msg=f"{f}: {k}"
             )
+    for task in tasks:
+        # Every rank's float64 sums all-reduced: the single process's, up to the float32 rounding of
+        # examples batched differently (each rank holds half of them).
+        a, b = (load_file(run / "routing" / f"{task}.safetensors") for run in (single_run, dist_run))
+        assert a.keys() == b.keys() == {"count", "total", "outer"}, task
+        assert torch.equal(a["count"], b["count"]), task
+        for k in ("total", "outer"):
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6 * float(a[k].abs().max()), msg=f"{task}: {k}")
+
+
+def assert_same_routing(dist_run: Path, single_run: Path) -> None:
+    """The statistics router of both runs sends every task's holdout prompts (8 tokens) to the same
+    task, with the same confidence (1e-5)."""
+    from crma_lightning.serve import load_run
+
+    runs = [load_run(d) for d in (single_run, dist_run)]
+    dm = runs[0].info.datamodule()
+    prompts = [ids[:8].tolist() for t in runs[0].tasks for ids in dm.holdout_batches(t, batch_size=1024)[0]["input_ids"]]
+    posteriors = [torch.softmax(run.stats_router().scores(run, prompts, 64), dim=1) for run in runs]
+    assert torch.equal(posteriors[0].argmax(1), posteriors[1].argmax(1))
+    torch.testing.assert_close(posteriors[1], posteriors[0], rtol=0, atol=1e-5)
 
 
 def assert_ranks_agree(run: Path, world_size: int) -> None:

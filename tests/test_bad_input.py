@@ -75,6 +75,8 @@ def _cases():
         "DDP told not to look for unused parameters": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_false"], ["find_unused_parameters=False", "use `ddp`"]),
         "FSDP1 on CPU": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "fsdp"], ["trainer.strategy fsdp (FSDP1) needs a GPU", "configs/distributed/fsdp2_cpu.yaml"]),
         "a regulariser under FSDP sharding": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", '{"class_path": "crma_lightning.sharding.AdapterShardedStrategy"}', "--model.strategy", "naive", "--model.regularizers", '[{"class_path": "crma_lightning.regularizers.EWC"}]'], ["not supported under FSDP sharding", "use DDP"]),
+        "routing layer outside the model": (lambda t: ["--routing.layer", "31"], ["routing.layer 31 is outside", "1..2", "null for 1"]),
+        "routing options invalid": (lambda t: ["--routing.max_examples", "0", "--routing.batch_size", "0"], ["routing.max_examples must be >= 1", "routing.batch_size must be >= 1"]),
         "corrupted checkpoint": (lambda t: (t / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip") and [] or ["--ckpt_path", str(t / "bad.ckpt")], ["bad.ckpt", "corrupted"]),
     }
 

@@ -2,7 +2,7 @@
 
 For every strategy: the loss matrix within 1e-4 of one process (the evaluation sums of both rank
 shards are all-reduced: rank 0's half of the holdout alone would give another matrix), the saved
-adapters within 1e-4, every rank holding bit-identical adapters at every task end, and each
+adapters within 1e-4, the routing statistics within float rounding and the same routing decisions, every rank holding bit-identical adapters at every task end, and each
 finished task's LoRA bit-identical in the last checkpoint to its value at its task's end (so DDP
 neither skipped nor moved a parameter whose trainability changed after the wrap). Also two
 simulated nodes (one process each, NODE_RANK 0/1 on localhost).
@@ -23,6 +23,7 @@ from distributed_helpers import (
     assert_finished_loras_frozen,
     assert_matches_single,
     assert_ranks_agree,
+    assert_same_routing,
     fit_nodes,
     fit_once,
     run_dir_of,
@@ -70,6 +71,7 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tm
     assert (proc.stdout + proc.stderr).count("DDP: find_unused_parameters=True") == 1
     assert_matches_single(ddp, single)
     assert_ranks_agree(ddp, world_size=2)
+    assert_same_routing(ddp, single)
     if strategy == "naive":
         # One shared LoRA trained on every task: it must have moved between task ends.
         a, b = (load_file(ddp / "adapters" / t / "adapter_model.safetensors") for t in ("alpha", "beta"))

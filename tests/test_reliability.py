@@ -1,4 +1,5 @@
-"""Nothing lost: SIGKILL at three points then ``--ckpt_path last`` gives the uninterrupted result;
+"""Nothing lost: SIGKILL at three points then ``--ckpt_path last`` gives the uninterrupted result
+(matrices, adapters and routing statistics);
 non-finite losses/gradients are skipped or stop cleanly; bad input is one clear line."""
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def artefacts(run_dir: Path) -> dict[str, np.ndarray]:
         rows, _, m = read_matrix_csv(run_dir / "continual" / name)
         assert rows == ["base", "alpha", "beta", "gamma"]
         out[name] = m
-    for f in sorted((run_dir / "adapters").rglob("*.safetensors")):
+    for f in [*sorted((run_dir / "adapters").rglob("*.safetensors")), *sorted((run_dir / "routing").glob("*.safetensors"))]:
         for k, v in load_file(f).items():
-            out[f"{f.parent.name}/{k}"] = v.numpy()
+            out[f"{f.parent.name}/{f.name}/{k}"] = v.numpy()
     return out
 
 

@@ -258,6 +258,11 @@ class ContinualDataModule(LightningDataModule):
         self.setup()
         return replay_buffer_of(self.replay, [len(self._train[t]) for t in self.task_names[:task_index]], self.seed)
 
+    def num_train_examples(self, task: str) -> int:
+        """Examples in the training set of ``task``."""
+        self._require(task)
+        return len(self._train[task])
+
     def train_batches_per_epoch(self, task_index: int, world_size: int = 1) -> int:
         """Batches each rank yields in one epoch of task ``task_index``."""
         task = self.task_names[task_index]
@@ -280,7 +285,7 @@ class ContinualDataModule(LightningDataModule):
         Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
         """
         self._require(task)
-        return self._fixed_batches(self._holdout[task], rank, world_size, batch_size or self.eval_batch_size)
+        return self._shard_batches(self._holdout[task], rank, world_size, batch_size)
 
     def train_batches(
         self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None, limit: int | None = None
@@ -300,18 +305,39 @@ class ContinualDataModule(LightningDataModule):
             for rows in batches[rank::world_size]
         ]
 
-    def _fixed_batches(self, holdout: datasets.Dataset, rank: int, world_size: int, batch_size: int) -> list[dict[str, Tensor]]:
+    def train_examples(
+        self,
+        task: str,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """The first ``limit`` (default all) training examples of ``task``, in the training set's
+        stored order (records shuffled by the seed, not by epoch), sharded and batched as
+        :meth:`holdout_batches`: the same examples whatever the world size, each once. For
+        statistics of a task's data (routing); training itself uses :meth:`train_dataloader`."""
+        self._require(task)
+        data = self._train[task]
+        if limit is not None and limit < len(data):
+            data = data.select(range(limit))
+        return self._shard_batches(data, rank, world_size, batch_size)
+
+    def _shard_batches(
+        self, data: datasets.Dataset, rank: int, world_size: int, batch_size: int | None
+    ) -> list[dict[str, Tensor]]:
         if not 0 <= rank < world_size:
             raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-        indices = list(range(len(holdout)))[rank::world_size]
+        batch_size = batch_size or self.eval_batch_size
+        indices = list(range(len(data)))[rank::world_size]
         weights = [1.0] * len(indices)
-        per_rank = math.ceil(len(holdout) / world_size)
+        per_rank = math.ceil(len(data) / world_size)
         indices += [0] * (per_rank - len(indices))
         weights += [0.0] * (per_rank - len(weights))
         collate = PadCollator(self.pad_token_id)
         batches = []
         for lo in range(0, per_rank, batch_size):
-            rows = holdout[indices[lo : lo + batch_size]]
+            rows = data[indices[lo : lo + batch_size]]
             batch = collate(
                 [
                     {"input_ids": a, "labels": b}

@@ -1,6 +1,7 @@
 """Use a trained run: load it, generate for a task, route without a task id, export a task.
 
 ``load_run(run_dir)`` -> :class:`TrainedRun` (``generate``, ``route``, ``holdout_loss``);
+``build_routing_stats(run)`` writes the routing statistics of a run that lacks them;
 ``export_task(run, task, dir)`` writes one task's model and ``load_exported(dir)`` ->
 :class:`ExportedModel` reads it back. Both served classes share :class:`ServedModel` (``logits``,
 batched generation, prompt scoring); ``export`` builds on ``run``, never the other way. Command line: ``train.py predict|route|export``
@@ -9,15 +10,18 @@ batched generation, prompt scoring); ``export`` builds on ``run``, never the oth
 
 from crma_lightning.serve.export import ExportedModel, export_task, load_exported
 from crma_lightning.serve.model import ServedModel
+from crma_lightning.serve.router import RouteDecision, build_routing_stats
 from crma_lightning.serve.run import AUTO, Completion, RunInfo, TrainedRun, load_run, read_run
 
 __all__ = [
     "AUTO",
     "Completion",
     "ExportedModel",
+    "RouteDecision",
     "RunInfo",
     "ServedModel",
     "TrainedRun",
+    "build_routing_stats",
     "export_task",
     "load_exported",
     "load_run",

@@ -3,12 +3,14 @@
     python train.py predict --run runs/tiny/version_0 --input prompts.jsonl --output out.jsonl
     python train.py export  --run runs/tiny/version_0 --task beta --output exported/beta
     python train.py route   --run runs/tiny/version_0 --input prompts.jsonl --output routed.jsonl
+    python train.py route   --run runs/old/version_0 --build-stats     # routing statistics, afterwards
 
 Input lines are JSON objects with a ``prompt`` (text) or ``input_ids`` (token ids, for runs on
 synthetic tasks without a tokenizer) and an optional ``task`` (a task name or ``auto``; default
 ``--task``). Output lines repeat the input object and add ``task`` (the one used), ``routed`` and
 ``completion`` (text plus ``completion_ids``; token ids for a run without a tokenizer), in input
-order, written atomically once all are done.
+order, written atomically once all are done; routed prompts also get the router's ``confidence``
+and which ``router`` chose (``--router``, ``--threshold``, ``--fallback``: serve.router).
 Problems the user can fix print one ``error:`` line and exit with status 2, as ``fit`` does.
 """
 
@@ -124,11 +126,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
             crma=not args.no_crma,
             batch_size=args.batch_size,
             progress=bar.update,
+            **_routing_kwargs(args),
             **_generation_kwargs(args),
         )
     rows = []
     for record, result in zip(records, results, strict=True):
         row = {**record, "task": result.task, "routed": result.routed, "completion": result.completion}
+        if result.routed:
+            row |= {"confidence": _rounded(result.confidence), "router": result.router}
         if isinstance(result.completion, str):  # without a tokenizer the completion already is the ids
             row["completion_ids"] = result.completion_ids
         rows.append(row)
@@ -140,22 +145,44 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_route(args: argparse.Namespace) -> None:
-
-    records, prompts, _ = read_prompts(args.input, "auto")
+    if args.input is None and not args.build_stats:
+        raise ConfigError("route needs --input and --output (or --build-stats alone to write routing statistics)")
+    if (args.input is None) != (args.output is None):
+        raise ConfigError("give both --input and --output, or neither (with --build-stats)")
+    records, prompts, _ = read_prompts(args.input, "auto") if args.input else ([], [], [])
     run = _load(args, args.device)
+    if args.build_stats:
+        from crma_lightning.serve.router import build_routing_stats
+
+        start = time.perf_counter()
+        built = build_routing_stats(
+            run, layer=args.layer, pooling=args.pooling, max_examples=args.max_examples if args.max_examples else "config",
+            batch_size=args.stats_batch_size, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
+        )  # fmt: skip
+        note = f"built the routing statistics of {built}" if built else "every task already has routing statistics"
+        print(f"{note} in {run.info.run.routing} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    if args.input is None:
+        return
     ids = [run.encode(p, f"--input {args.input} prompt {i + 1}") for i, p in enumerate(prompts)]
-    losses = run.route_losses(ids, batch_size=args.batch_size, crma=not args.no_crma)
-    chosen = run.choose(losses)
-    rows = [
-        {
-            **r,
-            "task": t,
-            "losses": {k: (None if v != v else round(v, 6)) for k, v in zip(run.tasks, row, strict=True)},
-        }
-        for r, t, row in zip(records, chosen, losses.tolist(), strict=True)
-    ]
+    decisions = run.route_decisions(ids, batch_size=args.batch_size, crma=not args.no_crma, **_routing_kwargs(args))
+    rows = []
+    for r, d in zip(records, decisions, strict=True):
+        row = {**r, "task": d.task, "confidence": _rounded(d.confidence), "router": d.router, "fallback": d.fallback}
+        if d.posterior is not None:
+            row["posterior"] = {k: _rounded(v) for k, v in d.posterior.items()}
+        if d.losses is not None:
+            row["losses"] = {k: _rounded(v) for k, v in d.losses.items()}
+        rows.append(row)
     _write_jsonl(args.output, rows)
     print(f"routed {len(rows)} prompts to {args.output}", file=sys.stderr)
+
+
+def _rounded(v: float | None) -> float | None:
+    return None if v is None or v != v else round(v, 6)
+
+
+def _routing_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"router": args.router, "threshold": args.threshold, "fallback": args.fallback}
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -204,15 +231,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-crma", action="store_true", help="switch CRMA off (the LoRA alone)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    routing_options(p)
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("route", help="choose a task for every prompt of a jsonl file (no generation)")
     common(p)
-    p.add_argument("--input", required=True, help='jsonl: {"prompt": "..." | "input_ids": [...]}')
-    p.add_argument("--output", required=True, help="jsonl of the input objects plus task and per-task losses")
+    p.add_argument("--input", help='jsonl: {"prompt": "..." | "input_ids": [...]}')
+    p.add_argument(
+        "--output", help="jsonl of the input objects plus task, confidence, router, posterior (and losses)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--no-crma", action="store_true", help="score with CRMA off")
+    p.add_argument("--no-crma", action="store_true", help="score with CRMA off (loss router)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    routing_options(p)
+    p.add_argument(
+        "--build-stats", action="store_true",
+        help="first write the routing statistics of every task that lacks them (runs trained before they existed)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="with --build-stats: rebuild every task's statistics")
+    p.add_argument("--layer", type=int, help="with --build-stats: decoder layer of the feature (default: the config's, else a third of the depth)")
+    p.add_argument("--pooling", choices=["mean", "last"], help="with --build-stats: pooling over the prompt (default mean)")
+    p.add_argument("--max-examples", type=int, help="with --build-stats: training examples per task (default: the config's, else 512)")
+    p.add_argument("--stats-batch-size", type=int, help="with --build-stats: examples per forward pass")
     p.set_defaults(fn=cmd_route)
 
     p = sub.add_parser(
@@ -223,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to write (replaced atomically if it exists)")
     p.set_defaults(fn=cmd_export)
     return parser
+
+
+def routing_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--router", choices=["stats", "loss"], default="stats",
+        help="stats: the run's routing statistics, one partial forward pass (default); loss: lowest prompt loss over "
+        "every task's adapter, one forward pass per task",
+    )  # fmt: skip
+    p.add_argument(
+        "--threshold", type=float, default=0.0,
+        help="send decisions with a lower confidence (posterior probability of the chosen task) to --fallback",
+    )  # fmt: skip
+    p.add_argument("--fallback", default="loss", help="'loss' (the loss router) or a task name")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,10 +6,11 @@ and, for MODULAR runs, the latest CRMA from ``adapters/crma/`` — checking the 
 and every tensor's shape on the way (``crma_lightning.checkpoint``). Nothing is unpickled: adapters
 are safetensors and the configuration is YAML read with ``yaml.safe_load``.
 
-Routing without a task id (``task="auto"``): the simplest honest method. For each prompt, every
-task's adapter (LoRA_k + the CRMA, as that task would be served) scores the prompt by its own mean
-next-token loss, and the task with the lowest loss wins. It costs one forward pass over the prompt
-per task; ``benchmarks/bench_routing.py`` measures its accuracy and what it does to the losses.
+Routing without a task id (``task="auto"``, :mod:`crma_lightning.serve.router`): by default from
+the run's routing statistics (a discriminant over the frozen base's features, one partial forward
+pass per prompt); ``router="loss"`` scores the prompt under every task's adapter instead (K forward
+passes). Each decision comes with a confidence; ``threshold`` sends less confident prompts to a
+``fallback``. ``benchmarks/bench_routing.py`` measures both routers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning import losses
+from crma_lightning import losses, routing
 from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.checkpoint import (
     CRMA_WEIGHTS,
@@ -47,6 +48,15 @@ from crma_lightning.rundir import RunDir, init_args
 from crma_lightning.serve import generation
 from crma_lightning.serve.generation import Prompt
 from crma_lightning.serve.model import ServedModel
+from crma_lightning.serve.router import (
+    DEFAULT_SHRINKAGE,
+    LOSS_FALLBACK,
+    RouteDecision,
+    RouterName,
+    StatsRouter,
+    check_routing,
+    load_stats_router,
+)
 
 AUTO = "auto"
 """Task value that asks for routing instead of naming a task."""
@@ -65,6 +75,8 @@ class RunInfo:
     backbone: BackboneConfig
     data: dict[str, Any]
     """``data`` init arguments of :class:`~crma_lightning.data.ContinualDataModule`, tasks as dicts."""
+    routing_config: dict[str, Any]
+    """The ``routing:`` section (``callbacks.routing.RoutingStatistics``); empty for older runs."""
 
     @property
     def run_dir(self) -> Path:
@@ -103,7 +115,8 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
             f"none of the tasks {tasks}): the run stopped before its first task ended. Train it further "
             "(`train.py fit ... --ckpt_path last`)."
         )
-    return RunInfo(run, strategy, tasks, trained, backbone, data)
+    routing = cfg.get("routing")
+    return RunInfo(run, strategy, tasks, trained, backbone, data, init_args(routing) if isinstance(routing, dict) else {})
 
 
 @dataclass
@@ -115,6 +128,10 @@ class Completion:
     completion: str | list[int]
     """Decoded text, or token ids for a run without a tokenizer."""
     completion_ids: list[int]
+    confidence: float | None = None
+    """For a routed prompt, the router's confidence in ``task`` (:class:`RouteDecision`)."""
+    router: str | None = None
+    """For a routed prompt, what chose ``task`` (``stats``, ``loss``, ``default``, ``naive``)."""
 
 
 class TrainedRun(ServedModel):
@@ -133,6 +150,7 @@ class TrainedRun(ServedModel):
     ) -> None:
         super().__init__(model, tokenizer, crma)
         self.info = info
+        self._routers: dict[float, StatsRouter] = {}
 
     # -- tasks -----------------------------------------------------------------------------
     @property
@@ -174,18 +192,24 @@ class TrainedRun(ServedModel):
         task: str,
         crma: bool = True,
         batch_size: int = 8,
+        *,
+        router: RouterName = "stats",
+        threshold: float = 0.0,
+        fallback: str = LOSS_FALLBACK,
         **generate_kwargs: Any,
     ) -> str | list[int] | list[str | list[int]]:
         """Complete ``prompt`` (text or token ids, or a list of them) as ``task`` would.
 
-        ``task="auto"`` routes each prompt first (:meth:`route`). ``generate_kwargs`` are
-        transformers generation arguments (``max_new_tokens`` defaults to 32; greedy unless
-        ``do_sample=True``). Returns the completion (without the prompt), or a list of them.
+        ``task="auto"`` routes each prompt first (:meth:`route_decisions`; ``router``, ``threshold``,
+        ``fallback`` as there). ``generate_kwargs`` are transformers generation arguments
+        (``max_new_tokens`` defaults to 32; greedy unless ``do_sample=True``). Returns the
+        completion (without the prompt), or a list of them.
         """
         single = generation.is_single(prompt)
         results = self.complete(
-            [prompt] if single else list(prompt), task, crma, batch_size, **generate_kwargs
-        )
+            [prompt] if single else list(prompt), task, crma, batch_size,
+            router=router, threshold=threshold, fallback=fallback, **generate_kwargs,
+        )  # fmt: skip
         texts = [r.completion for r in results]
         return texts[0] if single else texts
 
@@ -196,23 +220,30 @@ class TrainedRun(ServedModel):
         crma: bool = True,
         batch_size: int = 8,
         progress: Callable[[int], object] | None = None,
+        *,
+        router: RouterName = "stats",
+        threshold: float = 0.0,
+        fallback: str = LOSS_FALLBACK,
         **generate_kwargs: Any,
     ) -> list[Completion]:
         """Completions of ``prompts``, each as its task (one name for all, or one per prompt;
-        ``auto`` routes, scoring with CRMA as set by ``crma``). Prompts are batched per task;
-        results come back in input order. ``progress``, if given, is called with the number of
-        prompts finished by each batch."""
+        ``auto`` routes: :meth:`route_decisions` with ``router``, ``threshold``, ``fallback``; the
+        loss router scores with CRMA as set by ``crma``). Prompts are batched per task; results come
+        back in input order. ``progress``, if given, is called with the number of prompts finished
+        by each batch."""
         tasks = [tasks] * len(prompts) if isinstance(tasks, str) else list(tasks)
         if len(tasks) != len(prompts):
             raise ConfigError(f"got {len(prompts)} prompts but {len(tasks)} tasks")
         ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
         auto = [i for i, t in enumerate(tasks) if t == AUTO]
-        routed = set(auto)
         for t in set(tasks) - {AUTO}:
             self.adapter_for(t)  # unknown names fail before any work
+        decisions: dict[int, RouteDecision] = {}
         if auto:
-            for i, t in zip(auto, self.route_ids([ids[i] for i in auto], batch_size, crma), strict=True):
-                tasks[i] = t
+            chosen = self.route_decisions([ids[i] for i in auto], batch_size, crma, router=router,
+                                          threshold=threshold, fallback=fallback)  # fmt: skip
+            for i, d in zip(auto, chosen, strict=True):
+                tasks[i], decisions[i] = d.task, d
         out: list[Completion | None] = [None] * len(prompts)
         for task in dict.fromkeys(tasks):
             rows = [i for i, t in enumerate(tasks) if t == task]
@@ -220,12 +251,24 @@ class TrainedRun(ServedModel):
                 chunk = rows[lo : lo + batch_size]
                 new = self.generate_ids([ids[i] for i in chunk], task, crma, batch_size, **generate_kwargs)
                 for i, row in zip(chunk, new, strict=True):
-                    out[i] = Completion(task, i in routed, self.decode(row), row)
+                    d = decisions.get(i)
+                    out[i] = Completion(task, d is not None, self.decode(row), row,
+                                        d.confidence if d else None, d.router if d else None)  # fmt: skip
                 if progress is not None:
                     progress(len(chunk))
         return out  # type: ignore[return-value]
 
     # -- routing ---------------------------------------------------------------------------
+    def stats_router(self, shrinkage: float = DEFAULT_SHRINKAGE) -> StatsRouter:
+        """The router built from the run's routing statistics (loaded once per shrinkage)."""
+        if shrinkage not in self._routers:
+            self._routers[shrinkage] = load_stats_router(self, shrinkage)
+        return self._routers[shrinkage]
+
+    def forget_router(self) -> None:
+        """Drop the loaded statistics router (after its files changed)."""
+        self._routers.clear()
+
     def route_losses(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> Tensor:
         """``(N, K)`` mean next-token loss of each prompt under each of the K :attr:`tasks`."""
         return torch.stack(
@@ -244,20 +287,78 @@ class TrainedRun(ServedModel):
         scorable = torch.isfinite(losses).all(dim=1)
         return [self.tasks[int(k)] if ok else self.tasks[-1] for k, ok in zip(best, scorable, strict=True)]
 
-    def route_ids(self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True) -> list[str]:
-        """The task whose adapter gives each (tokenised) prompt the lowest loss; see :meth:`choose`."""
+    def route_decisions(
+        self,
+        prompts: Sequence[list[int]],
+        batch_size: int = 16,
+        crma: bool = True,
+        *,
+        router: RouterName = "stats",
+        threshold: float = 0.0,
+        fallback: str = LOSS_FALLBACK,
+        shrinkage: float = DEFAULT_SHRINKAGE,
+    ) -> list[RouteDecision]:
+        """How each tokenised prompt is routed (:class:`RouteDecision`: task, confidence, router).
+
+        ``router``: ``stats`` (the run's routing statistics; one partial base forward per prompt) or
+        ``loss`` (lowest prompt loss under LoRA_k + CRMA; K forward passes). A decision whose
+        confidence is below ``threshold`` goes to ``fallback``: ``loss`` (the loss router) or a task
+        name. Under NAIVE every task is the same model, so the last task is returned unrouted.
+        """
+        check_routing(self, router, threshold, fallback)
+        prompts = list(prompts)
         if self.strategy == "naive":  # one shared LoRA: nothing to score
-            return [self.tasks[-1]] * len(prompts)
-        return self.choose(self.route_losses(prompts, batch_size, crma))
+            return [RouteDecision(self.tasks[-1], None, "naive") for _ in prompts]
+        if not prompts:
+            return []
+        if router == "stats":
+            scores, losses = self.stats_router(shrinkage).scores(self, prompts, batch_size), None
+        else:
+            losses = self.route_losses(prompts, batch_size, crma)
+            scores = routing.loss_scores(losses, torch.tensor([len(p) - 1 for p in prompts]))
+        out = self._decisions(scores, router, losses)
+        low = [i for i, d in enumerate(out) if d.confidence is None or d.confidence < threshold]
+        if low and not (fallback == LOSS_FALLBACK and router == "loss"):
+            if fallback == LOSS_FALLBACK:
+                redo = self.route_decisions([prompts[i] for i in low], batch_size, crma, router="loss")
+            else:
+                redo = [RouteDecision(fallback, None, "default") for _ in low]
+            for i, d in zip(low, redo, strict=True):
+                out[i] = RouteDecision(d.task, out[i].confidence, d.router, True, out[i].posterior, d.losses)
+        return out
+
+    def _decisions(self, scores: Tensor, router: str, losses: Tensor | None) -> list[RouteDecision]:
+        choice, confidence = routing.decide(scores)
+        posterior = routing.posterior(scores).tolist()
+        out = []
+        for row, (k, c) in enumerate(zip(choice.tolist(), confidence.tolist(), strict=True)):
+            scorable = c == c  # a NaN confidence: a 1-token prompt under the loss router
+            out.append(
+                RouteDecision(
+                    self.tasks[k] if scorable else self.tasks[-1],
+                    c if scorable else None,
+                    router,
+                    posterior=dict(zip(self.tasks, posterior[row], strict=True)) if scorable else None,
+                    losses=None if losses is None else dict(zip(self.tasks, losses[row].tolist(), strict=True)),
+                )
+            )
+        return out
+
+    def route_ids(
+        self, prompts: Sequence[list[int]], batch_size: int = 16, crma: bool = True, **routing_options: Any
+    ) -> list[str]:
+        """The task chosen for each tokenised prompt (:meth:`route_decisions`, same options)."""
+        return [d.task for d in self.route_decisions(prompts, batch_size, crma, **routing_options)]
 
     def route(
-        self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True
+        self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True, **routing_options: Any
     ) -> str | list[str]:
-        """The task chosen for ``prompt`` (or for each of a list of prompts) without a task id."""
+        """The task chosen for ``prompt`` (or for each of a list of prompts) without a task id;
+        ``routing_options`` as :meth:`route_decisions` (``router``, ``threshold``, ``fallback``)."""
         single = generation.is_single(prompts)
         items = [prompts] if single else list(prompts)
         chosen = self.route_ids(
-            [self.encode(p, f"prompt {i}") for i, p in enumerate(items)], batch_size, crma
+            [self.encode(p, f"prompt {i}") for i, p in enumerate(items)], batch_size, crma, **routing_options
         )
         return chosen[0] if single else chosen
 

@@ -1,0 +1,123 @@
+"""Routing statistics of every task, gathered when the task ends: ``routing/<task>.*`` of the run.
+
+At each task end the task's training examples (the first ``max_examples`` of its training set, via
+``ContinualDataModule.train_examples``: this rank's shard, every example once, padding examples of
+weight 0 so that all ranks run the same number of forward passes) go through the frozen base (LoRA
+and CRMA off), and the sums of their pooled features (``crma_lightning.routing``) are all-reduced
+over the ranks in float64 and written by rank 0 (``crma_lightning.routing_stats``). The base never
+changes, so a task's file is written once and later tasks never touch it; ``serve`` builds the
+router from the files. Under FSDP every rank runs the whole forward pass (the layers' all-gathers
+are collectives); otherwise the pass stops at the routing layer.
+
+The base model's dtype is used as it is (no autocast), as when a loaded run routes a prompt.
+Which tasks are done is resumable state (``TaskBoundaryCallback``): a run resumed from a checkpoint
+taken before a task's end gathers that task again, with the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import lightning.pytorch as pl
+
+from callbacks.boundary import TaskBoundaryCallback, run_dir
+from crma_lightning.config import ConfigError
+from crma_lightning.protocols import as_continual
+from crma_lightning.routing import FeatureSums
+from crma_lightning.routing_stats import (
+    DEFAULT_MAX_EXAMPLES,
+    gather_sums,
+    num_layers,
+    resolve_layer,
+    stats_meta,
+    write_task_stats,
+)
+from crma_lightning.sharding import is_sharded
+
+
+class RoutingStatistics(TaskBoundaryCallback):
+    """Writes each completed task's routing statistics (frozen-base features of its training data)."""
+
+    def __init__(
+        self,
+        layer: int | None = None,
+        pooling: Literal["mean", "last"] = "mean",
+        max_examples: int | None = DEFAULT_MAX_EXAMPLES,
+        batch_size: int | None = None,
+        enabled: bool = True,
+    ):
+        """
+        Args:
+            layer: the feature is the residual stream after this many decoder layers (1-based; -1 is
+                the last); null: a third of the depth (routing_stats.default_layer).
+            pooling: mean over the prompt's tokens, or the last token's state.
+            max_examples: training examples per task to gather from (the first ones of its
+                training set); null: all of them.
+            batch_size: examples per forward pass (default: data.eval_batch_size).
+            enabled: gather nothing when false (task="auto" then needs router="loss" or
+                ``train.py route --build-stats`` later).
+        """
+        super().__init__()
+        problems = []
+        if pooling not in ("mean", "last"):
+            problems.append(f"routing.pooling must be 'mean' or 'last', got {pooling!r}")
+        if max_examples is not None and max_examples < 1:
+            problems.append(f"routing.max_examples must be >= 1 or null, got {max_examples}")
+        if batch_size is not None and batch_size < 1:
+            problems.append(f"routing.batch_size must be >= 1 or null, got {batch_size}")
+        if layer == 0:
+            problems.append(
+                "routing.layer counts decoder layers from 1 (or from the end: -1); 0 is not a layer"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.layer = layer
+        self.pooling = pooling
+        self.max_examples = max_examples
+        self.batch_size = batch_size
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:  # a layer the model does not have fails now, not after the first task
+            resolve_layer(self.layer, num_layers(as_continual(pl_module).model))
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
+        run = run_dir(trainer)  # on every rank: a collective
+        if not self.enabled:
+            return
+        start = time.perf_counter()
+        module = as_continual(pl_module)
+        dm = trainer.datamodule
+        task = dm.task_names[task_index]
+        model = module.model
+        layer = resolve_layer(self.layer, num_layers(model))
+        batches = dm.train_examples(
+            task, trainer.global_rank, trainer.world_size, self.batch_size, self.max_examples
+        )
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            sums = gather_sums(model, module.crma, batches, layer, self.pooling, stop=not is_sharded(model),
+                               device=pl_module.device)  # fmt: skip
+        finally:
+            pl_module.train(was_training)
+        # Every rank's sums, added in float64: the statistics of all the examples, whatever the world size.
+        sums = FeatureSums.from_flat(trainer.strategy.reduce(sums.flat(), reduce_op="sum"), sums.dim)
+        self.seconds[task] = time.perf_counter() - start
+        if not trainer.is_global_zero:
+            return
+        examples = min(dm.num_train_examples(task), self.max_examples or dm.num_train_examples(task))
+        write_task_stats(
+            run, task, sums, stats_meta(task, model, layer, self.pooling, examples, self.max_examples)
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"routing/seconds": self.seconds[task]}, step=task_index + 1)
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"seconds": dict(self.seconds)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.seconds = dict(state_dict.get("seconds", {}))
