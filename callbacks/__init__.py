@@ -16,6 +16,7 @@ from callbacks.freezing import FreezingPolicy
 from callbacks.gradnorm import GradNormStats
 from callbacks.progress import TaskProgressBar
 from callbacks.spectral import SpectralBoundLogger
+from callbacks.zclip import ZClip
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "freezing": FreezingPolicy,
@@ -23,6 +24,7 @@ METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "spectral": SpectralBoundLogger,
     "adapters": AdapterCheckpoint,
     "grad_norm": GradNormStats,
+    "zclip": ZClip,
     "progress_bar": TaskProgressBar,
 }
 """Config section -> callback class, for every callback the CLI adds."""
