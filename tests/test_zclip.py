@@ -183,3 +183,20 @@ def test_ddp_two_ranks_with_zclip_match_one_process(tmp_path, tmp_path_factory):
     one, two = zclip_state(single), zclip_state(ddp)
     assert one["clip_events"] > 0 and one["clip_events"] == two["clip_events"]
     assert (two["mean"], two["var"]) == pytest.approx((one["mean"], one["var"]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_with_zclip_match_one_process(tmp_path):
+    # FSDP2's gradients are DTensor shards (and CRMA's gate a whole 0-dim tensor): the norm ZClip
+    # uses is still the global one and the clip scales every shard alike.
+    from distributed_helpers import MICRO_8X2, SMALL, assert_matches_single, fit
+
+    single = fit(tmp_path / "one", "--config", "configs/tiny.yaml", *SMALL, *ZCLIP, *MICRO_8X2)
+    fsdp2 = fit(tmp_path / "fsdp2", "--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL, *ZCLIP)
+    assert_matches_single(fsdp2, single)
+    stats = [json.loads((d / "continual" / "grad_norm.json").read_text()) for d in (single, fsdp2)]
+    assert sum(s["clipped"] for s in stats[0].values()) > 0
+    assert [s["clipped"] for s in stats[0].values()] == [s["clipped"] for s in stats[1].values()]
+    for a, b in zip(stats[0].values(), stats[1].values(), strict=True):
+        for group in ("lora", "crma"):
+            assert b[group]["max"] == pytest.approx(a[group]["max"], rel=1e-4)
