@@ -9,7 +9,8 @@ unfinished one continues from its last checkpoint). From the runs' own files it 
 - per-task final holdout losses (mean over seeds);
 - the inference ablation: each finished MODULAR run loaded as served (``serve.load_run``) and
   evaluated per task with CRMA on and off (``TrainedRun.holdout_loss``);
-- peak and mean gradient norm per task (``continual/grad_norm.json``, NAIVE vs MODULAR);
+- peak and mean gradient norm per task and parameter group (``continual/grad_norm.json``): the LoRA
+  norm across NAIVE, FROZEN and MODULAR, CRMA's norm apart, the total, and ZClip's clipped steps;
 - the spectral bound over all MODULAR steps;
 
 and writes ``<out>.md`` (the paper's numbers beside ours and the exact protocol), ``<out>.json`` and
@@ -149,12 +150,33 @@ def ablation(runs: dict[tuple[str, int], RunDir], seeds: list[int]) -> dict:
     }
 
 
-def grad_per_task(res: dict, condition: str, stat: str) -> list[float] | None:
-    """``stat`` (``max`` or ``mean``) gradient norm per task, averaged over seeds; None if a run lacks it."""
+def grad_per_task(res: dict, condition: str, stat: str, group: str = "total") -> list[float] | None:
+    """``stat`` (``max`` or ``mean``) of one gradient-norm group per task, averaged over seeds; None if
+    a run lacks it. ``group``: ``total`` (all trainable adapters), ``lora`` or ``crma``
+    (``callbacks.gradnorm``). A run without CRMA has LoRA gradients only, so there its total is its
+    LoRA norm (also in files written before the groups were recorded)."""
     per_seed = res["grad_norm"].get(condition, {})
     if not per_seed or any(v is None for v in per_seed.values()):
         return None
-    return [float(np.mean([g[t][stat] for g in per_seed.values()])) for t in res["tasks"]]
+
+    def value(g: dict, task: str) -> float | None:
+        entry = g[task]
+        if group == "total" or (group == "lora" and condition != "modular" and "lora" not in entry):
+            return entry[stat]
+        return entry[group][stat] if group in entry else None
+
+    values = [[value(g, t) for g in per_seed.values()] for t in res["tasks"]]
+    if any(v is None for vs in values for v in vs):
+        return None
+    return [float(np.mean(vs)) for vs in values]
+
+
+def clipped_per_task(res: dict, condition: str) -> list[float] | None:
+    """Steps ZClip clipped per task (mean over seeds); None without ZClip."""
+    per_seed = res["grad_norm"].get(condition, {})
+    if not per_seed or any(v is None or any("clipped" not in e for e in v.values()) for v in per_seed.values()):
+        return None
+    return [float(np.mean([g[t]["clipped"] for g in per_seed.values()])) for t in res["tasks"]]
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -169,16 +191,19 @@ def figure(res: dict, path: Path) -> None:
         d = res["drift"][c]
         ax_drift.bar(k, d["mean"], color=f"C{k}", alpha=0.5, yerr=d["sd"] or 0, capsize=4)
         ax_drift.scatter([k] * len(d["per_seed"]), d["per_seed"], color=f"C{k}", zorder=3, s=18)
-        peaks = grad_per_task(res, c, "max")
+        peaks = grad_per_task(res, c, "max", "lora")
         if peaks is not None:
-            ax_grad.plot(range(len(tasks)), peaks, marker="o", color=f"C{k}", label=c.upper())
+            ax_grad.plot(range(len(tasks)), peaks, marker="o", color=f"C{k}", label=f"{c.upper()}: LoRA")
+        crma_peaks = grad_per_task(res, c, "max", "crma")
+        if crma_peaks is not None:
+            ax_grad.plot(range(len(tasks)), crma_peaks, marker="s", ls="--", color=f"C{k}", label=f"{c.upper()}: CRMA")
     ax_drift.axhline(0, color="black", lw=0.8)
     ax_drift.set_xticks(range(len(conds)), [c.upper() for c in conds])
     ax_drift.set_ylabel("drift, % (+ = forgetting)")
     ax_drift.set_title("loss-relative drift on prior tasks (bar: mean ± SD, dots: seeds)")
     ax_grad.set_xticks(range(len(tasks)), tasks)
     ax_grad.set_ylabel("peak gradient norm (mean over seeds)")
-    ax_grad.set_title("peak gradient norm per task")
+    ax_grad.set_title("peak gradient norm per task, by parameter group")
     if ax_grad.lines:
         ax_grad.legend()
     means = [np.asarray(res["loss_matrix_mean"][c]["matrix"]) for c in conds]
@@ -257,21 +282,8 @@ def markdown(res: dict, protocol: dict) -> str:
                   row("on", ab["on_mean"], f"{on:.4f}"), row("off", ab["off_mean"], f"{off:.4f}"), "",
                   f"Turning CRMA off changes the mean holdout loss by {100 * (off - on) / on:+.2f} %. Check: the served "
                   f"CRMA-on losses match the runs' last loss-matrix rows within {ab['max_diff_vs_run']:.1e}."]  # fmt: skip
-    peaks = {c: grad_per_task(res, c, "max") for c in conds}
-    if any(p is not None for p in peaks.values()):
-        lines += ["", "## Gradient norm per task: peak (mean) over the task's steps, mean over seeds", "",
-                  "The global norm of all trainable adapter gradients before clipping (`train/grad_norm`). "
-                  f"Paper: {PAPER['grad']}.", "", *head("condition", tasks, "max over tasks")]  # fmt: skip
-        for c in conds:
-            if peaks[c] is not None:
-                cells = [
-                    f"{p:.3g} ({m:.3g})" for p, m in zip(peaks[c], grad_per_task(res, c, "mean"), strict=True)
-                ]
-                lines.append(f"| {c.upper()} | " + " | ".join(cells) + f" | {max(peaks[c]):.3g} |")
-        if peaks.get("naive") and peaks.get("modular"):
-            red = 100 * (1 - np.asarray(peaks["modular"]) / np.asarray(peaks["naive"]))
-            lines += ["", "Peak reduction MODULAR vs NAIVE per task: " + ", ".join(f"{t} {r:+.0f} %" for t, r in zip(tasks, red, strict=True))
-                      + f"; overall peak {max(peaks['naive']):.3g} → {max(peaks['modular']):.3g}."]  # fmt: skip
+    if any(grad_per_task(res, c, "max") is not None for c in conds):
+        lines += grad_norm_section(res)
     if res.get("spectral"):
         sp = res["spectral"]
         lines += ["", "## Spectral bound", "",
@@ -297,6 +309,42 @@ def markdown(res: dict, protocol: dict) -> str:
     return "\n".join(lines)
 
 
+def grad_norm_section(res: dict) -> list[str]:
+    """The gradient-norm tables: the LoRA norm across conditions, CRMA's norm apart, the total."""
+    conds, tasks = res["conditions"], res["tasks"]
+
+    def cells(c: str, group: str) -> str | None:
+        peaks, means = grad_per_task(res, c, "max", group), grad_per_task(res, c, "mean", group)
+        if peaks is None or means is None:
+            return None
+        body = " | ".join(f"{p:.3g} ({m:.3g})" for p, m in zip(peaks, means, strict=True))
+        return f"| {c.upper()} | {body} | {max(peaks):.3g} |"
+
+    lines = ["", "## Gradient norm per task: peak (mean) over the task's steps, mean over seeds", "",
+             "Global norms before clipping, per parameter group (`train/grad_norm/lora`, `train/grad_norm/crma`; "
+             "`callbacks/gradnorm.py`). The LoRA norm is the one comparable across conditions: under MODULAR the total "
+             f"also holds CRMA's gradients. Paper: {PAPER['grad']}.", "",
+             "LoRA gradients (NAIVE and FROZEN train nothing else):", "", *head("condition", tasks, "max over tasks")]  # fmt: skip
+    lines += [r for c in conds if (r := cells(c, "lora"))]
+    lora = {c: grad_per_task(res, c, "max", "lora") for c in conds}
+    if lora.get("naive") and lora.get("modular"):
+        red = 100 * (1 - np.asarray(lora["modular"]) / np.asarray(lora["naive"]))
+        lines += ["", "LoRA peak reduction MODULAR vs NAIVE per task: " + ", ".join(f"{t} {r:+.0f} %" for t, r in zip(tasks, red, strict=True))
+                  + f"; overall LoRA peak {max(lora['naive']):.3g} → {max(lora['modular']):.3g}."]  # fmt: skip
+    crma = [r for c in conds if (r := cells(c, "crma"))]
+    if crma:
+        lines += ["", "CRMA gradients (MODULAR only):", "", *head("condition", tasks, "max over tasks"), *crma]
+    total = [r for c in conds if (r := cells(c, "total"))]
+    lines += ["", "All trainable adapters together (`train/grad_norm`, the norm a clip acts on):", "",
+              *head("condition", tasks, "max over tasks"), *total]  # fmt: skip
+    clipped = {c: clipped_per_task(res, c) for c in conds}
+    if any(v is not None for v in clipped.values()):
+        lines += ["", "Steps ZClip clipped per task (mean over seeds):", "", *head("condition", tasks, "all tasks")]
+        lines += [f"| {c.upper()} | " + " | ".join(f"{v:.3g}" for v in clipped[c]) + f" | {sum(clipped[c]):.3g} |"
+                  for c in conds if clipped[c] is not None]  # fmt: skip
+    return lines
+
+
 def protocol_settings(run: RunDir, extra: list[str]) -> dict:
     cfg = run.read_config()
     d, m, t = init_args(cfg["data"]), init_args(cfg["model"]), cfg["trainer"]
@@ -314,7 +362,11 @@ def protocol_settings(run: RunDir, extra: list[str]) -> dict:
         "optimizer": str(
             m["optimizer"]["class_path"] if isinstance(m["optimizer"], dict) else m["optimizer"]
         ),
-        "precision / clipping": f"{t['precision']}, gradient_clip_val {t.get('gradient_clip_val')}",
+        "precision / clipping": f"{t['precision']}, gradient_clip_val {t.get('gradient_clip_val')}"
+        + (f", ZClip {zclip}" if (zclip := cfg.get("zclip") or {}).get("enabled") else ""),
+        "base model": f"{m['backbone'].get('dtype', 'float32')}"
+        + (f", linear layers {q}" if (q := m["backbone"].get("quantize", "none")) != "none" else ""),
+        "CRMA init": crma.get("init", "orthogonal"),
         "extra train.py arguments": " ".join(extra) or "none",
     }
 
@@ -374,10 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     conditions = [c.strip() for c in args.conditions.split(",")]
     unknown = sorted(set(conditions) - set(CONDITIONS))
-    if unknown or len(seeds) < 2:
-        p.error(
-            f"conditions must be among {CONDITIONS} (got {unknown}) and at least 2 seeds are needed for an SD"
-        )
+    if unknown or not seeds:
+        p.error(f"conditions must be among {CONDITIONS} (got {unknown}) and at least 1 seed given (2 for an SD)")
     info = run_info(__file__, argv)
     runs_dir = Path(args.runs_dir).resolve()
     keys = [(c, s) for s in seeds for c in conditions]  # seed-major: the first seed's runs finish first

@@ -18,6 +18,7 @@ from callbacks.progress import TaskProgressBar
 from callbacks.regularization import RegularizerHooks
 from callbacks.routing import RoutingStatistics
 from callbacks.spectral import SpectralBoundLogger
+from callbacks.zclip import ZClip
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "freezing": FreezingPolicy,
@@ -27,6 +28,7 @@ METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "routing": RoutingStatistics,
     "grad_norm": GradNormStats,
     "regularization": RegularizerHooks,
+    "zclip": ZClip,
     "progress_bar": TaskProgressBar,
 }
 """Config section -> callback class, for every callback the CLI adds."""

@@ -3,16 +3,36 @@
 Safe by default: ``trust_remote_code`` is off unless the config turns it on, and an unknown name
 on an offline machine becomes one clear message instead of a network traceback. Package paths,
 the GGUF conversion cache and the offline rule live in :mod:`crma_lightning.hub`.
+
+**A 4-bit base (QLoRA, Dettmers et al., arXiv 2305.14314).** ``quantize: nf4`` replaces every
+``nn.Linear`` of the loaded model except the output embedding (LM head) by a bitsandbytes
+``Linear4bit`` holding the same weight in NF4 (blocks of 64, double-quantised constants, as QLoRA),
+computing in ``dtype``. It is done here, explicitly, on whatever device the weights were loaded to
+(bitsandbytes >= 0.46 quantises and runs NF4 on CPU too), so every path that builds the base
+(training, resume, ``serve.load_run``, from a hub name, a GGUF file or a config) gets the same
+4-bit model; the LoRAs and CRMA are added afterwards in float32 (peft wraps ``Linear4bit`` with
+its own 4-bit LoRA layer). Why not the alternatives: Lightning's ``BitsandbytesPrecision``
+converts the module when the trainer sets up, so it would also quantise the LoRA layers (they are
+``nn.Linear`` too), it quantises only on a CUDA device (it fails on CPU), and a served run, built
+outside a Trainer, would get a full-precision base; transformers' ``BitsAndBytesConfig`` applies
+to ``from_pretrained`` only (not a model built from a config) and leaves ``quantization_config``
+in the model's config, which the export path would then carry. Its one advantage, quantising
+shard by shard while loading, is lost here: the base is materialised once in ``dtype`` before it
+is quantised (for Mistral-7B in bf16, ~14.5 GB for a moment). FSDP is refused with a 4-bit base:
+``fully_shard`` would split the packed NF4 bytes from their quantisation state.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from crma_lightning.config import ConfigError, type_problems
 from crma_lightning.hub import converted_gguf, is_offline, resolve_path
@@ -43,6 +63,9 @@ class BackboneConfig:
     """Seed for a model built from ``config``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further ``from_pretrained`` keyword arguments (e.g. attn_implementation: sdpa)."""
+    quantize: Literal["none", "nf4"] = "none"
+    """'nf4': the base's linear layers (not the LM head) in 4-bit NF4 via bitsandbytes, computing
+    in ``dtype`` (QLoRA); needs ``pip install .[qlora]``. Adapters stay float32."""
 
     def problems(self, prefix: str = "model.backbone") -> list[str]:
         # Types first: the checks below would raise TypeError on, e.g., a list dtype or an int config.
@@ -57,6 +80,13 @@ class BackboneConfig:
             p.append(f"{prefix}.config needs a model_type (e.g. llama, gpt2, qwen2).")
         if self.dtype not in DTYPES:
             p.append(f"{prefix}.dtype must be one of {sorted(DTYPES)} (got {self.dtype!r}).")
+        if self.quantize not in ("none", "nf4"):
+            p.append(f"{prefix}.quantize must be 'none' or 'nf4' (got {self.quantize!r}).")
+        elif self.quantize == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            p.append(
+                f"{prefix}.quantize: nf4 needs bitsandbytes, which is not installed; install it with "
+                "pip install -e '.[qlora]' (or bash scripts/setup.sh)."
+            )
         return p
 
     @property
@@ -88,10 +118,18 @@ def plain_model(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
-    """Instantiate the causal LM described by ``cfg`` (weights in ``cfg.dtype``, eval mode off)."""
+    """Instantiate the causal LM described by ``cfg`` (weights in ``cfg.dtype``, eval mode off;
+    linear layers in NF4 with ``quantize: nf4``)."""
     from crma_lightning.config import raise_problems
 
     raise_problems(cfg.problems(), "backbone config")
+    model = _load(cfg)
+    if cfg.quantize == "nf4":
+        quantize_nf4(model, DTYPES[cfg.dtype])
+    return model
+
+
+def _load(cfg: BackboneConfig) -> PreTrainedModel:
     dtype = DTYPES[cfg.dtype]
     if cfg.config is not None:
         conf = dict(cfg.config)
@@ -128,3 +166,77 @@ def load_backbone(cfg: BackboneConfig) -> PreTrainedModel:
         raise ConfigError(
             f"model.backbone {cfg.label!r} is not a causal LM transformers can load: {e}"
         ) from None
+
+
+# -- 4-bit base ------------------------------------------------------------------------------------
+#: NF4 block size (QLoRA's and transformers' default).
+NF4_BLOCKSIZE = 64
+
+
+def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` but its output embedding by an NF4 ``Linear4bit``
+    (in place, on the weights' device); returns the qualified names replaced.
+
+    QLoRA's storage: NF4, blocks of 64, double-quantised constants; ``compute_dtype`` is what the
+    layer dequantises to for its matmul. A model without any ``nn.Linear`` to quantise (GPT-2's
+    ``Conv1D`` projections) is a clear error.
+    """
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = [
+        (name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head
+    ]
+    if not targets:
+        raise ConfigError(
+            f"model.backbone.quantize: nf4 found no nn.Linear layer in {type(model).__name__} to quantise "
+            "(GPT-2-style Conv1D projections are not supported); use quantize: none"
+        )
+    for name, linear in targets:
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta",
+        )  # fmt: skip
+        weight = linear.weight.detach()
+        q.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE, compress_statistics=True, module=q
+        ).to(weight.device)  # quantises here (bitsandbytes' public path, as transformers uses it)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        # bitsandbytes' CPU inference path repacks the weight in place on the first no-grad eval
+        # forward, with its block constants rounded to bf16: the base would change after the first
+        # evaluation, and differ between CPUs with and without AVX512-BF16. Always dequantise instead.
+        q.support_avx512bf16_for_cpu = False
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    # The flag transformers' bitsandbytes quantizer sets: peft reads it to wrap Linear4bit layers
+    # with its 4-bit LoRA layer, and num_parameters() to count the packed weights right.
+    model.is_loaded_in_4bit = True
+    return [name for name, _ in targets]
+
+
+def dense_weight(module: nn.Module) -> Tensor | None:
+    """The ``(out, in)`` weight of a linear layer as float32: ``nn.Linear``, transformers' ``Conv1D``
+    (stored ``(in, out)``), a bitsandbytes ``Linear4bit`` (dequantised), or any of them wrapped by a
+    peft LoRA layer (its base weight). None for any other module."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    if _is_linear4bit(module):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    if isinstance(module, Conv1D):
+        return module.weight.detach().float().T
+    return None
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return False
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)

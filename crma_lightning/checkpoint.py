@@ -201,7 +201,7 @@ def load_crma(
     check_signature(meta["base_model"], model, f"CRMA adapter {directory}")
     config = CRMAConfig(**meta["crma"])
     if handle is None:
-        handle = inject_crma(model, config)
+        handle = inject_crma(model, config, principal_init=False)  # the weights are loaded below
     elif handle.config.streams != config.streams or handle.config.form != config.form:
         raise ConfigError(
             f"CRMA adapter {directory} has streams={config.streams}, form={config.form}; the model's CRMA has "

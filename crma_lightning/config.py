@@ -108,6 +108,18 @@ class CRMAConfig:
     batched_projection: bool = True
     """Project all layers' logits in one batched call per forward pass instead of one call per
     layer. Needs every layer's logits at the model's entry, so it is off under FSDP sharding."""
+    init: Literal["orthogonal", "pissa"] = "orthogonal"
+    """How the read projection R (the subspace basis U) starts. 'orthogonal': random orthonormal
+    rows (seeded by init_seed). 'pissa': the top-n right singular vectors of the frozen weights
+    that next read the residual stream the block writes (PiSSA's principal subspace; the weights
+    are named by pissa_modules, docs/method.md §5). Either way W = 0 (g = 0): identity at step 0."""
+    pissa_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value"]
+    )
+    """init 'pissa': names (last component) of the linear layers whose stacked weights give the
+    principal directions: those of the decoder layer that next reads h (the next layer for
+    block_output, the last layer its own; the same layer for block_input). The default names the
+    attention input projections of the supported families."""
     init_seed: int = 0
     """Seed of the read/write projection initialisation (same adapter on every rank and rerun)."""
     compile: bool = False
@@ -140,6 +152,10 @@ class CRMAConfig:
                 f"{prefix}.projection 'birkhoff' supports streams <= {MAX_BIRKHOFF_N} "
                 f"(got {self.streams}); use projection 'sinkhorn' or fewer streams."
             )
+        if self.init not in ("orthogonal", "pissa"):
+            p.append(f"{prefix}.init must be 'orthogonal' or 'pissa' (got {self.init!r}).")
+        if self.init == "pissa" and not self.pissa_modules:
+            p.append(f"{prefix}.pissa_modules is empty; name the layers to take principal directions from (e.g. [q_proj]).")
         if self.placement not in ("block_output", "block_input"):
             p.append(f"{prefix}.placement must be 'block_output' or 'block_input' (got {self.placement!r}).")
         g = self.resolved_gate_init()
@@ -155,6 +171,11 @@ class CRMAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: peft ``init_lora_weights`` values that rewrite the base weight with the adapter's initial value
+#: (PiSSA and its fast SVD variants, OLoRA, CorDA, LoftQ): refused, see LoRAConfig.problems.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 @dataclass
@@ -186,6 +207,14 @@ class LoRAConfig:
             p.append(f"{prefix}.dropout must lie in [0, 1) (got {self.dropout}).")
         if isinstance(self.target_modules, list) and not self.target_modules:
             p.append(f"{prefix}.target_modules is an empty list; give module names or leave it unset.")
+        init = self.extra.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            p.append(
+                f"{prefix}.extra.init_lora_weights {init!r} rewrites the frozen base weight (W <- W - BA); with a "
+                "LoRA per task that would change the base under every earlier task's LoRA, and a shared LoRA's files "
+                "would no longer fit the original base. Use crma.init: pissa for CRMA's read projection, and the "
+                "default LoRA initialisation (docs/method.md §5)."
+            )
         return p
 
     def validate(self) -> LoRAConfig:

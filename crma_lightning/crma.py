@@ -90,6 +90,21 @@ def _compiled_residual() -> Callable[..., Tensor]:
     return torch.compile(lambda h, read, write: low_rank_residual(h, read, write, custom_backward=False))
 
 
+def principal_directions(weight: Tensor, n: int) -> Tensor:
+    """The top-``n`` right singular vectors of ``weight (out, d)`` as orthonormal rows ``(n, d)``, float32.
+
+    PiSSA's principal subspace (Meng et al., arXiv 2404.02948) of a frozen weight: the input
+    directions it reads most strongly. Computed as the top eigenvectors of the Gram matrix WᵀW in
+    float64 (d × d, whatever ``out``); each vector's largest-magnitude entry is made positive, so
+    the result does not depend on the solver's sign choice.
+    """
+    w = weight.detach().double()
+    _, vecs = torch.linalg.eigh(w.T @ w)  # eigenvalues ascending: the principal ones are last
+    top = vecs[:, -n:].flip(-1).T  # (n, d), largest singular value first
+    sign = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))  # (n, 1)
+    return (top * sign).float().contiguous()
+
+
 class CRMABlock(nn.Module):
     """One layer's CRMA adapter. Acts on ``(..., d)`` hidden states; holds no reference to its host."""
 
@@ -100,23 +115,36 @@ class CRMABlock(nn.Module):
         generator: torch.Generator | None = None,
         *,
         compiled: bool = False,
+        principal: Tensor | None = None,
     ):
+        """``principal (n, d)``: orthonormal rows to start the read projection R (the subspace
+        basis U = principalᵀ) from, e.g. :func:`principal_directions` (``crma.init: pissa``);
+        None draws a random orthonormal one from ``generator``."""
         super().__init__()
         config.validate()
         self.config = config
         self.hidden_size = hidden_size
         n = config.streams
+        if principal is not None and tuple(principal.shape) != (n, hidden_size):
+            raise ValueError(f"principal directions must be ({n}, {hidden_size}), got {tuple(principal.shape)}")
         self.log_mix = nn.Parameter(identity_logits(config.projection, n, config.mix_init))
         if config.form == "additive":
-            # Orthonormal read rows keep s = R h at the scale of h; W = 0 makes the block the identity.
+            # Orthonormal read rows keep s = R h at the scale of h; W = 0 makes the block the identity
+            # whatever R is (PiSSA's principal rows or random ones).
             read = torch.empty(n, hidden_size)
-            nn.init.orthogonal_(read, generator=generator)
+            if principal is None:
+                nn.init.orthogonal_(read, generator=generator)
+            else:
+                read.copy_(principal)
             self.read = nn.Parameter(read)
             self.write = nn.Parameter(torch.zeros(hidden_size, n))
             self.log_gate = nn.Parameter(torch.tensor(math.log(config.resolved_gate_init())))
         else:
             basis = torch.empty(hidden_size, n)
-            nn.init.orthogonal_(basis, generator=generator)
+            if principal is None:
+                nn.init.orthogonal_(basis, generator=generator)
+            else:
+                basis.copy_(principal.T)
             self.basis = nn.Parameter(basis)
             self.gate = nn.Parameter(torch.tensor(float(config.resolved_gate_init())))
         # The model-level batched projection may hand the block its M for the current forward pass.

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from crma_lightning.config import ConfigError, CRMAConfig
-from crma_lightning.crma import CRMA_GROUPS, CRMABlock
+from crma_lightning.crma import CRMA_GROUPS, CRMABlock, principal_directions
 from crma_lightning.dist import full_tensor
 from crma_lightning.projection import Diagnostics, project, project_with_diagnostics
 
@@ -92,6 +92,8 @@ class CRMAInjection:
         self._handles: list[RemovableHandle] = []
         self._batch_handles: list[RemovableHandle] = []
         self._batched = False
+        #: crma.init pissa: layer name -> the weights its read projection's directions came from.
+        self.init_sources: dict[str, list[str]] = {}
 
     # -- forward machinery -------------------------------------------------------------
     def _attach(self) -> None:
@@ -276,11 +278,43 @@ def resolve_layer_indices(indices: list[int] | None, num_layers: int) -> list[in
     return out
 
 
-def inject_crma(model: nn.Module, config: CRMAConfig) -> CRMAInjection:
+def reader_index(i: int, num_layers: int, placement: str) -> int:
+    """The decoder layer that next reads the hidden state CRMA writes at layer ``i``: the next layer
+    for ``block_output`` (the last layer's output is read only by the final norm and the LM head,
+    so the last layer uses its own), layer ``i`` itself for ``block_input``."""
+    return min(i + 1, num_layers - 1) if placement == "block_output" else i
+
+
+def pissa_source(layer: nn.Module, names: list[str], d: int, where: str) -> tuple[Tensor, list[str]]:
+    """The stacked ``(sum of out, d)`` weights of ``layer``'s linear layers named in ``names`` (the
+    last component of their qualified names; a LoRA-wrapped layer by its base weight, a 4-bit one
+    dequantised) and their names. A clear error when none of them reads ``d``-dim input."""
+    from crma_lightning.backbone import dense_weight
+
+    found: list[tuple[str, Tensor]] = []
+    for name, module in layer.named_modules():
+        if name.rsplit(".", 1)[-1] in names:
+            w = dense_weight(module)
+            if w is not None and w.shape[1] == d:
+                found.append((name, w))
+    if not found:
+        linear = [n for n, m in layer.named_modules() if n and dense_weight(m) is not None]
+        raise ConfigError(
+            f"crma.init: pissa found no linear layer named {names} reading the hidden size {d} in {where}; its "
+            f"linear layers are {linear[:12]}. Set crma.pissa_modules to the names of the layer's input projections."
+        )
+    return torch.cat([w for _, w in found]), [f"{where}.{n}" for n, _ in found]
+
+
+def inject_crma(model: nn.Module, config: CRMAConfig, *, principal_init: bool = True) -> CRMAInjection:
     """Add a CRMA block to every (selected) decoder layer of ``model``; returns the handle.
 
     ``handle.blocks`` maps the qualified names of the layers touched to their blocks. Blocks are
     created in float32 on the model's device: the adapter is tiny and its projection runs in fp32.
+    With ``crma.init: pissa`` the read projections start from principal directions
+    (:func:`pissa_source`, :func:`crma_lightning.crma.principal_directions`) and
+    ``handle.init_sources`` names the weights each came from; ``principal_init=False`` skips that
+    (the blocks' weights are about to be loaded).
     """
     config.validate()
     path, layers = find_decoder_layers(model)
@@ -290,10 +324,17 @@ def inject_crma(model: nn.Module, config: CRMAConfig) -> CRMAInjection:
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(config.init_seed)
     blocks: dict[str, CRMABlock] = {}
+    sources: dict[str, list[str]] = {}
     for i in resolve_layer_indices(config.layers, len(layers)):
-        block = CRMABlock(d, config, generator=gen, compiled=config.compile).to(device)
+        principal = None
+        if config.init == "pissa" and principal_init:
+            r = reader_index(i, len(layers), config.placement)
+            weight, sources[f"{path}.{i}"] = pissa_source(layers[r], config.pissa_modules, d, f"{path}.{r}")
+            principal = principal_directions(weight, config.streams).cpu()
+        block = CRMABlock(d, config, generator=gen, compiled=config.compile, principal=principal).to(device)
         layers[i].add_module(CHILD_NAME, block)
         blocks[f"{path}.{i}"] = block
     handle = CRMAInjection(model, config, path, blocks)
+    handle.init_sources = sources
     handle._attach()
     return handle

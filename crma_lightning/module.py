@@ -34,16 +34,38 @@ from crma_lightning.holdout import HoldoutSteps, holdout_sums
 from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
-from crma_lightning.protocols import check_fit_setup
+from crma_lightning.protocols import GradNorms, check_fit_setup
 from crma_lightning.regularizers import Regularizer, penalties
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
 from crma_lightning.sharding import average_replicated_grads, shard_for_strategy
 
-__all__ = ["ContinualLM", "GroupLR", "NonFiniteError"]
+__all__ = ["ContinualLM", "GradNorms", "GroupLR", "NonFiniteError", "global_grad_norm"]
 
 
 class NonFiniteError(RuntimeError):
     """Training met a NaN/inf loss or gradient and ``model.nonfinite`` is 'stop'."""
+
+
+def global_grad_norm(params: list[nn.Parameter], device: torch.device | None = None) -> Tensor:
+    """The 2-norm of the gradients of ``params``, whole: FSDP2 shards (DTensors) are combined
+    across ranks (a collective), whole gradients (DDP after its all-reduce, FSDP2's replicated
+    0-dim parameters) are used as they are. 0 (on ``device``) for an empty list."""
+    sharded = [p.grad for p in params if isinstance(p.grad, DTensor)]
+    whole = [p.grad for p in params if not isinstance(p.grad, DTensor)]
+    parts = []
+    if sharded:
+        norm = torch.nn.utils.get_total_norm(sharded, foreach=False)
+        parts.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if whole:
+        parts.append(torch.nn.utils.get_total_norm(whole, foreach=False))
+    if not parts:
+        return torch.zeros((), device=device)
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
+
+
+def _drop_grads(params: list[nn.Parameter]) -> None:
+    for p in params:
+        p.grad = None
 
 
 class ContinualLM(HoldoutSteps, pl.LightningModule):
@@ -119,6 +141,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         self._replicated: list[nn.Parameter] = []
         self._dp_mesh = None
         self._skip_step = False  # set by training_step on a non-finite loss
+        self._grad_norms: GradNorms | None = None  # this optimizer step's (gradient_norms)
+        self._grad_norms_step = -1
 
     def _validate(self, strategy: str | None, layout: AdapterLayout | None) -> None:
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
@@ -147,6 +171,8 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         """Load the backbone, add the LoRA(s) and (MODULAR) CRMA. Idempotent."""
         if self.model is not None:
             return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        self.check_strategy(strategy)
         model = load_backbone(self.backbone_config)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -168,13 +194,19 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         for p in self.ever_trainable_parameters():
             p.data = p.data.float()
             p.requires_grad_(True)
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        self.check_strategy(strategy)
         self._replicated, self._dp_mesh = shard_for_strategy(model, self.crma, strategy, self._device_mesh)
 
     def check_strategy(self, strategy: Any) -> None:
         """Refuse what this module cannot train under ``strategy``; train.py calls it before ranks launch."""
-        if self.regularizers and isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+        if not isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+            return
+        if self.backbone_config.quantize != "none":
+            raise ConfigError(
+                f"model.backbone.quantize: {self.backbone_config.quantize} does not work with FSDP: sharding would split "
+                "the packed 4-bit weights from their quantisation state. Use one device or DDP (every rank holds the "
+                "4-bit base; a 7B NF4 base needs ~4.5 GB), or quantize: none."
+            )
+        if self.regularizers:
             raise ConfigError(
                 "model.regularizers are not supported under FSDP sharding yet (EWC and LwF need the whole shared "
                 "parameters outside the sharded forward); use DDP (trainer.strategy: ddp)"
@@ -302,28 +334,51 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         # Dropout masks as a function of (seed, step, rank): identical after a resume.
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def gradient_norms(self) -> GradNorms | None:
+        """This optimizer step's gradient norms, before any clipping; None when the step is skipped.
+
+        Computed once per step by whichever asks first (a clipping callback's or this module's
+        ``on_before_optimizer_step``): FSDP2's replicated gradients are averaged, a step with a
+        non-finite loss or gradient drops every gradient (the optimizer then moves nothing) and
+        returns None, and the norms are global: after the all-reduce (DDP) or over all shards
+        (FSDP2), so the same on every rank.
+        """
+        step = self.trainer.global_step
+        if self._grad_norms_step != step:
+            self._grad_norms_step = step
+            self._grad_norms = self._reduce_and_measure_gradients()
+        return self._grad_norms
+
+    def _reduce_and_measure_gradients(self) -> GradNorms | None:
         if self._replicated:
             average_replicated_grads(self._replicated, self._dp_mesh)
-        params = [p for p in self.ever_trainable_parameters() if p.grad is not None]
+        lora = [p for p in self.adapter_parameters("lora") if p.grad is not None]
+        crma = [p for p in self.adapter_parameters("crma") if p.grad is not None]
         if self._skip_step:  # a non-finite loss on some rank (training_step): no update anywhere
             self._skip_step = False
-            for p in params:
-                p.grad = None
-            return
-        if not params:
-            return
-        # Gradients are already reduced here. Under DDP every rank holds them whole; under FSDP each
-        # holds a shard (a DTensor), and get_total_norm combines the shards' norms across ranks.
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=False)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        if not torch.isfinite(norm):
+            _drop_grads(lora + crma)
+            return None
+        if not lora and not crma:
+            return None
+        device = (lora + crma)[0].grad.device
+        lora_norm = global_grad_norm(lora, device)
+        crma_norm = global_grad_norm(crma, device) if self.crma is not None else None
+        total = lora_norm if crma_norm is None else torch.linalg.vector_norm(torch.stack([lora_norm, crma_norm]))
+        if not torch.isfinite(total):
             self._nonfinite("gradient")
-            for p in params:  # no gradient: the optimizer leaves these parameters untouched
-                p.grad = None
+            _drop_grads(lora + crma)  # no gradient: the optimizer leaves these parameters untouched
+            return None
+        return GradNorms(lora=lora_norm, crma=crma_norm, total=total)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = self.gradient_norms()
+        if norms is None:
             return
-        self.log("train/grad_norm", norm, batch_size=1)
+        # Tensors, not floats: Lightning reads them when it logs, so no extra host sync per step.
+        self.log("train/grad_norm", norms.total, batch_size=1)
+        self.log("train/grad_norm/lora", norms.lora, batch_size=1)
+        if norms.crma is not None:
+            self.log("train/grad_norm/crma", norms.crma, batch_size=1)
 
     # -- checkpoints: adapters only ----------------------------------------------------------
     def adapter_state_names(self) -> set[str]:

@@ -9,6 +9,7 @@ them. ``crma_lightning.cli.ContinualCLI`` adds the required callbacks itself; a 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -24,6 +25,19 @@ REQUIRED_ROLES = {
     "evaluation": "evaluates every task before training and after each task",
 }
 """Roles a ``fit`` cannot do without; a callback declares its role in a class attribute ``role``."""
+
+
+@dataclass(frozen=True)
+class GradNorms:
+    """One optimizer step's gradient norms before clipping, as 0-dim tensors on the parameters'
+    device: global (after the all-reduce, whole under FSDP), so the same on every rank."""
+
+    lora: Tensor
+    """The LoRA parameters that have a gradient this step."""
+    crma: Tensor | None
+    """The CRMA parameters (None when the strategy has no CRMA)."""
+    total: Tensor
+    """Both together: sqrt(lora² + crma²)."""
 
 
 @runtime_checkable
@@ -68,6 +82,10 @@ class ContinualModule(Protocol):
 
     def token_stats(self, batch: dict[str, Tensor], accuracy: bool = True) -> TokenStats:
         """Summed next-token loss, scored tokens and (with ``accuracy``) correct predictions of a batch."""
+
+    def gradient_norms(self) -> GradNorms | None:
+        """This optimizer step's gradient norms before clipping (call from
+        ``on_before_optimizer_step``); None when the step is skipped (non-finite)."""
 
 
 def as_continual(pl_module: Any) -> ContinualModule:

