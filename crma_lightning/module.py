@@ -198,7 +198,7 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
 
     def check_strategy(self, strategy: Any) -> None:
         """Refuse what this module cannot train under ``strategy``; train.py calls it before ranks launch."""
-        if not isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+        if not (isinstance(strategy, FSDPStrategy | ModelParallelStrategy) or self._device_mesh is not None):
             return
         if self.backbone_config.quantize != "none":
             raise ConfigError(
