@@ -253,3 +253,34 @@ def check_resumable(checkpoint: dict, identity: dict[str, Any], needed: set[str]
             "written with other LoRA/CRMA settings. Resume with the run's own config.yaml."
         )
     return saved
+
+
+class AdapterOnlyCheckpoints:
+    """Lightning checkpoint hooks that keep the adapters only; mixed into ``ContinualLM``, which
+    provides ``ever_trainable_parameters``, ``task_names``, ``strategy``, ``nonfinite_skipped`` and
+    ``regularizers``."""
+
+    def adapter_state_names(self) -> set[str]:
+        """State-dict keys of every adapter tensor (what checkpoints keep)."""
+        keep = {id(p) for p in self.ever_trainable_parameters()}
+        return {name for name, p in self.named_parameters() if id(p) in keep}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen base is bit-identical to what configure_model() loads, so it is left out:
+        # a Mistral-7B checkpoint is then megabytes of adapters, not 14 GB of base weights.
+        adapter_only_checkpoint(checkpoint, self.adapter_state_names(), self.resume_identity())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = check_resumable(checkpoint, self.resume_identity(), self.adapter_state_names())
+        self.nonfinite_skipped = saved["nonfinite_skipped"]
+        for reg in self.regularizers:
+            reg.load_state_dict(saved.get("regularizers", {}).get(reg.name, {}))
+
+    def resume_identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this module to resume it (and the counters it carries)."""
+        return {
+            "tasks": list(self.task_names),
+            "strategy": self.strategy,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "regularizers": {reg.name: reg.state_dict() for reg in self.regularizers},
+        }

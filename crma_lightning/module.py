@@ -22,14 +22,14 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from crma_lightning import losses
 from crma_lightning.backbone import BackboneConfig, load_backbone
-from crma_lightning.checkpoint import adapter_only_checkpoint, check_resumable
+from crma_lightning.checkpoint import AdapterOnlyCheckpoints
 from crma_lightning.config import NO_DECAY, ConfigError, CRMAConfig, GroupLR, LoRAConfig, raise_problems
 from crma_lightning.data.tasks import name_problems
+from crma_lightning.gradients import GradientSteps, NonFiniteError, global_grad_norm
 from crma_lightning.holdout import HoldoutSteps, holdout_sums
 from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
@@ -37,38 +37,12 @@ from crma_lightning.lora import activate_lora, add_lora, lora_parameters
 from crma_lightning.protocols import GradNorms, check_fit_setup
 from crma_lightning.regularizers import Regularizer, penalties
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
-from crma_lightning.sharding import average_replicated_grads, shard_for_strategy
+from crma_lightning.sharding import shard_for_strategy
 
 __all__ = ["ContinualLM", "GradNorms", "GroupLR", "NonFiniteError", "global_grad_norm"]
 
 
-class NonFiniteError(RuntimeError):
-    """Training met a NaN/inf loss or gradient and ``model.nonfinite`` is 'stop'."""
-
-
-def global_grad_norm(params: list[nn.Parameter], device: torch.device | None = None) -> Tensor:
-    """The 2-norm of the gradients of ``params``, whole: FSDP2 shards (DTensors) are combined
-    across ranks (a collective), whole gradients (DDP after its all-reduce, FSDP2's replicated
-    0-dim parameters) are used as they are. 0 (on ``device``) for an empty list."""
-    sharded = [p.grad for p in params if isinstance(p.grad, DTensor)]
-    whole = [p.grad for p in params if not isinstance(p.grad, DTensor)]
-    parts = []
-    if sharded:
-        norm = torch.nn.utils.get_total_norm(sharded, foreach=False)
-        parts.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    if whole:
-        parts.append(torch.nn.utils.get_total_norm(whole, foreach=False))
-    if not parts:
-        return torch.zeros((), device=device)
-    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
-
-
-def _drop_grads(params: list[nn.Parameter]) -> None:
-    for p in params:
-        p.grad = None
-
-
-class ContinualLM(HoldoutSteps, pl.LightningModule):
+class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.LightningModule):
     """Continual fine-tuning of a causal LM under NAIVE, FROZEN or MODULAR (CRMA)."""
 
     def __init__(
@@ -140,9 +114,6 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         # FSDP2: parameters left whole on every rank (0-dim) and the mesh their grads average over.
         self._replicated: list[nn.Parameter] = []
         self._dp_mesh = None
-        self._skip_step = False  # set by training_step on a non-finite loss
-        self._grad_norms: GradNorms | None = None  # this optimizer step's (gradient_norms)
-        self._grad_norms_step = -1
 
     def _validate(self, strategy: str | None, layout: AdapterLayout | None) -> None:
         p = self.backbone_config.problems() + self.lora_config.problems("model.lora") + self.lr.problems()
@@ -158,7 +129,9 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         if hasattr(self, "layout"):
             p += [q for reg in self.regularizers for q in reg.problems(self)]
             names = [reg.name for reg in self.regularizers]
-            p += [f"model.regularizers: {n} is listed twice" for n in sorted(set(names)) if names.count(n) > 1]
+            p += [
+                f"model.regularizers: {n} is listed twice" for n in sorted(set(names)) if names.count(n) > 1
+            ]
         raise_problems(p, "model configuration")
 
     @property
@@ -289,17 +262,6 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
         penalty = penalties(self, batch, logits, tokens)
         return loss if penalty is None else loss + penalty
 
-    def _nonfinite(self, what: str) -> None:
-        """Stop with a clear error, or count a skipped step (model.nonfinite)."""
-        step = self.trainer.global_step
-        if self.nonfinite == "stop":
-            raise NonFiniteError(
-                f"non-finite {what} at step {step}; stopped (the last checkpoint is kept). Lower the learning "
-                "rates (model.lr.*), clip gradients (trainer.gradient_clip_val), or set model.nonfinite: skip."
-            )
-        self.nonfinite_skipped += 1
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=1)
-
     # -- task boundaries -----------------------------------------------------------------
     def task_steps(self) -> list[int]:
         """Optimizer steps of every task, from the DataModule's per-task batch counts."""
@@ -333,78 +295,6 @@ class ContinualLM(HoldoutSteps, pl.LightningModule):
                 reg.on_task_start(self, self.task_names[k])
         # Dropout masks as a function of (seed, step, rank): identical after a resume.
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
-
-    def gradient_norms(self) -> GradNorms | None:
-        """This optimizer step's gradient norms, before any clipping; None when the step is skipped.
-
-        Computed once per step by whichever asks first (a clipping callback's or this module's
-        ``on_before_optimizer_step``): FSDP2's replicated gradients are averaged, a step with a
-        non-finite loss or gradient drops every gradient (the optimizer then moves nothing) and
-        returns None, and the norms are global: after the all-reduce (DDP) or over all shards
-        (FSDP2), so the same on every rank.
-        """
-        step = self.trainer.global_step
-        if self._grad_norms_step != step:
-            self._grad_norms_step = step
-            self._grad_norms = self._reduce_and_measure_gradients()
-        return self._grad_norms
-
-    def _reduce_and_measure_gradients(self) -> GradNorms | None:
-        if self._replicated:
-            average_replicated_grads(self._replicated, self._dp_mesh)
-        lora = [p for p in self.adapter_parameters("lora") if p.grad is not None]
-        crma = [p for p in self.adapter_parameters("crma") if p.grad is not None]
-        if self._skip_step:  # a non-finite loss on some rank (training_step): no update anywhere
-            self._skip_step = False
-            _drop_grads(lora + crma)
-            return None
-        if not lora and not crma:
-            return None
-        device = (lora + crma)[0].grad.device
-        lora_norm = global_grad_norm(lora, device)
-        crma_norm = global_grad_norm(crma, device) if self.crma is not None else None
-        total = lora_norm if crma_norm is None else torch.linalg.vector_norm(torch.stack([lora_norm, crma_norm]))
-        if not torch.isfinite(total):
-            self._nonfinite("gradient")
-            _drop_grads(lora + crma)  # no gradient: the optimizer leaves these parameters untouched
-            return None
-        return GradNorms(lora=lora_norm, crma=crma_norm, total=total)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = self.gradient_norms()
-        if norms is None:
-            return
-        # Tensors, not floats: Lightning reads them when it logs, so no extra host sync per step.
-        self.log("train/grad_norm", norms.total, batch_size=1)
-        self.log("train/grad_norm/lora", norms.lora, batch_size=1)
-        if norms.crma is not None:
-            self.log("train/grad_norm/crma", norms.crma, batch_size=1)
-
-    # -- checkpoints: adapters only ----------------------------------------------------------
-    def adapter_state_names(self) -> set[str]:
-        """State-dict keys of every adapter tensor (what checkpoints keep)."""
-        keep = {id(p) for p in self.ever_trainable_parameters()}
-        return {name for name, p in self.named_parameters() if id(p) in keep}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The frozen base is bit-identical to what configure_model() loads, so it is left out:
-        # a Mistral-7B checkpoint is then megabytes of adapters, not 14 GB of base weights.
-        adapter_only_checkpoint(checkpoint, self.adapter_state_names(), self.resume_identity())
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = check_resumable(checkpoint, self.resume_identity(), self.adapter_state_names())
-        self.nonfinite_skipped = saved["nonfinite_skipped"]
-        for reg in self.regularizers:
-            reg.load_state_dict(saved.get("regularizers", {}).get(reg.name, {}))
-
-    def resume_identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with this module to resume it (and the counters it carries)."""
-        return {
-            "tasks": list(self.task_names),
-            "strategy": self.strategy,
-            "nonfinite_skipped": self.nonfinite_skipped,
-            "regularizers": {reg.name: reg.state_dict() for reg in self.regularizers},
-        }
 
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self):

@@ -11,7 +11,8 @@ batched generation, prompt scoring); ``export`` builds on ``run``, never the oth
 from crma_lightning.serve.export import ExportedModel, export_task, load_exported
 from crma_lightning.serve.model import ServedModel
 from crma_lightning.serve.router import RouteDecision, build_routing_stats
-from crma_lightning.serve.run import AUTO, Completion, RunInfo, TrainedRun, load_run, read_run
+from crma_lightning.serve.run import AUTO, Completion, TrainedRun, load_run
+from crma_lightning.serve.runinfo import RunInfo, read_run
 
 __all__ = [
     "AUTO",

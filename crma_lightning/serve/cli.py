@@ -95,7 +95,7 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace, device: str):
-    """``load_run`` with the command line's trust flags (see ``serve.run.check_trusted``)."""
+    """``load_run`` with the command line's trust flags (see ``serve.runinfo.check_trusted``)."""
     from crma_lightning.backbone import BackboneConfig
     from crma_lightning.serve.run import load_run
 

@@ -15,12 +15,11 @@ passes). Each decision comes with a confidence; ``threshold`` sends less confide
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,10 @@ from crma_lightning.checkpoint import (
     read_crma_meta,
 )
 from crma_lightning.config import ConfigError
-from crma_lightning.data import ContinualDataModule, TaskSpec, load_tokenizer
-from crma_lightning.hub import PACKAGE_PREFIX
+from crma_lightning.data import ContinualDataModule, load_tokenizer
 from crma_lightning.injection import CRMAInjection
-from crma_lightning.layout import SHARED_ADAPTER, layout_from_config, layout_of
+from crma_lightning.layout import SHARED_ADAPTER, layout_of
 from crma_lightning.lora import activate_lora
-from crma_lightning.rundir import RunDir, init_args
 from crma_lightning.serve import generation
 from crma_lightning.serve.generation import Prompt
 from crma_lightning.serve.model import ServedModel
@@ -57,66 +54,10 @@ from crma_lightning.serve.router import (
     check_routing,
     load_stats_router,
 )
+from crma_lightning.serve.runinfo import RunInfo, check_trusted, read_run
 
 AUTO = "auto"
 """Task value that asks for routing instead of naming a task."""
-
-
-@dataclass
-class RunInfo:
-    """What a run directory says about its run: the parsed ``config.yaml`` and the adapters present."""
-
-    run: RunDir
-    strategy: str
-    tasks: list[str]
-    """Every task of the configured sequence, in training order."""
-    trained: list[str]
-    """The tasks whose adapters were written (all of them unless the run stopped early), in order."""
-    backbone: BackboneConfig
-    data: dict[str, Any]
-    """``data`` init arguments of :class:`~crma_lightning.data.ContinualDataModule`, tasks as dicts."""
-    routing_config: dict[str, Any]
-    """The ``routing:`` section (``callbacks.routing.RoutingStatistics``); empty for older runs."""
-
-    @property
-    def run_dir(self) -> Path:
-        return self.run.path
-
-    @property
-    def tokenizer_name(self) -> str | None:
-        return self.data.get("tokenizer")
-
-    def datamodule(self) -> ContinualDataModule:
-        """The run's DataModule, rebuilt from its config: the same holdout split (same seed, sizes)."""
-        known = {f.name for f in fields(TaskSpec)}
-        tasks = [
-            TaskSpec(**{k: v for k, v in init_args(t).items() if k in known}) for t in self.data["tasks"]
-        ]
-        return ContinualDataModule(**{**self.data, "tasks": tasks})
-
-
-def read_run(run_dir: str | os.PathLike) -> RunInfo:
-    """Parse ``<run_dir>/config.yaml`` and list the completed tasks; a clear error for a non-run."""
-    run = RunDir(run_dir)
-    cfg = run.read_config()
-    try:
-        model, data = init_args(cfg["model"]), init_args(cfg["data"])
-        backbone = BackboneConfig(**model["backbone"])
-        tasks = [init_args(t)["name"] for t in data["tasks"]]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(
-            f"{run.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
-        ) from None
-    strategy = layout_from_config(model).name  # an unknown strategy or layout fails here, naming the field
-    trained = [t for t in tasks if (run.adapter(t) / PEFT_WEIGHTS).is_file()]
-    if not trained:
-        raise ConfigError(
-            f"{run.path} has no trained adapters ({run.adapter('<task>').relative_to(run.path)}/{PEFT_WEIGHTS} for "
-            f"none of the tasks {tasks}): the run stopped before its first task ended. Train it further "
-            "(`train.py fit ... --ckpt_path last`)."
-        )
-    routing = cfg.get("routing")
-    return RunInfo(run, strategy, tasks, trained, backbone, data, init_args(routing) if isinstance(routing, dict) else {})
 
 
 @dataclass
@@ -339,7 +280,9 @@ class TrainedRun(ServedModel):
                     c if scorable else None,
                     router,
                     posterior=dict(zip(self.tasks, posterior[row], strict=True)) if scorable else None,
-                    losses=None if losses is None else dict(zip(self.tasks, losses[row].tolist(), strict=True)),
+                    losses=None
+                    if losses is None
+                    else dict(zip(self.tasks, losses[row].tolist(), strict=True)),
                 )
             )
         return out
@@ -351,7 +294,11 @@ class TrainedRun(ServedModel):
         return [d.task for d in self.route_decisions(prompts, batch_size, crma, **routing_options)]
 
     def route(
-        self, prompts: Prompt | Sequence[Prompt], batch_size: int = 16, crma: bool = True, **routing_options: Any
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        batch_size: int = 16,
+        crma: bool = True,
+        **routing_options: Any,
     ) -> str | list[str]:
         """The task chosen for ``prompt`` (or for each of a list of prompts) without a task id;
         ``routing_options`` as :meth:`route_decisions` (``router``, ``threshold``, ``fallback``)."""
@@ -384,71 +331,6 @@ class TrainedRun(ServedModel):
                 )
                 total, tokens = total + float(s.loss_sum), tokens + float(s.tokens)
         return total / max(tokens, 1.0)
-
-
-#: Module prefixes whose classes a run's config.yaml may name (``class_path``): this project's and
-#: the libraries it configures. Loading a run instantiates none of them, but a foreign one marks a
-#: config that was not written by ``train.py fit``.
-KNOWN_CLASS_PREFIXES = ("crma_lightning.", "callbacks.", "lightning.", "torch.")
-
-
-def check_trusted(
-    info: RunInfo,
-    cfg: dict[str, Any],
-    *,
-    trust_remote_code: bool,
-    allow_foreign_classes: bool,
-    check_base: bool = True,
-) -> None:
-    """Refuse, with one line naming the flag that allows it, a run directory whose config asks this
-    process to run code: ``trust_remote_code``, classes from outside this project, or a hub model
-    other than the one its adapters were trained on (a run directory is data, often downloaded)."""
-    if info.backbone.trust_remote_code and not trust_remote_code:
-        raise ConfigError(
-            f"{info.run.config_file} asks for model.backbone.trust_remote_code, which runs code shipped with "
-            f"{info.backbone.name_or_path!r}; pass --trust-remote-code (load_run(..., trust_remote_code=True)) "
-            "only if you trust its author"
-        )
-    foreign = sorted({v for v in _class_paths(cfg) if not v.startswith(KNOWN_CLASS_PREFIXES)})
-    if foreign and not allow_foreign_classes:
-        raise ConfigError(
-            f"{info.run.config_file} names classes from outside crma-lightning ({', '.join(foreign)}); it was not "
-            "written by train.py fit as is. Pass --allow-foreign-classes (load_run(..., allow_foreign_classes=True)) "
-            "if you trust it"
-        )
-    trained_on = _trained_base(info) if check_base else None
-    name = info.backbone.name_or_path
-    if name and trained_on and _is_hub_name(name) and name != trained_on:
-        raise ConfigError(
-            f"{info.run.config_file} names the hub model {name!r}, but the run's adapters were trained on "
-            f"{trained_on!r}; pass --base-model (load_run(..., backbone=...)) to load them onto another base on purpose"
-        )
-
-
-def _class_paths(cfg: Any) -> list[str]:
-    if isinstance(cfg, dict):
-        own = [cfg["class_path"]] if isinstance(cfg.get("class_path"), str) else []
-        return own + [v for x in cfg.values() for v in _class_paths(x)]
-    if isinstance(cfg, list):
-        return [v for x in cfg for v in _class_paths(x)]
-    return []
-
-
-def _is_hub_name(name: str) -> bool:
-    """A hub repo id (``owner/model``), as opposed to a local folder or a ``package:`` path."""
-    return (
-        not name.startswith(PACKAGE_PREFIX) and not Path(name).expanduser().exists() and name.count("/") == 1
-    )
-
-
-def _trained_base(info: RunInfo) -> str | None:
-    """``base_model_name_or_path`` recorded in the first trained adapter's PEFT config, if any."""
-    try:
-        return json.loads((info.run.adapter(info.trained[0]) / PEFT_CONFIG).read_text()).get(
-            "base_model_name_or_path"
-        )
-    except (OSError, ValueError):
-        return None
 
 
 def load_run(
