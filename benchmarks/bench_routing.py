@@ -1,8 +1,13 @@
-"""Benchmark: routing without a task id (``task="auto"``) on a finished run — how often it picks the
-right task, what it does to the holdout losses and the drift, and what it costs per prompt.
+"""Benchmark: routing without a task id (``task="auto"``) on a finished run: how often each router
+picks the right task, what that does to the holdout losses and the drift, and what it costs.
 
-The router (``crma_lightning.serve.run.TrainedRun.route_ids``) scores a prompt with every task's
-adapter (LoRA_k + the run's CRMA) by the prompt's own mean next-token loss and picks the lowest.
+The two routers of ``crma_lightning.serve.router``:
+
+- ``stats`` (the default): a shared-covariance discriminant over a pooled hidden state of the
+  frozen base, from the run's routing statistics (``routing/<task>.*``, gathered from each task's
+  training data); one base forward pass per prompt that stops at the routing layer.
+- ``loss``: every task's adapter (LoRA_k + the run's CRMA) scores the prompt by its own mean
+  next-token loss, the lowest wins; K forward passes for K tasks.
 
 Protocol, on the run's own holdout split (the DataModule rebuilt from the run's ``config.yaml``:
 same data, seed and sizes, so the same examples that filled ``continual/loss_matrix.csv``):
@@ -13,18 +18,25 @@ same data, seed and sizes, so the same examples that filled ``continual/loss_mat
 - Routing accuracy per task = share of that task's holdout examples routed to it.
 - Loss rows: the final row L[T, i] (mean loss per labelled token of task i's holdout) evaluated with
   the oracle task id and with the routed one. With routed ids the prompt's own tokens enter both the
-  choice and the loss (a small optimistic bias), so the loss of the continuation alone (tokens
-  after the prompt) is reported too: there the choice never saw the tokens it is scored on.
+  choice and the loss (a small optimistic bias for the loss router), so the loss of the continuation
+  alone (tokens after the prompt) is reported too: there the choice never saw the tokens it is
+  scored on.
 - Drift: ``crma_lightning.metrics.drift_pct`` of the run's loss matrix with its final row replaced
-  by the oracle row (recomputed, as a check against the CSV) and by the routed row.
-- Cost: wall time of routing (K forward passes over the prompt, K = number of tasks) per prompt,
-  at ``--batch-size`` and at batch 1, next to one forward pass with the task known; at one prompt
-  length (``--cost-prompt-tokens``, default the largest P). The four are timed in interleaved
-  rounds (harness.py), median over ``--repeats`` rounds after one warm-up round.
+  by the oracle row (recomputed, as a check against the CSV) and by each router's row.
+- Confidence: with ``--thresholds``, the share of prompts whose stats confidence is below each
+  threshold (sent to the loss router as fallback) and the accuracy of that combination.
+- Cost per prompt at one prompt length (``--cost-prompt-tokens``, default 16), at ``--batch-size``
+  and at batch 1: routing alone, and routing plus the forward pass of the chosen task (prompts
+  grouped by chosen task, as ``complete`` does), against one forward pass with the task known.
+  Variants run in interleaved rounds (harness.py), median over ``--repeats`` rounds after a warm-up.
+- Selection (``--select-layers``): the layer, pooling and shrinkage of the stats router chosen by
+  k-fold cross-validation on the run's *training* data (never its holdout): folds are contiguous
+  runs of each task's training set (stored grouped by source record), statistics from the other
+  folds, accuracy on the held-out fold's prompts at each P.
 
-Run:  .venv/bin/python benchmarks/bench_routing.py --run runs/tiny/version_0
-Works on any finished run dir (synthetic, text or prompt/response tasks; random-init, local-folder
-or GGUF backbones). Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/routing``).
+Run:  python benchmarks/bench_routing.py --run runs/tiny/version_0
+A run without routing statistics gets them first (``--build-stats``; written into the run dir).
+Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/routing``).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,13 +53,24 @@ import torch
 from harness import interleave, machine_line, repo_relative, run_info, time_call, write_report
 
 from crma_lightning import metrics as clm
+from crma_lightning import routing
 from crma_lightning.data.loading import pad
 from crma_lightning.losses import IGNORE_INDEX, token_losses
+from crma_lightning.routing_stats import (
+    base_hiddens,
+    num_layers,
+    prefix_table,
+    prompt_lengths,
+    read_task_stats,
+)
 from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX
-from crma_lightning.serve import TrainedRun, load_run
+from crma_lightning.serve import TrainedRun, build_routing_stats, load_run
+from crma_lightning.serve.router import DEFAULT_SHRINKAGE
 
 Example = tuple[list[int], list[int]]
 """One holdout example, unpadded: ``(input_ids, labels)``."""
+
+ROUTERS = ("stats", "loss")
 
 
 def holdout_examples(run: TrainedRun, batch_size: int) -> dict[str, list[Example]]:
@@ -124,46 +148,159 @@ def run_matrices(run: TrainedRun) -> tuple[np.ndarray, np.ndarray] | None:
     return loss.values[:, cols], acc.values[:, cols]
 
 
+# -- selection on the training data ------------------------------------------------------------
+@torch.no_grad()
+def select(
+    run: TrainedRun,
+    layers: list[int],
+    poolings: list[str],
+    shrinkages: list[float],
+    prompt_tokens: list[int],
+    folds: int,
+    max_examples: int | None,
+    batch_size: int,
+) -> dict:
+    """k-fold cross-validated routing accuracy of the stats router for each (layer, pooling,
+    shrinkage), on the training data only; the statistics are gathered as the callback does."""
+    dm = run.info.datamodule()
+    dm.setup()
+    feats: dict[tuple[int, str], list[torch.Tensor]] = {(la, po): [] for la in layers for po in poolings}
+    prompts: dict[tuple[int, str], list[torch.Tensor]] = {(la, po): [] for la in layers for po in poolings}
+    weights, labels, fold_of = [], [], []
+    for k, task in enumerate(run.tasks):
+        n_task = min(dm.num_train_examples(task), max_examples or dm.num_train_examples(task))
+        seen = 0
+        for batch in dm.train_batches(task, batch_size=batch_size, limit=max_examples):
+            ids, mask = batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device)
+            hidden = base_hiddens(run.model, run.crma, ids, mask, layers, stop=True)
+            lengths, text = prompt_lengths(batch["labels"], batch["attention_mask"])
+            table = prefix_table(lengths, text)  # (B, M) training prefixes
+            # What a router is asked: the first P tokens of a text example (at most its length - 1),
+            # the whole prompt of a prompt/response example.
+            asked = torch.stack(
+                [torch.where(text, torch.clamp(torch.full_like(lengths, p), max=lengths - 1).clamp_min(1), lengths)
+                 for p in prompt_tokens], 1)  # fmt: skip
+            for (la, po), out in feats.items():
+                out.append(routing.prefix_pool(hidden[la].cpu(), table, po))
+                prompts[(la, po)].append(routing.prefix_pool(hidden[la].cpu(), asked, po))
+            weights.append((table > 0).double())
+            b = ids.shape[0]
+            labels.append(torch.full((b,), k))
+            fold_of.append(torch.tensor([(seen + i) * folds // n_task for i in range(b)]))
+            seen += b
+    w, y, fold = torch.cat(weights), torch.cat(labels), torch.cat(fold_of)
+    rows = []
+    for (la, po), parts in feats.items():
+        x, asked = torch.cat(parts), torch.cat(prompts[(la, po)])  # (N, M, D), (N, P, D)
+        dim = x.shape[-1]
+        sums = {(k, f): routing.feature_sums(x[(y == k) & (fold == f)].reshape(-1, dim),
+                                             w[(y == k) & (fold == f)].reshape(-1))
+                for k in range(len(run.tasks)) for f in range(folds)}  # fmt: skip
+        for lam in shrinkages:
+            right = torch.zeros(len(prompt_tokens))
+            for f in range(folds):
+                train = [sum((sums[(k, g)] for g in range(folds) if g != f), routing.FeatureSums.zeros(dim))
+                         for k in range(len(run.tasks))]  # fmt: skip
+                lda = routing.fit_lda(train, lam)
+                held = fold == f
+                for j in range(len(prompt_tokens)):
+                    right[j] += (lda.scores(asked[held, j]).argmax(1) == y[held]).sum()
+            acc = (right / len(y)).tolist()
+            rows.append({"layer": la, "pooling": po, "shrinkage": lam, "accuracy": acc, "mean": float(np.mean(acc))})
+    best = max(rows, key=lambda r: (round(r["mean"], 6), -r["layer"]))
+    return {"folds": folds, "examples": len(y), "prompt_tokens": prompt_tokens, "rows": rows, "best": best,
+            "num_layers": num_layers(run.model)}  # fmt: skip
+
+
+# -- the measurement -------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a finished run directory")
     ap.add_argument(
-        "--prompt-tokens", type=int, nargs="+", default=[4, 8, 16], help="prompt lengths P for text tasks"
+        "--prompt-tokens", type=int, nargs="+", default=[4, 8, 16, 64], help="prompt lengths P for text tasks"
     )
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    ap.add_argument(
-        "--cost-prompt-tokens", type=int, default=None, help="P for the timing (default: the largest)"
-    )
+    ap.add_argument("--cost-prompt-tokens", type=int, default=16, help="P for the timing")
     ap.add_argument("--timing-prompts", type=int, default=48, help="prompts timed at batch 1")
     ap.add_argument("--repeats", type=int, default=3, help="timing rounds (median)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, help="the stats router's shrinkage")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.9, 0.99],
+                    help="confidence thresholds below which the stats router falls back to the loss router")  # fmt: skip
+    ap.add_argument("--build-stats", action="store_true", help="write the run's missing routing statistics first")
+    ap.add_argument("--select-layers", type=int, nargs="*", default=None,
+                    help="cross-validate these layers on the training data (no value: every layer)")  # fmt: skip
+    ap.add_argument("--select-poolings", nargs="+", default=["mean", "last"])
+    ap.add_argument("--select-shrinkages", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    ap.add_argument("--select-folds", type=int, default=4)
+    ap.add_argument("--keep-stats", action="store_true",
+                    help="report the run's own statistics and --shrinkage even when the selection prefers others "
+                    "(default: the selected layer/pooling/shrinkage are used; differing statistics are rebuilt "
+                    "in the run dir)")  # fmt: skip
+    ap.add_argument("--time-routers", nargs="*", choices=ROUTERS, default=list(ROUTERS),
+                    help="routers whose cost is timed (the loss router's K forwards dominate a CPU run)")  # fmt: skip
+    ap.add_argument("--no-batch-1", action="store_true", help="time only at --batch-size")
     ap.add_argument("--out", default="benchmarks/results/routing", help="output path without extension")
-    ap.add_argument("--note", default="", help="a line for the report, e.g. the command that trained the run")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = run_info(__file__, argv, drop=("--note",))
+    started = time.perf_counter()
 
     run = load_run(args.run, device=args.device)
     tasks = run.tasks
-    per_task_examples = holdout_examples(run, args.batch_size)
-    examples = [e for t in tasks for e in per_task_examples[t]]
-    truth = np.array([k for k, t in enumerate(tasks) for _ in per_task_examples[t]])
-    oracle = truth.tolist()
-    nll, correct = token_scores(run, examples, args.batch_size)
+    if args.build_stats:
+        build_routing_stats(run, log=print)
+    stats_meta = read_task_stats(run.info.run, tasks[0])[1]
+    run.stats_router(args.shrinkage)  # missing or damaged statistics fail here, naming the fix
     result: dict = {
         "command": info["command"],
         "date": info["date"],
         "machine": f"{machine_line(info['machine'])}, device {args.device}",
         "load_avg_1min_start": round(info["load_start"], 2),
         "run_dir": repo_relative(run.info.run_dir),
-        "note": args.note,
+        "notes": args.note,
         "strategy": run.strategy,
         "base_model": run.info.backbone.label,
         "tasks": tasks,
+        "stats": {
+            "layer": stats_meta["layer"], "num_layers": stats_meta["num_layers"], "pooling": stats_meta["pooling"],
+            "shrinkage": args.shrinkage, "examples_per_task": stats_meta["examples"],
+            "features_per_task": stats_meta["features"], "feature_dim": stats_meta["feature_dim"],
+        },  # fmt: skip
+    }
+    if args.select_layers is not None:
+        layers = args.select_layers or list(range(1, num_layers(run.model) + 1))
+        result["selection"] = select(run, layers, args.select_poolings, args.select_shrinkages,
+                                     args.prompt_tokens, args.select_folds, stats_meta["max_examples"],
+                                     args.batch_size)  # fmt: skip
+        print("selection done", result["selection"]["best"], flush=True)
+        best = result["selection"]["best"]
+        if not args.keep_stats:
+            # Serve what the cross-validation chose: its shrinkage, and statistics at its layer/pooling.
+            args.shrinkage = best["shrinkage"]
+            if (best["layer"], best["pooling"]) != (stats_meta["layer"], stats_meta["pooling"]):
+                build_routing_stats(run, layer=best["layer"], pooling=best["pooling"], overwrite=True, log=print)
+                run.forget_router()
+                result["stats_rebuilt"] = (f"the run's statistics (layer {stats_meta['layer']}, "
+                                           f"{stats_meta['pooling']} pooling) were rebuilt at the selected layer "
+                                           f"{best['layer']}, {best['pooling']} pooling, from the same training "
+                                           "examples")  # fmt: skip
+                stats_meta = read_task_stats(run.info.run, tasks[0])[1]
+            result["stats"] |= {
+                "layer": stats_meta["layer"], "pooling": stats_meta["pooling"], "shrinkage": args.shrinkage,
+                "features_per_task": stats_meta["features"],
+            }  # fmt: skip
+
+    per_task_examples = holdout_examples(run, args.batch_size)
+    examples = [e for t in tasks for e in per_task_examples[t]]
+    truth = np.array([k for k, t in enumerate(tasks) for _ in per_task_examples[t]])
+    oracle = truth.tolist()
+    nll, correct = token_scores(run, examples, args.batch_size)
+    result |= {
         "holdout_examples": {t: len(per_task_examples[t]) for t in tasks},
-        "router": "argmin over tasks of the prompt's mean next-token loss under LoRA_k + CRMA",
         "oracle": {"loss": per_task(nll, oracle, truth), "accuracy": per_task(correct, oracle, truth)},
         "by_prompt_tokens": {},
     }
@@ -186,91 +323,146 @@ def main(argv: list[str] | None = None) -> dict:
     if matrices is not None and len(tasks) >= 2:
         result["csv_drift_pct"] = clm.drift_pct(matrices[0])
 
-    for p in args.prompt_tokens:
-        starts = [prompt_length(e, p) for e in examples]
-        chosen = run.route_ids(
-            [e[0][:s] for e, s in zip(examples, starts, strict=True)], batch_size=args.batch_size
-        )
-        choice = [tasks.index(t) for t in chosen]
+    def evaluate(choice: list[int], starts: list[int], full: np.ndarray) -> dict:
         confusion = np.zeros((len(tasks), len(tasks)), dtype=int)
         np.add.at(confusion, (truth, choice), 1)
+        right = np.asarray(choice) == truth
         routed_loss, routed_acc = per_task(nll, choice, truth), per_task(correct, choice, truth)
         drift, bwt = drift_with(routed_loss, routed_acc)
-        result["by_prompt_tokens"][str(p)] = {
-            "mean_prompt_tokens": float(np.mean(starts)),
-            "routing_accuracy": {
-                t: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, t in enumerate(tasks)
-            },
+        return {
+            "routing_accuracy": {t: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, t in enumerate(tasks)},
             "routing_accuracy_all": float(np.trace(confusion) / confusion.sum()),
+            "routing_accuracy_full_prompts": float(right[full].mean()) if full.any() else None,
             "confusion": confusion.tolist(),
             "routed": {"loss": routed_loss, "accuracy": routed_acc, "drift_pct": drift, "bwt": bwt},
-            "continuation": {
-                "oracle_loss": per_task(nll, oracle, truth, starts),
-                "routed_loss": per_task(nll, choice, truth, starts),
-            },
+            "continuation_loss": per_task(nll, choice, truth, starts),
         }
 
-    # Cost, at one prompt length: routing (K forward passes) against one forward with the task known.
-    p = args.cost_prompt_tokens or max(args.prompt_tokens)
+    for p in args.prompt_tokens:
+        starts = [prompt_length(e, p) for e in examples]
+        prompts = [e[0][:s] for e, s in zip(examples, starts, strict=True)]
+        stats = run.route_decisions(prompts, batch_size=args.batch_size, router="stats", shrinkage=args.shrinkage)
+        loss = run.route_decisions(prompts, batch_size=args.batch_size, router="loss")
+        # Text prompts that got all P tokens (the rest are holdout blocks shorter than P + 1).
+        full = np.array([s == p or e[1][0] == IGNORE_INDEX for e, s in zip(examples, starts, strict=True)])
+        entry = {
+            "mean_prompt_tokens": float(np.mean(starts)),
+            "full_prompts": int(full.sum()),
+            "oracle_continuation_loss": per_task(nll, oracle, truth, starts),
+            "stats": evaluate([tasks.index(d.task) for d in stats], starts, full),
+            "loss": evaluate([tasks.index(d.task) for d in loss], starts, full),
+        }
+        conf = np.array([d.confidence for d in stats])
+        right = np.array([d.task == tasks[t] for d, t in zip(stats, truth, strict=True)])
+        loss_right = np.array([d.task == tasks[t] for d, t in zip(loss, truth, strict=True)])
+        entry["stats"]["confidence"] = {
+            "mean_right": float(conf[right].mean()) if right.any() else None,
+            "mean_wrong": float(conf[~right].mean()) if (~right).any() else None,
+            "fallback": [
+                {"threshold": th, "share": float((conf < th).mean()),
+                 "accuracy": float(np.where(conf < th, loss_right, right).mean())}
+                for th in args.thresholds
+            ],  # fmt: skip
+        }
+        result["by_prompt_tokens"][str(p)] = entry
+        print(f"P={p}: stats {entry['stats']['routing_accuracy_all']:.3f}, loss {entry['loss']['routing_accuracy_all']:.3f}",
+              flush=True)  # fmt: skip
+
+    # Cost, at one prompt length: routing, and routing + the chosen task's forward, against one
+    # forward pass with the task known.
+    p = args.cost_prompt_tokens
     prompts = [e[0][: prompt_length(e, p)] for e in examples]
     few = prompts[: args.timing_prompts]
-    calls = {
-        "route": lambda: run.route_ids(prompts, batch_size=args.batch_size),
-        "known": lambda: run.prompt_losses(prompts, tasks[0], batch_size=args.batch_size),
-        "route_1": lambda: run.route_ids(few, batch_size=1),
-        "known_1": lambda: run.prompt_losses(few, tasks[0], batch_size=1),
-    }
-    rounds = interleave(
-        {k: lambda f=f: time_call(f).wall_s for k, f in calls.items()}, args.repeats, warmup=1
-    )
+
+    def routed_forward(items: list[list[int]], batch: int, router: str) -> None:
+        chosen = run.route_ids(items, batch_size=batch, router=router)
+        for task in dict.fromkeys(chosen):
+            run.prompt_losses([x for x, c in zip(items, chosen, strict=True) if c == task], task, batch_size=batch)
+
+    calls = {"known": lambda: run.prompt_losses(prompts, tasks[0], batch_size=args.batch_size),
+             "known_1": lambda: run.prompt_losses(few, tasks[0], batch_size=1)}  # fmt: skip
+    if args.no_batch_1:
+        del calls["known_1"]
+    for r in args.time_routers:
+        calls[f"{r}_route"] = lambda r=r: run.route_ids(prompts, batch_size=args.batch_size, router=r)
+        calls[f"{r}_total"] = lambda r=r: routed_forward(prompts, args.batch_size, r)
+        if not args.no_batch_1:
+            calls[f"{r}_route_1"] = lambda r=r: run.route_ids(few, batch_size=1, router=r)
+            calls[f"{r}_total_1"] = lambda r=r: routed_forward(few, 1, r)
+    rounds = interleave({k: lambda f=f: time_call(f).wall_s for k, f in calls.items()}, args.repeats, warmup=1)
     t = {k: statistics.median(v) for k, v in rounds.values.items()}
-    result["cost"] = {
-        "prompt_tokens": p,
-        "batch_size": args.batch_size,
-        "route_ms_per_prompt": 1e3 * t["route"] / len(prompts),
-        "one_forward_ms_per_prompt": 1e3 * t["known"] / len(prompts),
-        "route_ms_per_prompt_batch1": 1e3 * t["route_1"] / len(few),
-        "one_forward_ms_per_prompt_batch1": 1e3 * t["known_1"] / len(few),
-        "forward_passes_per_prompt": len(tasks),
-    }
+    cost: dict = {"prompt_tokens": p, "batch_size": args.batch_size, "rounds": args.repeats,
+                  "others_cpu_pct_per_round": rounds.others_pct, "ms_per_prompt": {}}  # fmt: skip
+    for k, v in t.items():
+        cost["ms_per_prompt"][k] = 1e3 * v / (len(few) if k.endswith("_1") else len(prompts))
+    ratios = {}
+    for k in t:
+        base = "known_1" if k.endswith("_1") else "known"
+        ratios[k] = statistics.median(a / b for a, b in zip(rounds.values[k], rounds.values[base], strict=True))
+    for r in args.time_routers:  # the steady state: routing, then a full batch of the chosen task
+        for sfx, base in (("", "known"), ("_1", "known_1"))[: 1 if args.no_batch_1 else 2]:
+            ratios[f"{r}_route_plus_known{sfx}"] = statistics.median(
+                (a + b) / b for a, b in zip(rounds.values[f"{r}_route{sfx}"], rounds.values[base], strict=True))
+            cost["ms_per_prompt"][f"{r}_route_plus_known{sfx}"] = cost["ms_per_prompt"][f"{r}_route{sfx}"] + cost["ms_per_prompt"][base]
+    cost["paired_ratio_vs_known"] = ratios
+    result["cost"] = cost
     result["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
     text = render(result)
     write_report(args.out, text, result)
     print(text)
     return result
 
 
+# -- the report ------------------------------------------------------------------------------
 def _f(x: float | None, digits: int = 4) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+    return "—" if x is None or x != x else f"{x:.{digits}f}"
 
 
 def _cells(values: Sequence[float | None], digits: int = 4) -> str:
     return " | ".join(_f(v, digits) for v in values)
 
 
+ROUTER_TEXT = {
+    "stats": "routing statistics: shared-covariance discriminant over the frozen base's layer-{layer} "
+    "{pooling}-pooled hidden state (layer {layer} of {num_layers}; shrinkage {shrinkage}); {examples} "
+    "training examples per task, {features:.0f} prefix features",
+    "loss": "argmin over tasks of the prompt's mean next-token loss under LoRA_k + CRMA",
+}
+
+
 def render(r: dict) -> str:
     tasks, by_p, n = r["tasks"], r["by_prompt_tokens"], len(r["tasks"])
+    s = r["stats"]
     lines = [
         "# Routing without a task id (`task: auto`)",
         "",
         f"- Command: `{r['command']}`",
         f"- Run: `{r['run_dir']}` ({r['strategy']}, base {r['base_model']}, tasks {', '.join(tasks)}; "
         f"holdout examples per task {', '.join(str(v) for v in r['holdout_examples'].values())})",
-        *([f"- {r['note']}"] if r.get("note") else []),
-        f"- Date: {r['date']}; machine: {r['machine']}; load average {r['load_avg_1min_start']} / {r['load_avg_1min_end']}",
-        f"- Router: {r['router']}. Prompt = the first P tokens of a holdout example (the unlabelled prompt "
-        "for prompt/response tasks).",
-        "",
-        "## Routing accuracy (share of each task's holdout examples routed to that task)",
-        "",
-        "| prompt tokens P | " + " | ".join(tasks) + " | all |",
-        "|---|" + "---|" * (n + 1),
-    ]
+        *[f"- {note}" for note in r.get("notes", [])],
+        f"- Date: {r['date']}; wall time {r.get('wall_s', '—')} s; machine: {r['machine']}; "
+        f"load average {r['load_avg_1min_start']} / {r['load_avg_1min_end']}",
+        *([f"- Statistics: {r['stats_rebuilt']}."] if "stats_rebuilt" in r else []),
+        "- Routers: **stats** = " + ROUTER_TEXT["stats"].format(
+            layer=s["layer"], num_layers=s["num_layers"], pooling=s["pooling"], shrinkage=s["shrinkage"],
+            examples=s["examples_per_task"], features=s["features_per_task"] / 1.0),
+        "  **loss** = " + ROUTER_TEXT["loss"] + ".",
+        "- Prompt = the first P tokens of a holdout example, at most its length - 1 (the unlabelled prompt for "
+        "prompt/response tasks).",
+    ]  # fmt: skip
+    if "selection" in r:
+        lines += render_selection(r["selection"])
+    lines += ["", "## Routing accuracy (share of each task's holdout examples routed to that task)", "",
+              "The last column counts only the prompts that got all P tokens (holdout blocks longer than P).", "",
+              "| P (mean tokens) | router | " + " | ".join(tasks) + " | all | prompts of P tokens (how many) |",
+              "|---|---|" + "---|" * (n + 2)]  # fmt: skip
     for p, b in by_p.items():
-        accs = _cells([b["routing_accuracy"][t] for t in tasks], 3)
-        lines.append(
-            f"| {p} (mean {b['mean_prompt_tokens']:.1f}) | {accs} | {b['routing_accuracy_all']:.3f} |"
-        )
+        for router in ROUTERS:
+            x = b[router]
+            lines.append(f"| {p} ({b['mean_prompt_tokens']:.1f}) | {router} | "
+                         f"{_cells([x['routing_accuracy'][t] for t in tasks], 3)} | {x['routing_accuracy_all']:.3f} | "
+                         f"{_f(x.get('routing_accuracy_full_prompts'), 3)} ({b.get('full_prompts', '—')}) |")  # fmt: skip
     lines += ["", "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids", "",
               "| evaluation | " + " | ".join(tasks) + " | drift_pct | bwt |", "|---|" + "---|" * (n + 2)]  # fmt: skip
     if "csv_final_row" in r:
@@ -280,35 +472,78 @@ def render(r: dict) -> str:
     o = r["oracle"]
     lines.append(f"| oracle (recomputed) | {_cells(o['loss'])} | {_f(o['drift_pct'], 3)} | {_f(o['bwt'])} |")
     for p, b in by_p.items():
-        x = b["routed"]
-        lines.append(f"| routed, P={p} | {_cells(x['loss'])} | {_f(x['drift_pct'], 3)} | {_f(x['bwt'])} |")
+        for router in ROUTERS:
+            x = b[router]["routed"]
+            lines.append(f"| {router}, P={p} | {_cells(x['loss'])} | {_f(x['drift_pct'], 3)} | {_f(x['bwt'])} |")
     if "oracle_vs_csv_max_abs_diff" in r:
         lines += ["", f"Oracle row vs the run's CSV: max |diff| = {r['oracle_vs_csv_max_abs_diff']:.2e}."]
-    lines += ["", "Loss on the continuation only (tokens after the prompt; the router never saw them):", "",
-              "| P | " + " | ".join(f"{t} oracle / routed" for t in tasks) + " |", "|---|" + "---|" * n]  # fmt: skip
+    lines += ["", "Loss on the continuation only (tokens after the prompt; no router saw them), oracle / stats / loss:", "",
+              "| P | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (n + 1)]  # fmt: skip
     for p, b in by_p.items():
-        c = b["continuation"]
-        pairs = " | ".join(
-            f"{_f(a)} / {_f(z)}" for a, z in zip(c["oracle_loss"], c["routed_loss"], strict=True)
-        )
-        lines.append(f"| {p} | {pairs} |")
-    first = next(iter(by_p))
-    lines += ["", f"Confusion at P={first} (rows: true task, columns: routed task):", "",
-              "| true \\ routed | " + " | ".join(tasks) + " |", "|---|" + "---|" * n]  # fmt: skip
-    for t, c in zip(tasks, by_p[first]["confusion"], strict=True):
-        lines.append(f"| {t} | " + " | ".join(str(v) for v in c) + " |")
+        o_c, s_c, l_c = b["oracle_continuation_loss"], b["stats"]["continuation_loss"], b["loss"]["continuation_loss"]
+        cells = [f"{_f(a)} / {_f(z)} / {_f(w)}" for a, z, w in zip(o_c, s_c, l_c, strict=True)]
+        means = f"{_f(np.nanmean(o_c))} / {_f(np.nanmean(s_c))} / {_f(np.nanmean(l_c))}"
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {means} |")
+    lines += ["", "## Confidence of the stats router, and falling back to the loss router", "",
+              "Confidence = the posterior probability of the chosen task. Below a threshold the prompt goes to the "
+              "loss router (K more forward passes).", "",
+              "| P | mean confidence, right / wrong | " + " | ".join(
+                  f"threshold {x['threshold']}: share to loss, accuracy"
+                  for x in next(iter(by_p.values()))["stats"]["confidence"]["fallback"]) + " |",
+              "|---|---|" + "---|" * len(next(iter(by_p.values()))["stats"]["confidence"]["fallback"])]  # fmt: skip
+    for p, b in by_p.items():
+        c = b["stats"]["confidence"]
+        fb = " | ".join(f"{x['share']:.3f}, {x['accuracy']:.3f}" for x in c["fallback"])
+        lines.append(f"| {p} | {_f(c['mean_right'], 3)} / {_f(c['mean_wrong'], 3)} | {fb} |")
+    for router in ROUTERS:
+        first = next(iter(by_p))
+        lines += ["", f"Confusion of the {router} router at P={first} (rows: true task, columns: routed task):", "",
+                  "| true \\ routed | " + " | ".join(tasks) + " |", "|---|" + "---|" * n]  # fmt: skip
+        for t, c in zip(tasks, by_p[first][router]["confusion"], strict=True):
+            lines.append(f"| {t} | " + " | ".join(str(v) for v in c) + " |")
     c = r["cost"]
+    ms, ratio = c["ms_per_prompt"], c["paired_ratio_vs_known"]
     lines += [
         "",
-        f"## Cost per prompt (P={c['prompt_tokens']}, {c['forward_passes_per_prompt']} forward passes per prompt)",
+        f"## Cost per prompt (P={c['prompt_tokens']}; median of {c['rounds']} interleaved rounds; ratio = median of "
+        "per-round ratios to the known-task forward)",
         "",
-        "| batch | routing ms/prompt | one forward, task known, ms/prompt | ratio |",
-        "|---|---|---|---|",
+        "Two ways to count the chosen task's forward pass: *grouped* runs the prompts routed to each task as one "
+        f"group ({len(r['tasks'])} groups of the {sum(r['holdout_examples'].values())} prompts, each in batches of "
+        f"{c['batch_size']}: leftover batches are smaller, as `complete()` does with these prompts); *+ known* adds one "
+        "known-task forward at the full batch (a stream of prompts, where each task's batch fills up).",
+        "",
+        "| batch | one forward, task known | stats: route | stats: route + known | stats: route + grouped forward | "
+        "loss: route | loss: route + known | loss: route + grouped forward |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for batch, sfx in ((c["batch_size"], ""), (1, "_batch1")):
-        route, one = c[f"route_ms_per_prompt{sfx}"], c[f"one_forward_ms_per_prompt{sfx}"]
-        lines.append(f"| {batch} | {route:.2f} | {one:.2f} | {route / one:.1f}x |")
+    for batch, sfx in ((c["batch_size"], ""), (1, "_1")):
+        if "known" + sfx not in ms:
+            continue
+        cells = [f"{ms['known' + sfx]:.2f} ms"]
+        for k in ("stats_route", "stats_route_plus_known", "stats_total", "loss_route", "loss_route_plus_known", "loss_total"):
+            cells.append(f"{ms[k + sfx]:.2f} ms ({ratio[k + sfx]:.2f}x)" if k + sfx in ms else "not timed")
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    others = [x for x in c["others_cpu_pct_per_round"] if x is not None]
+    if others:
+        lines += ["", f"Other processes used {min(others):.0f}-{max(others):.0f} % of the machine's CPU during the timed rounds."]
     return "\n".join(lines) + "\n"
+
+
+def render_selection(sel: dict) -> list[str]:
+    ps, best = sel["prompt_tokens"], sel["best"]
+    columns = sorted({(x["pooling"], x["shrinkage"]) for x in sel["rows"]})
+    by_key = {(x["layer"], x["pooling"], x["shrinkage"]): x for x in sel["rows"]}
+    lines = ["", f"## Choosing the layer, pooling and shrinkage ({sel['folds']}-fold cross-validation on the training data)", "",
+             f"{sel['examples']} training examples (never the holdout); each cell is the routing accuracy on the held-out "
+             f"fold's prompts, averaged over P = {', '.join(map(str, ps))}; the model has {sel['num_layers']} decoder layers. "
+             f"Best: layer {best['layer']}, {best['pooling']} pooling, shrinkage {best['shrinkage']} "
+             f"({', '.join(f'P={p}: {a:.3f}' for p, a in zip(ps, best['accuracy'], strict=True))}).", "",
+             "| layer | " + " | ".join(f"{po}, {lam}" for po, lam in columns) + " |",
+             "|---|" + "---|" * len(columns)]  # fmt: skip
+    for layer in sorted({x["layer"] for x in sel["rows"]}):
+        lines.append(f"| {layer} | " + " | ".join(f"{by_key[(layer, po, lam)]['mean']:.3f}" for po, lam in columns) + " |")
+    return lines
 
 
 if __name__ == "__main__":
