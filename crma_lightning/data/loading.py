@@ -163,3 +163,53 @@ class ResumableDataLoader(DataLoader):
         for batch in batches:
             self._batches_yielded += 1
             yield batch
+
+
+def _collate_rows(rows: dict[str, list], pad_token_id: int) -> dict[str, Tensor]:
+    return PadCollator(pad_token_id)(
+        [{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"], strict=True)]
+    )
+
+
+def striped_batches(
+    data: datasets.Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    pad_token_id: int,
+    limit: int | None = None,
+) -> list[dict[str, Tensor]]:
+    """``data`` in its stored order cut into global batches of ``batch_size``, at most ``limit`` of
+    them, and batches ``rank::world_size`` for this rank: the same batches, whole, whatever the
+    number of ranks (a per-batch statistic such as EWC's Fisher then sums to the same value)."""
+    if limit is not None:
+        data = data.select(range(min(len(data), limit * batch_size)))
+    return [
+        _collate_rows(data[lo : min(lo + batch_size, len(data))], pad_token_id)
+        for lo in range(0, len(data), batch_size)
+    ][rank::world_size]
+
+
+def sharded_batches(
+    data: datasets.Dataset, batch_size: int, rank: int, world_size: int, pad_token_id: int
+) -> list[dict[str, Tensor]]:
+    """Examples ``rank::world_size`` of ``data``, in order, batched by ``batch_size``, each batch
+    with ``example_weight`` ``(B,)`` float32: every example once over all ranks.
+
+    Every rank gets the same number of batches with the same batch sizes (collectives inside a
+    sharded forward, and all-gathers of per-example values, need that): ranks short of
+    ``ceil(len(data) / world_size)`` examples repeat a real example with weight 0.
+    """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+    indices = list(range(len(data)))[rank::world_size]
+    weights = [1.0] * len(indices)
+    per_rank = math.ceil(len(data) / world_size)
+    indices += [0] * (per_rank - len(indices))
+    weights += [0.0] * (per_rank - len(weights))
+    batches = []
+    for lo in range(0, per_rank, batch_size):
+        batch = _collate_rows(data[indices[lo : lo + batch_size]], pad_token_id)
+        batch["example_weight"] = torch.tensor(weights[lo : lo + batch_size], dtype=torch.float32)
+        batches.append(batch)
+    return batches

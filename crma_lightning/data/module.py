@@ -9,39 +9,29 @@ evaluation callback scores after later tasks to measure forgetting (:meth:`holdo
 from __future__ import annotations
 
 import math
-from typing import get_type_hints
 
 import datasets
-import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning.config import ConfigError, raise_problems, type_problems
-from crma_lightning.data.loading import PadCollator, ResumableDataLoader, ShardedBatchSampler
-from crma_lightning.data.replay import MixedRows, Replay, ReplayBatchSampler, replay_problems
+from crma_lightning.config import ConfigError
+from crma_lightning.data.loading import (
+    PadCollator,
+    ResumableDataLoader,
+    ShardedBatchSampler,
+    sharded_batches,
+    striped_batches,
+)
+from crma_lightning.data.replay import MixedRows, Replay, ReplayBatchSampler, joint_slice
 from crma_lightning.data.replay import buffer as replay_buffer_of
 from crma_lightning.data.sources import load_hub, load_records
 from crma_lightning.data.split import split_by_record
-from crma_lightning.data.tasks import TaskSpec, source_kind, task_specs
+from crma_lightning.data.tasks import TaskSpec, source_kind, validate_data_config
 from crma_lightning.data.tokenize import load_tokenizer, synthetic_examples, tokenize_records
 from crma_lightning.hub import is_offline
 from crma_lightning.synthetic import FIRST_TOKEN
-
-#: Lowest allowed value of each numeric setting.
-_LOWEST = {
-    "max_length": 2,  # a shifted loss needs one input and one target
-    "train_size": 1,
-    "holdout_size": 1,
-    "batch_size": 1,
-    "eval_batch_size": 1,
-    "epochs_per_task": 1,
-    "seed": 0,
-    "synthetic_vocab": 2,
-    "num_workers": 0,
-}
 
 
 class ContinualDataModule(LightningDataModule):
@@ -100,32 +90,10 @@ class ContinualDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.replay = replay
         self.multitask = multitask
-        self.tasks = self._validate(tasks)
+        self.tasks = validate_data_config(self, tasks)
         self._hf_tokenizer: PreTrainedTokenizerBase | None = None
         self._train: dict[str, datasets.Dataset] = {}
         self._holdout: dict[str, datasets.Dataset] = {}
-
-    def _validate(self, tasks) -> list[TaskSpec]:
-        # Types first: the checks after them compare values and call str methods, which would raise
-        # TypeError/AttributeError on a wrong type instead of naming the field.
-        hints = {k: v for k, v in get_type_hints(type(self).__init__).items() if k not in ("tasks", "return", "replay")}
-        problems = type_problems(self, "data", hints)
-        typed = not problems
-        specs = task_specs(tasks, self.tokenizer, problems)
-        if typed:
-            problems += [
-                f"data.{k}: must be >= {low}, got {getattr(self, k)}"
-                for k, low in _LOWEST.items()
-                if getattr(self, k) < low
-            ]
-            if not 0.0 <= self.synthetic_jump < 1.0:
-                problems.append(f"data.synthetic_jump: must lie in [0, 1), got {self.synthetic_jump}")
-            if self.replay is not None:
-                problems += replay_problems(self.replay, self.batch_size)
-                if self.multitask:
-                    problems.append("data.replay and data.multitask: joint training already sees every task; set one")
-        raise_problems(problems, "data config")
-        return specs
 
     # -- task schedule -----------------------------------------------------------------------
     @property
@@ -233,30 +201,33 @@ class ContinualDataModule(LightningDataModule):
         data = self._train[task]
         collate = PadCollator(self.pad_token_id)
         if self.multitask:
-            data = MixedRows([], {j: self._train[t] for j, t in enumerate(self.task_names)}, self.joint_slice(k))
+            data = MixedRows(
+                [], {j: self._train[t] for j, t in enumerate(self.task_names)}, self.joint_slice(k)
+            )
         if self.replay is None or k == 0:
             sampler = ShardedBatchSampler(len(data), self.batch_size, self.seed, epoch, rank, world_size)
             return ResumableDataLoader(data, sampler, collate, task, self.num_workers)
         kept = self.replay_buffer(k)
         replayed = self.replay.replayed(self.batch_size)
-        sampler = ReplayBatchSampler(len(data), self.batch_size, len(kept), replayed, self.seed, epoch, rank, world_size)
+        sampler = ReplayBatchSampler(
+            len(data), self.batch_size, len(kept), replayed, self.seed, epoch, rank, world_size
+        )
         rows = MixedRows(data, {j: self._train[self.task_names[j]] for j in range(k)}, kept)
         return ResumableDataLoader(rows, sampler, collate, task, self.num_workers, replay_buffer=kept)
 
     def joint_slice(self, stage: int) -> list[tuple[int, int]]:
         """``data.multitask``: the ``(task index, example index)`` pairs stage ``stage`` trains on."""
         self.setup()
-        pool = [(k, i) for k, t in enumerate(self.task_names) for i in range(len(self._train[t]))]
-        order = np.random.default_rng([self.seed, 4_241]).permutation(len(pool))
-        bounds = np.linspace(0, len(pool), self.num_tasks + 1).round().astype(int)
-        return [pool[j] for j in order[bounds[stage] : bounds[stage + 1]]]
+        return joint_slice([len(self._train[t]) for t in self.task_names], stage, self.seed)
 
     def replay_buffer(self, task_index: int) -> list[tuple[int, int]]:
         """``(task index, example index)`` pairs of the replay buffer while task ``task_index`` trains."""
         if self.replay is None:
             return []
         self.setup()
-        return replay_buffer_of(self.replay, [len(self._train[t]) for t in self.task_names[:task_index]], self.seed)
+        return replay_buffer_of(
+            self.replay, [len(self._train[t]) for t in self.task_names[:task_index]], self.seed
+        )
 
     def num_train_examples(self, task: str) -> int:
         """Examples in the training set of ``task``."""
@@ -285,25 +256,25 @@ class ContinualDataModule(LightningDataModule):
         Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
         """
         self._require(task)
-        return self._shard_batches(self._holdout[task], rank, world_size, batch_size)
+        return sharded_batches(
+            self._holdout[task], batch_size or self.eval_batch_size, rank, world_size, self.pad_token_id
+        )
 
     def train_batches(
-        self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None, limit: int | None = None
+        self,
+        task: str,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+        limit: int | None = None,
     ) -> list[dict[str, Tensor]]:
         """The training set of ``task`` in a fixed order (not the epoch's shuffle), batched by
         ``batch_size`` (default ``data.batch_size``), global batches ``rank::world_size``, at most
         ``limit`` global batches: the same batches whatever the number of ranks (EWC's Fisher)."""
         self._require(task)
-        data = self._train[task]
-        batch_size = batch_size or self.batch_size
-        if limit is not None:
-            data = data.select(range(min(len(data), limit * batch_size)))
-        batches = [data.select(range(lo, min(lo + batch_size, len(data)))) for lo in range(0, len(data), batch_size)]
-        collate = PadCollator(self.pad_token_id)
-        return [
-            collate([{"input_ids": a, "labels": b} for a, b in zip(rows["input_ids"], rows["labels"], strict=True)])
-            for rows in batches[rank::world_size]
-        ]
+        return striped_batches(
+            self._train[task], batch_size or self.batch_size, rank, world_size, self.pad_token_id, limit
+        )
 
     def train_examples(
         self,
@@ -321,32 +292,7 @@ class ContinualDataModule(LightningDataModule):
         data = self._train[task]
         if limit is not None and limit < len(data):
             data = data.select(range(limit))
-        return self._shard_batches(data, rank, world_size, batch_size)
-
-    def _shard_batches(
-        self, data: datasets.Dataset, rank: int, world_size: int, batch_size: int | None
-    ) -> list[dict[str, Tensor]]:
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-        batch_size = batch_size or self.eval_batch_size
-        indices = list(range(len(data)))[rank::world_size]
-        weights = [1.0] * len(indices)
-        per_rank = math.ceil(len(data) / world_size)
-        indices += [0] * (per_rank - len(indices))
-        weights += [0.0] * (per_rank - len(weights))
-        collate = PadCollator(self.pad_token_id)
-        batches = []
-        for lo in range(0, per_rank, batch_size):
-            rows = data[indices[lo : lo + batch_size]]
-            batch = collate(
-                [
-                    {"input_ids": a, "labels": b}
-                    for a, b in zip(rows["input_ids"], rows["labels"], strict=True)
-                ]
-            )
-            batch["example_weight"] = torch.tensor(weights[lo : lo + batch_size], dtype=torch.float32)
-            batches.append(batch)
-        return batches
+        return sharded_batches(data, batch_size or self.eval_batch_size, rank, world_size, self.pad_token_id)
 
     def _holdout_loaders(self) -> list[DataLoader]:
         trainer = self.trainer

@@ -143,3 +143,13 @@ def replay_problems(replay: Any, batch_size: int) -> list[str]:
         if n >= batch_size:
             p.append(f"data.replay.ratio {replay.ratio} leaves no new example in a batch of {batch_size}")
     return p
+
+
+def joint_slice(sizes: Sequence[int], stage: int, seed: int) -> list[tuple[int, int]]:
+    """``data.multitask``: the ``(task index, example index)`` pairs stage ``stage`` trains on. The
+    training examples of all tasks (``sizes[k]`` of task k) pooled and shuffled once by ``seed``,
+    then cut into ``len(sizes)`` equal slices, one per stage."""
+    pool = [(k, i) for k, n in enumerate(sizes) for i in range(n)]
+    order = np.random.default_rng([seed, 4_241]).permutation(len(pool))
+    bounds = np.linspace(0, len(pool), len(sizes) + 1).round().astype(int)
+    return [pool[j] for j in order[bounds[stage] : bounds[stage + 1]]]

@@ -12,10 +12,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 from crma_lightning import corpus
-from crma_lightning.config import type_problems
+from crma_lightning.config import raise_problems, type_problems
+from crma_lightning.data.replay import replay_problems
 from crma_lightning.lora import SHARED_ADAPTER
 from crma_lightning.rundir import RESERVED_TASK_NAMES
 
@@ -167,3 +168,46 @@ def _source_problems(task: TaskSpec, where: str, tokenizer: str | None) -> list[
         elif not is_file(path):
             problems.append(f"{where}.source: file {task.source!r} does not exist (cwd {os.getcwd()})")
     return problems
+
+
+#: Lowest allowed value of each numeric setting.
+LOWEST = {
+    "max_length": 2,  # a shifted loss needs one input and one target
+    "train_size": 1,
+    "holdout_size": 1,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "epochs_per_task": 1,
+    "seed": 0,
+    "synthetic_vocab": 2,
+    "num_workers": 0,
+}
+
+
+def validate_data_config(dm: Any, tasks: Any) -> list[TaskSpec]:
+    """Every problem of a ``ContinualDataModule``'s arguments (``dm``, its attributes set) and its
+    task list at once, as one :class:`ConfigError`; the task specs when there is none."""
+    # Types first: the checks after them compare values and call str methods, which would raise
+    # TypeError/AttributeError on a wrong type instead of naming the field.
+    hints = {
+        k: v for k, v in get_type_hints(type(dm).__init__).items() if k not in ("tasks", "return", "replay")
+    }
+    problems = type_problems(dm, "data", hints)
+    typed = not problems
+    specs = task_specs(tasks, dm.tokenizer, problems)
+    if typed:
+        problems += [
+            f"data.{k}: must be >= {low}, got {getattr(dm, k)}"
+            for k, low in LOWEST.items()
+            if getattr(dm, k) < low
+        ]
+        if not 0.0 <= dm.synthetic_jump < 1.0:
+            problems.append(f"data.synthetic_jump: must lie in [0, 1), got {dm.synthetic_jump}")
+        if dm.replay is not None:
+            problems += replay_problems(dm.replay, dm.batch_size)
+            if dm.multitask:
+                problems.append(
+                    "data.replay and data.multitask: joint training already sees every task; set one"
+                )
+    raise_problems(problems, "data config")
+    return specs
