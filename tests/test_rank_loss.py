@@ -2,7 +2,8 @@
 
 - Clean exit: the 2-rank DDP and FSDP2 fits exit 0, ten times each (a gloo process group left
   alive at interpreter exit used to abort one run in ~100 with ``terminate called without an active
-  exception``; the CLI now destroys it when the subcommand has finished).
+  exception``; the CLI now destroys it and every rank leaves with ``os._exit``), and a rank that
+  fails after the fit fails the job (rank 0 waits for the ranks it launched).
 - A lost rank: SIGKILL rank 1 after the first checkpoint; rank 0 exits non-zero within seconds with
   one line saying a peer was lost, and ``--ckpt_path last`` resumes the run to the uninterrupted
   result (loss matrix within 1e-6), under DDP and FSDP2. A hung rank (SIGSTOP) is detected after
@@ -18,7 +19,7 @@ import signal
 import numpy as np
 import pytest
 from distributed_helpers import SMALL, fit, fit_once, kill_rank_mid_run
-from subproc import run_train
+from subproc import REPO, run_train
 
 from crma_lightning.rundir import RUN_DIR_LINE, read_matrix_csv
 
@@ -39,6 +40,16 @@ def test_two_rank_fits_exit_0_every_time(setup, tmp_path):
                          timeout=300)  # fmt: skip
         assert proc.returncode == 0, f"run {i}: exit {proc.returncode}: {proc.stderr[-3000:]}"
         assert RUN_DIR_LINE in proc.stdout and "terminate called" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_at_the_end_fails_the_job(tmp_path):
+    """Rank 1 finishes the fit, then exits 3: rank 0 waits for it and exits 1 with one line."""
+    fault = '[{"class_path": "faults.ExitCodeAtEnd", "init_args": {"rank": 1, "code": 3}}]'
+    proc = run_train("fit", *DDP, *QUICK, "--trainer.callbacks", fault, "--trainer.logger.init_args.save_dir",
+                     str(tmp_path), env={"PYTHONPATH": str(REPO / "tests")}, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "error: local rank 1 exited with code 3" in proc.stderr
 
 
 @pytest.mark.slow
