@@ -29,17 +29,17 @@ from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.checkpoint import AdapterOnlyCheckpoints
 from crma_lightning.config import NO_DECAY, ConfigError, CRMAConfig, GroupLR, LoRAConfig, raise_problems
 from crma_lightning.data.tasks import name_problems
-from crma_lightning.gradients import GradientSteps, NonFiniteError, global_grad_norm
+from crma_lightning.gradients import GradientSteps, NonFiniteError
 from crma_lightning.holdout import HoldoutSteps, holdout_sums
 from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
-from crma_lightning.protocols import GradNorms, check_fit_setup
+from crma_lightning.protocols import check_fit_setup
 from crma_lightning.regularizers import Regularizer, penalties
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
 from crma_lightning.sharding import shard_for_strategy
 
-__all__ = ["ContinualLM", "GradNorms", "GroupLR", "NonFiniteError", "global_grad_norm"]
+__all__ = ["ContinualLM", "GroupLR", "NonFiniteError"]
 
 
 class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.LightningModule):
