@@ -2,12 +2,16 @@
 
 Task ``k`` is trained during epochs ``[k * epochs_per_task, (k + 1) * epochs_per_task)``; the trainer
 runs with ``reload_dataloaders_every_n_epochs=1`` so ``train_dataloader()`` is asked again at every
-epoch and hands out the current task. Every task also keeps a fixed holdout set that the
-evaluation callback scores after later tasks to measure forgetting (:meth:`holdout_batches`).
+epoch and hands out the current task. Every task also keeps two fixed held-out sets: validation
+(the holdout that the evaluation callback scores after every task during ``fit``, to measure
+forgetting and to select settings on) and test (scored for the report, :meth:`holdout_batches`
+with ``split="test"``), from files when given, else cut from the training data by the seed
+(:mod:`crma_lightning.data.split`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import get_type_hints
 
@@ -24,10 +28,17 @@ from crma_lightning.data.loading import PadCollator, ResumableDataLoader, Sharde
 from crma_lightning.data.replay import MixedRows, Replay, ReplayBatchSampler, replay_problems
 from crma_lightning.data.replay import buffer as replay_buffer_of
 from crma_lightning.data.sources import load_hub, load_records
-from crma_lightning.data.split import split_by_record
-from crma_lightning.data.tasks import TaskSpec, source_kind, task_specs
-from crma_lightning.data.tokenize import load_tokenizer, synthetic_examples, tokenize_records
+from crma_lightning.data.split import split_by_record, take
+from crma_lightning.data.tasks import TaskSpec, source_kind, split_sources, task_specs
+from crma_lightning.data.tokenize import (
+    choice_ids,
+    load_tokenizer,
+    resolve_labels,
+    synthetic_examples,
+    tokenize_records,
+)
 from crma_lightning.hub import is_offline
+from crma_lightning.losses import IGNORE_INDEX
 from crma_lightning.synthetic import FIRST_TOKEN
 
 #: Lowest allowed value of each numeric setting.
@@ -35,6 +46,7 @@ _LOWEST = {
     "max_length": 2,  # a shifted loss needs one input and one target
     "train_size": 1,
     "holdout_size": 1,
+    "test_size": 0,
     "batch_size": 1,
     "eval_batch_size": 1,
     "epochs_per_task": 1,
@@ -53,7 +65,11 @@ class ContinualDataModule(LightningDataModule):
             one shipped in the package, or ``path/to/model.gguf``. Needed only for non-synthetic tasks.
         max_length: Tokens per example: synthetic sequence length, text block length, truncation length.
         train_size: Training examples per task (fewer, with a warning, if the source runs out).
-        holdout_size: Holdout examples per task, set aside before training examples are drawn.
+        holdout_size: Validation examples per task (the holdout the matrices use during fit), set
+            aside before training examples are drawn (at most this many from a validation file).
+        test_size: Test examples per task (default: ``holdout_size``; 0: no test set), cut from the
+            records after the training ones (at most this many from a test file; a synthetic
+            task draws its own). Validation and training sets do not depend on it.
         batch_size: Training examples per batch on each rank.
         eval_batch_size: Examples per batch in ``holdout_batches``.
         epochs_per_task: Epochs spent on each task before moving to the next.
@@ -76,6 +92,7 @@ class ContinualDataModule(LightningDataModule):
         max_length: int = 128,
         train_size: int = 500,
         holdout_size: int = 100,
+        test_size: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
         epochs_per_task: int = 1,
@@ -91,6 +108,7 @@ class ContinualDataModule(LightningDataModule):
         self.max_length = max_length
         self.train_size = train_size
         self.holdout_size = holdout_size
+        self.test_size = test_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.epochs_per_task = epochs_per_task
@@ -104,6 +122,8 @@ class ContinualDataModule(LightningDataModule):
         self._hf_tokenizer: PreTrainedTokenizerBase | None = None
         self._train: dict[str, datasets.Dataset] = {}
         self._holdout: dict[str, datasets.Dataset] = {}
+        self._test: dict[str, datasets.Dataset] = {}
+        self._budgets: dict[tuple[str, str], int] = {}
 
     def _validate(self, tasks) -> list[TaskSpec]:
         # Types first: the checks after them compare values and call str methods, which would raise
@@ -116,7 +136,7 @@ class ContinualDataModule(LightningDataModule):
             problems += [
                 f"data.{k}: must be >= {low}, got {getattr(self, k)}"
                 for k, low in _LOWEST.items()
-                if getattr(self, k) < low
+                if getattr(self, k) is not None and getattr(self, k) < low
             ]
             if not 0.0 <= self.synthetic_jump < 1.0:
                 problems.append(f"data.synthetic_jump: must lie in [0, 1), got {self.synthetic_jump}")
@@ -146,6 +166,16 @@ class ContinualDataModule(LightningDataModule):
             raise ConfigError(f"epoch must be >= 0, got {epoch}")
         return min(epoch // self.epochs_per_task, self.num_tasks - 1)
 
+    @property
+    def test_count(self) -> int:
+        """Test examples asked for per task (``test_size``, default ``holdout_size``)."""
+        return self.holdout_size if self.test_size is None else self.test_size
+
+    def spec(self, task: str) -> TaskSpec:
+        """The spec of ``task`` (after :meth:`setup`, a classification task's label set is filled in)."""
+        self._require(task)
+        return self.tasks[self.task_names.index(task)]
+
     # -- tokens ------------------------------------------------------------------------------
     @property
     def hf_tokenizer(self) -> PreTrainedTokenizerBase | None:
@@ -174,34 +204,84 @@ class ContinualDataModule(LightningDataModule):
             load_tokenizer(self.tokenizer)  # fills the hub cache that setup() reads on every rank
         for i, task in enumerate(self.tasks):
             if source_kind(task.source) == "hub":
-                load_hub(i, task)
+                for split in split_sources(task).values():
+                    load_hub(i, task, split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenise every task and split it into holdout and training sets; later calls do nothing."""
+        """Tokenise every task into validation, training and test sets; later calls do nothing."""
         for i, task in enumerate(self.tasks):
             if task.name not in self._train:
-                self._holdout[task.name], self._train[task.name] = split_by_record(
-                    self._examples(i, task),
-                    self.holdout_size,
-                    self.train_size,
-                    self.seed,
-                    where=f"task '{task.name}' ({task.source})",
-                )
+                self._split(i, task)
 
-    def _examples(self, index: int, task: TaskSpec) -> datasets.Dataset:
+    def _split(self, index: int, task: TaskSpec) -> None:
+        where = f"task '{task.name}' ({task.source})"
         kind = source_kind(task.source)
         if kind == "synthetic":
-            count = self.train_size + self.holdout_size
-            return synthetic_examples(
+            make = functools.partial(
+                synthetic_examples,
                 task,
-                count,
-                self.seed,
-                self.max_length,
-                self.synthetic_vocab,
-                self.synthetic_jump,
-                self.hf_tokenizer,
+                seed=self.seed,
+                max_length=self.max_length,
+                vocab=self.synthetic_vocab,
+                jump=self.synthetic_jump,
+                tokenizer=self.hf_tokenizer,
             )
-        return tokenize_records(load_records(index, task, kind), task, self.hf_tokenizer, self.max_length)
+            pool = make(count=self.train_size + self.holdout_size)
+            holdout, train, _ = split_by_record(pool, self.holdout_size, self.train_size, self.seed, where)
+            test = make(count=self.test_count, stream=1)  # its own generator: stream 0's sets unchanged
+        else:
+            raws = {split: load_records(index, task, kind, split) for split in split_sources(task)}
+            if task.format == "classification":
+                for raw in raws.values():  # every split's label values must be in the set
+                    task = resolve_labels(task, raw, index)
+                self.tasks[index] = task
+            given = {
+                split: tokenize_records(raw, task, self.hf_tokenizer, self.max_length)
+                for split, raw in raws.items()
+            }
+            pool = given.pop("train")
+            holdout, train, test = split_by_record(
+                pool,
+                self.holdout_size,
+                self.train_size,
+                self.seed,
+                where,
+                test_size=0 if "test" in given else self.test_count,
+                cut_holdout="validation" not in given,
+            )
+            if "validation" in given:
+                holdout = take(given["validation"], self.holdout_size, self.seed, f"{where} validation data")
+            if "test" in given:
+                test = take(given["test"], self.test_count, self.seed, f"{where} test data")
+        self._holdout[task.name], self._train[task.name], self._test[task.name] = holdout, train, test
+
+    def split_size(self, task: str, split: str = "validation") -> int:
+        """Examples in the ``validation`` (holdout) or ``test`` set of ``task``."""
+        return len(self._held_out(task, split))
+
+    def _held_out(self, task: str, split: str) -> datasets.Dataset:
+        self._require(task)
+        if split not in ("validation", "test"):
+            raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
+        return (self._holdout if split == "validation" else self._test)[task]
+
+    def choices(self, task: str) -> list[list[int]] | None:
+        """Token ids of each label's target (``answer_prefix`` + label + eos) of a classification
+        task, in label order; None for other formats."""
+        spec = self.spec(task)
+        return choice_ids(spec, self.hf_tokenizer) if spec.format == "classification" else None
+
+    def answer_budget(self, task: str, split: str = "validation") -> int:
+        """Tokens to generate for ``task``'s answers: the longest target of the split (its longest
+        label for classification), eos included; a property of the whole split, so every rank
+        generates the same number of tokens."""
+        choices = self.choices(task)
+        if choices is not None:
+            return max(len(c) for c in choices)
+        if (task, split) not in self._budgets:
+            labels = self._held_out(task, split)["labels"]
+            self._budgets[task, split] = max((sum(t != IGNORE_INDEX for t in row[1:]) for row in labels), default=1)
+        return self._budgets[task, split]
 
     def _require(self, task: str) -> None:
         if task not in self.task_names:
@@ -270,17 +350,24 @@ class ContinualDataModule(LightningDataModule):
         return math.ceil(len(self._train[task]) / (per_batch * world_size))
 
     def holdout_batches(
-        self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None
+        self,
+        task: str,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+        split: str = "validation",
     ) -> list[dict[str, Tensor]]:
-        """The holdout set of ``task``, examples ``rank::world_size``, in order, batched.
+        """The validation (holdout) or ``test`` set of ``task``, examples ``rank::world_size``, in
+        order, batched.
 
         Every rank gets the same number of batches with the same batch sizes (collectives inside
         a sharded forward, and all-gathers of per-example losses, need that): ranks short of
         ``ceil(holdout / world_size)`` examples repeat a real example with ``example_weight`` 0.
-        Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
+        Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples, and for a
+        classification task ``target`` ``(B,)`` int64, each example's label index.
         """
-        self._require(task)
-        return self._fixed_batches(self._holdout[task], rank, world_size, batch_size or self.eval_batch_size)
+        data = self._held_out(task, split)
+        return self._fixed_batches(data, rank, world_size, batch_size or self.eval_batch_size)
 
     def train_batches(
         self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None, limit: int | None = None
@@ -319,10 +406,12 @@ class ContinualDataModule(LightningDataModule):
                 ]
             )
             batch["example_weight"] = torch.tensor(weights[lo : lo + batch_size], dtype=torch.float32)
+            if "target" in rows:
+                batch["target"] = torch.tensor(rows["target"], dtype=torch.long)
             batches.append(batch)
         return batches
 
-    def _holdout_loaders(self) -> list[DataLoader]:
+    def _holdout_loaders(self, split: str = "validation") -> list[DataLoader]:
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":
             # During fit the evaluation callback scores every task at task boundaries; a per-epoch
@@ -330,14 +419,14 @@ class ContinualDataModule(LightningDataModule):
             return []
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return [
-            DataLoader(self.holdout_batches(task, rank, world), batch_size=None, shuffle=False)
+            DataLoader(self.holdout_batches(task, rank, world, split=split), batch_size=None, shuffle=False)
             for task in self.task_names
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task over its holdout set (rank shard), for ``validate``; empty during fit."""
-        return self._holdout_loaders()
+        """One loader per task over its validation set (rank shard), for ``validate``; empty during fit."""
+        return self._holdout_loaders("validation")
 
     def test_dataloader(self) -> list[DataLoader]:
-        """Same as :meth:`val_dataloader`, for the ``test`` subcommand."""
-        return self._holdout_loaders()
+        """One loader per task over its test set (rank shard), for the ``test`` subcommand."""
+        return self._holdout_loaders("test")

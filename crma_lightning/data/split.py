@@ -1,7 +1,11 @@
-"""Holdout/train split of a task's examples, by source record and seeded.
+"""A task's validation, train and test sets, by source record and seeded.
 
-A record cut into several blocks (``format: text``) lies wholly on one side, so no text of the
-holdout set is ever trained on.
+A record cut into several blocks (``format: text``) lies wholly on one side, so no text of a
+held-out set is ever trained on. Cut from one pool, the shuffled records give, in order,
+``[validation | train | test]``: validation (the holdout the matrices use during ``fit``) and train
+are exactly what they were before test sets existed, and the test set is drawn from the records
+after the training ones. A split given as its own data (a file, a hub split) is instead the first
+examples of its seeded record order (:func:`take`).
 """
 
 from __future__ import annotations
@@ -13,37 +17,70 @@ from lightning.pytorch.utilities import rank_zero_warn
 from crma_lightning.config import ConfigError
 
 
-def split_by_record(
-    examples: datasets.Dataset, holdout_size: int, train_size: int, seed: int, where: str
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Seeded split by source record: holdout = the first ``holdout_size`` examples of the shuffled
-    records, train = up to ``train_size`` examples of the records after them.
+def record_order(examples: datasets.Dataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Example indices grouped by shuffled record (in-record order kept), and each index's record rank."""
+    n = len(examples)
+    records = np.asarray(examples["record"]) if "record" in examples.column_names else np.arange(n)
+    ids, dense = np.unique(records, return_inverse=True)
+    rank = np.random.default_rng(seed).permutation(len(ids))[dense]  # shuffled position of each record
+    return np.lexsort((np.arange(n), rank)), rank
 
-    The rest of the record that completes the holdout is used for neither. ``where`` names the task
-    in error messages.
+
+def split_by_record(
+    examples: datasets.Dataset,
+    holdout_size: int,
+    train_size: int,
+    seed: int,
+    where: str,
+    test_size: int = 0,
+    cut_holdout: bool = True,
+) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+    """Seeded split by source record: holdout = the first ``holdout_size`` examples of the shuffled
+    records (none with ``cut_holdout=False``: the validation data is given apart), train = up to
+    ``train_size`` examples of the records after them, test = up to ``test_size`` examples of the
+    records after the training ones.
+
+    The rest of a record that completes one set is used for no later one. ``where`` names the task
+    in error messages. Returns ``(holdout, train, test)``.
     """
     n = len(examples)
-    if n <= holdout_size:
+    held = holdout_size if cut_holdout else 0
+    if n <= held:
         raise ConfigError(
             f"{where} has {n} examples after tokenisation, which leaves none for "
             f"training after data.holdout_size={holdout_size}; lower data.holdout_size or add data"
         )
-    records = np.asarray(examples["record"]) if "record" in examples.column_names else np.arange(n)
-    ids, dense = np.unique(records, return_inverse=True)
-    rank = np.random.default_rng(seed).permutation(len(ids))[dense]  # shuffled position of each record
-    order = np.lexsort((np.arange(n), rank))  # examples grouped by shuffled record, in-record order kept
-    holdout = order[:holdout_size]
-    rest = order[holdout_size:]
-    rest = rest[rank[rest] != rank[holdout[-1]]]
+    order, rank = record_order(examples, seed)
+    holdout = order[:held]
+    rest = order[held:]
+    if held:
+        rest = rest[rank[rest] != rank[holdout[-1]]]
     train = rest[:train_size]
     if len(train) == 0:
         raise ConfigError(
             f"{where}: no training example is left after data.holdout_size="
-            f"{holdout_size} (the source has {len(ids)} records); lower data.holdout_size or add data"
+            f"{holdout_size} (the source has {len(np.unique(rank))} records); lower data.holdout_size or add data"
         )
     if len(train) < train_size:
         rank_zero_warn(
             f"{where}: only {len(train)} training examples after the holdout, "
             f"fewer than data.train_size={train_size}; using all of them"
         )
-    return examples.select(holdout), examples.select(train)
+    test = rest[train_size:]
+    test = test[rank[test] != rank[train[-1]]][:test_size]
+    if len(test) < test_size:
+        rank_zero_warn(
+            f"{where}: only {len(test)} test examples are left after the training ones, fewer than "
+            f"data.test_size={test_size}; lower data.train_size, give a test file (data.tasks[].splits) "
+            "or set data.test_size: 0"
+        )
+    return examples.select(holdout), examples.select(train), examples.select(test)
+
+
+def take(examples: datasets.Dataset, size: int, seed: int, where: str) -> datasets.Dataset:
+    """The first ``size`` examples of a given split (a validation or test file) in its seeded record
+    order; all of them, with a warning, if it has fewer."""
+    if len(examples) < size:
+        rank_zero_warn(f"{where}: has {len(examples)} examples, fewer than the {size} asked for; using all of them")
+    order, _ = record_order(examples, seed)
+    return examples.select(order[:size])
