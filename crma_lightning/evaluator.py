@@ -1,0 +1,192 @@
+"""One row of the continual-learning matrices: every task's held-out split under one model state.
+
+Used by the evaluation callback during ``fit`` (the live module, after each task) and by
+``train.py test --run`` (a finished run, rebuilt as it was after each task). ``serve(task)`` is a
+context that sets the forward pass up as ``task`` is served (its LoRA, CRMA); the evaluator never
+changes weights. For each task it computes (docs/method.md §4, :mod:`crma_lightning.task_metrics`):
+
+- next-token loss and token accuracy over the scored tokens (``losses.token_stats``, the sums of
+  training's loss, so the loss matrix is the one the callback always wrote);
+- for classification the label-set accuracy (one forward per batch over every prompt x label) and
+  exact match of greedy answers; for a free-text task whose metric asks for it, exact match or
+  ROUGE-L.
+
+Answers are generated greedily with the KV cache (``serve.generation.generate_ids``), left padded,
+``answer_budget`` tokens (the longest label or reference + eos; a fixed count, so every rank runs
+the same forward passes, as a sharded model needs). Sums go through
+:class:`~crma_lightning.task_metrics.Sums`, a torchmetrics metric, so ranks add up exactly once.
+Evaluation without the task id (routing) is not here yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from crma_lightning import losses
+from crma_lightning import task_metrics as tm
+from crma_lightning.data.tasks import TaskSpec
+from crma_lightning.serve.generation import generate_ids
+
+METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL")
+"""What a row holds per task (NaN where a metric does not apply), besides ``accuracy``: the task metric."""
+
+
+@dataclass
+class TaskData:
+    """What the evaluator needs of one task on one split (from ``ContinualDataModule``)."""
+
+    spec: TaskSpec
+    batches: list[dict[str, Tensor]]
+    """This rank's shard, batched (``holdout_batches``): as many batches on every rank."""
+    choices: list[list[int]] | None
+    """Label targets (classification), in label order."""
+    budget: int
+    """Tokens to generate per answer."""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def task_data(
+    dm, split: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None
+) -> list[TaskData]:
+    """Every task of a ``ContinualDataModule`` on ``split``, this rank's shard."""
+    out = []
+    for task in dm.task_names:
+        spec = dm.spec(task)
+        generates = spec.generates and dm.split_size(task, split) > 0
+        out.append(
+            TaskData(
+                spec,
+                dm.holdout_batches(task, rank, world_size, batch_size, split=split),
+                dm.choices(task),
+                dm.answer_budget(task, split) if generates else 0,
+            )
+        )
+    return out
+
+
+class RowEvaluator:
+    """Evaluates tasks with a model whose forward ``serve(task)`` sets up (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        serve: Callable[[str], AbstractContextManager],
+        tokenizer: PreTrainedTokenizerBase | None,
+        *,
+        pad_id: int,
+        route_tokens: int = 16,
+        generation_batch_size: int = 16,
+    ) -> None:
+        self.model = model
+        self.serve = serve
+        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+        self.eos_id = None if tokenizer is None else tokenizer.eos_token_id
+        self.route_tokens = route_tokens
+        self.generation_batch_size = generation_batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- the two modes -------------------------------------------------------------------------
+    @torch.no_grad()
+    def oracle(self, tasks: Sequence[TaskData]) -> dict[str, dict[str, float]]:
+        """Each task evaluated as ``serve(task)`` sets the model up (the task id given)."""
+        sums = tm.Sums(len(tasks)).to(self.device)
+        for i, task in enumerate(tasks):
+            prompts, weights, refs = [], [], []
+            with self.serve(task.name):
+                for batch in task.batches:
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    logits = self._logits(batch)
+                    s = losses.token_stats(logits, batch["labels"], batch["example_weight"])
+                    w = batch["example_weight"]
+                    sums.update(i, loss_sum=s.loss_sum, tokens=s.tokens, correct=s.correct, examples=w)
+                    if task.budget or task.choices is not None:
+                        p = self._prompts(batch)
+                        if task.choices is not None:
+                            best = tm.choice_log_likelihoods(self.model, p, task.choices, self.pad_id).argmax(
+                                1
+                            )
+                            sums.update(i, label_correct=(best == batch["target"]).double() * w)
+                        prompts += p
+                        weights += w.tolist()
+                        refs += self._references(task, batch)
+                if task.budget:
+                    self._score_answers(sums, i, task, prompts, weights, refs)
+        return self._results(tasks, sums)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+
+    def _prompts(self, batch: dict[str, Tensor]) -> list[list[int]]:
+        """Each example's prompt tokens (before its answer)."""
+        n = tm.prompt_lengths(batch["labels"], batch["attention_mask"], self.route_tokens).tolist()
+        return [row[:k] for row, k in zip(batch["input_ids"].tolist(), n, strict=True)]
+
+    def _references(self, task: TaskData, batch: dict[str, Tensor]) -> list[str]:
+        """Each example's reference answer: its label (classification), else its scored tokens
+        without the final eos, decoded."""
+        if task.choices is not None:
+            return [task.spec.labels[t] for t in batch["target"].tolist()]
+        out = []
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+            answer = [t for t, y in zip(ids[1:], labels[1:], strict=True) if y != losses.IGNORE_INDEX]
+            if answer and answer[-1] == self.eos_id:
+                answer = answer[:-1]
+            out.append(self._decode(answer))
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # synthetic runs: the token ids as words
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _answers(self, prompts: list[list[int]], budget: int) -> list[str]:
+        """Greedy answers of ``budget`` tokens (every one generated: the same work on every rank),
+        cut at the first eos, decoded."""
+        new = generate_ids(
+            self.model, prompts, pad_id=self.pad_id, eos_id=None, batch_size=self.generation_batch_size,
+            max_new_tokens=budget, do_sample=False, use_cache=True,
+        )  # fmt: skip
+        cut = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in new]
+        return [self._decode(row) for row in cut]
+
+    def _score_answers(self, sums: tm.Sums, i: int, task: TaskData, prompts, weights, refs) -> None:
+        answers = self._answers(prompts, task.budget)
+        real = [k for k, w in enumerate(weights) if w > 0]
+        exact = tm.exact_matches([answers[k] for k in real], [refs[k] for k in real])
+        sums.update(i, exact=exact, rouge=tm.rouge_l_sum([answers[k] for k in real], [refs[k] for k in real]))
+
+    def _results(self, tasks: Sequence[TaskData], sums: tm.Sums) -> dict[str, dict[str, float]]:
+        """Per task: every metric of :data:`METRICS` (NaN where it does not apply) and ``accuracy``,
+        the task metric."""
+        v = sums.compute().tolist()  # synced over ranks
+        out = {}
+        for task, row in zip(tasks, v, strict=True):
+            q = dict(zip(tm.QUANTITIES, row, strict=True))
+            generated = task.budget > 0
+            r = {
+                # As before test sets existed: a task with no scored token has loss 0 (tokens >= 1).
+                "loss": q["loss_sum"] / max(q["tokens"], 1.0),
+                "token_accuracy": q["correct"] / max(q["tokens"], 1.0),
+                "exact_match": tm.ratio(q["exact"], q["examples"]) if generated else float("nan"),
+                "label_accuracy": tm.ratio(q["label_correct"], q["examples"]) if task.choices else float("nan"),
+                "rougeL": tm.ratio(q["rouge"], q["examples"]) if generated and task.spec.format != "classification" else float("nan"),
+            }  # fmt: skip
+            r["accuracy"] = r[task.spec.task_metric]
+            out[task.name] = r
+        return out
