@@ -1,0 +1,179 @@
+"""Task metrics in a real fit: two classification tasks made in code, a tiny Llama, a real Trainer.
+
+The evaluation callback writes the loss matrix, A (the task metric: exact match for
+classification) and the other metrics' matrices on validation and, per row, on test; BWT/FWT on
+A go to summary.json and TensorBoard; the base (zero-shot) row comes first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import datasets
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from conftest import TINY_CONFIGS
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from callbacks.adapters import AdapterCheckpoint
+from callbacks.evaluation import ContinualEvaluation
+from callbacks.freezing import FreezingPolicy
+from crma_lightning.backbone import BackboneConfig
+from crma_lightning.config import LoRAConfig
+from crma_lightning.data import ContinualDataModule, TaskSpec
+from crma_lightning.module import ContinualLM, GroupLR
+from crma_lightning.rundir import RunDir
+
+KEYWORDS = {
+    "news": {"Sports": "goals", "Business": "markets"},
+    "mood": {"positive": "great", "negative": "awful"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_datasets_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setattr(
+        datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache")
+    )
+
+
+def write_task(root, name: str) -> str:
+    """``root/name/`` with train.jsonl and task.json: the label is readable from one keyword."""
+    folder = root / name
+    folder.mkdir()
+    labels = list(KEYWORDS[name])
+    rows = [{"sentence": f"x{i} {KEYWORDS[name][labels[i % 2]]}", "label": labels[i % 2]} for i in range(120)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "task.json").write_text(json.dumps({"instruction": f"The {name}?", "labels": labels}))
+    return str(folder)
+
+
+def fit(tmp_path, test_matrices: bool = True):
+    tasks = list(KEYWORDS)
+    dm = ContinualDataModule(
+        [
+            TaskSpec(t, source=write_task(tmp_path, t), format="classification", text_field="sentence")
+            for t in tasks
+        ],
+        tokenizer="tiny",
+        max_length=64,
+        train_size=64,
+        holdout_size=12,
+        test_size=10,
+        batch_size=8,
+        eval_batch_size=8,
+        epochs_per_task=4,
+    )
+    # A wider init than the default 0.02: behind the final norm, LoRAs of a random model that small
+    # cannot otherwise move the logits far enough to learn a label in a few steps.
+    module = ContinualLM(
+        BackboneConfig(
+            config={
+                **TINY_CONFIGS["llama"],
+                "vocab_size": 512,
+                "max_position_embeddings": 128,
+                "initializer_range": 0.2,
+            }
+        ),
+        tasks,
+        strategy="frozen",
+        lora=LoRAConfig(r=8, dropout=0.0, target_modules="all-linear"),
+        lr=GroupLR(lora=1e-2),
+        seed=0,
+    )
+    evaluation = ContinualEvaluation(print_table=False, test_matrices=test_matrices)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=dm.total_epochs,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        logger=TensorBoardLogger(tmp_path / "runs", name="cls"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[FreezingPolicy(), evaluation, AdapterCheckpoint()],
+    )
+    trainer.fit(module, datamodule=dm)
+    return RunDir(trainer.log_dir), evaluation
+
+
+def test_classification_fit_writes_task_metric_matrices_on_validation_and_test(tmp_path):
+    run, evaluation = fit(tmp_path)
+    tasks = list(KEYWORDS)
+    for split in ("validation", "test"):
+        names = sorted(p.name for p in run.results_of(split).glob("*.csv"))
+        assert names == [
+            "accuracy_matrix.csv",
+            "label_accuracy_matrix.csv",
+            "loss_matrix.csv",
+            "token_accuracy_matrix.csv",
+        ], split
+        acc, label, loss = (
+            run.read_matrix(n, split) for n in ("accuracy_matrix", "label_accuracy_matrix", "loss_matrix")
+        )
+        assert acc.rows == ["base", *tasks] and acc.tasks == tasks
+        assert ((acc.values >= 0) & (acc.values <= 1)).all() and (
+            (label.values >= 0) & (label.values <= 1)
+        ).all()
+        # Learnt: on the task just trained, the label is chosen and generated right nearly always,
+        # and its loss fell far below the zero-shot row's.
+        for i in range(len(tasks)):
+            assert label.values[i + 1, i] >= 0.9 and acc.values[i + 1, i] >= 0.9, (
+                split,
+                label.values,
+                acc.values,
+            )
+            assert loss.values[i + 1, i] < loss.values[0, i] / 3
+        # FROZEN keeps task 1's LoRA: its row after task 2 equals the row after task 1.
+        np.testing.assert_allclose(acc.values[2, 0], acc.values[1, 0])
+        summary = run.read_summary(split)
+        assert summary["split"] == split and summary["task_metric"] == {t: "exact_match" for t in tasks}
+        assert summary["bwt"] == pytest.approx(acc.values[2, 0] - acc.values[1, 0])
+        assert summary["fwt"] == pytest.approx(acc.values[1, 1] - acc.values[0, 1])
+        assert summary["final_avg_accuracy"] == pytest.approx(acc.values[-1].mean())
+        assert summary["final_avg_label_accuracy"] == pytest.approx(label.values[-1].mean())
+        assert summary["evaluation_s"] > 0
+    # The test split is other examples than validation: the matrices are computed apart.
+    assert (
+        run.read_matrix("loss_matrix", "test").values.tolist()
+        != run.read_matrix("loss_matrix").values.tolist()
+    )
+    assert evaluation.acc_rows == {
+        r: list(v)
+        for r, v in zip(["base", *tasks], run.read_matrix("accuracy_matrix").values.tolist(), strict=True)
+    }
+
+    events = EventAccumulator(str(run.path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in (
+        "val/news/accuracy",
+        "val/mood/label_accuracy",
+        "test/news/accuracy",
+        "cl/bwt",
+        "cl_test/bwt",
+        "cl_test/fwt",
+    ):
+        assert tag in tags, (tag, sorted(tags))
+    assert [e.step for e in events.Scalars("test/mood/accuracy")] == [0, 1, 2]  # base + after each task
+    assert events.Scalars("cl_test/bwt")[-1].value == pytest.approx(run.read_summary("test")["bwt"], rel=1e-5)
+
+
+def test_test_matrices_can_be_turned_off_and_resume_state_round_trips(tmp_path):
+    run, evaluation = fit(tmp_path, test_matrices=False)
+    assert not run.results_of("test").exists()
+    restored = ContinualEvaluation()
+    restored.load_state_dict(evaluation.state_dict())
+    assert restored.rows == evaluation.rows and restored.splits == ["validation"]  # no test rows to extend
+    legacy = {k: v for k, v in evaluation.state_dict().items() if k not in ("rows", "evaluation_s")}
+    legacy |= {"loss_rows": evaluation.loss_rows, "acc_rows": evaluation.acc_rows}
+    old = ContinualEvaluation()
+    old.load_state_dict(legacy)
+    assert old.loss_rows == evaluation.loss_rows and old.splits == ["validation"]
