@@ -31,9 +31,8 @@ import numpy as np
 import torch
 
 from callbacks.boundary import TaskBoundaryCallback, run_dir
-from crma_lightning import metrics as clm
 from crma_lightning.config import ConfigError
-from crma_lightning.evaluator import METRICS, RowEvaluator, task_data
+from crma_lightning.evaluator import RowEvaluator, add_row, extra_matrices, summarize_rows, task_data
 from crma_lightning.protocols import ContinualModule, as_continual
 from crma_lightning.report import heatmap_figure, pyplot, save_figure, table
 from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
@@ -52,8 +51,6 @@ CL_SCALARS = (
 
 SPLITS = {"validation": ("val", "cl"), "test": ("test", "cl_test")}
 """Held-out split -> (prefix of its per-task scalars, prefix of its summary scalars)."""
-EXTRA = tuple(m for m in METRICS if m != "loss")
-"""Metrics with a matrix of their own besides L and A, written when some task has them."""
 
 
 class ContinualEvaluation(TaskBoundaryCallback):
@@ -122,10 +119,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         start = time.perf_counter()
         for split in self.splits:
             result = self.evaluate(trainer, pl_module, split)
-            tasks = trainer.datamodule.task_names
-            rows = self.rows.setdefault(split, {})
-            for metric in ("loss", "accuracy", *EXTRA):
-                rows.setdefault(metric, {})[name] = [result[t][metric] for t in tasks]
+            add_row(self.rows.setdefault(split, {}), name, result, trainer.datamodule.task_names)
         self.evaluation_s += time.perf_counter() - start
         self._publish(trainer, as_continual(pl_module))
 
@@ -154,23 +148,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
         rows = self.rows.get(split, {})
         return np.array(list(rows.get("loss", {}).values())), np.array(list(rows.get("accuracy", {}).values()))
 
-    def extra_matrices(self, split: str = "validation") -> dict[str, dict[str, list[float]]]:
-        """The matrices of :data:`EXTRA` metrics worth a file: defined for some task, and not A itself
-        (token accuracy when every task's metric is token accuracy)."""
-        rows = self.rows.get(split, {})
-        acc = rows.get("accuracy", {})
-        out = {}
-        for metric in EXTRA:
-            m = rows.get(metric, {})
-            values = [v for row in m.values() for v in row]
-            if values and not all(math.isnan(v) for v in values) and m != acc:
-                out[metric] = m
-        return out
-
     def summary(self, trainer: pl.Trainer, module: ContinualModule, split: str = "validation") -> dict:
         dm = trainer.datamodule
-        loss, acc = self.matrices(split)
-        done = loss.shape[0] - 1  # rows after the base row
+        done = len(self.rows[split]["loss"]) - 1  # rows after the base row
         has_crma = module.crma is not None
         out = {
             "strategy": module.strategy,
@@ -192,13 +172,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "spectral_max_row_col_err": module.run_facts.get("spectral_max_row_col_err") if has_crma else None,
             "evaluation_s": self.evaluation_s,
         }
-        if done >= 1:
-            # Metrics over the tasks trained so far: rows 0..done, columns 0..done-1.
-            out |= clm.summarize(loss[: done + 1, :done], acc[: done + 1, :done])
-            for metric, m in self.extra_matrices(split).items():
-                last = np.array(list(m.values()))[done, :done]
-                out[f"final_avg_{metric}"] = float(np.nanmean(last)) if not np.isnan(last).all() else None
-        return out
+        return out | summarize_rows(self.rows[split])
 
     def _publish(self, trainer: pl.Trainer, module: ContinualModule) -> None:
         out = run_dir(trainer)  # on every rank: a collective
@@ -215,7 +189,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         rows = self.rows[split]
         step = len(rows["loss"]) - 1
         summary = self.summary(trainer, module, split)
-        extra = self.extra_matrices(split)
+        extra = extra_matrices(rows)
         files = {LOSS_MATRIX: rows["loss"], ACCURACY_MATRIX: rows["accuracy"]}
         files |= {matrix_name(metric): m for metric, m in extra.items()}
         out.write_matrices(tasks, files, summary, split)

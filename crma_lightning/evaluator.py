@@ -20,21 +20,63 @@ Evaluation without the task id (routing) is not here yet.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from crma_lightning import losses
+from crma_lightning import metrics as clm
 from crma_lightning import task_metrics as tm
 from crma_lightning.data.tasks import TaskSpec
 from crma_lightning.serve.generation import generate_ids
 
 METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL")
 """What a row holds per task (NaN where a metric does not apply), besides ``accuracy``: the task metric."""
+EXTRA = METRICS[1:]
+"""Metrics with a matrix of their own besides L (``loss``) and A (``accuracy``)."""
+
+Rows = dict[str, dict[str, list[float]]]
+"""Matrices by metric (``loss``, ``accuracy``, then :data:`EXTRA`): row name -> value per task."""
+
+
+def add_row(rows: Rows, name: str, result: dict[str, dict[str, float]], tasks: Sequence[str]) -> None:
+    """Put one evaluated row (:meth:`RowEvaluator.oracle`'s result) into ``rows`` as row ``name``."""
+    for metric in ("loss", "accuracy", *EXTRA):
+        rows.setdefault(metric, {})[name] = [result[t][metric] for t in tasks]
+
+
+def extra_matrices(rows: Rows) -> Rows:
+    """The :data:`EXTRA` matrices worth a file: defined for some task, and not A itself (token
+    accuracy when every task's metric is token accuracy)."""
+    out = {}
+    for metric in EXTRA:
+        m = rows.get(metric, {})
+        values = [v for row in m.values() for v in row]
+        if values and not all(math.isnan(v) for v in values) and m != rows.get("accuracy"):
+            out[metric] = m
+    return out
+
+
+def summarize_rows(rows: Rows) -> dict[str, float | None]:
+    """The continual-learning summary (``metrics.summarize``: drift on L; BWT, FWT, forgetting and the
+    final average on A, the task metric) over the tasks trained so far, plus ``final_avg_<metric>``
+    of the other metrics; empty before the first task ends."""
+    loss, acc = np.array(list(rows["loss"].values())), np.array(list(rows["accuracy"].values()))
+    done = loss.shape[0] - 1  # rows after the base row
+    if done < 1:
+        return {}
+    # Rows 0..done, columns 0..done-1.
+    out: dict[str, float | None] = clm.summarize(loss[: done + 1, :done], acc[: done + 1, :done])
+    for metric, m in extra_matrices(rows).items():
+        last = np.array(list(m.values()))[done, :done]
+        out[f"final_avg_{metric}"] = None if np.isnan(last).all() else float(np.nanmean(last))
+    return out
 
 
 @dataclass

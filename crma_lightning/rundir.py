@@ -7,6 +7,7 @@ A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
                                   sharded (FSDP2) checkpoint is a folder of DCP shards + meta.pt
     adapters/<task>/              the LoRA serving <task>, PEFT format, written at the task's end
     adapters/crma/                the latest CRMA state (safetensors + JSON), rewritten per task
+    adapters/crma_history/<t>/    the CRMA state as it was after task <t> (to rebuild each row)
     adapters/ranks.json           every rank's adapter hash at every task end
     continual/loss_matrix.csv     validation (holdout) loss L[after, task]; header ``after,<tasks>``,
                                   row ``base`` first
@@ -51,6 +52,7 @@ RANKS_FILE = "ranks.json"
 RESULTS_DIR = "continual"
 LOSS_MATRIX = "loss_matrix"
 ACCURACY_MATRIX = "accuracy_matrix"
+CRMA_HISTORY_DIR = "crma_history"
 TEST_DIR = "test"
 """Folder of ``continual/`` holding the matrices and summary on the test split."""
 SUMMARY_FILE = "summary.json"
@@ -65,8 +67,8 @@ RUN_DIR_LINE = "run dir: "
 BASE_ROW = "base"
 """Name of the matrices' first row: the model before any training."""
 
-RESERVED_TASK_NAMES = (CRMA_DIR,)
-"""Task names that would collide with a run-directory entry (``adapters/crma/``)."""
+RESERVED_TASK_NAMES = (CRMA_DIR, CRMA_HISTORY_DIR)
+"""Task names that would collide with a run-directory entry (``adapters/crma/``, ``adapters/crma_history/``)."""
 
 _VERSION = re.compile(r"version_(\d+)")
 
@@ -148,6 +150,10 @@ class RunDir:
     @property
     def crma(self) -> Path:
         return self.adapters / CRMA_DIR
+
+    def crma_after(self, task: str) -> Path:
+        """The CRMA state as it was when ``task`` ended (same files as :attr:`crma`)."""
+        return self.adapters / CRMA_HISTORY_DIR / task
 
     @property
     def ranks_file(self) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CONFIGS
 from lightning.pytorch.loggers import TensorBoardLogger
+from subproc import run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from callbacks.adapters import AdapterCheckpoint
@@ -28,7 +29,7 @@ from crma_lightning.backbone import BackboneConfig
 from crma_lightning.config import LoRAConfig
 from crma_lightning.data import ContinualDataModule, TaskSpec
 from crma_lightning.module import ContinualLM, GroupLR
-from crma_lightning.rundir import RunDir
+from crma_lightning.rundir import RUN_DIR_LINE, RunDir
 
 KEYWORDS = {
     "news": {"Sports": "goals", "Business": "markets"},
@@ -177,3 +178,55 @@ def test_test_matrices_can_be_turned_off_and_resume_state_round_trips(tmp_path):
     old = ContinualEvaluation()
     old.load_state_dict(legacy)
     assert old.loss_rows == evaluation.loss_rows and old.splits == ["validation"]
+
+
+@pytest.mark.parametrize("strategy", ["modular", pytest.param("naive", marks=pytest.mark.slow)])
+def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_path):
+    """``train.py test --run`` after ``train.py fit``: every row rebuilt from adapters/ (CRMA history,
+    per-task or shared LoRAs) scores the test split as the callback did during fit."""
+    tasks = [
+        {"name": t, "source": write_task(tmp_path, t), "format": "classification", "text_field": "sentence"}
+        for t in KEYWORDS
+    ]
+    backbone = {
+        **TINY_CONFIGS["llama"],
+        "vocab_size": 512,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.2,
+    }
+    proc = run_train(
+        "fit", "--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
+        "--data.train_size", "32", "--data.holdout_size", "8", "--data.test_size", "6",
+        "--data.epochs_per_task", "1", "--data.batch_size", "8", "--data.eval_batch_size", "4",
+        "--model.backbone.config", json.dumps(backbone),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test task metric (exact_match)" in proc.stdout  # the final tables, test split included
+    line = next(line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE))
+    run = RunDir(line.removeprefix(RUN_DIR_LINE))
+    names = ("loss_matrix", "accuracy_matrix", "label_accuracy_matrix", "token_accuracy_matrix")
+    during_fit = {n: run.read_matrix(n, "test") for n in names}
+    loss = during_fit["loss_matrix"].values
+    assert loss[1, 0] < loss[0, 0] - 0.5 and loss[2, 1] < loss[1, 1] - 0.5  # rows that differ: trained
+    assert (run.crma_after("mood").is_dir()) == (strategy == "modular")
+
+    proc = run_train("test", "--run", str(run.path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test loss" in proc.stdout and "bwt=" in proc.stdout
+    for name in names:
+        rebuilt = run.read_matrix(name, "test")
+        assert rebuilt.rows == ["base", *KEYWORDS] and rebuilt.tasks == list(KEYWORDS)
+        np.testing.assert_allclose(rebuilt.values, during_fit[name].values, atol=2e-5, rtol=0, err_msg=name)
+    summary = run.read_summary("test")
+    assert summary["rebuilt_from_adapters"] and summary["split"] == "test"
+    assert summary["bwt"] == pytest.approx(
+        during_fit["accuracy_matrix"].values[2, 0] - during_fit["accuracy_matrix"].values[1, 0], abs=1e-6
+    )
+
+    proc = run_train("test", "--run", str(run.path), "--split", "validation")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(
+        run.read_matrix("loss_matrix").values[-1], run.read_matrix("loss_matrix", "validation").values[-1]
+    )

@@ -130,6 +130,7 @@ def _greedy(model, prompt: list[int], steps: int, eos: int) -> list[int]:
     return new[: new.index(eos)] if eos in new else new
 
 
+@torch.no_grad()
 def test_oracle_row_matches_one_example_at_a_time_references(tmp_path):
     dm = _classification_dm(tmp_path)
     model = _model_for(dm)
