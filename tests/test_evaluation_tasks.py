@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -230,3 +231,12 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     np.testing.assert_allclose(
         run.read_matrix("loss_matrix").values[-1], run.read_matrix("loss_matrix", "validation").values[-1]
     )
+    if strategy == "modular":  # a run made before the CRMA history: one clear line, nothing written
+        shutil.rmtree(run.path / "adapters" / "crma_history")
+        proc = run_train("test", "--run", str(run.path))
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+        assert (
+            proc.stderr.startswith("error: ")
+            and "crma_history" in proc.stderr
+            and "--ckpt_path" in proc.stderr
+        )
