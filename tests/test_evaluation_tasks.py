@@ -195,14 +195,15 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
         "max_position_embeddings": 128,
         "initializer_range": 0.2,
     }
-    proc = run_train(
-        "fit", "--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml",
+    args = [
+        "--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
         "--data.train_size", "32", "--data.holdout_size", "8", "--data.test_size", "6",
         "--data.epochs_per_task", "1", "--data.batch_size", "8", "--data.eval_batch_size", "4",
         "--model.backbone.config", json.dumps(backbone),
-    )  # fmt: skip
+    ]  # fmt: skip
+    proc = run_train("fit", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test task metric (exact_match)" in proc.stdout  # the final tables, test split included
     line = next(line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE))
@@ -225,6 +226,25 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     assert summary["bwt"] == pytest.approx(
         during_fit["accuracy_matrix"].values[2, 0] - during_fit["accuracy_matrix"].values[1, 0], abs=1e-6
     )
+
+    # LightningCLI's test on the last checkpoint (the state of the last row) reads the test split;
+    # it logs token accuracy, and leaves "accuracy" (here exact match, generated) to the callback.
+    last = str(run.path / "checkpoints" / "last.ckpt")
+    proc = run_train("test", *args, "--trainer.logger", "false", "--ckpt_path", last, env={"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = {
+        cells[1].strip(): float(cells[2].strip().rstrip("…"))
+        for line in proc.stdout.splitlines()
+        if len(cells := line.split("│")) > 3 and cells[1].strip().startswith("test/")
+    }
+    assert sorted(logged) == sorted(f"test/{t}/{m}" for t in KEYWORDS for m in ("loss", "token_accuracy")), (
+        logged
+    )
+    for i, task in enumerate(KEYWORDS):
+        assert logged[f"test/{task}/loss"] == pytest.approx(during_fit["loss_matrix"].values[-1, i], abs=2e-4)
+        assert logged[f"test/{task}/token_accuracy"] == pytest.approx(
+            during_fit["token_accuracy_matrix"].values[-1, i], abs=2e-4
+        )
 
     proc = run_train("test", "--run", str(run.path), "--split", "validation")
     assert proc.returncode == 0, proc.stderr[-3000:]
