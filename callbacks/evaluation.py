@@ -12,6 +12,12 @@ answer for classification, or ROUGE-L / exact match for a free-text task that na
 metrics computed (token accuracy, label-set accuracy, ...) get their own ``<metric>_matrix.csv``.
 BWT, FWT, forgetting and the final average accuracy are computed on A (docs/method.md §4).
 
+With ``task_id: both`` every row is also evaluated without the task id: layouts with a LoRA per
+task route each example to the adapter that scores its prompt best (the routing accuracy per task
+is a matrix of its own); layouts that serve every input with one model (a shared LoRA, all LoRAs
+summed) give the same numbers as with the id. These are ``*_no_task_id.csv`` and the
+``no_task_id`` part of summary.json.
+
 The matrices use the validation split during ``fit``; with ``test_matrices`` each row also scores
 the test split, written to ``continual/test/`` (the numbers to report; hyperparameters are picked
 on validation). After each row the files, the summary and heatmaps are written atomically (a crash
@@ -25,6 +31,7 @@ import gc
 import math
 import time
 from contextlib import contextmanager
+from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -33,9 +40,10 @@ import torch
 from callbacks.boundary import TaskBoundaryCallback, run_dir
 from crma_lightning.config import ConfigError
 from crma_lightning.evaluator import RowEvaluator, add_row, extra_matrices, summarize_rows, task_data
+from crma_lightning.layout import layout_of
 from crma_lightning.protocols import ContinualModule, as_continual
 from crma_lightning.report import heatmap_figure, pyplot, save_figure, table
-from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
+from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
 
 CL_SCALARS = (
     "drift_pct",
@@ -58,18 +66,30 @@ class ContinualEvaluation(TaskBoundaryCallback):
 
     role = "evaluation"
 
-    def __init__(self, batch_size: int | None = None, print_table: bool = True, test_matrices: bool = True):
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        print_table: bool = True,
+        test_matrices: bool = True,
+        task_id: Literal["oracle", "both"] = "oracle",
+    ):
         """
         Args:
             batch_size: evaluation batch size (default: data.eval_batch_size).
             print_table: print the matrices and summary at the end of training (rank 0).
             test_matrices: also score every row on the test split (``continual/test/``).
+            task_id: ``oracle``: evaluate each task with its task id; ``both``: also without it
+                (``*_no_task_id.csv``; per-task layouts route every example).
         """
         super().__init__()
+        if task_id not in ("oracle", "both"):
+            raise ConfigError(f"evaluation.task_id: must be 'oracle' or 'both', got {task_id!r}")
         self.batch_size = batch_size
         self.print_table = print_table
         self.test_matrices = test_matrices
-        # split -> metric ("loss", "accuracy": the task metric, then EXTRA) -> row name -> per task
+        self.task_id = task_id
+        # table (a split, or a split + NO_TASK_ID) -> metric ("loss", "accuracy": the task metric,
+        # then the evaluator's other metrics) -> row name -> value per task
         self.rows: dict[str, dict[str, dict[str, list[float]]]] = {}
         self.evaluation_s = 0.0
 
@@ -90,11 +110,25 @@ class ContinualEvaluation(TaskBoundaryCallback):
         test = self.rows.get("test", {}).get("loss", {})
         return ["validation", "test"] if self.test_matrices and list(test) == list(self.loss_rows) else ["validation"]
 
+    def tables(self, split: str) -> list[str]:
+        """The row tables of ``split``: with the task id, and without it with ``task_id: both``
+        (unless resumed from a checkpoint whose rows lack them)."""
+        nt = self.rows.get(split + NO_TASK_ID, {}).get("loss", {})
+        both = self.task_id == "both" and list(nt) == list(self.rows.get(split, {}).get("loss", {}))
+        return [split, split + NO_TASK_ID] if both else [split]
+
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str = "validation") -> dict[str, dict[str, float]]:
-        """Every task of ``split`` with its own adapters: task -> metric -> value (evaluator.METRICS
-        and ``accuracy``, the task metric; NaN where a metric does not apply)."""
+    def evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        split: str = "validation",
+        route_among: list[str] | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Every task of ``split`` with its own adapters, or without the task id routed among the
+        adapters of ``route_among``: task -> metric -> value (evaluator.METRICS and ``accuracy``,
+        the task metric; NaN where a metric does not apply)."""
         module = as_continual(pl_module)
         dm = trainer.datamodule
         training_task = dm.task_names[min(dm.task_index_at_epoch(trainer.current_epoch), dm.num_tasks - 1)]
@@ -110,16 +144,25 @@ class ContinualEvaluation(TaskBoundaryCallback):
             with trainer.precision_plugin.forward_context():
                 tasks = task_data(dm, split, trainer.global_rank, trainer.world_size, self.batch_size)
                 evaluator = RowEvaluator(module.model, serve, dm.hf_tokenizer, pad_id=dm.pad_token_id)
-                return evaluator.oracle(tasks)
+                return evaluator.oracle(tasks) if route_among is None else evaluator.routed(tasks, route_among)
         finally:
             module.use_task(training_task)
             pl_module.train(was_training)
 
     def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         start = time.perf_counter()
-        for split in self.splits:
+        tasks = trainer.datamodule.task_names
+        trained = [] if name == BASE_ROW else tasks[: tasks.index(name) + 1]
+        routes = layout_of(as_continual(pl_module).strategy).no_task_id == "route"
+        for split, tables in {split: self.tables(split) for split in self.splits}.items():
             result = self.evaluate(trainer, pl_module, split)
-            add_row(self.rows.setdefault(split, {}), name, result, trainer.datamodule.task_names)
+            add_row(self.rows.setdefault(split, {}), name, result, tasks)
+            if len(tables) > 1:
+                # A shared LoRA, or all LoRAs summed, serve every input alike: the row is the same.
+                # So is the base row (no adapter trained yet).
+                if routes and trained:
+                    result = self.evaluate(trainer, pl_module, split, route_among=trained)
+                add_row(self.rows.setdefault(split + NO_TASK_ID, {}), name, result, tasks)
         self.evaluation_s += time.perf_counter() - start
         self._publish(trainer, as_continual(pl_module))
 
@@ -192,6 +235,15 @@ class ContinualEvaluation(TaskBoundaryCallback):
         extra = extra_matrices(rows)
         files = {LOSS_MATRIX: rows["loss"], ACCURACY_MATRIX: rows["accuracy"]}
         files |= {matrix_name(metric): m for metric, m in extra.items()}
+        nt_rows = self.rows[split + NO_TASK_ID] if len(self.tables(split)) > 1 else None
+        if nt_rows is not None:
+            nt_extra = extra_matrices(nt_rows)
+            files |= {matrix_name(m, no_task_id=True): nt_rows[m] for m in ("loss", "accuracy")}
+            files |= {matrix_name(m, no_task_id=True): r for m, r in nt_extra.items()}
+            summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": layout_of(module.strategy).no_task_id}
+            routing = nt_extra.get("routing_accuracy")
+            if routing and len(routing) > 1:  # mean over the trained tasks of the last row
+                summary["no_task_id"]["final_routing_accuracy"] = float(np.nanmean(list(routing.values())[-1][: step]))
         out.write_matrices(tasks, files, summary, split)
         loss, acc = self.matrices(split)
         figures = {
@@ -207,6 +259,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
             last = list(m.values())[-1]
             scalars |= {f"{prefix}/{t}/{metric}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)}
         scalars |= {f"{cl_prefix}/{k}": v for k, v in summary.items() if k in CL_SCALARS and v is not None}
+        if nt_rows is not None:
+            for metric in ("loss", "accuracy", *nt_extra):
+                last = list(nt_rows[metric].values())[-1]
+                scalars |= {f"{prefix}/{t}/{metric}{NO_TASK_ID}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)}
+            nt_summary = summary["no_task_id"].items()
+            scalars |= {f"{cl_prefix}{NO_TASK_ID}/{k}": v for k, v in nt_summary if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             # Lightning has no logger-neutral image API; loggers whose writer takes figures
@@ -239,6 +297,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 "",
                 f"{split}: " + "  ".join(f"{k}={v}" for k, v in fmt.items()),
             ]
+            if len(self.tables(split)) > 1:
+                nt = self.rows[split + NO_TASK_ID]
+                lines += ["", table(nt["accuracy"], tasks, f"{name} task metric without the task id")]
+                if "routing_accuracy" in extra_matrices(nt):
+                    lines += ["", table(nt["routing_accuracy"], tasks, f"{name} routing accuracy (no task id)")]
         return "\n".join(lines)
 
     # -- resumable state ---------------------------------------------------------------------

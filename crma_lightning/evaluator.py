@@ -9,13 +9,19 @@ changes weights. For each task it computes (docs/method.md §4, :mod:`crma_light
   training's loss, so the loss matrix is the one the callback always wrote);
 - for classification the label-set accuracy (one forward per batch over every prompt x label) and
   exact match of greedy answers; for a free-text task whose metric asks for it, exact match or
-  ROUGE-L.
+  ROUGE-L;
+- **without the task id** (:meth:`RowEvaluator.routed`, for layouts that route): every example is
+  scored by each candidate adapter, routed to the one that gives its prompt the lowest loss, and
+  takes that adapter's loss, token accuracy, label choice and greedy answer; the routing accuracy
+  counts examples routed to their own task's adapter. Layouts with one model for every input (a
+  shared LoRA, or all LoRAs summed) need no routing: their rows without the task id are the rows
+  with it. A text block (every token scored) is routed on its first ``route_tokens`` tokens.
 
 Answers are generated greedily with the KV cache (``serve.generation.generate_ids``), left padded,
 ``answer_budget`` tokens (the longest label or reference + eos; a fixed count, so every rank runs
-the same forward passes, as a sharded model needs). Sums go through
+the same forward passes, as a sharded model needs; routed groups are padded to the largest rank's
+for the same reason). Sums go through
 :class:`~crma_lightning.task_metrics.Sums`, a torchmetrics metric, so ranks add up exactly once.
-Evaluation without the task id (routing) is not here yet.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -36,7 +43,7 @@ from crma_lightning import task_metrics as tm
 from crma_lightning.data.tasks import TaskSpec
 from crma_lightning.serve.generation import generate_ids
 
-METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL")
+METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL", "routing_accuracy")
 """What a row holds per task (NaN where a metric does not apply), besides ``accuracy``: the task metric."""
 EXTRA = METRICS[1:]
 """Metrics with a matrix of their own besides L (``loss``) and A (``accuracy``)."""
@@ -168,6 +175,39 @@ class RowEvaluator:
                     self._score_answers(sums, i, task, prompts, weights, refs)
         return self._results(tasks, sums)
 
+    @torch.no_grad()
+    def routed(self, tasks: Sequence[TaskData], candidates: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Each example served by the candidate (a task name, set up by ``serve``) whose adapters give
+        its prompt the lowest mean next-token loss: the task id not given."""
+        candidates = list(candidates)
+        sums = tm.Sums(len(tasks)).to(self.device)
+        for i, task in enumerate(tasks):
+            prompts, weights, refs, chosen = [], [], [], []
+            for batch in task.batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                w = batch["example_weight"]
+                p = self._prompts(batch)
+                per = [self._candidate(batch, p, task, c) for c in candidates]  # K x {name: (B,)}
+                choice = tm.route(torch.stack([c["prompt_loss"] for c in per], dim=1))  # (B,)
+                pick = {
+                    k: torch.stack([c[k] for c in per], 1).gather(1, choice[:, None])[:, 0] for k in per[0]
+                }
+                sums.update(i, loss_sum=pick["loss_sum"] * w, tokens=pick["tokens"] * w, correct=pick["correct"] * w,
+                            examples=w)  # fmt: skip
+                if task.choices is not None:
+                    sums.update(i, label_correct=(pick["label"] == batch["target"]).double() * w)
+                if task.name in candidates:
+                    own = choice == candidates.index(task.name)
+                    sums.update(i, routed_right=own.double() * w, routable=w)
+                if task.budget:
+                    prompts += p
+                    weights += w.tolist()
+                    refs += self._references(task, batch)
+                    chosen += choice.tolist()
+            if task.budget:
+                self._score_routed_answers(sums, i, task, candidates, prompts, weights, refs, chosen)
+        return self._results(tasks, sums)
+
     # -- pieces ----------------------------------------------------------------------------------
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(
@@ -178,6 +218,23 @@ class RowEvaluator:
         """Each example's prompt tokens (before its answer)."""
         n = tm.prompt_lengths(batch["labels"], batch["attention_mask"], self.route_tokens).tolist()
         return [row[:k] for row, k in zip(batch["input_ids"].tolist(), n, strict=True)]
+
+    def _candidate(
+        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidate: str
+    ) -> dict[str, Tensor]:
+        """Per example of ``batch`` served as ``candidate``: the prompt's mean loss (the routing
+        score), the answer's loss sum, scored and correct tokens, and (classification) the best label."""
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        with self.serve(candidate):
+            logits = self._logits(batch)
+            stats = tm.per_example(logits, batch["labels"])
+            out = {k: stats[k] for k in ("loss_sum", "tokens", "correct")}
+            out["prompt_loss"] = tm.per_example(logits, tm.prompt_labels(batch["input_ids"], lengths))["mean"]
+            if task.choices is not None:
+                out["label"] = tm.choice_log_likelihoods(
+                    self.model, prompts, task.choices, self.pad_id
+                ).argmax(1)
+        return out
 
     def _references(self, task: TaskData, batch: dict[str, Tensor]) -> list[str]:
         """Each example's reference answer: its label (classification), else its scored tokens
@@ -213,6 +270,22 @@ class RowEvaluator:
         exact = tm.exact_matches([answers[k] for k in real], [refs[k] for k in real])
         sums.update(i, exact=exact, rouge=tm.rouge_l_sum([answers[k] for k in real], [refs[k] for k in real]))
 
+    def _score_routed_answers(self, sums, i, task, candidates, prompts, weights, refs, chosen) -> None:
+        """Greedy answers, each under the candidate its example was routed to."""
+        for c, candidate in enumerate(candidates):
+            rows = [k for k, x in enumerate(chosen) if x == c]
+            count = _max_over_ranks(len(rows))
+            if count == 0:
+                continue
+            padded = rows + [rows[0] if rows else 0] * (count - len(rows))  # padding: generated, dropped
+            with self.serve(candidate):
+                answers = self._answers([prompts[k] for k in padded], task.budget)[: len(rows)]
+            real = [(a, k) for a, k in zip(answers, rows, strict=True) if weights[k] > 0]
+            exact = tm.exact_matches([a for a, _ in real], [refs[k] for _, k in real])
+            sums.update(
+                i, exact=exact, rouge=tm.rouge_l_sum([a for a, _ in real], [refs[k] for _, k in real])
+            )
+
     def _results(self, tasks: Sequence[TaskData], sums: tm.Sums) -> dict[str, dict[str, float]]:
         """Per task: every metric of :data:`METRICS` (NaN where it does not apply) and ``accuracy``,
         the task metric."""
@@ -227,8 +300,18 @@ class RowEvaluator:
                 "token_accuracy": q["correct"] / max(q["tokens"], 1.0),
                 "exact_match": tm.ratio(q["exact"], q["examples"]) if generated else float("nan"),
                 "label_accuracy": tm.ratio(q["label_correct"], q["examples"]) if task.choices else float("nan"),
+                "routing_accuracy": tm.ratio(q["routed_right"], q["routable"]),
                 "rougeL": tm.ratio(q["rouge"], q["examples"]) if generated and task.spec.format != "classification" else float("nan"),
             }  # fmt: skip
             r["accuracy"] = r[task.spec.task_metric]
             out[task.name] = r
         return out
+
+
+def _max_over_ranks(n: int) -> int:
+    """The largest ``n`` over all ranks (``n`` itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

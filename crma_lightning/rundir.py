@@ -14,6 +14,8 @@ A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
     continual/accuracy_matrix.csv the task metric A[after, task] (token accuracy for text tasks,
                                   exact match for classification, ...), same layout
     continual/<metric>_matrix.csv the other metrics computed (label_accuracy, token_accuracy, ...)
+    continual/*_no_task_id.csv    the same without the task id (routed, or the one model every input
+                                  gets), and routing_accuracy_matrix_no_task_id.csv
     continual/summary.json        drift, BWT, FWT, forgetting, final averages (on A), spectral bound,
                                   evaluation time
     continual/test/               the same files on the test split (one row per task end, with the
@@ -52,6 +54,8 @@ RANKS_FILE = "ranks.json"
 RESULTS_DIR = "continual"
 LOSS_MATRIX = "loss_matrix"
 ACCURACY_MATRIX = "accuracy_matrix"
+NO_TASK_ID = "_no_task_id"
+"""Suffix of a matrix evaluated without the task id (``accuracy_matrix_no_task_id.csv``)."""
 CRMA_HISTORY_DIR = "crma_history"
 TEST_DIR = "test"
 """Folder of ``continual/`` holding the matrices and summary on the test split."""
@@ -87,10 +91,10 @@ class Matrix(NamedTuple):
     """``(len(rows), len(tasks))`` float64."""
 
 
-def matrix_name(metric: str) -> str:
+def matrix_name(metric: str, no_task_id: bool = False) -> str:
     """File stem of a metric's matrix: ``loss`` -> ``loss_matrix``, ``accuracy`` (the task metric)
-    -> ``accuracy_matrix``, ``exact_match`` -> ``exact_match_matrix``."""
-    return f"{metric}_matrix"
+    -> ``accuracy_matrix``, ``exact_match`` -> ``exact_match_matrix``; ``_no_task_id`` appended."""
+    return f"{metric}_matrix" + (NO_TASK_ID if no_task_id else "")
 
 
 def matrix_csv(rows: dict[str, list[float]], tasks: list[str]) -> str:

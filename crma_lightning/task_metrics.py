@@ -8,7 +8,10 @@ Pure functions over tensors and strings, plus the one summing metric the evaluat
   highest *summed* log-probability after the prompt (:func:`choice_log_likelihoods`; the sum is the
   log-probability of the whole answer, which greedy decoding approximates; eos ends it, so a label
   that is a prefix of another is not favoured): no generation and no parsing;
-- **ROUGE-L** F1 of a greedy answer against its reference (``torchmetrics``' implementation).
+- **ROUGE-L** F1 of a greedy answer against its reference (``torchmetrics``' implementation);
+- **routing without a task id**: the candidate adapter with the lowest mean next-token loss on the
+  prompt tokens only (:func:`prompt_labels`, :func:`route`); causal attention keeps the answer
+  out of the prompt positions' logits, so the answer cannot leak into the choice.
 
 :class:`Sums` is a torchmetrics ``Metric`` holding float64 sums per task, so ranks add up once
 (DDP, FSDP) and a single process gets exactly the same numbers.
@@ -34,6 +37,8 @@ QUANTITIES = (
     "exact",  # examples whose greedy answer matches exactly
     "label_correct",  # examples whose best-scored label is theirs
     "rouge",  # summed ROUGE-L F1 of the greedy answers
+    "routed_right",  # examples routed to their own task's adapter (no task id)
+    "routable",  # examples whose own task was among the routing candidates
 )
 """The columns of :class:`Sums`, in order."""
 Q = {name: i for i, name in enumerate(QUANTITIES)}
@@ -67,6 +72,34 @@ def prompt_lengths(labels: Tensor, attention_mask: Tensor, route_tokens: int) ->
     answer_start = (labels == IGNORE_INDEX).long().cumprod(1).sum(1)  # leading unscored tokens
     length = attention_mask.sum(1)
     return torch.where(answer_start > 0, answer_start.clamp_max(length), length.clamp_max(route_tokens))
+
+
+def prompt_labels(input_ids: Tensor, prompt_length: Tensor) -> Tensor:
+    """Labels that score only the prompt: ``input_ids`` before ``prompt_length (B,)``, else ignored."""
+    position = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return input_ids.masked_fill(position[None, :] >= prompt_length[:, None], IGNORE_INDEX)
+
+
+def per_example(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Per example of ``logits (B, T, V)`` and unshifted ``labels (B, T)``, each ``(B,)`` float32:
+    summed next-token loss, scored tokens, correct argmax predictions, and the mean loss (NaN with
+    nothing scored)."""
+    t = token_losses(logits, labels)
+    loss_sum, tokens = (t.nll * t.scored).sum(1), t.scored.sum(1)
+    return {
+        "loss_sum": loss_sum,
+        "tokens": tokens,
+        "correct": (t.correct * t.scored).sum(1),
+        "mean": loss_sum / tokens,
+    }
+
+
+def route(prompt_losses: Tensor) -> Tensor:
+    """``(N,)`` index of the candidate with the lowest prompt loss in each row of ``(N, K)``; a row
+    with no finite loss (a 1-token prompt) goes to the last candidate, the latest task."""
+    best = torch.nan_to_num(prompt_losses, nan=float("inf")).argmin(dim=1)
+    scorable = torch.isfinite(prompt_losses).any(dim=1)
+    return torch.where(scorable, best, torch.full_like(best, prompt_losses.shape[1] - 1))
 
 
 @torch.no_grad()

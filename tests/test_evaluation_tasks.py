@@ -56,7 +56,7 @@ def write_task(root, name: str) -> str:
     return str(folder)
 
 
-def fit(tmp_path, test_matrices: bool = True):
+def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id: str = "oracle"):
     tasks = list(KEYWORDS)
     dm = ContinualDataModule(
         [
@@ -84,12 +84,12 @@ def fit(tmp_path, test_matrices: bool = True):
             }
         ),
         tasks,
-        strategy="frozen",
+        strategy=strategy,
         lora=LoRAConfig(r=8, dropout=0.0, target_modules="all-linear"),
         lr=GroupLR(lora=1e-2),
         seed=0,
     )
-    evaluation = ContinualEvaluation(print_table=False, test_matrices=test_matrices)
+    evaluation = ContinualEvaluation(print_table=False, test_matrices=test_matrices, task_id=task_id)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=dm.total_epochs,
@@ -179,6 +179,48 @@ def test_test_matrices_can_be_turned_off_and_resume_state_round_trips(tmp_path):
     old = ContinualEvaluation()
     old.load_state_dict(legacy)
     assert old.loss_rows == evaluation.loss_rows and old.splits == ["validation"]
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "naive"])
+def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(strategy, tmp_path):
+    run, evaluation = fit(tmp_path, test_matrices=False, strategy=strategy, task_id="both")
+    tasks = list(KEYWORDS)
+    oracle, blind = run.read_matrix("accuracy_matrix"), run.read_matrix("accuracy_matrix_no_task_id")
+    assert blind.rows == ["base", *tasks]
+    np.testing.assert_array_equal(blind.values[0], oracle.values[0])  # the base row: no adapter yet
+    np.testing.assert_array_equal(
+        run.read_matrix("loss_matrix_no_task_id").values[0], run.read_matrix("loss_matrix").values[0]
+    )
+    summary = run.read_summary()["no_task_id"]
+    if strategy == "naive":  # one shared LoRA serves every input: the same numbers
+        np.testing.assert_array_equal(blind.values, oracle.values)
+        assert (
+            summary["routing"] == "shared"
+            and not (run.results / "routing_accuracy_matrix_no_task_id.csv").exists()
+        )
+        return
+    routing = run.read_matrix("routing_accuracy_matrix_no_task_id")
+    # After task 1 only its adapter exists: every news example goes to it; mood has no adapter yet.
+    assert (
+        routing.values[1, 0] == 1.0 and np.isnan(routing.values[1, 1]) and np.isnan(routing.values[0]).all()
+    )
+    # After task 2 the prompts ("The news?" / "The mood?") are told apart by their own adapters.
+    assert (routing.values[2] >= 0.9).all(), routing.values
+    np.testing.assert_array_equal(blind.values[1], oracle.values[1])  # one candidate: the oracle's row
+    assert abs(blind.values[2] - oracle.values[2]).max() <= 0.1
+    assert summary["routing"] == "route" and summary["final_routing_accuracy"] == pytest.approx(
+        routing.values[2].mean()
+    )
+    assert summary["final_avg_accuracy"] == pytest.approx(blind.values[2].mean())
+    assert summary["bwt"] == pytest.approx(blind.values[2, 0] - blind.values[1, 0])
+    events = EventAccumulator(str(run.path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "val/news/routing_accuracy_no_task_id",
+        "val/mood/accuracy_no_task_id",
+        "cl_no_task_id/bwt",
+    } <= tags
 
 
 @pytest.mark.parametrize("strategy", ["modular", pytest.param("naive", marks=pytest.mark.slow)])

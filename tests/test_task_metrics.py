@@ -222,3 +222,82 @@ def test_a_model_that_knows_the_labels_scores_one(tmp_path):
     evaluator = RowEvaluator(model, lambda task: nullcontext(), dm.hf_tokenizer, pad_id=dm.pad_token_id)
     row = evaluator.oracle(task_data(dm, "validation")[:1])["news"]
     assert row["label_accuracy"] == 1.0 and row["exact_match"] == 1.0 and row["loss"] < 0.05
+
+
+def test_prompt_labels_and_route():
+    ids = torch.arange(10, 25).view(3, 5)
+    got = tm.prompt_labels(ids, torch.tensor([3, 1, 2]))
+    assert got.tolist() == [
+        [10, 11, 12, -100, -100],
+        [15, -100, -100, -100, -100],
+        [20, 21, -100, -100, -100],
+    ]
+    # Lowest prompt loss wins; a row with nothing scorable (1-token prompts) goes to the latest task.
+    prompt_losses = torch.tensor([[2.0, 1.0, 3.0], [0.5, 0.7, 0.1], [float("nan")] * 3])
+    assert tm.route(prompt_losses).tolist() == [1, 2, 2]
+
+
+@torch.no_grad()
+def test_routed_row_matches_one_example_at_a_time_routing(tmp_path):
+    """Without the task id: each example goes to the LoRA that scores its prompt (only) best, and
+    takes that LoRA's loss, label choice and answer; checked against a per-example reference."""
+    from crma_lightning.config import LoRAConfig
+    from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+
+    dm = _classification_dm(tmp_path)
+    model = _model_for(dm)
+    gen = torch.Generator().manual_seed(0)
+    for adapter in ("news", "qa"):
+        add_lora(model, adapter, LoRAConfig(r=4, dropout=0.0, target_modules="all-linear"))
+        for p in lora_parameters(model, adapter):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.eval()
+
+    def serve(task):
+        activate_lora(model, task)
+        return nullcontext()
+
+    tok, eos = dm.hf_tokenizer, dm.hf_tokenizer.eos_token_id
+    evaluator = RowEvaluator(model, serve, tok, pad_id=dm.pad_token_id, generation_batch_size=3)
+    tasks = task_data(dm, "validation")[:2]
+    row = evaluator.routed(tasks, ["news", "qa"])
+    seen = set()
+    for task in tasks:
+        routed_right = loss_sum = tokens = label_right = exact = 0.0
+        n = 0
+        for b in task.batches:
+            for i in range(len(b["input_ids"])):
+                m = b["attention_mask"][i].bool()
+                ids, lab = b["input_ids"][i][m].tolist(), b["labels"][i][: int(m.sum())]
+                start = next(k for k, x in enumerate(lab.tolist()) if x != IGNORE_INDEX)
+                prompt = ids[:start]
+                scores = {}
+                for c in ("news", "qa"):  # mean loss of the prompt's own next tokens
+                    activate_lora(model, c)
+                    logp = model(input_ids=torch.tensor([prompt])).logits[0].log_softmax(-1)
+                    scores[c] = -sum(float(logp[t - 1, prompt[t]]) for t in range(1, len(prompt))) / (
+                        len(prompt) - 1
+                    )
+                chosen = min(scores, key=scores.get)
+                seen.add(chosen)
+                routed_right += chosen == task.name
+                activate_lora(model, chosen)
+                logits = model(input_ids=torch.tensor([ids])).logits
+                s = losses.token_stats(logits, lab[None])
+                loss_sum, tokens = loss_sum + float(s.loss_sum), tokens + float(s.tokens)
+                answer = tok.decode(_greedy(model, prompt, task.budget, eos), skip_special_tokens=True)
+                if task.choices is not None:
+                    target = int(b["target"][i])
+                    best = max(
+                        range(len(LABELS)), key=lambda k: _summed_log_prob(model, prompt, task.choices[k])
+                    )
+                    label_right += best == target
+                    exact += answer.strip().casefold() == LABELS[target].casefold()
+                n += 1
+        got = row[task.name]
+        assert got["routing_accuracy"] == pytest.approx(routed_right / n)
+        assert got["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+        if task.choices is not None:
+            assert got["label_accuracy"] == pytest.approx(label_right / n)
+            assert got["exact_match"] == pytest.approx(exact / n)
+    assert seen == {"news", "qa"}  # both adapters are chosen for some examples
