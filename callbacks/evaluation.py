@@ -241,9 +241,6 @@ class ContinualEvaluation(TaskBoundaryCallback):
             files |= {matrix_name(m, no_task_id=True): nt_rows[m] for m in ("loss", "accuracy")}
             files |= {matrix_name(m, no_task_id=True): r for m, r in nt_extra.items()}
             summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": layout_of(module.strategy).no_task_id}
-            routing = nt_extra.get("routing_accuracy")
-            if routing and len(routing) > 1:  # mean over the trained tasks of the last row
-                summary["no_task_id"]["final_routing_accuracy"] = float(np.nanmean(list(routing.values())[-1][: step]))
         out.write_matrices(tasks, files, summary, split)
         loss, acc = self.matrices(split)
         figures = {

@@ -208,7 +208,7 @@ def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(str
     assert (routing.values[2] >= 0.9).all(), routing.values
     np.testing.assert_array_equal(blind.values[1], oracle.values[1])  # one candidate: the oracle's row
     assert abs(blind.values[2] - oracle.values[2]).max() <= 0.1
-    assert summary["routing"] == "route" and summary["final_routing_accuracy"] == pytest.approx(
+    assert summary["routing"] == "route" and summary["final_avg_routing_accuracy"] == pytest.approx(
         routing.values[2].mean()
     )
     assert summary["final_avg_accuracy"] == pytest.approx(blind.values[2].mean())
@@ -243,7 +243,7 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
         "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
         "--data.train_size", "32", "--data.holdout_size", "8", "--data.test_size", "6",
         "--data.epochs_per_task", "1", "--data.batch_size", "8", "--data.eval_batch_size", "4",
-        "--model.backbone.config", json.dumps(backbone),
+        "--model.backbone.config", json.dumps(backbone), "--evaluation.task_id", "both",
     ]  # fmt: skip
     proc = run_train("fit", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -251,14 +251,15 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     line = next(line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE))
     run = RunDir(line.removeprefix(RUN_DIR_LINE))
     names = ("loss_matrix", "accuracy_matrix", "label_accuracy_matrix", "token_accuracy_matrix")
+    names += (*(f"{n}_no_task_id" for n in names), "routing_accuracy_matrix_no_task_id")
     during_fit = {n: run.read_matrix(n, "test") for n in names}
     loss = during_fit["loss_matrix"].values
     assert loss[1, 0] < loss[0, 0] - 0.5 and loss[2, 1] < loss[1, 1] - 0.5  # rows that differ: trained
     assert (run.crma_after("mood").is_dir()) == (strategy == "modular")
 
-    proc = run_train("test", "--run", str(run.path))
+    proc = run_train("test", "--run", str(run.path), "--task-id", "both")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "test loss" in proc.stdout and "bwt=" in proc.stdout
+    assert "test loss" in proc.stdout and "without the task id" in proc.stdout and "bwt=" in proc.stdout
     for name in names:
         rebuilt = run.read_matrix(name, "test")
         assert rebuilt.rows == ["base", *KEYWORDS] and rebuilt.tasks == list(KEYWORDS)

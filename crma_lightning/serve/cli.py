@@ -181,12 +181,15 @@ def cmd_test(args: argparse.Namespace) -> None:
     run = _load(args, args.device)
     dm = run.info.datamodule()
     start = time.perf_counter()
-    rows = evaluate_run(run, dm, args.split, args.batch_size)
-    summary = write_run_matrices(run, dm, rows, args.split)
-    tasks = list(dm.task_names)
+    tables = evaluate_run(run, dm, args.split, args.batch_size, args.task_id)
+    summary = write_run_matrices(run, dm, tables, args.split)
+    rows, tasks = tables["oracle"], list(dm.task_names)
     print(table(rows["loss"], tasks, f"{args.split} loss ({run.strategy}; rows: after training, columns: task)"))
     print()
     print(table(rows["accuracy"], tasks, f"{args.split} task metric ({', '.join(sorted(set(summary['task_metric'].values())))})"))
+    if "no_task_id" in tables:
+        print()
+        print(table(tables["no_task_id"]["accuracy"], tasks, f"{args.split} task metric without the task id"))
     keys = ("final_avg_accuracy", "bwt", "fwt", "forgetting", "final_avg_loss")
     print("  ".join(f"{k}={'n/a' if summary.get(k) is None else format(summary[k], '.4g')}" for k in keys))
     where = run.info.run.results_of(args.split).relative_to(run.info.run_dir)
@@ -250,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("test", help="rebuild every row of the matrices from the run's adapters and score a split")
     common(p)
     p.add_argument("--split", choices=("test", "validation"), default="test", help="held-out split to score")
+    p.add_argument(
+        "--task-id", choices=("oracle", "both"), default="oracle", help="also evaluate without the task id (both)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default data.eval_batch_size)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.set_defaults(fn=cmd_test)

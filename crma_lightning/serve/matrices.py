@@ -12,7 +12,8 @@ directory alone: row ``after task k`` is the base model with
   the identity at initialisation).
 
 Each row is evaluated by :class:`~crma_lightning.evaluator.RowEvaluator`, as in ``fit``, so the
-numbers equal the callback's (tests compare them). Results go to ``continual/test/`` (or
+numbers equal the callback's (tests compare them); with ``task_id="both"`` also without the task
+id (per-task LoRAs routed among the tasks trained by that row, as the callback does). Results go to ``continual/test/`` (or
 ``continual/`` for ``--split validation``) through :class:`~crma_lightning.rundir.RunDir`.
 """
 
@@ -62,15 +63,23 @@ def _set_row(run: TrainedRun, k: int) -> list[str]:
 
 
 def evaluate_run(
-    run: TrainedRun, dm: ContinualDataModule, split: str = "test", batch_size: int | None = None
-) -> Rows:
-    """Every row of a finished run on ``split`` (one process): metric -> row name -> value per task."""
+    run: TrainedRun,
+    dm: ContinualDataModule,
+    split: str = "test",
+    batch_size: int | None = None,
+    task_id: str = "oracle",
+) -> dict[str, Rows]:
+    """Every row of a finished run on ``split`` (one process): ``{"oracle": rows}`` and, with
+    ``task_id="both"``, ``"no_task_id"``; rows are metric -> row name -> value per task."""
+    if task_id not in ("oracle", "both"):
+        raise ConfigError(f"--task-id must be 'oracle' or 'both', got {task_id!r}")
     _check_history(run)
     dm.setup()
     info = run.info
     layout = layout_of(info.strategy)
     tasks = task_data(dm, split, batch_size=batch_size)
     rows: Rows = {}
+    blind: Rows = {}
     crma_enabled = run.crma.enabled if run.crma is not None else None
     try:
         for k, name in enumerate([BASE_ROW, *info.trained]):
@@ -86,18 +95,27 @@ def evaluate_run(
 
             evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id)
             with torch.no_grad():
-                add_row(rows, name, evaluator.oracle(tasks), dm.task_names)
+                result = evaluator.oracle(tasks)
+                add_row(rows, name, result, dm.task_names)
+                if task_id == "both":
+                    if layout.no_task_id == "route" and k > 0:  # else one model serves every input
+                        result = evaluator.routed(tasks, info.trained[:k])
+                    add_row(blind, name, result, dm.task_names)
     finally:
         if run.crma is not None:  # back to the run's final state, as load_run left it
             run.crma.enabled = crma_enabled
             load_crma(run.model, info.run.crma, handle=run.crma)
         if layout.shared_lora:
             load_lora(run.model, SHARED_ADAPTER, info.run.adapter(info.trained[-1]))
-    return rows
+    return {"oracle": rows, "no_task_id": blind} if task_id == "both" else {"oracle": rows}
 
 
-def write_run_matrices(run: TrainedRun, dm: ContinualDataModule, rows: Rows, split: str) -> dict[str, Any]:
-    """Write ``rows`` as the run's matrices and summary of ``split``; returns the summary."""
+def write_run_matrices(
+    run: TrainedRun, dm: ContinualDataModule, tables: dict[str, Rows], split: str
+) -> dict[str, Any]:
+    """Write :func:`evaluate_run`'s tables as the run's matrices and summary of ``split``; returns
+    the summary."""
+    rows = tables["oracle"]
     info = run.info
     summary: dict[str, Any] = {
         "strategy": info.strategy,
@@ -112,5 +130,10 @@ def write_run_matrices(run: TrainedRun, dm: ContinualDataModule, rows: Rows, spl
     summary |= summarize_rows(rows)
     files = {LOSS_MATRIX: rows["loss"], ACCURACY_MATRIX: rows["accuracy"]}
     files |= {matrix_name(metric): m for metric, m in extra_matrices(rows).items()}
+    blind = tables.get("no_task_id")
+    if blind is not None:
+        files |= {matrix_name(m, no_task_id=True): blind[m] for m in ("loss", "accuracy")}
+        files |= {matrix_name(m, no_task_id=True): r for m, r in extra_matrices(blind).items()}
+        summary["no_task_id"] = summarize_rows(blind) | {"routing": layout_of(info.strategy).no_task_id}
     info.run.write_matrices(list(dm.task_names), files, summary, split)
     return summary
