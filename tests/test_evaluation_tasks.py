@@ -273,7 +273,10 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     # LightningCLI's test on the last checkpoint (the state of the last row) reads the test split;
     # it logs token accuracy, and leaves "accuracy" (here exact match, generated) to the callback.
     last = str(run.path / "checkpoints" / "last.ckpt")
-    proc = run_train("test", *args, "--trainer.logger", "false", "--ckpt_path", last, env={"COLUMNS": "200"})
+    proc = run_train(
+        "test", *args, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "cli_test"),
+        "--ckpt_path", last, env={"COLUMNS": "200"},
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = {
         cells[1].strip(): float(cells[2].strip().rstrip("…"))
