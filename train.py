@@ -1,7 +1,8 @@
 """Continual fine-tuning with CRMA: ``python train.py fit --config configs/tiny.yaml``.
 
 ``fit``/``validate``/``test`` are LightningCLI (``python train.py fit --help`` lists every option);
-``predict``/``route``/``export`` use a finished run (``crma_lightning.serve.cli``, docs/inference.md).
+``predict``/``route``/``export`` and ``test --run <dir>`` use a finished run (``crma_lightning.serve.cli``,
+docs/inference.md).
 """
 
 import sys
@@ -9,7 +10,8 @@ import sys
 from crma_lightning.cli import main
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("predict", "route", "export"):
+    on_run = any(a == "--run" or a.startswith("--run=") for a in sys.argv[2:])
+    if len(sys.argv) > 1 and (sys.argv[1] in ("predict", "route", "export") or (sys.argv[1] == "test" and on_run)):
         from crma_lightning.serve.cli import main as serve_main
 
         serve_main(sys.argv[1:])

@@ -2,8 +2,10 @@
 
 ``adapters/<task>/`` holds the LoRA used for that task (under NAIVE, the shared LoRA as it was at
 the end of the task) in PEFT's format; ``adapters/crma/`` the latest CRMA state (safetensors +
-JSON), rewritten after every task. Written by rank 0, atomically; where they go is
-``crma_lightning.rundir``'s, and ``serve.load_run`` reads them from there.
+JSON), rewritten after every task, and ``adapters/crma_history/<task>/`` the CRMA state as it was
+when that task ended, so that ``train.py test --run`` can rebuild the model of every matrix row.
+Written by rank 0, atomically; where they go is ``crma_lightning.rundir``'s, and
+``serve.load_run`` reads them from there.
 
 Distributed: every rank gathers the whole adapter tensors (under FSDP a collective over the
 shards; under DDP each rank's own replica) and hashes them; the hashes are exchanged and the run
@@ -52,6 +54,7 @@ class AdapterCheckpoint(TaskBoundaryCallback):
         if crma:
             extra = {"after_task": task, "strategy": module.strategy, "tasks": list(module.task_names)}
             write_crma(module.crma, crma, run.crma, extra)
+            write_crma(module.crma, crma, run.crma_after(task), extra)
         atomic_write_json(run.ranks_file, self.rank_hashes)
 
     def state_dict(self) -> dict:

@@ -1,29 +1,49 @@
-"""Evaluate every task's holdout set before training and after each task: the matrices L and A.
+"""Evaluate every task before training and after each task: the matrices L and A, and task metrics.
 
-Row ``base`` is the model before any training; row ``<task k>`` is after training task k. Every
-row covers all tasks (later ones too, for forward transfer). Task i is evaluated with its own LoRA
-(the shared one under NAIVE) and, in MODULAR, the current CRMA. Each rank evaluates a disjoint
-shard of every holdout set and the per-task sums (loss, tokens, correct) are all-reduced, so the
-result equals a single-process evaluation. After each row the matrices, the summary metrics of
-docs/method.md §4 and heatmaps are written to the run directory's ``continual/`` (atomically: a
-crash keeps the last complete row) and logged as ``val/<task>/loss``, ``val/<task>/accuracy``,
-``cl/*`` at step = number of tasks trained.
+Row ``base`` is the model before any training (the zero-shot row); row ``<task k>`` is after
+training task k. Every row covers all tasks (later ones too, for forward transfer). Task i is
+evaluated with its own LoRA (the shared one under NAIVE) and, in MODULAR, the current CRMA. Each
+rank evaluates a disjoint shard of every held-out set and the per-task sums are all-reduced
+(torchmetrics), so the result equals a single-process evaluation (``crma_lightning.evaluator``).
+
+Per task and row: the next-token loss (L, ``loss_matrix.csv``), and A (``accuracy_matrix.csv``),
+the task's metric (``data.tasks[].metric``): token accuracy for text, exact match of the greedy
+answer for classification, or ROUGE-L / exact match for a free-text task that names it. The other
+metrics computed (token accuracy, label-set accuracy, ...) get their own ``<metric>_matrix.csv``.
+BWT, FWT, forgetting and the final average accuracy are computed on A (docs/method.md §4).
+
+With ``task_id: both`` every row is also evaluated without the task id: layouts with a LoRA per
+task route each example to the adapter that scores its prompt best (the routing accuracy per task
+is a matrix of its own); layouts that serve every input with one model (a shared LoRA, all LoRAs
+summed) give the same numbers as with the id. These are ``*_no_task_id.csv`` and the
+``no_task_id`` part of summary.json.
+
+The matrices use the validation split during ``fit``; with ``test_matrices`` each row also scores
+the test split, written to ``continual/test/`` (the numbers to report; hyperparameters are picked
+on validation). After each row the files, the summary and heatmaps are written atomically (a crash
+keeps the last complete row) and logged as ``val/<task>/<metric>``, ``cl/*`` (``test/...``,
+``cl_test/*``) at step = number of tasks trained.
 """
 
 from __future__ import annotations
 
 import gc
+import math
+import time
+from contextlib import contextmanager
+from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
 from callbacks.boundary import TaskBoundaryCallback, run_dir
-from crma_lightning import metrics as clm
 from crma_lightning.config import ConfigError
+from crma_lightning.evaluator import RowEvaluator, add_row, extra_matrices, summarize_rows, task_data
+from crma_lightning.layout import layout_of
 from crma_lightning.protocols import ContinualModule, as_continual
 from crma_lightning.report import heatmap_figure, pyplot, save_figure, table
-from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX
+from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
 
 CL_SCALARS = (
     "drift_pct",
@@ -37,52 +57,113 @@ CL_SCALARS = (
 )
 """Summary values also logged as ``cl/<name>`` scalars."""
 
+SPLITS = {"validation": ("val", "cl"), "test": ("test", "cl_test")}
+"""Held-out split -> (prefix of its per-task scalars, prefix of its summary scalars)."""
+
 
 class ContinualEvaluation(TaskBoundaryCallback):
-    """Holdout loss and token accuracy on every task, before training and after each task."""
+    """Held-out loss and task metrics on every task, before training and after each task."""
 
     role = "evaluation"
 
-    def __init__(self, batch_size: int | None = None, print_table: bool = True):
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        print_table: bool = True,
+        test_matrices: bool = True,
+        task_id: Literal["oracle", "both"] = "oracle",
+    ):
         """
         Args:
             batch_size: evaluation batch size (default: data.eval_batch_size).
             print_table: print the matrices and summary at the end of training (rank 0).
+            test_matrices: also score every row on the test split (``continual/test/``).
+            task_id: ``oracle``: evaluate each task with its task id; ``both``: also without it
+                (``*_no_task_id.csv``; per-task layouts route every example).
         """
         super().__init__()
+        if task_id not in ("oracle", "both"):
+            raise ConfigError(f"evaluation.task_id: must be 'oracle' or 'both', got {task_id!r}")
         self.batch_size = batch_size
         self.print_table = print_table
-        self.loss_rows: dict[str, list[float]] = {}
-        self.acc_rows: dict[str, list[float]] = {}
+        self.test_matrices = test_matrices
+        self.task_id = task_id
+        # table (a split, or a split + NO_TASK_ID) -> metric ("loss", "accuracy": the task metric,
+        # then the evaluator's other metrics) -> row name -> value per task
+        self.rows: dict[str, dict[str, dict[str, list[float]]]] = {}
+        self.evaluation_s = 0.0
+
+    @property
+    def loss_rows(self) -> dict[str, list[float]]:
+        """L on the validation split: row name -> per-task loss."""
+        return self.rows.get("validation", {}).get("loss", {})
+
+    @property
+    def acc_rows(self) -> dict[str, list[float]]:
+        """A (the task metric) on the validation split."""
+        return self.rows.get("validation", {}).get("accuracy", {})
+
+    @property
+    def splits(self) -> list[str]:
+        """The splits each row scores: the test split too with ``test_matrices``, unless the run was
+        resumed from a checkpoint whose rows have no test scores (its matrix would lack rows)."""
+        test = self.rows.get("test", {}).get("loss", {})
+        return ["validation", "test"] if self.test_matrices and list(test) == list(self.loss_rows) else ["validation"]
+
+    def tables(self, split: str) -> list[str]:
+        """The row tables of ``split``: with the task id, and without it with ``task_id: both``
+        (unless resumed from a checkpoint whose rows lack them)."""
+        nt = self.rows.get(split + NO_TASK_ID, {}).get("loss", {})
+        both = self.task_id == "both" and list(nt) == list(self.rows.get(split, {}).get("loss", {}))
+        return [split, split + NO_TASK_ID] if both else [split]
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[float], list[float]]:
+    def evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        split: str = "validation",
+        route_among: list[str] | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Every task of ``split`` with its own adapters, or without the task id routed among the
+        adapters of ``route_among``: task -> metric -> value (evaluator.METRICS and ``accuracy``,
+        the task metric; NaN where a metric does not apply)."""
         module = as_continual(pl_module)
         dm = trainer.datamodule
         training_task = dm.task_names[min(dm.task_index_at_epoch(trainer.current_epoch), dm.num_tasks - 1)]
+
+        @contextmanager
+        def serve(task: str):
+            module.use_task(task)
+            yield
+
         was_training = pl_module.training
         pl_module.eval()
-        sums = torch.zeros(dm.num_tasks, 3, dtype=torch.float64, device=pl_module.device)  # (T, [loss, tokens, correct])
         try:
             with trainer.precision_plugin.forward_context():
-                for i, task in enumerate(dm.task_names):
-                    module.use_task(task)
-                    for batch in dm.holdout_batches(task, trainer.global_rank, trainer.world_size, self.batch_size):
-                        batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-                        s = module.token_stats(batch)
-                        sums[i] += torch.stack([s.loss_sum, s.tokens, s.correct]).double()
+                tasks = task_data(dm, split, trainer.global_rank, trainer.world_size, self.batch_size)
+                evaluator = RowEvaluator(module.model, serve, dm.hf_tokenizer, pad_id=dm.pad_token_id)
+                return evaluator.oracle(tasks) if route_among is None else evaluator.routed(tasks, route_among)
         finally:
             module.use_task(training_task)
             pl_module.train(was_training)
-        sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        tokens = sums[:, 1].clamp_min(1)
-        return (sums[:, 0] / tokens).tolist(), (sums[:, 2] / tokens).tolist()
 
     def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
-        loss, acc = self.evaluate(trainer, pl_module)
-        self.loss_rows[name] = loss
-        self.acc_rows[name] = acc
+        start = time.perf_counter()
+        tasks = trainer.datamodule.task_names
+        trained = [] if name == BASE_ROW else tasks[: tasks.index(name) + 1]
+        routes = layout_of(as_continual(pl_module).strategy).no_task_id == "route"
+        for split, tables in {split: self.tables(split) for split in self.splits}.items():
+            result = self.evaluate(trainer, pl_module, split)
+            add_row(self.rows.setdefault(split, {}), name, result, tasks)
+            if len(tables) > 1:
+                # A shared LoRA, or all LoRAs summed, serve every input alike: the row is the same.
+                # So is the base row (no adapter trained yet).
+                if routes and trained:
+                    result = self.evaluate(trainer, pl_module, split, route_among=trained)
+                add_row(self.rows.setdefault(split + NO_TASK_ID, {}), name, result, tasks)
+        self.evaluation_s += time.perf_counter() - start
         self._publish(trainer, as_continual(pl_module))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -105,13 +186,14 @@ class ContinualEvaluation(TaskBoundaryCallback):
             print(self.render(trainer, as_continual(pl_module)), flush=True)
 
     # -- results -------------------------------------------------------------------------
-    def matrices(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(list(self.loss_rows.values())), np.array(list(self.acc_rows.values()))
+    def matrices(self, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+        """``(L, A)`` of ``split``, each ``(rows, tasks)``."""
+        rows = self.rows.get(split, {})
+        return np.array(list(rows.get("loss", {}).values())), np.array(list(rows.get("accuracy", {}).values()))
 
-    def summary(self, trainer: pl.Trainer, module: ContinualModule) -> dict:
+    def summary(self, trainer: pl.Trainer, module: ContinualModule, split: str = "validation") -> dict:
         dm = trainer.datamodule
-        loss, acc = self.matrices()
-        done = loss.shape[0] - 1  # rows after the base row
+        done = len(self.rows[split]["loss"]) - 1  # rows after the base row
         has_crma = module.crma is not None
         out = {
             "strategy": module.strategy,
@@ -119,6 +201,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "tasks_completed": done,
             "seed": getattr(dm, "seed", None),
             "base_model": module.backbone_config.label,
+            "split": split,
+            # What A holds for each task (BWT, FWT, forgetting and the averages are on it).
+            "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
             "drift_pct": None,
             "bwt": None,
             "fwt": None,
@@ -128,68 +213,104 @@ class ContinualEvaluation(TaskBoundaryCallback):
             # Reported by the spectral callback, when it runs (and only meaningful with CRMA).
             "spectral_max_sigma": module.run_facts.get("spectral_max_sigma") if has_crma else None,
             "spectral_max_row_col_err": module.run_facts.get("spectral_max_row_col_err") if has_crma else None,
+            "evaluation_s": self.evaluation_s,
         }
-        if done >= 1:
-            # Metrics over the tasks trained so far: rows 0..done, columns 0..done-1.
-            out |= clm.summarize(loss[: done + 1, :done], acc[: done + 1, :done])
-        return out
+        return out | summarize_rows(self.rows[split])
 
     def _publish(self, trainer: pl.Trainer, module: ContinualModule) -> None:
         out = run_dir(trainer)  # on every rank: a collective
         if not trainer.is_global_zero:
             return
+        for split in self.splits:
+            self._publish_split(trainer, module, out, split)
+        # A figure is a web of reference cycles holding its (tasks x tasks) pixel buffer; collect it
+        # now rather than when the cyclic collector gets to it (memory would pile up over tasks).
+        gc.collect()
+
+    def _publish_split(self, trainer: pl.Trainer, module: ContinualModule, out, split: str) -> None:
         tasks = list(trainer.datamodule.task_names)
-        step = len(self.loss_rows) - 1
-        summary = self.summary(trainer, module)
-        out.write_matrices(tasks, {LOSS_MATRIX: self.loss_rows, ACCURACY_MATRIX: self.acc_rows}, summary)
-        loss, acc = self.matrices()
+        rows = self.rows[split]
+        step = len(rows["loss"]) - 1
+        summary = self.summary(trainer, module, split)
+        extra = extra_matrices(rows)
+        files = {LOSS_MATRIX: rows["loss"], ACCURACY_MATRIX: rows["accuracy"]}
+        files |= {matrix_name(metric): m for metric, m in extra.items()}
+        nt_rows = self.rows[split + NO_TASK_ID] if len(self.tables(split)) > 1 else None
+        if nt_rows is not None:
+            nt_extra = extra_matrices(nt_rows)
+            files |= {matrix_name(m, no_task_id=True): nt_rows[m] for m in ("loss", "accuracy")}
+            files |= {matrix_name(m, no_task_id=True): r for m, r in nt_extra.items()}
+            summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": layout_of(module.strategy).no_task_id}
+        out.write_matrices(tasks, files, summary, split)
+        loss, acc = self.matrices(split)
         figures = {
-            LOSS_MATRIX: heatmap_figure(loss, list(self.loss_rows), tasks, "holdout loss L[after, task] (lower is better)", "viridis_r"),
-            ACCURACY_MATRIX: heatmap_figure(acc, list(self.acc_rows), tasks, "token accuracy A[after, task]", "viridis"),
+            LOSS_MATRIX: heatmap_figure(loss, list(rows["loss"]), tasks, f"{split} loss L[after, task] (lower is better)", "viridis_r"),
+            ACCURACY_MATRIX: heatmap_figure(acc, list(rows["accuracy"]), tasks, f"{split} task metric A[after, task]", "viridis"),
         }  # fmt: skip
         for name, fig in figures.items():
-            save_figure(fig, out.figure_file(name))
-        scalars = {f"val/{t}/loss": v for t, v in zip(tasks, loss[-1], strict=True)}
-        scalars |= {f"val/{t}/accuracy": v for t, v in zip(tasks, acc[-1], strict=True)}
-        scalars |= {f"cl/{k}": v for k, v in summary.items() if k in CL_SCALARS and v is not None}
+            save_figure(fig, out.figure_file(name, split))
+        prefix, cl_prefix = SPLITS[split]
+        scalars = {f"{prefix}/{t}/loss": v for t, v in zip(tasks, loss[-1], strict=True)}
+        scalars |= {f"{prefix}/{t}/accuracy": v for t, v in zip(tasks, acc[-1], strict=True)}
+        for metric, m in extra.items():
+            last = list(m.values())[-1]
+            scalars |= {f"{prefix}/{t}/{metric}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)}
+        scalars |= {f"{cl_prefix}/{k}": v for k, v in summary.items() if k in CL_SCALARS and v is not None}
+        if nt_rows is not None:
+            for metric in ("loss", "accuracy", *nt_extra):
+                last = list(nt_rows[metric].values())[-1]
+                scalars |= {f"{prefix}/{t}/{metric}{NO_TASK_ID}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)}
+            nt_summary = summary["no_task_id"].items()
+            scalars |= {f"{cl_prefix}{NO_TASK_ID}/{k}": v for k, v in nt_summary if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             # Lightning has no logger-neutral image API; loggers whose writer takes figures
             # (TensorBoard's SummaryWriter) get them.
             add_figure = getattr(logger.experiment, "add_figure", None)
-            if add_figure is not None:
+            if add_figure is not None and split == "validation":
                 for name, fig in figures.items():
                     add_figure(f"continual/{name}", fig, global_step=step, close=False)
         for fig in figures.values():
             pyplot().close(fig)
-        # A figure is a web of reference cycles holding its (tasks x tasks) pixel buffer; collect it
-        # now rather than when the cyclic collector gets to it (memory would pile up over tasks).
-        gc.collect()
 
     def render(self, trainer: pl.Trainer, module: ContinualModule) -> str:
         tasks = list(trainer.datamodule.task_names)
-        s = self.summary(trainer, module)
-        fmt = {
-            k: ("n/a" if v is None else f"{v:+.3f}" if k in ("drift_pct", "bwt", "fwt") else f"{v:.4g}")
-            for k, v in s.items()
-            if k in CL_SCALARS
-        }
-        return "\n".join(
-            [
+        metrics = sorted({trainer.datamodule.spec(t).task_metric for t in tasks})
+        lines = []
+        for split in self.splits:
+            s = self.summary(trainer, module, split)
+            rows = self.rows[split]
+            fmt = {
+                k: ("n/a" if v is None else f"{v:+.3f}" if k in ("drift_pct", "bwt", "fwt") else f"{v:.4g}")
+                for k, v in s.items()
+                if k in CL_SCALARS
+            }
+            name = "holdout" if split == "validation" else "test"
+            lines += [
                 "",
-                table(self.loss_rows, tasks, f"holdout loss ({s['strategy']}; rows: after training, columns: task)"),
+                table(rows["loss"], tasks, f"{name} loss ({s['strategy']}; rows: after training, columns: task)"),
                 "",
-                table(self.acc_rows, tasks, "token accuracy"),
+                table(rows["accuracy"], tasks, f"{name} task metric ({', '.join(metrics)})"),
                 "",
-                "  ".join(f"{k}={v}" for k, v in fmt.items()),
+                f"{split}: " + "  ".join(f"{k}={v}" for k, v in fmt.items()),
             ]
-        )
+            if len(self.tables(split)) > 1:
+                nt = self.rows[split + NO_TASK_ID]
+                lines += ["", table(nt["accuracy"], tasks, f"{name} task metric without the task id")]
+                if "routing_accuracy" in extra_matrices(nt):
+                    lines += ["", table(nt["routing_accuracy"], tasks, f"{name} routing accuracy (no task id)")]
+        return "\n".join(lines)
 
     # -- resumable state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return super().state_dict() | {"loss_rows": dict(self.loss_rows), "acc_rows": dict(self.acc_rows)}
+        rows = {split: {m: dict(r) for m, r in metrics.items()} for split, metrics in self.rows.items()}
+        return super().state_dict() | {"rows": rows, "evaluation_s": self.evaluation_s}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self.loss_rows = dict(state_dict["loss_rows"])
-        self.acc_rows = dict(state_dict["acc_rows"])
+        if "rows" in state_dict:
+            self.rows = {split: {m: dict(r) for m, r in metrics.items()} for split, metrics in state_dict["rows"].items()}
+            self.evaluation_s = float(state_dict.get("evaluation_s", 0.0))
+        else:
+            # A checkpoint from before task metrics: its accuracy rows are token accuracy.
+            self.rows = {"validation": {"loss": dict(state_dict["loss_rows"]), "accuracy": dict(state_dict["acc_rows"])}}

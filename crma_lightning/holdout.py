@@ -3,13 +3,18 @@
 During ``fit`` the evaluation callback builds the matrices at task boundaries; these steps serve
 ``train.py validate|test --ckpt_path ...``: one dataloader per task, each batch scored with its
 task's adapters, per-task sums all-reduced across ranks by torchmetrics, logged as
-``val/<task>/{loss,accuracy}`` (``test/...``).
+``val/<task>/{loss,token_accuracy}`` (``test/...``; ``test`` reads the test split), and as
+``val/<task>/accuracy`` for tasks whose task metric is token accuracy: for the others (exact match,
+ROUGE-L, which need generation) that name belongs to the evaluation callback's value, and
+``train.py test --run`` computes it on a finished run.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
+
+from crma_lightning.data import ContinualDataModule
 
 SUMS = ("loss_sum", "tokens", "correct")
 
@@ -35,9 +40,16 @@ class HoldoutSteps:
             v = {name: metric.compute() for name, metric in sums.items()}
             tokens = v["tokens"].clamp_min(1)
             self.log(f"{prefix}/{task}/loss", v["loss_sum"] / tokens, add_dataloader_idx=False)
-            self.log(f"{prefix}/{task}/accuracy", v["correct"] / tokens, add_dataloader_idx=False)
+            accuracy = v["correct"] / tokens
+            self.log(f"{prefix}/{task}/token_accuracy", accuracy, add_dataloader_idx=False)
+            if self._task_metric(task) == "token_accuracy":
+                self.log(f"{prefix}/{task}/accuracy", accuracy, add_dataloader_idx=False)
             for metric in sums.values():
                 metric.reset()
+
+    def _task_metric(self, task: str) -> str:
+        dm = self.trainer.datamodule
+        return dm.spec(task).task_metric if isinstance(dm, ContinualDataModule) else "token_accuracy"
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)

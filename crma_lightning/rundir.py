@@ -7,14 +7,23 @@ A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
                                   sharded (FSDP2) checkpoint is a folder of DCP shards + meta.pt
     adapters/<task>/              the LoRA serving <task>, PEFT format, written at the task's end
     adapters/crma/                the latest CRMA state (safetensors + JSON), rewritten per task
+    adapters/crma_history/<t>/    the CRMA state as it was after task <t> (to rebuild each row)
     adapters/ranks.json           every rank's adapter hash at every task end
     routing/<task>.safetensors    the task's routing statistics (frozen-base features of its
                                   training data: count, sum, sum of outer products; float64)
     routing/<task>.json           how they were gathered (layer, pooling, base signature) and the
                                   SHA-256 of the .safetensors file, written after it
-    continual/loss_matrix.csv     holdout loss L[after, task]; header ``after,<tasks>``, row ``base`` first
-    continual/accuracy_matrix.csv token accuracy, same layout
-    continual/summary.json        drift, BWT, FWT, forgetting, final averages, spectral bound
+    continual/loss_matrix.csv     validation (holdout) loss L[after, task]; header ``after,<tasks>``,
+                                  row ``base`` first
+    continual/accuracy_matrix.csv the task metric A[after, task] (token accuracy for text tasks,
+                                  exact match for classification, ...), same layout
+    continual/<metric>_matrix.csv the other metrics computed (label_accuracy, token_accuracy, ...)
+    continual/*_no_task_id.csv    the same without the task id (routed, or the one model every input
+                                  gets), and routing_accuracy_matrix_no_task_id.csv
+    continual/summary.json        drift, BWT, FWT, forgetting, final averages (on A), spectral bound,
+                                  evaluation time
+    continual/test/               the same files on the test split (one row per task end, with the
+                                  evaluation callback's test_matrices)
     continual/grad_norm.json      per-task peak and mean gradient norm
     continual/resources.json      per-task step time and memory (optional ResourceMonitor callback)
     continual/*.png               heatmaps of the matrices
@@ -50,6 +59,11 @@ ROUTING_DIR = "routing"
 RESULTS_DIR = "continual"
 LOSS_MATRIX = "loss_matrix"
 ACCURACY_MATRIX = "accuracy_matrix"
+NO_TASK_ID = "_no_task_id"
+"""Suffix of a matrix evaluated without the task id (``accuracy_matrix_no_task_id.csv``)."""
+CRMA_HISTORY_DIR = "crma_history"
+TEST_DIR = "test"
+"""Folder of ``continual/`` holding the matrices and summary on the test split."""
 SUMMARY_FILE = "summary.json"
 GRAD_NORM_FILE = "grad_norm.json"
 RESOURCES_FILE = "resources.json"
@@ -62,8 +76,8 @@ RUN_DIR_LINE = "run dir: "
 BASE_ROW = "base"
 """Name of the matrices' first row: the model before any training."""
 
-RESERVED_TASK_NAMES = (CRMA_DIR,)
-"""Task names that would collide with a run-directory entry (``adapters/crma/``)."""
+RESERVED_TASK_NAMES = (CRMA_DIR, CRMA_HISTORY_DIR)
+"""Task names that would collide with a run-directory entry (``adapters/crma/``, ``adapters/crma_history/``)."""
 
 _VERSION = re.compile(r"version_(\d+)")
 
@@ -80,6 +94,12 @@ class Matrix(NamedTuple):
     tasks: list[str]
     values: np.ndarray
     """``(len(rows), len(tasks))`` float64."""
+
+
+def matrix_name(metric: str, no_task_id: bool = False) -> str:
+    """File stem of a metric's matrix: ``loss`` -> ``loss_matrix``, ``accuracy`` (the task metric)
+    -> ``accuracy_matrix``, ``exact_match`` -> ``exact_match_matrix``; ``_no_task_id`` appended."""
+    return f"{metric}_matrix" + (NO_TASK_ID if no_task_id else "")
 
 
 def matrix_csv(rows: dict[str, list[float]], tasks: list[str]) -> str:
@@ -140,6 +160,10 @@ class RunDir:
     def crma(self) -> Path:
         return self.adapters / CRMA_DIR
 
+    def crma_after(self, task: str) -> Path:
+        """The CRMA state as it was when ``task`` ended (same files as :attr:`crma`)."""
+        return self.adapters / CRMA_HISTORY_DIR / task
+
     @property
     def ranks_file(self) -> Path:
         return self.adapters / RANKS_FILE
@@ -160,15 +184,22 @@ class RunDir:
     def results(self) -> Path:
         return self.path / RESULTS_DIR
 
-    def matrix_file(self, name: str = LOSS_MATRIX) -> Path:
-        return self.results / f"{name}.csv"
+    def results_of(self, split: str = "validation") -> Path:
+        """``continual/`` for the validation split (the matrices of ``fit``), ``continual/test/`` for test."""
+        return self.results if split == "validation" else self.results / TEST_DIR
 
-    def figure_file(self, name: str) -> Path:
-        return self.results / f"{name}.png"
+    def matrix_file(self, name: str = LOSS_MATRIX, split: str = "validation") -> Path:
+        return self.results_of(split) / f"{name}.csv"
+
+    def figure_file(self, name: str, split: str = "validation") -> Path:
+        return self.results_of(split) / f"{name}.png"
 
     @property
     def summary_file(self) -> Path:
         return self.results / SUMMARY_FILE
+
+    def summary_of(self, split: str = "validation") -> Path:
+        return self.results_of(split) / SUMMARY_FILE
 
     @property
     def grad_norm_file(self) -> Path:
@@ -181,13 +212,17 @@ class RunDir:
 
     # -- writing results ---------------------------------------------------------------------
     def write_matrices(
-        self, tasks: list[str], rows: dict[str, dict[str, list[float]]], summary: dict[str, Any]
+        self,
+        tasks: list[str],
+        rows: dict[str, dict[str, list[float]]],
+        summary: dict[str, Any],
+        split: str = "validation",
     ) -> None:
         """``rows[name]`` is one matrix (row name -> values per task); each becomes ``<name>.csv``;
         then the summary. Each file is replaced atomically."""
         for name, matrix in rows.items():
-            atomic_write_text(self.matrix_file(name), matrix_csv(matrix, tasks))
-        atomic_write_json(self.summary_file, json_safe(summary))
+            atomic_write_text(self.matrix_file(name, split), matrix_csv(matrix, tasks))
+        atomic_write_json(self.summary_of(split), json_safe(summary))
 
     # -- reading a run -----------------------------------------------------------------------
     def read_config(self) -> dict[str, Any]:
@@ -211,11 +246,11 @@ class RunDir:
             ) from None
         return cfg
 
-    def read_matrix(self, name: str = LOSS_MATRIX) -> Matrix:
-        return read_matrix_csv(self.matrix_file(name))
+    def read_matrix(self, name: str = LOSS_MATRIX, split: str = "validation") -> Matrix:
+        return read_matrix_csv(self.matrix_file(name, split))
 
-    def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_file.read_text(encoding="utf-8"))
+    def read_summary(self, split: str = "validation") -> dict[str, Any]:
+        return json.loads(self.summary_of(split).read_text(encoding="utf-8"))
 
     def read_grad_norm(self) -> dict[str, Any] | None:
         f = self.grad_norm_file

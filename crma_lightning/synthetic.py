@@ -33,7 +33,7 @@ def task_permutation(seed: int, name: str, vocab: int) -> np.ndarray:
 
 
 def permutation_sequences(
-    seed: int, name: str, num_examples: int, length: int, vocab: int, jump_prob: float = 0.0
+    seed: int, name: str, num_examples: int, length: int, vocab: int, jump_prob: float = 0.0, stream: int = 0
 ) -> np.ndarray:
     """``num_examples`` sequences of ``length`` token ids following the task's permutation, ``(N, L)`` int64.
 
@@ -42,6 +42,9 @@ def permutation_sequences(
     start token (at most ``vocab`` distinct sequences, so a holdout set would repeat training
     sequences); with ``jump_prob > 0`` each step jumps to a uniform token with that probability,
     which makes sequences distinct while the permutation stays the learnable rule.
+
+    ``stream`` > 0 draws the sequences from another generator, ``(seed, name, stream)``, over the
+    same permutation: more sequences of the task (e.g. a test set) that leave stream 0's unchanged.
     """
     if not 0.0 <= jump_prob < 1.0:
         raise ValueError(f"jump_prob must lie in [0, 1), got {jump_prob}")
@@ -51,6 +54,8 @@ def permutation_sequences(
         )
     rng = task_rng(seed, name)
     perm = rng.permutation(vocab)
+    if stream:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8")), stream])
     seqs = np.empty((num_examples, length), dtype=np.int64)
     seqs[:, 0] = rng.integers(0, vocab, size=num_examples)
     jumps = rng.random((num_examples, length)) < jump_prob  # (N, L); column 0 unused

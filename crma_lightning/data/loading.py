@@ -194,7 +194,8 @@ def sharded_batches(
     data: datasets.Dataset, batch_size: int, rank: int, world_size: int, pad_token_id: int
 ) -> list[dict[str, Tensor]]:
     """Examples ``rank::world_size`` of ``data``, in order, batched by ``batch_size``, each batch
-    with ``example_weight`` ``(B,)`` float32: every example once over all ranks.
+    with ``example_weight`` ``(B,)`` float32 (and, for a classification task, ``target`` ``(B,)``
+    int64, each example's label index): every example once over all ranks.
 
     Every rank gets the same number of batches with the same batch sizes (collectives inside a
     sharded forward, and all-gathers of per-example values, need that): ranks short of
@@ -209,7 +210,10 @@ def sharded_batches(
     weights += [0.0] * (per_rank - len(weights))
     batches = []
     for lo in range(0, per_rank, batch_size):
-        batch = _collate_rows(data[indices[lo : lo + batch_size]], pad_token_id)
+        rows = data[indices[lo : lo + batch_size]]
+        batch = _collate_rows(rows, pad_token_id)
         batch["example_weight"] = torch.tensor(weights[lo : lo + batch_size], dtype=torch.float32)
+        if "target" in rows:  # a classification example's label index
+            batch["target"] = torch.tensor(rows["target"], dtype=torch.long)
         batches.append(batch)
     return batches

@@ -2,8 +2,11 @@
 
 Task ``k`` is trained during epochs ``[k * epochs_per_task, (k + 1) * epochs_per_task)``; the trainer
 runs with ``reload_dataloaders_every_n_epochs=1`` so ``train_dataloader()`` is asked again at every
-epoch and hands out the current task. Every task also keeps a fixed holdout set that the
-evaluation callback scores after later tasks to measure forgetting (:meth:`holdout_batches`).
+epoch and hands out the current task. Every task also keeps two fixed held-out sets: validation
+(the holdout that the evaluation callback scores after every task during ``fit``, to measure
+forgetting and to select settings on) and test (scored for the report, :meth:`holdout_batches`
+with ``split="test"``), from files when given, else cut from the training data by the seed
+(:mod:`crma_lightning.data.split`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from crma_lightning.data.loading import (
 )
 from crma_lightning.data.replay import MixedRows, Replay, ReplayBatchSampler, joint_slice
 from crma_lightning.data.replay import buffer as replay_buffer_of
-from crma_lightning.data.sources import load_hub, load_records
-from crma_lightning.data.split import split_by_record
-from crma_lightning.data.tasks import TaskSpec, source_kind, validate_data_config
-from crma_lightning.data.tokenize import load_tokenizer, synthetic_examples, tokenize_records
+from crma_lightning.data.sources import load_hub
+from crma_lightning.data.split import task_sets
+from crma_lightning.data.tasks import TaskSpec, source_kind, split_sources, validate_data_config
+from crma_lightning.data.tokenize import choice_ids, load_tokenizer
 from crma_lightning.hub import is_offline
+from crma_lightning.losses import IGNORE_INDEX
 from crma_lightning.synthetic import FIRST_TOKEN
 
 
@@ -43,7 +47,11 @@ class ContinualDataModule(LightningDataModule):
             one shipped in the package, or ``path/to/model.gguf``. Needed only for non-synthetic tasks.
         max_length: Tokens per example: synthetic sequence length, text block length, truncation length.
         train_size: Training examples per task (fewer, with a warning, if the source runs out).
-        holdout_size: Holdout examples per task, set aside before training examples are drawn.
+        holdout_size: Validation examples per task (the holdout the matrices use during fit), set
+            aside before training examples are drawn (at most this many from a validation file).
+        test_size: Test examples per task (default: ``holdout_size``; 0: no test set), cut from the
+            records after the training ones (at most this many from a test file; a synthetic
+            task draws its own). Validation and training sets do not depend on it.
         batch_size: Training examples per batch on each rank.
         eval_batch_size: Examples per batch in ``holdout_batches``.
         epochs_per_task: Epochs spent on each task before moving to the next.
@@ -66,6 +74,7 @@ class ContinualDataModule(LightningDataModule):
         max_length: int = 128,
         train_size: int = 500,
         holdout_size: int = 100,
+        test_size: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int = 16,
         epochs_per_task: int = 1,
@@ -81,6 +90,7 @@ class ContinualDataModule(LightningDataModule):
         self.max_length = max_length
         self.train_size = train_size
         self.holdout_size = holdout_size
+        self.test_size = test_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.epochs_per_task = epochs_per_task
@@ -94,6 +104,8 @@ class ContinualDataModule(LightningDataModule):
         self._hf_tokenizer: PreTrainedTokenizerBase | None = None
         self._train: dict[str, datasets.Dataset] = {}
         self._holdout: dict[str, datasets.Dataset] = {}
+        self._test: dict[str, datasets.Dataset] = {}
+        self._budgets: dict[tuple[str, str], int] = {}
 
     # -- task schedule -----------------------------------------------------------------------
     @property
@@ -113,6 +125,16 @@ class ContinualDataModule(LightningDataModule):
         if epoch < 0:
             raise ConfigError(f"epoch must be >= 0, got {epoch}")
         return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+
+    @property
+    def test_count(self) -> int:
+        """Test examples asked for per task (``test_size``, default ``holdout_size``)."""
+        return self.holdout_size if self.test_size is None else self.test_size
+
+    def spec(self, task: str) -> TaskSpec:
+        """The spec of ``task`` (after :meth:`setup`, a classification task's label set is filled in)."""
+        self._require(task)
+        return self.tasks[self.task_names.index(task)]
 
     # -- tokens ------------------------------------------------------------------------------
     @property
@@ -142,34 +164,43 @@ class ContinualDataModule(LightningDataModule):
             load_tokenizer(self.tokenizer)  # fills the hub cache that setup() reads on every rank
         for i, task in enumerate(self.tasks):
             if source_kind(task.source) == "hub":
-                load_hub(i, task)
+                for split in split_sources(task).values():
+                    load_hub(i, task, split)
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenise every task and split it into holdout and training sets; later calls do nothing."""
+        """Tokenise every task into validation, training and test sets; later calls do nothing."""
         for i, task in enumerate(self.tasks):
             if task.name not in self._train:
-                self._holdout[task.name], self._train[task.name] = split_by_record(
-                    self._examples(i, task),
-                    self.holdout_size,
-                    self.train_size,
-                    self.seed,
-                    where=f"task '{task.name}' ({task.source})",
-                )
+                self.tasks[i], *sets = task_sets(self, i, task)
+                self._holdout[task.name], self._train[task.name], self._test[task.name] = sets
 
-    def _examples(self, index: int, task: TaskSpec) -> datasets.Dataset:
-        kind = source_kind(task.source)
-        if kind == "synthetic":
-            count = self.train_size + self.holdout_size
-            return synthetic_examples(
-                task,
-                count,
-                self.seed,
-                self.max_length,
-                self.synthetic_vocab,
-                self.synthetic_jump,
-                self.hf_tokenizer,
-            )
-        return tokenize_records(load_records(index, task, kind), task, self.hf_tokenizer, self.max_length)
+    def split_size(self, task: str, split: str = "validation") -> int:
+        """Examples in the ``validation`` (holdout) or ``test`` set of ``task``."""
+        return len(self._held_out(task, split))
+
+    def _held_out(self, task: str, split: str) -> datasets.Dataset:
+        self._require(task)
+        if split not in ("validation", "test"):
+            raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
+        return (self._holdout if split == "validation" else self._test)[task]
+
+    def choices(self, task: str) -> list[list[int]] | None:
+        """Token ids of each label's target (``answer_prefix`` + label + eos) of a classification
+        task, in label order; None for other formats."""
+        spec = self.spec(task)
+        return choice_ids(spec, self.hf_tokenizer) if spec.format == "classification" else None
+
+    def answer_budget(self, task: str, split: str = "validation") -> int:
+        """Tokens to generate for ``task``'s answers: the longest target of the split (its longest
+        label for classification), eos included; a property of the whole split, so every rank
+        generates the same number of tokens."""
+        choices = self.choices(task)
+        if choices is not None:
+            return max(len(c) for c in choices)
+        if (task, split) not in self._budgets:
+            labels = self._held_out(task, split)["labels"]
+            self._budgets[task, split] = max((sum(t != IGNORE_INDEX for t in row[1:]) for row in labels), default=1)
+        return self._budgets[task, split]
 
     def _require(self, task: str) -> None:
         if task not in self.task_names:
@@ -246,19 +277,18 @@ class ContinualDataModule(LightningDataModule):
         return math.ceil(len(self._train[task]) / (per_batch * world_size))
 
     def holdout_batches(
-        self, task: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None
+        self,
+        task: str,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+        split: str = "validation",
     ) -> list[dict[str, Tensor]]:
-        """The holdout set of ``task``, examples ``rank::world_size``, in order, batched.
-
-        Every rank gets the same number of batches with the same batch sizes (collectives inside
-        a sharded forward, and all-gathers of per-example losses, need that): ranks short of
-        ``ceil(holdout / world_size)`` examples repeat a real example with ``example_weight`` 0.
-        Each batch carries ``example_weight`` ``(B,)`` float32, 1.0 for real examples.
-        """
-        self._require(task)
-        return sharded_batches(
-            self._holdout[task], batch_size or self.eval_batch_size, rank, world_size, self.pad_token_id
-        )
+        """The validation (holdout) or ``test`` set of ``task``, examples ``rank::world_size``, in
+        order, batched (:func:`~crma_lightning.data.loading.sharded_batches`: every rank the same
+        batch sizes, ``example_weight`` 0 on padding examples, ``target`` for classification)."""
+        data = self._held_out(task, split)
+        return sharded_batches(data, batch_size or self.eval_batch_size, rank, world_size, self.pad_token_id)
 
     def train_batches(
         self,
@@ -294,7 +324,7 @@ class ContinualDataModule(LightningDataModule):
             data = data.select(range(limit))
         return sharded_batches(data, batch_size or self.eval_batch_size, rank, world_size, self.pad_token_id)
 
-    def _holdout_loaders(self) -> list[DataLoader]:
+    def _holdout_loaders(self, split: str) -> list[DataLoader]:
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":
             # During fit the evaluation callback scores every task at task boundaries; a per-epoch
@@ -302,14 +332,14 @@ class ContinualDataModule(LightningDataModule):
             return []
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return [
-            DataLoader(self.holdout_batches(task, rank, world), batch_size=None, shuffle=False)
+            DataLoader(self.holdout_batches(task, rank, world, split=split), batch_size=None, shuffle=False)
             for task in self.task_names
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
-        """One loader per task over its holdout set (rank shard), for ``validate``; empty during fit."""
-        return self._holdout_loaders()
+        """One loader per task over its validation set (rank shard), for ``validate``; empty during fit."""
+        return self._holdout_loaders("validation")
 
     def test_dataloader(self) -> list[DataLoader]:
-        """Same as :meth:`val_dataloader`, for the ``test`` subcommand."""
-        return self._holdout_loaders()
+        """One loader per task over its test set (rank shard), for the ``test`` subcommand."""
+        return self._holdout_loaders("test")

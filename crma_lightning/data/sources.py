@@ -16,7 +16,14 @@ import pyarrow as pa
 
 from crma_lightning import corpus
 from crma_lightning.config import ConfigError
-from crma_lightning.data.tasks import CORPUS_PREFIX, FILE_BUILDERS, TaskSpec, is_file, local_path
+from crma_lightning.data.tasks import (
+    CORPUS_PREFIX,
+    FILE_BUILDERS,
+    TaskSpec,
+    is_file,
+    local_path,
+    split_sources,
+)
 from crma_lightning.hub import is_offline
 
 _READ_OPTIONS = {
@@ -34,17 +41,26 @@ _FILE_SHAPES = {
 """What a readable file of each builder looks like, for error messages."""
 
 
-def load_records(index: int, task: TaskSpec, kind: str) -> datasets.Dataset:
-    """The raw records of a non-synthetic task, with the fields it reads checked to hold text."""
-    raw = load_file(index, task) if kind == "file" else load_hub(index, task)
+def load_records(index: int, task: TaskSpec, kind: str, split: str = "train") -> datasets.Dataset:
+    """The raw records of one split of a non-synthetic task (``split_sources``), with the fields it
+    reads checked to hold text."""
+    source = split_sources(task)[split]
+    raw = load_hub(index, task, source) if kind == "hub" else load_file(index, task, source)
     check_fields(raw, index, task)
     return raw
 
 
 def check_fields(raw: datasets.Dataset, index: int, task: TaskSpec) -> None:
     where = f"task '{task.name}' ({task.source})"
-    fields = [task.text_field] if task.format == "text" else [task.prompt_field, task.response_field]
-    names = ["text_field"] if task.format == "text" else ["prompt_field", "response_field"]
+    names = {
+        "text": ["text_field"],
+        "prompt_response": ["prompt_field", "response_field"],
+        "classification": ["text_field", "label_field"],
+    }[task.format]
+    fields = [getattr(task, name) for name in names]
+    if task.format == "classification":
+        _check_label_field(raw, index, task, where)
+        fields, names = fields[:1], names[:1]
     for field, name in zip(fields, names, strict=True):
         if field not in raw.column_names:
             raise ConfigError(
@@ -63,13 +79,33 @@ def check_fields(raw: datasets.Dataset, index: int, task: TaskSpec) -> None:
             )
 
 
-def load_file(index: int, task: TaskSpec) -> datasets.Dataset:
-    if task.source.startswith(CORPUS_PREFIX):
+def _check_label_field(raw: datasets.Dataset, index: int, task: TaskSpec, where: str) -> None:
+    field = task.label_field
+    if field not in raw.column_names:
+        raise ConfigError(
+            f"{where}: field {field!r} is not in the data; its fields are {raw.column_names}; "
+            f"set data.tasks[{index}].label_field to one of them"
+        )
+    feature = raw.features[field]
+    if isinstance(feature, datasets.ClassLabel):
+        return
+    dtype = feature.dtype if isinstance(feature, datasets.Value) else None
+    if dtype not in ("string", "large_string") and not (dtype or "").startswith(("int", "uint")):
+        raise ConfigError(
+            f"{where}: label field {field!r} holds {feature} values; a label is a string of the label set or an "
+            "integer index into it"
+        )
+
+
+def load_file(index: int, task: TaskSpec, source: str | None = None) -> datasets.Dataset:
+    """The records of a local file: ``source`` (a split's file), by default the task's source."""
+    source = task.source if source is None else source
+    if source.startswith(CORPUS_PREFIX):
         # A shipped domain: gzipped jsonl records {"text": ...}; `datasets` decompresses .gz itself.
-        path = Path(corpus.domain_path(task.source.removeprefix(CORPUS_PREFIX)))
+        path = Path(corpus.domain_path(source.removeprefix(CORPUS_PREFIX)))
         builder = "json"
     else:
-        path = local_path(task.source)
+        path = local_path(source)
         builder = FILE_BUILDERS[path.suffix.lower()]
     where = f"task '{task.name}' (data.tasks[{index}].source)"
     if not is_file(path):
@@ -108,10 +144,12 @@ def load_file(index: int, task: TaskSpec) -> datasets.Dataset:
     return raw
 
 
-def load_hub(index: int, task: TaskSpec) -> datasets.Dataset:
+def load_hub(index: int, task: TaskSpec, split: str | None = None) -> datasets.Dataset:
+    """One split of a hub dataset (default ``hub_split``, the training data)."""
     where = f"task '{task.name}' (data.tasks[{index}].source)"
+    split = task.hub_split if split is None else split
     try:
-        raw = datasets.load_dataset(task.source, task.hub_config, split=task.hub_split)
+        raw = datasets.load_dataset(task.source, task.hub_config, split=split)
     except Exception as err:
         if is_offline() or _caused_by_network(err):
             raise ConfigError(
@@ -120,11 +158,11 @@ def load_hub(index: int, task: TaskSpec) -> datasets.Dataset:
                 f"not cached; point the source at a local file instead ({' '.join(sorted(FILE_BUILDERS))})"
             ) from err
         raise ConfigError(
-            f"{where}: hub dataset {task.source!r} (config {task.hub_config!r}, split {task.hub_split!r}) "
+            f"{where}: hub dataset {task.source!r} (config {task.hub_config!r}, split {split!r}) "
             f"could not be loaded: {err}"
         ) from err
     if len(raw) == 0:
-        raise ConfigError(f"{where}: hub dataset {task.source!r} split {task.hub_split!r} is empty")
+        raise ConfigError(f"{where}: hub dataset {task.source!r} split {split!r} is empty")
     return raw
 
 

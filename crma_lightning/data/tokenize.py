@@ -7,6 +7,7 @@ split can keep a record's blocks on one side.
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from crma_lightning.config import ConfigError
-from crma_lightning.data.tasks import TaskSpec, local_path
+from crma_lightning.data.tasks import DEFAULT_INSTRUCTION, TASK_FILE, TaskSpec, local_path
 from crma_lightning.hub import converted_gguf, resolve_path
 from crma_lightning.losses import IGNORE_INDEX
 from crma_lightning.synthetic import FIRST_TOKEN, permutation_sequences
@@ -127,13 +128,98 @@ def tokenize_prompt_response(
     return out
 
 
+def choice_ids(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """The target of each label of a classification task: ``answer_prefix`` + label, then eos."""
+    eos = tokenizer.eos_token_id
+    targets = tokenizer([task.answer_prefix + label for label in task.labels], add_special_tokens=False).input_ids
+    return [[*ids, eos] for ids in targets]
+
+
+def resolve_labels(task: TaskSpec, raw: datasets.Dataset, index: int) -> TaskSpec:
+    """A classification task with its label set: given, else the label field's class names; every
+    label value of ``raw`` checked to be in the set (a string of it, or an index into it)."""
+    where = f"task '{task.name}' ({task.source})"
+    feature = raw.features[task.label_field]
+    labels = task.labels
+    if labels is None and isinstance(feature, datasets.ClassLabel):
+        labels = list(feature.names)
+    if labels is None:
+        raise ConfigError(
+            f"{where}: a classification task needs its label set: set data.tasks[{index}].labels, or put a "
+            f"{TASK_FILE} with \"labels\" beside the data"
+        )
+    values = raw.unique(task.label_field)
+    unknown = [
+        v for v in values
+        if not (isinstance(v, str) and v in labels) and not (isinstance(v, int) and 0 <= v < len(labels))
+    ]  # fmt: skip
+    if unknown:
+        raise ConfigError(
+            f"{where}: label values {sorted(map(repr, unknown))[:5]} are not in the label set {labels} "
+            f"(a label is one of its strings or an index into it); fix data.tasks[{index}].labels or the data"
+        )
+    return dataclasses.replace(task, labels=list(labels), instruction=task.instruction or DEFAULT_INSTRUCTION)
+
+
+def tokenize_classification(
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    task: TaskSpec,
+    max_length: int,
+) -> dict[str, list]:
+    """``template`` filled from each record + ``answer_prefix`` + label + eos; labels -100 on the prompt.
+
+    The prompt is tokenised in three pieces, the template before ``{text}`` (with the tokenizer's
+    special tokens, e.g. a Llama BOS), the text and the template after it, so that only the text is
+    cut when the example would exceed ``max_length`` (with room for the longest label): the
+    instruction, options and answer cue always survive. Training and evaluation use the same pieces.
+    ``target`` is the label's index in ``task.labels``.
+    """
+    labels = task.labels
+    position = {label: i for i, label in enumerate(labels)}
+    head, tail = task.template.split("{text}")
+    common = {"instruction": task.instruction, "options": ", ".join(labels)}
+    records = [dict(zip(batch, row, strict=True)) for row in zip(*batch.values(), strict=True)]
+    try:
+        heads = [head.format_map({**r, **common}) for r in records]
+        tails = [tail.format_map({**r, **common}) for r in records]
+    except (KeyError, IndexError) as err:
+        raise ConfigError(
+            f"task '{task.name}': template field {err} is not a field of the data ({list(batch)}) nor "
+            "instruction/options/text; fix data.tasks[].template"
+        ) from None
+    texts = ["" if r[task.text_field] is None else str(r[task.text_field]) for r in records]
+    head_ids = tokenizer(heads).input_ids
+    text_ids = tokenizer(texts, add_special_tokens=False).input_ids
+    tail_ids = tokenizer(tails, add_special_tokens=False).input_ids
+    choices = choice_ids(task, tokenizer)
+    longest = max(len(c) for c in choices)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "record": [], "target": []}
+    for record, r, h, x, t in zip(indices, records, head_ids, text_ids, tail_ids, strict=True):
+        budget = max_length - len(h) - len(t) - longest
+        if budget < 1:
+            continue  # not even one text token fits: dropped (an error if every example is)
+        value = r[task.label_field]
+        target = position[value] if isinstance(value, str) else int(value)
+        prompt = h + x[:budget] + t
+        out["input_ids"].append(prompt + choices[target])
+        out["labels"].append([IGNORE_INDEX] * len(prompt) + choices[target])
+        out["record"].append(record)
+        out["target"].append(target)
+    return out
+
+
 def tokenize_records(
     raw: datasets.Dataset, task: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> datasets.Dataset:
-    """Tokenise a task's records (``format: text`` or ``prompt_response``); an error if none is usable."""
+    """Tokenise a task's records (``format: text``, ``prompt_response`` or ``classification``, whose
+    labels are resolved already); an error if none is usable."""
     where = f"task '{task.name}' ({task.source})"
     if task.format == "text":
         fn, fn_kwargs = tokenize_text, {"field": task.text_field}
+    elif task.format == "classification":
+        fn, fn_kwargs = tokenize_classification, {"task": task}
     else:
         fn = tokenize_prompt_response
         fn_kwargs = {"prompt_field": task.prompt_field, "response_field": task.response_field}
@@ -149,6 +235,11 @@ def tokenize_records(
     if len(tokenized) == 0:
         if task.format == "text":
             reason = f"every {task.text_field!r} record is blank or missing"
+        elif task.format == "classification":
+            reason = (
+                f"the template and the longest label leave no room for text within data.max_length={max_length}; "
+                "raise data.max_length or shorten the template"
+            )
         else:
             reason = (
                 f"no example has a response token within data.max_length={max_length} and at least "
@@ -167,8 +258,10 @@ def synthetic_examples(
     vocab: int,
     jump: float,
     tokenizer: PreTrainedTokenizerBase | None,
+    stream: int = 0,
 ) -> datasets.Dataset:
-    """``count`` permutation sequences of a synthetic task (``crma_lightning.synthetic``), every token scored."""
+    """``count`` permutation sequences of a synthetic task (``crma_lightning.synthetic``), every token
+    scored; ``stream`` > 0 gives further sequences of the task (its test set) from their own generator."""
     if tokenizer is not None and FIRST_TOKEN + vocab > len(tokenizer):
         raise ConfigError(
             f"data.synthetic_vocab: task '{task.name}' uses ids up to {FIRST_TOKEN + vocab - 1}"
@@ -182,6 +275,7 @@ def synthetic_examples(
             max_length,
             vocab,
             jump,
+            stream,
         ).tolist()
     except MemoryError as err:  # numpy refuses absurd sizes at once; say which settings to lower
         raise ConfigError(

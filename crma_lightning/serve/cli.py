@@ -1,9 +1,14 @@
-"""``train.py predict | export | route``: use a finished run from the command line.
+"""``train.py predict | export | route | test --run``: use a finished run from the command line.
 
     python train.py predict --run runs/tiny/version_0 --input prompts.jsonl --output out.jsonl
     python train.py export  --run runs/tiny/version_0 --task beta --output exported/beta
     python train.py route   --run runs/tiny/version_0 --input prompts.jsonl --output routed.jsonl
     python train.py route   --run runs/old/version_0 --build-stats     # routing statistics, afterwards
+    python train.py test    --run runs/tiny/version_0            # matrices on the test split
+
+``test --run`` rebuilds every row of the matrices from the run's adapters
+(``crma_lightning.serve.matrices``) and writes them to ``continual/test/``; ``test`` without
+``--run`` is LightningCLI's, on a checkpoint.
 
 Input lines are JSON objects with a ``prompt`` (text) or ``input_ids`` (token ids, for runs on
 synthetic tasks without a tokenizer) and an optional ``task`` (a task name or ``auto``; default
@@ -26,7 +31,7 @@ from typing import Any
 from crma_lightning.atomic import atomic_write_text
 from crma_lightning.config import ConfigError
 
-SUBCOMMANDS = ("predict", "export", "route")
+SUBCOMMANDS = ("predict", "export", "route", "test")
 
 
 def read_prompts(path: str, default_task: str) -> tuple[list[dict[str, Any]], list[Any], list[str]]:
@@ -196,6 +201,28 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_test(args: argparse.Namespace) -> None:
+    from crma_lightning.report import table
+    from crma_lightning.serve.matrices import evaluate_run, write_run_matrices
+
+    run = _load(args, args.device)
+    dm = run.info.datamodule()
+    start = time.perf_counter()
+    tables = evaluate_run(run, dm, args.split, args.batch_size, args.task_id)
+    summary = write_run_matrices(run, dm, tables, args.split)
+    rows, tasks = tables["oracle"], list(dm.task_names)
+    print(table(rows["loss"], tasks, f"{args.split} loss ({run.strategy}; rows: after training, columns: task)"))
+    print()
+    print(table(rows["accuracy"], tasks, f"{args.split} task metric ({', '.join(sorted(set(summary['task_metric'].values())))})"))
+    if "no_task_id" in tables:
+        print()
+        print(table(tables["no_task_id"]["accuracy"], tasks, f"{args.split} task metric without the task id"))
+    keys = ("final_avg_accuracy", "bwt", "fwt", "forgetting", "final_avg_loss")
+    print("  ".join(f"{k}={'n/a' if summary.get(k) is None else format(summary[k], '.4g')}" for k in keys))
+    where = run.info.run.results_of(args.split).relative_to(run.info.run_dir)
+    print(f"wrote {where}/ in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description="Use a finished crma-lightning run.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="the task to export")
     p.add_argument("--output", required=True, help="directory to write (replaced atomically if it exists)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("test", help="rebuild every row of the matrices from the run's adapters and score a split")
+    common(p)
+    p.add_argument("--split", choices=("test", "validation"), default="test", help="held-out split to score")
+    p.add_argument(
+        "--task-id", choices=("oracle", "both"), default="oracle", help="also evaluate without the task id (both)"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default data.eval_batch_size)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    p.set_defaults(fn=cmd_test)
     return parser
 
 
@@ -280,7 +317,7 @@ def routing_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
+    if (getattr(args, "batch_size", 1) or 1) < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         raise SystemExit(2)
     try:

@@ -1,0 +1,139 @@
+"""``train.py test --run <dir>``: the matrices of a finished run, rebuilt row by row from its adapters.
+
+During ``fit`` the evaluation callback scores every row on the validation split (and, with
+``test_matrices``, on test). This scores them again afterwards, on any split, from the run
+directory alone: row ``after task k`` is the base model with
+
+- the LoRAs of tasks 1..k as they were saved at their ends (a per-task LoRA is frozen after its
+  task, so its saved state is its state in every later row), or under NAIVE the shared LoRA as it
+  was after task k (``adapters/<task k>/``); a LoRA of a later task is still at its initialisation,
+  the identity (B = 0), so it is left out;
+- the CRMA state after task k (``adapters/crma_history/<task k>/``), none for the base row (CRMA is
+  the identity at initialisation).
+
+Each row is evaluated by :class:`~crma_lightning.evaluator.RowEvaluator`, as in ``fit``, so the
+numbers equal the callback's (tests compare them); with ``task_id="both"`` also without the task
+id (per-task LoRAs routed among the tasks trained by that row, as the callback does). Results go to ``continual/test/`` (or
+``continual/`` for ``--split validation``) through :class:`~crma_lightning.rundir.RunDir`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from crma_lightning.checkpoint import CRMA_WEIGHTS, load_crma, load_lora
+from crma_lightning.config import ConfigError
+from crma_lightning.data import ContinualDataModule
+from crma_lightning.evaluator import RowEvaluator, Rows, add_row, extra_matrices, summarize_rows, task_data
+from crma_lightning.layout import SHARED_ADAPTER, layout_of
+from crma_lightning.lora import activate_lora, lora_disabled
+from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
+from crma_lightning.serve.run import TrainedRun
+
+
+def _check_history(run: TrainedRun) -> None:
+    missing = [t for t in run.info.trained if not (run.info.run.crma_after(t) / CRMA_WEIGHTS).is_file()]
+    if run.crma is not None and missing:
+        raise ConfigError(
+            f"{run.info.run_dir} has no CRMA state for the rows after {missing} "
+            f"({run.info.run.crma_after(missing[0]).relative_to(run.info.run_dir)}/{CRMA_WEIGHTS}): the run was "
+            "made before the CRMA history was saved; evaluate it with `train.py test --ckpt_path` instead"
+        )
+
+
+def _set_row(run: TrainedRun, k: int) -> list[str]:
+    """Put the model in its state after the first ``k`` trained tasks; returns the adapters that
+    hold a trained state at that row."""
+    info = run.info
+    done = info.trained[:k]
+    layout = layout_of(info.strategy)
+    if run.crma is not None:
+        run.crma.enabled = k > 0
+        if k > 0:
+            load_crma(run.model, info.run.crma_after(done[-1]), handle=run.crma)
+    if layout.shared_lora:
+        if k > 0:
+            load_lora(run.model, SHARED_ADAPTER, info.run.adapter(done[-1]))
+        return [SHARED_ADAPTER] if k > 0 else []
+    return list(done)
+
+
+def evaluate_run(
+    run: TrainedRun,
+    dm: ContinualDataModule,
+    split: str = "test",
+    batch_size: int | None = None,
+    task_id: str = "oracle",
+) -> dict[str, Rows]:
+    """Every row of a finished run on ``split`` (one process): ``{"oracle": rows}`` and, with
+    ``task_id="both"``, ``"no_task_id"``; rows are metric -> row name -> value per task."""
+    if task_id not in ("oracle", "both"):
+        raise ConfigError(f"--task-id must be 'oracle' or 'both', got {task_id!r}")
+    _check_history(run)
+    dm.setup()
+    info = run.info
+    layout = layout_of(info.strategy)
+    tasks = task_data(dm, split, batch_size=batch_size)
+    rows: Rows = {}
+    blind: Rows = {}
+    crma_enabled = run.crma.enabled if run.crma is not None else None
+    try:
+        for k, name in enumerate([BASE_ROW, *info.trained]):
+            trained = _set_row(run, k)
+
+            @contextmanager
+            def serve(task: str, trained: list[str] = trained) -> Iterator[None]:
+                active = [a for a in layout.active_for(task, info.tasks) if a in trained]
+                if active:
+                    activate_lora(run.model, active)
+                with nullcontext() if active else lora_disabled(run.model):
+                    yield
+
+            evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id)
+            with torch.no_grad():
+                result = evaluator.oracle(tasks)
+                add_row(rows, name, result, dm.task_names)
+                if task_id == "both":
+                    if layout.no_task_id == "route" and k > 0:  # else one model serves every input
+                        result = evaluator.routed(tasks, info.trained[:k])
+                    add_row(blind, name, result, dm.task_names)
+    finally:
+        if run.crma is not None:  # back to the run's final state, as load_run left it
+            run.crma.enabled = crma_enabled
+            load_crma(run.model, info.run.crma, handle=run.crma)
+        if layout.shared_lora:
+            load_lora(run.model, SHARED_ADAPTER, info.run.adapter(info.trained[-1]))
+    return {"oracle": rows, "no_task_id": blind} if task_id == "both" else {"oracle": rows}
+
+
+def write_run_matrices(
+    run: TrainedRun, dm: ContinualDataModule, tables: dict[str, Rows], split: str
+) -> dict[str, Any]:
+    """Write :func:`evaluate_run`'s tables as the run's matrices and summary of ``split``; returns
+    the summary."""
+    rows = tables["oracle"]
+    info = run.info
+    summary: dict[str, Any] = {
+        "strategy": info.strategy,
+        "tasks": list(info.tasks),
+        "tasks_completed": len(info.trained),
+        "seed": dm.seed,
+        "base_model": info.backbone.label,
+        "split": split,
+        "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
+        "rebuilt_from_adapters": True,
+    }
+    summary |= summarize_rows(rows)
+    files = {LOSS_MATRIX: rows["loss"], ACCURACY_MATRIX: rows["accuracy"]}
+    files |= {matrix_name(metric): m for metric, m in extra_matrices(rows).items()}
+    blind = tables.get("no_task_id")
+    if blind is not None:
+        files |= {matrix_name(m, no_task_id=True): blind[m] for m in ("loss", "accuracy")}
+        files |= {matrix_name(m, no_task_id=True): r for m, r in extra_matrices(blind).items()}
+        summary["no_task_id"] = summarize_rows(blind) | {"routing": layout_of(info.strategy).no_task_id}
+    info.run.write_matrices(list(dm.task_names), files, summary, split)
+    return summary
