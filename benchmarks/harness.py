@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import random
@@ -47,7 +48,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from crma_lightning.atomic import atomic_write_json, atomic_write_text, json_safe  # noqa: E402
-from crma_lightning.rundir import RUN_DIR_LINE  # noqa: E402
+from crma_lightning.rundir import RUN_DIR_LINE, RunDir, versions  # noqa: E402
 
 if TYPE_CHECKING:
     from torch import nn
@@ -443,6 +444,38 @@ def train_fit(
         text = out.read()
     dirs = [ln.removeprefix(RUN_DIR_LINE) for ln in text.splitlines() if ln.startswith(RUN_DIR_LINE)]
     return Fit(rc, Path(dirs[-1]) if dirs else None, text[-3000:], wall, ours, load)
+
+
+def finished_run(root: Path) -> RunDir | None:
+    """The newest ``version_N`` under ``root`` that evaluated every task, if any."""
+    return next((r for r in reversed(versions(root)) if r.is_complete()), None)
+
+
+def resumable_fit(name: str, args: Sequence[str], runs_dir: Path, threads: int | None) -> tuple[RunDir, float]:
+    """``train.py fit ARGS`` as run ``runs_dir/name``, or what is left of it: a finished run there is
+    reused and an interrupted one continues from its last checkpoint (so a killed benchmark resumes).
+    Returns the run and its training wall time, summed over attempts; a failed fit exits with its log's end."""
+    root = runs_dir / name
+    timing = root / "wall.json"
+    spent = json.loads(timing.read_text())["wall_s"] if timing.is_file() else 0.0
+    done = finished_run(root)
+    if done is not None:
+        print(f"[{name}] already finished: {done.path}", flush=True)
+        return done, spent
+    args = [*args, "--trainer.logger.init_args.save_dir", str(runs_dir), "--trainer.logger.init_args.name", name]
+    if any(r.has_checkpoint() for r in versions(root)):
+        args += ["--ckpt_path", "last"]
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "train.log"
+    print(f"[{name}] train.py fit {shlex.join(args)}  (log: {log})", flush=True)
+    fit = train_fit(args, threads=threads, log=log)
+    wall = spent + fit.wall_s
+    atomic_write_json(timing, {"wall_s": wall})
+    run = finished_run(root)
+    if fit.rc != 0 or run is None:
+        raise SystemExit(f"[{name}] train.py failed (exit {fit.rc}); end of {log}:\n{fit.tail}")
+    print(f"[{name}] done in {wall:.0f} s: {run.path}", flush=True)
+    return run, wall
 
 
 def _kill(proc: subprocess.Popen, wait: bool = True) -> None:

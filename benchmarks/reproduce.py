@@ -35,12 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import machine_line, run_info, stop_fits, train_fit, write_report
+from harness import machine_line, resumable_fit, run_info, stop_fits, write_report
 from reproduce_report import figure, markdown
 
 from crma_lightning import metrics as clm
-from crma_lightning.atomic import atomic_write_json
-from crma_lightning.rundir import RunDir, init_args, versions
+from crma_lightning.rundir import RunDir, init_args
 from crma_lightning.serve import load_run
 
 CONDITIONS = ("naive", "frozen", "modular")
@@ -50,38 +49,12 @@ def run_name(condition: str, seed: int) -> str:
     return f"{condition}_s{seed}"
 
 
-def finished_run(root: Path) -> RunDir | None:
-    """The newest ``version_N`` under ``root`` that evaluated every task, if any."""
-    return next((r for r in reversed(versions(root)) if r.is_complete()), None)
-
-
 def train(
     config: str, condition: str, seed: int, runs_dir: Path, extra: list[str], threads: int
 ) -> tuple[RunDir, float]:
     """Run (or finish) one condition x seed; returns its run dir and its training wall time."""
-    name = run_name(condition, seed)
-    root = runs_dir / name
-    timing = root / "wall.json"  # training wall time, summed over interrupted attempts
-    spent = json.loads(timing.read_text())["wall_s"] if timing.is_file() else 0.0
-    done = finished_run(root)
-    if done is not None:
-        print(f"[{name}] already finished: {done.path}", flush=True)
-        return done, spent
-    args = ["--config", config, "--config", f"configs/strategy/{condition}.yaml", "--data.seed", str(seed),
-            "--trainer.logger.init_args.save_dir", str(runs_dir), "--trainer.logger.init_args.name", name, *extra]  # fmt: skip
-    if any(r.has_checkpoint() for r in versions(root)):
-        args += ["--ckpt_path", "last"]  # an interrupted reproduction continues where it stopped
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "train.log"
-    print(f"[{name}] train.py fit {shlex.join(args)}  (log: {log})", flush=True)
-    fit = train_fit(args, threads=threads, log=log)
-    wall = spent + fit.wall_s
-    atomic_write_json(timing, {"wall_s": wall})
-    run = finished_run(root)
-    if fit.rc != 0 or run is None:
-        raise SystemExit(f"[{name}] train.py failed (exit {fit.rc}); end of {log}:\n{fit.tail}")
-    print(f"[{name}] done in {wall:.0f} s: {run.path}", flush=True)
-    return run, wall
+    args = ["--config", config, "--config", f"configs/strategy/{condition}.yaml", "--data.seed", str(seed), *extra]
+    return resumable_fit(run_name(condition, seed), args, runs_dir, threads)
 
 
 def crma_ablation(run: RunDir) -> dict[str, list[float]]:

@@ -16,7 +16,9 @@ With ``task_id: both`` every row is also evaluated without the task id: layouts 
 task route each example to the adapter that scores its prompt best (the routing accuracy per task
 is a matrix of its own); layouts that serve every input with one model (a shared LoRA, all LoRAs
 summed) give the same numbers as with the id. These are ``*_no_task_id.csv`` and the
-``no_task_id`` part of summary.json.
+``no_task_id`` part of summary.json. With ``task_id: none`` the rows are evaluated only that way:
+the matrices (``loss_matrix.csv``, ...) hold the numbers without the task id, summary.json says
+``"task_id": "none"``, and each row costs one evaluation instead of two.
 
 The matrices use the validation split during ``fit``; with ``test_matrices`` each row also scores
 the test split, written to ``continual/test/`` (the numbers to report; hyperparameters are picked
@@ -71,7 +73,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         batch_size: int | None = None,
         print_table: bool = True,
         test_matrices: bool = True,
-        task_id: Literal["oracle", "both"] = "oracle",
+        task_id: Literal["oracle", "both", "none"] = "oracle",
     ):
         """
         Args:
@@ -79,11 +81,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
             print_table: print the matrices and summary at the end of training (rank 0).
             test_matrices: also score every row on the test split (``continual/test/``).
             task_id: ``oracle``: evaluate each task with its task id; ``both``: also without it
-                (``*_no_task_id.csv``; per-task layouts route every example).
+                (``*_no_task_id.csv``; per-task layouts route every example); ``none``: only
+                without it (the matrices hold those numbers).
         """
         super().__init__()
-        if task_id not in ("oracle", "both"):
-            raise ConfigError(f"evaluation.task_id: must be 'oracle' or 'both', got {task_id!r}")
+        if task_id not in ("oracle", "both", "none"):
+            raise ConfigError(f"evaluation.task_id: must be 'oracle', 'both' or 'none', got {task_id!r}")
         self.batch_size = batch_size
         self.print_table = print_table
         self.test_matrices = test_matrices
@@ -155,7 +158,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
         trained = [] if name == BASE_ROW else tasks[: tasks.index(name) + 1]
         routes = layout_of(as_continual(pl_module).strategy).no_task_id == "route"
         for split, tables in {split: self.tables(split) for split in self.splits}.items():
-            result = self.evaluate(trainer, pl_module, split)
+            blind = self.task_id == "none" and routes and trained  # the one evaluation, routed
+            result = self.evaluate(trainer, pl_module, split, route_among=trained if blind else None)
             add_row(self.rows.setdefault(split, {}), name, result, tasks)
             if len(tables) > 1:
                 # A shared LoRA, or all LoRAs summed, serve every input alike: the row is the same.
@@ -202,6 +206,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "seed": getattr(dm, "seed", None),
             "base_model": module.backbone_config.label,
             "split": split,
+            "task_id": "none" if self.task_id == "none" else "given",  # how the matrices were evaluated
             # What A holds for each task (BWT, FWT, forgetting and the averages are on it).
             "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
             "drift_pct": None,
@@ -286,6 +291,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 if k in CL_SCALARS
             }
             name = "holdout" if split == "validation" else "test"
+            name += " (no task id)" if self.task_id == "none" else ""
             lines += [
                 "",
                 table(rows["loss"], tasks, f"{name} loss ({s['strategy']}; rows: after training, columns: task)"),

@@ -19,12 +19,14 @@ Pure functions over tensors and strings, plus the one summing metric the evaluat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.functional.text import rouge_score
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from crma_lightning.data.loading import pad
 from crma_lightning.losses import IGNORE_INDEX, token_losses
@@ -42,6 +44,10 @@ QUANTITIES = (
 )
 """The columns of :class:`Sums`, in order."""
 Q = {name: i for i, name in enumerate(QUANTITIES)}
+
+#: The KV cache's name in a forward's arguments and outputs: ``cache`` in recent transformers 5.x,
+#: ``past_key_values`` before (the old name still works there, with a deprecation warning per call).
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def normalize_answer(text: str) -> str:
@@ -107,31 +113,43 @@ def choice_log_likelihoods(
     model: nn.Module, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], pad_id: int
 ) -> Tensor:
     """``(B, L)`` summed log-probability of each of the L ``choices`` (token ids) after each of the B
-    ``prompts``, in one forward over the ``B * L`` sequences.
+    ``prompts``: one forward over the B prompts, whose KV cache is then repeated L times for one
+    forward over the ``B * L`` choices (a choice is a few tokens; a prompt is most of the sequence,
+    so the cost is about one forward of the prompts whatever the label count).
 
-    Prompts are left-padded and choices right-padded, so every choice starts at the same position
-    and only the last ``T_choice + 1`` positions' logits are computed (``logits_to_keep``); position
-    ids count real tokens only, so padding changes nothing (tests compare with unpadded sequences).
+    Prompts are left-padded and choices right-padded; position ids count real tokens only, so
+    padding changes nothing (tests compare with unpadded sequences scored whole).
     """
     device = next(model.parameters()).device
-    prompt, prompt_mask = pad(list(prompts), pad_id, "left")  # (B, Tp)
-    choice, choice_mask = pad(list(choices), pad_id, "right")  # (L, Tc)
-    (b, tp), (n, tc) = prompt.shape, choice.shape
-    ids = torch.cat([prompt[:, None].expand(b, n, tp), choice[None].expand(b, n, tc)], dim=-1).reshape(
-        b * n, tp + tc
+    prompt, prompt_mask = (t.to(device) for t in pad(list(prompts), pad_id, "left"))  # (B, Tp)
+    choice, choice_mask = (t.to(device) for t in pad(list(choices), pad_id, "right"))  # (L, Tc)
+    (b, _), (n, tc) = prompt.shape, choice.shape
+    out = model(
+        input_ids=prompt,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0),
+        use_cache=True,
+        logits_to_keep=1,
     )
-    mask = torch.cat([prompt_mask[:, None].expand(b, n, tp), choice_mask[None].expand(b, n, tc)], -1).reshape(
-        b * n, -1
-    )
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=tc + 1
-    ).logits  # (B * L, Tc + 1, V): the last prompt position predicts the choice's first token
-    targets = choice.masked_fill(choice_mask == 0, IGNORE_INDEX).to(device)  # (L, Tc)
-    labels = torch.cat([torch.full((n, 1), IGNORE_INDEX, device=device), targets], dim=1)  # (L, Tc + 1)
-    t = token_losses(logits, labels.repeat(b, 1), accuracy=False)  # nll (B * L, Tc)
-    return -(t.nll * t.scored).sum(1).view(b, n)
+    # The last prompt position predicts each choice's first token.
+    first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # (B * L, V)
+    ids = choice.repeat(b, 1)  # (B * L, Tc): row b * L + l is choice l after prompt b
+    scored = choice_mask.repeat(b, 1).bool()
+    total = first.gather(1, ids[:, :1])[:, 0]
+    if tc > 1:
+        cache = getattr(out, CACHE)
+        cache.batch_repeat_interleave(n)  # the same order: prompt b's rows b * L .. b * L + L - 1
+        start = prompt_mask.sum(1).repeat_interleave(n)  # real prompt tokens
+        logits = model(
+            input_ids=ids[:, :-1],
+            attention_mask=torch.cat([prompt_mask.repeat_interleave(n, 0), scored[:, :-1].long()], dim=1),
+            position_ids=start[:, None] + torch.arange(tc - 1, device=device),
+            use_cache=True,
+            **{CACHE: cache},
+        ).logits  # (B * L, Tc - 1, V): position j predicts choice token j + 1
+        rest = logits.float().log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
+        total = total + (rest * scored[:, 1:]).sum(1)
+    return total.view(b, n)
 
 
 class Sums(Metric):

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import datasets
 import pytest
+import yaml
 
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec
-from crma_lightning.data.tasks import OLORA_TEMPLATE
+from crma_lightning.data.tasks import OLORA_TEMPLATE, source_kind
 from crma_lightning.synthetic import permutation_sequences
 
-CL_BENCHMARK = Path(__file__).resolve().parents[1] / ".." / "shared" / "cl_benchmark"
+REPO = Path(__file__).resolve().parents[1]
+CL_BENCHMARK = REPO / ".." / "shared" / "cl_benchmark"
 LABELS = ["Sports", "Business", "Science or Technology"]
 WORDS = {"Sports": "goals", "Business": "markets", "Science or Technology": "atoms"}
 
@@ -268,3 +270,56 @@ def test_cl_benchmark_folder_loads_as_a_classification_task():
         info["instruction"] + "\nOption: World, Sports, Business, Science or Technology \n"
     )
     assert "\nAnswer: " in whole and scored.strip().removesuffix("<|endoftext|>") in info["labels"]
+
+
+# ----------------------------------------------------------------------------- the O-LoRA orders (hub)
+
+#: O-LoRA (Wang et al. 2023), Table 7: the standard CL benchmark's three task orders.
+OLORA_ORDERS = {
+    1: ["dbpedia", "amazon", "yahoo", "agnews"],
+    2: ["dbpedia", "amazon", "agnews", "yahoo"],
+    3: ["yahoo", "amazon", "agnews", "dbpedia"],
+}
+
+
+def order_tasks(order: int) -> list[dict]:
+    config = yaml.safe_load((REPO / "configs" / "cl_benchmark" / f"order{order}.yaml").read_text())
+    return config["data"]["tasks"]
+
+
+@pytest.mark.parametrize("order", sorted(OLORA_ORDERS))
+def test_olora_order_configs_name_hub_datasets_in_the_papers_order(order):
+    tasks = order_tasks(order)
+    assert [t["name"] for t in tasks] == OLORA_ORDERS[order]
+    dm = ContinualDataModule(tasks, tokenizer="tiny")  # validates every entry; loads nothing
+    assert all(source_kind(t.source) == "hub" for t in dm.tasks)
+    assert {t.name: len(t.labels) for t in dm.tasks} == {"dbpedia": 14, "amazon": 5, "yahoo": 10, "agnews": 4}
+    if CL_BENCHMARK.is_dir():  # the same instruction and label words as the offline copy
+        for t in dm.tasks:
+            if (CL_BENCHMARK / t.name).is_dir():
+                info = json.loads((CL_BENCHMARK / t.name / "task.json").read_text())
+                assert (t.instruction, t.labels) == (info["instruction"], info["labels"])
+
+
+def test_hub_task_entries_render_records_of_the_hub_schema(tmp_path):
+    """Each hub entry of the orders, pointed at a local file with its dataset's fields and integer
+    ClassLabel values (what ``load_dataset`` gives), renders the O-LoRA prompt with the right label."""
+    schema = {
+        "dbpedia": {"title": "T", "content": "a village in Poland", "label": 8},
+        "amazon": {"id": "x", "text": "it broke on day one", "label": 0, "label_text": "0"},
+        "yahoo": {"id": 1, "topic": 3, "question_title": "Why study?", "question_content": "Really.",
+                  "best_answer": "To learn."},
+        "agnews": {"text": "Stocks rallied today", "label": 2},
+    }  # fmt: skip
+    for entry in order_tasks(1):
+        name = entry["name"]
+        source = write_jsonl(tmp_path / f"{name}.jsonl", [schema[name]] * 12)
+        local = {k: v for k, v in entry.items() if k not in ("splits", "hub_config")} | {"source": source}
+        dm = ContinualDataModule([local], tokenizer="tiny", max_length=512, train_size=4, holdout_size=2, test_size=2)
+        dm.setup()
+        whole, scored = decoded(dm, dm.holdout_batches(name)[0], 0)
+        label = dm.spec(name).labels[schema[name].get("label", schema[name].get("topic"))]
+        assert whole.startswith(entry["instruction"] + "\nOption: " + ", ".join(entry["labels"]) + " \n")
+        assert scored.strip().removesuffix("<|endoftext|>") == label, (name, whole)
+        if name == "yahoo":  # the template joins three of its fields
+            assert "\nWhy study? Really. To learn.\nAnswer:" in whole

@@ -223,6 +223,20 @@ def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(str
     } <= tags
 
 
+def test_task_id_none_evaluates_only_without_the_task_id(tmp_path):
+    """``task_id: none``: the matrices are what ``both`` writes as ``*_no_task_id`` (the same seeded
+    fit), with one evaluation per row, and the summary says how they were made."""
+    (tmp_path / "both").mkdir(), (tmp_path / "none").mkdir()
+    both, _ = fit(tmp_path / "both", test_matrices=False, strategy="frozen", task_id="both")
+    none, evaluation = fit(tmp_path / "none", test_matrices=False, strategy="frozen", task_id="none")
+    for metric in ("loss", "accuracy", "label_accuracy", "routing_accuracy"):
+        blind = both.read_matrix(f"{metric}_matrix_no_task_id")
+        np.testing.assert_allclose(none.read_matrix(f"{metric}_matrix").values, blind.values, atol=1e-6, err_msg=metric)
+    assert not list(none.results.glob("*_no_task_id.csv")) and list(evaluation.rows) == ["validation"]
+    assert none.read_summary()["task_id"] == "none" and both.read_summary()["task_id"] == "given"
+    assert none.read_summary()["bwt"] == pytest.approx(both.read_summary()["no_task_id"]["bwt"], abs=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["modular", pytest.param("naive", marks=pytest.mark.slow)])
 def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_path):
     """``train.py test --run`` after ``train.py fit``: every row rebuilt from adapters/ (CRMA history,
@@ -299,6 +313,13 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     np.testing.assert_allclose(
         run.read_matrix("loss_matrix").values[-1], run.read_matrix("loss_matrix", "validation").values[-1]
     )
+    proc = run_train("test", "--run", str(run.path), "--task-id", "none")  # only without the task id
+    assert proc.returncode == 0 and "without the task id" in proc.stdout, proc.stderr[-3000:]
+    for name in ("loss_matrix", "accuracy_matrix"):
+        np.testing.assert_allclose(
+            run.read_matrix(name, "test").values, during_fit[f"{name}_no_task_id"].values, atol=2e-5, rtol=0
+        )
+    assert run.read_summary("test")["task_id"] == "none"
     if strategy == "modular":  # a run made before the CRMA history: one clear line, nothing written
         shutil.rmtree(run.path / "adapters" / "crma_history")
         proc = run_train("test", "--run", str(run.path))

@@ -209,8 +209,10 @@ def cmd_test(args: argparse.Namespace) -> None:
     dm = run.info.datamodule()
     start = time.perf_counter()
     tables = evaluate_run(run, dm, args.split, args.batch_size, args.task_id)
-    summary = write_run_matrices(run, dm, tables, args.split)
-    rows, tasks = tables["oracle"], list(dm.task_names)
+    summary = write_run_matrices(run, dm, tables, args.split, args.task_id)
+    rows, tasks = tables["main"], list(dm.task_names)
+    if args.task_id == "none":
+        print(f"{args.split}: every row evaluated without the task id")
     print(table(rows["loss"], tasks, f"{args.split} loss ({run.strategy}; rows: after training, columns: task)"))
     print()
     print(table(rows["accuracy"], tasks, f"{args.split} task metric ({', '.join(sorted(set(summary['task_metric'].values())))})"))
@@ -294,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--split", choices=("test", "validation"), default="test", help="held-out split to score")
     p.add_argument(
-        "--task-id", choices=("oracle", "both"), default="oracle", help="also evaluate without the task id (both)"
+        "--task-id", choices=("oracle", "both", "none"), default="oracle",
+        help="both: also evaluate without the task id; none: only without it"
     )
     p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default data.eval_batch_size)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")

@@ -69,10 +69,11 @@ def evaluate_run(
     batch_size: int | None = None,
     task_id: str = "oracle",
 ) -> dict[str, Rows]:
-    """Every row of a finished run on ``split`` (one process): ``{"oracle": rows}`` and, with
-    ``task_id="both"``, ``"no_task_id"``; rows are metric -> row name -> value per task."""
-    if task_id not in ("oracle", "both"):
-        raise ConfigError(f"--task-id must be 'oracle' or 'both', got {task_id!r}")
+    """Every row of a finished run on ``split`` (one process): ``{"main": rows}`` (with the task id,
+    or without it for ``task_id="none"``) and, with ``task_id="both"``, ``"no_task_id"``; rows are
+    metric -> row name -> value per task."""
+    if task_id not in ("oracle", "both", "none"):
+        raise ConfigError(f"--task-id must be 'oracle', 'both' or 'none', got {task_id!r}")
     _check_history(run)
     dm.setup()
     info = run.info
@@ -94,28 +95,31 @@ def evaluate_run(
                     yield
 
             evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id)
+            routed = layout.no_task_id == "route" and k > 0  # else one model serves every input
             with torch.no_grad():
+                if task_id == "none":
+                    result = evaluator.routed(tasks, info.trained[:k]) if routed else evaluator.oracle(tasks)
+                    add_row(rows, name, result, dm.task_names)
+                    continue
                 result = evaluator.oracle(tasks)
                 add_row(rows, name, result, dm.task_names)
                 if task_id == "both":
-                    if layout.no_task_id == "route" and k > 0:  # else one model serves every input
-                        result = evaluator.routed(tasks, info.trained[:k])
-                    add_row(blind, name, result, dm.task_names)
+                    add_row(blind, name, evaluator.routed(tasks, info.trained[:k]) if routed else result, dm.task_names)
     finally:
         if run.crma is not None:  # back to the run's final state, as load_run left it
             run.crma.enabled = crma_enabled
             load_crma(run.model, info.run.crma, handle=run.crma)
         if layout.shared_lora:
             load_lora(run.model, SHARED_ADAPTER, info.run.adapter(info.trained[-1]))
-    return {"oracle": rows, "no_task_id": blind} if task_id == "both" else {"oracle": rows}
+    return {"main": rows, "no_task_id": blind} if task_id == "both" else {"main": rows}
 
 
 def write_run_matrices(
-    run: TrainedRun, dm: ContinualDataModule, tables: dict[str, Rows], split: str
+    run: TrainedRun, dm: ContinualDataModule, tables: dict[str, Rows], split: str, task_id: str = "oracle"
 ) -> dict[str, Any]:
     """Write :func:`evaluate_run`'s tables as the run's matrices and summary of ``split``; returns
     the summary."""
-    rows = tables["oracle"]
+    rows = tables["main"]
     info = run.info
     summary: dict[str, Any] = {
         "strategy": info.strategy,
@@ -124,6 +128,7 @@ def write_run_matrices(
         "seed": dm.seed,
         "base_model": info.backbone.label,
         "split": split,
+        "task_id": "none" if task_id == "none" else "given",
         "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
         "rebuilt_from_adapters": True,
     }
