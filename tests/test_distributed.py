@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from distributed_helpers import (
     MICRO_8X2,
@@ -31,6 +32,8 @@ from distributed_helpers import (
 from safetensors.torch import load_file
 from subproc import REPO, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from crma_lightning.rundir import read_matrix_csv
 
 DDP = ["--trainer.strategy", "ddp_find_unused_parameters_true"]
 
@@ -119,3 +122,51 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
     acc.Reload()
     assert acc.Scalars("train/nonfinite_skipped")[-1].value == 1.0
     assert_ranks_agree(run, world_size=2)
+
+
+@pytest.mark.slow
+def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_path, tmp_path_factory):
+    """Classification tasks under DDP: exact match of generated answers, label-set accuracy and
+    routing without the task id are counted over every example of both ranks' shards, on validation
+    and test sets whose sizes do not divide by the ranks (13 and 11: one rank pads with a
+    zero-weight example), and agree with the single process's numbers.
+
+    Every metric must be a whole number of examples out of 13 (11): rank 0's shard alone, or a
+    padding example counted, would give sevenths or fourteenths. The training itself differs from
+    one process by float summation order (its first steps after Adam's reset are about lr * sign(g),
+    and near-zero gradient entries flip sign), so a greedy answer may flip: a difference of up to 2 examples is allowed.
+    """
+    from conftest import TINY_CONFIGS
+    from test_evaluation_tasks import KEYWORDS, write_task
+
+    tasks = [
+        {"name": t, "source": write_task(tmp_path, t), "format": "classification", "text_field": "sentence"}
+        for t in KEYWORDS
+    ]
+    backbone = {**TINY_CONFIGS["llama"], "vocab_size": 512, "max_position_embeddings": 128, "initializer_range": 0.2}
+    common = ["--config", "configs/tiny.yaml", "--config", "configs/strategy/frozen.yaml",
+              "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
+              "--data.train_size", "64", "--data.holdout_size", "13", "--data.test_size", "11",
+              "--data.epochs_per_task", "4", "--model.lr.lora", "0.01",
+              "--data.eval_batch_size", "4", "--model.backbone.config", json.dumps(backbone),
+              "--evaluation.task_id", "both"]  # fmt: skip
+    single = fit_once(tmp_path_factory, *common, *MICRO_8X2)
+    proc = run_train("fit", *common, *DDP, "--data.batch_size", "8", "--trainer.devices", "2",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "ddp"))  # fmt: skip
+    ddp = run_dir_of(proc)
+    names = ["loss_matrix", "accuracy_matrix", "label_accuracy_matrix"]
+    names += [f"{n}_no_task_id" for n in names] + ["routing_accuracy_matrix_no_task_id"]
+    for split, count in (("", 13), ("test/", 11)):
+        for name in names:
+            rows_1, tasks_1, m_1 = read_matrix_csv(single / "continual" / f"{split}{name}.csv")
+            rows_2, tasks_2, m_2 = read_matrix_csv(ddp / "continual" / f"{split}{name}.csv")
+            assert (rows_1, tasks_1) == (rows_2, tasks_2)
+            if name.startswith("loss"):
+                np.testing.assert_allclose(m_2, m_1, atol=1e-2, rtol=0, err_msg=split + name)
+                continue
+            real = ~np.isnan(m_2)
+            assert np.array_equal(real, ~np.isnan(m_1)), split + name
+            np.testing.assert_allclose(m_2[real] * count, np.round(m_2[real] * count), atol=1e-4, err_msg=split + name)
+            np.testing.assert_allclose(m_2[real], m_1[real], atol=2 / count + 1e-6, rtol=0, err_msg=split + name)
+    accuracy = read_matrix_csv(single / "continual" / "test" / "accuracy_matrix.csv")[2]
+    assert accuracy[-1].min() > accuracy[0].max()  # trained: the metrics compared are not all zero
