@@ -7,12 +7,15 @@ changes weights. For each task it computes (docs/method.md §4, :mod:`crma_light
 
 - next-token loss and token accuracy over the scored tokens (``losses.token_stats``, the sums of
   training's loss, so the loss matrix is the one the callback always wrote);
-- for classification the label-set accuracy (one forward per batch over every prompt x label) and
-  exact match of greedy answers; for a free-text task whose metric asks for it, exact match or
-  ROUGE-L;
+- for classification, all from one forward of each batch's prompts
+  (:func:`~crma_lightning.task_metrics.score_choices`): the loss and token accuracy of the
+  example's own label target, the label-set accuracy (every label scored from the prompts' KV
+  cache) and exact match of the greedy answer (decoded from the same cache); for a free-text task
+  whose metric asks for it, exact match or ROUGE-L of answers from ``generate_ids``;
 - **without the task id** (:meth:`RowEvaluator.routed`, for layouts that route): every example is
   scored by each candidate adapter, routed to the one that gives its prompt the lowest loss, and
-  takes that adapter's loss, token accuracy, label choice and greedy answer; the routing accuracy
+  takes that adapter's loss, token accuracy, label choice and greedy answer (for classification
+  every candidate answers from its own prompt forward); the routing accuracy
   counts examples routed to their own task's adapter. Layouts with one model for every input (a
   shared LoRA, or all LoRAs summed) need no routing: their rows without the task id are the rows
   with it. A text block (every token scored) is routed on its first ``route_tokens`` tokens.
@@ -157,21 +160,21 @@ class RowEvaluator:
             with self.serve(task.name):
                 for batch in task.batches:
                     batch = {k: v.to(self.device) for k, v in batch.items()}
-                    logits = self._logits(batch)
-                    s = losses.token_stats(logits, batch["labels"], batch["example_weight"])
                     w = batch["example_weight"]
+                    if task.choices is not None:  # one forward of the prompts: every metric, the answers
+                        scores = self._classify(batch, task)
+                        sums.update(i, **{k: v * w for k, v in scores.items() if k != "answers"}, examples=w)
+                        if task.budget:
+                            self._score_generated(sums, i, scores["answers"], w, self._references(task, batch))
+                        continue
+                    logits = self._logits(batch)
+                    s = losses.token_stats(logits, batch["labels"], w)
                     sums.update(i, loss_sum=s.loss_sum, tokens=s.tokens, correct=s.correct, examples=w)
-                    if task.budget or task.choices is not None:
-                        p = self._prompts(batch)
-                        if task.choices is not None:
-                            best = tm.choice_log_likelihoods(self.model, p, task.choices, self.pad_id).argmax(
-                                1
-                            )
-                            sums.update(i, label_correct=(best == batch["target"]).double() * w)
-                        prompts += p
+                    if task.budget:
+                        prompts += self._prompts(batch)
                         weights += w.tolist()
                         refs += self._references(task, batch)
-                if task.budget:
+                if task.budget and task.choices is None:
                     self._score_answers(sums, i, task, prompts, weights, refs)
         return self._results(tasks, sums)
 
@@ -190,21 +193,27 @@ class RowEvaluator:
                 per = [self._candidate(batch, p, task, c) for c in candidates]  # K x {name: (B,)}
                 choice = tm.route(torch.stack([c["prompt_loss"] for c in per], dim=1))  # (B,)
                 pick = {
-                    k: torch.stack([c[k] for c in per], 1).gather(1, choice[:, None])[:, 0] for k in per[0]
+                    k: torch.stack([c[k] for c in per], 1).gather(1, choice[:, None])[:, 0]
+                    for k in per[0]
+                    if k != "answers"
                 }
                 sums.update(i, loss_sum=pick["loss_sum"] * w, tokens=pick["tokens"] * w, correct=pick["correct"] * w,
                             examples=w)  # fmt: skip
                 if task.choices is not None:
-                    sums.update(i, label_correct=(pick["label"] == batch["target"]).double() * w)
+                    sums.update(i, label_correct=pick["label_correct"] * w)
+                    if task.budget:  # each example's greedy answer under the adapter it was routed to
+                        answers = torch.stack([c["answers"] for c in per], 1)  # (B, K, budget)
+                        chosen_answers = answers[torch.arange(len(choice), device=choice.device), choice]
+                        self._score_generated(sums, i, chosen_answers, w, self._references(task, batch))
                 if task.name in candidates:
                     own = choice == candidates.index(task.name)
                     sums.update(i, routed_right=own.double() * w, routable=w)
-                if task.budget:
+                if task.budget and task.choices is None:
                     prompts += p
                     weights += w.tolist()
                     refs += self._references(task, batch)
                     chosen += choice.tolist()
-            if task.budget:
+            if task.budget and task.choices is None:
                 self._score_routed_answers(sums, i, task, candidates, prompts, weights, refs, chosen)
         return self._results(tasks, sums)
 
@@ -224,16 +233,37 @@ class RowEvaluator:
     ) -> dict[str, Tensor]:
         """Per example of ``batch`` served as ``candidate``: the prompt's mean loss (the routing
         score), the answer's loss sum, scored and correct tokens, and (classification) the best label."""
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         with self.serve(candidate):
+            if task.choices is not None:
+                return self._classify(batch, task, prompts, prompt_loss=True)
+            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
             logits = self._logits(batch)
             stats = tm.per_example(logits, batch["labels"])
             out = {k: stats[k] for k in ("loss_sum", "tokens", "correct")}
             out["prompt_loss"] = tm.per_example(logits, tm.prompt_labels(batch["input_ids"], lengths))["mean"]
-            if task.choices is not None:
-                out["label"] = tm.choice_log_likelihoods(
-                    self.model, prompts, task.choices, self.pad_id
-                ).argmax(1)
+        return out
+
+    def _classify(
+        self, batch: dict[str, Tensor], task: TaskData, prompts: list[list[int]] | None = None, prompt_loss: bool = False
+    ) -> dict[str, Tensor]:
+        """A classification batch from one forward of its prompts (``task_metrics.score_choices``), per
+        example: the loss sum, scored and correct tokens of its own label's target (the numbers a
+        forward of prompt + target gives), whether the best-scored label is its own, the greedy
+        answer (``(B, budget)`` ids) and, with ``prompt_loss``, the routing score."""
+        scores = tm.score_choices(
+            self.model, prompts or self._prompts(batch), task.choices, self.pad_id, task.budget, prompt_loss
+        )
+        target = batch["target"][:, None]
+        lengths = torch.tensor([len(c) for c in task.choices], device=self.device, dtype=torch.float32)
+        out = {
+            "loss_sum": -scores.log_likelihood.gather(1, target)[:, 0],
+            "tokens": lengths[target[:, 0]],
+            "correct": scores.correct.gather(1, target)[:, 0],
+            "label_correct": (scores.log_likelihood.argmax(1) == target[:, 0]).double(),
+            "answers": scores.answers,
+        }
+        if prompt_loss:
+            out["prompt_loss"] = scores.prompt_loss
         return out
 
     def _references(self, task: TaskData, batch: dict[str, Tensor]) -> list[str]:
@@ -263,6 +293,13 @@ class RowEvaluator:
         )  # fmt: skip
         cut = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in new]
         return [self._decode(row) for row in cut]
+
+    def _score_generated(self, sums: tm.Sums, i: int, answers: Tensor, weights: Tensor, refs: list[str]) -> None:
+        """Exact match (and ROUGE-L) of greedy answers ``(B, budget)``, cut at the first eos."""
+        rows = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in answers.tolist()]
+        real = [k for k, w in enumerate(weights.tolist()) if w > 0]
+        texts, references = [self._decode(rows[k]) for k in real], [refs[k] for k in real]
+        sums.update(i, exact=tm.exact_matches(texts, references), rouge=tm.rouge_l_sum(texts, references))
 
     def _score_answers(self, sums: tm.Sums, i: int, task: TaskData, prompts, weights, refs) -> None:
         answers = self._answers(prompts, task.budget)

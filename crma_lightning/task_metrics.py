@@ -19,6 +19,7 @@ Pure functions over tensors and strings, plus the one summing metric the evaluat
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 
@@ -108,48 +109,112 @@ def route(prompt_losses: Tensor) -> Tensor:
     return torch.where(scorable, best, torch.full_like(best, prompt_losses.shape[1] - 1))
 
 
-@torch.no_grad()
-def choice_log_likelihoods(
-    model: nn.Module, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], pad_id: int
-) -> Tensor:
-    """``(B, L)`` summed log-probability of each of the L ``choices`` (token ids) after each of the B
-    ``prompts``: one forward over the B prompts, whose KV cache is then repeated L times for one
-    forward over the ``B * L`` choices (a choice is a few tokens; a prompt is most of the sequence,
-    so the cost is about one forward of the prompts whatever the label count).
+@dataclasses.dataclass
+class ChoiceScores:
+    """What one forward of the prompts gives a classification batch (:func:`score_choices`)."""
 
-    Prompts are left-padded and choices right-padded; position ids count real tokens only, so
-    padding changes nothing (tests compare with unpadded sequences scored whole).
+    log_likelihood: Tensor
+    """``(B, L)`` summed log-probability of each label's target after each prompt."""
+    correct: Tensor
+    """``(B, L)`` target tokens of each label that are the argmax prediction (token accuracy)."""
+    answers: Tensor | None
+    """``(B, budget)`` greedy continuation of each prompt (eos not cut), or None for budget 0."""
+    prompt_loss: Tensor | None
+    """``(B,)`` mean next-token loss over each prompt's own tokens (the routing score), or None."""
+
+
+def _left_padded_labels(ids: Tensor, mask: Tensor) -> Tensor:
+    """Labels that score a left-padded prompt on itself: padding and each row's first real token
+    (which nothing predicts) ignored."""
+    return ids.masked_fill((mask == 0) | (mask.cumsum(-1) == 1), IGNORE_INDEX)
+
+
+@torch.no_grad()
+def score_choices(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[int]],
+    pad_id: int,
+    budget: int = 0,
+    prompt_loss: bool = False,
+) -> ChoiceScores:
+    """Score every label of a classification batch and answer it greedily, with one forward of the
+    B prompts: their KV cache is repeated L times for one forward of the ``B * L`` label targets (a
+    few tokens each: the cost is about one forward of the prompts whatever the label count), and
+    continued ``budget - 1`` single-token steps for the greedy answer (``budget`` tokens, the first
+    from the prompt's last logits). ``prompt_loss`` also keeps every prompt position's logits.
+
+    Prompts are left-padded and targets right-padded; position ids count real tokens only, so
+    padding changes nothing (tests compare with unpadded sequences scored whole, and with greedy
+    decoding one token at a time without a cache).
     """
     device = next(model.parameters()).device
     prompt, prompt_mask = (t.to(device) for t in pad(list(prompts), pad_id, "left"))  # (B, Tp)
     choice, choice_mask = (t.to(device) for t in pad(list(choices), pad_id, "right"))  # (L, Tc)
     (b, _), (n, tc) = prompt.shape, choice.shape
+    start = prompt_mask.sum(1)  # real prompt tokens: the position of the first new token
     out = model(
         input_ids=prompt,
         attention_mask=prompt_mask,
         position_ids=(prompt_mask.cumsum(-1) - 1).clamp_min(0),
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=0 if prompt_loss else 1,
     )
-    # The last prompt position predicts each choice's first token.
-    first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # (B * L, V)
-    ids = choice.repeat(b, 1)  # (B * L, Tc): row b * L + l is choice l after prompt b
-    scored = choice_mask.repeat(b, 1).bool()
-    total = first.gather(1, ids[:, :1])[:, 0]
+    last = out.logits[:, -1].float()  # (B, V): predicts a label's first token, and the answer's
+    losses_ = per_example(out.logits, _left_padded_labels(prompt, prompt_mask))["mean"] if prompt_loss else None
+    cache = getattr(out, CACHE)
+
+    # The labels, from a copy of the prompts' cache repeated per label (row b * L + l: label l after prompt b).
+    ids, scored = choice.repeat(b, 1), choice_mask.repeat(b, 1).bool()  # (B * L, Tc)
+    first = last.log_softmax(-1).repeat_interleave(n, 0)  # (B * L, V)
+    logp = [first.gather(1, ids[:, :1])[:, 0]]
+    hit = [first.argmax(-1) == ids[:, 0]]
     if tc > 1:
-        cache = getattr(out, CACHE)
-        cache.batch_repeat_interleave(n)  # the same order: prompt b's rows b * L .. b * L + L - 1
-        start = prompt_mask.sum(1).repeat_interleave(n)  # real prompt tokens
+        repeated = copy.deepcopy(cache)
+        repeated.batch_repeat_interleave(n)
         logits = model(
             input_ids=ids[:, :-1],
             attention_mask=torch.cat([prompt_mask.repeat_interleave(n, 0), scored[:, :-1].long()], dim=1),
-            position_ids=start[:, None] + torch.arange(tc - 1, device=device),
+            position_ids=start.repeat_interleave(n)[:, None] + torch.arange(tc - 1, device=device),
             use_cache=True,
-            **{CACHE: cache},
-        ).logits  # (B * L, Tc - 1, V): position j predicts choice token j + 1
-        rest = logits.float().log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
-        total = total + (rest * scored[:, 1:]).sum(1)
-    return total.view(b, n)
+            **{CACHE: repeated},
+        ).logits.float()  # (B * L, Tc - 1, V): position j predicts target token j + 1
+        rest = logits.log_softmax(-1)
+        logp += list(rest.gather(2, ids[:, 1:, None])[..., 0].unbind(1))
+        hit += list((rest.argmax(-1) == ids[:, 1:]).unbind(1))
+    logp_t, hit_t = torch.stack(logp, 1), torch.stack(hit, 1)  # (B * L, Tc)
+    log_likelihood = (logp_t * scored).sum(1).view(b, n)
+    correct = (hit_t & scored).sum(1).view(b, n).float()
+
+    # The greedy answer, continuing the prompts' own cache one token at a time.
+    answers = None
+    if budget > 0:
+        token = last.argmax(-1)  # (B,)
+        steps = [token]
+        mask = prompt_mask
+        for k in range(1, budget):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=(start + k - 1)[:, None],
+                use_cache=True,
+                **{CACHE: cache},
+            )
+            cache = getattr(step, CACHE)
+            token = step.logits[:, -1].argmax(-1)
+            steps.append(token)
+        answers = torch.stack(steps, 1)
+    return ChoiceScores(log_likelihood, correct, answers, losses_)
+
+
+@torch.no_grad()
+def choice_log_likelihoods(
+    model: nn.Module, prompts: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], pad_id: int
+) -> Tensor:
+    """``(B, L)`` summed log-probability of each of the L ``choices`` (token ids) after each of the
+    B ``prompts`` (:func:`score_choices` without the answers)."""
+    return score_choices(model, prompts, choices, pad_id).log_likelihood
 
 
 class Sums(Metric):

@@ -81,9 +81,19 @@ def test_choice_log_likelihoods_equal_unpadded_sequences(family):
     model = tiny_model(family)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     choices = [[20, 21, 1], [22, 1], [23, 24, 25, 1]]
-    got = tm.choice_log_likelihoods(model, prompts, choices, pad_id=0)
+    got = tm.score_choices(model, prompts, choices, pad_id=0, budget=4, prompt_loss=True)
     want = torch.tensor([[_summed_log_prob(model, p, c) for c in choices] for p in prompts])
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.log_likelihood, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(tm.choice_log_likelihoods(model, prompts, choices, pad_id=0), got.log_likelihood)
+    with torch.no_grad():  # token accuracy of each target, the greedy answer and the prompt's own loss
+        for b, p in enumerate(prompts):
+            for k, c in enumerate(choices):
+                logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+                assert got.correct[b, k] == (logits.argmax(-1) == torch.tensor(c)).sum()
+            assert got.answers[b].tolist() == _greedy(model, p, 4, eos=-1)
+            logits = model(input_ids=torch.tensor([p])).logits[0, :-1]
+            want_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(p[1:]))
+            torch.testing.assert_close(got.prompt_loss[b], want_loss, atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the row evaluator
