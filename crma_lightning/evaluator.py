@@ -44,6 +44,7 @@ from crma_lightning import losses
 from crma_lightning import metrics as clm
 from crma_lightning import task_metrics as tm
 from crma_lightning.data.tasks import TaskSpec
+from crma_lightning.data.tokenize import choice_ids
 from crma_lightning.serve.generation import generate_ids
 
 METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL", "routing_accuracy")
@@ -118,11 +119,29 @@ def task_data(
             TaskData(
                 spec,
                 dm.holdout_batches(task, rank, world_size, batch_size, split=split),
-                dm.choices(task),
-                dm.answer_budget(task, split) if generates else 0,
+                label_targets(dm, task),
+                answer_budget(dm, task, split) if generates else 0,
             )
         )
     return out
+
+
+def label_targets(dm, task: str) -> list[list[int]] | None:
+    """Token ids of each label's target (``answer_prefix`` + label + eos) of a classification task
+    of a ``ContinualDataModule``, in label order; None for other formats."""
+    spec = dm.spec(task)
+    return choice_ids(spec, dm.hf_tokenizer) if spec.format == "classification" else None
+
+
+def answer_budget(dm, task: str, split: str = "validation") -> int:
+    """Tokens to generate for ``task``'s answers: the longest target of the split (its longest label
+    for classification), eos included; a property of the whole split, so every rank generates the
+    same number of tokens."""
+    choices = label_targets(dm, task)
+    if choices is not None:
+        return max(len(c) for c in choices)
+    labels = dm.held_out(task, split)["labels"]
+    return max((sum(t != losses.IGNORE_INDEX for t in row[1:]) for row in labels), default=1)
 
 
 class RowEvaluator:

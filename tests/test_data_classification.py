@@ -14,6 +14,7 @@ import yaml
 
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec
 from crma_lightning.data.tasks import OLORA_TEMPLATE, source_kind
+from crma_lightning.evaluator import answer_budget, label_targets
 from crma_lightning.synthetic import permutation_sequences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,9 +98,9 @@ def test_classification_renders_the_olora_prompt_with_the_label_as_target(tmp_pa
             f"What is the topic?\nOption: Sports, Business, Science or Technology \n{text}\nAnswer: {label}<|endoftext|>"
         )
         assert scored == f" {label}<|endoftext|>"  # the loss is on the answer only
-    choices = dm.choices("news")
+    choices = label_targets(dm, "news")
     assert [dm.hf_tokenizer.decode(c) for c in choices] == [f" {x}<|endoftext|>" for x in LABELS]
-    assert dm.answer_budget("news") == max(len(c) for c in choices)
+    assert answer_budget(dm, "news") == max(len(c) for c in choices)
 
 
 def test_entry_overrides_task_json_and_template_is_configurable(tmp_path):
@@ -181,7 +182,7 @@ def test_classification_errors_name_the_field_and_the_fix(tmp_path):
 def test_split_files_give_validation_and_test(tmp_path):
     dm = news_dm(news_folder(tmp_path, train=30, validation=10, test=12), holdout_size=5, test_size=8)
     assert (dm.split_size("news"), dm.split_size("news", "test")) == (5, 8)
-    ids = {split: set(dm._held_out("news", split)["record"]) for split in ("validation", "test")}
+    ids = {split: set(dm.held_out("news", split)["record"]) for split in ("validation", "test")}
 
     def texts(split):
         return [

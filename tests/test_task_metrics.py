@@ -20,7 +20,7 @@ from crma_lightning import losses
 from crma_lightning import task_metrics as tm
 from crma_lightning.backbone import BackboneConfig, load_backbone
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec
-from crma_lightning.evaluator import RowEvaluator, task_data
+from crma_lightning.evaluator import RowEvaluator, answer_budget, label_targets, task_data
 
 
 @pytest.fixture(autouse=True)
@@ -185,14 +185,14 @@ def test_oracle_row_matches_one_example_at_a_time_references(tmp_path):
         qa = [e for e in examples if e[2] is None]
         assert len(news) == dm.split_size("news", split) and len(qa) == dm.split_size("qa", split)
         eos = tok.eos_token_id
-        choices = dm.choices("news")
+        choices = label_targets(dm, "news")
         label_right = exact = 0
         for ids, lab, target in news:
             prompt = ids[: lab.index(next(x for x in lab if x != IGNORE_INDEX))]
             scores = [_summed_log_prob(model, prompt, c) for c in choices]
             label_right += scores.index(max(scores)) == target
             answer = tok.decode(
-                _greedy(model, prompt, dm.answer_budget("news"), eos), skip_special_tokens=True
+                _greedy(model, prompt, answer_budget(dm, "news"), eos), skip_special_tokens=True
             )
             exact += answer.strip().casefold() == LABELS[target].casefold()
         assert row["news"]["label_accuracy"] == pytest.approx(label_right / len(news))
@@ -203,7 +203,7 @@ def test_oracle_row_matches_one_example_at_a_time_references(tmp_path):
             start = next(k for k, x in enumerate(lab) if x != IGNORE_INDEX)
             reference = tok.decode([x for x in ids[start:] if x != eos])
             answer = tok.decode(
-                _greedy(model, ids[:start], dm.answer_budget("qa", split), eos), skip_special_tokens=True
+                _greedy(model, ids[:start], answer_budget(dm, "qa", split), eos), skip_special_tokens=True
             )
             rouge += tm.rouge_l_sum([answer], [reference])
         assert row["qa"]["rougeL"] == pytest.approx(rouge / len(qa), abs=1e-6)

@@ -32,9 +32,8 @@ from crma_lightning.data.replay import buffer as replay_buffer_of
 from crma_lightning.data.sources import load_hub
 from crma_lightning.data.split import task_sets
 from crma_lightning.data.tasks import TaskSpec, source_kind, split_sources, validate_data_config
-from crma_lightning.data.tokenize import choice_ids, load_tokenizer
+from crma_lightning.data.tokenize import load_tokenizer
 from crma_lightning.hub import is_offline
-from crma_lightning.losses import IGNORE_INDEX
 from crma_lightning.synthetic import FIRST_TOKEN
 
 
@@ -105,7 +104,6 @@ class ContinualDataModule(LightningDataModule):
         self._train: dict[str, datasets.Dataset] = {}
         self._holdout: dict[str, datasets.Dataset] = {}
         self._test: dict[str, datasets.Dataset] = {}
-        self._budgets: dict[tuple[str, str], int] = {}
 
     # -- task schedule -----------------------------------------------------------------------
     @property
@@ -176,31 +174,14 @@ class ContinualDataModule(LightningDataModule):
 
     def split_size(self, task: str, split: str = "validation") -> int:
         """Examples in the ``validation`` (holdout) or ``test`` set of ``task``."""
-        return len(self._held_out(task, split))
+        return len(self.held_out(task, split))
 
-    def _held_out(self, task: str, split: str) -> datasets.Dataset:
+    def held_out(self, task: str, split: str = "validation") -> datasets.Dataset:
+        """The tokenised ``validation`` (holdout) or ``test`` set of ``task``."""
         self._require(task)
         if split not in ("validation", "test"):
             raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
         return (self._holdout if split == "validation" else self._test)[task]
-
-    def choices(self, task: str) -> list[list[int]] | None:
-        """Token ids of each label's target (``answer_prefix`` + label + eos) of a classification
-        task, in label order; None for other formats."""
-        spec = self.spec(task)
-        return choice_ids(spec, self.hf_tokenizer) if spec.format == "classification" else None
-
-    def answer_budget(self, task: str, split: str = "validation") -> int:
-        """Tokens to generate for ``task``'s answers: the longest target of the split (its longest
-        label for classification), eos included; a property of the whole split, so every rank
-        generates the same number of tokens."""
-        choices = self.choices(task)
-        if choices is not None:
-            return max(len(c) for c in choices)
-        if (task, split) not in self._budgets:
-            labels = self._held_out(task, split)["labels"]
-            self._budgets[task, split] = max((sum(t != IGNORE_INDEX for t in row[1:]) for row in labels), default=1)
-        return self._budgets[task, split]
 
     def _require(self, task: str) -> None:
         if task not in self.task_names:
@@ -287,7 +268,7 @@ class ContinualDataModule(LightningDataModule):
         """The validation (holdout) or ``test`` set of ``task``, examples ``rank::world_size``, in
         order, batched (:func:`~crma_lightning.data.loading.sharded_batches`: every rank the same
         batch sizes, ``example_weight`` 0 on padding examples, ``target`` for classification)."""
-        data = self._held_out(task, split)
+        data = self.held_out(task, split)
         return sharded_batches(data, batch_size or self.eval_batch_size, rank, world_size, self.pad_token_id)
 
     def train_batches(
