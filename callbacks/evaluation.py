@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from contextlib import contextmanager
 from typing import Literal
@@ -38,6 +39,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from callbacks.boundary import TaskBoundaryCallback, run_dir
 from crma_lightning.config import ConfigError
@@ -167,7 +169,13 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 if routes and trained:
                     result = self.evaluate(trainer, pl_module, split, route_among=trained)
                 add_row(self.rows.setdefault(split + NO_TASK_ID, {}), name, result, tasks)
-        self.evaluation_s += time.perf_counter() - start
+        took = time.perf_counter() - start
+        self.evaluation_s += took
+        # No progress bar runs here (fit's bar is the training one): say what the pause was.
+        done = "base model" if name == BASE_ROW else f"after {name}"
+        line = f"evaluated {done}: {len(tasks)} tasks on {' and '.join(self.splits)} in {took:.1f} s"
+        if trainer.is_global_zero:
+            tqdm.write(line, file=sys.stdout)  # on a line of its own, above a progress bar if one is drawn
         self._publish(trainer, as_continual(pl_module))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
