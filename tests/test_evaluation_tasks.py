@@ -262,6 +262,8 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     proc = run_train("fit", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test task metric (exact_match)" in proc.stdout  # the final tables, test split included
+    said = [line for line in proc.stdout.splitlines() if line.startswith("evaluated ")]  # one per row
+    assert [line.split(":")[0] for line in said] == ["evaluated base model", "evaluated after news", "evaluated after mood"]
     line = next(line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE))
     run = RunDir(line.removeprefix(RUN_DIR_LINE))
     names = ("loss_matrix", "accuracy_matrix", "label_accuracy_matrix", "token_accuracy_matrix")
