@@ -133,8 +133,9 @@ def markdown(res: dict, protocol: dict) -> str:
     lines = [
         "# The standard CL benchmark (O-LoRA's text classification) with SmolLM2-135M",
         "",
-        f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}); total wall time "
-        f"{protocol['total_wall_s'] / 60:.0f} min.",
+        f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}): "
+        f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time in all "
+        "(each run's own wall time below; finished runs are reused, so a report may gather runs of several invocations).",
         "",
         f"Tasks {' → '.join(res['tasks'])} (../shared/cl_benchmark: the O-LoRA repository's processed files, "
         f"subsampled), O-LoRA's prompt format, seeds {seeds}. Accuracy is exact match of the greedy-generated "
@@ -151,6 +152,10 @@ def markdown(res: dict, protocol: dict) -> str:
         f"Zero-shot base model (row `base`): average accuracy {base_mean:.1f}"
         + (f" ± {base_sd:.1f}" if base_sd is not None else "")
         + "; it is the first row of every run's matrix.",
+        "",
+        f"With {protocol['test_size']} test examples per task, one example is {100 / protocol['test_size']:.1f} points "
+        f"of a task's accuracy and {100 / protocol['test_size'] / len(res['tasks']):.1f} of the average: differences "
+        "of a few points between methods are within one seed's noise.",
         "",
         "| method | avg acc (task id) | BWT (task id) | avg acc (no task id) | BWT (no task id) | without the id | routing acc | T5-large, published | eval share of the run |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -202,7 +207,7 @@ def figure(res: dict, path: Path) -> None:
             ax.axhline(100 * np.mean(list(res["base"].values())), color="k", ls="--", lw=1, label="zero-shot base")
         ax.set_xticks(x, [res["methods"][m]["label"] for m in methods], rotation=30, ha="right")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"SmolLM2-135M, {' → '.join(res['tasks'])}, test split, seeds {', '.join(map(str, res['seeds']))}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -269,8 +274,9 @@ def main(argv: list[str] | None = None) -> None:
         "date": info["date"],
         "machine": f"{machine_line(info['machine'])}; {args.threads} thread(s) per run, {args.jobs} at a time",
         "settings": protocol_settings(runs[keys[0]][0], extra),
+        "test_size": init_args(runs[keys[0]][0].read_config()["data"])["test_size"],
         "wall_s": {f"{m}_s{s}": w for (m, s), (_, w) in runs.items()},
-        "total_wall_s": time.perf_counter() - start,  # of this invocation (reused runs count 0)
+        "invocation_wall_s": time.perf_counter() - start,  # this invocation's (reused runs count 0)
     }
     figure(res, out.with_suffix(".png"))
     md, js = write_report(out, markdown(res, protocol), {"protocol": protocol, "results": res})
