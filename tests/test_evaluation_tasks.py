@@ -237,7 +237,10 @@ def test_task_id_none_evaluates_only_without_the_task_id(tmp_path):
     assert none.read_summary()["bwt"] == pytest.approx(both.read_summary()["no_task_id"]["bwt"], abs=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["modular", pytest.param("naive", marks=pytest.mark.slow)])
+# Six train.py processes (75 s for modular): with the slow tests; the default suite checks the
+# callback's matrices and task_id none in process.
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["modular", "naive"])
 def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_path):
     """``train.py test --run`` after ``train.py fit``: every row rebuilt from adapters/ (CRMA history,
     per-task or shared LoRAs) scores the test split as the callback did during fit."""
