@@ -48,8 +48,8 @@ class KillDuringEvaluation(Callback):
         evaluation = next(c for c in trainer.callbacks if getattr(c, "role", None) == "evaluation")
         evaluate = evaluation.evaluate
 
-        def dying_evaluate(trainer, pl_module):
-            result = evaluate(trainer, pl_module)
+        def dying_evaluate(trainer, pl_module, *args, **kwargs):
+            result = evaluate(trainer, pl_module, *args, **kwargs)
             if len(evaluation.loss_rows) == self.row:
                 _die()
             return result

@@ -28,10 +28,11 @@ def test_thirty_tasks_grow_at_most_linearly(tmp_path):
     # Optimizer state: only the current task's LoRA and the CRMA, the same bytes every task.
     assert max(s["optimizer_state_mb"]) == min(s["optimizer_state_mb"]) > 0
     assert len(set(res["trainable_params"])) == 1
-    # Checkpoint: linear (residual of a linear fit < 0.1 %) and under 2 KiB per task: the evaluation
-    # matrices' row and small per-task records, nothing like a copy of a LoRA (70 KiB here).
+    # Checkpoint: linear (residual of a linear fit < 0.1 %) and under 4 KiB per task: the evaluation
+    # state's new row (30 tasks x 7 metrics since task metrics, most of them NaN on these tasks) and
+    # small per-task records, nothing like a copy of a LoRA (70 KiB here).
     assert g["checkpoint_mb"]["max_linear_residual_rel"] < 1e-3
-    assert 0 <= g["checkpoint_mb"]["slope_per_task"] * 1024 < 2.0, g["checkpoint_mb"]
+    assert 0 <= g["checkpoint_mb"]["slope_per_task"] * 1024 < 4.0, g["checkpoint_mb"]
     # Step cost: flat. Process CPU time (wall time on a shared machine mostly measures neighbours):
     # the last tasks' median within 1.5x the first's, and no trend over 2 % of a step per task.
     steps = np.asarray(s["step_cpu_s_median"])
