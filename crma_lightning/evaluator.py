@@ -303,6 +303,10 @@ class RowEvaluator:
             return " ".join(map(str, ids))
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _texts(self, rows: list[list[int]]) -> list[str]:
+        """Generated token ids, cut at the first eos, decoded."""
+        return [self._decode(row[: row.index(self.eos_id)] if self.eos_id in row else row) for row in rows]
+
     def _answers(self, prompts: list[list[int]], budget: int) -> list[str]:
         """Greedy answers of ``budget`` tokens (every one generated: the same work on every rank),
         cut at the first eos, decoded."""
@@ -310,21 +314,21 @@ class RowEvaluator:
             self.model, prompts, pad_id=self.pad_id, eos_id=None, batch_size=self.generation_batch_size,
             max_new_tokens=budget, do_sample=False, use_cache=True,
         )  # fmt: skip
-        cut = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in new]
-        return [self._decode(row) for row in cut]
+        return self._texts(new)
+
+    @staticmethod
+    def _score_texts(sums: tm.Sums, i: int, answers: list[str], refs: list[str], weights: list[float]) -> None:
+        """Exact match and ROUGE-L of ``answers`` against ``refs``, real examples (weight > 0) only."""
+        real = [k for k, w in enumerate(weights) if w > 0]
+        texts, references = [answers[k] for k in real], [refs[k] for k in real]
+        sums.update(i, exact=tm.exact_matches(texts, references), rouge=tm.rouge_l_sum(texts, references))
 
     def _score_generated(self, sums: tm.Sums, i: int, answers: Tensor, weights: Tensor, refs: list[str]) -> None:
         """Exact match (and ROUGE-L) of greedy answers ``(B, budget)``, cut at the first eos."""
-        rows = [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in answers.tolist()]
-        real = [k for k, w in enumerate(weights.tolist()) if w > 0]
-        texts, references = [self._decode(rows[k]) for k in real], [refs[k] for k in real]
-        sums.update(i, exact=tm.exact_matches(texts, references), rouge=tm.rouge_l_sum(texts, references))
+        self._score_texts(sums, i, self._texts(answers.tolist()), refs, weights.tolist())
 
     def _score_answers(self, sums: tm.Sums, i: int, task: TaskData, prompts, weights, refs) -> None:
-        answers = self._answers(prompts, task.budget)
-        real = [k for k, w in enumerate(weights) if w > 0]
-        exact = tm.exact_matches([answers[k] for k in real], [refs[k] for k in real])
-        sums.update(i, exact=exact, rouge=tm.rouge_l_sum([answers[k] for k in real], [refs[k] for k in real]))
+        self._score_texts(sums, i, self._answers(prompts, task.budget), refs, weights)
 
     def _score_routed_answers(self, sums, i, task, candidates, prompts, weights, refs, chosen) -> None:
         """Greedy answers, each under the candidate its example was routed to."""
@@ -336,11 +340,7 @@ class RowEvaluator:
             padded = rows + [rows[0] if rows else 0] * (count - len(rows))  # padding: generated, dropped
             with self.serve(candidate):
                 answers = self._answers([prompts[k] for k in padded], task.budget)[: len(rows)]
-            real = [(a, k) for a, k in zip(answers, rows, strict=True) if weights[k] > 0]
-            exact = tm.exact_matches([a for a, _ in real], [refs[k] for _, k in real])
-            sums.update(
-                i, exact=exact, rouge=tm.rouge_l_sum([a for a, _ in real], [refs[k] for _, k in real])
-            )
+            self._score_texts(sums, i, answers, [refs[k] for k in rows], [weights[k] for k in rows])
 
     def _results(self, tasks: Sequence[TaskData], sums: tm.Sums) -> dict[str, dict[str, float]]:
         """Per task: every metric of :data:`METRICS` (NaN where it does not apply) and ``accuracy``,
