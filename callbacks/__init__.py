@@ -22,10 +22,11 @@ from callbacks.zclip import ZClip
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "freezing": FreezingPolicy,
+    # Before evaluation: at a task end, evaluation without the task id routes with its statistics.
+    "routing": RoutingStatistics,
     "evaluation": ContinualEvaluation,
     "spectral": SpectralBoundLogger,
     "adapters": AdapterCheckpoint,
-    "routing": RoutingStatistics,
     "grad_norm": GradNormStats,
     "regularization": RegularizerHooks,
     "zclip": ZClip,

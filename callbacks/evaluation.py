@@ -13,8 +13,10 @@ metrics computed (token accuracy, label-set accuracy, ...) get their own ``<metr
 BWT, FWT, forgetting and the final average accuracy are computed on A (docs/method.md §4).
 
 With ``task_id: both`` every row is also evaluated without the task id: layouts with a LoRA per
-task route each example to the adapter that scores its prompt best (the routing accuracy per task
-is a matrix of its own); layouts that serve every input with one model (a shared LoRA, all LoRAs
+task route each example among the adapters trained so far (the routing accuracy per task is a
+matrix of its own), with ``router: stats`` by the routing statistics the ``routing`` callback
+wrote at each task end (as ``serve`` routes ``task: auto``; each adapter then runs only on its own
+examples), with ``router: loss`` to the adapter that gives its prompt the lowest loss; layouts that serve every input with one model (a shared LoRA, all LoRAs
 summed) give the same numbers as with the id. These are ``*_no_task_id.csv`` and the
 ``no_task_id`` part of summary.json. With ``task_id: none`` the rows are evaluated only that way:
 the matrices (``loss_matrix.csv``, ...) hold the numbers without the task id, summary.json says
@@ -42,12 +44,15 @@ import torch
 from tqdm import tqdm
 
 from callbacks.boundary import TaskBoundaryCallback, run_dir
+from callbacks.routing import RoutingStatistics
 from crma_lightning.config import ConfigError
-from crma_lightning.evaluator import RowEvaluator, add_row, extra_matrices, summarize_rows, task_data
+from crma_lightning.evaluator import Route, RowEvaluator, add_row, extra_matrices, summarize_rows, task_data
 from crma_lightning.layout import layout_of
 from crma_lightning.protocols import ContinualModule, as_continual
 from crma_lightning.report import heatmap_figure, pyplot, save_figure, table
 from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
+from crma_lightning.serve.router import prompt_router
+from crma_lightning.sharding import is_sharded
 
 CL_SCALARS = (
     "drift_pct",
@@ -76,6 +81,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         print_table: bool = True,
         test_matrices: bool = True,
         task_id: Literal["oracle", "both", "none"] = "oracle",
+        router: Literal["stats", "loss"] = "stats",
     ):
         """
         Args:
@@ -85,14 +91,21 @@ class ContinualEvaluation(TaskBoundaryCallback):
             task_id: ``oracle``: evaluate each task with its task id; ``both``: also without it
                 (``*_no_task_id.csv``; per-task layouts route every example); ``none``: only
                 without it (the matrices hold those numbers).
+            router: how examples are routed without the task id: ``stats``, the statistics router
+                (frozen-base features of the prompt against each trained task's training data;
+                written by the ``routing`` callback at each task end), or ``loss``, the adapter that
+                gives the prompt the lowest loss (every candidate runs on every example).
         """
         super().__init__()
         if task_id not in ("oracle", "both", "none"):
             raise ConfigError(f"evaluation.task_id: must be 'oracle', 'both' or 'none', got {task_id!r}")
+        if router not in ("stats", "loss"):
+            raise ConfigError(f"evaluation.router: must be 'stats' or 'loss', got {router!r}")
         self.batch_size = batch_size
         self.print_table = print_table
         self.test_matrices = test_matrices
         self.task_id = task_id
+        self.router = router
         # table (a split, or a split + NO_TASK_ID) -> metric ("loss", "accuracy": the task metric,
         # then the evaluator's other metrics) -> row name -> value per task
         self.rows: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -149,10 +162,31 @@ class ContinualEvaluation(TaskBoundaryCallback):
             with trainer.precision_plugin.forward_context():
                 tasks = task_data(dm, split, trainer.global_rank, trainer.world_size, self.batch_size)
                 evaluator = RowEvaluator(module.model, serve, dm.hf_tokenizer, pad_id=dm.pad_token_id)
-                return evaluator.oracle(tasks) if route_among is None else evaluator.routed(tasks, route_among)
+                if route_among is None:
+                    return evaluator.oracle(tasks)
+                return evaluator.routed(tasks, route_among, self._stats_route(trainer, module, route_among))
         finally:
             module.use_task(training_task)
             pl_module.train(was_training)
+
+    def _stats_route(self, trainer: pl.Trainer, module: ContinualModule, tasks: list[str]) -> Route | None:
+        """The statistics router among ``tasks`` (None: route by loss)."""
+        if self.router != "stats":
+            return None
+        sums, meta = _routing_callback(trainer).task_stats(trainer, tasks)
+        return prompt_router(module.model, module.crma, sums, meta, trainer.datamodule.pad_token_id,
+                             stop=not is_sharded(module.model))  # fmt: skip
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        routes = layout_of(as_continual(pl_module).strategy).no_task_id == "route"
+        if self.task_id != "oracle" and routes and self.router == "stats":
+            callback = _routing_callback(trainer)
+            if callback is None or not callback.enabled:
+                raise ConfigError(
+                    f"evaluation.task_id: {self.task_id} routes with the routing statistics "
+                    "(evaluation.router: stats), but the routing callback is off: set routing.enabled: "
+                    "true, or evaluation.router: loss"
+                )
 
     def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         start = time.perf_counter()
@@ -215,6 +249,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "base_model": module.backbone_config.label,
             "split": split,
             "task_id": "none" if self.task_id == "none" else "given",  # how the matrices were evaluated
+            "router": self.router if self.task_id == "none" and layout_of(module.strategy).no_task_id == "route" else None,
             # What A holds for each task (BWT, FWT, forgetting and the averages are on it).
             "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
             "drift_pct": None,
@@ -253,7 +288,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
             nt_extra = extra_matrices(nt_rows)
             files |= {matrix_name(m, no_task_id=True): nt_rows[m] for m in ("loss", "accuracy")}
             files |= {matrix_name(m, no_task_id=True): r for m, r in nt_extra.items()}
-            summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": layout_of(module.strategy).no_task_id}
+            summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": layout_of(module.strategy).no_task_id,
+                                                               "router": self.router}
         out.write_matrices(tasks, files, summary, split)
         loss, acc = self.matrices(split)
         figures = {
@@ -328,3 +364,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         else:
             # A checkpoint from before task metrics: its accuracy rows are token accuracy.
             self.rows = {"validation": {"loss": dict(state_dict["loss_rows"]), "accuracy": dict(state_dict["acc_rows"])}}
+
+
+def _routing_callback(trainer: pl.Trainer) -> RoutingStatistics | None:
+    return next((c for c in trainer.callbacks if isinstance(c, RoutingStatistics)), None)

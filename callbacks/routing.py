@@ -29,6 +29,7 @@ from crma_lightning.routing_stats import (
     DEFAULT_MAX_EXAMPLES,
     gather_sums,
     num_layers,
+    read_task_stats,
     resolve_layer,
     stats_meta,
     write_task_stats,
@@ -78,6 +79,10 @@ class RoutingStatistics(TaskBoundaryCallback):
         self.batch_size = batch_size
         self.enabled = enabled
         self.seconds: dict[str, float] = {}
+        self.sums: dict[str, FeatureSums] = {}
+        """Each task's statistics gathered by this process (on every rank): what evaluation without
+        the task id routes with. Not resumable state (it can be large): a resumed run reads them
+        back from the run's files (:meth:`task_stats`)."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:  # a layer the model does not have fails now, not after the first task
@@ -106,14 +111,25 @@ class RoutingStatistics(TaskBoundaryCallback):
         # Every rank's sums, added in float64: the statistics of all the examples, whatever the world size.
         sums = FeatureSums.from_flat(trainer.strategy.reduce(sums.flat(), reduce_op="sum"), sums.dim)
         self.seconds[task] = time.perf_counter() - start
+        examples = min(dm.num_train_examples(task), self.max_examples or dm.num_train_examples(task))
+        meta = stats_meta(task, model, layer, self.pooling, examples, self.max_examples)
+        self.sums[task], self.meta = FeatureSums.from_flat(sums.flat().cpu(), sums.dim), meta
         if not trainer.is_global_zero:
             return
-        examples = min(dm.num_train_examples(task), self.max_examples or dm.num_train_examples(task))
-        write_task_stats(
-            run, task, sums, stats_meta(task, model, layer, self.pooling, examples, self.max_examples)
-        )
+        write_task_stats(run, task, sums, meta)
         for logger in trainer.loggers:
             logger.log_metrics({"routing/seconds": self.seconds[task]}, step=task_index + 1)
+
+    def task_stats(self, trainer: pl.Trainer, tasks: list[str]) -> tuple[list[FeatureSums], dict]:
+        """The statistics of ``tasks`` (all completed) and their meta (layer, pooling): gathered by
+        this process, or for tasks completed before a resume, read from the run's files (every rank
+        reads them: the run directory is shared, as for resuming from its checkpoints)."""
+        missing = [t for t in tasks if t not in self.sums]
+        if missing:
+            run = run_dir(trainer)  # a collective: every rank calls task_stats alike
+            for task in missing:
+                self.sums[task], self.meta = read_task_stats(run, task)
+        return [self.sums[t] for t in tasks], self.meta
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"seconds": dict(self.seconds)}

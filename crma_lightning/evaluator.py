@@ -13,9 +13,11 @@ changes weights. For each task it computes (docs/method.md §4, :mod:`crma_light
   cache) and exact match of the greedy answer (decoded from the same cache); for a free-text task
   whose metric asks for it, exact match or ROUGE-L of answers from ``generate_ids``;
 - **without the task id** (:meth:`RowEvaluator.routed`, for layouts that route): every example is
-  scored by each candidate adapter, routed to the one that gives its prompt the lowest loss, and
-  takes that adapter's loss, token accuracy, label choice and greedy answer (for classification
-  every candidate answers from its own prompt forward); the routing accuracy
+  routed to one candidate adapter and takes that adapter's loss, token accuracy, label choice and
+  greedy answer. The router is the statistics router when one is given (``route``: a discriminant
+  of frozen-base features of the prompt; each candidate then runs only on its own examples), else
+  the loss router (every candidate scores every prompt, the lowest prompt loss wins; for
+  classification every candidate answers from its own prompt forward). The routing accuracy
   counts examples routed to their own task's adapter. Layouts with one model for every input (a
   shared LoRA, or all LoRAs summed) need no routing: their rows without the task id are the rows
   with it. A text block (every token scored) is routed on its first ``route_tokens`` tokens.
@@ -51,6 +53,10 @@ METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL", 
 """What a row holds per task (NaN where a metric does not apply), besides ``accuracy``: the task metric."""
 EXTRA = METRICS[1:]
 """Metrics with a matrix of their own besides L (``loss``) and A (``accuracy``)."""
+
+Route = Callable[[list[list[int]]], Tensor]
+"""Prompts (token ids) -> the index of the candidate each goes to ``(N,)``: a router that needs no
+adapter (the statistics router, ``serve.router.prompt_router``)."""
 
 Rows = dict[str, dict[str, list[float]]]
 """Matrices by metric (``loss``, ``accuracy``, then :data:`EXTRA`): row name -> value per task."""
@@ -198,9 +204,12 @@ class RowEvaluator:
         return self._results(tasks, sums)
 
     @torch.no_grad()
-    def routed(self, tasks: Sequence[TaskData], candidates: Sequence[str]) -> dict[str, dict[str, float]]:
-        """Each example served by the candidate (a task name, set up by ``serve``) whose adapters give
-        its prompt the lowest mean next-token loss: the task id not given."""
+    def routed(
+        self, tasks: Sequence[TaskData], candidates: Sequence[str], route: Route | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Each example served by one candidate (a task name, set up by ``serve``), the task id not
+        given: the one ``route`` picks from its prompt (the statistics router), or without ``route``
+        the one whose adapters give its prompt the lowest mean next-token loss."""
         candidates = list(candidates)
         sums = tm.Sums(len(tasks)).to(self.device)
         for i, task in enumerate(tasks):
@@ -209,21 +218,13 @@ class RowEvaluator:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 w = batch["example_weight"]
                 p = self._prompts(batch)
-                per = [self._candidate(batch, p, task, c) for c in candidates]  # K x {name: (B,)}
-                choice = tm.route(torch.stack([c["prompt_loss"] for c in per], dim=1))  # (B,)
-                pick = {
-                    k: torch.stack([c[k] for c in per], 1).gather(1, choice[:, None])[:, 0]
-                    for k in per[0]
-                    if k != "answers"
-                }
+                choice, pick = self._route_batch(batch, p, task, candidates, route)
                 sums.update(i, loss_sum=pick["loss_sum"] * w, tokens=pick["tokens"] * w, correct=pick["correct"] * w,
                             examples=w)  # fmt: skip
                 if task.choices is not None:
                     sums.update(i, label_correct=pick["label_correct"] * w)
                     if task.budget:  # each example's greedy answer under the adapter it was routed to
-                        answers = torch.stack([c["answers"] for c in per], 1)  # (B, K, budget)
-                        chosen_answers = answers[torch.arange(len(choice), device=choice.device), choice]
-                        self._score_generated(sums, i, chosen_answers, w, self._references(task, batch))
+                        self._score_generated(sums, i, pick["answers"], w, self._references(task, batch))
                 if task.name in candidates:
                     own = choice == candidates.index(task.name)
                     sums.update(i, routed_right=own.double() * w, routable=w)
@@ -235,6 +236,32 @@ class RowEvaluator:
             if task.budget and task.choices is None:
                 self._score_routed_answers(sums, i, task, candidates, prompts, weights, refs, chosen)
         return self._results(tasks, sums)
+
+    def _route_batch(
+        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidates: list[str],
+        route: Route | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        """Which candidate each example of ``batch`` goes to ``(B,)``, and its numbers under that
+        candidate (:meth:`_candidate`'s, per example)."""
+        if route is None:  # every candidate scores every prompt; the lowest loss wins
+            per = [self._candidate(batch, prompts, task, c, prompt_loss=True) for c in candidates]
+            choice = tm.route(torch.stack([c["prompt_loss"] for c in per], dim=1))  # (B,)
+            rows = torch.arange(len(choice), device=choice.device)
+            return choice, {k: torch.stack([c[k] for c in per], 1)[rows, choice] for k in per[0]}
+        choice = route(prompts).to(self.device)
+        pick: dict[str, Tensor] = {}
+        for c, candidate in enumerate(candidates):  # each candidate serves only its own examples
+            rows = (choice == c).nonzero()[:, 0]
+            count = _max_over_ranks(len(rows))  # every rank runs the same forward passes
+            if count == 0:
+                continue
+            filler = rows[:1] if len(rows) else torch.zeros(1, dtype=torch.long, device=self.device)
+            padded = torch.cat([rows, filler.expand(count - len(rows))])  # padding: computed, dropped
+            sub = {k: v[padded] for k, v in batch.items()}
+            out = self._candidate(sub, [prompts[k] for k in padded.tolist()], task, candidate)
+            for k, v in out.items():
+                pick.setdefault(k, v.new_zeros((len(choice), *v.shape[1:])))[rows] = v[: len(rows)]
+        return choice, pick
 
     # -- pieces ----------------------------------------------------------------------------------
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
@@ -248,18 +275,21 @@ class RowEvaluator:
         return [row[:k] for row, k in zip(batch["input_ids"].tolist(), n, strict=True)]
 
     def _candidate(
-        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidate: str
-    ) -> dict[str, Tensor]:
-        """Per example of ``batch`` served as ``candidate``: the prompt's mean loss (the routing
-        score), the answer's loss sum, scored and correct tokens, and (classification) the best label."""
+        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidate: str,
+        prompt_loss: bool = False,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """Per example of ``batch`` served as ``candidate``: the answer's loss sum, scored and correct
+        tokens, (classification) whether the best label is its own and the greedy answer, and with
+        ``prompt_loss`` the prompt's mean loss (the loss router's score)."""
         with self.serve(candidate):
             if task.choices is not None:
-                return self._classify(batch, task, prompts, prompt_loss=True)
-            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+                return self._classify(batch, task, prompts, prompt_loss=prompt_loss)
             logits = self._logits(batch)
             stats = tm.per_example(logits, batch["labels"])
             out = {k: stats[k] for k in ("loss_sum", "tokens", "correct")}
-            out["prompt_loss"] = tm.per_example(logits, tm.prompt_labels(batch["input_ids"], lengths))["mean"]
+            if prompt_loss:
+                lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+                out["prompt_loss"] = tm.per_example(logits, tm.prompt_labels(batch["input_ids"], lengths))["mean"]
         return out
 
     def _classify(

@@ -210,9 +210,12 @@ def prompt_features(
     attention_mask: Tensor,
     layer: int,
     pooling: Pooling,
+    *,
+    stop: bool = True,
 ) -> Tensor:
-    """``(B, D)`` float64 feature of each whole (right-padded) prompt: what the router scores."""
-    hidden = base_hidden(model, crma, input_ids, attention_mask, layer, stop=True)
+    """``(B, D)`` float64 feature of each whole (right-padded) prompt: what the router scores
+    (``stop``: as in :func:`base_hidden`; False for a sharded model)."""
+    hidden = base_hidden(model, crma, input_ids, attention_mask, layer, stop=stop)
     lengths = attention_mask.sum(1, keepdim=True).to(hidden.device)  # (B, 1)
     return prefix_pool(hidden, lengths, pooling)[:, 0]
 

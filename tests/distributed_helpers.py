@@ -25,7 +25,9 @@ from crma_lightning.rundir import RUN_DIR_LINE, read_matrix_csv
 
 #: Small runs: 64 training examples (4 global batches of 16 per epoch, 8 steps per task, 24 in
 #: all; ModelCheckpoint every 10 steps leaves last.ckpt at step 20, inside task 3).
-SMALL = ["--data.train_size", "64", "--data.holdout_size", "32", "--model.lr.lora", "0.02"]
+# With the task id and without it: per-task layouts then route every row's examples with the routing
+# statistics (a sharded model runs the whole forward pass on every rank, in lockstep).
+SMALL = ["--data.train_size", "64", "--data.holdout_size", "32", "--model.lr.lora", "0.02", "--evaluation.task_id", "both"]
 
 #: The single-process reference of a 2-rank run at 8 examples per rank: the same two micro-batches
 #: of 8, summed by gradient accumulation (see test_distributed.single_run for why not batch 16).
@@ -128,9 +130,13 @@ def lora_from_checkpoint(state: dict[str, torch.Tensor], adapter: str) -> dict[s
 
 
 def assert_matches_single(dist_run: Path, single_run: Path, adapter_atol: float = 1e-4) -> None:
-    """Same matrices (loss 1e-4; accuracy, an argmax, a few tokens), adapters and routing
-    statistics as one process."""
-    for name, atol in (("loss_matrix.csv", 1e-4), ("accuracy_matrix.csv", 3e-3)):
+    """Same matrices with and without the task id (loss 1e-4; accuracy, an argmax, a few tokens;
+    routing accuracy), adapters and routing statistics as one process."""
+    names = [("loss_matrix.csv", 1e-4), ("accuracy_matrix.csv", 3e-3)]
+    names += [(n.replace(".csv", "_no_task_id.csv"), atol) for n, atol in names]
+    if (single_run / "continual" / "routing_accuracy_matrix_no_task_id.csv").is_file():
+        names.append(("routing_accuracy_matrix_no_task_id.csv", 2 / 32 + 1e-6))  # 2 of 32 examples: float rounding of features
+    for name, atol in names:
         rows_1, tasks_1, m_1 = read_matrix_csv(single_run / "continual" / name)
         rows_2, tasks_2, m_2 = read_matrix_csv(dist_run / "continual" / name)
         assert (rows_1, tasks_1) == (rows_2, tasks_2)

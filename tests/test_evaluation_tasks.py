@@ -26,8 +26,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from callbacks.adapters import AdapterCheckpoint
 from callbacks.evaluation import ContinualEvaluation
 from callbacks.freezing import FreezingPolicy
+from callbacks.routing import RoutingStatistics
 from crma_lightning.backbone import BackboneConfig
-from crma_lightning.config import LoRAConfig
+from crma_lightning.config import ConfigError, LoRAConfig
 from crma_lightning.data import ContinualDataModule, TaskSpec
 from crma_lightning.module import ContinualLM, GroupLR
 from crma_lightning.rundir import RUN_DIR_LINE, RunDir
@@ -56,7 +57,8 @@ def write_task(root, name: str) -> str:
     return str(folder)
 
 
-def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id: str = "oracle"):
+def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id: str = "oracle", router: str = "stats",
+        routing: bool = True):  # fmt: skip
     tasks = list(KEYWORDS)
     dm = ContinualDataModule(
         [
@@ -89,7 +91,7 @@ def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id:
         lr=GroupLR(lora=1e-2),
         seed=0,
     )
-    evaluation = ContinualEvaluation(print_table=False, test_matrices=test_matrices, task_id=task_id)
+    evaluation = ContinualEvaluation(print_table=False, test_matrices=test_matrices, task_id=task_id, router=router)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=dm.total_epochs,
@@ -100,7 +102,7 @@ def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[FreezingPolicy(), evaluation, AdapterCheckpoint()],
+        callbacks=[FreezingPolicy(), *([RoutingStatistics()] if routing else []), evaluation, AdapterCheckpoint()],
     )
     trainer.fit(module, datamodule=dm)
     return RunDir(trainer.log_dir), evaluation
@@ -181,9 +183,9 @@ def test_test_matrices_can_be_turned_off_and_resume_state_round_trips(tmp_path):
     assert old.loss_rows == evaluation.loss_rows and old.splits == ["validation"]
 
 
-@pytest.mark.parametrize("strategy", ["frozen", "naive"])
-def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(strategy, tmp_path):
-    run, evaluation = fit(tmp_path, test_matrices=False, strategy=strategy, task_id="both")
+@pytest.mark.parametrize(("strategy", "router"), [("frozen", "stats"), ("frozen", "loss"), ("naive", "stats")])
+def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(strategy, router, tmp_path):
+    run, evaluation = fit(tmp_path, test_matrices=False, strategy=strategy, task_id="both", router=router)
     tasks = list(KEYWORDS)
     oracle, blind = run.read_matrix("accuracy_matrix"), run.read_matrix("accuracy_matrix_no_task_id")
     assert blind.rows == ["base", *tasks]
@@ -204,8 +206,10 @@ def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(str
     assert (
         routing.values[1, 0] == 1.0 and np.isnan(routing.values[1, 1]) and np.isnan(routing.values[0]).all()
     )
-    # After task 2 the prompts ("The news?" / "The mood?") are told apart by their own adapters.
+    # After task 2 the prompts ("The news?" / "The mood?") are told apart: by their features in the
+    # frozen base (stats), or by their own adapters (loss).
     assert (routing.values[2] >= 0.9).all(), routing.values
+    assert summary["router"] == router
     np.testing.assert_array_equal(blind.values[1], oracle.values[1])  # one candidate: the oracle's row
     assert abs(blind.values[2] - oracle.values[2]).max() <= 0.1
     assert summary["routing"] == "route" and summary["final_avg_routing_accuracy"] == pytest.approx(
@@ -221,6 +225,11 @@ def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(str
         "val/mood/accuracy_no_task_id",
         "cl_no_task_id/bwt",
     } <= tags
+
+
+def test_routing_by_statistics_needs_the_routing_callback(tmp_path):
+    with pytest.raises(ConfigError, match=r"routing.enabled: true, or evaluation.router: loss"):
+        fit(tmp_path, test_matrices=False, task_id="none", routing=False)
 
 
 def test_task_id_none_evaluates_only_without_the_task_id(tmp_path):
@@ -325,6 +334,13 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
             run.read_matrix(name, "test").values, during_fit[f"{name}_no_task_id"].values, atol=2e-5, rtol=0
         )
     assert run.read_summary("test")["task_id"] == "none"
+    if strategy == "modular":  # the statistics router needs the run's routing statistics
+        assert run.read_summary("test")["router"] == "stats"
+        shutil.rmtree(run.path / "routing")
+        proc = run_train("test", "--run", str(run.path), "--task-id", "none")
+        assert proc.returncode == 2 and "--build-stats" in proc.stderr and "--router loss" in proc.stderr, proc.stderr[-2000:]
+        proc = run_train("test", "--run", str(run.path), "--task-id", "none", "--router", "loss")
+        assert proc.returncode == 0 and run.read_summary("test")["router"] == "loss", proc.stderr[-3000:]
     if strategy == "modular":  # a run made before the CRMA history: one clear line, nothing written
         shutil.rmtree(run.path / "adapters" / "crma_history")
         proc = run_train("test", "--run", str(run.path))

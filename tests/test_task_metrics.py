@@ -247,10 +247,17 @@ def test_prompt_labels_and_route():
     assert tm.route(prompt_losses).tolist() == [1, 2, 2]
 
 
+def _by_length(prompts: list[list[int]]) -> torch.Tensor:
+    """A stand-in for the statistics router (any function of the prompt): candidate = length parity."""
+    return torch.tensor([len(p) % 2 for p in prompts])
+
+
 @torch.no_grad()
-def test_routed_row_matches_one_example_at_a_time_routing(tmp_path):
-    """Without the task id: each example goes to the LoRA that scores its prompt (only) best, and
-    takes that LoRA's loss, label choice and answer; checked against a per-example reference."""
+@pytest.mark.parametrize("router", ["loss", "given"])
+def test_routed_row_matches_one_example_at_a_time_routing(router, tmp_path):
+    """Without the task id: each example goes to the LoRA that scores its prompt (only) best, or to
+    the one a given router picks from its prompt, and takes that LoRA's loss, label choice and
+    answer; checked against a per-example reference."""
     from crma_lightning.config import LoRAConfig
     from crma_lightning.lora import activate_lora, add_lora, lora_parameters
 
@@ -270,7 +277,7 @@ def test_routed_row_matches_one_example_at_a_time_routing(tmp_path):
     tok, eos = dm.hf_tokenizer, dm.hf_tokenizer.eos_token_id
     evaluator = RowEvaluator(model, serve, tok, pad_id=dm.pad_token_id, generation_batch_size=3)
     tasks = task_data(dm, "validation")[:2]
-    row = evaluator.routed(tasks, ["news", "qa"])
+    row = evaluator.routed(tasks, ["news", "qa"], _by_length if router == "given" else None)
     seen = set()
     for task in tasks:
         routed_right = loss_sum = tokens = label_right = exact = 0.0
@@ -289,6 +296,8 @@ def test_routed_row_matches_one_example_at_a_time_routing(tmp_path):
                         len(prompt) - 1
                     )
                 chosen = min(scores, key=scores.get)
+                if router == "given":
+                    chosen = ["news", "qa"][int(_by_length([prompt])[0])]
                 seen.add(chosen)
                 routed_right += chosen == task.name
                 activate_lora(model, chosen)

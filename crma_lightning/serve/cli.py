@@ -208,8 +208,8 @@ def cmd_test(args: argparse.Namespace) -> None:
     run = _load(args, args.device)
     dm = run.info.datamodule()
     start = time.perf_counter()
-    tables = evaluate_run(run, dm, args.split, args.batch_size, args.task_id)
-    summary = write_run_matrices(run, dm, tables, args.split, args.task_id)
+    tables = evaluate_run(run, dm, args.split, args.batch_size, args.task_id, args.router)
+    summary = write_run_matrices(run, dm, tables, args.split, args.task_id, args.router)
     rows, tasks = tables["main"], list(dm.task_names)
     if args.task_id == "none":
         print(f"{args.split}: every row evaluated without the task id")
@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--task-id", choices=("oracle", "both", "none"), default="oracle",
         help="both: also evaluate without the task id; none: only without it"
     )
+    p.add_argument(
+        "--router", choices=["stats", "loss"], default="stats",
+        help="without the task id, route by the run's routing statistics (default) or by the lowest prompt loss",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default data.eval_batch_size)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.set_defaults(fn=cmd_test)

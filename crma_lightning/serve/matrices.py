@@ -13,7 +13,8 @@ directory alone: row ``after task k`` is the base model with
 
 Each row is evaluated by :class:`~crma_lightning.evaluator.RowEvaluator`, as in ``fit``, so the
 numbers equal the callback's (tests compare them); with ``task_id="both"`` also without the task
-id (per-task LoRAs routed among the tasks trained by that row, as the callback does). Results go to ``continual/test/`` (or
+id (per-task LoRAs routed among the tasks trained by that row, as the callback does: by default
+with the statistics router, whose files the run wrote at each task end). Results go to ``continual/test/`` (or
 ``continual/`` for ``--split validation``) through :class:`~crma_lightning.rundir.RunDir`.
 """
 
@@ -28,10 +29,20 @@ import torch
 from crma_lightning.checkpoint import CRMA_WEIGHTS, load_crma, load_lora
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
-from crma_lightning.evaluator import RowEvaluator, Rows, add_row, extra_matrices, summarize_rows, task_data
+from crma_lightning.evaluator import (
+    Route,
+    RowEvaluator,
+    Rows,
+    add_row,
+    extra_matrices,
+    summarize_rows,
+    task_data,
+)
 from crma_lightning.layout import SHARED_ADAPTER, layout_of
 from crma_lightning.lora import activate_lora, lora_disabled
+from crma_lightning.routing_stats import check_stats, has_task_stats, read_task_stats
 from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
+from crma_lightning.serve.router import prompt_router
 from crma_lightning.serve.run import TrainedRun
 
 
@@ -43,6 +54,21 @@ def _check_history(run: TrainedRun) -> None:
             f"({run.info.run.crma_after(missing[0]).relative_to(run.info.run_dir)}/{CRMA_WEIGHTS}): the run was "
             "made before the CRMA history was saved; evaluate it with `train.py test --ckpt_path` instead"
         )
+
+
+def _stats_route(run: TrainedRun, tasks: list[str]) -> Route:
+    """The statistics router among ``tasks``, from the run's files (a :class:`ConfigError` naming
+    the fix when they are missing)."""
+    rd = run.info.run
+    missing = [t for t in tasks if not has_task_stats(rd, t)]
+    if missing:
+        raise ConfigError(
+            f"{rd.path} has no routing statistics for tasks {missing}: build them with "
+            f"`python train.py route --run {rd.path} --build-stats`, or evaluate with --router loss"
+        )
+    read = [read_task_stats(rd, t) for t in tasks]
+    check_stats({t: meta for t, (_, meta) in zip(tasks, read, strict=True)}, run.model, rd)
+    return prompt_router(run.model, run.crma, [s for s, _ in read], read[0][1], run.pad_id)
 
 
 def _set_row(run: TrainedRun, k: int) -> list[str]:
@@ -68,12 +94,16 @@ def evaluate_run(
     split: str = "test",
     batch_size: int | None = None,
     task_id: str = "oracle",
+    router: str = "stats",
 ) -> dict[str, Rows]:
     """Every row of a finished run on ``split`` (one process): ``{"main": rows}`` (with the task id,
     or without it for ``task_id="none"``) and, with ``task_id="both"``, ``"no_task_id"``; rows are
-    metric -> row name -> value per task."""
+    metric -> row name -> value per task. Without the task id a per-task layout routes with
+    ``router``: ``stats`` (the run's routing statistics of the tasks trained by the row) or ``loss``."""
     if task_id not in ("oracle", "both", "none"):
         raise ConfigError(f"--task-id must be 'oracle', 'both' or 'none', got {task_id!r}")
+    if router not in ("stats", "loss"):
+        raise ConfigError(f"--router must be 'stats' or 'loss', got {router!r}")
     _check_history(run)
     dm.setup()
     info = run.info
@@ -96,15 +126,19 @@ def evaluate_run(
 
             evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id)
             routed = layout.no_task_id == "route" and k > 0  # else one model serves every input
+
+            def blind_row(done: list[str] = info.trained[:k], evaluator: RowEvaluator = evaluator) -> dict[str, dict[str, float]]:
+                route = _stats_route(run, done) if router == "stats" else None
+                return evaluator.routed(tasks, done, route)
+
             with torch.no_grad():
                 if task_id == "none":
-                    result = evaluator.routed(tasks, info.trained[:k]) if routed else evaluator.oracle(tasks)
-                    add_row(rows, name, result, dm.task_names)
+                    add_row(rows, name, blind_row() if routed else evaluator.oracle(tasks), dm.task_names)
                     continue
                 result = evaluator.oracle(tasks)
                 add_row(rows, name, result, dm.task_names)
                 if task_id == "both":
-                    add_row(blind, name, evaluator.routed(tasks, info.trained[:k]) if routed else result, dm.task_names)
+                    add_row(blind, name, blind_row() if routed else result, dm.task_names)
     finally:
         if run.crma is not None:  # back to the run's final state, as load_run left it
             run.crma.enabled = crma_enabled
@@ -115,7 +149,8 @@ def evaluate_run(
 
 
 def write_run_matrices(
-    run: TrainedRun, dm: ContinualDataModule, tables: dict[str, Rows], split: str, task_id: str = "oracle"
+    run: TrainedRun, dm: ContinualDataModule, tables: dict[str, Rows], split: str, task_id: str = "oracle",
+    router: str = "stats",
 ) -> dict[str, Any]:
     """Write :func:`evaluate_run`'s tables as the run's matrices and summary of ``split``; returns
     the summary."""
@@ -129,6 +164,7 @@ def write_run_matrices(
         "base_model": info.backbone.label,
         "split": split,
         "task_id": "none" if task_id == "none" else "given",
+        "router": router if task_id == "none" and layout_of(info.strategy).no_task_id == "route" else None,
         "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
         "rebuilt_from_adapters": True,
     }
@@ -139,6 +175,7 @@ def write_run_matrices(
     if blind is not None:
         files |= {matrix_name(m, no_task_id=True): blind[m] for m in ("loss", "accuracy")}
         files |= {matrix_name(m, no_task_id=True): r for m, r in extra_matrices(blind).items()}
-        summary["no_task_id"] = summarize_rows(blind) | {"routing": layout_of(info.strategy).no_task_id}
+        summary["no_task_id"] = summarize_rows(blind) | {"routing": layout_of(info.strategy).no_task_id,
+                                                        "router": router}
     info.run.write_matrices(list(dm.task_names), files, summary, split)
     return summary

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from crma_lightning.config import ConfigError
 from crma_lightning.data.loading import pad
@@ -37,6 +37,7 @@ from crma_lightning.routing_stats import (
 )
 
 if TYPE_CHECKING:
+    from crma_lightning.injection import CRMAInjection
     from crma_lightning.serve.run import TrainedRun
 
 RouterName = Literal["stats", "loss"]
@@ -89,6 +90,31 @@ class StatsRouter:
             )
             out.append(self.lda.scores(feats.cpu()))
         return torch.cat(out)
+
+
+def prompt_router(
+    model: nn.Module,
+    crma: CRMAInjection | None,
+    sums: Sequence[FeatureSums],
+    meta: dict[str, Any],
+    pad_id: int,
+    *,
+    shrinkage: float = DEFAULT_SHRINKAGE,
+    stop: bool = True,
+) -> Callable[[list[list[int]]], Tensor]:
+    """The statistics router of the tasks whose statistics are ``sums`` (in order; ``meta``: their
+    layer and pooling), as a function from prompts to the index of the task each is routed to (the
+    highest discriminant: :class:`StatsRouter` without threshold). For evaluation without the task
+    id (``evaluator.RowEvaluator.routed``); ``stop=False`` for a sharded model."""
+    lda = fit_lda(list(sums), shrinkage)
+
+    def route(prompts: list[list[int]]) -> Tensor:
+        device = next(model.parameters()).device
+        ids, mask = pad(prompts, pad_id, "right")
+        feats = prompt_features(model, crma, ids.to(device), mask.to(device), meta["layer"], meta["pooling"], stop=stop)
+        return lda.scores(feats.cpu()).argmax(1)
+
+    return route
 
 
 def load_stats_router(run: TrainedRun, shrinkage: float = DEFAULT_SHRINKAGE) -> StatsRouter:
