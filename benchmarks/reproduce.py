@@ -5,10 +5,13 @@ failure cannot poison the next, and a killed reproduction resumes: finished runs
 unfinished one continues from its last checkpoint). From the runs' own files it then computes
 
 - loss-relative drift per condition, mean ± sample SD over seeds and per seed;
-- the MODULAR-vs-FROZEN prior-task holdout advantage, per seed (paired by seed);
-- per-task final holdout losses (mean over seeds);
+- the MODULAR-vs-FROZEN prior-task loss advantage, per seed (paired by seed);
+- per-task final losses (mean over seeds);
 - the inference ablation: each finished MODULAR run loaded as served (``serve.load_run``) and
   evaluated per task with CRMA on and off (``TrainedRun.holdout_loss``);
+
+all on the test split (``continual/test/``), which no setting was chosen on; drift and the advantage
+on the validation split, where the CRMA learning rates were chosen (``--compare``), are beside them;
 - peak and mean gradient norm per task and parameter group (``continual/grad_norm.json``): the LoRA
   norm across NAIVE, FROZEN and MODULAR, CRMA's norm apart, the total, and ZClip's clipped steps;
 - the spectral bound over all MODULAR steps;
@@ -57,8 +60,8 @@ def train(
     return resumable_fit(run_name(condition, seed), args, runs_dir, threads)
 
 
-def crma_ablation(run: RunDir) -> dict[str, list[float]]:
-    """Holdout loss per task of a finished MODULAR run as served, with CRMA on and off (same weights).
+def crma_ablation(run: RunDir, split: str) -> dict[str, list[float]]:
+    """Loss per task on ``split`` of a finished MODULAR run as served, with CRMA on and off (same weights).
 
     ``load_run`` rebuilds the run from its config and adapters (checked against the base model);
     task i is served with LoRA_i, as the run's last loss-matrix row was evaluated.
@@ -66,18 +69,19 @@ def crma_ablation(run: RunDir) -> dict[str, list[float]]:
     served = load_run(run.path)
     dm = served.info.datamodule()
     return {
-        mode: [served.holdout_loss(t, crma=mode == "on", dm=dm) for t in served.tasks]
+        mode: [served.holdout_loss(t, crma=mode == "on", dm=dm, split=split) for t in served.tasks]
         for mode in ("on", "off")
     }
 
 
 # -- aggregation -------------------------------------------------------------------------------
-def collect(runs: dict[tuple[str, int], RunDir], conditions: list[str], seeds: list[int]) -> dict:
-    loss = {key: run.read_matrix().values for key, run in runs.items()}
-    first = runs[next(iter(runs))].read_matrix()
+def collect(runs: dict[tuple[str, int], RunDir], conditions: list[str], seeds: list[int], split: str) -> dict:
+    """The report's numbers from the runs' loss matrices on ``split``."""
+    loss = {key: run.read_matrix(split=split).values for key, run in runs.items()}
+    first = runs[next(iter(runs))].read_matrix(split=split)
     tasks = first.tasks
-    res: dict = {"tasks": tasks, "seeds": seeds, "conditions": conditions, "drift": {}, "final_loss": {},
-                 "loss_matrix_mean": {}, "grad_norm": {}, "spectral": {}}  # fmt: skip
+    res: dict = {"tasks": tasks, "seeds": seeds, "conditions": conditions, "split": split, "drift": {},
+                 "final_loss": {}, "loss_matrix_mean": {}, "grad_norm": {}, "spectral": {}}  # fmt: skip
     for c in conditions:
         per_seed = [clm.drift_pct(loss[(c, s)]) for s in seeds]
         mean, sd = clm.mean_sd(per_seed)
@@ -102,9 +106,9 @@ def collect(runs: dict[tuple[str, int], RunDir], conditions: list[str], seeds: l
     return res
 
 
-def ablation(runs: dict[tuple[str, int], RunDir], seeds: list[int]) -> dict:
-    abl = {s: crma_ablation(runs[("modular", s)]) for s in seeds}
-    last = {s: runs[("modular", s)].read_matrix().values[-1] for s in seeds}
+def ablation(runs: dict[tuple[str, int], RunDir], seeds: list[int], split: str) -> dict:
+    abl = {s: crma_ablation(runs[("modular", s)], split) for s in seeds}
+    last = {s: runs[("modular", s)].read_matrix(split=split).values[-1] for s in seeds}
     return {
         "per_seed": abl,
         "on_mean": np.mean([abl[s]["on"] for s in seeds], 0).tolist(),
@@ -121,7 +125,8 @@ def protocol_settings(run: RunDir, extra: list[str]) -> dict:
         "tasks": ", ".join(
             f"{x['name']} ({x.get('source', 'synthetic')})" for x in map(init_args, d["tasks"])
         ),
-        "examples per task": f"{d['train_size']} train / {d['holdout_size']} holdout blocks of {d['max_length']} tokens",
+        "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / "
+        f"{d['holdout_size'] if d.get('test_size') is None else d['test_size']} test blocks of {d['max_length']} tokens",
         "batch": f"{d['batch_size']} x {t.get('accumulate_grad_batches', 1)} accumulation, {d['epochs_per_task']} epoch(s) per task",
         "LoRA": f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, targets {lora['target_modules']}",
         "CRMA (MODULAR)": f"n={crma['streams']}, form {crma['form']}, {crma['projection']} ({crma['sinkhorn_iters']} iterations)",
@@ -147,6 +152,8 @@ def compare_variant(spec: str, res: dict) -> dict:
     label, _, path = spec.partition("=")
     other = json.loads(Path(path).read_text())
     theirs = other["results"]
+    # Compared on the other report's split (reports before test sets existed: validation).
+    res = res if theirs.get("split", "validation") == res["split"] else res["validation"]
     seeds = [s for s in res["seeds"] if s in theirs["seeds"]]
     if not seeds or "modular" not in theirs["conditions"] or "frozen" not in res["conditions"]:
         raise SystemExit(f"--compare {spec}: needs MODULAR runs there and FROZEN runs here for common seeds")
@@ -162,7 +169,7 @@ def compare_variant(spec: str, res: dict) -> dict:
         return r["drift"]["modular"]["per_seed"][r["seeds"].index(s)]
 
     extra = shlex.split(other["protocol"]["command"].partition(" -- ")[2])
-    return {label: {"source": Path(path).name, "extra": extra, "seeds": seeds,
+    return {label: {"source": Path(path).name, "extra": extra, "seeds": seeds, "split": res["split"],
                     "drift": [drift(theirs, s) for s in seeds], "adv": [adv(theirs, s) for s in seeds],
                     "base_drift": [drift(res, s) for s in seeds], "base_adv": [adv(res, s) for s in seeds]}}  # fmt: skip
 
@@ -211,9 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         raise
     pool.shutdown()
     runs = {k: run for k, (run, _) in zip(keys, done, strict=True)}
-    res = collect(runs, conditions, seeds)
+    res = collect(runs, conditions, seeds, "test")
+    # Where the settings (the CRMA learning rates: --compare) were chosen; test is reported.
+    res["validation"] = {k: v for k, v in collect(runs, conditions, seeds, "validation").items() if k != "grad_norm"}
     if "modular" in conditions:
-        res["ablation"] = ablation(runs, seeds)
+        res["ablation"] = ablation(runs, seeds, "test")
     for spec in args.compare:
         res.setdefault("variants", {}).update(compare_variant(spec, res))
     out = Path(args.out)

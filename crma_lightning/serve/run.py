@@ -311,8 +311,11 @@ class TrainedRun(ServedModel):
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def holdout_loss(self, task: str, crma: bool = True, dm: ContinualDataModule | None = None) -> float:
-        """Mean next-token loss on ``task``'s holdout set (the run's own split), served as ``task``.
+    def holdout_loss(
+        self, task: str, crma: bool = True, dm: ContinualDataModule | None = None, split: str = "validation"
+    ) -> float:
+        """Mean next-token loss on ``task``'s validation (holdout) or ``test`` set (the run's own
+        split), served as ``task``.
 
         With the run's final adapters this is the run's last loss-matrix row (within float
         summation order); ``crma=False`` is the paper's inference ablation.
@@ -320,7 +323,7 @@ class TrainedRun(ServedModel):
         dm = dm or self.info.datamodule()
         total = tokens = 0.0
         with self.serving(task, crma):
-            for batch in dm.holdout_batches(task):
+            for batch in dm.holdout_batches(task, split=split):
                 logits = self.model(
                     input_ids=batch["input_ids"].to(self.device),
                     attention_mask=batch["attention_mask"].to(self.device),
