@@ -116,7 +116,7 @@ def markdown(res: dict, protocol: dict) -> str:
              f"Ours: {protocol['model']}, tasks {' → '.join(tasks)}, seeds {', '.join(map(str, seeds))}. Paper: {PAPER['model']}.",
              ""]  # fmt: skip
     if split == "test":
-        lines += [f"Every number is on the **test split** (`continual/test/`, scored after every task like the "
+        lines += ["Every number is on the **test split** (`continual/test/`, scored after every task like the "
                   "validation matrices), which no setting was chosen on. The one setting picked by comparing runs, CRMA "
                   "learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section), was picked on the "
                   "validation split; the validation numbers are in their own section.", ""]  # fmt: skip
