@@ -21,7 +21,9 @@ from crma_lightning.schedules import WarmupCosine, per_task_lambda
 TASKS = ("a", "b", "c")
 
 
-def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callbacks=(), **trainer_kwargs):
+def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callbacks=(), evaluation=None, routing=None,
+          **trainer_kwargs):  # fmt: skip
+    """A tiny continual fit; ``routing`` (a RoutingStatistics) runs before ``evaluation``, as train.py orders them."""
     backbone = BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80})
     module = ContinualLM(
         backbone,
@@ -52,7 +54,8 @@ def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callb
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         default_root_dir=tmp_path,
-        callbacks=[FreezingPolicy(), ContinualEvaluation(print_table=False), SpectralBoundLogger(), AdapterCheckpoint(), *callbacks],
+        callbacks=[FreezingPolicy(), *([routing] if routing else []), evaluation or ContinualEvaluation(print_table=False),
+                   SpectralBoundLogger(), AdapterCheckpoint(), *callbacks],  # fmt: skip
         **trainer_kwargs,
     )
     return module, dm, trainer

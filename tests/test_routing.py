@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from test_framework import TASKS, build
 
 from callbacks.boundary import TaskBoundaryCallback
+from callbacks.evaluation import ContinualEvaluation
 from callbacks.routing import RoutingStatistics
 from crma_lightning import routing
 from crma_lightning.backbone import load_backbone
@@ -215,3 +217,31 @@ def test_statistics_survive_a_crash_and_a_resume(reference, tmp_path):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
         assert read_task_stats(crashed, task)[1] == read_task_stats(run, task)[1]
+
+
+def test_evaluation_without_the_task_id_routes_with_statistics_read_back_after_a_resume(tmp_path):
+    """With ``task_id: both`` the rows after b and c route among the tasks so far by their
+    statistics: kept in memory when gathered by this process, read from the run's files for a task
+    finished before a resume. A crash in task b, resumed from a checkpoint taken after task a ended,
+    gives the uninterrupted run's matrices without the task id."""
+
+    def fit(root, callbacks=(), ckpt_path=None):
+        evaluation = ContinualEvaluation(print_table=False, test_matrices=False, task_id="both")
+        module, dm, trainer = build(
+            "modular", root, epochs_per_task=1, evaluation=evaluation,
+            routing=RoutingStatistics(max_examples=MAX_EXAMPLES), callbacks=callbacks,
+        )  # fmt: skip
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return evaluation.rows["validation_no_task_id"]
+
+    whole = fit(tmp_path / "whole")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "crashed", [ckpt, CrashAt(7)])  # 4 steps a task: the checkpoint is inside task b
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 5
+    resumed = fit(tmp_path / "crashed", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert list(resumed["loss"]) == ["base", *TASKS]
+    for metric in ("loss", "token_accuracy", "routing_accuracy"):
+        for row in TASKS[1:]:  # routed among 2 and 3 tasks
+            np.testing.assert_allclose(resumed[metric][row], whole[metric][row], atol=1e-6, err_msg=f"{metric} {row}")
+    assert not np.isnan(whole["routing_accuracy"]["c"]).any()
