@@ -262,6 +262,16 @@ def test_every_method_preset_runs(preset, tmp_path):
                   "--data.epochs_per_task", "1")  # fmt: skip
     summary = __import__("json").loads((run / "continual" / "summary.json").read_text())
     assert summary["tasks_completed"] == 3 and summary["final_avg_loss"] < 4.6
+    # A finished run's DataModule is rebuilt from its config.yaml (serve, train.py test --run).
+    from dataclasses import asdict
+
+    from crma_lightning.data.replay import Replay
+    from crma_lightning.serve.runinfo import read_run
+
+    info = read_run(run)
+    dm = info.datamodule()
+    if info.data.get("replay") is not None:
+        assert isinstance(dm.replay, Replay) and asdict(dm.replay) == info.data["replay"]
 
 
 # -- every method keeps the framework's guarantees ----------------------------------------------

@@ -16,6 +16,7 @@ from crma_lightning.backbone import BackboneConfig
 from crma_lightning.checkpoint import PEFT_CONFIG, PEFT_WEIGHTS
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec
+from crma_lightning.data.replay import Replay
 from crma_lightning.hub import PACKAGE_PREFIX
 from crma_lightning.layout import layout_from_config
 from crma_lightning.rundir import RunDir, init_args
@@ -53,7 +54,10 @@ class RunInfo:
         tasks = [
             TaskSpec(**{k: v for k, v in init_args(t).items() if k in known}) for t in self.data["tasks"]
         ]
-        return ContinualDataModule(**{**self.data, "tasks": tasks})
+        data = {**self.data, "tasks": tasks}
+        if isinstance(data.get("replay"), dict):  # config.yaml holds the Replay's fields
+            data["replay"] = Replay(**init_args(data["replay"]))
+        return ContinualDataModule(**data)
 
 
 def read_run(run_dir: str | os.PathLike) -> RunInfo:
