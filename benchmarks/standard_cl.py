@@ -88,6 +88,7 @@ def scores(run: RunDir) -> dict:
         # The fit's own summary: test matrices rebuilt by `train.py test --run` do not time the fit.
         "evaluation_s": run.read_summary()["evaluation_s"],
         "router": blind.get("router"),
+        "rebuilt": bool(summary.get("rebuilt_from_adapters")),
         # Validation: where a user of this table would choose settings.
         "val_avg_acc": run.read_summary()["final_avg_accuracy"],
     }
@@ -191,6 +192,11 @@ def markdown(res: dict, protocol: dict) -> str:
         lines.append(f"| {r['label']} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
     base_row = np.mean([res["methods"][next(iter(res["methods"]))]["per_seed"][s]["base_row"] for s in res["seeds"]], 0)
     lines.append("| zero-shot base | " + " | ".join(f"{100 * v:.1f}" for v in base_row) + " |")
+    rebuilt = [f"{m}_s{s}" for m, r in res["methods"].items() for s, p in r["per_seed"].items() if p.get("rebuilt")]
+    if rebuilt:
+        lines += ["", f"Test matrices rebuilt from the runs' adapters by `train.py test --run <run> --task-id both` "
+                  f"(what a fit writes, to 2e-5: tests/test_evaluation_tasks.py), after the fit: {', '.join(rebuilt)}. "
+                  "Their evaluation share is the fit's own."]  # fmt: skip
     lines += ["", "## Validation split (where settings would be chosen)", "",
               f"Average accuracy after the last task with the task id, on {protocol['validation_size']} validation "
               "examples per task (the matrices of `fit`).", "", "| method | validation | test |", "|---|---|---|"]  # fmt: skip
