@@ -334,7 +334,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 for k, v in s.items()
                 if k in CL_SCALARS
             }
-            name = "holdout" if split == "validation" else "test"
+            name = split
             name += " (no task id)" if self.task_id == "none" else ""
             lines += [
                 "",

@@ -74,7 +74,7 @@ def test_output_contract(runs, strategy):
         assert json.loads((run_dir / "adapters" / "crma" / CRMA_CONFIG).read_text())["after_task"] == "gamma"
     # progress bar names the task; the final table is printed
     assert "task 2/3 beta" in proc.stdout + proc.stderr
-    assert "holdout loss" in proc.stdout and "drift_pct=" in proc.stdout
+    assert "validation loss" in proc.stdout and "drift_pct=" in proc.stdout
 
 
 def test_frozen_is_an_exact_oracle(runs):
