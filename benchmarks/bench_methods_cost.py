@@ -41,7 +41,8 @@ def run(args: argparse.Namespace, method: str, tmp: Path) -> dict:
     fit = train_fit(["--config", args.config, "--config", config_of(method), "--trainer.callbacks", callbacks,
                      "--evaluation.print_table", "false", "--trainer.enable_progress_bar", "false",
                      "--trainer.logger.init_args.save_dir", str(tmp / method), *args.extra],
-                    threads=args.threads, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=args.timeout)  # fmt: skip
+                    threads=args.threads, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=args.timeout,
+                    meter=True)  # fmt: skip
     if fit.rc != 0 or fit.run_dir is None:
         raise SystemExit(f"{method}: train.py fit failed (exit {fit.rc}):\n{fit.tail}")
     rundir = RunDir(fit.run_dir)
@@ -58,6 +59,8 @@ def run(args: argparse.Namespace, method: str, tmp: Path) -> dict:
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
         "task_end_s": sum(e.value for e in acc.Scalars("regularization/task_end_s")) if task_end else 0.0,
         "wall_s": fit.wall_s,
+        # Other processes' CPU during this fit (the fit's own process group excluded).
+        "others_pct": fit.load.others_pct if fit.load else None,
     }
 
 
@@ -67,7 +70,7 @@ def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
         "",
         f"`{info['command']}` ({info['date']}; {machine_line(info['machine'])}; {args.threads} thread(s); "
         f"{args.rounds} interleaved rounds of one `train.py fit` per method on `{args.config}`; neighbours took "
-        f"{res['others_pct_median']:.0f} % of the CPU (median over rounds); {res['wall_s']:.0f} s in all).",
+        f"{res['others_pct_median']:.0f} % of the CPU (median over fits); {res['wall_s']:.0f} s in all).",
         "",
         "Step: median over the tasks after the first (where replay and the regularisers act). Ratios are per round "
         "against FROZEN's run of the same round, median and bootstrap 95 % CI. Task-end s: the regularisers' passes "
@@ -141,8 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rounds = interleave({m: (lambda m=m: run(args, m, Path(tmp))) for m in methods}, args.rounds)
-    res = {"rounds": rounds.values, "others_pct": rounds.others_pct, "info": info, "wall_s": time.perf_counter() - start,
-           "others_pct_median": statistics.median([o for o in rounds.others_pct if o is not None] or [0.0])}  # fmt: skip
+    # Per fit, not per round: a round's meter would count the fits' own subprocesses as neighbours.
+    others = [r["others_pct"] for per in rounds.values.values() for r in per if r.get("others_pct") is not None]
+    res = {"rounds": rounds.values, "info": info, "wall_s": time.perf_counter() - start,
+           "others_pct_median": statistics.median(others or [0.0])}  # fmt: skip
     res["summary"] = summarise(rounds.values)
     text = markdown(res, info, args)
     write_report(args.out, text, res)
