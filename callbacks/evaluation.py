@@ -51,7 +51,7 @@ from crma_lightning.layout import layout_of
 from crma_lightning.protocols import ContinualModule, as_continual
 from crma_lightning.report import heatmap_figure, pyplot, save_figure, table
 from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
-from crma_lightning.serve.router import prompt_router
+from crma_lightning.serve.router import DEFAULT_SHRINKAGE, StatsRouter
 from crma_lightning.sharding import is_sharded
 
 CL_SCALARS = (
@@ -174,8 +174,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
         if self.router != "stats":
             return None
         sums, meta = _routing_callback(trainer).task_stats(trainer, tasks)
-        return prompt_router(module.model, module.crma, sums, meta, trainer.datamodule.pad_token_id,
-                             stop=not is_sharded(module.model))  # fmt: skip
+        router = StatsRouter(tasks, dict(zip(tasks, sums, strict=True)), meta, DEFAULT_SHRINKAGE)
+        return router.route(module.model, module.crma, trainer.datamodule.pad_token_id, stop=not is_sharded(module.model))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         routes = layout_of(as_continual(pl_module).strategy).no_task_id == "route"

@@ -83,6 +83,8 @@ class RoutingStatistics(TaskBoundaryCallback):
         """Each task's statistics gathered by this process (on every rank): what evaluation without
         the task id routes with. Not resumable state (it can be large): a resumed run reads them
         back from the run's files (:meth:`task_stats`)."""
+        self.meta: dict | None = None
+        """How the statistics were gathered (layer, pooling), the same for every task."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:  # a layer the model does not have fails now, not after the first task

@@ -56,7 +56,7 @@ EXTRA = METRICS[1:]
 
 Route = Callable[[list[list[int]]], Tensor]
 """Prompts (token ids) -> the index of the candidate each goes to ``(N,)``: a router that needs no
-adapter (the statistics router, ``serve.router.prompt_router``)."""
+adapter (the statistics router, ``serve.router.StatsRouter.route``)."""
 
 Rows = dict[str, dict[str, list[float]]]
 """Matrices by metric (``loss``, ``accuracy``, then :data:`EXTRA`): row name -> value per task."""

@@ -30,7 +30,6 @@ from crma_lightning.checkpoint import CRMA_WEIGHTS, load_crma, load_lora
 from crma_lightning.config import ConfigError
 from crma_lightning.data import ContinualDataModule
 from crma_lightning.evaluator import (
-    Route,
     RowEvaluator,
     Rows,
     add_row,
@@ -40,9 +39,8 @@ from crma_lightning.evaluator import (
 )
 from crma_lightning.layout import SHARED_ADAPTER, layout_of
 from crma_lightning.lora import activate_lora, lora_disabled
-from crma_lightning.routing_stats import check_stats, has_task_stats, read_task_stats
 from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
-from crma_lightning.serve.router import prompt_router
+from crma_lightning.serve.router import load_stats_router
 from crma_lightning.serve.run import TrainedRun
 
 
@@ -54,21 +52,6 @@ def _check_history(run: TrainedRun) -> None:
             f"({run.info.run.crma_after(missing[0]).relative_to(run.info.run_dir)}/{CRMA_WEIGHTS}): the run was "
             "made before the CRMA history was saved; evaluate it with `train.py test --ckpt_path` instead"
         )
-
-
-def _stats_route(run: TrainedRun, tasks: list[str]) -> Route:
-    """The statistics router among ``tasks``, from the run's files (a :class:`ConfigError` naming
-    the fix when they are missing)."""
-    rd = run.info.run
-    missing = [t for t in tasks if not has_task_stats(rd, t)]
-    if missing:
-        raise ConfigError(
-            f"{rd.path} has no routing statistics for tasks {missing}: build them with "
-            f"`python train.py route --run {rd.path} --build-stats`, or evaluate with --router loss"
-        )
-    read = [read_task_stats(rd, t) for t in tasks]
-    check_stats({t: meta for t, (_, meta) in zip(tasks, read, strict=True)}, run.model, rd)
-    return prompt_router(run.model, run.crma, [s for s, _ in read], read[0][1], run.pad_id)
 
 
 def _set_row(run: TrainedRun, k: int) -> list[str]:
@@ -128,7 +111,7 @@ def evaluate_run(
             routed = layout.no_task_id == "route" and k > 0  # else one model serves every input
 
             def blind_row(done: list[str] = info.trained[:k], evaluator: RowEvaluator = evaluator) -> dict[str, dict[str, float]]:
-                route = _stats_route(run, done) if router == "stats" else None
+                route = load_stats_router(run, tasks=done).route(run.model, run.crma, run.pad_id) if router == "stats" else None
                 return evaluator.routed(tasks, done, route)
 
             with torch.no_grad():

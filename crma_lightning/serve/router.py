@@ -80,48 +80,42 @@ class StatsRouter:
         self.lda: LinearRouter = fit_lda([sums[t] for t in self.tasks], shrinkage)
 
     @torch.no_grad()
-    def scores(self, run: TrainedRun, prompts: Sequence[list[int]], batch_size: int) -> Tensor:
-        """``(N, K)`` discriminants of the prompts (right-padded batches of the frozen base)."""
-        out = []
-        for lo in range(0, len(prompts), batch_size):
-            ids, mask = pad(prompts[lo : lo + batch_size], run.pad_id, "right")
-            feats = prompt_features(
-                run.model, run.crma, ids.to(run.device), mask.to(run.device), self.layer, self.pooling
-            )
-            out.append(self.lda.scores(feats.cpu()))
-        return torch.cat(out)
-
-
-def prompt_router(
-    model: nn.Module,
-    crma: CRMAInjection | None,
-    sums: Sequence[FeatureSums],
-    meta: dict[str, Any],
-    pad_id: int,
-    *,
-    shrinkage: float = DEFAULT_SHRINKAGE,
-    stop: bool = True,
-) -> Callable[[list[list[int]]], Tensor]:
-    """The statistics router of the tasks whose statistics are ``sums`` (in order; ``meta``: their
-    layer and pooling), as a function from prompts to the index of the task each is routed to (the
-    highest discriminant: :class:`StatsRouter` without threshold). For evaluation without the task
-    id (``evaluator.RowEvaluator.routed``); ``stop=False`` for a sharded model."""
-    lda = fit_lda(list(sums), shrinkage)
-
-    def route(prompts: list[list[int]]) -> Tensor:
+    def batch_scores(
+        self, model: nn.Module, crma: CRMAInjection | None, prompts: Sequence[list[int]], pad_id: int,
+        stop: bool = True,
+    ) -> Tensor:  # fmt: skip
+        """``(N, K)`` discriminants of one right-padded batch of prompts through the frozen base
+        (``stop=False`` for a sharded model: every rank runs the whole forward)."""
         device = next(model.parameters()).device
-        ids, mask = pad(prompts, pad_id, "right")
-        feats = prompt_features(model, crma, ids.to(device), mask.to(device), meta["layer"], meta["pooling"], stop=stop)
-        return lda.scores(feats.cpu()).argmax(1)
+        ids, mask = pad(list(prompts), pad_id, "right")
+        feats = prompt_features(model, crma, ids.to(device), mask.to(device), self.layer, self.pooling, stop=stop)
+        return self.lda.scores(feats.cpu())
 
-    return route
+    def scores(self, run: TrainedRun, prompts: Sequence[list[int]], batch_size: int) -> Tensor:
+        """``(N, K)`` discriminants of the prompts, in batches of ``batch_size``."""
+        return torch.cat([
+            self.batch_scores(run.model, run.crma, prompts[lo : lo + batch_size], run.pad_id)
+            for lo in range(0, len(prompts), batch_size)
+        ])  # fmt: skip
+
+    def route(
+        self, model: nn.Module, crma: CRMAInjection | None, pad_id: int, stop: bool = True
+    ) -> Callable[[list[list[int]]], Tensor]:
+        """A function from prompts to the index of the task each is routed to (the highest
+        discriminant, no threshold): for evaluation without the task id
+        (``evaluator.RowEvaluator.routed``)."""
+        return lambda prompts: self.batch_scores(model, crma, prompts, pad_id, stop).argmax(1)
 
 
-def load_stats_router(run: TrainedRun, shrinkage: float = DEFAULT_SHRINKAGE) -> StatsRouter:
-    """The statistics router of every completed task of ``run``; a :class:`ConfigError` that names
-    the fix when statistics are missing, damaged, mixed, or were made for another base model."""
+def load_stats_router(
+    run: TrainedRun, shrinkage: float = DEFAULT_SHRINKAGE, tasks: Sequence[str] | None = None
+) -> StatsRouter:
+    """The statistics router of ``tasks`` (default: every completed task) of ``run``; a
+    :class:`ConfigError` that names the fix when statistics are missing, damaged, mixed, or were
+    made for another base model."""
     rd = run.info.run
-    missing = [t for t in run.tasks if not has_task_stats(rd, t)]
+    tasks = list(run.tasks if tasks is None else tasks)
+    missing = [t for t in tasks if not has_task_stats(rd, t)]
     if missing:
         raise ConfigError(
             f"{rd.path} has no routing statistics for tasks {missing} ({rd.routing.name}/<task>.safetensors): the run "
@@ -129,10 +123,10 @@ def load_stats_router(run: TrainedRun, shrinkage: float = DEFAULT_SHRINKAGE) -> 
             f"can be made afterwards): python train.py route --run {rd.path} --build-stats "
             "(serve.build_routing_stats(run)); or route by adapter loss: router='loss' (--router loss)"
         )
-    read = {t: read_task_stats(rd, t) for t in run.tasks}
+    read = {t: read_task_stats(rd, t) for t in tasks}
     metas = {t: meta for t, (_, meta) in read.items()}
     check_stats(metas, run.model, rd)
-    return StatsRouter(run.tasks, {t: s for t, (s, _) in read.items()}, metas[run.tasks[0]], shrinkage)
+    return StatsRouter(tasks, {t: s for t, (s, _) in read.items()}, metas[tasks[0]], shrinkage)
 
 
 def check_routing(run: TrainedRun, router: str, threshold: float, fallback: str) -> None:
