@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -56,6 +57,24 @@ if TYPE_CHECKING:
     from crma_lightning.config import LoRAConfig
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+#: The continual-learning methods as override files on top of a base config: name -> (label, files).
+#: Each is a preset of configs/methods/ (per-task LoRAs: the FROZEN strategy). The benchmarks that
+#: compare methods (standard_cl.py, methods.py) pick theirs from here.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "seq_lora": ("sequential LoRA", ["configs/methods/seq_lora.yaml"]),
+    "per_task_lora": ("per-task LoRA (FROZEN)", ["configs/strategy/frozen.yaml"]),
+    "inc_lora": ("IncLoRA", ["configs/methods/inc_lora.yaml"]),
+    "replay": ("replay", ["configs/methods/replay.yaml"]),
+    "ewc": ("EWC", ["configs/methods/ewc.yaml"]),
+    "lwf": ("LwF", ["configs/methods/lwf.yaml"]),
+    "olora": ("O-LoRA", ["configs/methods/olora.yaml"]),
+    "modular": ("MODULAR (CRMA)", ["configs/methods/modular.yaml"]),
+    "modular_replay": ("MODULAR + replay", ["configs/methods/modular_replay.yaml"]),
+    "modular_ewc": ("MODULAR + EWC", ["configs/methods/modular_ewc.yaml"]),
+    "multitask": ("multi-task (upper bound)", ["configs/methods/multitask.yaml"]),
+}
 
 QUIET_PCT = 5.0
 """A round is quiet when other processes used at most this share of the machine's CPU meanwhile.
@@ -395,13 +414,14 @@ class Fit:
 def train_fit(
     args: Sequence[str],
     *,
+    command: str = "fit",
     threads: int | None = None,
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
     timeout: float | None = None,
     meter: bool = False,
 ) -> Fit:
-    """``python train.py fit ARGS`` from the repository root, in its own process group (a timeout,
+    """``python train.py COMMAND ARGS`` (``fit`` by default) from the repository root, in its own process group (a timeout,
     :func:`stop_fits` or an interrupt kills its DDP ranks too). Output goes to ``log`` (appended) or
     a temporary file. ``threads`` sets ``OMP_NUM_THREADS``; ``meter`` samples the group's CPU time
     and the neighbours' (the group's CPU is what counts as ours)."""
@@ -414,7 +434,7 @@ def train_fit(
         offset = out.tell()
         load_meter.start()
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "train.py", "fit", *args], cwd=REPO, env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "train.py", command, *args], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         with _lock:
             _running.add(proc)
@@ -476,6 +496,27 @@ def resumable_fit(name: str, args: Sequence[str], runs_dir: Path, threads: int |
         raise SystemExit(f"[{name}] train.py failed (exit {fit.rc}); end of {log}:\n{fit.tail}")
     print(f"[{name}] done in {wall:.0f} s: {run.path}", flush=True)
     return run, wall
+
+
+def run_all(fn: Callable[[T], R], keys: Sequence[T], jobs: int) -> list[R]:
+    """``fn`` over ``keys``, ``jobs`` at a time, in order. A failure, Ctrl-C or SIGTERM (which a shell's
+    background job gets instead of SIGINT) stops the fits in flight too; each resumes on a rerun
+    (:func:`resumable_fit`)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        done = list(pool.map(fn, keys))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_fits()
+        raise
+    pool.shutdown()
+    return done
 
 
 def _kill(proc: subprocess.Popen, wait: bool = True) -> None:

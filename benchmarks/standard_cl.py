@@ -36,23 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import machine_line, resumable_fit, run_info, stop_fits, write_report
+from harness import METHODS, machine_line, resumable_fit, run_info, stop_fits, write_report
 
 from crma_lightning import metrics as clm
 from crma_lightning.rundir import ACCURACY_MATRIX, RunDir, init_args, matrix_name
 
 BENCHMARK = "../shared/cl_benchmark"
-#: method -> (label, override files). The methods of the baselines issue, in the order of the table.
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "seq_lora": ("sequential LoRA", ["configs/methods/seq_lora.yaml"]),
-    "per_task_lora": ("per-task LoRA (FROZEN)", ["configs/strategy/frozen.yaml"]),
-    "inc_lora": ("IncLoRA", ["configs/methods/inc_lora.yaml"]),
-    "replay": ("replay", ["configs/methods/replay.yaml"]),
-    "olora": ("O-LoRA", ["configs/methods/olora.yaml"]),
-    "modular": ("MODULAR (CRMA)", ["configs/methods/modular.yaml"]),
-    "modular_replay": ("MODULAR + replay", ["configs/methods/modular_replay.yaml"]),
-    "multitask": ("multi-task (upper bound)", ["configs/methods/multitask.yaml"]),
-}
+#: The methods of this table, in its order (presets: harness.METHODS).
+TABLE_METHODS = ("seq_lora", "per_task_lora", "inc_lora", "replay", "olora", "modular", "modular_replay", "multitask")
 #: Average accuracy after the last task, T5-large, dbpedia/amazon/yahoo/agnews in three orders
 #: (O-LoRA, Wang et al. 2023, Table 1; ../shared/cl_benchmark/README.md).
 PUBLISHED_T5_LARGE = {"seq_lora": 43.7, "inc_lora": 66.4, "replay": 57.8, "olora": 75.8, "multitask": 80.0}
@@ -256,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(TABLE_METHODS))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--runs-dir", default="runs/standard_cl", help="where the runs go (reused on a rerun)")
     p.add_argument("--out", default="benchmarks/results/standard_cl.md", help="report; .json and .png beside it")
