@@ -65,3 +65,62 @@ def test_reproduction_on_the_tiny_model(tmp_path):
     assert proc.stdout.count("already finished") == 6
     again = json.loads((tmp_path / "repro.json").read_text())["results"]
     assert again["drift"] == res["drift"] and again["ablation"] == res["ablation"]
+
+
+def bench(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, f"benchmarks/{script}", "--config", "configs/tiny.yaml", "--jobs", "2", "--threads", "1",
+           *args, "--", *SIZES]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tmp_path):
+    repro = tmp_path / "repro_runs"
+    bench("reproduce.py", tmp_path, "--conditions", "naive,frozen", "--seeds", "0", "--runs-dir", str(repro),
+          "--out", str(tmp_path / "repro.md"))  # fmt: skip
+    runs = tmp_path / "runs"
+    proc = bench("methods.py", tmp_path, "--methods", "seq_lora,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
+                 str(repro), "--runs-dir", str(runs), "--out", str(tmp_path / "methods.md"))  # fmt: skip
+    res = json.loads((tmp_path / "methods.json").read_text())["results"]
+
+    def matrix(run: Path, split: str, blind: bool = False) -> np.ndarray:
+        sub = "continual/test" if split == "test" else "continual"
+        return read_matrix_csv(run / sub / f"loss_matrix{'_no_task_id' if blind else ''}.csv")[2]
+
+    # EWC: both grid values at the selection seed, only the kept one at the other; kept = the lowest
+    # final average *validation* loss
+    grid = {float(v): clm.final_avg_loss(matrix(next((runs / f"ewc_weight={v:g}_s0").glob("version_*")), "validation"))
+            for v in (1000, 10000)}  # fmt: skip
+    assert sorted(p.name for p in runs.glob("ewc_*")) == sorted(
+        [f"ewc_weight={v:g}_s0" for v in grid] + [f"ewc_weight={min(grid, key=grid.get):g}_s1"]
+    )
+    ewc = res["methods"]["ewc"]
+    assert ewc["value"] == min(grid, key=grid.get)
+    for seed, p in ewc["per_seed"].items():  # test numbers recomputed from each run's own test matrix
+        loss = matrix(Path(p["path"]), "test")
+        assert Path(p["path"]).parent.name == f"ewc_weight={ewc['value']:g}_s{seed}"
+        assert p["test"]["final_avg_loss"] == pytest.approx(clm.final_avg_loss(loss), abs=1e-12)
+        assert p["test"]["drift_pct"] == pytest.approx(clm.drift_pct(loss), abs=1e-12)
+        assert p["test"]["bwt"] == pytest.approx(-clm.bwt(loss), abs=1e-12)
+        # a shared LoRA serves every input as it is: without the task id nothing changes
+        assert p["no_task_id"] == "shared"
+        assert p["test_no_task_id"]["final_avg_loss"] == pytest.approx(p["test"]["final_avg_loss"], abs=1e-6)
+    # Reused: seed 0 from the reproduction (its no-task-id test matrices rebuilt once), seed 1 fitted here
+    for method, cond in (("seq_lora", "naive"), ("per_task_lora", "frozen")):
+        ps = res["methods"][method]["per_seed"]
+        assert Path(ps["0"]["path"]).parent == repro / f"{cond}_s0" and ps["0"]["rebuilt"]
+        assert Path(ps["1"]["path"]).parent == runs / f"{method}_s1" and not ps["1"]["rebuilt"]
+        blind = matrix(Path(ps["0"]["path"]), "test", blind=True)
+        assert ps["0"]["test_no_task_id"]["final_avg_loss"] == pytest.approx(clm.final_avg_loss(blind), abs=1e-12)
+    assert res["methods"]["per_task_lora"]["per_seed"]["1"]["routing_acc"] is not None
+    assert proc.stdout.count("[reuse] train.py test") == 2
+    md = (tmp_path / "methods.md").read_text()
+    for heading in ("Results (test split)", "The selection (seed 0)", "weight = 10000", "Protocol"):
+        assert heading in md, heading
+    # a rerun reuses everything: nothing is fitted or rebuilt again
+    again = bench("methods.py", tmp_path, "--methods", "seq_lora,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
+                  str(repro), "--runs-dir", str(runs), "--out", str(tmp_path / "methods.md"))  # fmt: skip
+    assert "[reuse] train.py test" not in again.stdout and "train.py fit" not in again.stdout
