@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import machine_line, resumable_fit, run_info, stop_fits, write_report
+from harness import machine_line, resumable_fit, run_all, run_info, write_report
 from reproduce_report import figure, markdown
 
 from crma_lightning import metrics as clm
@@ -174,10 +172,6 @@ def compare_variant(spec: str, res: dict) -> dict:
                     "base_drift": [drift(res, s) for s in seeds], "base_adv": [adv(res, s) for s in seeds]}}  # fmt: skip
 
 
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
@@ -206,17 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     info = run_info(__file__, argv)
     runs_dir = Path(args.runs_dir).resolve()
     keys = [(c, s) for s in seeds for c in conditions]  # seed-major: the first seed's runs finish first
-    # SIGTERM (and SIGINT, which a shell's background job ignores) stop the runs in flight too.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    pool = ThreadPoolExecutor(max_workers=args.jobs)
-    try:
-        done = list(pool.map(lambda k: train(args.config, *k, runs_dir, extra, args.threads), keys))
-    except BaseException:  # Ctrl-C, a failed run: stop the other runs too (each resumes on a rerun)
-        pool.shutdown(wait=False, cancel_futures=True)
-        stop_fits()
-        raise
-    pool.shutdown()
+    done = run_all(lambda k: train(args.config, *k, runs_dir, extra, args.threads), keys, args.jobs)
     runs = {k: run for k, (run, _) in zip(keys, done, strict=True)}
     res = collect(runs, conditions, seeds, "test")
     # Where the settings (the CRMA learning rates: --compare) were chosen; test is reported.

@@ -28,15 +28,13 @@ and an interrupted one resumes from its last checkpoint (harness.resumable_fit).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import METHODS, machine_line, resumable_fit, run_info, stop_fits, write_report
+from harness import METHODS, machine_line, resumable_fit, run_all, run_info, write_report
 
 from crma_lightning import metrics as clm
 from crma_lightning.rundir import ACCURACY_MATRIX, RunDir, init_args, matrix_name
@@ -239,10 +237,6 @@ def protocol_settings(run: RunDir, extra: list[str]) -> dict:
     }
 
 
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
@@ -263,17 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     info = run_info(__file__, argv)
     runs_dir = Path(args.runs_dir).resolve()
     keys = [(m, s) for s in seeds for m in methods]
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
-    pool = ThreadPoolExecutor(max_workers=args.jobs)
     start = time.perf_counter()
-    try:
-        done = list(pool.map(lambda k: fit(*k, runs_dir, extra, args.threads), keys))
-    except BaseException:  # a failed run or Ctrl-C: stop the others too (each resumes on a rerun)
-        pool.shutdown(wait=False, cancel_futures=True)
-        stop_fits()
-        raise
-    pool.shutdown()
+    done = run_all(lambda k: fit(*k, runs_dir, extra, args.threads), keys, args.jobs)
     runs = dict(zip(keys, done, strict=True))
     res = collect(runs, methods, seeds)
     out = Path(args.out)
