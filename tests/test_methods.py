@@ -2,7 +2,9 @@
 
 The three conditions of the paper keep their results: configs/tiny.yaml under naive, frozen and
 modular gives the loss matrices committed in tests/reference/ (written by main before methods
-became composable).
+became composable; rewritten once when the loss began reading the logits row-major, issue 16: that
+moved them by float summation order only, at most 4.9e-6 under naive and 5e-7 under frozen and
+modular).
 """
 
 from __future__ import annotations
