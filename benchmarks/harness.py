@@ -23,6 +23,7 @@ Scripts run as ``python benchmarks/<script>.py`` from the repository root, so th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -496,6 +497,17 @@ def resumable_fit(name: str, args: Sequence[str], runs_dir: Path, threads: int |
         raise SystemExit(f"[{name}] train.py failed (exit {fit.rc}); end of {log}:\n{fit.tail}")
     print(f"[{name}] done in {wall:.0f} s: {run.path}", flush=True)
     return run, wall
+
+
+def script_argv(
+    doc: str, argv: Sequence[str] | None
+) -> tuple[list[str], list[str], list[str], argparse.ArgumentParser]:
+    """A run-many-fits script's command line: its whole argv, the script's own arguments, the ones
+    after ``--`` (they go to every ``train.py fit``) and a parser described by the script's ``doc``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argv, ours, extra, parser
 
 
 def run_all(fn: Callable[[T], R], keys: Sequence[T], jobs: int) -> list[R]:

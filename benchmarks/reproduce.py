@@ -28,15 +28,13 @@ Arguments after ``--`` go to every ``train.py fit`` (e.g. ``-- --data.train_size
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import machine_line, resumable_fit, run_all, run_info, write_report
+from harness import machine_line, resumable_fit, run_all, run_info, script_argv, write_report
 from reproduce_report import figure, markdown
 
 from crma_lightning import metrics as clm
@@ -173,11 +171,7 @@ def compare_variant(spec: str, res: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    argv, ours, extra, p = script_argv(__doc__, argv)
     p.add_argument("--config", default="configs/smollm2.yaml")
     p.add_argument("--seeds", default="0,42,1234")
     p.add_argument("--conditions", default=",".join(CONDITIONS))

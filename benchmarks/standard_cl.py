@@ -27,14 +27,12 @@ and an interrupted one resumes from its last checkpoint (harness.resumable_fit).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import METHODS, machine_line, resumable_fit, run_all, run_info, write_report
+from harness import METHODS, machine_line, resumable_fit, run_all, run_info, script_argv, write_report
 
 from crma_lightning import metrics as clm
 from crma_lightning.rundir import ACCURACY_MATRIX, RunDir, init_args, matrix_name
@@ -238,9 +236,7 @@ def protocol_settings(run: RunDir, extra: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv, ours, extra, p = script_argv(__doc__, argv)
     p.add_argument("--methods", default=",".join(TABLE_METHODS))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--runs-dir", default="runs/standard_cl", help="where the runs go (reused on a rerun)")

@@ -18,14 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
 
 
-def reproduce(tmp_path: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "benchmarks/reproduce.py", "--config", "configs/tiny.yaml", "--seeds", "0,1",
-           "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "repro.md"), "--jobs", "2",
-           "--threads", "1", "--", *SIZES]  # fmt: skip
+def bench(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, f"benchmarks/{script}", "--config", "configs/tiny.yaml", "--jobs", "2", "--threads", "1",
+           *args, "--", *SIZES]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def reproduce(tmp_path: Path) -> subprocess.CompletedProcess:
+    return bench("reproduce.py", tmp_path, "--seeds", "0,1", "--runs-dir", str(tmp_path / "runs"),
+                 "--out", str(tmp_path / "repro.md"))  # fmt: skip
 
 
 @pytest.mark.slow
@@ -65,15 +69,6 @@ def test_reproduction_on_the_tiny_model(tmp_path):
     assert proc.stdout.count("already finished") == 6
     again = json.loads((tmp_path / "repro.json").read_text())["results"]
     assert again["drift"] == res["drift"] and again["ablation"] == res["ablation"]
-
-
-def bench(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, f"benchmarks/{script}", "--config", "configs/tiny.yaml", "--jobs", "2", "--threads", "1",
-           *args, "--", *SIZES]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.slow
