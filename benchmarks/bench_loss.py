@@ -12,8 +12,9 @@ side by side, in interleaved rounds (harness.interleave), forward + backward:
 2. a whole LoRA training step of SmolLM2-135M (LoRA r 8 on q/k/v/o, fp32: forward, loss, backward,
    AdamW, zero_grad) with each loss, when the model is installed.
 
-It also reports how far apart the two are: the loss values and the gradient on the logits (the
-layouts sum in different orders).
+It also reports how far apart the two are (the loss values and the gradient on the logits: the
+layouts sum in different orders) and, on SmolLM2's own logits, each one's error against float64:
+the transposed layout's float32 cross-entropy was biased low by about 5e-5 nats per token there.
 
 Run:  .venv/bin/python benchmarks/bench_loss.py [--rounds 10] [--threads 2]
 """
@@ -119,7 +120,25 @@ def training_step(rounds: int) -> dict | None:
         return run
 
     rounds_ = interleave({n: step(fn) for n, fn in LOSSES.items()}, rounds, warmup=1)
-    return {"times": rounds_.values, "others_pct": rounds_.others_pct}
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    return {"times": rounds_.values, "others_pct": rounds_.others_pct, "error": float64_error(logits, ids)}
+
+
+def float64_error(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Each layout's per-token loss against float64 on the same logits: mean error (its bias) and mean
+    absolute error."""
+    B, T, V = logits.shape
+    ref = F.cross_entropy(logits[:, :-1].double().reshape(-1, V), labels[:, 1:].reshape(-1), reduction="none")
+    per_token = {
+        "transposed": F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none"),
+        "row_major": token_losses(logits, labels, accuracy=False).nll,
+    }
+    out = {}
+    for name, nll in per_token.items():
+        err = nll.double().reshape(-1) - ref
+        out[name] = {"mean": float(err.mean()), "mean_abs": float(err.abs().mean())}
+    return out
 
 
 def section(title: str, res: dict) -> list[str]:
@@ -140,6 +159,11 @@ def section(title: str, res: dict) -> list[str]:
         f"faster: {verdict(r.ci95, 1.0)}).",
         "",
     ]
+    if "error" in res:
+        e = res["error"]
+        lines += ["Per-token loss against float64 on the model's logits of the benchmark batch, mean error (bias) / mean "
+                  "absolute error: " + "; ".join(f"{n} {v['mean']:+.2e} / {v['mean_abs']:.2e}" for n, v in e.items())
+                  + ".", ""]  # fmt: skip
     if "max_abs_loss_diff" in res:
         lines += [f"Loss {res['loss']:.2f} (summed over tokens): the layouts differ by {res['max_abs_loss_diff']:.1e}; the "
                   f"gradient on the logits by at most {res['max_abs_grad_diff']:.1e}.", ""]  # fmt: skip
