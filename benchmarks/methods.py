@@ -111,7 +111,7 @@ def scores(run: RunDir, wall_s: float) -> dict:
         "rebuilt": bool(test_summary.get("rebuilt_from_adapters")),
         "wall_s": wall_s,
         "evaluation_s": run.read_summary()["evaluation_s"],
-        "path": str(run.path),
+        "run": "/".join(run.path.parts[-3:]),  # <runs dir>/<name>/version_N: no machine path in the report
     }
 
 
@@ -242,12 +242,7 @@ def markdown(res: dict, protocol: dict) -> str:
                 f"{p['validation']['drift_pct']:+.2f} | {p['test']['final_avg_loss']:.4f} | {p['test']['drift_pct']:+.2f} | "
                 f"{'yes' if float(v) == res['methods'][m]['value'] else ''} |"
             )
-    rebuilt = [
-        Path(p["path"]).parent.name
-        for r in res["methods"].values()
-        for p in r["per_seed"].values()
-        if p["rebuilt"]
-    ]
+    rebuilt = [p["run"].split("/")[1] for r in res["methods"].values() for p in r["per_seed"].values() if p["rebuilt"]]
     if rebuilt:
         lines += ["", "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters by "
                   f"`train.py test --run <run> --task-id both`: {', '.join(rebuilt)}."]  # fmt: skip

@@ -95,8 +95,8 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
     ewc = res["methods"]["ewc"]
     assert ewc["value"] == min(grid, key=grid.get)
     for seed, p in ewc["per_seed"].items():  # test numbers recomputed from each run's own test matrix
-        loss = matrix(Path(p["path"]), "test")
-        assert Path(p["path"]).parent.name == f"ewc_weight={ewc['value']:g}_s{seed}"
+        loss = matrix(runs.parent / p["run"], "test")
+        assert p["run"].split("/")[:2] == ["runs", f"ewc_weight={ewc['value']:g}_s{seed}"]
         assert p["test"]["final_avg_loss"] == pytest.approx(clm.final_avg_loss(loss), abs=1e-12)
         assert p["test"]["drift_pct"] == pytest.approx(clm.drift_pct(loss), abs=1e-12)
         assert p["test"]["bwt"] == pytest.approx(-clm.bwt(loss), abs=1e-12)
@@ -106,9 +106,9 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
     # Reused: seed 0 from the reproduction (its no-task-id test matrices rebuilt once), seed 1 fitted here
     for method, cond in (("seq_lora", "naive"), ("per_task_lora", "frozen")):
         ps = res["methods"][method]["per_seed"]
-        assert Path(ps["0"]["path"]).parent == repro / f"{cond}_s0" and ps["0"]["rebuilt"]
-        assert Path(ps["1"]["path"]).parent == runs / f"{method}_s1" and not ps["1"]["rebuilt"]
-        blind = matrix(Path(ps["0"]["path"]), "test", blind=True)
+        assert ps["0"]["run"].split("/")[:2] == ["repro_runs", f"{cond}_s0"] and ps["0"]["rebuilt"]
+        assert ps["1"]["run"].split("/")[:2] == ["runs", f"{method}_s1"] and not ps["1"]["rebuilt"]
+        blind = matrix(tmp_path / ps["0"]["run"], "test", blind=True)
         assert ps["0"]["test_no_task_id"]["final_avg_loss"] == pytest.approx(clm.final_avg_loss(blind), abs=1e-12)
     assert res["methods"]["per_task_lora"]["per_seed"]["1"]["routing_acc"] is not None
     assert proc.stdout.count("[reuse] train.py test") == 2
