@@ -65,7 +65,6 @@ GRID: dict[str, tuple[str, list[float]]] = {
 }
 #: Methods a reproduction has, under its condition names.
 REPRODUCTION = {"seq_lora": "naive", "per_task_lora": "frozen", "modular": "modular"}
-METRICS = ("final_avg_loss", "drift_pct", "bwt", "forgetting")
 
 
 def setting_args(method: str, value: float | None) -> list[str]:
@@ -73,11 +72,10 @@ def setting_args(method: str, value: float | None) -> list[str]:
     if value is None:
         return []
     key, _ = GRID[method]
-    preset = yaml.safe_load((REPO / METHODS[method][1][-1]).read_text())
     if key == "ratio":
         return ["--data.replay.ratio", str(value)]
-    regs = preset["model"]["regularizers"]  # the preset's one regulariser, with the knob changed
-    (reg,) = regs
+    # The preset's one regulariser, with the knob changed.
+    (reg,) = yaml.safe_load((REPO / METHODS[method][1][-1]).read_text())["model"]["regularizers"]
     reg = {**reg, "init_args": {**reg.get("init_args", {}), key: value}}
     return ["--model.regularizers", json.dumps([reg])]
 
@@ -128,14 +126,7 @@ class Bench:
             if (run := finished_run(src)) is not None:
                 return self.with_blind_test(run), json.loads((src / "wall.json").read_text())["wall_s"]
         args = [c for path in (self.args.config, *METHODS[method][1]) for c in ("--config", path)]
-        args += [
-            "--data.seed",
-            str(seed),
-            "--evaluation.task_id",
-            "both",
-            *setting_args(method, value),
-            *self.extra,
-        ]
+        args += ["--data.seed", str(seed), "--evaluation.task_id", "both", *setting_args(method, value), *self.extra]
         return resumable_fit(run_name(method, value, seed), args, self.runs_dir, self.args.threads)
 
     def with_blind_test(self, run: RunDir) -> RunDir:
@@ -154,10 +145,7 @@ def select(runs: dict, method: str, seed: int) -> float | None:
     if method not in GRID:
         return None
     values = GRID[method][1]
-    val = [
-        clm.final_avg_loss(runs[(method, v, seed)][0].read_matrix(LOSS_MATRIX, "validation").values)
-        for v in values
-    ]
+    val = [loss_numbers(runs[(method, v, seed)][0], "validation")["final_avg_loss"] for v in values]
     return values[int(np.argmin(val))]
 
 

@@ -48,8 +48,9 @@ def token_losses(logits: Tensor, labels: Tensor, accuracy: bool = True) -> Token
     # The targets move left instead of the logits: position t is scored against labels[:, t + 1],
     # the last position against nothing. The loss then reads the logits as they are, one row-major
     # (B * T, V) view, as transformers' own causal-LM loss does. Slicing the logits to (B, T - 1, V)
-    # copies them, and cross_entropy over dim 1 of a transposed (B, V, T - 1) view was 2.5-4x slower
-    # forward + backward at SmolLM2's vocabulary (benchmarks/bench_loss.py); the values are the same.
+    # copies them, and cross_entropy over dim 1 of a transposed (B, V, T - 1) view was ~4x slower
+    # forward + backward at SmolLM2's vocabulary and biased low by ~3e-5 nats per token against
+    # float64, where this layout is off by ~5e-7 (benchmarks/bench_loss.py).
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
     nll = F.cross_entropy(
         logits.float().reshape(B * T, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
