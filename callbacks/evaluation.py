@@ -262,6 +262,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "spectral_max_sigma": module.run_facts.get("spectral_max_sigma") if has_crma else None,
             "spectral_max_row_col_err": module.run_facts.get("spectral_max_row_col_err") if has_crma else None,
             "evaluation_s": self.evaluation_s,
+            "fused_loss": module.run_facts.get("fused_loss"),  # how the training loss was formed
         }
         return out | summarize_rows(self.rows[split])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -90,3 +91,57 @@ def sequence_losses(logits: Tensor, labels: Tensor) -> Tensor:
 def labels_from_mask(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Score every real token of ``input_ids``: labels equal to the ids, ``IGNORE_INDEX`` on padding."""
     return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """``sum_i w_i * CE(hidden_i @ W^T, target_i)`` over rows, chunk by chunk, with the gradient
+    with respect to ``hidden`` computed in the forward pass.
+
+    Written by hand because neither torch nor transformers has it on CPU (Liger's fused linear
+    cross-entropy is a Triton kernel): the ``(N, V)`` logits, their log-softmax kept for backward
+    and the logits' gradient (three ``N x V`` float32 tensors, 200 MB each at SmolLM2's vocabulary
+    and a batch of 8 x 128) never exist at once; a ``chunk x V`` block does. The head weight is
+    frozen, so no gradient for it is formed; the FLOPs are those of the unfused loss.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, chunk: int) -> Tensor:
+        grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, hidden.shape[0], chunk):
+            z = F.linear(hidden[s : s + chunk].to(weight.dtype), weight).float()  # (c, V)
+            t, w = targets[s : s + chunk], weights[s : s + chunk]
+            scored = w != 0
+            safe = t.clamp_min(0)[:, None]
+            lse = torch.logsumexp(z, -1)
+            nll = lse - z.gather(1, safe)[:, 0]
+            total = total + torch.where(scored, nll * w, 0.0).sum()
+            if grad is not None:
+                p = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                p.scatter_add_(1, safe, torch.full_like(nll[:, None], -1.0))
+                p.mul_(torch.where(scored, w, 0.0)[:, None])
+                grad[s : s + chunk] = (p.to(weight.dtype) @ weight).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None
+
+
+def head_token_stats(
+    hidden: Tensor, weight: Tensor, labels: Tensor, example_weight: Tensor | None = None, chunk: int = 256
+) -> TokenStats:
+    """:func:`token_stats` without accuracy, from the final hidden states ``(B, T, D)`` and the
+    frozen output head's weight ``(V, D)`` instead of the logits: the loss and its gradient are
+    formed ``chunk`` positions at a time (:class:`_HeadLoss`). Equal to
+    ``token_stats(hidden @ weight.T, labels, example_weight, accuracy=False)`` up to float
+    summation order."""
+    B, T, D = hidden.shape
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # as token_losses
+    mask = (targets != IGNORE_INDEX).float()
+    if example_weight is not None:
+        mask = mask * example_weight.float()[:, None]
+    loss_sum = _HeadLoss.apply(hidden.reshape(B * T, D), weight, targets.reshape(-1), mask.reshape(-1), chunk)
+    return TokenStats(loss_sum, mask.sum(), None)

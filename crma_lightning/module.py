@@ -34,6 +34,7 @@ from crma_lightning.holdout import HoldoutSteps, holdout_sums
 from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+from crma_lightning.output_head import head_as_identity, head_problem, probe_matches
 from crma_lightning.protocols import check_fit_setup
 from crma_lightning.regularizers import Regularizer, penalties
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
@@ -60,6 +61,7 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         reset_optimizer_per_task: bool = True,
         schedule_per_task: bool = True,
         gradient_checkpointing: bool = False,
+        fused_loss: bool = True,
         nonfinite: Literal["skip", "stop"] = "stop",
         seed: int = 0,
     ):
@@ -83,6 +85,11 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
             schedule_per_task: restart ``lr_schedule`` at every task (else one schedule over the
                 whole run: joint multi-task training).
             gradient_checkpointing: recompute activations in backward (saves memory).
+            fused_loss: form the training loss from the final hidden states a chunk of positions at
+                a time, never the (batch, length, vocabulary) logits (crma_lightning.output_head):
+                the same loss, ~600 MB less at SmolLM2's step. Used where the output head is a
+                plain frozen Linear and no regulariser reads the logits; otherwise, or when a probe
+                at fit start finds the two losses differ, the logits path (summary.json says which).
             nonfinite: on a NaN/inf loss or gradient, 'skip' the step (counted and logged as
                 train/nonfinite_skipped) or 'stop' with a message; the last checkpoint stays.
             seed: seeds per-step randomness (dropout) as a function of the step, for exact resume
@@ -99,6 +106,8 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         self.reset_optimizer_per_task = reset_optimizer_per_task
         self.schedule_per_task = schedule_per_task
         self.gradient_checkpointing = gradient_checkpointing
+        self.fused_loss = fused_loss
+        self._fused_head: nn.Linear | None = None  # set at fit start (output_head.fused_head)
         self.nonfinite = nonfinite
         self.nonfinite_skipped = 0
         self.seed = seed
@@ -241,9 +250,15 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         return losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
         # Training logs the loss only: no accuracy (an argmax over the vocabulary).
-        stats = losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy=False)
+        head, logits = self._fused_head, None
+        if head is not None:
+            with head_as_identity(head):
+                hidden = self(batch["input_ids"], batch.get("attention_mask"))
+            stats = losses.head_token_stats(hidden, head.weight, batch["labels"], batch.get("example_weight"))
+        else:
+            logits = self(batch["input_ids"], batch.get("attention_mask"))
+            stats = losses.token_stats(logits, batch["labels"], batch.get("example_weight"), accuracy=False)
         # Normalise by the global token count: DDP averages gradients over ranks, so
         # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
         # all-reduce counts ranks with a non-finite loss, so every rank takes the same decision.
@@ -279,7 +294,15 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         return self._task_starts[task_index]
 
     def on_fit_start(self) -> None:
-        check_fit_setup(self.trainer, self.task_names, self._model.get_input_embeddings().num_embeddings)
+        vocab = self._model.get_input_embeddings().num_embeddings
+        check_fit_setup(self.trainer, self.task_names, vocab)
+        why = head_problem(self._model) if self.fused_loss else "model.fused_loss is false"
+        if why is None and (readers := [r.name for r in self.regularizers if r.reads_logits]):
+            why = f"model.regularizers {readers} read the logits"
+        if why is None and not probe_matches(self._model, vocab, self.device):
+            why = "a probe batch's loss differs from the logits path's"
+        self._fused_head = self._model.get_output_embeddings() if why is None else None
+        self.run_facts["fused_loss"] = "on" if why is None else f"off: {why}"
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         step = self.trainer.global_step

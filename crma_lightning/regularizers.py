@@ -72,6 +72,8 @@ class Regularizer:
     """A term added to the training loss, with hooks at task boundaries. Subclasses set ``name``."""
 
     name: ClassVar[str] = "regularizer"
+    reads_logits: ClassVar[bool] = False
+    """True when :meth:`penalty` reads the logits (the training step then forms them: model.fused_loss)."""
 
     def problems(self, module: ContinualLM) -> list[str]:
         """What makes this regulariser meaningless with the module's layout (one line each)."""
@@ -87,9 +89,10 @@ class Regularizer:
         training set, ``reduce(tensor)`` sums a tensor over ranks."""
 
     def penalty(
-        self, module: ContinualLM, batch: dict[str, Tensor], logits: Tensor, tokens: Tensor
+        self, module: ContinualLM, batch: dict[str, Tensor], logits: Tensor | None, tokens: Tensor
     ) -> Tensor | None:
-        """The term for this step (None: nothing yet). ``tokens`` is the global count of scored tokens."""
+        """The term for this step (None: nothing yet). ``tokens`` is the global count of scored
+        tokens; ``logits`` is None unless the class sets ``reads_logits``."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -99,7 +102,7 @@ class Regularizer:
         pass
 
 
-def penalties(module: ContinualLM, batch: dict[str, Tensor], logits: Tensor, tokens: Tensor) -> Tensor | None:
+def penalties(module: ContinualLM, batch: dict[str, Tensor], logits: Tensor | None, tokens: Tensor) -> Tensor | None:
     """The sum of every regulariser's term for this step (None without one), each logged as
     ``train/reg/<name>``."""
     total = None
@@ -182,6 +185,7 @@ class LwF(Regularizer):
     """Learning without forgetting: distil the model as it was at the task boundary on the new inputs."""
 
     name = "lwf"
+    reads_logits = True
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0):
         """
@@ -269,7 +273,7 @@ class OrthogonalLoRA(Regularizer):
             t: lora_down_weights(module.model, t) for t in module.task_names[: index + 1]
         }  # A (r, d) per layer
         new = down[task]
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = tokens.new_zeros((), dtype=torch.float32)
         if self.l1 and index > 0:
             for layer, a_new in enumerate(new):
                 total = total + self.l1 * orthogonality(

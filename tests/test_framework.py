@@ -22,7 +22,7 @@ TASKS = ("a", "b", "c")
 
 
 def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callbacks=(), evaluation=None, routing=None,
-          **trainer_kwargs):  # fmt: skip
+          fused_loss=True, regularizers=None, **trainer_kwargs):  # fmt: skip
     """A tiny continual fit; ``routing`` (a RoutingStatistics) runs before ``evaluation``, as train.py orders them."""
     backbone = BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80})
     module = ContinualLM(
@@ -32,6 +32,8 @@ def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callb
         lora=LoRAConfig(r=4, dropout=lora_dropout, target_modules="all-linear"),
         lr=GroupLR(lora=1e-2, crma_proj=3e-3, crma_mix=1e-2, crma_gate=1e-2),
         seed=0,
+        fused_loss=fused_loss,
+        regularizers=regularizers,
     )
     dm = ContinualDataModule(
         [TaskSpec(t) for t in TASKS],
