@@ -53,6 +53,14 @@ def first_step_marker():
     return FirstStep
 
 
+def commit(repo: str) -> str:
+    """The checkout's commit (the report names it rather than a path on this machine)."""
+    import subprocess
+
+    out = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/smollm2.yaml")
@@ -98,7 +106,7 @@ def main() -> None:
     counted = sum(v for k, v in shares.items() if not k.startswith("  "))
     shares["rest (CLI, Lightning's loop, logging)"] = wall - counted
     report = {
-        "config": args.config, "repo": args.repo, "profiled": not args.no_profile, "wall_s": wall, "fit_s": fit_s,
+        "config": args.config, "commit": commit(args.repo), "profiled": not args.no_profile, "wall_s": wall, "fit_s": fit_s,
         "startup_to_first_step_s": (FirstStep.at - t0 + since_process) if FirstStep.at else None,
         "shares_s": shares, "shares_pct": {k: 100 * v / wall for k, v in shares.items()},
     }  # fmt: skip

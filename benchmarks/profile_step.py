@@ -6,9 +6,11 @@ on q/k/v/o, batch 8 x 128 tokens; ``--model tiny`` or ``smollm2``) under ``py-sp
 every sample by the innermost phase it belongs to, from the Python stacks:
 
 - start-up: imports, the CLI, building the model and data (everything before the fit loop);
-- per training step: the model's forward, the loss (``losses.token_stats``), the backward, the
-  gradient callbacks before the optimizer step (clipping, gradient norms, non-finite checks), the
-  optimizer, data loading, the callbacks' batch hooks, Lightning's logging, the rest of the loop;
+- per training step: the model's forward, the loss (``losses.token_stats``; with ``model.fused_loss``
+  ``losses.head_token_stats``, which also holds the output head's matmuls and the loss's
+  gradient), the backward, the gradient callbacks before the optimizer step (clipping, gradient
+  norms, non-finite checks), the optimizer, data loading, the callbacks' batch hooks, Lightning's
+  logging, the rest of the loop;
 - at task ends: the evaluation of every task, the routing statistics, checkpoints and adapters;
 - other threads (TensorBoard's writer) and what is left.
 
@@ -42,7 +44,7 @@ from harness import REPO, machine_line, run_info, smollm2_missing, write_report
 #: (phase, frame prefixes): a sample goes to the first phase whose frame it has, searched from the
 #: innermost frame outwards within the training step, so "loss" wins over "forward".
 STEP_PHASES: list[tuple[str, tuple[str, ...]]] = [
-    ("loss (token_stats)", ("token_stats ",)),
+    ("loss (token_stats)", ("token_stats ", "head_token_stats ")),
     ("logging (self.log, logger connector)", ("LightningModule.log ", "_LoggerConnector.update_train_step_metrics ")),
     ("forward", ("ContinualLM.training_step ",)),
     ("backward", ("_AutomaticOptimization._make_backward_fn.<locals>.backward_fn ",)),
