@@ -161,7 +161,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
         try:
             with trainer.precision_plugin.forward_context():
                 tasks = task_data(dm, split, trainer.global_rank, trainer.world_size, self.batch_size)
-                evaluator = RowEvaluator(module.model, serve, dm.hf_tokenizer, pad_id=dm.pad_token_id)
+                evaluator = RowEvaluator(
+                    module.model, serve, dm.hf_tokenizer, pad_id=dm.pad_token_id, head=module.fused_head
+                )
                 if route_among is None:
                     return evaluator.oracle(tasks)
                 return evaluator.routed(tasks, route_among, self._stats_route(trainer, module, route_among))

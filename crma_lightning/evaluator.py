@@ -47,6 +47,7 @@ from crma_lightning import metrics as clm
 from crma_lightning import task_metrics as tm
 from crma_lightning.data.tasks import TaskSpec
 from crma_lightning.data.tokenize import choice_ids
+from crma_lightning.output_head import head_as_identity
 from crma_lightning.serve.generation import generate_ids
 
 METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL", "routing_accuracy")
@@ -162,8 +163,12 @@ class RowEvaluator:
         pad_id: int,
         route_tokens: int = 16,
         generation_batch_size: int = 16,
+        head: nn.Linear | None = None,
     ) -> None:
+        """``head``: the model's output head, when the loss may be formed from the final hidden
+        states without the logits (``crma_lightning.output_head``; the module's ``fused_head``)."""
         self.model = model
+        self.head = head
         self.serve = serve
         self.tokenizer = tokenizer
         self.pad_id = pad_id
@@ -192,8 +197,7 @@ class RowEvaluator:
                         if task.budget:
                             self._score_generated(sums, i, scores["answers"], w, self._references(task, batch))
                         continue
-                    logits = self._logits(batch)
-                    s = losses.token_stats(logits, batch["labels"], w)
+                    s = self._token_stats(batch, w)
                     sums.update(i, loss_sum=s.loss_sum, tokens=s.tokens, correct=s.correct, examples=w)
                     if task.budget:
                         prompts += self._prompts(batch)
@@ -264,6 +268,13 @@ class RowEvaluator:
         return choice, pick
 
     # -- pieces ----------------------------------------------------------------------------------
+    def _token_stats(self, batch: dict[str, Tensor], weight: Tensor) -> losses.TokenStats:
+        if self.head is None:
+            return losses.token_stats(self._logits(batch), batch["labels"], weight)
+        with head_as_identity(self.head):  # never the (B, T, V) logits at once
+            hidden = self._logits(batch)
+        return losses.head_token_stats(hidden, self.head.weight, batch["labels"], weight, accuracy=True)
+
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False

@@ -131,17 +131,41 @@ class _HeadLoss(torch.autograd.Function):
 
 
 def head_token_stats(
-    hidden: Tensor, weight: Tensor, labels: Tensor, example_weight: Tensor | None = None, chunk: int = 256
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    example_weight: Tensor | None = None,
+    accuracy: bool = False,
+    chunk: int = 256,
 ) -> TokenStats:
-    """:func:`token_stats` without accuracy, from the final hidden states ``(B, T, D)`` and the
-    frozen output head's weight ``(V, D)`` instead of the logits: the loss and its gradient are
-    formed ``chunk`` positions at a time (:class:`_HeadLoss`). Equal to
-    ``token_stats(hidden @ weight.T, labels, example_weight, accuracy=False)`` up to float
+    """:func:`token_stats` from the final hidden states ``(B, T, D)`` and the frozen output head's
+    weight ``(V, D)`` instead of the logits: the loss, its gradient and (``accuracy``, evaluation
+    only: no gradient) the argmax are formed ``chunk`` positions at a time (:class:`_HeadLoss`).
+    Equal to ``token_stats(hidden @ weight.T, labels, example_weight, accuracy)`` up to float
     summation order."""
     B, T, D = hidden.shape
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # as token_losses
     mask = (targets != IGNORE_INDEX).float()
     if example_weight is not None:
         mask = mask * example_weight.float()[:, None]
-    loss_sum = _HeadLoss.apply(hidden.reshape(B * T, D), weight, targets.reshape(-1), mask.reshape(-1), chunk)
-    return TokenStats(loss_sum, mask.sum(), None)
+    h, t, w = hidden.reshape(B * T, D), targets.reshape(-1), mask.reshape(-1)
+    if not accuracy:
+        return TokenStats(_HeadLoss.apply(h, weight, t, w, chunk), mask.sum(), None)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        raise ValueError("head_token_stats: accuracy=True is for evaluation, under torch.no_grad()")
+    loss_sum = correct = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, B * T, chunk):
+        logits = F.linear(h[s : s + chunk].to(weight.dtype), weight)
+        ws = w[s : s + chunk]
+        stats = token_losses_flat(logits, t[s : s + chunk])
+        loss_sum = loss_sum + (stats.nll * ws).sum()
+        correct = correct + (stats.correct * ws).sum()
+    return TokenStats(loss_sum, mask.sum(), correct)
+
+
+def token_losses_flat(logits: Tensor, targets: Tensor) -> TokenLosses:
+    """Per row of ``logits (N, V)`` against already-shifted ``targets (N,)``: the float32 loss (0
+    where unscored), scored and argmax-correct, as :func:`token_losses` forms them."""
+    nll = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    scored = (targets != IGNORE_INDEX).float()
+    return TokenLosses(nll, scored, (logits.argmax(-1) == targets).float())

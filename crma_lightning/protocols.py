@@ -55,6 +55,8 @@ class ContinualModule(Protocol):
     """Optimizer steps skipped for a non-finite loss or gradient so far."""
     run_facts: dict[str, Any]
     """Run-wide values that callbacks report for summary.json (e.g. the spectral bound)."""
+    fused_head: nn.Linear | None
+    """The output head when losses are formed from the final hidden states (``model.fused_loss``)."""
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """Every parameter (``nn.Module.parameters``): the base, the LoRAs and the CRMA blocks."""

@@ -26,7 +26,7 @@ def test_head_loss_and_gradient_equal_the_logits_path(chunk):
 
     ref = losses.token_stats(hidden @ weight.T, labels, example_weight, accuracy=False)
     (grad_ref,) = torch.autograd.grad(ref.loss_sum * 0.37, hidden)
-    fused = losses.head_token_stats(hidden, weight, labels, example_weight, chunk)
+    fused = losses.head_token_stats(hidden, weight, labels, example_weight, chunk=chunk)
     (grad_fused,) = torch.autograd.grad(fused.loss_sum * 0.37, hidden)
 
     assert fused.correct is None
@@ -34,6 +34,25 @@ def test_head_loss_and_gradient_equal_the_logits_path(chunk):
     torch.testing.assert_close(fused.loss_sum.double(), ref.loss_sum.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad_fused, grad_ref, rtol=1e-5, atol=1e-6)  # both in float32
     assert grad_fused[2].abs().max() == 0  # a zero-weighted example gets no gradient
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 256])
+def test_head_evaluation_equals_the_logits_path_with_accuracy(chunk):
+    g = torch.Generator().manual_seed(1)
+    B, T, D, V = 3, 9, 16, 50
+    hidden, weight = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g)
+    labels = (hidden @ weight.T).argmax(-1).roll(1, dims=1)  # position t's argmax is labels[t + 1]...
+    labels[:, 5:] = torch.randint(0, V, (B, T - 5), generator=g)  # ...for the first positions only
+    labels[1, :2] = losses.IGNORE_INDEX
+    example_weight = torch.tensor([1.0, 0.0, 0.25])
+    ref = losses.token_stats(hidden @ weight.T, labels, example_weight)
+    with torch.no_grad():
+        fused = losses.head_token_stats(hidden, weight, labels, example_weight, accuracy=True, chunk=chunk)
+    assert ref.correct >= 4  # the test can tell a right argmax from a wrong one
+    assert fused.correct == ref.correct and fused.tokens == ref.tokens
+    torch.testing.assert_close(fused.loss_sum, ref.loss_sum, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="for evaluation"):
+        losses.head_token_stats(hidden.requires_grad_(), weight, labels, accuracy=True)
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
@@ -84,11 +103,12 @@ def test_a_fit_with_the_fused_loss_equals_one_with_the_logits(tmp_path):
         module, dm, trainer = build("modular", tmp_path / str(fused), fused_loss=fused, epochs_per_task=1)
         trainer.fit(module, dm)
         ev = next(c for c in trainer.callbacks if isinstance(c, ContinualEvaluation))
-        runs[fused] = module.run_facts["fused_loss"], ev.loss_rows, dict(module.named_parameters())
+        runs[fused] = module.run_facts["fused_loss"], ev.loss_rows, dict(module.named_parameters()), ev.acc_rows
     assert runs[True][0] == "on"
     assert runs[False][0] == "off: model.fused_loss is false"
     for task, row in runs[True][1].items():
         assert row == pytest.approx(runs[False][1][task], rel=1e-5), task
+        assert runs[True][3][task] == pytest.approx(runs[False][3][task], abs=1e-9), task  # the evaluation's argmax
     for name, p in runs[True][2].items():
         torch.testing.assert_close(p, runs[False][2][name], rtol=1e-4, atol=1e-5, msg=name)
 

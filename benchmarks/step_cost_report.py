@@ -1,0 +1,181 @@
+"""benchmarks/results/step_cost.md: what a training step costs in the framework, in one file.
+
+Issue 16's results file, composed from the measurements the other scripts write (each with its own
+command, date and machine in its own .md/.json beside this one); it measures nothing itself:
+
+- ``step_cost_{smollm2,tiny}.json`` (bench_step_cost.py): the framework's step against the plain
+  PyTorch + peft loop, FROZEN and MODULAR, in interleaved rounds, with the targets;
+- ``step_profile_{smollm2,tiny}.json`` (profile_step.py): where a fit's time goes;
+- ``main_job_{before,after}.json`` (bench_main_job.py): the main job's wall time by phase, at the
+  commit before this work and after it;
+- ``kernels.json`` (bench_kernels.py): the CRMA block and projection kernels.
+
+Run:  .venv/bin/python benchmarks/step_cost_report.py
+"""
+
+from __future__ import annotations
+
+import json
+
+from harness import REPO, write_report
+
+RESULTS = REPO / "benchmarks" / "results"
+STEP_FILES = ("step_cost_smollm2", "step_cost_tiny", "step_profile_smollm2", "step_profile_tiny")
+TARGETS = {"frozen_vs_plain/step_s": 1.05, "modular_vs_frozen/step_s": 1.02, "frozen_vs_plain/peak_rss_mb": 1.10}
+RATIOS = {
+    "frozen_vs_plain/step_s": "FROZEN / plain, step time",
+    "modular_vs_frozen/step_s": "MODULAR / FROZEN, step time (CRMA's cost)",
+    "frozen_vs_plain/peak_rss_mb": "FROZEN / plain, peak resident memory",
+    "modular_vs_frozen/peak_rss_mb": "MODULAR / FROZEN, peak resident memory",
+}
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def judged(ratio: dict, target: float | None) -> str:
+    lo, hi = ratio["ci95"]
+    if target is None:
+        return ""
+    if hi <= target:
+        return "met"
+    if lo > target:
+        return "missed"
+    return "inconclusive (the interval straddles the target)"
+
+
+def step_section(model: str, res: dict) -> list[str]:
+    per, s, args = res["summary"]["per_variant"], res["summary"], res["args"]
+    lines = [
+        f"### {model}: batch {args['batch']} x {args['seq']} tokens, LoRA r {args['rank']} on q/k/v/o, fp32",
+        "",
+        f"`{res['info']['command']}` ({res['info']['date']}; {args['threads']} threads; "
+        f"{len(res['rounds']['plain'])} rounds of {args['steps']} steady-state steps per variant; other "
+        f"processes took {res['others_pct_median']:.0f} % of the CPU, median over rounds; {res['wall_s'] / 60:.0f} min).",
+        "",
+        "| variant | seconds per step (median of rounds) | CPU s per step | peak RSS MiB |",
+        "|---|---|---|---|",
+        *[
+            f"| {v} | {per[v]['step_s']:.4f} | {per[v]['step_cpu_s']:.4f} | {per[v]['peak_rss_mb']:.0f} |"
+            for v in ("plain", "frozen", "modular")
+        ],
+        "",
+        "| ratio (paired by round) | median | 95 % CI | target | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in RATIOS.items():
+        r, target = s[key], TARGETS.get(key)
+        lines.append(
+            f"| {label} | {r['median']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+            f"{'' if target is None else f'<= {target}'} | {judged(r, target)} |"
+        )
+    return lines + [""]
+
+
+def profile_section(model: str, res: dict) -> list[str]:
+    total, in_step = res["samples"], sum(res["step"].values())
+    a = res["args"]
+    lines = [
+        f"### {model}, {a['strategy']}, one task of {a['steps']} steps "
+        f"(`profile_step.py --model {model} --strategy {a['strategy']} --steps {a['steps']}`, {res['wall_s']:.0f} s)",
+        "",
+        "| phase of the run | share | | part of a training step | share of the steps |",
+        "|---|---|---|---|---|",
+    ]
+    phases = list(res["phases"].items())
+    steps = list(res["step"].items())
+    for i in range(max(len(phases), len(steps))):
+        p = f"{phases[i][0]} | {100 * phases[i][1] / total:.1f} %" if i < len(phases) else " | "
+        q = f"{steps[i][0]} | {100 * steps[i][1] / in_step:.1f} %" if i < len(steps) else " | "
+        lines.append(f"| {p} | | {q} |")
+    return lines + [""]
+
+
+def main_job_section(before: dict, after: dict) -> list[str]:
+    keys = list(dict.fromkeys([*before["shares_s"], *after["shares_s"]]))
+    lines = [
+        f"`bench_main_job.py` at {before['commit']} (before issue 16's work: the CRMA kernels as they were, "
+        f"the loss over a transposed copy of the logits) and at {after['commit']} (after), each one `train.py fit --config "
+        f"{after['config']}` under cProfile on the 2-core machine, alone. cProfile slows Python-heavy code "
+        "more than torch's kernels, so the per-step callback shares are upper bounds.",
+        "",
+        "| phase | before s | before % | after s | after % |",
+        "|---|---|---|---|---|",
+    ]
+    for k in keys:
+        b, a = before["shares_s"].get(k), after["shares_s"].get(k)
+        cell = lambda v, run: "" if v is None else f"{v:.1f} | {100 * v / run['wall_s']:.1f} %"  # noqa: E731
+        lines.append(f"| {k} | {cell(b, before) or ' | '} | {cell(a, after) or ' | '} |")
+    lines += [
+        f"| **wall time** | {before['wall_s']:.1f} | | {after['wall_s']:.1f} | |",
+        f"| start-up to the first training step | {before['startup_to_first_step_s']:.1f} | | "
+        f"{after['startup_to_first_step_s']:.1f} | |",
+        "",
+    ]
+    return lines
+
+
+def kernels_section(k: dict) -> list[str]:
+    rows = [t for t in k["timings"] if t["variant"] != "old"]
+    lines = [
+        f"`{k['meta']['command']}` ({k['meta']['date']}, {k['meta']['threads']} thread, {k['meta']['rounds']}); "
+        "forward + backward per call, CPU time, against the formulation before (`old`); the full table "
+        "with wall times and the bound is kernels.md.",
+        "",
+        "| section | variant | CPU us | vs old (95 % CI) | compile s |",
+        "|---|---|---|---|---|",
+    ]
+    for t in rows:
+        c = t["cpu"]
+        compile_s = "" if t["compile_s"] is None else f"{t['compile_s']:.1f}"
+        lines.append(
+            f"| {t['section']} | {t['variant']} | {c['median_us']:.0f} | {c['ratio_vs_old']:.2f} "
+            f"[{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}] | {compile_s} |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    lines = [
+        "# What a training step costs in the framework",
+        "",
+        "Issue 16's question: a user pays the whole training step inside `train.py fit` (data, forward, "
+        "loss, backward, clipping, optimizer, every callback), not CRMA's forward alone. Composed by "
+        "`python benchmarks/step_cost_report.py` from the files named in each section.",
+        "",
+        "## Protocol",
+        "",
+        "Three variants at the same shape, each a fresh process, in interleaved rounds (a different one "
+        "first each round): `plain`, a plain PyTorch + peft loop (`get_peft_model`, forward with labels, "
+        "backward, AdamW step, zero_grad: ../shared/bench/plain_lora_loop.py); `frozen`, `train.py fit` with "
+        "a LoRA only, one task; `modular`, the same with CRMA. A step is the interval between consecutive "
+        "training-batch starts in steady state (the plain loop times its loop and drops its first 3 steps; "
+        "`train.py` is timed by `callbacks.resources.ResourceMonitor`, first step excluded). Each variant "
+        "gives its median step per round; the ratios are paired by round, with a bootstrap 95 % interval "
+        "of their median. Peak memory is `ru_maxrss` of each process (model load, evaluation and steps).",
+        "",
+        "## The step, against the plain loop",
+        "",
+    ]
+    for model in ("smollm2", "tiny"):
+        if res := load(f"step_cost_{model}"):
+            lines += step_section(model, res)
+    lines += ["## Where a fit's time goes (py-spy)", ""]
+    for model in ("smollm2", "tiny"):
+        if res := load(f"step_profile_{model}"):
+            lines += profile_section(model, res)
+    before, after = load("main_job_before"), load("main_job_after")
+    if before and after:
+        lines += ["## The main job, before and after", "", *main_job_section(before, after)]
+    if k := load("kernels"):
+        lines += ["## The CRMA kernels", "", *kernels_section(k)]
+    text = "\n".join(lines)
+    inputs = [f"{n}.json" for n in (*STEP_FILES, "main_job_before", "main_job_after", "kernels")]
+    write_report(RESULTS / "step_cost", text, {"composed_from": [n for n in inputs if (RESULTS / n).exists()]})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
