@@ -20,7 +20,9 @@ import json
 from harness import REPO, write_report
 
 RESULTS = REPO / "benchmarks" / "results"
-STEP_FILES = ("step_cost_smollm2", "step_cost_tiny", "step_profile_smollm2", "step_profile_tiny")
+#: The step-cost runs, in the order they are reported (the issue's shape, the main job's, the toy model).
+STEP_COST = ("step_cost_smollm2", "step_cost_smollm2_4x64", "step_cost_tiny")
+STEP_FILES = (*STEP_COST, "step_profile_smollm2", "step_profile_tiny")
 TARGETS = {"frozen_vs_plain/step_s": 1.05, "modular_vs_frozen/step_s": 1.02, "frozen_vs_plain/peak_rss_mb": 1.10}
 RATIOS = {
     "frozen_vs_plain/step_s": "FROZEN / plain, step time",
@@ -159,9 +161,9 @@ def main() -> None:
         "## The step, against the plain loop",
         "",
     ]
-    for model in ("smollm2", "tiny"):
-        if res := load(f"step_cost_{model}"):
-            lines += step_section(model, res)
+    for name in STEP_COST:
+        if res := load(name):
+            lines += step_section(res["args"]["model"], res)
     lines += ["## Where a fit's time goes (py-spy)", ""]
     for model in ("smollm2", "tiny"):
         if res := load(f"step_profile_{model}"):
