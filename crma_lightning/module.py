@@ -323,10 +323,12 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         vocab = self._model.get_input_embeddings().num_embeddings
         check_fit_setup(self.trainer, self.task_names, vocab)
         why = head_problem(self._model) if self.fused_loss else "model.fused_loss is false"
+        if why is None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            why = "sharded training (the head is called outside FSDP's forward otherwise)"
         if why is None and (readers := [r.name for r in self.regularizers if r.reads_logits]):
             why = f"model.regularizers {readers} read the logits"
         if why is None and not probe_matches(self._model, vocab, self.device):
-            why = "a probe batch's loss differs from the logits path's"
+            why = "on a probe batch the model's logits are not its head applied to its last hidden states"
         self._fused_head = self._model.get_output_embeddings() if why is None else None
         self.run_facts["fused_loss"] = "on" if why is None else f"off: {why}"
 
