@@ -11,8 +11,8 @@ Scripts run as ``python benchmarks/<script>.py`` from the repository root, so th
   our own CPU time; ``ps`` cannot see other containers on the VM), and :func:`wait_until_quiet`
   waits for a quiet window.
 - **Interleaved rounds.** :func:`interleave` runs every variant once per round, rotating which goes
-  first, and meters each round: slow drifts hit all variants alike, and round i of one variant
-  pairs with round i of another.
+  first, and meters each round (the subprocesses a round ran count as ours): slow drifts hit all
+  variants alike, and round i of one variant pairs with round i of another.
 - **Statistics.** Median and quartiles, a seeded percentile-bootstrap CI of the median, and the
   paired ratio of two variants (median of per-round ratios, with its CI).
 - **Reports.** :func:`run_info` (command line, date, machine), :func:`write_report` (``.md`` and
@@ -97,6 +97,13 @@ def machine_busy_s() -> float | None:
 def own_cpu_s() -> float:
     """CPU seconds of this process (all its threads)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children that have ended and been waited for (their own
+    waited-for children included): a subprocess a step ran is ours, not a neighbour's."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -232,9 +239,10 @@ def interleave(
             waited = wait_until_quiet(wait_s - out.waited_s)
             out.waited_s += waited
             deadline += waited
+        children = children_cpu_s()
         meter.start()
         lap = {name: steps[name]() for name in rotated(names, r)}
-        others = meter.stop().others_pct
+        others = meter.stop(children_cpu_s() - children).others_pct
         r += 1
         if r <= warmup:
             continue
