@@ -5,7 +5,7 @@ modular gives the loss matrices committed in tests/reference/ (written by main b
 became composable; rewritten twice for issue 16, each time a change of float summation order
 only: when the loss began reading the logits row-major (at most 4.9e-6 under naive, 5e-7 under
 frozen and modular), and when training and evaluation formed the loss through the fused output head
-and Adam ran fused (at most 1.0e-6 under naive, 5e-7 under frozen and modular, the CSV's last digit)).
+and Adam ran fused (at most 4.9e-6 under naive, 5e-7 under frozen and modular, the CSV's last digit)).
 """
 
 from __future__ import annotations
