@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="time the fit without cProfile")
     ap.add_argument("--out", default=None, help="write the shares as JSON here")
     args = ap.parse_args()
+    out = Path(args.out).resolve() if args.out else None  # before chdir: relative to where it was run
     os.chdir(args.repo)
     sys.path.insert(0, args.repo)
     import psutil
@@ -111,10 +112,10 @@ def main() -> None:
         "shares_s": shares, "shares_pct": {k: 100 * v / wall for k, v in shares.items()},
     }  # fmt: skip
     print(json.dumps(report, indent=2))
-    if args.out:
+    if out:
         from crma_lightning.atomic import atomic_write_json
 
-        atomic_write_json(args.out, report)
+        atomic_write_json(out, report)
 
 
 if __name__ == "__main__":

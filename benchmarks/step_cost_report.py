@@ -101,7 +101,10 @@ def main_job_section(before: dict, after: dict) -> list[str]:
         f"`bench_main_job.py` at {before['commit']} (before issue 16's work: the CRMA kernels as they were, "
         f"the loss over a transposed copy of the logits) and at {after['commit']} (after), each one `train.py fit --config "
         f"{after['config']}` under cProfile on the 2-core machine, alone. cProfile slows Python-heavy code "
-        "more than torch's kernels, so the per-step callback shares are upper bounds.",
+        "more than torch's kernels, so the per-step callback shares are upper bounds. The two commits do "
+        "not run the same job everywhere: between them the evaluation protocol (issue 13) added a test "
+        "split scored beside validation in every evaluation, which doubles the evaluation's work and "
+        "runs the base row's before the first step; compare the training steps.",
         "",
         "| phase | before s | before % | after s | after % |",
         "|---|---|---|---|---|",
