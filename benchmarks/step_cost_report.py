@@ -167,7 +167,16 @@ def main() -> None:
     for name in STEP_COST:
         if res := load(name):
             lines += step_section(res["args"]["model"], res)
-    lines += ["## Where a fit's time goes (py-spy)", ""]
+    lines += [
+        "## Where a fit's time goes (py-spy)",
+        "",
+        "Shares of the samples of busy threads (`profile_step.py`'s docstring), so a shared machine slows "
+        "but does not skew them. With `model.fused_loss` the part named loss also holds the output "
+        "head's two matmuls (its forward and the hidden states' gradient), which the forward and the "
+        "backward held before: on SmolLM2 (vocabulary 49,152, width 576) the head is a large part of "
+        "the model's FLOPs.",
+        "",
+    ]
     for model in ("smollm2", "tiny"):
         if res := load(f"step_profile_{model}"):
             lines += profile_section(model, res)
