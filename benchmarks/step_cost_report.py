@@ -32,6 +32,37 @@ RATIOS = {
 }
 
 
+#: What the measurements above leave, and why (prose: it explains the tables, it is not computed).
+LEFT = [
+    "## What is left, and why",
+    "",
+    "- **CRMA's cost on SmolLM2 is 3-4 %, not 2 %.** It is CRMA's own forward and backward: 30 rank-4 "
+    "blocks, each reading the (B·T, 576) residual stream and writing it back in the forward, and "
+    "passing over the stream's gradient and the saved stream again in the backward (the fused write "
+    "and the custom backward already make each of these one GEMM; kernels.md). Lightning's SimpleProfiler "
+    "on a 40-step fit at 4 x 64 (development run, not committed) put MODULAR's step 25 ms above "
+    "FROZEN's: 10 ms forward, 13 ms backward, 2.6 ms the spectral logger's per-step measurement (kept: "
+    "its maxima cover every step). Removing the rest means writing into the decoder layer's own "
+    "residual add, a kernel of the model's rather than ours. The Birkhoff projection (n <= 4) would "
+    "save at most the projection's ~2 ms and is a different method; the compiled write is slower on CPU.",
+    "- **Runs differ by more than one run's interval.** A run of the 8 x 128 table 30 minutes before "
+    "the final one, differing only in the loss's chunking (which FROZEN has too), gave MODULAR / FROZEN "
+    "1.007 [0.970, 1.016]; the final run gives the value above. Process-to-process variation (memory "
+    "layout, thread placement) is not resampled by bootstrapping one run's rounds.",
+    "- **Peak memory at the main job's shape is 1.12-1.13x the plain loop's**: Lightning and `datasets` "
+    "(with pyarrow) add ~125 MB to the imports, which is 8 % of a 1.6 GB process; both are on the "
+    "design card. At 8 x 128 it is within the target.",
+    "- **The tiny model**: a 36 ms step, of which Lightning's loop and the callbacks take ~6 ms (the "
+    "FROZEN ratio) and CRMA's small ops 5 ms; both are fixed costs per step that a 128-wide model "
+    "cannot amortise; on SmolLM2 the first is under 1 % of a step and the second 3-4 %.",
+    "- **Evaluation is 45 % of the main job** (79 s of 176 s under cProfile): 6 rows x 5 tasks x 2 "
+    "splits, each one batch of 16 blocks (`data.eval_batch_size` 16 is the whole split), so it is "
+    "batched as far as the split allows; through the fused head it no longer forms the logits either.",
+    "- **No GPU** was lent, so the bf16 table on a GPU is not here (benchmarks/gpu_check.sh is ready).",
+    "",
+]
+
+
 def load(name: str) -> dict | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -185,6 +216,7 @@ def main() -> None:
         lines += ["## The main job, before and after", "", *main_job_section(before, after)]
     if k := load("kernels"):
         lines += ["## The CRMA kernels", "", *kernels_section(k)]
+    lines += LEFT
     text = "\n".join(lines)
     inputs = [f"{n}.json" for n in (*STEP_FILES, "main_job_before", "main_job_after", "kernels")]
     write_report(RESULTS / "step_cost", text, {"composed_from": [n for n in inputs if (RESULTS / n).exists()]})
