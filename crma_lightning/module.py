@@ -322,9 +322,12 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         self._adapter_cache = {}
         vocab = self._model.get_input_embeddings().num_embeddings
         check_fit_setup(self.trainer, self.task_names, vocab)
-        why = head_problem(self._model) if self.fused_loss else "model.fused_loss is false"
-        if why is None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        if not self.fused_loss:
+            why = "model.fused_loss is false"
+        elif isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
             why = "sharded training (the head is called outside FSDP's forward otherwise)"
+        else:
+            why = head_problem(self._model)
         if why is None and (readers := [r.name for r in self.regularizers if r.reads_logits]):
             why = f"model.regularizers {readers} read the logits"
         if why is None and not probe_matches(self._model, vocab, self.device):
