@@ -32,6 +32,11 @@ SMALL = ["--data.train_size", "64", "--data.holdout_size", "32", "--model.lr.lor
 #: The single-process reference of a 2-rank run at 8 examples per rank: the same two micro-batches
 #: of 8, summed by gradient accumulation (see test_distributed.single_run for why not batch 16).
 MICRO_8X2 = ["--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"]
+#: For a one-process reference of an FSDP2 run: the paths FSDP2 takes (the loss from the logits,
+#: Adam's per-tensor loop). FSDP2's DTensors take neither the fused loss nor the fused Adam, whose
+#: float order, compounded over a run, moved single adapter weights by up to 5e-4.
+UNFUSED = ["--model.fused_loss", "false",
+           "--model.optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"fused": False}})]  # fmt: skip
 
 
 def free_port() -> int:

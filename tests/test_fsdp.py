@@ -19,6 +19,7 @@ import torch
 from distributed_helpers import (
     MICRO_8X2,
     SMALL,
+    UNFUSED,
     assert_finished_loras_frozen,
     assert_matches_single,
     assert_ranks_agree,
@@ -34,8 +35,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from crma_lightning.rundir import read_matrix_csv
 
 FSDP2 = ["--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL]
-UNFUSED = ["--model.fused_loss", "false",
-           "--model.optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"fused": False}})]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -189,9 +189,9 @@ def test_ddp_two_ranks_with_zclip_match_one_process(tmp_path, tmp_path_factory):
 def test_fsdp2_two_processes_with_zclip_match_one_process(tmp_path):
     # FSDP2's gradients are DTensor shards (and CRMA's gate a whole 0-dim tensor): the norm ZClip
     # uses is still the global one and the clip scales every shard alike.
-    from distributed_helpers import MICRO_8X2, SMALL, assert_matches_single, fit
+    from distributed_helpers import MICRO_8X2, SMALL, UNFUSED, assert_matches_single, fit
 
-    single = fit(tmp_path / "one", "--config", "configs/tiny.yaml", *SMALL, *ZCLIP, *MICRO_8X2)
+    single = fit(tmp_path / "one", "--config", "configs/tiny.yaml", *SMALL, *ZCLIP, *MICRO_8X2, *UNFUSED)
     fsdp2 = fit(tmp_path / "fsdp2", "--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL, *ZCLIP)
     assert_matches_single(fsdp2, single)
     stats = [json.loads((d / "continual" / "grad_norm.json").read_text()) for d in (single, fsdp2)]
