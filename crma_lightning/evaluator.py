@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from crma_lightning import metrics as clm
 from crma_lightning import task_metrics as tm
 from crma_lightning.data.tasks import TaskSpec
 from crma_lightning.data.tokenize import choice_ids
-from crma_lightning.output_head import head_as_identity
+from crma_lightning.output_head import batch_token_stats
 from crma_lightning.serve.generation import generate_ids
 
 METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL", "routing_accuracy")
@@ -197,7 +198,7 @@ class RowEvaluator:
                         if task.budget:
                             self._score_generated(sums, i, scores["answers"], w, self._references(task, batch))
                         continue
-                    s = self._token_stats(batch, w)
+                    s, _ = batch_token_stats(partial(self._logits, batch), self.head, batch["labels"], w, True)
                     sums.update(i, loss_sum=s.loss_sum, tokens=s.tokens, correct=s.correct, examples=w)
                     if task.budget:
                         prompts += self._prompts(batch)
@@ -268,13 +269,6 @@ class RowEvaluator:
         return choice, pick
 
     # -- pieces ----------------------------------------------------------------------------------
-    def _token_stats(self, batch: dict[str, Tensor], weight: Tensor) -> losses.TokenStats:
-        if self.head is None:
-            return losses.token_stats(self._logits(batch), batch["labels"], weight)
-        with head_as_identity(self.head):  # never the (B, T, V) logits at once
-            hidden = self._logits(batch)
-        return losses.head_token_stats(hidden, self.head.weight, batch["labels"], weight, accuracy=True)
-
     def _logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False

@@ -40,6 +40,20 @@ class TokenStats:
     """None when accuracy was not asked for (training: the argmax over the vocabulary is skipped)."""
 
 
+def next_targets(labels: Tensor) -> Tensor:
+    """Unshifted ``labels (B, T)`` -> what each position predicts, ``(B, T)``: ``labels[:, t + 1]``,
+    and ``IGNORE_INDEX`` for the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def row_losses(logits: Tensor, targets: Tensor, accuracy: bool = True) -> TokenLosses:
+    """Per row of ``logits (N, V)`` against already-shifted ``targets (N,)``: the float32 loss (0
+    where unscored), scored and (unless ``accuracy=False``) argmax-correct."""
+    nll = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    scored = (targets != IGNORE_INDEX).float()
+    return TokenLosses(nll, scored, (logits.argmax(-1) == targets).float() if accuracy else None)
+
+
 def token_losses(logits: Tensor, labels: Tensor, accuracy: bool = True) -> TokenLosses:
     """``logits (B, T, V)`` and unshifted ``labels (B, T)`` -> per-position next-token losses.
 
@@ -52,14 +66,12 @@ def token_losses(logits: Tensor, labels: Tensor, accuracy: bool = True) -> Token
     # copies them, and cross_entropy over dim 1 of a transposed (B, V, T - 1) view was ~4x slower
     # forward + backward at SmolLM2's vocabulary and biased low by ~3e-5 nats per token against
     # float64, where this layout is off by ~5e-7 (benchmarks/bench_loss.py).
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-    nll = F.cross_entropy(
-        logits.float().reshape(B * T, V), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(B, T)[:, :-1]
-    targets = targets[:, :-1]
-    scored = (targets != IGNORE_INDEX).float()
-    correct = (logits[:, :-1].argmax(-1) == targets).float() if accuracy else None
-    return TokenLosses(nll, scored, correct)
+    rows = row_losses(logits.reshape(B * T, V), next_targets(labels).reshape(-1), accuracy)
+
+    def cut(x: Tensor | None) -> Tensor | None:  # (B * T,) -> (B, T - 1): the last position scores nothing
+        return None if x is None else x.view(B, T)[:, :-1]
+
+    return TokenLosses(cut(rows.nll), cut(rows.scored), cut(rows.correct))
 
 
 def token_stats(
@@ -143,7 +155,7 @@ def head_token_stats(
     Equal to ``token_stats(hidden @ weight.T, labels, example_weight, accuracy)`` up to float
     summation order."""
     B, T, D = hidden.shape
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # as token_losses
+    targets = next_targets(labels)
     mask = (targets != IGNORE_INDEX).float()
     if example_weight is not None:
         mask = mask * example_weight.float()[:, None]
@@ -156,15 +168,7 @@ def head_token_stats(
     for s in range(0, B * T, chunk):
         logits = F.linear(h[s : s + chunk].to(weight.dtype), weight)
         ws = w[s : s + chunk]
-        stats = token_losses_flat(logits, t[s : s + chunk])
+        stats = row_losses(logits, t[s : s + chunk])
         loss_sum = loss_sum + (stats.nll * ws).sum()
         correct = correct + (stats.correct * ws).sum()
     return TokenStats(loss_sum, mask.sum(), correct)
-
-
-def token_losses_flat(logits: Tensor, targets: Tensor) -> TokenLosses:
-    """Per row of ``logits (N, V)`` against already-shifted ``targets (N,)``: the float32 loss (0
-    where unscored), scored and argmax-correct, as :func:`token_losses` forms them."""
-    nll = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    scored = (targets != IGNORE_INDEX).float()
-    return TokenLosses(nll, scored, (logits.argmax(-1) == targets).float())

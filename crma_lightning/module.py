@@ -35,7 +35,7 @@ from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.layout import AdapterKind, AdapterLayout, Strategy, resolve_layout
 from crma_lightning.lora import activate_lora, add_lora, lora_parameters
 from crma_lightning.optim import fused_adam
-from crma_lightning.output_head import head_as_identity, head_problem, probe_matches
+from crma_lightning.output_head import batch_token_stats, head_problem, probe_matches
 from crma_lightning.protocols import check_fit_setup
 from crma_lightning.regularizers import Regularizer, penalties
 from crma_lightning.schedules import TaskSchedule, WarmupCosine, per_task_lambda, task_starts
@@ -262,28 +262,25 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         decided at fit start), else None."""
         return self._fused_head
 
-    def token_stats(
-        self, batch: dict[str, Tensor], accuracy: bool = True, logits_out: list[Tensor] | None = None
-    ) -> losses.TokenStats:
+    def token_stats(self, batch: dict[str, Tensor], accuracy: bool = True) -> losses.TokenStats:
         """Summed next-token loss, scored-token count and (unless ``accuracy=False``) correct
-        predictions of a batch; through the fused head when there is one and ``logits_out`` is
-        None, else from the logits, which are appended to ``logits_out``."""
-        head, labels, weight = self._fused_head, batch["labels"], batch.get("example_weight")
-        if head is not None and logits_out is None:
-            with head_as_identity(head):
-                hidden = self(batch["input_ids"], batch.get("attention_mask"))
-            return losses.head_token_stats(hidden, head.weight, labels, weight, accuracy)
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        if logits_out is not None:
-            logits_out.append(logits)
-        return losses.token_stats(logits, labels, weight, accuracy)
+        predictions of a batch (through the fused head when there is one)."""
+        return self._token_stats(batch, accuracy)[0]
+
+    def _token_stats(self, batch: dict[str, Tensor], accuracy: bool) -> tuple[losses.TokenStats, Tensor | None]:
+        """:meth:`token_stats` and the logits, when this path formed them (None through the fused head)."""
+        return batch_token_stats(
+            lambda: self(batch["input_ids"], batch.get("attention_mask")),
+            self._fused_head,
+            batch["labels"],
+            batch.get("example_weight"),
+            accuracy,
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        # Training logs the loss only: no accuracy (an argmax over the vocabulary). The logits are
-        # formed only when a regulariser reads them (without one, _fused_head was kept at fit start).
-        kept: list[Tensor] | None = [] if any(r.reads_logits for r in self.regularizers) else None
-        stats = self.token_stats(batch, accuracy=False, logits_out=kept)
-        logits = kept[0] if kept else None
+        # Training logs the loss only: no accuracy (an argmax over the vocabulary). A regulariser
+        # that reads the logits gets them: with one, on_fit_start kept the logits path.
+        stats, logits = self._token_stats(batch, accuracy=False)
         # Normalise by the global token count: DDP averages gradients over ranks, so
         # loss_sum * world / global_tokens gives exactly the single-process token mean. The same
         # all-reduce counts ranks with a non-finite loss, so every rank takes the same decision.

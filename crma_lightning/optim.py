@@ -34,6 +34,6 @@ def fused_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     ):
         return optimizer
     accepted = inspect.signature(kind.__init__).parameters
-    defaults = {k: v for k, v in d.items() if k in accepted and k not in ("params", "foreach")}
+    defaults = {k: v for k, v in d.items() if k in accepted and k != "foreach"}
     groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in optimizer.param_groups]
     return kind(groups, **{**defaults, "fused": True})

@@ -13,11 +13,13 @@ compares the two on a probe batch and keeps the logits path when they differ.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from crma_lightning import losses
 
 #: Model config fields that change the logits after the head (Gemma 2's soft-capping, Cohere's scale).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -35,6 +37,24 @@ def head_as_identity(head: nn.Module) -> Iterator[None]:
         yield
     finally:
         del head.forward
+
+
+def batch_token_stats(
+    forward: Callable[[], Tensor],
+    head: nn.Linear | None,
+    labels: Tensor,
+    example_weight: Tensor | None,
+    accuracy: bool,
+) -> tuple[losses.TokenStats, Tensor | None]:
+    """A batch's token statistics from ``forward()`` (the model's call, returning its logits): with
+    ``head``, through the fused head (:func:`crma_lightning.losses.head_token_stats`, no logits:
+    None in second place); without, from the logits, which are returned too."""
+    if head is None:
+        logits = forward()
+        return losses.token_stats(logits, labels, example_weight, accuracy), logits
+    with head_as_identity(head):  # never the (B, T, V) logits at once
+        hidden = forward()
+    return losses.head_token_stats(hidden, head.weight, labels, example_weight, accuracy), None
 
 
 def head_problem(model: nn.Module) -> str | None:
