@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
 
 
-def bench(script: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def bench(script: str, tmp_path: Path, *args: str, fit: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``script`` on the toy model; ``fit`` goes to every ``train.py fit`` after the sizes."""
     cmd = [sys.executable, f"benchmarks/{script}", "--config", "configs/tiny.yaml", "--jobs", "2", "--threads", "1",
-           *args, "--", *SIZES]  # fmt: skip
+           *args, "--", *SIZES, *fit]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -69,6 +70,40 @@ def test_reproduction_on_the_tiny_model(tmp_path):
     assert proc.stdout.count("already finished") == 6
     again = json.loads((tmp_path / "repro.json").read_text())["results"]
     assert again["drift"] == res["drift"] and again["ablation"] == res["ablation"]
+    recipe_report_pairs_a_setting_with_the_reproduction(tmp_path, res)
+
+
+def recipe_report_pairs_a_setting_with_the_reproduction(tmp_path: Path, current: dict) -> None:
+    """benchmarks/recipe.py over the reproduction above and a MODULAR-only setting (PiSSA): the
+    setting's MODULAR vs FROZEN takes FROZEN from the reproduction, seed by seed, on the test split."""
+    bench("reproduce.py", tmp_path, "--seeds", "0,1", "--conditions", "modular", "--runs-dir",
+          str(tmp_path / "pissa_runs"), "--out", str(tmp_path / "pissa.md"), fit=("--config", "configs/recipe/pissa.yaml"))  # fmt: skip
+    out = tmp_path / "recipe.md"
+    cmd = [sys.executable, "benchmarks/recipe.py", "--current", str(tmp_path / "repro.json"),
+           "--setting", f"PiSSA={tmp_path / 'pissa.json'}", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cur, pissa = json.loads((tmp_path / "recipe.json").read_text())["settings"]
+    assert pissa["override"].endswith("--config configs/recipe/pissa.yaml")
+    mod = pissa["conditions"]["modular"]
+    assert list(pissa["conditions"]) == ["modular"] and mod["frozen_from"] == "the current recipe"
+
+    def test_matrix(runs: str, cond: str, seed: int) -> np.ndarray:
+        run = next((tmp_path / runs / f"{cond}_s{seed}").glob("version_*"))
+        return read_matrix_csv(run / "continual" / "test" / "loss_matrix.csv")[2]
+
+    for k, seed in enumerate((0, 1)):
+        frozen, m = test_matrix("runs", "frozen", seed)[-1], test_matrix("pissa_runs", "modular", seed)[-1]
+        assert mod["test"]["vs_frozen"][k] == pytest.approx(100 * np.mean((frozen[:-1] - m[:-1]) / frozen[:-1]), abs=1e-9)
+        assert mod["test"]["drift"][k] == pytest.approx(clm.drift_pct(test_matrix("pissa_runs", "modular", seed)), abs=1e-12)
+        assert cur["conditions"]["modular"]["test"]["drift"][k] == current["drift"]["modular"]["per_seed"][k]
+        assert mod["crma_peak"][k] > 0 and mod["lora_peak"][k] > 0 and mod["clipped"][k] is None  # fixed clip
+    # the PiSSA read projection starts CRMA elsewhere, so the runs differ from the reproduction's MODULAR
+    assert mod["test"]["drift"] != cur["conditions"]["modular"]["test"]["drift"]
+    md = out.read_text()
+    for heading in ("## What ran", "CRMA init: pissa", "paired by seed", "## Validation split", "CRMA off at inference"):
+        assert heading in md, heading
+    assert (tmp_path / "recipe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
