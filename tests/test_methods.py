@@ -37,8 +37,10 @@ def test_the_papers_conditions_keep_their_loss_matrices(strategy, tmp_path):
     want = read_matrix_csv(REPO / "tests" / "reference" / f"tiny_{strategy}_loss_matrix.csv")
     assert (got.rows, got.tasks) == (want.rows, want.tasks)
     # Equal to the 8 significant digits of the CSV on the development machine; other CPUs' kernels
-    # may round differently, hence the tolerance.
-    np.testing.assert_allclose(got.values, want.values, atol=1e-6, rtol=0)
+    # round differently and three tasks of training carry it: NAIVE's matrix was 4.9e-6 off (1.1e-6
+    # relative, losses ~4.4) on another EPYC, hence a relative tolerance. A change of method or
+    # protocol moves these losses by 1e-3 or more.
+    np.testing.assert_allclose(got.values, want.values, atol=1e-6, rtol=1e-5)
 
 
 # -- regularisers: their defining properties, in-process with a real Trainer --------------------
