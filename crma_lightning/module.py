@@ -331,6 +331,9 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
             why = "on a probe batch the model's logits are not its head applied to its last hidden states"
         self._fused_head = self._model.get_output_embeddings() if why is None else None
         self.run_facts["fused_loss"] = "on" if why is None else f"off: {why}"
+        # from_pretrained returns the base in eval mode; training runs it in train mode (its dropout
+        # on), as peft and the HF Trainer do, from the first step, resumed or not.
+        self.train()
 
     def on_fit_end(self) -> None:
         self._adapter_cache = None
