@@ -132,16 +132,20 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
     zero-weight example), and agree with the single process's numbers.
 
     Every metric must be a whole number of examples out of 13 (11): rank 0's shard alone, or a
-    padding example counted, would give sevenths or fourteenths. The training itself differs from
-    one process by float summation order (its first steps after Adam's reset are about lr * sign(g),
-    and near-zero gradient entries flip sign), so a greedy answer may flip: a difference of up to 2 examples is allowed.
+    padding example counted, would give sevenths or fourteenths. Every label has the same number of
+    tokens: the one-process reference accumulates two micro-batches of 8, averaging each one's token
+    mean, where DDP divides by both ranks' token count, so labels of 4 and 7 tokens ("Sports",
+    "Business") trained other adapters (measured: loss 6.5e-3 and one test example off). With equal
+    counts the adapters are bit-identical, the accuracies equal and the losses within float32 rounding.
     """
     from conftest import TINY_CONFIGS
     from test_evaluation_tasks import KEYWORDS, write_task
 
+    keywords = {**KEYWORDS, "news": {"Sports": "goals", "Science": "atoms"}}  # news labels 4 tokens each (mood: 5 each)
+    sources = {t: write_task(tmp_path, t, keywords) for t in keywords}
     tasks = [
-        {"name": t, "source": write_task(tmp_path, t), "format": "classification", "text_field": "sentence"}
-        for t in KEYWORDS
+        {"name": t, "source": s, "format": "classification", "text_field": "sentence"}
+        for t, s in sources.items()
     ]
     backbone = {**TINY_CONFIGS["llama"], "vocab_size": 512, "max_position_embeddings": 128, "initializer_range": 0.2}
     common = ["--config", "configs/tiny.yaml", "--config", "configs/strategy/frozen.yaml",
@@ -161,12 +165,12 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
             rows_1, tasks_1, m_1 = read_matrix_csv(single / "continual" / f"{split}{name}.csv")
             rows_2, tasks_2, m_2 = read_matrix_csv(ddp / "continual" / f"{split}{name}.csv")
             assert (rows_1, tasks_1) == (rows_2, tasks_2)
-            if name.startswith("loss"):
-                np.testing.assert_allclose(m_2, m_1, atol=1e-2, rtol=0, err_msg=split + name)
+            if name.startswith("loss"):  # measured: 1e-7, the all-reduced sums' float32 rounding
+                np.testing.assert_allclose(m_2, m_1, atol=1e-6, rtol=0, err_msg=split + name)
                 continue
             real = ~np.isnan(m_2)
             assert np.array_equal(real, ~np.isnan(m_1)), split + name
             np.testing.assert_allclose(m_2[real] * count, np.round(m_2[real] * count), atol=1e-4, err_msg=split + name)
-            np.testing.assert_allclose(m_2[real], m_1[real], atol=2 / count + 1e-6, rtol=0, err_msg=split + name)
+            np.testing.assert_array_equal(m_2, m_1, err_msg=split + name)
     accuracy = read_matrix_csv(single / "continual" / "test" / "accuracy_matrix.csv")[2]
     assert accuracy[-1].min() > accuracy[0].max()  # trained: the metrics compared are not all zero

@@ -46,12 +46,12 @@ def _private_datasets_cache(tmp_path_factory, monkeypatch):
     )
 
 
-def write_task(root, name: str) -> str:
+def write_task(root, name: str, keywords: dict[str, dict[str, str]] = KEYWORDS) -> str:
     """``root/name/`` with train.jsonl and task.json: the label is readable from one keyword."""
     folder = root / name
     folder.mkdir()
-    labels = list(KEYWORDS[name])
-    rows = [{"sentence": f"x{i} {KEYWORDS[name][labels[i % 2]]}", "label": labels[i % 2]} for i in range(120)]
+    labels = list(keywords[name])
+    rows = [{"sentence": f"x{i} {keywords[name][labels[i % 2]]}", "label": labels[i % 2]} for i in range(120)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "task.json").write_text(json.dumps({"instruction": f"The {name}?", "labels": labels}))
     return str(folder)
