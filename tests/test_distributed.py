@@ -141,7 +141,7 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
     from conftest import TINY_CONFIGS
     from test_evaluation_tasks import KEYWORDS, write_task
 
-    keywords = {**KEYWORDS, "news": {"Sports": "goals", "Science": "atoms"}}  # news labels 4 tokens each (mood: 5 each)
+    keywords = {**KEYWORDS, "news": {"Sports": "goals", "Science": "atoms"}}  # news: 4 tokens each, mood: 5
     sources = {t: write_task(tmp_path, t, keywords) for t in keywords}
     tasks = [
         {"name": t, "source": s, "format": "classification", "text_field": "sentence"}
