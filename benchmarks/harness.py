@@ -16,7 +16,10 @@ Scripts run as ``python benchmarks/<script>.py`` from the repository root, so th
 - **Statistics.** Median and quartiles, a seeded percentile-bootstrap CI of the median, and the
   paired ratio of two variants (median of per-round ratios, with its CI).
 - **Reports.** :func:`run_info` (command line, date, machine), :func:`write_report` (``.md`` and
-  ``.json`` beside each other, atomically).
+  ``.json`` beside each other, atomically, with the checkout's commit and the commits its runs came from).
+- **Reused runs.** :func:`resumable_fit` records what each run was fitted with (``fit_args.json``: its
+  arguments, the digest of them and of its ``--config`` files' contents, the commits) and refuses to
+  reuse or resume a run made with other ones, so a rerun never mixes old results into a new report.
 - **Runs and models.** :func:`train_fit` runs ``train.py fit`` in its own process group and finds
   its run directory; :func:`with_lora` sets up a LoRA step; SmolLM2 from its PyPI package.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -39,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,11 +362,53 @@ def run_info(script: str | os.PathLike, argv: Sequence[str], drop: Sequence[str]
     }
 
 
-def write_report(path: str | os.PathLike, markdown: str, data: Any) -> tuple[Path, Path]:
-    """``path`` with suffix ``.md`` and ``.json``, each written atomically; NaN/inf become null."""
+def code_commit(repo: Path = REPO) -> str:
+    """The checkout's commit, ``git rev-parse HEAD``, with ``-dirty`` when tracked files have uncommitted
+    changes (untracked ones do not count); ``unknown`` where git cannot tell."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=60, check=True).stdout.strip()  # fmt: skip
+        # --no-optional-locks: never take the index lock (others may be committing in this tree)
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True, timeout=60, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "") if head else "unknown"
+
+
+def code_line(code: Mapping[str, Any]) -> str:
+    """The report's last line: the commit it was written at and, for reports of runs, the commits they
+    were fitted at (every one, with its runs when there are several: mixing shows)."""
+    line = f"Code: written at commit `{code['commit']}`"
+    commits = code.get("run_commits") or {}
+    if len(commits) == 1:
+        ((commit, names),) = commits.items()
+        line += f"; its {len(names)} run(s) were fitted at `{commit}`"
+    elif commits:
+        line += f"; its runs were fitted at {len(commits)} commits: " + "; ".join(
+            f"`{c}` ({', '.join(names)})" for c, names in commits.items()
+        )
+    return line + "."
+
+
+def write_report(
+    path: str | os.PathLike, markdown: str, data: Any, run_commits: Mapping[str, Sequence[str]] | None = None
+) -> tuple[Path, Path]:
+    """``path`` with suffix ``.md`` and ``.json``, each written atomically; NaN/inf become null. Both
+    record the checkout's commit (``data["code"]`` when ``data`` is a dict, and :func:`code_line` at the
+    end of the markdown), and ``run_commits`` (:func:`run_commits` of the report's runs) when given."""
     md, js = Path(path).with_suffix(".md"), Path(path).with_suffix(".json")
+    code: dict[str, Any] = {"commit": code_commit()}
+    if run_commits is not None:
+        code["run_commits"] = {c: list(names) for c, names in run_commits.items()}
+        if len(run_commits) > 1:
+            print(
+                f"note: {md.name}'s runs were fitted at {len(run_commits)} commits: {', '.join(run_commits)}"
+            )
+    if isinstance(data, dict):
+        data = {**data, "code": code}
     atomic_write_json(js, json_safe(data))
-    atomic_write_text(md, markdown.rstrip("\n") + "\n")
+    atomic_write_text(md, markdown.rstrip("\n") + "\n\n" + code_line(code) + "\n")
     return md, js
 
 
@@ -480,18 +526,115 @@ def finished_run(root: Path) -> RunDir | None:
     return next((r for r in reversed(versions(root)) if r.is_complete()), None)
 
 
-def resumable_fit(name: str, args: Sequence[str], runs_dir: Path, threads: int | None) -> tuple[RunDir, float]:
+FIT_RECORD = "fit_args.json"
+"""In ``<runs dir>/<name>``, beside its ``version_N`` folders: what the run was fitted with
+(:func:`fit_record`) and the commits its fit started or resumed at (:func:`resumable_fit`)."""
+
+ADOPT_LEGACY = "--adopt-legacy-runs"
+
+
+def config_paths(args: Sequence[str]) -> list[str]:
+    """The files ``--config PATH`` / ``--config=PATH`` name in ``train.py`` arguments."""
+    paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    return paths + [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+
+
+def fit_record(args: Sequence[str]) -> dict[str, Any]:
+    """What decides a fit: its ``train.py fit`` arguments, the SHA-256 of each ``--config`` file's
+    contents (an edited preset is a change) and one digest of both."""
+    # Arguments + config bytes rather than `train.py fit --print_config`: no extra start per run, and exact
+    # for what a benchmark varies; a default changed in code is not seen (the commits beside it show that).
+    configs = {}
+    for path in config_paths(args):
+        f = Path(path) if Path(path).is_absolute() else REPO / path
+        configs[path] = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "not a file"
+    digest = hashlib.sha256(json.dumps([list(args), configs], sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, "args": list(args), "configs": configs}
+
+
+def record_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between two :func:`fit_record` s, in a few words: the changed config files, and the
+    arguments between the common start and end (``was ...; now ...``)."""
+    why = [f"{p} edited" for p, h in new["configs"].items() if old.get("configs", {}).get(p, h) != h]
+    a, b = list(old.get("args", [])), list(new["args"])
+    if a != b:
+        i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        j = 0
+        while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+            j += 1
+        was, now = shlex.join(a[i : len(a) - j]), shlex.join(b[i : len(b) - j])
+        why.append(f"arguments were `{was or '(none)'}`, now `{now or '(none)'}`")
+    return "; ".join(why) or "its record differs"
+
+
+def checked_record(
+    name: str,
+    root: Path,
+    args: Sequence[str],
+    adopt_legacy: bool = False,
+    fix: str = "use another --runs-dir",
+) -> dict[str, Any]:
+    """The record of fitting ``args`` as run ``root`` (the stored one when a run is there). A finished
+    or resumable run made with other arguments is refused with one line naming ``root``, what differs and
+    ``fix`` (or deleting it); so is one without a record (made before records), unless
+    ``adopt_legacy``: then it is taken as made with ``args`` and its record written so."""
+    new, file = fit_record(args), root / FIT_RECORD
+    if finished_run(root) is None and not any(r.has_checkpoint() for r in versions(root)):
+        return new  # nothing there to reuse or resume: a failed start's record is simply replaced
+    if not file.is_file():
+        if not adopt_legacy:
+            raise SystemExit(f"[{name}] {root} holds a run with no {FIT_RECORD} (made before runs recorded "
+                             f"their arguments): {fix}, delete it, or pass {ADOPT_LEGACY} to reuse it as "
+                             "made with these arguments")  # fmt: skip
+        print(f"[{name}] {root}: adopted as made with these arguments ({ADOPT_LEGACY})", flush=True)
+        atomic_write_json(file, new | {"adopted": utc_now(), "commits": []})
+        return new
+    old = json.loads(file.read_text())
+    if old.get("digest") != new["digest"]:
+        raise SystemExit(f"[{name}] {root} was fitted with other arguments ({record_difference(old, new)}): "
+                         f"{fix} or delete it")  # fmt: skip
+    return old
+
+
+def run_commits(runs: Iterable[RunDir]) -> dict[str, list[str]]:
+    """Commit -> the runs (``<runs dir>/<name>``) whose fit started or resumed at it; ``unknown`` for a
+    run with no commit recorded (made before records, or adopted). For :func:`write_report`."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        f = run.path.parent / FIT_RECORD
+        commits = (json.loads(f.read_text()).get("commits") if f.is_file() else None) or ["unknown"]
+        name = "/".join(run.path.parts[-3:-1])
+        for c in commits:
+            if name not in out.setdefault(c, []):
+                out[c].append(name)
+    return out
+
+
+def resumable_fit(
+    name: str, args: Sequence[str], runs_dir: Path, threads: int | None, adopt_legacy: bool = False
+) -> tuple[RunDir, float]:
     """``train.py fit ARGS`` as run ``runs_dir/name``, or what is left of it: a finished run there is
-    reused and an interrupted one continues from its last checkpoint (so a killed benchmark resumes).
-    Returns the run and its training wall time, summed over attempts; a failed fit exits with its log's end."""
+    reused and an interrupted one continues from its last checkpoint (so a killed benchmark resumes),
+    if it was fitted with the same arguments and config files (:func:`checked_record`; else it exits
+    with one line). Returns the run and its training wall time, summed over attempts; a failed fit exits
+    with its log's end."""
     root = runs_dir / name
+    record = checked_record(name, root, args, adopt_legacy)
     timing = root / "wall.json"
     spent = json.loads(timing.read_text())["wall_s"] if timing.is_file() else 0.0
     done = finished_run(root)
     if done is not None:
         print(f"[{name}] already finished: {done.path}", flush=True)
         return done, spent
-    args = [*args, "--trainer.logger.init_args.save_dir", str(runs_dir), "--trainer.logger.init_args.name", name]
+    commits = record.get("commits", [])
+    atomic_write_json(root / FIT_RECORD, record | {"commits": list(dict.fromkeys([*commits, code_commit()]))})
+    args = [
+        *args,
+        "--trainer.logger.init_args.save_dir",
+        str(runs_dir),
+        "--trainer.logger.init_args.name",
+        name,
+    ]
     if any(r.has_checkpoint() for r in versions(root)):
         args += ["--ckpt_path", "last"]
     root.mkdir(parents=True, exist_ok=True)
@@ -514,7 +657,12 @@ def script_argv(
     after ``--`` (they go to every ``train.py fit``) and a parser described by the script's ``doc``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(ADOPT_LEGACY, action="store_true",
+                        help=f"reuse finished runs that have no {FIT_RECORD} (made before runs recorded their "
+                        "arguments) as made with this command's arguments")  # fmt: skip
     return argv, ours, extra, parser
 
 

@@ -18,9 +18,10 @@ seeds run only that value. The report reads the **test** matrices:
 - each run's wall time and evaluation share.
 
 ``--reuse DIR`` takes finished runs of ``benchmarks/reproduce.py`` (the same config and seeds) for
-the methods it has: sequential LoRA = NAIVE, per-task LoRA = FROZEN, MODULAR. Those ran with the task
-id only, so their test matrices without it are rebuilt from their adapters (``train.py test --run
-RUN --task-id both``; what a fit writes, to 2e-5: tests/test_evaluation_tasks.py).
+the methods it has: sequential LoRA = NAIVE, per-task LoRA = FROZEN, MODULAR (a run there fitted with
+another ``--config`` or other arguments after ``--``, by its ``fit_args.json``, stops the script). Those
+ran with the task id only, so their test matrices without it are rebuilt from their adapters
+(``train.py test --run RUN --task-id both``; what a fit writes, to 2e-5: tests/test_evaluation_tasks.py).
 
     python benchmarks/methods.py --seeds 0,42 --jobs 2 --threads 1 --reuse runs/reproduction   # the committed report
     python benchmarks/methods.py --config configs/tiny.yaml --seeds 0 --out /tmp/methods.md       # a quick look
@@ -41,15 +42,18 @@ import yaml
 from harness import (
     METHODS,
     REPO,
+    checked_record,
     finished_run,
     machine_line,
     resumable_fit,
     run_all,
+    run_commits,
     run_info,
     script_argv,
     train_fit,
     write_report,
 )
+from reproduce import fit_args as reproduction_args
 
 from crma_lightning import metrics as clm
 from crma_lightning.rundir import LOSS_MATRIX, RunDir, init_args, matrix_name
@@ -122,12 +126,26 @@ class Bench:
     def fit(self, key: tuple[str, float | None, int]) -> tuple[RunDir, float]:
         method, value, seed = key
         if self.reuse and method in REPRODUCTION and value is None:
-            src = self.reuse / f"{REPRODUCTION[method]}_s{seed}"
+            name = f"{REPRODUCTION[method]}_s{seed}"
+            src = self.reuse / name
+            # Only a run reproduce.py fitted with this --config and these arguments after -- is taken.
+            expected = reproduction_args(self.args.config, REPRODUCTION[method], seed, self.extra)
+            checked_record(name, src, expected, self.args.adopt_legacy_runs,
+                           fix="point --reuse at a reproduction of this --config and these arguments, leave --reuse out")  # fmt: skip
             if (run := finished_run(src)) is not None:
                 return self.with_blind_test(run), json.loads((src / "wall.json").read_text())["wall_s"]
         args = [c for path in (self.args.config, *METHODS[method][1]) for c in ("--config", path)]
-        args += ["--data.seed", str(seed), "--evaluation.task_id", "both", *setting_args(method, value), *self.extra]
-        return resumable_fit(run_name(method, value, seed), args, self.runs_dir, self.args.threads)
+        args += [
+            "--data.seed",
+            str(seed),
+            "--evaluation.task_id",
+            "both",
+            *setting_args(method, value),
+            *self.extra,
+        ]
+        return resumable_fit(
+            run_name(method, value, seed), args, self.runs_dir, self.args.threads, self.args.adopt_legacy_runs
+        )
 
     def with_blind_test(self, run: RunDir) -> RunDir:
         """A reused run, with its test matrices without the task id rebuilt from its adapters once."""
@@ -230,7 +248,12 @@ def markdown(res: dict, protocol: dict) -> str:
                 f"{p['validation']['drift_pct']:+.2f} | {p['test']['final_avg_loss']:.4f} | {p['test']['drift_pct']:+.2f} | "
                 f"{'yes' if float(v) == res['methods'][m]['value'] else ''} |"
             )
-    rebuilt = [p["run"].split("/")[1] for r in res["methods"].values() for p in r["per_seed"].values() if p["rebuilt"]]
+    rebuilt = [
+        p["run"].split("/")[1]
+        for r in res["methods"].values()
+        for p in r["per_seed"].values()
+        if p["rebuilt"]
+    ]
     if rebuilt:
         lines += ["", "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters by "
                   f"`train.py test --run <run> --task-id both`: {', '.join(rebuilt)}."]  # fmt: skip
@@ -333,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         "invocation_wall_s": time.perf_counter() - start,  # this invocation's (reused runs count 0)
     }
     figure(res, out.with_suffix(".png"), protocol["settings"]["model"])
-    md, js = write_report(out, markdown(res, protocol), {"protocol": protocol, "results": res})
+    md, js = write_report(out, markdown(res, protocol), {"protocol": protocol, "results": res},
+                          run_commits(run for run, _ in runs.values()))  # fmt: skip
     print(f"wrote {md}, {js}, {out.with_suffix('.png')}")
 
 

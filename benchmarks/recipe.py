@@ -113,7 +113,11 @@ def fmt(values: list, digits: int = 2, sign: bool = True) -> str:
     mean, sd = clm.mean_sd(vals)
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     per = " / ".join(f.format(v) for v in vals)
-    return f.format(mean) + (f" ± {sd:.{digits}f}" if sd is not None else "") + (f" ({per})" if len(vals) > 1 else "")
+    return (
+        f.format(mean)
+        + (f" ± {sd:.{digits}f}" if sd is not None else "")
+        + (f" ({per})" if len(vals) > 1 else "")
+    )
 
 
 def paired(s: dict, cur: dict, cond: str, get, ratio: bool = False) -> list[float]:
@@ -121,8 +125,19 @@ def paired(s: dict, cur: dict, cond: str, get, ratio: bool = False) -> list[floa
     r, c = s["conditions"][cond], cur["conditions"].get(cond)
     if c is None:
         return []
-    pairs = [(get(r)[s["seeds"].index(x)], get(c)[cur["seeds"].index(x)]) for x in s["seeds"] if x in cur["seeds"]]
+    pairs = [
+        (get(r)[s["seeds"].index(x)], get(c)[cur["seeds"].index(x)]) for x in s["seeds"] if x in cur["seeds"]
+    ]
     return [a / b if ratio else a - b for a, b in pairs if a is not None and b is not None]
+
+
+def run_commits(reports: list[tuple[str, dict]]) -> dict[str, list[str]]:
+    """Commit -> ``label: run`` over the reports' runs (their ``code``; ``unknown`` for a report without)."""
+    out: dict[str, list[str]] = {}
+    for label, report in reports:
+        for commit, runs in report.get("code", {}).get("run_commits", {"unknown": ["its runs"]}).items():
+            out.setdefault(commit, []).extend(f"{label}: {run}" for run in runs)
+    return out
 
 
 def markdown(summaries: list[dict], info: dict) -> str:
@@ -176,7 +191,9 @@ def markdown(summaries: list[dict], info: dict) -> str:
         for cond in s["conditions"]:
             if cond not in cur["conditions"]:
                 continue
-            vf = fmt(paired(s, cur, cond, lambda x: x["test"]["vs_frozen"]), 3) if cond == "modular" else "n/a"
+            vf = (
+                fmt(paired(s, cur, cond, lambda x: x["test"]["vs_frozen"]), 3) if cond == "modular" else "n/a"
+            )
             lines.append(
                 f"| {s['label']} | {cond.upper()} | {fmt(paired(s, cur, cond, lambda x: x['test']['drift']), 3)} | {vf} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['test']['final_mean_loss']), 4)} | "
@@ -213,7 +230,11 @@ def figure(summaries: list[dict], path: Path) -> None:
               ("MODULAR vs FROZEN, % (test; + = MODULAR better)", [("modular", lambda r: r["test"]["vs_frozen"])]),
               ("peak pre-clip gradient norm", [("naive", lambda r: r["lora_peak"]), ("frozen", lambda r: r["lora_peak"]),
                                                 ("modular", lambda r: r["lora_peak"]), ("modular", lambda r: r["crma_peak"])])]  # fmt: skip
-    names = [["NAIVE", "MODULAR"], ["MODULAR"], ["NAIVE: LoRA", "FROZEN: LoRA", "MODULAR: LoRA", "MODULAR: CRMA"]]
+    names = [
+        ["NAIVE", "MODULAR"],
+        ["MODULAR"],
+        ["NAIVE: LoRA", "FROZEN: LoRA", "MODULAR: LoRA", "MODULAR: CRMA"],
+    ]
     for ax, (title, series), legend in zip(axes, panels, names, strict=True):
         width = 0.8 / len(series)
         for j, ((cond, get), name) in enumerate(zip(series, legend, strict=True)):
@@ -236,19 +257,20 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--current", required=True, help="reproduce.py report (.json) of the current recipe")
-    p.add_argument("--setting", action="append", default=[], metavar="LABEL=JSON", help="another setting's report")
+    p.add_argument(
+        "--setting", action="append", default=[], metavar="LABEL=JSON", help="another setting's report"
+    )
     p.add_argument("--out", default="benchmarks/results/recipe.md")
     args = p.parse_args(argv)
     info = run_info(__file__, argv)
     info["figure"] = Path(args.out).with_suffix(".png")
     current = load(args.current)
-    summaries = [summarise("current recipe", current, current)]
-    for spec in args.setting:
-        label, _, path = spec.partition("=")
-        summaries.append(summarise(label, load(path), current))
+    reports = [("current recipe", current)] + [(label, load(path)) for label, _, path in
+                                               (spec.partition("=") for spec in args.setting)]  # fmt: skip
+    summaries = [summarise(label, report, current) for label, report in reports]
     figure(summaries, info["figure"])
     md, js = write_report(args.out, markdown(summaries, info), {"command": info["command"], "date": info["date"],
-                                                                "settings": summaries})  # fmt: skip
+                                                                "settings": summaries}, run_commits(reports))  # fmt: skip
     print(f"wrote {md}, {js}, {info['figure']}")
 
 

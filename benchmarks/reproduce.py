@@ -2,7 +2,8 @@
 
 Every (condition, seed) is one ``train.py fit`` of the same config, run as a subprocess (one
 failure cannot poison the next, and a killed reproduction resumes: finished runs are reused and an
-unfinished one continues from its last checkpoint). From the runs' own files it then computes
+unfinished one continues from its last checkpoint, if fitted with the same arguments and config files:
+``harness.resumable_fit``). From the runs' own files it then computes
 
 - loss-relative drift per condition, mean ± sample SD over seeds and per seed;
 - the MODULAR-vs-FROZEN prior-task loss advantage, per seed (paired by seed);
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import machine_line, resumable_fit, run_all, run_info, script_argv, write_report
+from harness import machine_line, resumable_fit, run_all, run_commits, run_info, script_argv, write_report
 from reproduce_report import figure, markdown
 
 from crma_lightning import metrics as clm
@@ -42,18 +43,39 @@ from crma_lightning.rundir import RunDir, init_args
 from crma_lightning.serve import load_run
 
 CONDITIONS = ("naive", "frozen", "modular")
+
+
 #: The paper's numbers (Mistral-7B, 5 domains, 500/100 examples, seeds 0/42/1234; docs/method.md §3).
 # -- running -----------------------------------------------------------------------------------
 def run_name(condition: str, seed: int) -> str:
     return f"{condition}_s{seed}"
 
 
+def fit_args(config: str, condition: str, seed: int, extra: list[str]) -> list[str]:
+    """The ``train.py fit`` arguments of one condition x seed (methods.py checks a reused run against them)."""
+    return [
+        "--config",
+        config,
+        "--config",
+        f"configs/strategy/{condition}.yaml",
+        "--data.seed",
+        str(seed),
+        *extra,
+    ]
+
+
 def train(
-    config: str, condition: str, seed: int, runs_dir: Path, extra: list[str], threads: int
+    config: str,
+    condition: str,
+    seed: int,
+    runs_dir: Path,
+    extra: list[str],
+    threads: int,
+    adopt_legacy: bool = False,
 ) -> tuple[RunDir, float]:
     """Run (or finish) one condition x seed; returns its run dir and its training wall time."""
-    args = ["--config", config, "--config", f"configs/strategy/{condition}.yaml", "--data.seed", str(seed), *extra]
-    return resumable_fit(run_name(condition, seed), args, runs_dir, threads)
+    args = fit_args(config, condition, seed, extra)
+    return resumable_fit(run_name(condition, seed), args, runs_dir, threads, adopt_legacy)
 
 
 def crma_ablation(run: RunDir, split: str) -> dict[str, list[float]]:
@@ -190,15 +212,23 @@ def main(argv: list[str] | None = None) -> None:
     conditions = [c.strip() for c in args.conditions.split(",")]
     unknown = sorted(set(conditions) - set(CONDITIONS))
     if unknown or not seeds:
-        p.error(f"conditions must be among {CONDITIONS} (got {unknown}) and at least 1 seed given (2 for an SD)")
+        p.error(
+            f"conditions must be among {CONDITIONS} (got {unknown}) and at least 1 seed given (2 for an SD)"
+        )
     info = run_info(__file__, argv)
     runs_dir = Path(args.runs_dir).resolve()
     keys = [(c, s) for s in seeds for c in conditions]  # seed-major: the first seed's runs finish first
-    done = run_all(lambda k: train(args.config, *k, runs_dir, extra, args.threads), keys, args.jobs)
+    done = run_all(
+        lambda k: train(args.config, *k, runs_dir, extra, args.threads, args.adopt_legacy_runs),
+        keys,
+        args.jobs,
+    )
     runs = {k: run for k, (run, _) in zip(keys, done, strict=True)}
     res = collect(runs, conditions, seeds, "test")
     # Where the settings (the CRMA learning rates: --compare) were chosen; test is reported.
-    res["validation"] = {k: v for k, v in collect(runs, conditions, seeds, "validation").items() if k != "grad_norm"}
+    res["validation"] = {
+        k: v for k, v in collect(runs, conditions, seeds, "validation").items() if k != "grad_norm"
+    }
     if "modular" in conditions:
         res["ablation"] = ablation(runs, seeds, "test")
     for spec in args.compare:
@@ -223,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         "figure": out.with_suffix(".png").name,
     }
     figure(res, out.with_suffix(".png"))
-    md, js = write_report(out, markdown(res, protocol), {"protocol": protocol, "results": res})
+    md, js = write_report(
+        out, markdown(res, protocol), {"protocol": protocol, "results": res}, run_commits(runs.values())
+    )
     print(f"wrote {md}, {js}, {out.with_suffix('.png')}")
 
 

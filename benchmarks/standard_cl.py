@@ -22,7 +22,8 @@ beside the test ones for selection).
     python benchmarks/standard_cl.py --methods seq_lora,modular --seeds 0 -- --data.train_size 32
 
 Arguments after ``--`` go to every ``train.py fit``. Finished runs under ``--runs-dir`` are reused
-and an interrupted one resumes from its last checkpoint (harness.resumable_fit).
+and an interrupted one resumes from its last checkpoint, if it was fitted with the same arguments and
+config files; otherwise the script stops with one line (harness.resumable_fit).
 """
 
 from __future__ import annotations
@@ -32,24 +33,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import METHODS, machine_line, resumable_fit, run_all, run_info, script_argv, write_report
+from harness import (
+    METHODS,
+    machine_line,
+    resumable_fit,
+    run_all,
+    run_commits,
+    run_info,
+    script_argv,
+    write_report,
+)
 
 from crma_lightning import metrics as clm
 from crma_lightning.rundir import ACCURACY_MATRIX, RunDir, init_args, matrix_name
 
 BENCHMARK = "../shared/cl_benchmark"
 #: The methods of this table, in its order (presets: harness.METHODS).
-TABLE_METHODS = ("seq_lora", "per_task_lora", "inc_lora", "replay", "olora", "modular", "modular_replay", "multitask")
+TABLE_METHODS = (
+    "seq_lora",
+    "per_task_lora",
+    "inc_lora",
+    "replay",
+    "olora",
+    "modular",
+    "modular_replay",
+    "multitask",
+)
 #: Average accuracy after the last task, T5-large, dbpedia/amazon/yahoo/agnews in three orders
 #: (O-LoRA, Wang et al. 2023, Table 1; ../shared/cl_benchmark/README.md).
 PUBLISHED_T5_LARGE = {"seq_lora": 43.7, "inc_lora": 66.4, "replay": 57.8, "olora": 75.8, "multitask": 80.0}
 CONFIGS = ["configs/smollm2.yaml", "configs/cl_benchmark.yaml"]
 
 
-def fit(method: str, seed: int, runs_dir: Path, extra: list[str], threads: int) -> tuple[RunDir, float]:
+def fit(
+    method: str, seed: int, runs_dir: Path, extra: list[str], threads: int, adopt_legacy: bool = False
+) -> tuple[RunDir, float]:
     args = [c for path in (*CONFIGS, *METHODS[method][1]) for c in ("--config", path)]
     args += ["--data.seed", str(seed), "--evaluation.task_id", "both", *extra]
-    return resumable_fit(f"{method}_s{seed}", args, runs_dir, threads)
+    return resumable_fit(f"{method}_s{seed}", args, runs_dir, threads, adopt_legacy)
 
 
 def scores(run: RunDir) -> dict:
@@ -108,7 +129,9 @@ def cell(res: dict, method: str, key: str, sign: bool = False) -> str:
         return "n/a"
     f = "{:+.1f}" if sign else "{:.1f}"
     per = " / ".join("–" if v is None else f.format(v) for v in vals)
-    return f.format(mean) + (f" ± {sd:.1f}" if sd is not None else "") + (f" ({per})" if len(vals) > 1 else "")
+    return (
+        f.format(mean) + (f" ± {sd:.1f}" if sd is not None else "") + (f" ({per})" if len(vals) > 1 else "")
+    )
 
 
 def share(res: dict, method: str) -> str:
@@ -155,7 +178,9 @@ def markdown(res: dict, protocol: dict) -> str:
     for m, r in res["methods"].items():
         first = r["per_seed"][res["seeds"][0]]
         how = first["no_task_id"]
-        how = NO_TASK_ID.get(how, how or "n/a") + (f" ({first['router']} router)" if how == "route" and first.get("router") else "")
+        how = NO_TASK_ID.get(how, how or "n/a") + (
+            f" ({first['router']} router)" if how == "route" and first.get("router") else ""
+        )
         pub = PUBLISHED_T5_LARGE.get(m)
         lines.append(
             f"| {r['label']} | {cell(res, m, 'avg_acc')} | {cell(res, m, 'bwt', True)} | "
@@ -177,9 +202,13 @@ def markdown(res: dict, protocol: dict) -> str:
     for r in res["methods"].values():
         row = np.mean([r["per_seed"][s]["final_row"] for s in res["seeds"]], 0)
         lines.append(f"| {r['label']} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
-    base_row = np.mean([res["methods"][next(iter(res["methods"]))]["per_seed"][s]["base_row"] for s in res["seeds"]], 0)
+    base_row = np.mean(
+        [res["methods"][next(iter(res["methods"]))]["per_seed"][s]["base_row"] for s in res["seeds"]], 0
+    )
     lines.append("| zero-shot base | " + " | ".join(f"{100 * v:.1f}" for v in base_row) + " |")
-    rebuilt = [f"{m}_s{s}" for m, r in res["methods"].items() for s, p in r["per_seed"].items() if p.get("rebuilt")]
+    rebuilt = [
+        f"{m}_s{s}" for m, r in res["methods"].items() for s, p in r["per_seed"].items() if p.get("rebuilt")
+    ]
     if rebuilt:
         lines += ["", f"Test matrices rebuilt from the runs' adapters by `train.py test --run <run> --task-id both` "
                   f"(what a fit writes, to 2e-5: tests/test_evaluation_tasks.py), after the fit: {', '.join(rebuilt)}. "
@@ -189,7 +218,11 @@ def markdown(res: dict, protocol: dict) -> str:
               "examples per task (the matrices of `fit`).", "", "| method | validation | test |", "|---|---|---|"]  # fmt: skip
     for m, r in res["methods"].items():
         lines.append(f"| {r['label']} | {cell(res, m, 'val_avg_acc')} | {cell(res, m, 'avg_acc')} |")
-    lines += ["", "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items()), ""]
+    lines += [
+        "",
+        "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -202,17 +235,23 @@ def figure(res: dict, path: Path) -> None:
     methods = list(res["methods"])
     x = np.arange(len(methods))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, (key, title) in zip(axes, [("avg_acc", "average accuracy after the last task (%)"), ("bwt", "BWT (pp)")], strict=True):
+    for ax, (key, title) in zip(
+        axes, [("avg_acc", "average accuracy after the last task (%)"), ("bwt", "BWT (pp)")], strict=True
+    ):
         for off, suffix, name in [(-0.2, "", "task id given"), (0.2, "_no_task_id", "no task id")]:
             means = [stat(res, m, key + suffix)[0] for m in methods]
             sds = [stat(res, m, key + suffix)[1] or 0.0 for m in methods]
             ax.bar(x + off, [np.nan if v is None else v for v in means], 0.4, yerr=sds, label=name, capsize=3)
         if key == "avg_acc":
-            ax.axhline(100 * np.mean(list(res["base"].values())), color="k", ls="--", lw=1, label="zero-shot base")
+            ax.axhline(
+                100 * np.mean(list(res["base"].values())), color="k", ls="--", lw=1, label="zero-shot base"
+            )
         ax.set_xticks(x, [res["methods"][m]["label"] for m in methods], rotation=30, ha="right")
         ax.set_title(title)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"SmolLM2-135M, {' → '.join(res['tasks'])}, test split, seeds {', '.join(map(str, res['seeds']))}")
+    fig.suptitle(
+        f"SmolLM2-135M, {' → '.join(res['tasks'])}, test split, seeds {', '.join(map(str, res['seeds']))}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -240,9 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(TABLE_METHODS))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--runs-dir", default="runs/standard_cl", help="where the runs go (reused on a rerun)")
-    p.add_argument("--out", default="benchmarks/results/standard_cl.md", help="report; .json and .png beside it")
+    p.add_argument(
+        "--out", default="benchmarks/results/standard_cl.md", help="report; .json and .png beside it"
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="OMP threads per run")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time (e.g. --jobs 2 --threads 1 on 2 cores)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time (e.g. --jobs 2 --threads 1 on 2 cores)"
+    )
     args = p.parse_args(ours)
     methods = [m.strip() for m in args.methods.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -254,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir = Path(args.runs_dir).resolve()
     keys = [(m, s) for s in seeds for m in methods]
     start = time.perf_counter()
-    done = run_all(lambda k: fit(*k, runs_dir, extra, args.threads), keys, args.jobs)
+    done = run_all(lambda k: fit(*k, runs_dir, extra, args.threads, args.adopt_legacy_runs), keys, args.jobs)
     runs = dict(zip(keys, done, strict=True))
     res = collect(runs, methods, seeds)
     out = Path(args.out)
@@ -269,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         "invocation_wall_s": time.perf_counter() - start,  # this invocation's (reused runs count 0)
     }
     figure(res, out.with_suffix(".png"))
-    md, js = write_report(out, markdown(res, protocol), {"protocol": protocol, "results": res})
+    md, js = write_report(out, markdown(res, protocol), {"protocol": protocol, "results": res},
+                          run_commits(run for run, _ in runs.values()))  # fmt: skip
     print(f"wrote {md}, {js}, {out.with_suffix('.png')}")
 
 

@@ -28,6 +28,11 @@ def bench(script: str, tmp_path: Path, *args: str, fit: tuple[str, ...] = ()) ->
     return proc
 
 
+def fitted_at(report: Path) -> set[str]:
+    """The runs a report's ``code.run_commits`` lists, over every commit."""
+    return {run for runs in json.loads(report.read_text())["code"]["run_commits"].values() for run in runs}
+
+
 def reproduce(tmp_path: Path) -> subprocess.CompletedProcess:
     return bench("reproduce.py", tmp_path, "--seeds", "0,1", "--runs-dir", str(tmp_path / "runs"),
                  "--out", str(tmp_path / "repro.md"))  # fmt: skip
@@ -47,7 +52,9 @@ def test_reproduction_on_the_tiny_model(tmp_path):
             # validation (where settings are chosen) beside it
             assert res["drift"][c]["per_seed"][k] == pytest.approx(clm.drift_pct(loss), abs=1e-12)
             assert res["final_loss"][c]["per_seed"][k] == pytest.approx(loss[-1].tolist())
-            assert res["validation"]["drift"][c]["per_seed"][k] == pytest.approx(clm.drift_pct(val), abs=1e-12)
+            assert res["validation"]["drift"][c]["per_seed"][k] == pytest.approx(
+                clm.drift_pct(val), abs=1e-12
+            )
             assert not np.allclose(loss, val)
             assert set(res["grad_norm"][c][str(seed)]) == set(res["tasks"])
     # FROZEN is the exact oracle: nothing a prior task uses changes
@@ -70,6 +77,10 @@ def test_reproduction_on_the_tiny_model(tmp_path):
     assert proc.stdout.count("already finished") == 6
     again = json.loads((tmp_path / "repro.json").read_text())["results"]
     assert again["drift"] == res["drift"] and again["ablation"] == res["ablation"]
+    # the report lists the commit(s) its runs were fitted at (harness.run_commits)
+    assert fitted_at(tmp_path / "repro.json") == {
+        f"runs/{c}_s{s}" for c in res["conditions"] for s in res["seeds"]
+    }
     recipe_report_pairs_a_setting_with_the_reproduction(tmp_path, res)
 
 
@@ -94,16 +105,29 @@ def recipe_report_pairs_a_setting_with_the_reproduction(tmp_path: Path, current:
 
     for k, seed in enumerate((0, 1)):
         frozen, m = test_matrix("runs", "frozen", seed)[-1], test_matrix("pissa_runs", "modular", seed)[-1]
-        assert mod["test"]["vs_frozen"][k] == pytest.approx(100 * np.mean((frozen[:-1] - m[:-1]) / frozen[:-1]), abs=1e-9)
-        assert mod["test"]["drift"][k] == pytest.approx(clm.drift_pct(test_matrix("pissa_runs", "modular", seed)), abs=1e-12)
+        assert mod["test"]["vs_frozen"][k] == pytest.approx(
+            100 * np.mean((frozen[:-1] - m[:-1]) / frozen[:-1]), abs=1e-9
+        )
+        assert mod["test"]["drift"][k] == pytest.approx(
+            clm.drift_pct(test_matrix("pissa_runs", "modular", seed)), abs=1e-12
+        )
         assert cur["conditions"]["modular"]["test"]["drift"][k] == current["drift"]["modular"]["per_seed"][k]
         assert mod["crma_peak"][k] > 0 and mod["lora_peak"][k] > 0 and mod["clipped"][k] is None  # fixed clip
     # the PiSSA read projection starts CRMA elsewhere, so the runs differ from the reproduction's MODULAR
     assert mod["test"]["drift"] != cur["conditions"]["modular"]["test"]["drift"]
     md = out.read_text()
-    for heading in ("## What ran", "CRMA init: pissa", "paired by seed", "## Validation split", "CRMA off at inference"):
+    for heading in (
+        "## What ran",
+        "CRMA init: pissa",
+        "paired by seed",
+        "## Validation split",
+        "CRMA off at inference",
+    ):
         assert heading in md, heading
     assert (tmp_path / "recipe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"current recipe: runs/naive_s0", "PiSSA: pissa_runs/modular_s1"} <= fitted_at(
+        tmp_path / "recipe.json"
+    )
 
 
 @pytest.mark.slow
@@ -144,9 +168,16 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
         assert ps["0"]["run"].split("/")[:2] == ["repro_runs", f"{cond}_s0"] and ps["0"]["rebuilt"]
         assert ps["1"]["run"].split("/")[:2] == ["runs", f"{method}_s1"] and not ps["1"]["rebuilt"]
         blind = matrix(tmp_path / ps["0"]["run"], "test", blind=True)
-        assert ps["0"]["test_no_task_id"]["final_avg_loss"] == pytest.approx(clm.final_avg_loss(blind), abs=1e-12)
+        assert ps["0"]["test_no_task_id"]["final_avg_loss"] == pytest.approx(
+            clm.final_avg_loss(blind), abs=1e-12
+        )
     assert res["methods"]["per_task_lora"]["per_seed"]["1"]["routing_acc"] is not None
     assert proc.stdout.count("[reuse] train.py test") == 2
+    reused, fitted = (
+        {"repro_runs/naive_s0", "repro_runs/frozen_s0"},
+        {"runs/seq_lora_s1", "runs/ewc_weight=1000_s0"},
+    )
+    assert reused | fitted <= fitted_at(tmp_path / "methods.json")
     md = (tmp_path / "methods.md").read_text()
     for heading in ("Results (test split)", "The selection (seed 0)", "weight = 10000", "Protocol"):
         assert heading in md, heading
