@@ -18,9 +18,11 @@ from callbacks.progress import TaskProgressBar
 from callbacks.regularization import RegularizerHooks
 from callbacks.routing import RoutingStatistics
 from callbacks.spectral import SpectralBoundLogger
+from callbacks.summary import ContinualSummary
 from callbacks.zclip import ZClip
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
+    "summary": ContinualSummary,
     "freezing": FreezingPolicy,
     # Before evaluation: at a task end, evaluation without the task id routes with its statistics.
     "routing": RoutingStatistics,

@@ -6,11 +6,11 @@ from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
 from crma_lightning.injection import CRMAInjection, inject_crma
 from crma_lightning.projection import birkhoff, diagnostics, project, sinkhorn
 
-# bitsandbytes (the optional `qlora` extra; peft imports it whenever it is installed) tries to fetch
-# an optional CPU kernel from the Hugging Face hub through the `kernels` package on import and warns
-# on every run when that package is absent. Its own fallback kernel is what runs, and nothing here
-# downloads code at run time, so the warning only says something irrelevant to every user.
+# bitsandbytes (the `qlora` extra; peft imports it whenever it is installed) asks the `kernels`
+# package for an optional CPU kernel on import; each logs a warning on every run when it cannot be
+# had (no package, or offline: "Skipping publisher trust check"), and bitsandbytes' own kernel runs.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 
 __all__ = [

@@ -10,7 +10,9 @@ resumes in the same run directory, so nothing of the run is split or lost.
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,8 @@ class ContinualCLI(LightningCLI):
                 "trainer.use_distributed_sampler": False,
                 "trainer.num_sanity_val_steps": 0,
                 "trainer.log_every_n_steps": 1,
+                # callbacks.summary prints what a continual run trains instead.
+                "trainer.enable_model_summary": False,
             }
         )
 
@@ -150,6 +154,9 @@ class ContinualCLI(LightningCLI):
         # The method's callbacks run first, so a callback listed in the config sees every task's
         # end already handled (adapters written, row evaluated) when its own hook runs.
         config["callbacks"] = [*callbacks, *listed]
+        if self.subcommand == "fit":
+            # fit's evaluation is the evaluation callback's, at task ends: no validation loop runs.
+            config["limit_val_batches"] = 0
         check_fsdp1_device(config)
         trainer = super()._instantiate_trainer(config, [])
         require_find_unused_parameters(trainer)
@@ -296,8 +303,34 @@ def check_checkpoint(path: str) -> None:
         raise ConfigError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
 
 
+#: Lightning's info lines that are not the run's own (the summary names device, precision and seed).
+_NOT_OURS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to",
+             "`Trainer.fit` stopped: `max_epochs=")  # fmt: skip
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOT_OURS)
+
+
+def quiet_console() -> None:
+    """Only the run's own lines: Lightning's tips and environment lines dropped, one third-party
+    deprecation filtered."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_DropLines())
+    # Lightning 2.6's CombinedLoader calls torch's deprecated LeafSpec() on every dataloader reload
+    # (every task epoch); nothing here can call it differently.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        module="lightning.pytorch.utilities._pytree",
+    )
+
+
 def main(args: list[str] | None = None) -> ContinualCLI | None:
     """Entry point of ``train.py``: configuration problems become one clear line, exit code 2."""
+    quiet_console()
     debug = "--debug" in (args if args is not None else sys.argv)
     if debug:
         (args if args is not None else sys.argv).remove("--debug")

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from crma_lightning.backbone import BackboneConfig
 from crma_lightning.config import ConfigError
 from crma_lightning.injection import CRMAInjection
-from crma_lightning.layout import AdapterKind
+from crma_lightning.layout import AdapterKind, AdapterLayout
 from crma_lightning.losses import TokenStats
 
 REQUIRED_ROLES = {
@@ -46,6 +46,8 @@ class ContinualModule(Protocol):
 
     task_names: list[str]
     strategy: str
+    layout: AdapterLayout
+    """Which LoRAs exist, which serve a task, and what trains during it."""
     backbone_config: BackboneConfig
     crma: CRMAInjection | None
     """The CRMA blocks, or None when the strategy has none."""

@@ -57,7 +57,10 @@ def test_a_run_killed_mid_task_on_a_base_with_dropout_resumes_to_the_uninterrupt
     lr_monitor = '{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}'
     resumed = train(tmp_path / "killed", *base, *callbacks_with(lr_monitor), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    want, got = artefacts(tmp_path / "full" / "tiny" / "version_0"), artefacts(tmp_path / "killed" / "tiny" / "version_0")
+    want, got = (
+        artefacts(tmp_path / "full" / "tiny" / "version_0"),
+        artefacts(tmp_path / "killed" / "tiny" / "version_0"),
+    )
     assert got.keys() == want.keys()
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=k)
