@@ -15,7 +15,7 @@ PIP=(.venv/bin/pip install --quiet --disable-pip-version-check)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import crma_lightning, pytest, hypothesis, bitsandbytes" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import crma_lightning, pytest, xdist, hypothesis, bitsandbytes" >/dev/null 2>&1; then
   "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
   "${PIP[@]}" -e ".[dev,qlora]"
 fi
