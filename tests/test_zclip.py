@@ -182,7 +182,7 @@ def test_ddp_two_ranks_with_zclip_match_one_process(tmp_path, tmp_path_factory):
     assert_ranks_agree(ddp, world_size=2)
     one, two = zclip_state(single), zclip_state(ddp)
     assert one["clip_events"] > 0 and one["clip_events"] == two["clip_events"]
-    assert (two["mean"], two["var"]) == pytest.approx((one["mean"], one["var"]), rel=1e-5)
+    assert (two["mean"], two["var"]) == (one["mean"], one["var"])  # the same gradients: bit-identical norms
 
 
 @pytest.mark.slow
@@ -193,10 +193,10 @@ def test_fsdp2_two_processes_with_zclip_match_one_process(tmp_path):
 
     single = fit(tmp_path / "one", "--config", "configs/tiny.yaml", *SMALL, *ZCLIP, *MICRO_8X2, *UNFUSED)
     fsdp2 = fit(tmp_path / "fsdp2", "--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL, *ZCLIP)
-    assert_matches_single(fsdp2, single)
+    assert_matches_single(fsdp2, single, adapter_atol=1e-5)  # measured 1.3e-6: sharded norms
     stats = [json.loads((d / "continual" / "grad_norm.json").read_text()) for d in (single, fsdp2)]
     assert sum(s["clipped"] for s in stats[0].values()) > 0
     assert [s["clipped"] for s in stats[0].values()] == [s["clipped"] for s in stats[1].values()]
     for a, b in zip(stats[0].values(), stats[1].values(), strict=True):
         for group in ("lora", "crma"):
-            assert b[group]["max"] == pytest.approx(a[group]["max"], rel=1e-4)
+            assert b[group]["max"] == pytest.approx(a[group]["max"], rel=1e-6)  # measured 2e-7
