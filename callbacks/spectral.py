@@ -4,8 +4,10 @@ Per layer: ``spectral/<layer>/{sigma_max,sigma_2,row_err,col_err,rescale,gate}``
 ``spectral/max_sigma`` and ``spectral/max_row_col_err``. Uses the same projection functions as the
 adapter (one implementation). The run-wide maxima are resumable state; they are reported to the
 module (``run_facts``) for summary.json.
-An exactly doubly-stochastic M always has sigma_max = 1; the row/column errors and sigma_2
-(collapse toward J/n shows as sigma_2 -> 0) are the informative diagnostics.
+All are computed in float64 from the float32 M the forward pass uses, so ``max_sigma`` <= 1 holds
+with no tolerance (projection.certify). An exactly doubly-stochastic M always has sigma_max = 1; the
+row/column errors and sigma_2 (collapse toward J/n shows as sigma_2 -> 0) are the informative
+diagnostics.
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@ logits are projected in one call. Reference: CRMA, arXiv 2606.00382 (docs/method
 Birkhoff construction follows mHC-lite, arXiv 2601.05732.
 
 Why a certifying rescale: a finite number of Sinkhorn–Knopp iterations is not exactly doubly
-stochastic (with peaked logits, std 10, the spectral norm after 20 iterations is ~1.045). For a
-non-negative matrix ``||M||_2 <= sqrt(||M||_1 * ||M||_inf)``, so dividing by
-``c = max(max row sum, max col sum, 1)`` makes ``||M||_2 <= 1`` hold exactly, whatever the
-iteration count. The result is doubly *sub*-stochastic; at convergence ``c == 1`` and nothing
-changes.
+stochastic (with peaked logits, std 10, the spectral norm after 20 iterations is ~1.045), and
+Birkhoff's float32 sum of permutation matrices is so only up to rounding. For a non-negative matrix
+``||M||_2 <= sqrt(||M||_1 * ||M||_inf)``, so dividing by ``c >= max(max row sum, max col sum)``
+bounds ``||M||_2 <= 1`` whatever the iteration count. :func:`certify` takes the sums in float64 and
+gives ``c`` a relative margin of 2^-21 that the float32 rounding of ``c`` and of the division
+cannot undo: the bound holds for the float32 matrix the forward pass uses, as stored. The result is
+doubly *sub*-stochastic; at convergence ``c`` is 1 up to the margin.
 
 Why ``log_softmax`` and a hand-written backward: at the sizes CRMA uses (``(L, 4, 4)``) Sinkhorn's
 cost is per-call overhead, not arithmetic. Each half-iteration is one ``log_softmax`` kernel
@@ -41,16 +43,16 @@ MAX_BIRKHOFF_N = 5
 
 @dataclass(frozen=True)
 class Diagnostics:
-    """Per-matrix health of a projected mixing matrix; every field has the batch shape of M."""
+    """Per-matrix health of a projected mixing matrix, in float64; every field has the batch shape of M."""
 
     row_err: Tensor
     """max_i |sum_j M_ij - 1|."""
     col_err: Tensor
     """max_j |sum_i M_ij - 1|."""
     rescale: Tensor
-    """The certifying divisor c (1 when the Sinkhorn output was already within the bound)."""
+    """The certifying divisor c (1 when the projection was already inside the bound with the margin)."""
     sigma_max: Tensor
-    """Exact spectral norm ||M||_2."""
+    """Spectral norm ||M||_2 of M as stored (float64 SVD)."""
     sigma_2: Tensor
     """Second singular value; -> 0 means collapse toward the uniform matrix J/n."""
 
@@ -71,16 +73,32 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def certify(m: Tensor) -> tuple[Tensor, Tensor]:
-    """Divide non-negative ``m (..., n, n)`` by ``c = max(max row sum, max col sum, 1)``.
+#: Relative margin of the certifying divisor (see :func:`certify`).
+CERTIFY_MARGIN = 2.0**-21
 
-    Returns ``(m / c, c)`` with ``c`` of shape ``(...)``. Afterwards every row and column sums to
-    at most 1, hence ``||m / c||_2 <= 1``.
+
+def certify(m: Tensor, *, detach_rescale: bool = False) -> tuple[Tensor, Tensor]:
+    """Divide non-negative float32 (or float64) ``m (..., n, n)`` by ``c = max(b (1 + 2^-21), 1)``.
+
+    ``b`` is the largest row or column sum of ``m``, summed in float64. Returns ``(m / c, c)``, ``c``
+    float64 of shape ``(...)``. Every row and column of the returned matrix, as stored, sums to less
+    than 1, hence ``||m / c||_2 < 1``; a matrix already inside the bound with room to spare is
+    returned unchanged (``c == 1``). ``detach_rescale`` treats ``c`` as a constant in the backward
+    (for a ``c`` whose gradient is zero in exact arithmetic, as Birkhoff's).
     """
-    row = m.sum(dim=-1).amax(dim=-1)  # (...)
-    col = m.sum(dim=-2).amax(dim=-1)  # (...)
-    c = torch.maximum(torch.maximum(row, col), torch.ones_like(row))
-    return m / c[..., None, None], c
+    # Why the margin suffices, u = 2^-24 (float32 rounding), v = 2^-53 (float64): the float64 sums
+    # are within (n - 1) v of the exact sums S of m's entries, so S <= b / (1 - n v); c rounds to
+    # float32 within u and each quotient within u (plus 2^-150 absolute if it underflows), so every
+    # exact row/column sum of the result is at most (1 + u) / ((1 - u) (1 - n v) (1 - v) (1 + 2^-21))
+    # + n 2^-150 < 1 - 2^-22 for any n < 2^20 (a compiler's reciprocal-multiply, one more u, still
+    # fits). With c == 1 the division is exact.
+    if m.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"certify needs a float32 or float64 matrix, got {m.dtype}")
+    with torch.no_grad() if detach_rescale else contextlib.nullcontext():
+        m64 = m.to(torch.float64)
+        b = torch.maximum(m64.sum(dim=-1), m64.sum(dim=-2)).amax(dim=-1)  # (...)
+        c = b.mul(1 + CERTIFY_MARGIN).clamp_min(1.0)
+    return m / c.to(m.dtype).view(*c.shape, 1, 1), c
 
 
 def _iterates(x: Tensor, iters: int) -> list[Tensor]:
@@ -131,10 +149,11 @@ def sinkhorn(
     """Log-domain Sinkhorn–Knopp: ``(..., n, n)`` logits -> doubly (sub-)stochastic matrices.
 
     Computed in float32 with autocast disabled; the result is float32. ``tau`` is the temperature
-    (smaller = closer to a permutation). With ``certified`` the output is rescaled so that its
-    spectral norm is provably at most 1 (see the module docstring). ``custom_backward=False``
-    differentiates the unrolled iterations with autograd instead of :class:`_LogSinkhorn`: the same
-    values and gradients, slower, but twice differentiable and traceable by ``torch.compile``.
+    (smaller = closer to a permutation). With ``certified`` the output goes through :func:`certify`:
+    its spectral norm, as stored in float32, is provably below 1 (see the module docstring).
+    ``custom_backward=False`` differentiates the unrolled iterations with autograd instead of
+    :class:`_LogSinkhorn`: the same values and gradients, slower, but twice differentiable and
+    traceable by ``torch.compile``.
     """
     if iters < 1:
         raise ValueError(f"sinkhorn iters must be >= 1, got {iters}")
@@ -166,11 +185,12 @@ def permutation_matrices(n: int, device: torch.device | str | None = None) -> Te
     return _permutation_matrices(n).to(device)
 
 
-def birkhoff(logits: Tensor, n: int, tau: float = 1.0) -> Tensor:
-    """Exact doubly-stochastic matrices as convex combinations of permutation matrices.
+def birkhoff(logits: Tensor, n: int, tau: float = 1.0, *, certified: bool = True) -> Tensor:
+    """Doubly-stochastic matrices as convex combinations of permutation matrices, float32.
 
-    ``logits (..., n!)`` -> ``M (..., n, n) = sum_k softmax(logits / tau)_k P_k``. Doubly stochastic
-    by construction (Birkhoff–von Neumann), so ``||M||_2 <= 1`` with no iterations. float32.
+    ``logits (..., n!)`` -> ``M (..., n, n) = sum_k softmax(logits / tau)_k P_k``: doubly stochastic
+    by construction (Birkhoff–von Neumann), but in float32 only up to rounding, so with ``certified``
+    the result goes through :func:`certify` as Sinkhorn's does.
     """
     perms = permutation_matrices(n, logits.device)
     if logits.shape[-1] != perms.shape[0]:
@@ -181,7 +201,11 @@ def birkhoff(logits: Tensor, n: int, tau: float = 1.0) -> Tensor:
         raise ValueError(f"birkhoff tau must be > 0, got {tau}")
     with autocast_off(logits.device.type):
         w = torch.softmax(_float32(logits) / tau, dim=-1)
-        return torch.einsum("...k,kij->...ij", w, perms)
+        m = torch.einsum("...k,kij->...ij", w, perms)
+        if certified:
+            # Every row and column sums to sum_k w_k = 1 for any logits: c's gradient is zero.
+            m, _ = certify(m, detach_rescale=True)
+    return m
 
 
 def logits_shape(kind: ProjectionKind, n: int) -> tuple[int, ...]:
@@ -206,7 +230,7 @@ def identity_logits(kind: ProjectionKind, n: int, strength: float) -> Tensor:
 def project(
     logits: Tensor, kind: ProjectionKind, n: int, *, iters: int = 20, tau: float = 1.0, compiled: bool = False
 ) -> Tensor:
-    """Dispatch to :func:`sinkhorn` (certified) or :func:`birkhoff`; returns ``(..., n, n)`` float32.
+    """Dispatch to :func:`sinkhorn` or :func:`birkhoff`, both certified; returns ``(..., n, n)`` float32.
 
     ``compiled`` runs a ``torch.compile`` of this function instead (opt-in). On CPU the first call
     per shape compiles for 11-30 s; at L = 30 later calls save ~0.12 ms (~15 %) against the custom
@@ -239,16 +263,18 @@ def _compiled_project() -> Callable[..., Tensor]:
 def diagnostics(m: Tensor, rescale: Tensor | None = None) -> Diagnostics:
     """Row/column errors, spectral norm and second singular value of ``m (..., n, n)`` (docs/method.md §6).
 
-    ``rescale`` is the certifying divisor if known; otherwise it is recomputed from ``m`` (and is 1
-    for any matrix already inside the bound).
+    Computed in float64 from ``m`` as stored (a float32 SVD errs by ~1e-7 and could report a
+    certified matrix above 1); the fields are float64. ``rescale`` is the certifying divisor if
+    known; otherwise ``max(1, largest row or column sum)``, 1 for any matrix inside the bound.
     """
-    m = m.detach().to(torch.float32)
+    m = m.detach().to(torch.float64)
+    row, col = m.sum(dim=-1), m.sum(dim=-2)
     if rescale is None:
-        _, rescale = certify(m)
+        rescale = torch.maximum(row, col).amax(dim=-1).clamp_min(1.0)
     sv = torch.linalg.svdvals(m)  # (..., n), descending
     return Diagnostics(
-        row_err=(m.sum(dim=-1) - 1).abs().amax(dim=-1),
-        col_err=(m.sum(dim=-2) - 1).abs().amax(dim=-1),
+        row_err=(row - 1).abs().amax(dim=-1),
+        col_err=(col - 1).abs().amax(dim=-1),
         rescale=rescale,
         sigma_max=sv[..., 0],
         sigma_2=sv[..., 1] if sv.shape[-1] > 1 else torch.zeros_like(sv[..., 0]),
@@ -258,9 +284,12 @@ def diagnostics(m: Tensor, rescale: Tensor | None = None) -> Diagnostics:
 def project_with_diagnostics(
     logits: Tensor, kind: ProjectionKind, n: int, *, iters: int = 20, tau: float = 1.0
 ) -> tuple[Tensor, Diagnostics]:
-    """:func:`project` plus its diagnostics; for Sinkhorn, ``rescale`` is the divisor actually applied."""
+    """:func:`project` plus its diagnostics; ``rescale`` is the divisor :func:`certify` applied."""
     if kind == "sinkhorn":
-        m, c = certify(sinkhorn(logits, iters=iters, tau=tau, certified=False))
-        return m, diagnostics(m, rescale=c.detach())
-    m = project(logits, kind, n, iters=iters, tau=tau)
-    return m, diagnostics(m)
+        raw = sinkhorn(logits, iters=iters, tau=tau, certified=False)
+    elif kind == "birkhoff":
+        raw = birkhoff(logits, n, tau=tau, certified=False)
+    else:
+        raise ValueError(f"unknown projection kind {kind!r}; choose 'sinkhorn' or 'birkhoff'")
+    m, c = certify(raw, detach_rescale=kind == "birkhoff")
+    return m, diagnostics(m, rescale=c.detach())

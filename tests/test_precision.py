@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-from distributed_helpers import SMALL, fit
+from distributed_helpers import SMALL, fit, fit_once
 
 from crma_lightning.config import CRMAConfig, LoRAConfig
 from crma_lightning.injection import inject_crma
 from crma_lightning.lora import activate_lora, add_lora
+from crma_lightning.rundir import read_matrix_csv
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -37,16 +39,22 @@ def test_projection_is_float32_under_bf16_autocast(batched, base_dtype, tokens):
     assert seen == [torch.float32] * len(handle.blocks)
     assert m.dtype == torch.float32 and all(b.log_mix.dtype == torch.float32 for b in handle.blocks.values())
     assert torch.isfinite(logits).all()
-    assert handle.diagnostics().sigma_max.max().item() <= 1 + 1e-6
+    assert handle.diagnostics().sigma_max.max().item() <= 1
 
 
 @pytest.mark.slow
-def test_bf16_mixed_run_keeps_the_spectral_bound(tmp_path):
-    run = fit(tmp_path, "--config", "configs/tiny.yaml", *SMALL, "--trainer.precision", "bf16-mixed")
+def test_bf16_mixed_run_keeps_the_spectral_bound(tmp_path, tmp_path_factory):
+    args = ("--config", "configs/tiny.yaml", *SMALL)
+    run = fit(tmp_path, *args, "--trainer.precision", "bf16-mixed")
     summary = json.loads((run / "continual" / "summary.json").read_text())
-    assert summary["spectral_max_sigma"] <= 1 + 1e-6
+    assert summary["spectral_max_sigma"] <= 1
     assert summary["spectral_max_row_col_err"] < 1e-3
-    assert summary["final_avg_loss"] < 4.5  # it learned (base row is ~4.58)
+    loss = read_matrix_csv(run / "continual" / "loss_matrix.csv").values  # row 0: base
+    # Each task learned against the run's own base row, and the bf16 run tracks the fp32 one. Measured
+    # on CPU: margins 0.51, 0.47, 0.51 (fp32 the same to 2e-4); bf16 vs fp32 loss matrices 9.3e-4 apart.
+    assert (loss[0] - np.diag(loss[1:]) > 0.4).all(), loss
+    fp32 = read_matrix_csv(fit_once(tmp_path_factory, *args) / "continual" / "loss_matrix.csv").values
+    np.testing.assert_allclose(loss, fp32, atol=5e-3, rtol=0)
 
 
 def test_fp16_mixed_on_cpu_becomes_bf16():

@@ -146,7 +146,7 @@ def test_nf4_two_task_modular_fit_saves_peft_adapters_that_load_on_4bit_and_full
     trainer.fit(module, dm)
     loss, _ = trainer.callbacks[1].matrices()
     assert loss[1, 0] < loss[0, 0] - 0.2 and loss[2, 1] < loss[0, 1] - 0.2  # each task learned on the 4-bit base
-    assert module.run_facts["spectral_max_sigma"] <= 1 + 1e-6  # the bound holds
+    assert module.run_facts["spectral_max_sigma"] <= 1  # the bound holds
     run = RunDir(tmp_path)
     from safetensors.torch import load_file
 

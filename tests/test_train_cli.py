@@ -95,7 +95,7 @@ def test_naive_forgets_and_modular_stays_bounded(runs):
     assert naive["drift_pct"] > 5.0, naive
     assert naive["bwt"] < -0.1
     assert modular["drift_pct"] < naive["drift_pct"] / 5
-    assert modular["spectral_max_sigma"] <= 1 + 1e-6
+    assert modular["spectral_max_sigma"] <= 1
     assert modular["spectral_max_row_col_err"] < 1e-3
     # every condition learns its tasks: final average loss well below the base model's
     _, base = read_matrix(runs["frozen"][0] / "continual" / "loss_matrix.csv")
@@ -114,7 +114,7 @@ def test_tensorboard_scalars_read_back(runs):
     summary = json.loads((run_dir / "continual" / "summary.json").read_text())
     assert drift[-1].value == pytest.approx(summary["drift_pct"], rel=1e-5)
     assert [e.step for e in acc.Scalars("val/alpha/loss")] == [0, 1, 2, 3]  # base + after each task
-    assert max(e.value for e in acc.Scalars("spectral/max_sigma")) <= 1 + 1e-6
+    assert max(e.value for e in acc.Scalars("spectral/max_sigma")) <= 1
     assert "continual/loss_matrix" in acc.Tags()["images"]
     # Per-task gradient-norm statistics (callbacks.gradnorm) agree with the per-step series.
     steps = [e.value for e in acc.Scalars("train/grad_norm")]
