@@ -118,7 +118,7 @@ def test_block_bound_and_subspace_non_expansive(projection, streams):
     with torch.no_grad():
         block.log_mix.normal_(0, 5)
     d = block.diagnostics()
-    assert d.sigma_max.item() <= 1 + 1e-6
+    assert d.sigma_max.item() <= 1
     h = torch.randn(100, 16)
     out = block(h)
     assert (out.norm(dim=-1) <= h.norm(dim=-1) * (1 + 1e-5)).all()
@@ -250,7 +250,7 @@ def test_batched_diagnostics_match_each_block():
         d = block.diagnostics()
         for field in ("sigma_max", "sigma_2", "row_err", "col_err", "rescale"):
             torch.testing.assert_close(getattr(batched, field)[i], getattr(d, field))
-    assert (batched.rescale > 1).any() and (batched.sigma_max <= 1 + 1e-6).all()
+    assert (batched.rescale > 1).any() and (batched.sigma_max <= 1).all()
 
 
 def test_a_multimodal_language_model_layout():
