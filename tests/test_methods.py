@@ -266,7 +266,9 @@ def test_every_method_preset_runs(preset, tmp_path):
     run = fit_dir(tmp_path, "--config", str(preset), "--data.train_size", "32", "--data.holdout_size", "16",
                   "--data.epochs_per_task", "1")  # fmt: skip
     summary = __import__("json").loads((run / "continual" / "summary.json").read_text())
-    assert summary["tasks_completed"] == 3 and summary["final_avg_loss"] < 4.6
+    base = read_matrix_csv(run / "continual" / "loss_matrix.csv")[2][0].mean()  # the untrained model's
+    # Trained: measured 0.082-0.116 below the base row's 4.569 over the 10 presets (4.6 held untrained).
+    assert summary["tasks_completed"] == 3 and summary["final_avg_loss"] < base - 0.04, (summary, base)
     # A finished run's DataModule is rebuilt from its config.yaml (serve, train.py test --run).
     from dataclasses import asdict
 
