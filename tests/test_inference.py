@@ -529,8 +529,8 @@ def test_export_round_trip_gives_the_runs_logits(tiny, tmp_path):
     x = torch.tensor([[5, 9, 14, 20, 33, 41, 50, 7], [3, 4, 5, 6, 7, 8, 9, 10]])
     exported = load_exported(out)
     assert exported.task == "beta"
-    for crma in (True, False):
-        assert (exported.logits(x, crma=crma) - tiny.logits(x, task="beta", crma=crma)).abs().max() <= 1e-5
+    for crma in (True, False):  # measured 3.9e-7 (logits up to 1)
+        assert (exported.logits(x, crma=crma) - tiny.logits(x, task="beta", crma=crma)).abs().max() <= 2e-6
     assert exported.generate([5, 9, 14], max_new_tokens=6) == tiny.generate(
         [5, 9, 14], task="beta", max_new_tokens=6
     )
@@ -541,8 +541,8 @@ def test_export_round_trip_gives_the_runs_logits(tiny, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
     off = tiny.logits(x, task="beta", crma=False)
     with torch.no_grad():
-        assert (peft_model(x).logits - off).abs().max() <= 1e-5
-        assert (merged(x).logits - off).abs().max() <= 1e-5
+        assert torch.equal(peft_model(x).logits, off)  # the same peft layers: bit-identical
+        assert (merged(x).logits - off).abs().max() <= 2e-6  # measured 3.7e-7: W + BA rounded once
 
 
 def test_export_of_a_text_run_carries_the_tokenizer(text, tmp_path):
