@@ -1,24 +1,23 @@
-"""Benchmark: what a training step costs inside the framework, against a plain PyTorch + peft loop.
+"""Benchmark: a training step inside ``train.py fit`` against a plain PyTorch + peft loop (issue 16, 29).
 
-The question (issue 16): a user pays the whole training step inside ``train.py fit`` (data,
-forward, backward, clipping, optimizer, every callback), not just CRMA's forward and backward.
-Three variants at the same shape (fp32, LoRA r on q/k/v/o, AdamW), each a fresh subprocess, run in
-interleaved rounds (harness.py: a different variant first each round):
+Five variants at one shape (fp32, LoRA r on q/k/v/o, AdamW), each a fresh subprocess, in interleaved
+rounds (harness.interleave; ratios paired by round, harness.paired_ratio):
 
-1. ``plain``    a plain PyTorch + peft loop: ``get_peft_model``, forward with labels, backward,
-                AdamW step, zero_grad (the reference loop of ../shared/bench/plain_lora_loop.py);
-2. ``frozen``   ``train.py fit``, strategy frozen (LoRA only), one task;
-3. ``modular``  ``train.py fit``, strategy modular (LoRA + CRMA), one task.
+- ``plain``           the loop a user writes: forward with labels (full logits), per-tensor AdamW
+                      (../shared/bench/plain_lora_loop.py);
+- ``plain_fused``     the same loop on the framework's paths: ``AdamW(fused=True)`` and the loss from
+                      the final hidden states (``losses.head_token_stats``, as ``model.fused_loss``);
+- ``frozen``          ``train.py fit``, FROZEN, one task (fused AdamW and fused loss, its defaults);
+- ``frozen_unfused``  the same with ``--model.fused_loss false`` and AdamW ``foreach: false``;
+- ``modular``         ``train.py fit``, MODULAR (LoRA + CRMA).
 
-A step is the interval between consecutive training-batch starts, steady state (the first
-``--skip`` steps dropped): for the plain loop timed in its loop, for ``train.py`` by
-``callbacks.resources.ResourceMonitor`` (median over the task's steps, first step excluded). Per
-round each variant gives its median step; the ratios ``frozen / plain`` and ``modular / frozen``
-are paired by round (harness.paired_ratio: median and bootstrap 95 % CI). Peak resident memory
-(``ru_maxrss``) of each process is compared too. Targets: frozen <= 1.05 x plain; modular <= 1.02 x
-frozen with a 95 % interval narrower than +-1 %; peak memory <= 1.10 x plain.
+A step is the interval between consecutive training-batch starts in steady state (median over a
+run's steps). Like for like, frozen / plain_fused and frozen_unfused / plain are the framework's own
+overhead (target <= 1.03); frozen / plain is against what a user would write (<= 1.05).
 
-Run:  .venv/bin/python benchmarks/bench_step_cost.py --model smollm2 [--rounds 8] [--steps 10]
+Run:  .venv/bin/python benchmarks/bench_step_cost.py --model smollm2 [--rounds 4] [--steps 10]
+      .venv/bin/python benchmarks/bench_step_cost.py --model smollm2 --batch 4 --seq 64 --steps 20 \
+          --out benchmarks/results/step_cost_smollm2_4x64
       .venv/bin/python benchmarks/bench_step_cost.py --model tiny --rounds 10
 """
 
@@ -38,6 +37,7 @@ from harness import (
     REPO,
     SMOLLM2_GGUF,
     SMOLLM2_PACKAGE,
+    Rounds,
     interleave,
     machine_line,
     paired_ratio,
@@ -48,15 +48,46 @@ from harness import (
     write_report,
 )
 
+from crma_lightning.losses import head_token_stats
+from crma_lightning.output_head import head_as_identity
 from crma_lightning.rundir import RunDir
 
 TARGETS_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: variant -> what it runs: the plain loop (unfused or on the fused paths) or a fit (strategy, extra arguments).
+UNFUSED = ["--model.fused_loss", "false", "--model.optimizer",
+           json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"foreach": False}})]  # fmt: skip
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "plain": ("plain", []),
+    "plain_fused": ("plain", ["--fused"]),
+    "frozen": ("frozen", []),
+    "frozen_unfused": ("frozen", UNFUSED),
+    "modular": ("modular", []),
+}
+#: name -> (numerator, denominator, target or None, label): the ratios reported, paired by round.
+RATIOS: dict[str, tuple[str, str, float | None, str]] = {
+    "frozen_vs_plain": ("frozen", "plain", 1.05, "FROZEN / plain loop (against what a user writes)"),
+    "frozen_vs_plain_fused": ("frozen", "plain_fused", 1.03,
+                              "FROZEN / plain loop on the fused paths (like for like)"),
+    "frozen_unfused_vs_plain": ("frozen_unfused", "plain", 1.03,
+                                "FROZEN unfused / plain loop (like for like)"),
+    "plain_fused_vs_plain": ("plain_fused", "plain", None, "plain loop: fused paths / unfused (what they save)"),
+    "frozen_vs_frozen_unfused": ("frozen", "frozen_unfused", None, "FROZEN: fused paths / unfused"),
+    "modular_vs_frozen": ("modular", "frozen", 1.02, "MODULAR / FROZEN (CRMA's cost)"),
+}  # fmt: skip
+#: (ratio, clock) -> target, where the clock has one (peak memory against the plain loop: <= 1.10).
+TARGETS = {(k, "step_s"): t for k, (_, _, t, _) in RATIOS.items() if t is not None} | {
+    ("frozen_vs_plain", "peak_rss_mb"): 1.10,
+    ("frozen_vs_plain_fused", "peak_rss_mb"): 1.10,
+}
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}  # fmt: skip
 
 
 # -- the plain loop (run in a subprocess: python bench_step_cost.py --plain-loop ...) ------------
-def plain_loop(model_dir: str | None, steps: int, batch: int, seq: int, rank: int, skip: int) -> dict:
+def plain_loop(
+    model_dir: str | None, steps: int, batch: int, seq: int, rank: int, skip: int, fused: bool
+) -> dict:
+    """The plain loop; ``fused``: fused AdamW and the loss from the final hidden states (the framework's paths)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -68,13 +99,19 @@ def plain_loop(model_dir: str | None, steps: int, batch: int, seq: int, rank: in
         conf = dict(TINY)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS_QKVO))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    vocab = model.config.vocab_size
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused or None)
+    vocab, head = model.config.vocab_size, model.get_output_embeddings()
     starts = []
     for _ in range(steps):
         starts.append((time.perf_counter(), time.process_time()))
         x = torch.randint(0, vocab, (batch, seq))
-        model(input_ids=x, labels=x).loss.backward()
+        if fused:
+            with head_as_identity(head):
+                hidden = model(input_ids=x, use_cache=False).logits
+            stats = head_token_stats(hidden, head.weight, x)
+            (stats.loss_sum / stats.tokens).backward()
+        else:
+            model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     starts.append((time.perf_counter(), time.process_time()))
@@ -103,21 +140,24 @@ def fit_args(
             "--evaluation.print_table", "false", "--trainer.logger.init_args.save_dir", str(save_dir)]  # fmt: skip
 
 
-def run_fit(args: argparse.Namespace, strategy: str, tmp: Path) -> dict:
-    fit = train_fit(fit_args(args.model, strategy, args.steps, args.batch, args.seq, args.rank, tmp / strategy),
-                    threads=args.threads, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+def run_fit(args: argparse.Namespace, variant: str, tmp: Path) -> dict:
+    strategy, extra = VARIANTS[variant]
+    cli = fit_args(args.model, strategy, args.steps, args.batch, args.seq, args.rank, tmp / variant) + extra
+    fit = train_fit(cli, threads=args.threads, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
                     timeout=args.timeout)  # fmt: skip
     if fit.rc != 0 or fit.run_dir is None:
-        raise SystemExit(f"train.py fit ({strategy}) failed (exit {fit.rc}):\n{fit.tail}")
-    row = next(iter(json.loads(RunDir(fit.run_dir).resources_file.read_text()).values()))
+        raise SystemExit(f"train.py fit ({variant}) failed (exit {fit.rc}):\n{fit.tail}")
+    run = RunDir(fit.run_dir)
+    row = next(iter(json.loads(run.resources_file.read_text()).values()))
     return {
         "step_s": row["step_s_median"],
         "step_cpu_s": row["step_cpu_s_median"],
         "peak_rss_mb": row["peak_rss_mb"],
+        "fused_loss": run.read_summary().get("fused_loss"),  # "on" or "off: why", as the fit decided
     }
 
 
-def run_plain(args: argparse.Namespace) -> dict:
+def run_plain(args: argparse.Namespace, fused: bool) -> dict:
     import subprocess
 
     folder = None
@@ -126,7 +166,7 @@ def run_plain(args: argparse.Namespace) -> dict:
 
         folder = str(converted_gguf(resolve_path(SMOLLM2_PACKAGE), SMOLLM2_GGUF))
     cmd = [sys.executable, __file__, "--plain-loop", "--steps", str(args.steps + args.skip), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--rank", str(args.rank), "--skip", str(args.skip)] + (["--model-dir", folder] if folder else [])  # fmt: skip
+           "--seq", str(args.seq), "--rank", str(args.rank), "--skip", str(args.skip)] + (["--model-dir", folder] if folder else []) + (["--fused"] if fused else [])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -137,33 +177,46 @@ def summarise(values: dict[str, list[dict]]) -> dict:
     def series(v: str, k: str) -> list[float]:
         return [r[k] for r in values[v]]
 
-    out: dict = {
-        "per_variant": {v: {k: statistics.median(series(v, k)) for k in values[v][0]} for v in values}
-    }
-    for name, (num, den) in {
-        "frozen_vs_plain": ("frozen", "plain"),
-        "modular_vs_frozen": ("modular", "frozen"),
-    }.items():
-        for clock in ("step_s", "step_cpu_s", "peak_rss_mb"):
-            r = paired_ratio(series(num, clock), series(den, clock))
-            out[f"{name}/{clock}"] = {"median": r.median, "q1": r.q1, "q3": r.q3, "ci95": list(r.ci95)}
+    out: dict = {"per_variant": {v: {k: statistics.median(series(v, k)) for k in CLOCKS} for v in values}}
+    for name, (num, den, _, _) in RATIOS.items():
+        if num in values and den in values and len(values[num]) >= 2:  # paired_ratio's quartiles need two
+            for clock in ("step_s", "step_cpu_s", "peak_rss_mb"):
+                r = paired_ratio(series(num, clock), series(den, clock))
+                out[f"{name}/{clock}"] = {"median": r.median, "q1": r.q1, "q3": r.q3, "ci95": list(r.ci95)}
     return out
+
+
+def ratio_rows(s: dict, clocks: tuple[str, ...] = ("step_s", "step_cpu_s", "peak_rss_mb")) -> list[str]:
+    """Markdown rows of the paired ratios in ``s`` (a summary), with their targets and verdicts."""
+    rows = []
+    for clock in clocks:
+        for name, (_, _, _, label) in RATIOS.items():
+            if (r := s.get(f"{name}/{clock}")) is None or (
+                clock == "peak_rss_mb" and name not in MEMORY_RATIOS
+            ):
+                continue
+            target = TARGETS.get((name, clock))
+            judged = verdict(r["ci95"], target) if target else ""
+            rows.append(f"| {label}, {CLOCKS[clock]} | {r['median']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+                        f"{'' if target is None else f'<= {target}'} | {judged} |")  # fmt: skip
+    return rows
+
+
+MEMORY_RATIOS = ("frozen_vs_plain", "frozen_vs_plain_fused", "modular_vs_frozen")
+CLOCKS = {"step_s": "step time", "step_cpu_s": "step CPU time", "peak_rss_mb": "peak resident memory"}
 
 
 def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
     s = res["summary"]
     per = s["per_variant"]
-    targets = {
-        "frozen_vs_plain/step_s": 1.05,
-        "modular_vs_frozen/step_s": 1.02,
-        "frozen_vs_plain/peak_rss_mb": 1.10,
-    }
     lines = [
         f"# Step cost: {args.model}, batch {args.batch} x {args.seq} tokens, LoRA r {args.rank} on q/k/v/o, fp32",
         "",
         f"`{info['command']}` ({info['date']}; {machine_line(info['machine'])}; {args.threads} thread(s); "
-        f"{len(res['rounds']['plain'])} rounds of {args.steps} steps per variant, the first {args.skip} dropped; "
-        f"neighbours took {res['others_pct_median']:.0f} % of the CPU (median over rounds); {res['wall_s']:.0f} s).",
+        f"{len(next(iter(res['rounds'].values())))} rounds of {args.steps} steps per variant, the first {args.skip} "
+        f"dropped in the plain loop; neighbours took {res['others_pct_median']:.0f} % of the CPU (median over "
+        f"rounds; per round: {', '.join('?' if o is None else f'{o:.0f}' for o in res['others_pct'])}); "
+        f"{res['wall_s']:.0f} s). Variants: module docstring.",
         "",
         "| variant | step s (median of rounds) | step CPU s | peak RSS MiB |",
         "|---|---|---|---|",
@@ -174,15 +227,17 @@ def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
         "",
         "| ratio (paired by round) | median | 95 % CI | target | verdict |",
         "|---|---|---|---|---|",
+        *ratio_rows(s),
     ]
-    for key in ("frozen_vs_plain/step_s", "frozen_vs_plain/step_cpu_s", "modular_vs_frozen/step_s",
-                "modular_vs_frozen/step_cpu_s", "frozen_vs_plain/peak_rss_mb"):  # fmt: skip
-        r = s[key]
-        target = targets.get(key)
-        judged = verdict(r["ci95"], target) if target else ""
-        lines.append(f"| {key} | {r['median']:.4f} | [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] | "
-                     f"{'' if target is None else f'<= {target}'} | {judged} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def progress(rounds: Rounds, lap: dict[str, dict]) -> None:
+    steps = ", ".join(f"{v} {r['step_s']:.4f}" for v, r in lap.items())
+    print(
+        f"round {len(rounds.others_pct)}: {steps} s/step; neighbours {rounds.others_pct[-1] or 0:.0f} %",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -197,22 +252,32 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1200)
     ap.add_argument(
+        "--budget-min", type=float, default=None, help="start no round after this (at least 2 rounds)"
+    )
+    ap.add_argument(
         "--out", default=None, help="report path without suffix (default results/step_cost_<model>)"
     )
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fused", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.plain_loop:
-        print(json.dumps(plain_loop(args.model_dir, args.steps, args.batch, args.seq, args.rank, args.skip)))
+        print(
+            json.dumps(
+                plain_loop(args.model_dir, args.steps, args.batch, args.seq, args.rank, args.skip, args.fused)
+            )
+        )
         return None
     if args.model == "smollm2" and (why := smollm2_missing()):
         raise SystemExit(why)
     info = run_info("benchmarks/bench_step_cost.py", sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {"plain": lambda: run_plain(args)}
-        steps |= {s: (lambda s=s: run_fit(args, s, Path(tmp))) for s in ("frozen", "modular")}
-        rounds = interleave(steps, args.rounds)
+        steps = {v: (lambda v=v: run_plain(args, v == "plain_fused") if VARIANTS[v][0] == "plain"
+                     else run_fit(args, v, Path(tmp))) for v in args.variants}  # fmt: skip
+        budget = float("inf") if args.budget_min is None else 60 * args.budget_min
+        rounds = interleave(steps, args.rounds, budget_s=budget, progress=progress)
     res = {"rounds": rounds.values, "others_pct": rounds.others_pct, "wall_s": time.perf_counter() - start,
            "others_pct_median": statistics.median([o for o in rounds.others_pct if o is not None] or [0.0]),
            "info": info, "args": vars(args)}  # fmt: skip
