@@ -17,7 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
@@ -314,8 +316,11 @@ class _DropLines(logging.Filter):
 
 
 def quiet_console() -> None:
-    """Only the run's own lines: Lightning's tips and environment lines dropped, one third-party
+    """Only the run's own lines: Lightning's tips and environment lines, and the progress bars of
+    datasets' cache building and of transformers' weight loading, dropped; one third-party
     deprecation filtered."""
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     for name in ("lightning.pytorch", "lightning.fabric"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_DropLines())
