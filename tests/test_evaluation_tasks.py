@@ -293,7 +293,7 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     for name in names:
         rebuilt = run.read_matrix(name, "test")
         assert rebuilt.rows == ["base", *KEYWORDS] and rebuilt.tasks == list(KEYWORDS)
-        np.testing.assert_allclose(rebuilt.values, during_fit[name].values, atol=2e-5, rtol=0, err_msg=name)
+        np.testing.assert_array_equal(rebuilt.values, during_fit[name].values, err_msg=name)  # measured equal
     summary = run.read_summary("test")
     assert summary["rebuilt_from_adapters"] and summary["split"] == "test"
     assert summary["bwt"] == pytest.approx(
@@ -316,10 +316,10 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     assert sorted(logged) == sorted(f"test/{t}/{m}" for t in KEYWORDS for m in ("loss", "token_accuracy")), (
         logged
     )
-    for i, task in enumerate(KEYWORDS):
-        assert logged[f"test/{task}/loss"] == pytest.approx(during_fit["loss_matrix"].values[-1, i], abs=2e-4)
+    for i, task in enumerate(KEYWORDS):  # measured 2.6e-7: Lightning's float32 mean vs the callback's sums
+        assert logged[f"test/{task}/loss"] == pytest.approx(during_fit["loss_matrix"].values[-1, i], abs=2e-6)
         assert logged[f"test/{task}/token_accuracy"] == pytest.approx(
-            during_fit["token_accuracy_matrix"].values[-1, i], abs=2e-4
+            during_fit["token_accuracy_matrix"].values[-1, i], abs=2e-6
         )
 
     proc = run_train("test", "--run", str(run.path), "--split", "validation")
@@ -330,9 +330,8 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     proc = run_train("test", "--run", str(run.path), "--task-id", "none")  # only without the task id
     assert proc.returncode == 0 and "without the task id" in proc.stdout, proc.stderr[-3000:]
     for name in ("loss_matrix", "accuracy_matrix"):
-        np.testing.assert_allclose(
-            run.read_matrix(name, "test").values, during_fit[f"{name}_no_task_id"].values, atol=2e-5, rtol=0
-        )
+        blind = during_fit[f"{name}_no_task_id"].values
+        np.testing.assert_array_equal(run.read_matrix(name, "test").values, blind, err_msg=name)
     assert run.read_summary("test")["task_id"] == "none"
     if strategy == "modular":  # the statistics router needs the run's routing statistics
         assert run.read_summary("test")["router"] == "stats"
