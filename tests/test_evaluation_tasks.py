@@ -208,10 +208,12 @@ def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(str
     )
     # After task 2 the prompts ("The news?" / "The mood?") are told apart: by their features in the
     # frozen base (stats), or by their own adapters (loss).
-    assert (routing.values[2] >= 0.9).all(), routing.values
+    assert (routing.values[2] == 1.0).all(), routing.values  # measured with both routers
     assert summary["router"] == router
     np.testing.assert_array_equal(blind.values[1], oracle.values[1])  # one candidate: the oracle's row
-    assert abs(blind.values[2] - oracle.values[2]).max() <= 0.1
+    np.testing.assert_array_equal(blind.values[2], oracle.values[2])  # all routed right: the oracle's row
+    loss = [run.read_matrix(n).values[2] for n in ("loss_matrix_no_task_id", "loss_matrix")]
+    np.testing.assert_array_equal(*loss)  # measured equal: each example scored by the same adapter
     assert summary["routing"] == "route" and summary["final_avg_routing_accuracy"] == pytest.approx(
         routing.values[2].mean()
     )
