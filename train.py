@@ -2,7 +2,7 @@
 
 ``fit``/``validate``/``test`` are LightningCLI (``python train.py fit --help`` lists every option);
 ``predict``/``route``/``export`` and ``test --run <dir>`` use a finished run (``crma_lightning.serve.cli``,
-docs/inference.md).
+docs/inference.md); ``plan --config ...`` prints the memory plan of a config (``crma_lightning.plan``).
 """
 
 import sys
@@ -15,5 +15,9 @@ if __name__ == "__main__":
         from crma_lightning.serve.cli import main as serve_main
 
         serve_main(sys.argv[1:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "plan":
+        from crma_lightning.plan import main as plan_main
+
+        plan_main(sys.argv[2:])
     else:
         main()
