@@ -352,6 +352,10 @@ def make_plan(
     notes = []
     if kind in ("fsdp1", "fsdp2"):
         notes.append("the fused loss is off under FSDP (the logits path is planned)")
+        if counts.nf4:
+            notes.append(
+                "fit refuses FSDP with an NF4 base (ContinualLM.check_strategy): use one device or DDP"
+            )
     return Plan(
         kind=kind,
         world=world,
@@ -436,18 +440,20 @@ def render(plan: Plan, label: str, device_gib: float, advice: str) -> str:
 
 
 def advise(peak_at: Any, kind: Kind, world: int, device_gib: float) -> str:
+    """One line: the fewest ``device_gib`` devices that hold ``kind``'s per-device peak
+    (``peak_at(world)``, bytes), less :data:`RESERVE_GIB` each, or that none do."""
     usable = (device_gib - RESERVE_GIB) * GiB
     need = fewest_devices(peak_at, kind, usable)
-    where = f"{device_gib:g} GiB devices ({RESERVE_GIB:g} GiB of each kept for CUDA's context and slack)"
+    size = f"x {device_gib:g} GiB device(s) ({device_gib - RESERVE_GIB:g} GiB usable: {RESERVE_GIB:g} kept for CUDA)"
     if need is None:
         hint = "shard it (FSDP2), " if kind in ("single", "ddp") else ""
-        return f"does not fit on {where} with {kind}: {hint}quantize the base (nf4), or lower the batch or length"
-    if kind in ("single", "ddp"):
         return (
-            f"fits on 1 of {where} ({_gb(peak_at(1))} per device with {kind}); more devices add data parallelism, "
-            "not room"
+            f"does not fit on {size} with {kind}: {hint}quantize the base (nf4), or lower the batch or length"
         )
-    return f"needs at least {need} of {where} with {kind} ({_gb(peak_at(need))} per device)"
+    if kind in ("single", "ddp"):
+        return f"fits on 1 {size} with {kind}, {_gb(peak_at(1))} each; more devices add data parallelism, not room"
+    configured = f"; as configured ({world}), {_gb(peak_at(world))} each" if world != need else ""
+    return f"needs {need} {size} with {kind}, {_gb(peak_at(need))} each{configured}"
 
 
 # -- the command -----------------------------------------------------------------------------------
