@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 
-from bench_step_cost import ratio_rows
-from harness import REPO, write_report
+from bench_step_cost import LOADED, ratio_rows
+from harness import QUIET_PCT, REPO, write_report
 
 RESULTS = REPO / "benchmarks" / "results"
 #: The step-cost runs, in the order they are reported (the issue's shape, the main job's, the toy model).
@@ -81,8 +81,10 @@ def step_section(model: str, res: dict) -> list[str]:
         "",
         "| ratio (paired by round) | median | 95 % CI | target | verdict |",
         "|---|---|---|---|---|",
-        *ratio_rows(s, ("step_s", "peak_rss_mb")),
+        *ratio_rows(s),
     ]
+    if res["others_pct_median"] > QUIET_PCT:
+        lines += ["", LOADED]
     if "plain_fused" not in per:
         lines += ["", "(Measured before the like-for-like variants existed: against the plain loop only.)"]
     return lines + [""]
