@@ -174,7 +174,7 @@ def test_paper_step_on_fake_tensors(config):
     from crma_lightning.fake_step import fake_step
 
     step = fake_step(["--config", config])
-    assert (step.layers, step.crma_blocks, step.lora_layers) == (32, 32, 5 * 32 * 4)
+    assert (step.layers, step.crma_blocks, step.lora_layers) == (32, 32, 32 * 4)  # q, k, v, o per layer
     assert step.trained == {
         "lora": 13_631_488,
         "crma_proj": 32 * 2 * 4 * 4096,
