@@ -45,7 +45,10 @@ from harness import REPO, machine_line, run_info, smollm2_missing, write_report
 #: innermost frame outwards within the training step, so "loss" wins over "forward".
 STEP_PHASES: list[tuple[str, tuple[str, ...]]] = [
     ("loss (token_stats)", ("token_stats ", "head_token_stats ")),
-    ("logging (self.log, logger connector)", ("LightningModule.log ", "_LoggerConnector.update_train_step_metrics ")),
+    (
+        "logging (self.log, logger connector)",
+        ("LightningModule.log ", "_LoggerConnector.update_train_step_metrics "),
+    ),
     ("forward", ("ContinualLM.training_step ",)),
     ("backward", ("_AutomaticOptimization._make_backward_fn.<locals>.backward_fn ",)),
     ("gradient callbacks (clip, norms, checks)", ("Precision._after_closure ",)),
@@ -92,7 +95,11 @@ def summarise(raw: Path) -> dict:
         phases[phase] += int(n)
         if sub:
             step[sub] += int(n)
-    return {"samples": sum(phases.values()), "phases": dict(phases.most_common()), "step": dict(step.most_common())}
+    return {
+        "samples": sum(phases.values()),
+        "phases": dict(phases.most_common()),
+        "step": dict(step.most_common()),
+    }
 
 
 def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
@@ -108,7 +115,10 @@ def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
         "",
         "| phase | share | ≈ seconds |",
         "|---|---|---|",
-        *[f"| {p} | {100 * n / total:.1f} % | {res['wall_s'] * n / total:.1f} |" for p, n in res["phases"].items()],
+        *[
+            f"| {p} | {100 * n / total:.1f} % | {res['wall_s'] * n / total:.1f} |"
+            for p, n in res["phases"].items()
+        ],
         "",
         "## Inside the training steps",
         "",
@@ -137,14 +147,21 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "profile.raw"
         fit = fit_args(args.model, args.strategy, args.steps, 8, 128, 8, Path(tmp) / "runs")
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+        }
         cmd = [spy, "record", "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--",
                sys.executable, "train.py", "fit", *fit]  # fmt: skip
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0 or not raw.is_file():
-            raise SystemExit(f"py-spy / train.py fit failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+            raise SystemExit(
+                f"py-spy / train.py fit failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
         res = summarise(raw) | {"wall_s": wall, "args": vars(args)}
     text = markdown(res, info, args)
     write_report(args.out or REPO / "benchmarks" / "results" / f"step_profile_{args.model}", text, res)
