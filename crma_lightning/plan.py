@@ -185,11 +185,15 @@ def hf_config(backbone: Any):
         ) from None
 
 
-def build_adapted(module: Any, context: Any, before_adapters: Any = None) -> tuple[nn.Module, Any, Any]:
-    """The configured model built under ``context`` (meta device or fake tensors) with its LoRAs and
-    CRMA added as ``ContinualLM.configure_model`` adds them (``module``: a ContinualLM not built yet;
-    it is left holding the model); ``before_adapters(model)`` sees the bare base first. Returns
-    (model, the CRMA handle or None, the transformers config)."""
+def build_adapted(
+    module: Any, context: Any, before_adapters: Any = None, every_lora: bool = True
+) -> tuple[nn.Module, Any, Any]:
+    """The configured model built under ``context`` (the meta device) with its LoRAs and CRMA added
+    as ``ContinualLM.configure_model`` adds them (``module``: a ContinualLM not built yet; it is
+    left holding the model); ``before_adapters(model)`` sees the bare base first;
+    ``every_lora=False`` adds only the first task's LoRA (every LoRA has the one shape of
+    ``model.lora``; peft takes ~1 s per LoRA at SmolLM2's 210 linear layers). Returns (model, the
+    CRMA handle or None, the transformers config)."""
     from transformers import AutoModelForCausalLM
 
     from crma_lightning.backbone import DTYPES
@@ -203,7 +207,8 @@ def build_adapted(module: Any, context: Any, before_adapters: Any = None) -> tup
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[module.backbone_config.dtype])
         if before_adapters is not None:
             before_adapters(model)
-        for adapter in module.layout.adapter_names(module.task_names):
+        names = module.layout.adapter_names(module.task_names)
+        for adapter in names if every_lora else [module.adapter_for(module.task_names[0])]:
             add_lora(model, adapter, module.lora_config)
         crma = inject_crma(model, module.crma_config, principal_init=False) if module.layout.crma else None
     module.model, module.crma = model, crma
@@ -233,7 +238,7 @@ def build_meta(module: Any) -> tuple[nn.Module, Counts]:
 
     # torch's meta device context, not accelerate's init_empty_weights: under the latter, tying the
     # embeddings re-registers the head's weight as a new meta tensor, and a tied model counts it twice.
-    model, crma, cfg = build_adapted(module, torch.device("meta"), count_base)
+    model, crma, cfg = build_adapted(module, torch.device("meta"), count_base, every_lora=False)
     names = module.layout.adapter_names(module.task_names)
     layers = find_decoder_layers(model)[1]
     first = module.task_names[0]
@@ -256,7 +261,7 @@ def build_meta(module: Any) -> tuple[nn.Module, Counts]:
         base_bytes=base["bytes"],
         base_linear=base["linear"],
         nf4=nf4,
-        loras={a: sum(p.numel() for p in lora_parameters(model, a)) for a in names},
+        loras=dict.fromkeys(names, sum(p.numel() for p in lora_parameters(model, module.adapter_for(first)))),
         crma=sum(p.numel() for p in crma.parameters()) if crma is not None else 0,
         trains=trains,
         largest_layer_bytes=base["largest"],

@@ -154,7 +154,7 @@ def test_paper_qlora_plan():
     assert c.crma == 32 * (4 * 4096 * 2 + 16 + 1)
     assert 3.5 < plan.weights / 2**30 < 4.2  # 6.98e9 weights in NF4 + 0.27e9 in bf16
     assert plan.checkpointing and plan.activations[True] < plan.activations[False] / 4
-    assert "fits on 1 of 24 GiB devices" in text
+    assert "advice: fits on 1 x 24 GiB device" in text
 
 
 def test_fsdp_plan_shards_the_paper_config():
