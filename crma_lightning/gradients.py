@@ -52,6 +52,7 @@ class GradientSteps:
     ``configure_model``, and ``_skip_step`` set by ``training_step``."""
 
     _skip_step = False  # set by training_step on a non-finite loss
+    _window_tokens: Tensor | None = None  # scored tokens of an accumulation window (training_step)
     _grad_norms: GradNorms | None = None  # this optimizer step's (gradient_norms)
     _grad_norms_step = -1
 
@@ -86,10 +87,15 @@ class GradientSteps:
             average_replicated_grads(self._replicated, self._dp_mesh)
         lora = [p for p in self.adapter_parameters("lora") if p.grad is not None]
         crma = [p for p in self.adapter_parameters("crma") if p.grad is not None]
+        window, self._window_tokens = self._window_tokens, None
         if self._skip_step:  # a non-finite loss on some rank (training_step): no update anywhere
             self._skip_step = False
             _drop_grads(lora + crma)
             return None
+        if window is not None:  # accumulated sums: the window's token mean (training_step)
+            scale = 1.0 / max(float(window), 1.0)
+            for p in lora + crma:
+                p.grad.mul_(scale)
         if not lora and not crma:
             return None
         device = (lora + crma)[0].grad.device

@@ -297,7 +297,17 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         loss = stats.loss_sum * self.trainer.world_size / tokens.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         penalty = penalties(self, batch, logits, tokens)
-        return loss if penalty is None else loss + penalty
+        accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        if accumulate == 1 and world == 1:
+            return loss if penalty is None else loss + penalty
+        # The step's gradient is the token mean over every rank's every micro-batch, not a mean of
+        # micro-batch means: each returns its summed loss times world x accumulate, which DDP's
+        # average and Lightning's accumulation divide out (exactly, for powers of two, so DDP and
+        # one process accumulating agree bit for bit), and GradientSteps divides the step's
+        # gradients by the window's tokens (``tokens`` is already the sum over ranks).
+        self._window_tokens = tokens if self._window_tokens is None else self._window_tokens + tokens
+        total = stats.loss_sum if penalty is None else stats.loss_sum + penalty * tokens / world
+        return total * (world * accumulate)
 
     # -- task boundaries -----------------------------------------------------------------
     def task_steps(self) -> list[int]:

@@ -133,17 +133,14 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
     zero-weight example), and agree with the single process's numbers.
 
     Every metric must be a whole number of examples out of 13 (11): rank 0's shard alone, or a
-    padding example counted, would give sevenths or fourteenths. Every label has the same number of
-    tokens: the one-process reference accumulates two micro-batches of 8, averaging each one's token
-    mean, where DDP divides by both ranks' token count, so labels of 4 and 7 tokens ("Sports",
-    "Business") trained other adapters (measured: loss 6.5e-3 and one test example off). With equal
-    counts the adapters are bit-identical, the accuracies equal and the losses within float32 rounding.
+    padding example counted, would give sevenths or fourteenths. The one-process reference
+    accumulates two micro-batches of 8 and labels score 4 or 7 tokens: both take the token mean over
+    all 16 examples (a mean of micro-batch means was 6.5e-3 off in loss and one test example).
     """
     from conftest import TINY_CONFIGS
     from test_evaluation_tasks import KEYWORDS, write_task
 
-    keywords = {**KEYWORDS, "news": {"Sports": "goals", "Science": "atoms"}}  # news: 4 tokens each, mood: 5
-    sources = {t: write_task(tmp_path, t, keywords) for t in keywords}
+    sources = {t: write_task(tmp_path, t) for t in KEYWORDS}  # labels of 4 ("Sports") and 7 ("Business") tokens
     tasks = [
         {"name": t, "source": s, "format": "classification", "text_field": "sentence"}
         for t, s in sources.items()
