@@ -108,7 +108,9 @@ def markdown(rows: list[dict], info: dict, wall: float) -> str:
             else "`MALLOC_MMAP_THRESHOLD_=65536` (module docstring). "
         )
         + "Static: "
-        "the RSS when training starts less the baseline, against the plan's weights + adapters.",
+        "the RSS when training starts less the baseline, against the plan's weights + adapters; with a float32 "
+        "base it is low because that base is mapped from the converted checkpoint, paged out there, and faults "
+        "back in during the first step (the NF4 base is quantised into ordinary memory).",
         "",
         "| fit | plan MiB | measured MiB | error | plan static MiB | measured static MiB | plan activations MiB |",
         "|---|---|---|---|---|---|---|",
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.replan:
         old = json.loads(Path(args.replan).read_text())
         rows = [with_plan(r, old["args"]["steps"]) for r in old["rows"]]
-        info["measured_by"], wall = old["info"], old.get("wall_s", 0.0)
+        info["measured_by"], wall = old["info"].get("measured_by", old["info"]), old.get("wall_s", 0.0)
         text = markdown(rows, info, wall)
         write_report(Path(args.out), text, {"rows": rows, "info": info, "args": old["args"], "wall_s": wall})
         print(text)
