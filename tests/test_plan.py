@@ -183,3 +183,18 @@ def test_paper_step_on_fake_tensors(config):
     }
     assert step.frozen_with_grad == 0 and step.loss_shape == () and step.fused_loss
     assert step.nf4_as_dense == config.endswith("qlora.yaml")
+
+
+def test_plan_command_prints_and_writes_json(tmp_path, capsys):
+    import json
+
+    from crma_lightning.plan import main
+
+    out = tmp_path / "plan.json"
+    plan = main(["--config", "configs/tiny.yaml", "--device_gib", "8", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert (
+        printed.startswith("memory plan: random-init llama, modular")
+        and "advice: fits on 1 x 8 GiB" in printed
+    )
+    assert json.loads(out.read_text())["peak"] == plan.peak()
