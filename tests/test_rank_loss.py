@@ -1,6 +1,6 @@
 """Distributed runs end cleanly and survive a lost rank.
 
-- Clean exit: the 2-rank DDP and FSDP2 fits exit 0, three times each (a gloo process group left
+- Clean exit: the 2-rank DDP and FSDP2 fits exit 0, twice each (a gloo process group left
   alive at interpreter exit used to abort one run in ~100 with ``terminate called without an active
   exception``; the CLI now destroys it and every rank leaves with ``os._exit``; no short loop proves
   a 1 % failure absent, so this checks the exit path, not the rate), and a rank that
@@ -36,7 +36,7 @@ SETUPS = {"ddp": DDP, "fsdp2": FSDP2}
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_two_rank_fits_exit_0_every_time(setup, tmp_path):
-    for i in range(3):
+    for i in range(2):
         proc = run_train("fit", *SETUPS[setup], *QUICK, "--trainer.logger.init_args.save_dir", str(tmp_path / str(i)),
                          timeout=300)  # fmt: skip
         assert proc.returncode == 0, f"run {i}: exit {proc.returncode}: {proc.stderr[-3000:]}"
