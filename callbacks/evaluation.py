@@ -70,6 +70,15 @@ SPLITS = {"validation": ("val", "cl"), "test": ("test", "cl_test")}
 """Held-out split -> (prefix of its per-task scalars, prefix of its summary scalars)."""
 
 
+def _shown(key: str, value: float | None) -> str:
+    """A summary value as the console prints it; sigma_max to 7 digits, so a value below 1 never reads as 1."""
+    if value is None:
+        return "n/a"
+    if key in ("drift_pct", "bwt", "fwt"):
+        return f"{value:+.3f}"
+    return f"{value:.7f}" if key == "spectral_max_sigma" else f"{value:.4g}"
+
+
 class ContinualEvaluation(TaskBoundaryCallback):
     """Held-out loss and task metrics on every task, before training and after each task."""
 
@@ -332,11 +341,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         for split in self.splits:
             s = self.summary(trainer, module, split)
             rows = self.rows[split]
-            fmt = {
-                k: ("n/a" if v is None else f"{v:+.3f}" if k in ("drift_pct", "bwt", "fwt") else f"{v:.4g}")
-                for k, v in s.items()
-                if k in CL_SCALARS
-            }
+            fmt = {k: _shown(k, v) for k, v in s.items() if k in CL_SCALARS}
             name = split
             name += " (no task id)" if self.task_id == "none" else ""
             lines += [
