@@ -29,20 +29,19 @@ STEP_FILES = (*STEP_COST, "step_profile_smollm2", "step_profile_tiny")
 LEFT = [
     "## What is left, and why",
     "",
-    "- **The like-for-like overhead is not resolved by this session's runs (issue 29).** They ran on "
-    "the 2-core machine while other engineers' jobs took 62-75 % of it, so at 1 thread (to keep "
-    "OpenMP barriers out of it) and with few rounds (8 x 128: 3 rounds of 6 steps; 4 x 64: 4 of 12). "
-    "Wall-clock ratios are noise there; even CPU time per step moved by +-12 % from round to round "
-    "at 8 x 128 (the neighbours share caches and memory bandwidth), +-5 % at 4 x 64. At 4 x 64 "
-    "FROZEN / plain_fused is 1.008 [0.981, 1.079] and FROZEN unfused / plain 0.998 [0.959, 1.044] in "
-    "CPU time: no sign of more than 3 %, but the intervals reach past it. At 8 x 128 the medians "
-    "(1.18 and 1.05) come from three noisy rounds whose intervals hold 0.94-0.97. What a profile "
-    "says instead (next section, robust to neighbours): Lightning's loop, the callbacks' hooks, the "
-    "gradient callbacks, logging and data loading take under 0.5 % of a SmolLM2 step's samples "
-    "together (MODULAR, 8 x 128, step_profile_smollm2); the rest is the model's forward, backward and "
-    "loss, which the plain loop runs too. The earlier 1.057x came with an earlier, slower fused loss: "
-    "FROZEN / plain moves with the loss path, which is why the like-for-like rows are there. A quiet "
-    "machine, 2 threads and 6+ rounds (the docstring's commands) are what settles the 1.03 target.",
+    "- **The like-for-like overhead is not settled (issue 29).** At 4 x 64 the rerun on a quiet "
+    "machine (2 threads, 4 rounds of 12 steps, 2026-12-07 17:14 UTC) gives FROZEN / plain_fused 1.026 "
+    "[0.907, 1.077] in step time (1.021 [0.903, 1.075] in CPU time) and FROZEN unfused / plain 1.016 "
+    "[0.964, 1.120]: medians under 1.03, intervals too wide with 4 rounds to say met or missed. The "
+    "8 x 128 runs shared the 2 cores with other engineers' jobs (62-75 % of the CPU), so they ran at "
+    "1 thread with 3 rounds of 6 steps; their medians (1.18 and 1.05 in CPU time) come from noisy "
+    "rounds whose intervals hold 0.94-0.97. What a profile says instead (next section, robust to "
+    "neighbours): Lightning's loop, the callbacks' hooks, the gradient callbacks, logging and data "
+    "loading take under 0.5 % of a SmolLM2 step's samples together (MODULAR, 8 x 128, "
+    "step_profile_smollm2); the rest is the model's forward, backward and loss, which the plain loop "
+    "runs too. The earlier 1.057x came with an earlier, slower fused loss: FROZEN / plain moves with "
+    "the loss path, which is why the like-for-like rows are there. 6+ quiet rounds at each shape (the "
+    "docstring's commands) are what settles the 1.03 target.",
     "- **The first table's meaning**: FROZEN / plain (0.999 on 2026-12-01, quiet machine, 2 threads) "
     "compares the framework with its fused AdamW and fused loss against a loop without them; it is "
     "what a user gains or pays, not the framework's own overhead. The like-for-like rows isolate that.",
