@@ -323,7 +323,8 @@ def quiet_console() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("lightning.pytorch", "lightning.fabric"):
         for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_DropLines())
+            if not any(isinstance(f, _DropLines) for f in handler.filters):
+                handler.addFilter(_DropLines())
     # Lightning 2.6's CombinedLoader calls torch's deprecated LeafSpec() on every dataloader reload
     # (every task epoch); nothing here can call it differently.
     warnings.filterwarnings(

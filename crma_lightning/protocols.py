@@ -48,6 +48,8 @@ class ContinualModule(Protocol):
     strategy: str
     layout: AdapterLayout
     """Which LoRAs exist, which serve a task, and what trains during it."""
+    seed: int
+    """The run's seed (``data.seed``): LoRA initialisation and per-step randomness."""
     backbone_config: BackboneConfig
     crma: CRMAInjection | None
     """The CRMA blocks, or None when the strategy has none."""
