@@ -1,6 +1,6 @@
 """End to end: ``python train.py fit`` as a subprocess on the tiny config, for every strategy.
 
-Checks the output contract of a run directory (docs/usage.md, "Output contract"), the FROZEN oracle
+Checks the output contract of a run directory (docs/usage.md, "The run directory"), the FROZEN oracle
 (zero drift), NAIVE forgetting, the MODULAR spectral bound, and TensorBoard scalars read back from
 the event files. Also: every YAML under configs/ parses, and --help works.
 """
