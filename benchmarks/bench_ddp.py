@@ -32,7 +32,7 @@ from pathlib import Path
 
 from harness import REPO, interleave, run_info, train_fit, write_report
 
-from crma_lightning.rundir import RunDir
+from crma_lightning.runs.rundir import RunDir
 
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"]
 VARIANTS = {

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from harness import Timing, interleave, machine_line, paired_ratio, run_info, time_call, write_report
 from torch import Tensor
 
-from crma_lightning.config import CRMAConfig
-from crma_lightning.crma import CRMABlock, low_rank_residual
-from crma_lightning.projection import (
+from crma_lightning.adapters.config import CRMAConfig
+from crma_lightning.adapters.crma import CRMABlock, low_rank_residual
+from crma_lightning.adapters.projection import (
     autocast_off,
     birkhoff,
     certify,

@@ -2,7 +2,7 @@
 
 The question: does a run keep anything per finished task beyond that task's LoRA weights (optimizer
 state, graphs, evaluation buffers)? One ``train.py fit`` over ``--tasks`` synthetic tasks records,
-per task (``callbacks.resources.ResourceMonitor``): the median training-step time, resident memory
+per task (``crma_lightning.callbacks.resources.ResourceMonitor``): the median training-step time, resident memory
 (now and peak), optimizer-state bytes and trainable parameters; a ModelCheckpoint after every task
 gives the checkpoint size. Each series is fitted by least squares against the number of finished
 tasks k, linearly (slope) and quadratically (the k^2 coefficient, which would show growth faster
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from harness import REPO, machine_line, run_info, train_fit, write_report
 
-from crma_lightning.report import pyplot, save_figure
-from crma_lightning.rundir import RunDir
+from crma_lightning.evaluation.report import pyplot, save_figure
+from crma_lightning.runs.rundir import RunDir
 
 SERIES = {
     "step_s_median": "median step time, s",
@@ -41,7 +41,7 @@ SERIES = {
 def fit_args(tasks: int, save_dir: Path) -> list[str]:
     names = [{"name": f"t{i:02d}"} for i in range(tasks)]
     callbacks = [
-        {"class_path": "callbacks.resources.ResourceMonitor"},
+        {"class_path": "crma_lightning.callbacks.resources.ResourceMonitor"},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"every_n_epochs": 1, "save_top_k": -1, "filename": "after-{epoch:02d}"}},
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """Benchmark: the next-token loss's layout, alone and inside a SmolLM2 LoRA training step.
 
-``crma_lightning.losses.token_losses`` computes cross-entropy on the logits as they come out of the
+``crma_lightning.core.losses.token_losses`` computes cross-entropy on the logits as they come out of the
 model, a row-major ``(B * T, V)`` view with the targets shifted left (the last position unscored),
 as transformers' causal-LM loss does. Before, it sliced the logits to ``(B, T - 1, V)`` and ran
 cross-entropy over dim 1 of a transposed ``(B, V, T - 1)`` view. The profile of a SmolLM2 step
@@ -43,7 +43,7 @@ from harness import (
     write_report,
 )
 
-from crma_lightning.losses import IGNORE_INDEX, token_losses
+from crma_lightning.core.losses import IGNORE_INDEX, token_losses
 
 
 def transposed_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -97,8 +97,8 @@ def training_step(rounds: int) -> dict | None:
         return None
     from transformers import AutoModelForCausalLM
 
-    from crma_lightning.config import LoRAConfig
-    from crma_lightning.hub import converted_gguf, resolve_path
+    from crma_lightning.adapters.config import LoRAConfig
+    from crma_lightning.backbone.hub import converted_gguf, resolve_path
 
     folder = converted_gguf(resolve_path(SMOLLM2_PACKAGE), SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         f"`{info['command']}` ({info['date']}; {machine_line(info['machine'])}; {args.threads} thread(s); "
         f"{time.perf_counter() - start:.0f} s). Forward + backward, batch 8 x 128 tokens, fp32. `transposed`: the "
         "loss before (slice, cross-entropy over dim 1 of a (B, V, T - 1) view); `row_major`: "
-        "crma_lightning.losses.token_losses now.",
+        "crma_lightning.core.losses.token_losses now.",
         "",
         *section("The loss alone, SmolLM2's vocabulary (49152)", res["loss_v49152"]),
         *section("The loss alone, a tiny vocabulary (512)", res["loss_v512"]),

@@ -78,7 +78,7 @@ def main() -> None:
 
     since_process = time.time() - psutil.Process().create_time()  # interpreter start -> now
     t0 = time.perf_counter()
-    from crma_lightning import cli  # the framework's imports (torch, lightning, transformers, ...)
+    from crma_lightning.cli import fit as cli
 
     imports_s = time.perf_counter() - t0
     FirstStep = first_step_marker()
@@ -113,7 +113,7 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps(report, indent=2))
     if out:
-        from crma_lightning.atomic import atomic_write_json
+        from crma_lightning.core.atomic import atomic_write_json
 
         atomic_write_json(out, report)
 

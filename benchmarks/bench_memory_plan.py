@@ -1,4 +1,4 @@
-"""Calibration of ``train.py plan`` (crma_lightning/plan.py) against the peak memory of real fits.
+"""Calibration of ``train.py plan`` (crma_lightning/cli/plan.py) against the peak memory of real fits.
 
 SmolLM2-135M-Instruct (configs/smollm2.yaml, LoRA r 8 on every linear layer), one task of a few
 steps, float32 on CPU: FROZEN and MODULAR at the main job's 4 x 64 and at 8 x 128, MODULAR at 8 x 128
@@ -33,7 +33,7 @@ from pathlib import Path
 from harness import REPO, machine_line, run_info, smollm2_missing, train_fit, write_report
 
 sys.path.insert(0, str(REPO))
-from crma_lightning.plan import plan_config  # noqa: E402
+from crma_lightning.cli.plan import plan_config
 
 MiB = 2**20
 TARGET = 0.15

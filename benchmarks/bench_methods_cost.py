@@ -4,9 +4,9 @@ The question (baselines issue): the methods of ``configs/methods/`` add work to 
 teacher forward; EWC, O-LoRA: a penalty; replay: fetching kept examples) or to a task end (EWC's
 Fisher pass). Every variant is one ``train.py fit`` of the same base config at the same batch size
 (``configs/strategy/frozen.yaml`` is the reference), run in interleaved rounds (harness.py). Per
-run, ``callbacks.resources.ResourceMonitor`` gives the median step time of the tasks after the first
+run, ``crma_lightning.callbacks.resources.ResourceMonitor`` gives the median step time of the tasks after the first
 (where replay and the regularisers act) and the peak resident memory; the task-end passes of the
-regularisers are timed by ``callbacks.regularization.RegularizerHooks`` (TensorBoard
+regularisers are timed by ``crma_lightning.callbacks.regularization.RegularizerHooks`` (TensorBoard
 ``regularization/task_end_s``). Per round, each method's step time is divided by FROZEN's
 (harness.paired_ratio); the LwF teacher's share is LwF's step over SeqLoRA's, the Fisher pass's
 the task-end seconds over the fit's wall time. Target: replay and EWC add at most 10 % to a step.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from harness import REPO, interleave, machine_line, paired_ratio, run_info, train_fit, verdict, write_report
 
-from crma_lightning.rundir import RunDir
+from crma_lightning.runs.rundir import RunDir
 
 METHODS = ["frozen", "seq_lora", "inc_lora", "olora", "replay", "ewc", "lwf", "multitask", "modular",
            "modular_replay", "modular_ewc"]  # fmt: skip
@@ -37,7 +37,7 @@ def config_of(method: str) -> str:
 
 
 def run(args: argparse.Namespace, method: str, tmp: Path) -> dict:
-    callbacks = json.dumps([{"class_path": "callbacks.resources.ResourceMonitor"}])
+    callbacks = json.dumps([{"class_path": "crma_lightning.callbacks.resources.ResourceMonitor"}])
     fit = train_fit(["--config", args.config, "--config", config_of(method), "--trainer.callbacks", callbacks,
                      "--evaluation.print_table", "false", "--trainer.enable_progress_bar", "false",
                      "--trainer.logger.init_args.save_dir", str(tmp / method), *args.extra],

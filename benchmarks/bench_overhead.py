@@ -51,11 +51,11 @@ from harness import (
 )
 from torch import nn
 
-from crma_lightning.backbone import BackboneConfig, load_backbone
-from crma_lightning.config import CRMAConfig, LoRAConfig
-from crma_lightning.injection import CRMAInjection, inject_crma
-from crma_lightning.lora import lora_parameters
-from crma_lightning.projection import project
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig
+from crma_lightning.adapters.injection import CRMAInjection, inject_crma
+from crma_lightning.adapters.lora import lora_parameters
+from crma_lightning.adapters.projection import project
+from crma_lightning.backbone.loading import BackboneConfig, load_backbone
 
 #: A tiny random-init Llama: 4 layers, hidden 128. Small enough that CRMA's fixed per-layer cost
 #: (kernel launches, the projection) is most visible relative to the step.

@@ -1,7 +1,7 @@
 """Benchmark: routing without a task id (``task="auto"``) on a finished run: how often each router
 picks the right task, what that does to the holdout losses and the drift, and what it costs.
 
-The two routers of ``crma_lightning.serve.router``:
+The two routers of ``crma_lightning.routing.router``:
 
 - ``stats`` (the default): a shared-covariance discriminant over a pooled hidden state of the
   frozen base, from the run's routing statistics (``routing/<task>.*``, gathered from each task's
@@ -21,7 +21,7 @@ same data, seed and sizes, so the same examples that filled ``continual/loss_mat
   choice and the loss (a small optimistic bias for the loss router), so the loss of the continuation
   alone (tokens after the prompt) is reported too: there the choice never saw the tokens it is
   scored on.
-- Drift: ``crma_lightning.metrics.drift_pct`` of the run's loss matrix with its final row replaced
+- Drift: ``crma_lightning.evaluation.metrics.drift_pct`` of the run's loss matrix with its final row replaced
   by the oracle row (recomputed, as a check against the CSV) and by each router's row.
 - Confidence: with ``--thresholds``, the share of prompts whose stats confidence is below each
   threshold (sent to the loss router as fallback) and the accuracy of that combination.
@@ -52,20 +52,20 @@ import numpy as np
 import torch
 from harness import interleave, machine_line, repo_relative, run_info, time_call, write_report
 
-from crma_lightning import metrics as clm
-from crma_lightning import routing
+from crma_lightning.core.losses import IGNORE_INDEX, token_losses
 from crma_lightning.data.loading import pad
-from crma_lightning.losses import IGNORE_INDEX, token_losses
-from crma_lightning.routing_stats import (
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.routing.router import DEFAULT_SHRINKAGE
+from crma_lightning.routing.routers import routers as routing
+from crma_lightning.routing.stats import (
     base_hiddens,
     num_layers,
     prefix_table,
     prompt_lengths,
     read_task_stats,
 )
-from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX
+from crma_lightning.runs.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX
 from crma_lightning.serve import TrainedRun, build_routing_stats, load_run
-from crma_lightning.serve.router import DEFAULT_SHRINKAGE
 
 Example = tuple[list[int], list[int]]
 """One holdout example, unpadded: ``(input_ids, labels)``."""

@@ -49,9 +49,9 @@ from harness import (
     write_report,
 )
 
-from crma_lightning.losses import head_token_stats
-from crma_lightning.output_head import head_as_identity
-from crma_lightning.rundir import RunDir
+from crma_lightning.backbone.output_head import head_as_identity
+from crma_lightning.core.losses import head_token_stats
+from crma_lightning.runs.rundir import RunDir
 
 TARGETS_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: variant -> what it runs: the plain loop (unfused or on the fused paths) or a fit (strategy, extra arguments).
@@ -134,7 +134,7 @@ def fit_args(
                     "--model.backbone.config", "null", "--data.tokenizer", f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}"]  # fmt: skip
     else:
         backbone = ["--model.backbone.config", json.dumps(TINY), "--data.tokenizer", "tiny"]
-    callbacks = json.dumps([{"class_path": "callbacks.resources.ResourceMonitor"}])
+    callbacks = json.dumps([{"class_path": "crma_lightning.callbacks.resources.ResourceMonitor"}])
     return ["--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml", *backbone,
             "--data.tasks", '[{"name": "code", "source": "corpus:code"}]', "--data.max_length", str(seq),
             "--data.train_size", str(steps * batch), "--data.holdout_size", "8", "--data.batch_size", str(batch),
@@ -166,7 +166,7 @@ def run_plain(args: argparse.Namespace, fused: bool) -> dict:
 
     folder = None
     if args.model == "smollm2":
-        from crma_lightning.hub import converted_gguf, resolve_path
+        from crma_lightning.backbone.hub import converted_gguf, resolve_path
 
         folder = str(converted_gguf(resolve_path(SMOLLM2_PACKAGE), SMOLLM2_GGUF))
     cmd = [sys.executable, __file__, "--plain-loop", "--steps", str(args.steps + args.skip), "--batch", str(args.batch),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from harness import REPO  # noqa: F401  (puts the repository on sys.path)
 
-from crma_lightning.atomic import atomic_write_text
+from crma_lightning.core.atomic import atomic_write_text
 
 
 def prompt_of(instruction: str, labels: list[str], sentence: str) -> str:

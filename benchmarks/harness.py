@@ -53,13 +53,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from crma_lightning.atomic import atomic_write_json, atomic_write_text, json_safe  # noqa: E402
-from crma_lightning.rundir import RUN_DIR_LINE, RunDir, versions  # noqa: E402
+from crma_lightning.core.atomic import atomic_write_json, atomic_write_text, json_safe  # noqa: E402
+from crma_lightning.runs.rundir import RUN_DIR_LINE, RunDir, versions  # noqa: E402
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from crma_lightning.config import LoRAConfig
+    from crma_lightning.adapters.config import LoRAConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -420,8 +420,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_missing() -> str | None:
     """Why SmolLM2 cannot be loaded here (its package or GGUF file is missing), or None."""
-    from crma_lightning.config import ConfigError
-    from crma_lightning.hub import resolve_path
+    from crma_lightning.backbone.hub import resolve_path
+    from crma_lightning.core.errors import ConfigError
 
     try:
         folder = Path(resolve_path(SMOLLM2_PACKAGE))
@@ -433,7 +433,7 @@ def smollm2_missing() -> str | None:
 def with_lora(model: nn.Module, adapter: str, config: LoRAConfig) -> list[nn.Parameter]:
     """Freeze ``model``, add one LoRA (``LoRAConfig``) and make it the active adapter; its parameters
     alone require grad (returned). The set-up of a LoRA step in the overhead and GPU benchmarks."""
-    from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+    from crma_lightning.adapters.lora import activate_lora, add_lora, lora_parameters
 
     model.requires_grad_(False)
     add_lora(model, adapter, config)
@@ -445,7 +445,7 @@ def with_lora(model: nn.Module, adapter: str, config: LoRAConfig) -> list[nn.Par
 
 
 # -- train.py fit subprocesses -----------------------------------------------------------------
-"""How ``train.py fit`` names the run directory it writes (``crma_lightning.cli``)."""
+"""How ``train.py fit`` names the run directory it writes (``crma_lightning.cli.fit``)."""
 
 _running: set[subprocess.Popen] = set()
 _lock = threading.Lock()

@@ -10,7 +10,7 @@ ratio, EWC λ, LwF weight, O-LoRA λ1; ``GRID``) runs every value of its grid at
 value with the lowest final average *validation* loss (with the task id) is kept, and the other
 seeds run only that value. The report reads the **test** matrices:
 
-- final average loss, loss-relative drift, BWT and forgetting on the loss (``crma_lightning.metrics``),
+- final average loss, loss-relative drift, BWT and forgetting on the loss (``crma_lightning.evaluation.metrics``),
   with the task id given and without it (per-task layouts routed by the routing statistics, summed
   LoRAs all active, a shared LoRA as it is), and the routing accuracy where examples are routed;
 - the grid: every value's validation and test numbers at the selection seed (so a reader sees how
@@ -55,8 +55,8 @@ from harness import (
 )
 from reproduce import fit_args as reproduction_args
 
-from crma_lightning import metrics as clm
-from crma_lightning.rundir import LOSS_MATRIX, RunDir, init_args, matrix_name
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.runs.rundir import LOSS_MATRIX, RunDir, init_args, matrix_name
 
 #: method -> (setting, its grid). The first value is the preset's default.
 GRID: dict[str, tuple[str, list[float]]] = {
@@ -266,7 +266,7 @@ def markdown(res: dict, protocol: dict) -> str:
 
 
 def figure(res: dict, path: Path, model: str) -> None:
-    from crma_lightning.report import pyplot, save_figure
+    from crma_lightning.evaluation.report import pyplot, save_figure
 
     plt = pyplot()
     methods = list(res["methods"])

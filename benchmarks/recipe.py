@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from harness import run_info, write_report
 
-from crma_lightning import metrics as clm
-from crma_lightning.report import pyplot, save_figure
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.evaluation.report import pyplot, save_figure
 
 SPLITS = ("test", "validation")
 

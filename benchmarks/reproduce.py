@@ -38,8 +38,8 @@ import torch
 from harness import machine_line, resumable_fit, run_all, run_commits, run_info, script_argv, write_report
 from reproduce_report import figure, markdown
 
-from crma_lightning import metrics as clm
-from crma_lightning.rundir import RunDir, init_args
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.runs.rundir import RunDir, init_args
 from crma_lightning.serve import load_run
 
 CONDITIONS = ("naive", "frozen", "modular")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crma_lightning import metrics as clm
-from crma_lightning.report import heatmap, pyplot, save_figure
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.evaluation.report import heatmap, pyplot, save_figure
 
 PAPER = {
     "model": "Mistral-7B, Medical→Legal→Financial→Code→Science, 500 train / 100 holdout per domain",
@@ -26,7 +26,7 @@ PAPER = {
 def grad_per_task(res: dict, condition: str, stat: str, group: str = "total") -> list[float] | None:
     """``stat`` (``max`` or ``mean``) of one gradient-norm group per task, averaged over seeds; None if
     a run lacks it. ``group``: ``total`` (all trainable adapters), ``lora`` or ``crma``
-    (``callbacks.gradnorm``). A run without CRMA has LoRA gradients only, so there its total is its
+    (``crma_lightning.callbacks.gradnorm``). A run without CRMA has LoRA gradients only, so there its total is its
     LoRA norm (also in files written before the groups were recorded)."""
     per_seed = res["grad_norm"].get(condition, {})
     if not per_seed or any(v is None for v in per_seed.values()):

@@ -44,8 +44,8 @@ from harness import (
     write_report,
 )
 
-from crma_lightning import metrics as clm
-from crma_lightning.rundir import ACCURACY_MATRIX, RunDir, init_args, matrix_name
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.runs.rundir import ACCURACY_MATRIX, RunDir, init_args, matrix_name
 
 BENCHMARK = "../shared/cl_benchmark"
 #: The methods of this table, in its order (presets: harness.METHODS).

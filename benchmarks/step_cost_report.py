@@ -199,7 +199,7 @@ def main() -> None:
         "the framework's own overhead (Lightning's loop, the callbacks, logging; target 1.03). "
         "A step is the interval between consecutive "
         "training-batch starts in steady state (the plain loop times its loop and drops its first 3 steps; "
-        "`train.py` is timed by `callbacks.resources.ResourceMonitor`, first step excluded). Each variant "
+        "`train.py` is timed by `crma_lightning.callbacks.resources.ResourceMonitor`, first step excluded). Each variant "
         "gives its median step per round; the ratios are paired by round, with a bootstrap 95 % interval "
         "of their median. Peak memory is `ru_maxrss` of each process (model load, evaluation and steps).",
         "",

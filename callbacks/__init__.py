@@ -1,6 +1,6 @@
 """Lightning callbacks for continual fine-tuning: the method's own, and optional ones.
 
-The callbacks the method needs are added by ``train.py`` itself (``crma_lightning.cli``); each has
+The callbacks the method needs are added by ``train.py`` itself (``crma_lightning.cli.fit``); each has
 a top-level config section named by its key in :data:`METHOD_CALLBACKS` (``evaluation:
 {batch_size: 32}``), so configs list only optional callbacks under ``trainer.callbacks``. In
 Python, pass ``callbacks=method_callbacks()`` to the ``Trainer``.
@@ -8,18 +8,17 @@ Python, pass ``callbacks=method_callbacks()`` to the ``Trainer``.
 
 from __future__ import annotations
 
+from crma_lightning.callbacks.adapters import AdapterCheckpoint
+from crma_lightning.callbacks.evaluation import ContinualEvaluation
+from crma_lightning.callbacks.freezing import FreezingPolicy
+from crma_lightning.callbacks.gradnorm import GradNormStats
+from crma_lightning.callbacks.progress import TaskProgressBar
+from crma_lightning.callbacks.regularization import RegularizerHooks
+from crma_lightning.callbacks.routing import RoutingStatistics
+from crma_lightning.callbacks.spectral import SpectralBoundLogger
+from crma_lightning.callbacks.summary import ContinualSummary
+from crma_lightning.callbacks.zclip import ZClip
 from lightning.pytorch.callbacks import Callback
-
-from callbacks.adapters import AdapterCheckpoint
-from callbacks.evaluation import ContinualEvaluation
-from callbacks.freezing import FreezingPolicy
-from callbacks.gradnorm import GradNormStats
-from callbacks.progress import TaskProgressBar
-from callbacks.regularization import RegularizerHooks
-from callbacks.routing import RoutingStatistics
-from callbacks.spectral import SpectralBoundLogger
-from callbacks.summary import ContinualSummary
-from callbacks.zclip import ZClip
 
 METHOD_CALLBACKS: dict[str, type[Callback]] = {
     "summary": ContinualSummary,

@@ -4,7 +4,7 @@
 the end of the task) in PEFT's format; ``adapters/crma/`` the latest CRMA state (safetensors +
 JSON), rewritten after every task, and ``adapters/crma_history/<task>/`` the CRMA state as it was
 when that task ended, so that ``train.py test --run`` can rebuild the model of every matrix row.
-Written by rank 0, atomically; where they go is ``crma_lightning.rundir``'s, and
+Written by rank 0, atomically; where they go is ``crma_lightning.runs.rundir``'s, and
 ``serve.load_run`` reads them from there.
 
 Distributed: every rank gathers the whole adapter tensors (under FSDP a collective over the
@@ -16,12 +16,12 @@ the gradient all-reduce). ``adapters/ranks.json`` records, per task, every rank'
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
 
-from callbacks.boundary import TaskBoundaryCallback, run_dir
-from crma_lightning.atomic import atomic_write_json
-from crma_lightning.checkpoint import crma_state, fingerprint, lora_state, write_crma, write_lora
-from crma_lightning.dist import all_gather_strings
-from crma_lightning.protocols import as_continual
+from crma_lightning.core.atomic import atomic_write_json
+from crma_lightning.core.dist import all_gather_strings
+from crma_lightning.methods.protocol import as_continual
+from crma_lightning.runs.checkpoint import crma_state, fingerprint, lora_state, write_crma, write_lora
 
 
 class RanksDivergedError(RuntimeError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from crma_lightning.rundir import RunDir
+from crma_lightning.runs.rundir import RunDir
 
 
 def run_dir(trainer: pl.Trainer) -> RunDir:

@@ -4,7 +4,7 @@ Row ``base`` is the model before any training (the zero-shot row); row ``<task k
 training task k. Every row covers all tasks (later ones too, for forward transfer). Task i is
 evaluated with its own LoRA (the shared one under NAIVE) and, in MODULAR, the current CRMA. Each
 rank evaluates a disjoint shard of every held-out set and the per-task sums are all-reduced
-(torchmetrics), so the result equals a single-process evaluation (``crma_lightning.evaluator``).
+(torchmetrics), so the result equals a single-process evaluation (``crma_lightning.evaluation.evaluator``).
 
 Per task and row: the next-token loss (L, ``loss_matrix.csv``), and A (``accuracy_matrix.csv``),
 the task's metric (``data.tasks[].metric``): token accuracy for text, exact match of the greedy
@@ -41,18 +41,25 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
+from crma_lightning.callbacks.routing import RoutingStatistics
 from tqdm import tqdm
 
-from callbacks.boundary import TaskBoundaryCallback, run_dir
-from callbacks.routing import RoutingStatistics
-from crma_lightning.config import ConfigError
-from crma_lightning.evaluator import Route, RowEvaluator, add_row, extra_matrices, summarize_rows, task_data
-from crma_lightning.layout import layout_of
-from crma_lightning.protocols import ContinualModule, as_continual
-from crma_lightning.report import heatmap_figure, pyplot, save_figure, table
-from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
-from crma_lightning.serve.router import DEFAULT_SHRINKAGE, StatsRouter
-from crma_lightning.sharding import is_sharded
+from crma_lightning.backbone.sharding import is_sharded
+from crma_lightning.core.errors import ConfigError
+from crma_lightning.evaluation.evaluator import (
+    Route,
+    RowEvaluator,
+    add_row,
+    extra_matrices,
+    summarize_rows,
+    task_data,
+)
+from crma_lightning.evaluation.report import heatmap_figure, pyplot, save_figure, table
+from crma_lightning.methods.layouts import layout_of
+from crma_lightning.methods.protocol import ContinualModule, as_continual
+from crma_lightning.routing.router import DEFAULT_SHRINKAGE, StatsRouter
+from crma_lightning.runs.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
 
 CL_SCALARS = (
     "drift_pct",

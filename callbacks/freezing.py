@@ -1,4 +1,4 @@
-"""Per-task freezing policy: what trains during each task (the table is ``crma_lightning.layout``).
+"""Per-task freezing policy: what trains during each task (the table is ``crma_lightning.methods.layouts``).
 
 Applied at train start and at every epoch start (idempotent; a run resumed mid-epoch gets no
 epoch-start hook, so the train-start call is what restores its set). Parameters outside the set get
@@ -11,7 +11,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from crma_lightning.protocols import ContinualModule, as_continual
+from crma_lightning.methods.protocol import ContinualModule, as_continual
 
 
 class FreezingPolicy(Callback):

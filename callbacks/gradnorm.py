@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
 
-from callbacks.boundary import TaskBoundaryCallback, run_dir
-from crma_lightning.atomic import atomic_write_json
-from crma_lightning.protocols import as_continual
+from crma_lightning.core.atomic import atomic_write_json
+from crma_lightning.methods.protocol import as_continual
 
 METRIC = "train/grad_norm"
 #: Group name in grad_norm.json -> the metric the module logs.
 GROUPS = {"total": METRIC, "lora": f"{METRIC}/lora", "crma": f"{METRIC}/crma"}
-#: Logged by callbacks.zclip.ZClip: 1.0 on a step it clipped.
+#: Logged by crma_lightning.callbacks.zclip.ZClip: 1.0 on a step it clipped.
 CLIPPED = "zclip/clipped"
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 
 import lightning.pytorch as pl
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback
 
-from callbacks.boundary import TaskBoundaryCallback
-from crma_lightning.protocols import as_continual
+from crma_lightning.methods.protocol import as_continual
 
 
 class RegularizerHooks(TaskBoundaryCallback):

@@ -1,6 +1,6 @@
 """What each task costs in time and memory: step time, resident memory, optimizer state.
 
-An optional callback (``trainer.callbacks: - class_path: callbacks.resources.ResourceMonitor``).
+An optional callback (``trainer.callbacks: - class_path: crma_lightning.callbacks.resources.ResourceMonitor``).
 At every task end it records, per task: the median training-step time (the interval between
 consecutive batch starts, the task's first step excluded since it follows the boundary work), in
 wall and in this process's CPU time, the
@@ -22,9 +22,9 @@ import statistics
 import time
 
 import lightning.pytorch as pl
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
 
-from callbacks.boundary import TaskBoundaryCallback, run_dir
-from crma_lightning.atomic import atomic_write_json
+from crma_lightning.core.atomic import atomic_write_json
 
 
 def resident_mb() -> float:

@@ -3,8 +3,8 @@
 At each task end the task's training examples (the first ``max_examples`` of its training set, via
 ``ContinualDataModule.train_examples``: this rank's shard, every example once, padding examples of
 weight 0 so that all ranks run the same number of forward passes) go through the frozen base (LoRA
-and CRMA off), and the sums of their pooled features (``crma_lightning.routing``) are all-reduced
-over the ranks in float64 and written by rank 0 (``crma_lightning.routing_stats``). The base never
+and CRMA off), and the sums of their pooled features (``crma_lightning.routing.routers``) are all-reduced
+over the ranks in float64 and written by rank 0 (``crma_lightning.routing.stats``). The base never
 changes, so a task's file is written once and later tasks never touch it; ``serve`` builds the
 router from the files. Under FSDP every rank runs the whole forward pass (the layers' all-gathers
 are collectives); otherwise the pass stops at the routing layer.
@@ -20,12 +20,13 @@ import time
 from typing import Literal
 
 import lightning.pytorch as pl
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
 
-from callbacks.boundary import TaskBoundaryCallback, run_dir
-from crma_lightning.config import ConfigError
-from crma_lightning.protocols import as_continual
-from crma_lightning.routing import FeatureSums
-from crma_lightning.routing_stats import (
+from crma_lightning.backbone.sharding import is_sharded
+from crma_lightning.core.errors import ConfigError
+from crma_lightning.methods.protocol import as_continual
+from crma_lightning.routing.routers import FeatureSums
+from crma_lightning.routing.stats import (
     DEFAULT_MAX_EXAMPLES,
     gather_sums,
     num_layers,
@@ -34,7 +35,6 @@ from crma_lightning.routing_stats import (
     stats_meta,
     write_task_stats,
 )
-from crma_lightning.sharding import is_sharded
 
 
 class RoutingStatistics(TaskBoundaryCallback):

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from crma_lightning.protocols import ContinualModule, as_continual
+from crma_lightning.methods.protocol import ContinualModule, as_continual
 
 
 class SpectralBoundLogger(Callback):

@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch import nn
 
-from crma_lightning.lora import SHARED_ADAPTER
-from crma_lightning.protocols import as_continual
+from crma_lightning.adapters.lora import SHARED_ADAPTER
+from crma_lightning.methods.protocol import as_continual
 
 
 def _count(params: list[nn.Parameter]) -> int:

@@ -34,7 +34,7 @@ mean and (population) variance start the statistics. From then on, every step::
 The maths are the pure functions :func:`warmup_statistics`, :func:`zscore_threshold` and
 :func:`ema_update`, tested on hand-computed sequences. Clip events are logged as ``zclip/clipped``
 (1.0 on a clipped step), ``zclip/clip_events`` (the count so far), ``zclip/z``,
-``zclip/threshold``, ``zclip/mean`` and ``zclip/std``; ``callbacks.gradnorm`` counts the clipped
+``zclip/threshold``, ``zclip/mean`` and ``zclip/std``; ``crma_lightning.callbacks.gradnorm`` counts the clipped
 steps per task in ``continual/grad_norm.json``. Off by default: ``zclip: {enabled: true}`` with
 ``trainer.gradient_clip_val: null`` (``configs/recipe/zclip.yaml``).
 """
@@ -48,8 +48,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from crma_lightning.config import ConfigError, raise_problems
-from crma_lightning.protocols import as_continual
+from crma_lightning.core.errors import ConfigError, raise_problems
+from crma_lightning.methods.protocol import as_continual
 
 ClipOption = Literal["adaptive_scaling", "mean"]
 

@@ -2,9 +2,14 @@
 
 import logging
 
-from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
-from crma_lightning.injection import CRMAInjection, inject_crma
-from crma_lightning.projection import birkhoff, diagnostics, project, sinkhorn
+from crma_lightning import _paths
+
+_paths.install()
+
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig  # noqa: E402
+from crma_lightning.adapters.injection import CRMAInjection, inject_crma  # noqa: E402
+from crma_lightning.adapters.projection import birkhoff, diagnostics, project, sinkhorn  # noqa: E402
+from crma_lightning.core.errors import ConfigError  # noqa: E402
 
 # bitsandbytes (the `qlora` extra; peft imports it whenever it is installed) asks the `kernels`
 # package for an optional CPU kernel on import; each logs a warning on every run when it cannot be

@@ -5,7 +5,7 @@ machine with Python), found through ``sysconfig``, read in sorted order so the r
 byte-for-byte reproducible for a given Python version. Takes ~2 s.
 
 Special tokens: ``<pad>`` = 0, ``<|endoftext|>`` = 1 (eos, also bos as in GPT-2). Ids 0-2 are the
-ones synthetic tasks leave free (``crma_lightning.synthetic.FIRST_TOKEN``).
+ones synthetic tasks leave free (``crma_lightning.data.synthetic.FIRST_TOKEN``).
 
     python scripts/build_tiny_tokenizer.py [--out DIR]
 """

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from crma_lightning.backbone import BackboneConfig, load_backbone  # noqa: E402
+from crma_lightning.backbone.loading import BackboneConfig, load_backbone
 
 # Tiny models: one intra-op thread is faster than two on 2 cores and keeps timings stable when
 # subprocess tests run beside the pytest process.

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from subproc import REPO, run_train
 
-from crma_lightning.rundir import RUN_DIR_LINE, read_matrix_csv
+from crma_lightning.runs.rundir import RUN_DIR_LINE, read_matrix_csv
 
 #: Small runs: 64 training examples (4 global batches of 16 per epoch, 8 steps per task, 24 in
 #: all; ModelCheckpoint every 10 steps leaves last.ckpt at step 20, inside task 3).

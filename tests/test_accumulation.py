@@ -12,7 +12,7 @@ from distributed_helpers import fit
 from safetensors.torch import load_file
 from test_evaluation_tasks import KEYWORDS, write_task
 
-from crma_lightning.rundir import read_matrix_csv
+from crma_lightning.runs.rundir import read_matrix_csv
 
 
 def test_two_micro_batches_of_8_train_as_one_batch_of_16(tmp_path):

@@ -1,6 +1,6 @@
 """Bad input gets one clear error: every case of docs/errors.md through the real entry point.
 
-Each case runs ``crma_lightning.cli.main`` (what train.py calls) in-process with a real Trainer and
+Each case runs ``crma_lightning.cli.fit.main`` (what train.py calls) in-process with a real Trainer and
 checks: exit code 2, one ``error:`` message naming the field or file, no traceback, and no run
 directory left behind. One case also runs as a subprocess to check the process's exit code.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crma_lightning.cli import main
+from crma_lightning.cli.fit import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,10 +71,10 @@ def _cases():
         "linked option on the command line": (lambda t: ["--trainer.max_epochs", "2"], ["--trainer.max_epochs cannot be set", "data.epochs_per_task"]),
         "linked option in a config file": (lambda t: (t / "more.yaml").write_text("trainer:\n  max_epochs: 3\nmodel:\n  seed: 4\n") and [] or ["--config", str(t / "more.yaml")], ["more.yaml: trainer.max_epochs cannot be set", "data.epochs_per_task"]),
         "linked seed": (lambda t: ["--model.seed=3"], ["--model.seed cannot be set", "--data.seed"]),
-        "a method callback listed in trainer.callbacks": (lambda t: ["--trainer.callbacks", '[{"class_path": "callbacks.evaluation.ContinualEvaluation"}]'], ["callbacks.evaluation.ContinualEvaluation", "train.py adds itself", "`evaluation:`"]),
+        "a method callback listed in trainer.callbacks": (lambda t: ["--trainer.callbacks", '[{"class_path": "crma_lightning.callbacks.evaluation.ContinualEvaluation"}]'], ["crma_lightning.callbacks.evaluation.ContinualEvaluation", "train.py adds itself", "`evaluation:`"]),
         "DDP told not to look for unused parameters": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_false"], ["find_unused_parameters=False", "use `ddp`"]),
         "FSDP1 on CPU": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", "fsdp"], ["trainer.strategy fsdp (FSDP1) needs a GPU", "configs/distributed/fsdp2_cpu.yaml"]),
-        "a regulariser under FSDP sharding": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", '{"class_path": "crma_lightning.sharding.AdapterShardedStrategy"}', "--model.strategy", "naive", "--model.regularizers", '[{"class_path": "crma_lightning.regularizers.EWC"}]'], ["not supported under FSDP sharding", "use DDP"]),
+        "a regulariser under FSDP sharding": (lambda t: ["--trainer.devices", "2", "--trainer.strategy", '{"class_path": "crma_lightning.backbone.sharding.AdapterShardedStrategy"}', "--model.strategy", "naive", "--model.regularizers", '[{"class_path": "crma_lightning.methods.regularizers.EWC"}]'], ["not supported under FSDP sharding", "use DDP"]),
         "routing layer outside the model": (lambda t: ["--routing.layer", "31"], ["routing.layer 31 is outside", "1..2", "null for 1"]),
         "routing options invalid": (lambda t: ["--routing.max_examples", "0", "--routing.batch_size", "0"], ["routing.max_examples must be >= 1", "routing.batch_size must be >= 1"]),
         "corrupted checkpoint": (lambda t: (t / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip") and [] or ["--ckpt_path", str(t / "bad.ckpt")], ["bad.ckpt", "corrupted"]),
@@ -108,7 +108,7 @@ def test_resume_with_another_task_list_or_strategy_is_refused(tmp_path, capsys):
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
     """--debug: the same problem raises the exception itself (a traceback) instead of one line."""
-    from crma_lightning.config import ConfigError
+    from crma_lightning.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.crma.streams"):
         main([*fit_args(tmp_path, "--model.crma.streams", "1"), "--debug"])

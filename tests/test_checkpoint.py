@@ -9,7 +9,11 @@ import torch
 from conftest import tiny_model
 from peft import PeftModel
 
-from crma_lightning.checkpoint import (
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig
+from crma_lightning.adapters.injection import inject_crma
+from crma_lightning.adapters.lora import activate_lora, add_lora
+from crma_lightning.core.errors import ConfigError
+from crma_lightning.runs.checkpoint import (
     CRMA_CONFIG,
     CRMA_WEIGHTS,
     PEFT_CONFIG,
@@ -20,9 +24,6 @@ from crma_lightning.checkpoint import (
     save_crma,
     save_lora,
 )
-from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
-from crma_lightning.injection import inject_crma
-from crma_lightning.lora import activate_lora, add_lora
 
 
 def _trained(model, tasks=("a", "b"), seed=0):

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets
 import pytest
 
-from crma_lightning.config import ConfigError
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.corpus import DOMAINS, SUFFIX, domain_path, load_domain
 from crma_lightning.data import ContinualDataModule
 

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from conftest import TINY_CONFIGS, tiny_model
 from torch import nn
 
-from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
-from crma_lightning.crma import CRMABlock, low_rank_residual
-from crma_lightning.injection import inject_crma
-from crma_lightning.lora import activate_lora, add_lora, lora_disabled
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig
+from crma_lightning.adapters.crma import CRMABlock, low_rank_residual
+from crma_lightning.adapters.injection import inject_crma
+from crma_lightning.adapters.lora import activate_lora, add_lora, lora_disabled
+from crma_lightning.core.errors import ConfigError
 
 
 def _perturb(handle, seed=0):

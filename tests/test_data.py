@@ -21,7 +21,7 @@ from crma_lightning.data import (
     TaskSpec,
     tiny_tokenizer_path,
 )
-from crma_lightning.synthetic import FIRST_TOKEN, permutation_sequences, task_permutation
+from crma_lightning.data.synthetic import FIRST_TOKEN, permutation_sequences, task_permutation
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec
+from crma_lightning.data.synthetic import permutation_sequences
 from crma_lightning.data.tasks import OLORA_TEMPLATE, source_kind
-from crma_lightning.evaluator import answer_budget, label_targets
-from crma_lightning.synthetic import permutation_sequences
+from crma_lightning.evaluation.evaluator import answer_budget, label_targets
 
 REPO = Path(__file__).resolve().parents[1]
 CL_BENCHMARK = REPO / ".." / "shared" / "cl_benchmark"

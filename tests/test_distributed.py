@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from subproc import REPO, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from crma_lightning.rundir import read_matrix_csv
+from crma_lightning.runs.rundir import read_matrix_csv
 
 DDP = ["--trainer.strategy", "ddp_find_unused_parameters_true"]
 

@@ -19,19 +19,20 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 from conftest import TINY_CONFIGS
+from crma_lightning.callbacks.adapters import AdapterCheckpoint
+from crma_lightning.callbacks.evaluation import ContinualEvaluation
+from crma_lightning.callbacks.freezing import FreezingPolicy
+from crma_lightning.callbacks.routing import RoutingStatistics
 from lightning.pytorch.loggers import TensorBoardLogger
 from subproc import run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.adapters import AdapterCheckpoint
-from callbacks.evaluation import ContinualEvaluation
-from callbacks.freezing import FreezingPolicy
-from callbacks.routing import RoutingStatistics
-from crma_lightning.backbone import BackboneConfig
-from crma_lightning.config import ConfigError, LoRAConfig
+from crma_lightning.adapters.config import LoRAConfig
+from crma_lightning.backbone.loading import BackboneConfig
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec
-from crma_lightning.module import ContinualLM, GroupLR
-from crma_lightning.rundir import RUN_DIR_LINE, RunDir
+from crma_lightning.runs.rundir import RUN_DIR_LINE, RunDir
+from crma_lightning.training.module import ContinualLM, GroupLR
 
 KEYWORDS = {
     "news": {"Sports": "goals", "Business": "markets"},

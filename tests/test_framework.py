@@ -6,17 +6,18 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import TINY_CONFIGS
+from crma_lightning.callbacks.adapters import AdapterCheckpoint
+from crma_lightning.callbacks.evaluation import ContinualEvaluation
+from crma_lightning.callbacks.freezing import FreezingPolicy
+from crma_lightning.callbacks.spectral import SpectralBoundLogger
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from callbacks.adapters import AdapterCheckpoint
-from callbacks.evaluation import ContinualEvaluation
-from callbacks.freezing import FreezingPolicy
-from callbacks.spectral import SpectralBoundLogger
-from crma_lightning.backbone import BackboneConfig
-from crma_lightning.config import ConfigError, LoRAConfig
+from crma_lightning.adapters.config import LoRAConfig
+from crma_lightning.backbone.loading import BackboneConfig
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec
-from crma_lightning.module import ContinualLM, GroupLR
-from crma_lightning.schedules import WarmupCosine, per_task_lambda
+from crma_lightning.training.module import ContinualLM, GroupLR
+from crma_lightning.training.schedules import WarmupCosine, per_task_lambda
 
 TASKS = ("a", "b", "c")
 

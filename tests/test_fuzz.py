@@ -29,9 +29,10 @@ import yaml
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from crma_lightning.backbone import BackboneConfig
-from crma_lightning.cli import ContinualCLI, main
-from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig
+from crma_lightning.backbone.loading import BackboneConfig
+from crma_lightning.cli.fit import ContinualCLI, main
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

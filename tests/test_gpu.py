@@ -26,11 +26,11 @@ import pytest
 import torch
 from subproc import run_train
 
-from crma_lightning.backbone import BackboneConfig, load_backbone
-from crma_lightning.config import CRMAConfig, LoRAConfig
-from crma_lightning.injection import inject_crma
-from crma_lightning.lora import add_lora, lora_parameters
-from crma_lightning.losses import head_token_stats, token_stats
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig
+from crma_lightning.adapters.injection import inject_crma
+from crma_lightning.adapters.lora import add_lora, lora_parameters
+from crma_lightning.backbone.loading import BackboneConfig, load_backbone
+from crma_lightning.core.losses import head_token_stats, token_stats
 
 
 def cuda_reason(available: bool | None = None) -> str | None:
@@ -114,7 +114,7 @@ def _adapted(backbone: BackboneConfig, modular: bool, device: str = "cuda"):
 def _step(model, params, ids, opt) -> float:
     head = model.get_output_embeddings()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        from crma_lightning.output_head import head_as_identity
+        from crma_lightning.backbone.output_head import head_as_identity
 
         with head_as_identity(head):
             hidden = model(input_ids=ids, use_cache=False).logits
@@ -163,7 +163,7 @@ def test_bf16_tokens_per_s_modular_vs_frozen():
 def test_fsdp1_one_node(tmp_path):
     devices = str(torch.cuda.device_count())
     args = ["fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "gpu", "--trainer.devices", devices,
-            "--trainer.strategy", "crma_lightning.sharding.AdapterFSDPStrategy", "--trainer.precision", "bf16-mixed",
+            "--trainer.strategy", "crma_lightning.backbone.sharding.AdapterFSDPStrategy", "--trainer.precision", "bf16-mixed",
             "--model.backbone.dtype", "bfloat16", "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
     first = run_train(*args, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -178,7 +178,7 @@ def test_fsdp1_one_node(tmp_path):
 @needs_cuda
 @pytest.mark.parametrize(
     "extra",
-    [["--trainer.strategy", "crma_lightning.sharding.AdapterShardedStrategy", "--trainer.precision", "bf16-mixed"],
+    [["--trainer.strategy", "crma_lightning.backbone.sharding.AdapterShardedStrategy", "--trainer.precision", "bf16-mixed"],
      ["--trainer.precision", "16-mixed"]],
     ids=["fsdp2_bf16", "single_16mixed"],
 )  # fmt: skip
@@ -237,7 +237,7 @@ def test_fused_loss_on_cuda():
 def test_plan_matches_cuda_peak():
     """The plan's peak for a bf16 MODULAR step on a SmolLM2-shaped model, 8 x 512 tokens, against
     the step's ``torch.cuda.max_memory_allocated`` (weights included)."""
-    from crma_lightning.plan import parse, plan_config, shipped_config
+    from crma_lightning.cli.plan import parse, plan_config, shipped_config
 
     shape = {k: v for k, v in json.loads(shipped_config("HuggingFaceTB/SmolLM2-135M-Instruct").read_text()).items()
              if k != "architectures"}  # fmt: skip

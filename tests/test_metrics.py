@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crma_lightning import metrics as m
+from crma_lightning.evaluation import metrics as m
 
 # base row, then after task 1, 2, 3
 LOSS = np.array(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
+from crma_lightning.callbacks.evaluation import ContinualEvaluation
 from test_framework import build
 
-from callbacks.evaluation import ContinualEvaluation
-from crma_lightning import losses
-from crma_lightning.output_head import head_as_identity, head_problem, probe_matches
-from crma_lightning.regularizers import LwF
+from crma_lightning.backbone.output_head import head_as_identity, head_problem, probe_matches
+from crma_lightning.core import losses
+from crma_lightning.methods.regularizers import LwF
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 256])

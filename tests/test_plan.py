@@ -1,4 +1,4 @@
-"""The memory plan (crma_lightning/plan.py) and the paper-size step on fake tensors (fake_step.py)."""
+"""The memory plan (crma_lightning/cli/plan.py) and the paper-size step on fake tensors (fake_step.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from jsonargparse import Namespace
 
-from crma_lightning.plan import (
+from crma_lightning.cli.plan import (
     Counts,
     activation_bytes,
     build_meta,
@@ -94,9 +94,9 @@ def test_strategy_kind():
     assert strategy_kind("auto", 2) == "ddp"
     assert strategy_kind("ddp_find_unused_parameters_true", 16) == "ddp"
     assert (
-        strategy_kind(Namespace(class_path="crma_lightning.sharding.AdapterShardedStrategy"), 16) == "fsdp2"
+        strategy_kind(Namespace(class_path="crma_lightning.backbone.sharding.AdapterShardedStrategy"), 16) == "fsdp2"
     )
-    assert strategy_kind(Namespace(class_path="crma_lightning.sharding.AdapterFSDPStrategy"), 8) == "fsdp1"
+    assert strategy_kind(Namespace(class_path="crma_lightning.backbone.sharding.AdapterFSDPStrategy"), 8) == "fsdp1"
     assert strategy_kind("fsdp", 8) == "fsdp1"
 
 
@@ -111,7 +111,7 @@ def test_shipped_configs_resolve():
 
 def test_meta_counts_equal_the_real_module():
     """The meta model's groups are those configure_model builds for real (tiny config)."""
-    from crma_lightning.lora import lora_parameters
+    from crma_lightning.adapters.lora import lora_parameters
 
     argv = ["--config", "configs/tiny.yaml"]
     _, meta_module = parse(argv)
@@ -171,7 +171,7 @@ def test_paper_step_on_fake_tensors(config):
     """Mistral-7B: forward with CRMA on all 32 layers and the first task's LoRA, the loss, backward
     (checkpointed), one AdamW step. The QLoRA config's base linears are plain bf16 Linear here
     (bitsandbytes cannot quantise fake tensors): its NF4 kernels are not exercised."""
-    from crma_lightning.fake_step import fake_step
+    from crma_lightning.cli.fake_step import fake_step
 
     step = fake_step(["--config", config])
     assert (step.layers, step.crma_blocks, step.lora_layers) == (32, 32, 32 * 4)  # q, k, v, o per layer
@@ -188,7 +188,7 @@ def test_paper_step_on_fake_tensors(config):
 def test_plan_command_prints_and_writes_json(tmp_path, capsys):
     import json
 
-    from crma_lightning.plan import main
+    from crma_lightning.cli.plan import main
 
     out = tmp_path / "plan.json"
     plan = main(["--config", "configs/tiny.yaml", "--device_gib", "8", "--json", str(out)])

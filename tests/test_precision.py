@@ -13,10 +13,10 @@ import torch
 from conftest import tiny_model
 from distributed_helpers import SMALL, fit, fit_once
 
-from crma_lightning.config import CRMAConfig, LoRAConfig
-from crma_lightning.injection import inject_crma
-from crma_lightning.lora import activate_lora, add_lora
-from crma_lightning.rundir import read_matrix_csv
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig
+from crma_lightning.adapters.injection import inject_crma
+from crma_lightning.adapters.lora import activate_lora, add_lora
+from crma_lightning.runs.rundir import read_matrix_csv
 
 
 @pytest.mark.parametrize("batched", [True, False])

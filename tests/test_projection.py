@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from crma_lightning.projection import (
+from crma_lightning.adapters.projection import (
     CERTIFY_MARGIN,
     MAX_BIRKHOFF_N,
     _LogSinkhorn,

@@ -22,7 +22,7 @@ import pytest
 from distributed_helpers import SMALL, fit, fit_once, kill_rank_mid_run
 from subproc import REPO, run_train
 
-from crma_lightning.rundir import RUN_DIR_LINE, read_matrix_csv
+from crma_lightning.runs.rundir import RUN_DIR_LINE, read_matrix_csv
 
 DDP = ["--config", "configs/tiny.yaml", *SMALL, "--trainer.devices", "2", "--trainer.strategy", "ddp",
        "--data.batch_size", "8"]  # fmt: skip

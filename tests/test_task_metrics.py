@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
 
-from crma_lightning import losses
-from crma_lightning import task_metrics as tm
-from crma_lightning.backbone import BackboneConfig, load_backbone
+from crma_lightning.backbone.loading import BackboneConfig, load_backbone
+from crma_lightning.core import losses
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec
-from crma_lightning.evaluator import RowEvaluator, answer_budget, label_targets, task_data
+from crma_lightning.evaluation import task_metrics as tm
+from crma_lightning.evaluation.evaluator import RowEvaluator, answer_budget, label_targets, task_data
 
 
 @pytest.fixture(autouse=True)
@@ -259,8 +259,8 @@ def test_routed_row_matches_one_example_at_a_time_routing(router, tmp_path):
     """Without the task id: each example goes to the LoRA that scores its prompt (only) best, or to
     the one a given router picks from its prompt, and takes that LoRA's loss, label choice and
     answer; checked against a per-example reference."""
-    from crma_lightning.config import LoRAConfig
-    from crma_lightning.lora import activate_lora, add_lora, lora_parameters
+    from crma_lightning.adapters.config import LoRAConfig
+    from crma_lightning.adapters.lora import activate_lora, add_lora, lora_parameters
 
     dm = _classification_dm(tmp_path)
     model = _model_for(dm)

@@ -16,9 +16,9 @@ import pytest
 from subproc import REPO, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from crma_lightning.checkpoint import CRMA_CONFIG, CRMA_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
-from crma_lightning.cli import ContinualCLI
-from crma_lightning.rundir import RUN_DIR_LINE
+from crma_lightning.cli.fit import ContinualCLI
+from crma_lightning.runs.checkpoint import CRMA_CONFIG, CRMA_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+from crma_lightning.runs.rundir import RUN_DIR_LINE
 
 TASKS = ["alpha", "beta", "gamma"]
 # Smaller than configs/tiny.yaml so the three runs fit the default suite's budget.
@@ -116,7 +116,7 @@ def test_tensorboard_scalars_read_back(runs):
     assert [e.step for e in acc.Scalars("val/alpha/loss")] == [0, 1, 2, 3]  # base + after each task
     assert max(e.value for e in acc.Scalars("spectral/max_sigma")) <= 1
     assert "continual/loss_matrix" in acc.Tags()["images"]
-    # Per-task gradient-norm statistics (callbacks.gradnorm) agree with the per-step series.
+    # Per-task gradient-norm statistics (crma_lightning.callbacks.gradnorm) agree with the per-step series.
     steps = [e.value for e in acc.Scalars("train/grad_norm")]
     stats = json.loads((run_dir / "continual" / "grad_norm.json").read_text())
     assert list(stats) == TASKS
@@ -124,7 +124,7 @@ def test_tensorboard_scalars_read_back(runs):
     assert max(s["max"] for s in stats.values()) == pytest.approx(max(steps), rel=1e-6)
     assert sum(s["mean"] * s["steps"] for s in stats.values()) == pytest.approx(sum(steps), rel=1e-5)
     assert acc.Scalars(f"grad_norm/{TASKS[0]}/max")[0].value == pytest.approx(stats[TASKS[0]]["max"], rel=1e-6)
-    # Per group: LoRA and CRMA apart, and the total is the norm of both (callbacks.gradnorm).
+    # Per group: LoRA and CRMA apart, and the total is the norm of both (crma_lightning.callbacks.gradnorm).
     lora, crma = ([e.value for e in acc.Scalars(f"train/grad_norm/{g}")] for g in ("lora", "crma"))
     assert len(lora) == len(crma) == len(steps) and min(crma) > 0
     for total, lo, cr in zip(steps, lora, crma, strict=True):

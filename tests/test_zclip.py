@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from crma_lightning.callbacks.zclip import (
+    ZClip,
+    clip_coefficient,
+    ema_update,
+    warmup_statistics,
+    zscore_threshold,
+)
 from faults import NaNAt
 from lightning.pytorch.callbacks import Callback
 
-from callbacks.zclip import ZClip, clip_coefficient, ema_update, warmup_statistics, zscore_threshold
-from crma_lightning.config import ConfigError
+from crma_lightning.core.errors import ConfigError
 
 T = torch.float64
 

@@ -10,12 +10,12 @@ One file per concern:
 - :mod:`.module`: ``ContinualDataModule``, one task per stage of one ``fit``.
 """
 
+from crma_lightning.core.losses import IGNORE_INDEX
 from crma_lightning.data.loading import PadCollator, ResumableDataLoader, ShardedBatchSampler, pad
 from crma_lightning.data.module import ContinualDataModule
 from crma_lightning.data.replay import Replay
 from crma_lightning.data.tasks import CORPUS_PREFIX, FILE_BUILDERS, TaskSpec, source_kind
 from crma_lightning.data.tokenize import TINY_TOKENIZER, load_tokenizer, tiny_tokenizer_path
-from crma_lightning.losses import IGNORE_INDEX
 
 __all__ = [
     "CORPUS_PREFIX",

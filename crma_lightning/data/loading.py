@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from crma_lightning.config import ConfigError
-from crma_lightning.losses import IGNORE_INDEX
+from crma_lightning.core.errors import ConfigError
+from crma_lightning.core.losses import IGNORE_INDEX
 
 
 def pad(

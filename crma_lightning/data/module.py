@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning.config import ConfigError
+from crma_lightning.backbone.hub import is_offline
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data.loading import (
     PadCollator,
     ResumableDataLoader,
@@ -31,10 +32,9 @@ from crma_lightning.data.replay import MixedRows, Replay, ReplayBatchSampler, jo
 from crma_lightning.data.replay import buffer as replay_buffer_of
 from crma_lightning.data.sources import load_hub
 from crma_lightning.data.split import task_sets
+from crma_lightning.data.synthetic import FIRST_TOKEN
 from crma_lightning.data.tasks import TaskSpec, source_kind, split_sources, validate_data_config
 from crma_lightning.data.tokenize import load_tokenizer
-from crma_lightning.hub import is_offline
-from crma_lightning.synthetic import FIRST_TOKEN
 
 
 class ContinualDataModule(LightningDataModule):

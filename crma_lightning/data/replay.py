@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from crma_lightning.config import type_problems
+from crma_lightning.core.errors import type_problems
 from crma_lightning.data.loading import ShardedBatchSampler
 
 

@@ -1,7 +1,7 @@
 """Reading a task's raw records: local files, shipped corpus domains and hub datasets.
 
 Every way a source can be wrong (missing, empty, not UTF-8, not JSON objects, a field that is not
-text, a hub name on an offline machine) becomes one :class:`~crma_lightning.config.ConfigError`
+text, a hub name on an offline machine) becomes one :class:`~crma_lightning.adapters.config.ConfigError`
 that names the task, the file or field, and the fix.
 """
 
@@ -15,7 +15,8 @@ import datasets
 import pyarrow as pa
 
 from crma_lightning import corpus
-from crma_lightning.config import ConfigError
+from crma_lightning.backbone.hub import is_offline
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data.tasks import (
     CORPUS_PREFIX,
     FILE_BUILDERS,
@@ -24,7 +25,6 @@ from crma_lightning.data.tasks import (
     local_path,
     split_sources,
 )
-from crma_lightning.hub import is_offline
 
 _READ_OPTIONS = {
     "text": {"encoding": "utf-8-sig"},  # drops a UTF-8 byte-order mark instead of training on it

@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-from crma_lightning.config import ConfigError
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data.sources import load_records
 from crma_lightning.data.tasks import TaskSpec, source_kind, split_sources
 from crma_lightning.data.tokenize import resolve_labels, synthetic_examples, tokenize_records

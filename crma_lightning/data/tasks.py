@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 from crma_lightning import corpus
-from crma_lightning.config import raise_problems, type_problems
+from crma_lightning.adapters.lora import SHARED_ADAPTER
+from crma_lightning.core.errors import raise_problems, type_problems
 from crma_lightning.data.replay import replay_problems
-from crma_lightning.lora import SHARED_ADAPTER
-from crma_lightning.rundir import RESERVED_TASK_NAMES
+
+RESERVED_TASK_NAMES = ("crma", "crma_history")
+"""Task names that would collide with a run-directory entry (``adapters/crma/``, ``adapters/crma_history/``)."""
 
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 """File extension -> ``datasets`` builder used to read it."""

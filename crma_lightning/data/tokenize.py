@@ -1,7 +1,7 @@
 """Tokenizers and tokenisation: from raw records (or synthetic tasks) to ``input_ids``/``labels``.
 
 Examples are lists of token ids with unshifted labels (``IGNORE_INDEX`` on unscored tokens, see
-:mod:`crma_lightning.losses`) and the index of the source record they came from, so the holdout
+:mod:`crma_lightning.core.losses`) and the index of the source record they came from, so the holdout
 split can keep a record's blocks on one side.
 """
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from crma_lightning.config import ConfigError
+from crma_lightning.backbone.hub import converted_gguf, resolve_path
+from crma_lightning.core.errors import ConfigError
+from crma_lightning.core.losses import IGNORE_INDEX
+from crma_lightning.data.synthetic import FIRST_TOKEN, permutation_sequences
 from crma_lightning.data.tasks import DEFAULT_INSTRUCTION, TASK_FILE, TaskSpec, local_path
-from crma_lightning.hub import converted_gguf, resolve_path
-from crma_lightning.losses import IGNORE_INDEX
-from crma_lightning.synthetic import FIRST_TOKEN, permutation_sequences
 
 TINY_TOKENIZER = "tiny"
 """``tokenizer`` value that selects the 512-token BPE shipped in ``crma_lightning/assets``."""
@@ -260,7 +260,7 @@ def synthetic_examples(
     tokenizer: PreTrainedTokenizerBase | None,
     stream: int = 0,
 ) -> datasets.Dataset:
-    """``count`` permutation sequences of a synthetic task (``crma_lightning.synthetic``), every token
+    """``count`` permutation sequences of a synthetic task (``crma_lightning.data.synthetic``), every token
     scored; ``stream`` > 0 gives further sequences of the task (its test set) from their own generator."""
     if tokenizer is not None and FIRST_TOKEN + vocab > len(tokenizer):
         raise ConfigError(

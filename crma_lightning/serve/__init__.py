@@ -5,14 +5,14 @@
 ``export_task(run, task, dir)`` writes one task's model and ``load_exported(dir)`` ->
 :class:`ExportedModel` reads it back. Both served classes share :class:`ServedModel` (``logits``,
 batched generation, prompt scoring); ``export`` builds on ``run``, never the other way. Command line: ``train.py predict|route|export``
-(:mod:`crma_lightning.serve.cli`). Guide: docs/inference.md.
+(:mod:`crma_lightning.cli.serve`). Guide: docs/inference.md.
 """
 
+from crma_lightning.routing.router import RouteDecision, build_routing_stats
+from crma_lightning.runs.runinfo import RunInfo, read_run
 from crma_lightning.serve.export import ExportedModel, export_task, load_exported
 from crma_lightning.serve.model import ServedModel
-from crma_lightning.serve.router import RouteDecision, build_routing_stats
 from crma_lightning.serve.run import AUTO, Completion, TrainedRun, load_run
-from crma_lightning.serve.runinfo import RunInfo, read_run
 
 __all__ = [
     "AUTO",

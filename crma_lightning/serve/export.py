@@ -28,14 +28,15 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from crma_lightning.atomic import atomic_directory, atomic_write_json
-from crma_lightning.backbone import DTYPES, load_backbone, plain_model
-from crma_lightning.checkpoint import load_crma, save_crma, save_lora
-from crma_lightning.config import ConfigError
+from crma_lightning.adapters.injection import CRMAInjection
+from crma_lightning.backbone.hub import plain_model
+from crma_lightning.backbone.loading import DTYPES, load_backbone
+from crma_lightning.core.atomic import atomic_directory, atomic_write_json
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import load_tokenizer
-from crma_lightning.injection import CRMAInjection
-from crma_lightning.serve import generation
-from crma_lightning.serve.generation import Prompt
+from crma_lightning.evaluation import generation
+from crma_lightning.evaluation.generation import Prompt
+from crma_lightning.runs.checkpoint import load_crma, save_crma, save_lora
 from crma_lightning.serve.model import ServedModel
 from crma_lightning.serve.run import TrainedRun
 

@@ -11,11 +11,11 @@ directory alone: row ``after task k`` is the base model with
 - the CRMA state after task k (``adapters/crma_history/<task k>/``), none for the base row (CRMA is
   the identity at initialisation).
 
-Each row is evaluated by :class:`~crma_lightning.evaluator.RowEvaluator`, as in ``fit``, so the
+Each row is evaluated by :class:`~crma_lightning.evaluation.evaluator.RowEvaluator`, as in ``fit``, so the
 numbers equal the callback's (tests compare them); with ``task_id="both"`` also without the task
 id (per-task LoRAs routed among the tasks trained by that row, as the callback does: by default
 with the statistics router, whose files the run wrote at each task end). Results go to ``continual/test/`` (or
-``continual/`` for ``--split validation``) through :class:`~crma_lightning.rundir.RunDir`.
+``continual/`` for ``--split validation``) through :class:`~crma_lightning.runs.rundir.RunDir`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from crma_lightning.checkpoint import CRMA_WEIGHTS, load_crma, load_lora
-from crma_lightning.config import ConfigError
+from crma_lightning.adapters.lora import activate_lora, lora_disabled
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule
-from crma_lightning.evaluator import (
+from crma_lightning.evaluation.evaluator import (
     RowEvaluator,
     Rows,
     add_row,
@@ -37,10 +37,10 @@ from crma_lightning.evaluator import (
     summarize_rows,
     task_data,
 )
-from crma_lightning.layout import SHARED_ADAPTER, layout_of
-from crma_lightning.lora import activate_lora, lora_disabled
-from crma_lightning.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
-from crma_lightning.serve.router import load_stats_router
+from crma_lightning.methods.layouts import SHARED_ADAPTER, layout_of
+from crma_lightning.routing.router import load_stats_router
+from crma_lightning.runs.checkpoint import CRMA_WEIGHTS, load_crma, load_lora
+from crma_lightning.runs.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
 from crma_lightning.serve.run import TrainedRun
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning.injection import CRMAInjection
-from crma_lightning.serve import generation
-from crma_lightning.serve.generation import Prompt
+from crma_lightning.adapters.injection import CRMAInjection
+from crma_lightning.evaluation import generation
+from crma_lightning.evaluation.generation import Prompt
 
 
 class ServedModel:

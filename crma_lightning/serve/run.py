@@ -3,10 +3,10 @@
 ``load_run("runs/tiny/version_0")`` rebuilds the base model from the run's ``config.yaml`` (the
 configuration LightningCLI saved), puts every completed task's LoRA back from ``adapters/<task>/``
 and, for MODULAR runs, the latest CRMA from ``adapters/crma/`` — checking the base architecture
-and every tensor's shape on the way (``crma_lightning.checkpoint``). Nothing is unpickled: adapters
+and every tensor's shape on the way (``crma_lightning.runs.checkpoint``). Nothing is unpickled: adapters
 are safetensors and the configuration is YAML read with ``yaml.safe_load``.
 
-Routing without a task id (``task="auto"``, :mod:`crma_lightning.serve.router`): by default from
+Routing without a task id (``task="auto"``, :mod:`crma_lightning.routing.router`): by default from
 the run's routing statistics (a discriminant over the frozen base's features, one partial forward
 pass per prompt); ``router="loss"`` scores the prompt under every task's adapter instead (K forward
 passes). Each decision comes with a confidence; ``threshold`` sends less confident prompts to a
@@ -27,25 +27,16 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from crma_lightning import losses, routing
-from crma_lightning.backbone import BackboneConfig, load_backbone
-from crma_lightning.checkpoint import (
-    CRMA_WEIGHTS,
-    PEFT_CONFIG,
-    PEFT_WEIGHTS,
-    load_crma,
-    load_lora,
-    read_crma_meta,
-)
-from crma_lightning.config import ConfigError
+from crma_lightning.adapters.injection import CRMAInjection
+from crma_lightning.adapters.lora import activate_lora
+from crma_lightning.backbone.loading import BackboneConfig, load_backbone
+from crma_lightning.core import losses
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule, load_tokenizer
-from crma_lightning.injection import CRMAInjection
-from crma_lightning.layout import SHARED_ADAPTER, layout_of
-from crma_lightning.lora import activate_lora
-from crma_lightning.serve import generation
-from crma_lightning.serve.generation import Prompt
-from crma_lightning.serve.model import ServedModel
-from crma_lightning.serve.router import (
+from crma_lightning.evaluation import generation
+from crma_lightning.evaluation.generation import Prompt
+from crma_lightning.methods.layouts import SHARED_ADAPTER, layout_of
+from crma_lightning.routing.router import (
     DEFAULT_SHRINKAGE,
     LOSS_FALLBACK,
     RouteDecision,
@@ -54,7 +45,17 @@ from crma_lightning.serve.router import (
     check_routing,
     load_stats_router,
 )
-from crma_lightning.serve.runinfo import RunInfo, check_trusted, read_run
+from crma_lightning.routing import routers as routing
+from crma_lightning.runs.checkpoint import (
+    CRMA_WEIGHTS,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    load_crma,
+    load_lora,
+    read_crma_meta,
+)
+from crma_lightning.runs.runinfo import RunInfo, check_trusted, read_run
+from crma_lightning.serve.model import ServedModel
 
 AUTO = "auto"
 """Task value that asks for routing instead of naming a task."""

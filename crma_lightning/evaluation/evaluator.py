@@ -1,0 +1,408 @@
+"""One row of the continual-learning matrices: every task's held-out split under one model state.
+
+Used by the evaluation callback during ``fit`` (the live module, after each task) and by
+``train.py test --run`` (a finished run, rebuilt as it was after each task). ``serve(task)`` is a
+context that sets the forward pass up as ``task`` is served (its LoRA, CRMA); the evaluator never
+changes weights. For each task it computes (docs/method.md §4, :mod:`crma_lightning.evaluation.task_metrics`):
+
+- next-token loss and token accuracy over the scored tokens (``losses.token_stats``, the sums of
+  training's loss, so the loss matrix is the one the callback always wrote);
+- for classification, all from one forward of each batch's prompts
+  (:func:`~crma_lightning.evaluation.task_metrics.score_choices`): the loss and token accuracy of the
+  example's own label target, the label-set accuracy (every label scored from the prompts' KV
+  cache) and exact match of the greedy answer (decoded from the same cache); for a free-text task
+  whose metric asks for it, exact match or ROUGE-L of answers from ``generate_ids``;
+- **without the task id** (:meth:`RowEvaluator.routed`, for layouts that route): every example is
+  routed to one candidate adapter and takes that adapter's loss, token accuracy, label choice and
+  greedy answer. The router is the statistics router when one is given (``route``: a discriminant
+  of frozen-base features of the prompt; each candidate then runs only on its own examples), else
+  the loss router (every candidate scores every prompt, the lowest prompt loss wins; for
+  classification every candidate answers from its own prompt forward). The routing accuracy
+  counts examples routed to their own task's adapter. Layouts with one model for every input (a
+  shared LoRA, or all LoRAs summed) need no routing: their rows without the task id are the rows
+  with it. A text block (every token scored) is routed on its first ``route_tokens`` tokens.
+
+Answers are generated greedily with the KV cache (``serve.generation.generate_ids``), left padded,
+``answer_budget`` tokens (the longest label or reference + eos; a fixed count, so every rank runs
+the same forward passes, as a sharded model needs; routed groups are padded to the largest rank's
+for the same reason). Sums go through
+:class:`~crma_lightning.evaluation.task_metrics.Sums`, a torchmetrics metric, so ranks add up exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from crma_lightning.backbone.output_head import batch_token_stats
+from crma_lightning.core import losses
+from crma_lightning.data.tasks import TaskSpec
+from crma_lightning.data.tokenize import choice_ids
+from crma_lightning.evaluation import metrics as clm
+from crma_lightning.evaluation import task_metrics as tm
+from crma_lightning.evaluation.generation import generate_ids
+
+METRICS = ("loss", "token_accuracy", "exact_match", "label_accuracy", "rougeL", "routing_accuracy")
+"""What a row holds per task (NaN where a metric does not apply), besides ``accuracy``: the task metric."""
+EXTRA = METRICS[1:]
+"""Metrics with a matrix of their own besides L (``loss``) and A (``accuracy``)."""
+
+Route = Callable[[list[list[int]]], Tensor]
+"""Prompts (token ids) -> the index of the candidate each goes to ``(N,)``: a router that needs no
+adapter (the statistics router, ``serve.router.StatsRouter.route``)."""
+
+Rows = dict[str, dict[str, list[float]]]
+"""Matrices by metric (``loss``, ``accuracy``, then :data:`EXTRA`): row name -> value per task."""
+
+
+def add_row(rows: Rows, name: str, result: dict[str, dict[str, float]], tasks: Sequence[str]) -> None:
+    """Put one evaluated row (:meth:`RowEvaluator.oracle`'s result) into ``rows`` as row ``name``."""
+    for metric in ("loss", "accuracy", *EXTRA):
+        rows.setdefault(metric, {})[name] = [result[t][metric] for t in tasks]
+
+
+def extra_matrices(rows: Rows) -> Rows:
+    """The :data:`EXTRA` matrices worth a file: defined for some task, and not A itself (token
+    accuracy when every task's metric is token accuracy)."""
+    out = {}
+    for metric in EXTRA:
+        m = rows.get(metric, {})
+        values = [v for row in m.values() for v in row]
+        if values and not all(math.isnan(v) for v in values) and m != rows.get("accuracy"):
+            out[metric] = m
+    return out
+
+
+def summarize_rows(rows: Rows) -> dict[str, float | None]:
+    """The continual-learning summary (``metrics.summarize``: drift on L; BWT, FWT, forgetting and the
+    final average on A, the task metric) over the tasks trained so far, plus ``final_avg_<metric>``
+    of the other metrics; empty before the first task ends."""
+    loss, acc = np.array(list(rows["loss"].values())), np.array(list(rows["accuracy"].values()))
+    done = loss.shape[0] - 1  # rows after the base row
+    if done < 1:
+        return {}
+    # Rows 0..done, columns 0..done-1.
+    out: dict[str, float | None] = clm.summarize(loss[: done + 1, :done], acc[: done + 1, :done])
+    for metric, m in extra_matrices(rows).items():
+        last = np.array(list(m.values()))[done, :done]
+        out[f"final_avg_{metric}"] = None if np.isnan(last).all() else float(np.nanmean(last))
+    return out
+
+
+@dataclass
+class TaskData:
+    """What the evaluator needs of one task on one split (from ``ContinualDataModule``)."""
+
+    spec: TaskSpec
+    batches: list[dict[str, Tensor]]
+    """This rank's shard, batched (``holdout_batches``): as many batches on every rank."""
+    choices: list[list[int]] | None
+    """Label targets (classification), in label order."""
+    budget: int
+    """Tokens to generate per answer."""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def task_data(
+    dm, split: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None
+) -> list[TaskData]:
+    """Every task of a ``ContinualDataModule`` on ``split``, this rank's shard."""
+    out = []
+    for task in dm.task_names:
+        spec = dm.spec(task)
+        generates = spec.generates and dm.split_size(task, split) > 0
+        out.append(
+            TaskData(
+                spec,
+                dm.holdout_batches(task, rank, world_size, batch_size, split=split),
+                label_targets(dm, task),
+                answer_budget(dm, task, split) if generates else 0,
+            )
+        )
+    return out
+
+
+def label_targets(dm, task: str) -> list[list[int]] | None:
+    """Token ids of each label's target (``answer_prefix`` + label + eos) of a classification task
+    of a ``ContinualDataModule``, in label order; None for other formats."""
+    spec = dm.spec(task)
+    return choice_ids(spec, dm.hf_tokenizer) if spec.format == "classification" else None
+
+
+def answer_budget(dm, task: str, split: str = "validation") -> int:
+    """Tokens to generate for ``task``'s answers: the longest target of the split (its longest label
+    for classification), eos included; a property of the whole split, so every rank generates the
+    same number of tokens."""
+    choices = label_targets(dm, task)
+    if choices is not None:
+        return max(len(c) for c in choices)
+    labels = dm.held_out(task, split)["labels"]
+    return max((sum(t != losses.IGNORE_INDEX for t in row[1:]) for row in labels), default=1)
+
+
+class RowEvaluator:
+    """Evaluates tasks with a model whose forward ``serve(task)`` sets up (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        serve: Callable[[str], AbstractContextManager],
+        tokenizer: PreTrainedTokenizerBase | None,
+        *,
+        pad_id: int,
+        route_tokens: int = 16,
+        generation_batch_size: int = 16,
+        head: nn.Linear | None = None,
+    ) -> None:
+        """``head``: the model's output head, when the loss may be formed from the final hidden
+        states without the logits (``crma_lightning.backbone.output_head``; the module's ``fused_head``)."""
+        self.model = model
+        self.head = head
+        self.serve = serve
+        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+        self.eos_id = None if tokenizer is None else tokenizer.eos_token_id
+        self.route_tokens = route_tokens
+        self.generation_batch_size = generation_batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- the two modes -------------------------------------------------------------------------
+    @torch.no_grad()
+    def oracle(self, tasks: Sequence[TaskData]) -> dict[str, dict[str, float]]:
+        """Each task evaluated as ``serve(task)`` sets the model up (the task id given)."""
+        sums = tm.Sums(len(tasks)).to(self.device)
+        for i, task in enumerate(tasks):
+            prompts, weights, refs = [], [], []
+            with self.serve(task.name):
+                for batch in task.batches:
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    w = batch["example_weight"]
+                    if task.choices is not None:  # one forward of the prompts: every metric, the answers
+                        scores = self._classify(batch, task)
+                        sums.update(i, **{k: v * w for k, v in scores.items() if k != "answers"}, examples=w)
+                        if task.budget:
+                            self._score_generated(sums, i, scores["answers"], w, self._references(task, batch))
+                        continue
+                    s, _ = batch_token_stats(partial(self._logits, batch), self.head, batch["labels"], w, True)
+                    sums.update(i, loss_sum=s.loss_sum, tokens=s.tokens, correct=s.correct, examples=w)
+                    if task.budget:
+                        prompts += self._prompts(batch)
+                        weights += w.tolist()
+                        refs += self._references(task, batch)
+                if task.budget and task.choices is None:
+                    self._score_answers(sums, i, task, prompts, weights, refs)
+        return self._results(tasks, sums)
+
+    @torch.no_grad()
+    def routed(
+        self, tasks: Sequence[TaskData], candidates: Sequence[str], route: Route | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Each example served by one candidate (a task name, set up by ``serve``), the task id not
+        given: the one ``route`` picks from its prompt (the statistics router), or without ``route``
+        the one whose adapters give its prompt the lowest mean next-token loss."""
+        candidates = list(candidates)
+        sums = tm.Sums(len(tasks)).to(self.device)
+        for i, task in enumerate(tasks):
+            prompts, weights, refs, chosen = [], [], [], []
+            for batch in task.batches:
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                w = batch["example_weight"]
+                p = self._prompts(batch)
+                choice, pick = self._route_batch(batch, p, task, candidates, route)
+                sums.update(i, loss_sum=pick["loss_sum"] * w, tokens=pick["tokens"] * w, correct=pick["correct"] * w,
+                            examples=w)  # fmt: skip
+                if task.choices is not None:
+                    sums.update(i, label_correct=pick["label_correct"] * w)
+                    if task.budget:  # each example's greedy answer under the adapter it was routed to
+                        self._score_generated(sums, i, pick["answers"], w, self._references(task, batch))
+                if task.name in candidates:
+                    own = choice == candidates.index(task.name)
+                    sums.update(i, routed_right=own.double() * w, routable=w)
+                if task.budget and task.choices is None:
+                    prompts += p
+                    weights += w.tolist()
+                    refs += self._references(task, batch)
+                    chosen += choice.tolist()
+            if task.budget and task.choices is None:
+                self._score_routed_answers(sums, i, task, candidates, prompts, weights, refs, chosen)
+        return self._results(tasks, sums)
+
+    def _route_batch(
+        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidates: list[str],
+        route: Route | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        """Which candidate each example of ``batch`` goes to ``(B,)``, and its numbers under that
+        candidate (:meth:`_candidate`'s, per example)."""
+        if route is None:  # every candidate scores every prompt; the lowest loss wins
+            per = [self._candidate(batch, prompts, task, c, prompt_loss=True) for c in candidates]
+            choice = tm.route(torch.stack([c["prompt_loss"] for c in per], dim=1))  # (B,)
+            rows = torch.arange(len(choice), device=choice.device)
+            return choice, {k: torch.stack([c[k] for c in per], 1)[rows, choice] for k in per[0]}
+        choice = route(prompts).to(self.device)
+        pick: dict[str, Tensor] = {}
+        for c, candidate in enumerate(candidates):  # each candidate serves only its own examples
+            rows = (choice == c).nonzero()[:, 0]
+            count = _max_over_ranks(len(rows))  # every rank runs the same forward passes
+            if count == 0:
+                continue
+            filler = rows[:1] if len(rows) else torch.zeros(1, dtype=torch.long, device=self.device)
+            padded = torch.cat([rows, filler.expand(count - len(rows))])  # padding: computed, dropped
+            sub = {k: v[padded] for k, v in batch.items()}
+            out = self._candidate(sub, [prompts[k] for k in padded.tolist()], task, candidate)
+            for k, v in out.items():
+                pick.setdefault(k, v.new_zeros((len(choice), *v.shape[1:])))[rows] = v[: len(rows)]
+        return choice, pick
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+
+    def _prompts(self, batch: dict[str, Tensor]) -> list[list[int]]:
+        """Each example's prompt tokens (before its answer)."""
+        n = tm.prompt_lengths(batch["labels"], batch["attention_mask"], self.route_tokens).tolist()
+        return [row[:k] for row, k in zip(batch["input_ids"].tolist(), n, strict=True)]
+
+    def _candidate(
+        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidate: str,
+        prompt_loss: bool = False,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """Per example of ``batch`` served as ``candidate``: the answer's loss sum, scored and correct
+        tokens, (classification) whether the best label is its own and the greedy answer, and with
+        ``prompt_loss`` the prompt's mean loss (the loss router's score)."""
+        with self.serve(candidate):
+            if task.choices is not None:
+                return self._classify(batch, task, prompts, prompt_loss=prompt_loss)
+            logits = self._logits(batch)
+            stats = tm.per_example(logits, batch["labels"])
+            out = {k: stats[k] for k in ("loss_sum", "tokens", "correct")}
+            if prompt_loss:
+                lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+                out["prompt_loss"] = tm.per_example(logits, tm.prompt_labels(batch["input_ids"], lengths))["mean"]
+        return out
+
+    def _classify(
+        self, batch: dict[str, Tensor], task: TaskData, prompts: list[list[int]] | None = None, prompt_loss: bool = False
+    ) -> dict[str, Tensor]:
+        """A classification batch from one forward of its prompts (``task_metrics.score_choices``), per
+        example: the loss sum, scored and correct tokens of its own label's target (the numbers a
+        forward of prompt + target gives), whether the best-scored label is its own, the greedy
+        answer (``(B, budget)`` ids) and, with ``prompt_loss``, the routing score."""
+        scores = tm.score_choices(
+            self.model, prompts or self._prompts(batch), task.choices, self.pad_id, task.budget, prompt_loss
+        )
+        target = batch["target"][:, None]
+        lengths = torch.tensor([len(c) for c in task.choices], device=self.device, dtype=torch.float32)
+        out = {
+            "loss_sum": -scores.log_likelihood.gather(1, target)[:, 0],
+            "tokens": lengths[target[:, 0]],
+            "correct": scores.correct.gather(1, target)[:, 0],
+            "label_correct": (scores.log_likelihood.argmax(1) == target[:, 0]).double(),
+            "answers": scores.answers,
+        }
+        if prompt_loss:
+            out["prompt_loss"] = scores.prompt_loss
+        return out
+
+    def _references(self, task: TaskData, batch: dict[str, Tensor]) -> list[str]:
+        """Each example's reference answer: its label (classification), else its scored tokens
+        without the final eos, decoded."""
+        if task.choices is not None:
+            return [task.spec.labels[t] for t in batch["target"].tolist()]
+        out = []
+        for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+            answer = [t for t, y in zip(ids[1:], labels[1:], strict=True) if y != losses.IGNORE_INDEX]
+            if answer and answer[-1] == self.eos_id:
+                answer = answer[:-1]
+            out.append(self._decode(answer))
+        return out
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:  # synthetic runs: the token ids as words
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _texts(self, rows: list[list[int]]) -> list[str]:
+        """Generated token ids, cut at the first eos, decoded."""
+        return [self._decode(row[: row.index(self.eos_id)] if self.eos_id in row else row) for row in rows]
+
+    def _answers(self, prompts: list[list[int]], budget: int) -> list[str]:
+        """Greedy answers of ``budget`` tokens (every one generated: the same work on every rank),
+        cut at the first eos, decoded."""
+        new = generate_ids(
+            self.model, prompts, pad_id=self.pad_id, eos_id=None, batch_size=self.generation_batch_size,
+            max_new_tokens=budget, do_sample=False, use_cache=True,
+        )  # fmt: skip
+        return self._texts(new)
+
+    @staticmethod
+    def _score_texts(sums: tm.Sums, i: int, answers: list[str], refs: list[str], weights: list[float]) -> None:
+        """Exact match and ROUGE-L of ``answers`` against ``refs``, real examples (weight > 0) only."""
+        real = [k for k, w in enumerate(weights) if w > 0]
+        texts, references = [answers[k] for k in real], [refs[k] for k in real]
+        sums.update(i, exact=tm.exact_matches(texts, references), rouge=tm.rouge_l_sum(texts, references))
+
+    def _score_generated(self, sums: tm.Sums, i: int, answers: Tensor, weights: Tensor, refs: list[str]) -> None:
+        """Exact match (and ROUGE-L) of greedy answers ``(B, budget)``, cut at the first eos."""
+        self._score_texts(sums, i, self._texts(answers.tolist()), refs, weights.tolist())
+
+    def _score_answers(self, sums: tm.Sums, i: int, task: TaskData, prompts, weights, refs) -> None:
+        self._score_texts(sums, i, self._answers(prompts, task.budget), refs, weights)
+
+    def _score_routed_answers(self, sums, i, task, candidates, prompts, weights, refs, chosen) -> None:
+        """Greedy answers, each under the candidate its example was routed to."""
+        for c, candidate in enumerate(candidates):
+            rows = [k for k, x in enumerate(chosen) if x == c]
+            count = _max_over_ranks(len(rows))
+            if count == 0:
+                continue
+            padded = rows + [rows[0] if rows else 0] * (count - len(rows))  # padding: generated, dropped
+            with self.serve(candidate):
+                answers = self._answers([prompts[k] for k in padded], task.budget)[: len(rows)]
+            self._score_texts(sums, i, answers, [refs[k] for k in rows], [weights[k] for k in rows])
+
+    def _results(self, tasks: Sequence[TaskData], sums: tm.Sums) -> dict[str, dict[str, float]]:
+        """Per task: every metric of :data:`METRICS` (NaN where it does not apply) and ``accuracy``,
+        the task metric."""
+        v = sums.compute().tolist()  # synced over ranks
+        out = {}
+        for task, row in zip(tasks, v, strict=True):
+            q = dict(zip(tm.QUANTITIES, row, strict=True))
+            generated = task.budget > 0
+            r = {
+                # As before test sets existed: a task with no scored token has loss 0 (tokens >= 1).
+                "loss": q["loss_sum"] / max(q["tokens"], 1.0),
+                "token_accuracy": q["correct"] / max(q["tokens"], 1.0),
+                "exact_match": tm.ratio(q["exact"], q["examples"]) if generated else float("nan"),
+                "label_accuracy": tm.ratio(q["label_correct"], q["examples"]) if task.choices else float("nan"),
+                "routing_accuracy": tm.ratio(q["routed_right"], q["routable"]),
+                "rougeL": tm.ratio(q["rouge"], q["examples"]) if generated and task.spec.format != "classification" else float("nan"),
+            }  # fmt: skip
+            r["accuracy"] = r[task.spec.task_metric]
+            out[task.name] = r
+        return out
+
+
+def _max_over_ranks(n: int) -> int:
+    """The largest ``n`` over all ranks (``n`` itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

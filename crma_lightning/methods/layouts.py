@@ -1,0 +1,154 @@
+"""Adapter layouts: which LoRAs exist, which serve a task, and what trains during it.
+
+| layout (``model.strategy``)         | LoRAs                    | forward for task k      | trains during task k     |
+|-------------------------------------|--------------------------|-------------------------|--------------------------|
+| ``SharedLoRA`` (``naive``)          | one shared               | the shared LoRA         | the shared LoRA          |
+| ``TaskLoRA`` (``frozen``)           | one per task             | LoRA_k                  | LoRA_k                   |
+| ``TaskLoRAWithCRMA`` (``modular``)  | one per task, and CRMA   | LoRA_k + CRMA           | LoRA_k and all of CRMA   |
+| ``IncrementalLoRA`` (``inc_lora``)  | one per task             | every LoRA, summed      | LoRA_k                   |
+
+A LoRA that does not train in a task stays bit-identical (it gets no gradient). Under
+``IncrementalLoRA`` a task's LoRA is zero (B = 0) until its task trains it, so "every LoRA" is
+exactly the sum of the LoRAs of the tasks trained so far, for every task alike: it never needs a
+task id, and its evaluation uses none. Without a task id
+at inference, a layout either has one model for every task (``shared``), sums every trained LoRA
+(``sum``: IncLoRA, O-LoRA), or needs the task routed (``route``). The base model never trains
+(docs/method.md §2). Pick one in YAML by name (``model.strategy: naive``) or by class
+(``model.layout: {class_path: crma_lightning.methods.layouts.IncrementalLoRA}``); the module, the freezing
+callback and ``serve`` all read the layout.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from crma_lightning.adapters.lora import SHARED_ADAPTER
+from crma_lightning.core.errors import ConfigError
+
+Strategy = Literal["naive", "frozen", "modular", "inc_lora"]
+AdapterKind = Literal["lora", "crma"]
+NoTaskId = Literal["shared", "sum", "route"]
+
+
+class AdapterLayout:
+    """A fresh LoRA per task, frozen after it; task k is served by LoRA_k (the FROZEN condition)."""
+
+    name: ClassVar[str] = "frozen"
+    crma: ClassVar[bool] = False
+    """CRMA blocks on every decoder layer, trained during every task."""
+    shared_lora: ClassVar[bool] = False
+    """One LoRA for every task (else one per task)."""
+    cumulative: ClassVar[bool] = False
+    """Every forward runs through all LoRAs together (summed): no task id is ever used."""
+    no_task_id: ClassVar[NoTaskId] = "route"
+    """What serves an input whose task is not known: see the module docstring."""
+
+    @property
+    def trains(self) -> tuple[AdapterKind, ...]:
+        """Adapter kinds trained during a task: its LoRA, and CRMA if present."""
+        return ("lora", "crma") if self.crma else ("lora",)
+
+    def adapter_names(self, tasks: list[str]) -> list[str]:
+        """Every LoRA the model holds."""
+        return [SHARED_ADAPTER] if self.shared_lora else list(tasks)
+
+    def adapter_for(self, task: str, tasks: list[str]) -> str:
+        """The LoRA that trains during ``task`` (and, unless cumulative, alone serves it)."""
+        if task not in tasks:
+            raise ConfigError(f"unknown task {task!r}; the tasks are {tasks}")
+        return SHARED_ADAPTER if self.shared_lora else task
+
+    def active_for(self, task: str, tasks: list[str]) -> list[str]:
+        """The LoRAs active in the forward pass for ``task`` (training it, or serving it with its id)."""
+        own = self.adapter_for(task, tasks)
+        return list(tasks) if self.cumulative else [own]
+
+    def active_without_task_id(self, trained: list[str]) -> list[str] | None:
+        """The LoRAs that serve an input of unknown task after ``trained`` tasks; None: route it."""
+        if self.no_task_id == "route":
+            return None
+        return [SHARED_ADAPTER] if self.shared_lora else list(trained)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class TaskLoRA(AdapterLayout):
+    """FROZEN: a fresh LoRA per task, frozen after it; no CRMA."""
+
+
+class SharedLoRA(AdapterLayout):
+    """NAIVE sequential LoRA: one LoRA trained on every task in turn."""
+
+    name = "naive"
+    shared_lora = True
+    no_task_id = "shared"
+
+
+class TaskLoRAWithCRMA(AdapterLayout):
+    """MODULAR (the method): a fresh LoRA per task, frozen after it, plus CRMA trained throughout."""
+
+    name = "modular"
+    crma = True
+
+
+class IncrementalLoRA(AdapterLayout):
+    """IncLoRA (and, with ``regularizers.OrthogonalLoRA``, O-LoRA): a fresh LoRA per task, frozen
+    after it; every forward sums all of them (those of later tasks are still zero)."""
+
+    name = "inc_lora"
+    cumulative = True
+    no_task_id = "sum"
+
+
+LAYOUTS: dict[str, type[AdapterLayout]] = {
+    "naive": SharedLoRA,
+    "frozen": TaskLoRA,
+    "modular": TaskLoRAWithCRMA,
+    "inc_lora": IncrementalLoRA,
+}
+STRATEGIES = tuple(LAYOUTS)
+
+
+def layout_of(strategy: str) -> AdapterLayout:
+    """The layout a ``model.strategy`` name stands for."""
+    if strategy not in LAYOUTS:
+        raise ConfigError(f"model.strategy must be one of {STRATEGIES} (got {strategy!r}).")
+    return LAYOUTS[strategy]()
+
+
+def resolve_layout(strategy: str | None, layout: AdapterLayout | None) -> AdapterLayout:
+    """``model.layout`` if given, else the layout ``model.strategy`` names (default ``modular``);
+    both given must agree."""
+    if layout is None:
+        return layout_of(strategy or "modular")
+    if not isinstance(layout, AdapterLayout):
+        raise ConfigError(
+            f"model.layout must be an AdapterLayout (class_path: crma_lightning.methods.layouts.<Layout>), got {layout!r}"
+        )
+    if strategy is not None and strategy != layout.name:
+        raise ConfigError(
+            f"model.strategy {strategy!r} and model.layout {type(layout).__name__} ({layout.name!r}) disagree; set one"
+        )
+    return layout
+
+
+def layout_from_config(model: dict) -> AdapterLayout:
+    """The layout of a run's saved ``model`` section (``config.yaml``, read as data): ``layout``
+    (``class_path`` of a class in this module; nothing else is imported) or ``strategy``."""
+    section = model.get("layout")
+    if section:
+        path = section.get("class_path", "") if isinstance(section, dict) else str(section)
+        cls = next(
+            (c for c in LAYOUTS.values() if path in (f"{c.__module__}.{c.__name__}", c.__name__)), None
+        )
+        if cls is None:
+            raise ConfigError(f"model.layout {path!r} is not one of crma_lightning.methods.layouts's layouts")
+        return resolve_layout(model.get("strategy"), cls())
+    return layout_of(model.get("strategy") or "modular")

@@ -1,0 +1,1 @@
+"""The LightningModule and its training step: gradients, optimiser, schedules, the task clock."""
