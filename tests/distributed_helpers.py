@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from subproc import REPO, run_train
+from subproc import REPO, run_dir_of, run_train
 
-from crma_lightning.runs.rundir import RUN_DIR_LINE, read_matrix_csv
+from crma_lightning.runs.rundir import read_matrix_csv
 
 #: Small runs: 64 training examples (4 global batches of 16 per epoch, 8 steps per task, 24 in
 #: all; ModelCheckpoint every 10 steps leaves last.ckpt at step 20, inside task 3).
@@ -43,12 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE))
-    return Path(line.removeprefix(RUN_DIR_LINE))
 
 
 def fit(save_dir: Path, *args: str, timeout: int = 420) -> Path:

@@ -24,14 +24,14 @@ from crma_lightning.callbacks.evaluation import ContinualEvaluation
 from crma_lightning.callbacks.freezing import FreezingPolicy
 from crma_lightning.callbacks.routing import RoutingStatistics
 from lightning.pytorch.loggers import TensorBoardLogger
-from subproc import run_train
+from subproc import run_dir_of, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from crma_lightning.adapters.config import LoRAConfig
 from crma_lightning.backbone.loading import BackboneConfig
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec
-from crma_lightning.runs.rundir import RUN_DIR_LINE, RunDir
+from crma_lightning.runs.rundir import RunDir
 from crma_lightning.training.module import ContinualLM, GroupLR
 
 KEYWORDS = {
@@ -279,8 +279,7 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     assert "test task metric (exact_match)" in proc.stdout  # the final tables, test split included
     said = [line for line in proc.stdout.splitlines() if line.startswith("evaluated ")]  # one per row
     assert [line.split(":")[0] for line in said] == ["evaluated base model", "evaluated after news", "evaluated after mood"]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE))
-    run = RunDir(line.removeprefix(RUN_DIR_LINE))
+    run = RunDir(run_dir_of(proc))
     names = ("loss_matrix", "accuracy_matrix", "label_accuracy_matrix", "token_accuracy_matrix")
     names += tuple(f"{n}_no_task_id" for n in names)
     if strategy == "modular":  # per-task LoRAs are routed; naive's one shared LoRA serves every input

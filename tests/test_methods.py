@@ -15,17 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from subproc import REPO, run_train
+from subproc import REPO, run_dir_of, run_train
 
-from crma_lightning.runs.rundir import RUN_DIR_LINE, read_matrix_csv
+from crma_lightning.runs.rundir import read_matrix_csv
 
 
 def fit_dir(tmp: Path, *args: str) -> Path:
     proc = run_train("fit", "--config", "configs/tiny.yaml", *args, "--trainer.logger.init_args.save_dir", str(tmp),
                      "--trainer.enable_progress_bar", "false")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith(RUN_DIR_LINE))
-    return Path(line.removeprefix(RUN_DIR_LINE))
+    return run_dir_of(proc)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ import pytest
 from distributed_helpers import SMALL, fit, fit_once, kill_rank_mid_run
 from subproc import REPO, run_train
 
-from crma_lightning.runs.rundir import RUN_DIR_LINE, read_matrix_csv
+from crma_lightning.runs.rundir import read_matrix_csv
 
 DDP = ["--config", "configs/tiny.yaml", *SMALL, "--trainer.devices", "2", "--trainer.strategy", "ddp",
        "--data.batch_size", "8"]  # fmt: skip
@@ -40,7 +40,7 @@ def test_two_rank_fits_exit_0_every_time(setup, tmp_path):
         proc = run_train("fit", *SETUPS[setup], *QUICK, "--trainer.logger.init_args.save_dir", str(tmp_path / str(i)),
                          timeout=300)  # fmt: skip
         assert proc.returncode == 0, f"run {i}: exit {proc.returncode}: {proc.stderr[-3000:]}"
-        assert RUN_DIR_LINE in proc.stdout and "terminate called" not in proc.stderr
+        assert proc.record["status"] == "finished" and "terminate called" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -13,11 +13,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from subproc import REPO, run_train
+from subproc import REPO, run_dir_of, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from crma_lightning.cli.fit import ContinualCLI
 from crma_lightning.runs.checkpoint import CRMA_CONFIG, CRMA_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+from crma_lightning.runs.record import read_record
 from crma_lightning.runs.rundir import RUN_DIR_LINE
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -33,10 +34,10 @@ def fit(tmp: Path, strategy: str) -> tuple[Path, subprocess.CompletedProcess]:
         "--trainer.logger.init_args.save_dir", str(tmp),
         *FAST,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = run_dir_of(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE)]
-    assert len(lines) == 1, proc.stdout[-2000:]
-    return Path(lines[0].removeprefix(RUN_DIR_LINE)), proc
+    assert len(lines) == 1 and Path(lines[0].removeprefix(RUN_DIR_LINE)).resolve() == run_dir, proc.stdout[-2000:]
+    return run_dir, proc
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,9 @@ def test_output_contract(runs, strategy):
                 "final_avg_loss", "spectral_max_sigma", "spectral_max_row_col_err"):  # fmt: skip
         assert key in summary, key
     assert summary["strategy"] == strategy and summary["tasks"] == TASKS and summary["seed"] == 0
+    record = read_record(run_dir)  # run.json: the machine-readable record scripts read
+    assert record["status"] == "finished" and record["run_dir"] == str(run_dir) and record["exit_code"] == 0
+    assert record["summary"]["validation"] == summary and record["summary"]["test"]["split"] == "test"
     for task in TASKS:
         assert (run_dir / "adapters" / task / PEFT_CONFIG).is_file()
         assert (run_dir / "adapters" / task / PEFT_WEIGHTS).is_file()
@@ -185,6 +189,9 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "model.crma.streams must be >= 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the record says so too, for scripts; no run directory was left behind
+    assert proc.record["status"] == "failed" and proc.record["exit_code"] == 2 and proc.record["run_dir"] is None
+    assert "model.crma.streams must be >= 2" in proc.record["error"]
 
 
 def test_ckpt_path_last_resumes_in_place_and_matches_the_uninterrupted_run(runs, tmp_path):

@@ -25,6 +25,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from crma_lightning.callbacks import METHOD_CALLBACKS
 from crma_lightning.callbacks.adapters import RanksDivergedError
@@ -38,6 +39,7 @@ from crma_lightning.core.dist import (
 )
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule
+from crma_lightning.runs.record import record, write_record
 from crma_lightning.runs.rundir import RUN_DIR_LINE, SHARDED_META, RunDir, init_args, is_checkpoint, versions
 from crma_lightning.training.module import ContinualLM, NonFiniteError
 
@@ -105,6 +107,13 @@ class ContinualCLI(LightningCLI):
         parser.link_arguments("data.tasks", "model.task_names", compute_fn=_task_names)
         parser.link_arguments("data.seed", "model.seed")
         parser.add_argument(
+            "--record",
+            type=str | None,
+            default=None,
+            help="Also write the run's record (run directory, status, summary; as <run dir>/run.json) to this "
+            "JSON file, for scripts: it is written when fit finishes or fails.",
+        )
+        parser.add_argument(
             "--dist_timeout",
             type=float | None,
             default=None,
@@ -170,12 +179,13 @@ class ContinualCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        global _fresh_run_dir
+        global _fresh_run_dir, _run_dir
         # Remember a run directory this invocation creates, so a failure before the first
         # checkpoint leaves no half-made run behind (see main()).
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         resuming = self.config[self.subcommand].get("ckpt_path")
         _fresh_run_dir = None if (resuming or run_dir.exists()) else run_dir
+        _run_dir = run_dir
         global _launcher
         _launcher = self.trainer.strategy.launcher
         self.model.check_strategy(self.trainer.strategy)
@@ -183,6 +193,7 @@ class ContinualCLI(LightningCLI):
     def after_fit(self) -> None:
         run_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective: every rank
         if self.trainer.is_global_zero:
+            write_record(record("finished", run_dir), self.config[self.subcommand].get("record"))
             print(f"{RUN_DIR_LINE}{run_dir}", flush=True)
             rank_zero_info(f"open it in TensorBoard: tensorboard --logdir {run_dir}")
 
@@ -268,6 +279,7 @@ def _resume_in_place(cfg, ckpt: str) -> None:
 
 
 _fresh_run_dir: Path | None = None
+_run_dir: Path | None = None  # the run directory of this invocation's fit, once the trainer has one
 _launcher = None  # the strategy's launcher: on rank 0 of a node it holds the other local ranks
 
 def _remove_unfinished_run() -> None:
@@ -275,8 +287,6 @@ def _remove_unfinished_run() -> None:
     if run is None or not run.is_dir() or any(RunDir(run).checkpoints.glob("*.ckpt")):
         return
     import shutil
-
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
         shutil.rmtree(run, ignore_errors=True)
@@ -334,8 +344,32 @@ def quiet_console() -> None:
     )
 
 
+def _record_option(args: list[str]) -> str | None:
+    """The value of ``--record`` in ``args``, read before parsing so a parse error is recorded too."""
+    for i, a in enumerate(args):
+        if a == "--record" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--record="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def main(args: list[str] | None = None) -> ContinualCLI | None:
-    """Entry point of ``train.py``: configuration problems become one clear line, exit code 2."""
+    """Entry point of ``train.py``: configuration problems become one clear line, exit code 2; with
+    ``--record PATH`` a failed fit writes its record (status, exit code, error) there too."""
+    record_to = _record_option(list(args if args is not None else sys.argv))
+    try:
+        return _main(args)
+    except BaseException as e:
+        code = e.code if isinstance(e, SystemExit) else 1
+        if code not in (0, None) and record_to is not None and rank_zero_only.rank == 0:
+            cause = e.__context__ if isinstance(e, SystemExit) and e.__context__ is not None else e
+            run_dir = _run_dir if _run_dir is not None and _run_dir.is_dir() else None
+            write_record(record("failed", run_dir, exit_code=code, error=str(cause) or type(cause).__name__), record_to)
+        raise
+
+
+def _main(args: list[str] | None) -> ContinualCLI | None:
     quiet_console()
     debug = "--debug" in (args if args is not None else sys.argv)
     if debug:

@@ -22,12 +22,12 @@ from peft.functional import get_peft_model_state_dict, inject_adapter_in_model, 
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from crma_lightning.core.atomic import atomic_directory, atomic_write_json
-from crma_lightning.core.errors import ConfigError
 from crma_lightning.adapters.config import CRMAConfig
-from crma_lightning.core.dist import whole_cpu
 from crma_lightning.adapters.injection import CRMAInjection, find_decoder_layers, hidden_size_of, inject_crma
 from crma_lightning.adapters.lora import adapter_names
+from crma_lightning.core.atomic import atomic_directory, atomic_write_json
+from crma_lightning.core.dist import whole_cpu
+from crma_lightning.core.errors import ConfigError
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"

@@ -3,6 +3,7 @@
 A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
 
     config.yaml                   the configuration LightningCLI saved (what load_run rebuilds from)
+    run.json                      fit's record: status, run directory, summary (crma_lightning.runs.record)
     checkpoints/last.ckpt         Lightning checkpoints (adapters and optimizer state only); a
                                   sharded (FSDP2) checkpoint is a folder of DCP shards + meta.pt
     adapters/<task>/              the LoRA serving <task>, PEFT format, written at the task's end
@@ -46,9 +47,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
-from crma_lightning.data.tasks import RESERVED_TASK_NAMES
 from crma_lightning.core.atomic import aside_of, atomic_write_json, atomic_write_text, json_safe
 from crma_lightning.core.errors import ConfigError
+from crma_lightning.data.tasks import RESERVED_TASK_NAMES
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS_DIR = "checkpoints"

@@ -12,13 +12,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from crma_lightning.backbone.hub import PACKAGE_PREFIX
 from crma_lightning.backbone.loading import BackboneConfig
-from crma_lightning.runs.checkpoint import PEFT_CONFIG, PEFT_WEIGHTS
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec
 from crma_lightning.data.replay import Replay
-from crma_lightning.backbone.hub import PACKAGE_PREFIX
 from crma_lightning.methods.layouts import layout_from_config
+from crma_lightning.runs.checkpoint import PEFT_CONFIG, PEFT_WEIGHTS
 from crma_lightning.runs.rundir import RunDir, init_args
 
 __all__ = ["KNOWN_CLASS_PREFIXES", "RunInfo", "check_trusted", "read_run"]

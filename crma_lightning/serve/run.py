@@ -36,6 +36,7 @@ from crma_lightning.data import ContinualDataModule, load_tokenizer
 from crma_lightning.evaluation import generation
 from crma_lightning.evaluation.generation import Prompt
 from crma_lightning.methods.layouts import SHARED_ADAPTER, layout_of
+from crma_lightning.routing import routers as routing
 from crma_lightning.routing.router import (
     DEFAULT_SHRINKAGE,
     LOSS_FALLBACK,
@@ -45,7 +46,6 @@ from crma_lightning.routing.router import (
     check_routing,
     load_stats_router,
 )
-from crma_lightning.routing import routers as routing
 from crma_lightning.runs.checkpoint import (
     CRMA_WEIGHTS,
     PEFT_CONFIG,
