@@ -51,7 +51,7 @@ CASES: dict[str, tuple[str, int, int, list[str]]] = {
 
 
 def fit_args(strategy: str, batch: int, length: int, steps: int, extra: list[str]) -> list[str]:
-    return ["--config", "configs/smollm2.yaml", "--config", f"configs/strategy/{strategy}.yaml", *extra,
+    return ["--config", "configs/smollm2.yaml", "--config", f"configs/methods/{strategy}.yaml", *extra,
             "--data.tasks", '[{"name": "code", "source": "corpus:code"}]', "--data.max_length", str(length),
             "--data.train_size", str(steps * batch), "--data.holdout_size", "8", "--data.batch_size", str(batch),
             "--data.eval_batch_size", "8", "--evaluation.print_table", "false"]  # fmt: skip

@@ -3,7 +3,7 @@
 The question (baselines issue): the methods of ``configs/methods/`` add work to a step (LwF: a
 teacher forward; EWC, O-LoRA: a penalty; replay: fetching kept examples) or to a task end (EWC's
 Fisher pass). Every variant is one ``train.py fit`` of the same base config at the same batch size
-(``configs/strategy/frozen.yaml`` is the reference), run in interleaved rounds (harness.py). Per
+(``configs/methods/frozen.yaml`` is the reference), run in interleaved rounds (harness.py). Per
 run, ``crma_lightning.callbacks.resources.ResourceMonitor`` gives the median step time of the tasks after the first
 (where replay and the regularisers act) and the peak resident memory; the task-end passes of the
 regularisers are timed by ``crma_lightning.callbacks.regularization.RegularizerHooks`` (TensorBoard
@@ -28,12 +28,12 @@ from harness import REPO, interleave, machine_line, paired_ratio, run_info, trai
 
 from crma_lightning.runs.rundir import RunDir
 
-METHODS = ["frozen", "seq_lora", "inc_lora", "olora", "replay", "ewc", "lwf", "multitask", "modular",
+METHODS = ["frozen", "naive", "inc_lora", "olora", "replay", "ewc", "lwf", "multitask", "modular",
            "modular_replay", "modular_ewc"]  # fmt: skip
 
 
 def config_of(method: str) -> str:
-    return "configs/strategy/frozen.yaml" if method == "frozen" else f"configs/methods/{method}.yaml"
+    return "configs/methods/frozen.yaml" if method == "frozen" else f"configs/methods/{method}.yaml"
 
 
 def run(args: argparse.Namespace, method: str, tmp: Path) -> dict:
@@ -86,12 +86,12 @@ def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
             f"{cpu['median']:.3f} | {s['peak_rss_mb']:.0f} | {mem['median']:.3f} | {s['task_end_s']:.2f} "
             f"({100 * s['task_end_share']:.1f} %) |"
         )
-    lwf = res["summary"].get("lwf", {}).get("lwf_vs_seq_lora")
+    lwf = res["summary"].get("lwf", {}).get("lwf_vs_naive")
     lines += ["", "Targets: replay and EWC add at most 10 % to a step (the 95 % interval of step / FROZEN, and of the "
               "method against its own layout without it):", ""]  # fmt: skip
     for m, base in (
-        ("replay", "seq_lora"),
-        ("ewc", "seq_lora"),
+        ("replay", "naive"),
+        ("ewc", "naive"),
         ("modular_replay", "modular"),
         ("modular_ewc", "modular"),
     ):
@@ -116,11 +116,11 @@ def summarise(values: dict[str, list[dict]]) -> dict:
         s["cpu_ratio"] = vars(paired_ratio(col(m, "step_cpu_s"), col("frozen", "step_cpu_s")))
         s["peak_ratio"] = vars(paired_ratio(col(m, "peak_rss_mb"), col("frozen", "peak_rss_mb")))
         s["task_end_share"] = s["task_end_s"] / s["wall_s"]
-        for base in ("seq_lora", "modular"):
+        for base in ("naive", "modular"):
             if base in values:
                 s[f"vs_{base}"] = vars(paired_ratio(col(m, "step_s"), col(base, "step_s")))
-        if m == "lwf" and "seq_lora" in values:
-            s["lwf_vs_seq_lora"] = s["vs_seq_lora"]
+        if m == "lwf" and "naive" in values:
+            s["lwf_vs_naive"] = s["vs_naive"]
         out[m] = s
     return out
 

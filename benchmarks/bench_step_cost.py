@@ -135,7 +135,7 @@ def fit_args(
     else:
         backbone = ["--model.backbone.config", json.dumps(TINY), "--data.tokenizer", "tiny"]
     callbacks = json.dumps([{"class_path": "crma_lightning.callbacks.resources.ResourceMonitor"}])
-    return ["--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml", *backbone,
+    return ["--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml", *backbone,
             "--data.tasks", '[{"name": "code", "source": "corpus:code"}]', "--data.max_length", str(seq),
             "--data.train_size", str(steps * batch), "--data.holdout_size", "8", "--data.batch_size", str(batch),
             "--data.epochs_per_task", "1", "--data.eval_batch_size", "8",

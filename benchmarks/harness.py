@@ -68,8 +68,8 @@ R = TypeVar("R")
 #: Each is a preset of configs/methods/ (per-task LoRAs: the FROZEN strategy). The benchmarks that
 #: compare methods (standard_cl.py, methods.py) pick theirs from here.
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "seq_lora": ("sequential LoRA", ["configs/methods/seq_lora.yaml"]),
-    "per_task_lora": ("per-task LoRA (FROZEN)", ["configs/strategy/frozen.yaml"]),
+    "naive": ("sequential LoRA", ["configs/methods/naive.yaml"]),
+    "per_task_lora": ("per-task LoRA (FROZEN)", ["configs/methods/frozen.yaml"]),
     "inc_lora": ("IncLoRA", ["configs/methods/inc_lora.yaml"]),
     "replay": ("replay", ["configs/methods/replay.yaml"]),
     "ewc": ("EWC", ["configs/methods/ewc.yaml"]),

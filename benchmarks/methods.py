@@ -68,7 +68,7 @@ GRID: dict[str, tuple[str, list[float]]] = {
     "olora": ("l1", [0.5, 5.0]),
 }
 #: Methods a reproduction has, under its condition names.
-REPRODUCTION = {"seq_lora": "naive", "per_task_lora": "frozen", "modular": "modular"}
+REPRODUCTION = {"naive": "naive", "per_task_lora": "frozen", "modular": "modular"}
 
 
 def setting_args(method: str, value: float | None) -> list[str]:
@@ -307,7 +307,7 @@ def protocol_settings(run: RunDir, extra: list[str]) -> dict:
         f"{d['max_length']} tokens",
         "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, learning rates "
         + ", ".join(f"{k} {v}" for k, v in m["lr"].items()),
-        "presets": "configs/methods/*.yaml (per-task LoRA: configs/strategy/frozen.yaml); grids: "
+        "presets": "configs/methods/*.yaml (per-task LoRA: configs/methods/frozen.yaml); grids: "
         + "; ".join(f"{k} {n} {v}" for k, (n, v) in GRID.items()),
         "extra train.py arguments": " ".join(extra) or "none",
     }

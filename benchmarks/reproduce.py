@@ -57,7 +57,7 @@ def fit_args(config: str, condition: str, seed: int, extra: list[str]) -> list[s
         "--config",
         config,
         "--config",
-        f"configs/strategy/{condition}.yaml",
+        f"configs/methods/{condition}.yaml",
         "--data.seed",
         str(seed),
         *extra,

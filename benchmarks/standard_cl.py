@@ -2,7 +2,7 @@
 
 The O-LoRA text-classification tasks agnews -> amazon -> dbpedia (configs/cl_benchmark.yaml over
 configs/smollm2.yaml, the offline copy in ../shared/cl_benchmark), one ``train.py fit`` per
-(method, seed), each method a preset of configs/methods/ (or configs/strategy/frozen.yaml for
+(method, seed), each method a preset of configs/methods/ (or configs/methods/frozen.yaml for
 per-task LoRAs). Every run evaluates with ``evaluation.task_id: both`` and writes test matrices; the
 table reads ``continual/test/`` of each run:
 
@@ -19,7 +19,7 @@ same for every method; nothing here was tuned on the test split (validation matr
 beside the test ones for selection).
 
     python benchmarks/standard_cl.py --jobs 2 --threads 1                      # the committed table
-    python benchmarks/standard_cl.py --methods seq_lora,modular --seeds 0 -- --data.train_size 32
+    python benchmarks/standard_cl.py --methods naive,modular --seeds 0 -- --data.train_size 32
 
 Arguments after ``--`` go to every ``train.py fit``. Finished runs under ``--runs-dir`` are reused
 and an interrupted one resumes from its last checkpoint, if it was fitted with the same arguments and
@@ -50,7 +50,7 @@ from crma_lightning.runs.rundir import ACCURACY_MATRIX, RunDir, init_args, matri
 BENCHMARK = "../shared/cl_benchmark"
 #: The methods of this table, in its order (presets: harness.METHODS).
 TABLE_METHODS = (
-    "seq_lora",
+    "naive",
     "per_task_lora",
     "inc_lora",
     "replay",
@@ -61,7 +61,7 @@ TABLE_METHODS = (
 )
 #: Average accuracy after the last task, T5-large, dbpedia/amazon/yahoo/agnews in three orders
 #: (O-LoRA, Wang et al. 2023, Table 1; ../shared/cl_benchmark/README.md).
-PUBLISHED_T5_LARGE = {"seq_lora": 43.7, "inc_lora": 66.4, "replay": 57.8, "olora": 75.8, "multitask": 80.0}
+PUBLISHED_T5_LARGE = {"naive": 43.7, "inc_lora": 66.4, "replay": 57.8, "olora": 75.8, "multitask": 80.0}
 CONFIGS = ["configs/smollm2.yaml", "configs/cl_benchmark.yaml"]
 
 

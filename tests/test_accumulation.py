@@ -21,7 +21,7 @@ def test_two_micro_batches_of_8_train_as_one_batch_of_16(tmp_path):
     tasks = [{"name": t, "source": write_task(tmp_path, t), "format": "classification", "text_field": "sentence"}
              for t in KEYWORDS]  # fmt: skip
     backbone = {**TINY_CONFIGS["llama"], "vocab_size": 512, "max_position_embeddings": 128}
-    common = ["--config", "configs/tiny.yaml", "--config", "configs/strategy/frozen.yaml",
+    common = ["--config", "configs/tiny.yaml", "--config", "configs/methods/frozen.yaml",
               "--model.backbone.config", json.dumps(backbone),
               "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
               "--data.train_size", "64", "--data.holdout_size", "8", "--data.test_size", "8",

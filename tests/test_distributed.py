@@ -47,13 +47,13 @@ def single_run(tmp_path_factory, strategy: str) -> Path:
     LoRA flip sign with the float summation order (measured: up to 1.3e-3 on `beta`'s LoRA under
     MODULAR, 3e-2 on NAIVE's third row). DDP and 8 x 2 accumulation train bit-identical adapters.
     """
-    args = ["--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml", *SMALL, *MICRO_8X2]
+    args = ["--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml", *SMALL, *MICRO_8X2]
     return fit_once(tmp_path_factory, *args)
 
 
 def ddp_args(strategy: str) -> list[str]:
     # 8 per rank x 2 ranks = the single run's batch of 16
-    return ["--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml", *SMALL, *DDP,
+    return ["--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml", *SMALL, *DDP,
             "--data.batch_size", "8"]  # fmt: skip
 
 
@@ -146,7 +146,7 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
         for t, s in sources.items()
     ]
     backbone = {**TINY_CONFIGS["llama"], "vocab_size": 512, "max_position_embeddings": 128, "initializer_range": 0.2}
-    common = ["--config", "configs/tiny.yaml", "--config", "configs/strategy/frozen.yaml",
+    common = ["--config", "configs/tiny.yaml", "--config", "configs/methods/frozen.yaml",
               "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
               "--data.train_size", "64", "--data.holdout_size", "13", "--data.test_size", "11",
               "--data.epochs_per_task", "4", "--model.lr.lora", "0.01",

@@ -267,7 +267,7 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
         "initializer_range": 0.2,
     }
     args = [
-        "--config", "configs/tiny.yaml", "--config", f"configs/strategy/{strategy}.yaml",
+        "--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
         "--data.train_size", "32", "--data.holdout_size", "8", "--data.test_size", "6",

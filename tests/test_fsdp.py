@@ -44,7 +44,7 @@ def single(tmp_path_factory) -> Path:
     # DTensors take neither the fused loss nor the fused Adam, whose float order differs by ~1e-7
     # a step and, compounded over a run, moved single adapter weights by up to 5e-4).
     return fit_once(
-        tmp_path_factory, "--config", "configs/tiny.yaml", "--config", "configs/strategy/modular.yaml", *SMALL,
+        tmp_path_factory, "--config", "configs/tiny.yaml", "--config", "configs/methods/modular.yaml", *SMALL,
         *MICRO_8X2, *UNFUSED,
     )  # fmt: skip
 

@@ -84,7 +84,7 @@ def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tm
     )
     # methods.py --reuse takes the reproduction's runs only when they ran this config and these arguments
     with pytest.raises(SystemExit) as e:
-        methods.main(["--config", str(config), "--methods", "seq_lora", "--seeds", "0", "--threads", "1",
+        methods.main(["--config", str(config), "--methods", "naive", "--seeds", "0", "--threads", "1",
                       "--reuse", str(runs), "--runs-dir", str(tmp_path / "methods"), "--out",
                       str(tmp_path / "methods.md"), "--", *SIZES])  # fmt: skip
     msg = str(e.value.code)

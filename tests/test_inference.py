@@ -561,7 +561,7 @@ def test_export_of_a_text_run_carries_the_tokenizer(text, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["naive", "frozen"])
 def test_other_strategies_load_export_and_route(strategy, tmp_path):
-    run_dir = _fit(tmp_path, strategy, "--config", f"configs/strategy/{strategy}.yaml",
+    run_dir = _fit(tmp_path, strategy, "--config", f"configs/methods/{strategy}.yaml",
                    "--data.train_size", "64", "--data.holdout_size", "16", "--data.epochs_per_task", "1")  # fmt: skip
     run = load_run(run_dir)
     assert run.crma is None and run.tasks == ["alpha", "beta", "gamma"]

@@ -30,7 +30,7 @@ def fit_dir(tmp: Path, *args: str) -> Path:
     "strategy", ["modular", pytest.param("naive", marks=pytest.mark.slow), pytest.param("frozen", marks=pytest.mark.slow)]
 )
 def test_the_papers_conditions_keep_their_loss_matrices(strategy, tmp_path):
-    run = fit_dir(tmp_path, "--config", f"configs/strategy/{strategy}.yaml")
+    run = fit_dir(tmp_path, "--config", f"configs/methods/{strategy}.yaml")
     got = read_matrix_csv(run / "continual" / "loss_matrix.csv")
     want = read_matrix_csv(REPO / "tests" / "reference" / f"tiny_{strategy}_loss_matrix.csv")
     assert (got.rows, got.tasks) == (want.rows, want.tasks)

@@ -136,7 +136,7 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
     bench("reproduce.py", tmp_path, "--conditions", "naive,frozen", "--seeds", "0", "--runs-dir", str(repro),
           "--out", str(tmp_path / "repro.md"))  # fmt: skip
     runs = tmp_path / "runs"
-    proc = bench("methods.py", tmp_path, "--methods", "seq_lora,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
+    proc = bench("methods.py", tmp_path, "--methods", "naive,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
                  str(repro), "--runs-dir", str(runs), "--out", str(tmp_path / "methods.md"))  # fmt: skip
     res = json.loads((tmp_path / "methods.json").read_text())["results"]
 
@@ -163,7 +163,7 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
         assert p["no_task_id"] == "shared"
         assert p["test_no_task_id"]["final_avg_loss"] == pytest.approx(p["test"]["final_avg_loss"], abs=1e-6)
     # Reused: seed 0 from the reproduction (its no-task-id test matrices rebuilt once), seed 1 fitted here
-    for method, cond in (("seq_lora", "naive"), ("per_task_lora", "frozen")):
+    for method, cond in (("naive", "naive"), ("per_task_lora", "frozen")):
         ps = res["methods"][method]["per_seed"]
         assert ps["0"]["run"].split("/")[:2] == ["repro_runs", f"{cond}_s0"] and ps["0"]["rebuilt"]
         assert ps["1"]["run"].split("/")[:2] == ["runs", f"{method}_s1"] and not ps["1"]["rebuilt"]
@@ -175,13 +175,13 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
     assert proc.stdout.count("[reuse] train.py test") == 2
     reused, fitted = (
         {"repro_runs/naive_s0", "repro_runs/frozen_s0"},
-        {"runs/seq_lora_s1", "runs/ewc_weight=1000_s0"},
+        {"runs/naive_s1", "runs/ewc_weight=1000_s0"},
     )
     assert reused | fitted <= fitted_at(tmp_path / "methods.json")
     md = (tmp_path / "methods.md").read_text()
     for heading in ("Results (test split)", "The selection (seed 0)", "weight = 10000", "Protocol"):
         assert heading in md, heading
     # a rerun reuses everything: nothing is fitted or rebuilt again
-    again = bench("methods.py", tmp_path, "--methods", "seq_lora,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
+    again = bench("methods.py", tmp_path, "--methods", "naive,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
                   str(repro), "--runs-dir", str(runs), "--out", str(tmp_path / "methods.md"))  # fmt: skip
     assert "[reuse] train.py test" not in again.stdout and "train.py fit" not in again.stdout

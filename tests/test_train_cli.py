@@ -30,7 +30,7 @@ def fit(tmp: Path, strategy: str) -> tuple[Path, subprocess.CompletedProcess]:
     proc = run_train(
         "fit",
         "--config", "configs/tiny.yaml",
-        "--config", f"configs/strategy/{strategy}.yaml",
+        "--config", f"configs/methods/{strategy}.yaml",
         "--trainer.logger.init_args.save_dir", str(tmp),
         *FAST,
     )  # fmt: skip
@@ -211,7 +211,7 @@ def test_ckpt_path_last_resumes_in_place_and_matches_the_uninterrupted_run(runs,
 
 def test_validate_subcommand_evaluates_every_task(runs, tmp_path):
     run_dir, _ = runs["frozen"]
-    proc = run_train("validate", "--config", "configs/tiny.yaml", "--config", "configs/strategy/frozen.yaml",
+    proc = run_train("validate", "--config", "configs/tiny.yaml", "--config", "configs/methods/frozen.yaml",
                      "--trainer.logger.init_args.save_dir", str(tmp_path), *FAST,
                      "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
