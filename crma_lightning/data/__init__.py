@@ -2,8 +2,10 @@
 
 One file per concern:
 
-- :mod:`.tasks`: ``TaskSpec`` and the validation of a task list;
-- :mod:`.sources`: reading raw records (local files, shipped corpus domains, hub datasets);
+- :mod:`.spec`: ``TaskSpec``, one task;
+- :mod:`.tasks`: the validation of a task list;
+- :mod:`.sources`: task sources, one ``TaskSource`` class per kind (synthetic, shipped corpus
+  domains, local files and folders, hub datasets; ``register`` or ``data.sources`` add more);
 - :mod:`.tokenize`: tokenizers and tokenisation (text blocks, prompt/response, synthetic tasks);
 - :mod:`.split`: the seeded holdout/train split by source record;
 - :mod:`.loading`: padding, the sharded per-epoch sampler, the resumable training loader;
@@ -14,7 +16,8 @@ from crma_lightning.core.losses import IGNORE_INDEX
 from crma_lightning.data.loading import PadCollator, ResumableDataLoader, ShardedBatchSampler, pad
 from crma_lightning.data.module import ContinualDataModule
 from crma_lightning.data.replay import Replay
-from crma_lightning.data.tasks import CORPUS_PREFIX, FILE_BUILDERS, TaskSpec, source_kind
+from crma_lightning.data.sources import CORPUS_PREFIX, FILE_BUILDERS, TaskSource, register, source_kind
+from crma_lightning.data.spec import TaskSpec
 from crma_lightning.data.tokenize import TINY_TOKENIZER, load_tokenizer, tiny_tokenizer_path
 
 __all__ = [
@@ -27,9 +30,11 @@ __all__ = [
     "Replay",
     "ResumableDataLoader",
     "ShardedBatchSampler",
+    "TaskSource",
     "TaskSpec",
     "load_tokenizer",
     "pad",
+    "register",
     "source_kind",
     "tiny_tokenizer_path",
 ]

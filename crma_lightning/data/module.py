@@ -30,10 +30,10 @@ from crma_lightning.data.loading import (
 )
 from crma_lightning.data.replay import MixedRows, Replay, ReplayBatchSampler, joint_slice
 from crma_lightning.data.replay import buffer as replay_buffer_of
-from crma_lightning.data.sources import load_hub
+from crma_lightning.data.sources import TaskSource, find_source
 from crma_lightning.data.split import task_sets
 from crma_lightning.data.synthetic import FIRST_TOKEN
-from crma_lightning.data.tasks import TaskSpec, source_kind, split_sources, validate_data_config
+from crma_lightning.data.tasks import TaskSpec, validate_data_config
 from crma_lightning.data.tokenize import load_tokenizer
 
 
@@ -64,6 +64,9 @@ class ContinualDataModule(LightningDataModule):
             are pooled and shuffled once, and stage k trains on the k-th of ``len(tasks)`` equal
             slices of the pool (every stage sees every task); each example is trained on as often
             as in the sequential run. Evaluation after each stage is as usual.
+        sources: task sources (``crma_lightning.data.sources.TaskSource``, given as
+            ``{class_path: ..., init_args: ...}``) that claim a task's ``source`` before the
+            registered and built-in ones.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class ContinualDataModule(LightningDataModule):
         num_workers: int = 0,
         replay: Replay | None = None,
         multitask: bool = False,
+        sources: list[TaskSource] | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -99,6 +103,7 @@ class ContinualDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.replay = replay
         self.multitask = multitask
+        self.sources = sources
         self.tasks = validate_data_config(self, tasks)
         self._hf_tokenizer: PreTrainedTokenizerBase | None = None
         self._train: dict[str, datasets.Dataset] = {}
@@ -129,6 +134,10 @@ class ContinualDataModule(LightningDataModule):
         """Test examples asked for per task (``test_size``, default ``holdout_size``)."""
         return self.holdout_size if self.test_size is None else self.test_size
 
+    def source_of(self, task: TaskSpec) -> TaskSource:
+        """The source that owns ``task`` (``data.sources`` first, then the registered and built-in ones)."""
+        return find_source(task.source, self.sources or ())
+
     def spec(self, task: str) -> TaskSpec:
         """The spec of ``task`` (after :meth:`setup`, a classification task's label set is filled in)."""
         self._require(task)
@@ -155,15 +164,16 @@ class ContinualDataModule(LightningDataModule):
 
     # -- building ----------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Download hub datasets and the tokenizer into the local caches (runs once per node)."""
+        """Download network sources' data and the tokenizer into the local caches (runs once per node)."""
         if is_offline():
             return
         if self.tokenizer is not None:
             load_tokenizer(self.tokenizer)  # fills the hub cache that setup() reads on every rank
         for i, task in enumerate(self.tasks):
-            if source_kind(task.source) == "hub":
-                for split in split_sources(task).values():
-                    load_hub(i, task, split)
+            source = self.source_of(task)
+            if source.network:
+                for location in source.splits(task).values():
+                    source.load(i, task, location)
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenise every task into validation, training and test sets; later calls do nothing."""

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.data.sources import load_records
-from crma_lightning.data.tasks import TaskSpec, source_kind, split_sources
+from crma_lightning.data.spec import TaskSpec
 from crma_lightning.data.tokenize import resolve_labels, synthetic_examples, tokenize_records
 
 
@@ -94,12 +94,12 @@ def take(examples: datasets.Dataset, size: int, seed: int, where: str) -> datase
 
 def task_sets(dm: Any, index: int, task: TaskSpec) -> tuple[TaskSpec, datasets.Dataset, datasets.Dataset, datasets.Dataset]:
     """Task ``index``'s ``(spec, validation, train, test)`` sets for the DataModule ``dm`` (its sizes,
-    seed, tokenizer and synthetic settings): split files where the task gives them, else cut from
+    seed, tokenizer, synthetic settings and ``source_of``): split files where the task gives them, else cut from
     its one source by :func:`split_by_record`. A classification spec comes back with its label set
     resolved from the data."""
     where = f"task '{task.name}' ({task.source})"
-    kind = source_kind(task.source)
-    if kind == "synthetic":
+    source = dm.source_of(task)
+    if source.synthetic:
         make = functools.partial(
             synthetic_examples,
             task,
@@ -113,7 +113,7 @@ def task_sets(dm: Any, index: int, task: TaskSpec) -> tuple[TaskSpec, datasets.D
         holdout, train, _ = split_by_record(pool, dm.holdout_size, dm.train_size, dm.seed, where)
         test = make(count=dm.test_count, stream=1)  # its own generator: stream 0's sets unchanged
         return task, holdout, train, test
-    raws = {split: load_records(index, task, kind, split) for split in split_sources(task)}
+    raws = {split: load_records(index, task, source, split) for split in source.splits(task)}
     if task.format == "classification":
         for raw in raws.values():  # every split's label values must be in the set
             task = resolve_labels(task, raw, index)

@@ -17,8 +17,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from crma_lightning.backbone.hub import converted_gguf, resolve_path
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.core.losses import IGNORE_INDEX
+from crma_lightning.data.sources import local_path
 from crma_lightning.data.synthetic import FIRST_TOKEN, permutation_sequences
-from crma_lightning.data.tasks import DEFAULT_INSTRUCTION, TASK_FILE, TaskSpec, local_path
+from crma_lightning.data.tasks import DEFAULT_INSTRUCTION, TASK_FILE, TaskSpec
 
 TINY_TOKENIZER = "tiny"
 """``tokenizer`` value that selects the 512-token BPE shipped in ``crma_lightning/assets``."""
