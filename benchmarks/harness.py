@@ -54,7 +54,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from crma_lightning.core.atomic import atomic_write_json, atomic_write_text, json_safe  # noqa: E402
-from crma_lightning.runs.rundir import RUN_DIR_LINE, RunDir, versions  # noqa: E402
+from crma_lightning.runs.record import read_record  # noqa: E402
+from crma_lightning.runs.rundir import RunDir, versions  # noqa: E402
 
 if TYPE_CHECKING:
     from torch import nn
@@ -391,24 +392,27 @@ def code_line(code: Mapping[str, Any]) -> str:
     return line + "."
 
 
-def write_report(
-    path: str | os.PathLike, markdown: str, data: Any, run_commits: Mapping[str, Sequence[str]] | None = None
-) -> tuple[Path, Path]:
-    """``path`` with suffix ``.md`` and ``.json``, each written atomically; NaN/inf become null. Both
-    record the checkout's commit (``data["code"]`` when ``data`` is a dict, and :func:`code_line` at the
-    end of the markdown), and ``run_commits`` (:func:`run_commits` of the report's runs) when given."""
-    md, js = Path(path).with_suffix(".md"), Path(path).with_suffix(".json")
+def write_record(
+    path: str | os.PathLike, data: dict, run_commits: Mapping[str, Sequence[str]] | None = None
+) -> Path:
+    """``path`` with suffix ``.json``, atomically, NaN/inf as null, with ``data["code"]``: the checkout's
+    commit and ``run_commits`` (:func:`run_commits` of the record's runs) when given."""
     code: dict[str, Any] = {"commit": code_commit()}
     if run_commits is not None:
         code["run_commits"] = {c: list(names) for c, names in run_commits.items()}
         if len(run_commits) > 1:
-            print(
-                f"note: {md.name}'s runs were fitted at {len(run_commits)} commits: {', '.join(run_commits)}"
-            )
-    if isinstance(data, dict):
-        data = {**data, "code": code}
-    atomic_write_json(js, json_safe(data))
-    atomic_write_text(md, markdown.rstrip("\n") + "\n\n" + code_line(code) + "\n")
+            print(f"note: {Path(path).name}'s runs were fitted at {len(run_commits)} commits: {', '.join(run_commits)}")
+    js = Path(path).with_suffix(".json")
+    atomic_write_json(js, json_safe({**data, "code": code}))
+    return js
+
+
+def write_report(path: str | os.PathLike, markdown: str, data: Any) -> tuple[Path, Path]:
+    """``path`` with suffix ``.md`` and ``.json`` (:func:`write_record`), the markdown ending with
+    :func:`code_line`."""
+    js = write_record(path, data if isinstance(data, dict) else {"data": data})
+    md = Path(path).with_suffix(".md")
+    atomic_write_text(md, markdown.rstrip("\n") + "\n\n" + code_line(json.loads(js.read_text())["code"]) + "\n")
     return md, js
 
 
@@ -445,8 +449,6 @@ def with_lora(model: nn.Module, adapter: str, config: LoRAConfig) -> list[nn.Par
 
 
 # -- train.py fit subprocesses -----------------------------------------------------------------
-"""How ``train.py fit`` names the run directory it writes (``crma_lightning.cli.fit``)."""
-
 _running: set[subprocess.Popen] = set()
 _lock = threading.Lock()
 
@@ -456,7 +458,7 @@ class Fit:
     rc: int | None
     """Exit status; None when it ran past its timeout and was killed."""
     run_dir: Path | None
-    """The last ``run dir:`` line it printed, if any."""
+    """The run directory its ``--record`` names (``fit`` only), if it got that far."""
     tail: str
     """The end of its output (stdout and stderr together)."""
     wall_s: float
@@ -485,6 +487,9 @@ def train_fit(
         env["OMP_NUM_THREADS"] = str(threads)
     seen: dict[int, float] = {}
     load_meter = NeighbourMeter()
+    record = Path(tempfile.mkdtemp(prefix="fit-record-")) / "run.json"
+    if command == "fit":  # the fit writes its run directory there, also when it fails
+        args = [*args, "--record", str(record)]
     with open(log, "a+", encoding="utf-8") if log else tempfile.TemporaryFile("w+") as out:
         offset = out.tell()
         load_meter.start()
@@ -517,8 +522,10 @@ def train_fit(
         load = load_meter.stop(ours) if ours is not None else None
         out.seek(offset)
         text = out.read()
-    dirs = [ln.removeprefix(RUN_DIR_LINE) for ln in text.splitlines() if ln.startswith(RUN_DIR_LINE)]
-    return Fit(rc, Path(dirs[-1]) if dirs else None, text[-3000:], wall, ours, load)
+    run_dir = read_record(record).get("run_dir") if record.is_file() else None
+    record.unlink(missing_ok=True)
+    record.parent.rmdir()
+    return Fit(rc, Path(run_dir) if run_dir else None, text[-3000:], wall, ours, load)
 
 
 def finished_run(root: Path) -> RunDir | None:
@@ -572,7 +579,7 @@ def checked_record(
     root: Path,
     args: Sequence[str],
     adopt_legacy: bool = False,
-    fix: str = "use another --runs-dir",
+    fix: str = "use another runs_dir",
 ) -> dict[str, Any]:
     """The record of fitting ``args`` as run ``root`` (the stored one when a run is there). A finished
     or resumable run made with other arguments is refused with one line naming ``root``, what differs and

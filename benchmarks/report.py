@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -591,11 +592,16 @@ def crma_off_pct(res: dict, seed: int) -> float | None:
     return None if abl is None else float(100 * (np.mean(abl["off"]) / np.mean(abl["on"]) - 1))
 
 
+def extra_of(protocol: dict) -> list[str]:
+    """A record's ``fit_args`` (older records: what followed `` -- `` in their command)."""
+    return protocol["extra"] if "extra" in protocol else shlex.split(protocol["command"].partition(" -- ")[2])
+
+
 def summarise(label: str, report: dict, current: dict) -> dict:
     """Per condition: per-seed values of every reported number, per split."""
     res, cur, protocol = report["results"], current["results"], report["protocol"]
     seeds = res["seeds"]
-    extra = protocol["command"].partition(" -- ")[2]
+    extra = shlex.join(extra_of(protocol))
     out: dict = {"label": label, "seeds": seeds, "conditions": {}, "command": protocol["command"], "model": protocol["model"],
                  "override": extra or "none", "wall_s": protocol["wall_s"], "resumed": protocol.get("resumed", []),
                  "settings": protocol["settings"]}  # fmt: skip
@@ -798,7 +804,8 @@ def render(path: str | Path, figures: bool = True) -> Path:
                 "methods": lambda: methods_figure(res, png, protocol["settings"]["model"]),
                 "standard_cl": lambda: standard_cl_figure(res, png)}[k]  # fmt: skip
     lines = body.rstrip("\n").split("\n")
-    if record.get("experiment"):  # the one command that makes this record again (runs are reused)
+    command = record.get("protocol", record).get("command", "")
+    if record.get("experiment") and "benchmarks/run.py" not in command:  # made before the runner: how now
         rerun = f"Made again by `python benchmarks/run.py {record['experiment']}` (its runs reused where finished)."
         lines[2:2] = [rerun, ""]
     if "code" in record:  # records from before reports named their commits have none

@@ -2,8 +2,8 @@
 only when it was fitted with the same arguments and ``--config`` files' contents, and every report
 names the commit it was written at and the commits its runs were fitted at.
 
-One real ``train.py fit`` of configs/tiny.yaml (a copy, to edit), through ``benchmarks/reproduce.py``
-in this process, then reruns that must refuse it or reuse it.
+One real ``train.py fit`` of configs/tiny.yaml (a copy, to edit), through ``benchmarks/run.py`` and a
+reproduction experiment file in this process, then reruns that must refuse it or reuse it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from subproc import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -53,16 +54,21 @@ def test_code_commit_marks_uncommitted_changes_to_tracked_files(tmp_path):
 
 
 def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tmp_path, capsys, script_env):
-    import methods
-    import reproduce
+    import run
 
     config, runs, out = tmp_path / "tiny.yaml", tmp_path / "runs", tmp_path / "repro.md"
     shutil.copy(REPO / "configs/tiny.yaml", config)
     root = runs / "naive_s0"
+    exp = {"kind": "reproduction", "config": str(config), "methods": ["naive"], "seeds": [0],
+           "runs_dir": str(runs), "out": str(out.with_suffix(".json"))}  # fmt: skip
+
+    def experiment(name: str, **fields) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(fields))
+        return str(path)
 
     def repro(*fit: str, ours: tuple[str, ...] = ()) -> None:
-        reproduce.main(["--config", str(config), "--conditions", "naive", "--seeds", "0", "--threads", "1",
-                        "--runs-dir", str(runs), "--out", str(out), *ours, "--", *SIZES, *fit])  # fmt: skip
+        run.main([experiment("repro", **exp, fit_args=[*SIZES, *fit]), "--threads", "1", *ours])
 
     def refused(*fit: str, ours: tuple[str, ...] = ()) -> str:
         with pytest.raises(SystemExit) as e:
@@ -75,21 +81,22 @@ def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tm
     # other arguments after --: refused, nothing fitted
     assert refused("--data.batch_size", "8") == (
         f"[naive_s0] {root} was fitted with other arguments (arguments were `(none)`, now "
-        "`--data.batch_size 8`): use another --runs-dir or delete it"
+        "`--data.batch_size 8`): use another runs_dir or delete it"
     )
     # the same arguments, but the config file's contents edited
     config.write_text(config.read_text().replace("lora: 0.01", "lora: 0.02"))
     assert refused() == (
-        f"[naive_s0] {root} was fitted with other arguments ({config} edited): use another --runs-dir or delete it"
+        f"[naive_s0] {root} was fitted with other arguments ({config} edited): use another runs_dir or delete it"
     )
-    # methods.py --reuse takes the reproduction's runs only when they ran this config and these arguments
+    # a methods experiment reuses the reproduction's runs only when they ran this config and these arguments
     with pytest.raises(SystemExit) as e:
-        methods.main(["--config", str(config), "--methods", "naive", "--seeds", "0", "--threads", "1",
-                      "--reuse", str(runs), "--runs-dir", str(tmp_path / "methods"), "--out",
-                      str(tmp_path / "methods.md"), "--", *SIZES])  # fmt: skip
+        methods = {**exp, "kind": "methods", "task_id": "both", "fit_args": SIZES,
+                   "reuse": experiment("repro", **exp, fit_args=SIZES), "runs_dir": str(tmp_path / "methods"),
+                   "out": str(tmp_path / "methods.json")}  # fmt: skip
+        run.main([experiment("methods", **methods), "--threads", "1"])
     msg = str(e.value.code)
     assert msg.startswith(f"[naive_s0] {root} was fitted with other arguments ({config} edited): ")
-    assert "--reuse" in msg and not (tmp_path / "methods").exists()
+    assert "point reuse at" in msg and not (tmp_path / "methods").exists()
 
     # the same arguments and config: reused, not fitted again
     shutil.copy(REPO / "configs/tiny.yaml", config)
@@ -100,7 +107,7 @@ def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tm
     # the run's record: its arguments and the commit its fit started at
     head = git("rev-parse", "HEAD")
     record = json.loads((root / harness.FIT_RECORD).read_text())
-    assert record["args"] == reproduce.fit_args(str(config), "naive", 0, SIZES)
+    assert record["args"] == run.fit_args({**exp, "config": [str(config)], "fit_args": SIZES}, "naive", 0)
     (commit,) = record["commits"]
     assert commit.removesuffix("-dirty") == head
     # the report names the commit it was written at and the one its run was fitted at

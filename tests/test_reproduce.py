@@ -1,4 +1,6 @@
-"""benchmarks/reproduce.py end to end on the toy model: runs, resume, report, ablation, figure."""
+"""benchmarks/run.py end to end on the toy model (experiment files like benchmarks/experiments/*.yaml, on
+configs/tiny.yaml): the reproduction's runs, resume, report, ablation and figure; the recipe comparison;
+the methods table's selection on validation and its reuse of the reproduction's runs."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from crma_lightning.evaluation import metrics as clm
 from crma_lightning.runs.rundir import read_matrix_csv
@@ -18,10 +21,21 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
 
 
-def bench(script: str, tmp_path: Path, *args: str, fit: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """``script`` on the toy model; ``fit`` goes to every ``train.py fit`` after the sizes."""
-    cmd = [sys.executable, f"benchmarks/{script}", "--config", "configs/tiny.yaml", "--jobs", "2", "--threads", "1",
-           *args, "--", *SIZES, *fit]  # fmt: skip
+def experiment(tmp_path: Path, name: str, **fields) -> Path:
+    """An experiment file on the toy model (sizes: ``SIZES`` then ``fit``), runs in ``tmp_path/<runs>``,
+    its record ``tmp_path/<name>.json``."""
+    fit = [*SIZES, *fields.pop("fit", ())]
+    runs = str(tmp_path / fields.pop("runs", "runs"))
+    defaults = {"kind": "reproduction", "config": "configs/tiny.yaml", "methods": ["naive", "frozen", "modular"],
+                "seeds": [0, 1], "fit_args": fit, "runs_dir": runs}  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**defaults, **fields, "out": str(tmp_path / f"{name}.json")}))
+    return path
+
+
+def bench(path: Path) -> subprocess.CompletedProcess:
+    """``python benchmarks/run.py <experiment> --jobs 2 --threads 1``."""
+    cmd = [sys.executable, "benchmarks/run.py", str(path), "--jobs", "2", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,8 +48,7 @@ def fitted_at(report: Path) -> set[str]:
 
 
 def reproduce(tmp_path: Path) -> subprocess.CompletedProcess:
-    return bench("reproduce.py", tmp_path, "--seeds", "0,1", "--runs-dir", str(tmp_path / "runs"),
-                 "--out", str(tmp_path / "repro.md"))  # fmt: skip
+    return bench(experiment(tmp_path, "repro"))
 
 
 @pytest.mark.slow
@@ -85,15 +98,15 @@ def test_reproduction_on_the_tiny_model(tmp_path):
 
 
 def recipe_report_pairs_a_setting_with_the_reproduction(tmp_path: Path, current: dict) -> None:
-    """benchmarks/recipe.py over the reproduction above and a MODULAR-only setting (PiSSA): the
+    """A recipe experiment over the reproduction above and a MODULAR-only setting (PiSSA): the
     setting's MODULAR vs FROZEN takes FROZEN from the reproduction, seed by seed, on the test split."""
-    bench("reproduce.py", tmp_path, "--seeds", "0,1", "--conditions", "modular", "--runs-dir",
-          str(tmp_path / "pissa_runs"), "--out", str(tmp_path / "pissa.md"), fit=("--config", "configs/recipe/pissa.yaml"))  # fmt: skip
+    pissa = experiment(tmp_path, "pissa", methods=["modular"], runs="pissa_runs", fit=("--config", "configs/recipe/pissa.yaml"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"kind": "recipe", "current": str(tmp_path / "repro.yaml"),
+                                      "settings": {"PiSSA": str(pissa)}, "out": str(tmp_path / "recipe.json")}))  # fmt: skip
+    proc = bench(recipe)
+    assert proc.stdout.count("already finished") == 6  # the reproduction's runs reused, PiSSA's fitted
     out = tmp_path / "recipe.md"
-    cmd = [sys.executable, "benchmarks/recipe.py", "--current", str(tmp_path / "repro.json"),
-           "--setting", f"PiSSA={tmp_path / 'pissa.json'}", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     cur, pissa = json.loads((tmp_path / "recipe.json").read_text())["settings"]
     assert pissa["override"].endswith("--config configs/recipe/pissa.yaml")
     mod = pissa["conditions"]["modular"]
@@ -132,12 +145,12 @@ def recipe_report_pairs_a_setting_with_the_reproduction(tmp_path: Path, current:
 
 @pytest.mark.slow
 def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tmp_path):
-    repro = tmp_path / "repro_runs"
-    bench("reproduce.py", tmp_path, "--conditions", "naive,frozen", "--seeds", "0", "--runs-dir", str(repro),
-          "--out", str(tmp_path / "repro.md"))  # fmt: skip
+    repro = experiment(tmp_path, "repro", methods=["naive", "frozen"], seeds=[0], runs="repro_runs")
+    bench(repro)
     runs = tmp_path / "runs"
-    proc = bench("methods.py", tmp_path, "--methods", "naive,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
-                 str(repro), "--runs-dir", str(runs), "--out", str(tmp_path / "methods.md"))  # fmt: skip
+    methods = experiment(tmp_path, "methods", kind="methods", methods=["naive", "frozen", "ewc"], task_id="both",
+                         grid={"ewc": [1000.0, 10000.0]}, reuse=str(repro))  # fmt: skip
+    proc = bench(methods)
     res = json.loads((tmp_path / "methods.json").read_text())["results"]
 
     def matrix(run: Path, split: str, blind: bool = False) -> np.ndarray:
@@ -163,7 +176,7 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
         assert p["no_task_id"] == "shared"
         assert p["test_no_task_id"]["final_avg_loss"] == pytest.approx(p["test"]["final_avg_loss"], abs=1e-6)
     # Reused: seed 0 from the reproduction (its no-task-id test matrices rebuilt once), seed 1 fitted here
-    for method, cond in (("naive", "naive"), ("per_task_lora", "frozen")):
+    for method, cond in (("naive", "naive"), ("frozen", "frozen")):
         ps = res["methods"][method]["per_seed"]
         assert ps["0"]["run"].split("/")[:2] == ["repro_runs", f"{cond}_s0"] and ps["0"]["rebuilt"]
         assert ps["1"]["run"].split("/")[:2] == ["runs", f"{method}_s1"] and not ps["1"]["rebuilt"]
@@ -171,7 +184,7 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
         assert ps["0"]["test_no_task_id"]["final_avg_loss"] == pytest.approx(
             clm.final_avg_loss(blind), abs=1e-12
         )
-    assert res["methods"]["per_task_lora"]["per_seed"]["1"]["routing_acc"] is not None
+    assert res["methods"]["frozen"]["per_seed"]["1"]["routing_acc"] is not None
     assert proc.stdout.count("[reuse] train.py test") == 2
     reused, fitted = (
         {"repro_runs/naive_s0", "repro_runs/frozen_s0"},
@@ -182,6 +195,5 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
     for heading in ("Results (test split)", "The selection (seed 0)", "weight = 10000", "Protocol"):
         assert heading in md, heading
     # a rerun reuses everything: nothing is fitted or rebuilt again
-    again = bench("methods.py", tmp_path, "--methods", "naive,per_task_lora,ewc", "--seeds", "0,1", "--reuse",
-                  str(repro), "--runs-dir", str(runs), "--out", str(tmp_path / "methods.md"))  # fmt: skip
+    again = bench(methods)
     assert "[reuse] train.py test" not in again.stdout and "train.py fit" not in again.stdout
