@@ -15,6 +15,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.runs.rundir import RunDir
 
 
@@ -35,8 +36,7 @@ class TaskBoundaryCallback(Callback):
 
     @staticmethod
     def completed_tasks(trainer: pl.Trainer) -> int:
-        dm = trainer.datamodule
-        return min(trainer.current_epoch // dm.epochs_per_task, dm.num_tasks)
+        return TaskClock.of(trainer).completed(trainer.current_epoch)
 
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = trainer.datamodule.task_names

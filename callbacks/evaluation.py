@@ -46,6 +46,7 @@ from crma_lightning.callbacks.routing import RoutingStatistics
 from tqdm import tqdm
 
 from crma_lightning.backbone.sharding import is_sharded
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.evaluation.evaluator import (
     Route,
@@ -56,7 +57,6 @@ from crma_lightning.evaluation.evaluator import (
     task_data,
 )
 from crma_lightning.evaluation.report import heatmap_figure, pyplot, save_figure, table
-from crma_lightning.methods.layouts import layout_of
 from crma_lightning.methods.protocol import ContinualModule, as_continual
 from crma_lightning.routing.router import DEFAULT_SHRINKAGE, StatsRouter
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
@@ -165,7 +165,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         the task metric; NaN where a metric does not apply)."""
         module = as_continual(pl_module)
         dm = trainer.datamodule
-        training_task = dm.task_names[min(dm.task_index_at_epoch(trainer.current_epoch), dm.num_tasks - 1)]
+        training_task = TaskClock.of(trainer).task(trainer.current_epoch)
 
         @contextmanager
         def serve(task: str):
@@ -196,7 +196,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         return router.route(module.model, module.crma, trainer.datamodule.pad_token_id, stop=not is_sharded(module.model))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        routes = layout_of(as_continual(pl_module).strategy).no_task_id == "route"
+        routes = as_continual(pl_module).layout.no_task_id == "route"
         if self.task_id != "oracle" and routes and self.router == "stats":
             callback = _routing_callback(trainer)
             if callback is None or not callback.enabled:
@@ -210,7 +210,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         start = time.perf_counter()
         tasks = trainer.datamodule.task_names
         trained = [] if name == BASE_ROW else tasks[: tasks.index(name) + 1]
-        routes = layout_of(as_continual(pl_module).strategy).no_task_id == "route"
+        routes = as_continual(pl_module).layout.no_task_id == "route"
         for split, tables in {split: self.tables(split) for split in self.splits}.items():
             blind = self.task_id == "none" and routes and trained  # the one evaluation, routed
             result = self.evaluate(trainer, pl_module, split, route_among=trained if blind else None)
@@ -267,7 +267,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "base_model": module.backbone_config.label,
             "split": split,
             "task_id": "none" if self.task_id == "none" else "given",  # how the matrices were evaluated
-            "router": self.router if self.task_id == "none" and layout_of(module.strategy).no_task_id == "route" else None,
+            "router": self.router if self.task_id == "none" and module.layout.no_task_id == "route" else None,
             # What A holds for each task (BWT, FWT, forgetting and the averages are on it).
             "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
             "drift_pct": None,
@@ -307,7 +307,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             nt_extra = extra_matrices(nt_rows)
             files |= {matrix_name(m, no_task_id=True): nt_rows[m] for m in ("loss", "accuracy")}
             files |= {matrix_name(m, no_task_id=True): r for m, r in nt_extra.items()}
-            summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": layout_of(module.strategy).no_task_id,
+            summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": module.layout.no_task_id,
                                                                "router": self.router}
         out.write_matrices(tasks, files, summary, split)
         loss, acc = self.matrices(split)

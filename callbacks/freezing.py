@@ -11,6 +11,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.methods.protocol import ContinualModule, as_continual
 
 
@@ -23,8 +24,7 @@ class FreezingPolicy(Callback):
         self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm = trainer.datamodule
-        task = dm.task_names[min(dm.task_index_at_epoch(trainer.current_epoch), dm.num_tasks - 1)]
+        task = TaskClock.of(trainer).task(trainer.current_epoch)
         self.apply(as_continual(pl_module), task)
 
     @staticmethod

@@ -25,6 +25,7 @@ import torch
 from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
 
 from crma_lightning.core.atomic import atomic_write_json
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.methods.protocol import as_continual
 
 METRIC = "train/grad_norm"
@@ -62,8 +63,7 @@ class GradNormStats(TaskBoundaryCallback):
         keys = [GROUPS[g] for g in names] + ([CLIPPED] if CLIPPED in metrics else [])
         device = metrics[METRIC].device
         values = torch.stack([metrics[k].detach().float().reshape(()).to(device) for k in keys]).tolist()  # one sync
-        dm = trainer.datamodule
-        task = dm.task_names[dm.task_index_at_epoch(trainer.current_epoch)]
+        task = TaskClock.of(trainer).task(trainer.current_epoch)
         per_task = self.stats.setdefault(task, {})
         for group, value in zip(names, values, strict=False):
             s = per_task.setdefault(group, {"max": value, "sum": 0.0, "steps": 0, "max_step": step})

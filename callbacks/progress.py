@@ -9,13 +9,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 
+from crma_lightning.core.clock import TaskClock
+
 
 def task_description(trainer: pl.Trainer) -> str:
-    dm = trainer.datamodule
-    k = dm.task_index_at_epoch(trainer.current_epoch)
-    desc = f"task {k + 1}/{dm.num_tasks} {dm.task_names[k]}"
-    if dm.epochs_per_task > 1:
-        desc += f" (epoch {trainer.current_epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task})"
+    clock = TaskClock.of(trainer)
+    k = clock.task_index(trainer.current_epoch)
+    desc = f"task {k + 1}/{clock.num_tasks} {clock.task_names[k]}"
+    if clock.epochs_per_task > 1:
+        desc += f" (epoch {clock.epoch_in_task(trainer.current_epoch) + 1}/{clock.epochs_per_task})"
     return desc
 
 

@@ -1,4 +1,5 @@
-"""Task-end hooks of the module's regularisers (``model.regularizers``): EWC's Fisher pass.
+"""The lifecycle of the module's regularisers (``model.regularizers``): their task-start and
+task-end hooks (LwF's snapshot, EWC's Fisher pass). The module only adds their penalties to the loss.
 
 At the end of each task every regulariser sees that task's training set in a fixed batching (the
 same batches whatever the number of ranks; this rank's share of them), with the task's own
@@ -15,11 +16,13 @@ import time
 import lightning.pytorch as pl
 from crma_lightning.callbacks.boundary import TaskBoundaryCallback
 
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.methods.protocol import as_continual
 
 
 class RegularizerHooks(TaskBoundaryCallback):
-    """Calls every regulariser's ``on_task_end`` with the finished task's training batches."""
+    """Calls every regulariser's ``on_task_start`` before a task's first step (from the second task
+    on) and its ``on_task_end`` with the finished task's training batches."""
 
     role = "regularization"
 
@@ -31,6 +34,15 @@ class RegularizerHooks(TaskBoundaryCallback):
         super().__init__()
         self.batch_size = batch_size
         self.seconds: dict[str, float] = {}  # per task: time spent in the task-end passes
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        # Per batch, not per epoch: Lightning skips on_train_epoch_start when it resumes from a
+        # checkpoint taken on an epoch's last step.
+        module = as_continual(pl_module)
+        k = TaskClock.of(trainer).task_index(trainer.current_epoch)
+        if module.regularizers and k > 0 and trainer.global_step == module.task_start_step(k):
+            for reg in module.regularizers:
+                reg.on_task_start(module, module.task_names[k])
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task_index: int) -> None:
         module = as_continual(pl_module)

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch import nn
 
 from crma_lightning.adapters.lora import SHARED_ADAPTER
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.methods.protocol import as_continual
 
 
@@ -22,7 +23,7 @@ def summary_lines(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[st
     """The summary's lines; ``trainer`` gives the current task and the device."""
     module = as_continual(pl_module)
     tasks, layout = module.task_names, module.layout
-    k = trainer.datamodule.task_index_at_epoch(trainer.current_epoch)
+    k = TaskClock.of(trainer).task_index(trainer.current_epoch)
     lora = {name: module.adapter_parameters("lora", name if name != SHARED_ADAPTER else tasks[0])
             for name in layout.adapter_names(tasks)}  # fmt: skip
     crma = module.adapter_parameters("crma")

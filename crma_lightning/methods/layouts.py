@@ -20,14 +20,20 @@ callback and ``serve`` all read the layout.
 
 from __future__ import annotations
 
+import importlib
 from typing import ClassVar, Literal
 
+from crma_lightning._paths import MOVED
 from crma_lightning.adapters.lora import SHARED_ADAPTER
 from crma_lightning.core.errors import ConfigError
 
 Strategy = Literal["naive", "frozen", "modular", "inc_lora"]
 AdapterKind = Literal["lora", "crma"]
 NoTaskId = Literal["shared", "sum", "route"]
+
+
+LAYOUTS: dict[str, type[AdapterLayout]] = {}
+"""Layout name -> class: every subclass of :class:`AdapterLayout` that sets ``name``."""
 
 
 class AdapterLayout:
@@ -69,6 +75,13 @@ class AdapterLayout:
             return None
         return [SHARED_ADAPTER] if self.shared_lora else list(trained)
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A subclass that names itself is registered: model.strategy, run directories and reports
+        # know it by that name (a layout defined outside the package is found once it is imported).
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            LAYOUTS[cls.name] = cls
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -81,6 +94,8 @@ class AdapterLayout:
 
 class TaskLoRA(AdapterLayout):
     """FROZEN: a fresh LoRA per task, frozen after it; no CRMA."""
+
+    name = "frozen"
 
 
 class SharedLoRA(AdapterLayout):
@@ -107,19 +122,19 @@ class IncrementalLoRA(AdapterLayout):
     no_task_id = "sum"
 
 
-LAYOUTS: dict[str, type[AdapterLayout]] = {
-    "naive": SharedLoRA,
-    "frozen": TaskLoRA,
-    "modular": TaskLoRAWithCRMA,
-    "inc_lora": IncrementalLoRA,
-}
-STRATEGIES = tuple(LAYOUTS)
+STRATEGIES = ("naive", "frozen", "modular", "inc_lora")
+"""The built-in layouts' names (``model.strategy``); :data:`LAYOUTS` also holds any registered later."""
+
+
+def layout_names() -> tuple[str, ...]:
+    """The built-in layouts' names, then those registered later."""
+    return (*STRATEGIES, *(n for n in LAYOUTS if n not in STRATEGIES))
 
 
 def layout_of(strategy: str) -> AdapterLayout:
     """The layout a ``model.strategy`` name stands for."""
     if strategy not in LAYOUTS:
-        raise ConfigError(f"model.strategy must be one of {STRATEGIES} (got {strategy!r}).")
+        raise ConfigError(f"model.strategy must be one of {layout_names()} (got {strategy!r}).")
     return LAYOUTS[strategy]()
 
 
@@ -139,16 +154,27 @@ def resolve_layout(strategy: str | None, layout: AdapterLayout | None) -> Adapte
     return layout
 
 
-def layout_from_config(model: dict) -> AdapterLayout:
+def layout_from_config(model: dict, allow_foreign_classes: bool = False) -> AdapterLayout:
     """The layout of a run's saved ``model`` section (``config.yaml``, read as data): ``layout``
-    (``class_path`` of a class in this module; nothing else is imported) or ``strategy``."""
+    (``class_path``) or ``strategy``. A registered layout is found by its class; a class from
+    outside crma-lightning is imported only with ``allow_foreign_classes`` (a run directory is data)."""
     section = model.get("layout")
-    if section:
-        path = section.get("class_path", "") if isinstance(section, dict) else str(section)
-        cls = next(
-            (c for c in LAYOUTS.values() if path in (f"{c.__module__}.{c.__name__}", c.__name__)), None
+    if not section:
+        return layout_of(model.get("strategy") or "modular")
+    path = section.get("class_path", "") if isinstance(section, dict) else str(section)
+    init = section.get("init_args") or {} if isinstance(section, dict) else {}
+    module, _, name = path.rpartition(".")
+    path = f"crma_lightning.{MOVED[old]}.{name}" if (old := module.removeprefix("crma_lightning.")) in MOVED else path
+    cls = next((c for c in LAYOUTS.values() if path in (f"{c.__module__}.{c.__qualname__}", c.__name__)), None)
+    if cls is None and allow_foreign_classes and "." in path:
+        module, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"model.layout {path!r} cannot be imported ({e}); put its module on PYTHONPATH") from None
+    if not (isinstance(cls, type) and issubclass(cls, AdapterLayout)):
+        raise ConfigError(
+            f"model.layout {path!r} is not a registered layout ({', '.join(layout_names())}); a layout from outside "
+            "crma-lightning is loaded only with --allow-foreign-classes (load_run(..., allow_foreign_classes=True))"
         )
-        if cls is None:
-            raise ConfigError(f"model.layout {path!r} is not one of crma_lightning.methods.layouts's layouts")
-        return resolve_layout(model.get("strategy"), cls())
-    return layout_of(model.get("strategy") or "modular")
+    return resolve_layout(model.get("strategy"), cls(**init))

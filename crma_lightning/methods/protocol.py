@@ -90,6 +90,9 @@ class ContinualModule(Protocol):
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters that train in every task (the shared LoRA, CRMA)."""
 
+    def task_start_step(self, task_index: int) -> int:
+        """The global step of task ``task_index``'s first optimizer step."""
+
     def current_task(self) -> str:
         """The task the trainer's current epoch belongs to."""
 
@@ -129,13 +132,16 @@ def check_fit_setup(trainer: Any, task_names: list[str], vocab_size: int) -> Non
             "leave model.task_names unset, the CLI links it from data.tasks"
         )
     roles = {getattr(c, "role", None) for c in trainer.callbacks}
-    missing = [f"{role} ({what})" for role, what in REQUIRED_ROLES.items() if role not in roles]
+    required = dict(REQUIRED_ROLES)
+    if getattr(trainer.lightning_module, "regularizers", None):
+        required["regularization"] = "runs the regularisers' task-start and task-end hooks"
+    missing = [f"{role} ({what})" for role, what in required.items() if role not in roles]
     if missing:
         raise ConfigError(
             "the trainer lacks the callbacks the method needs: "
             + "; ".join(missing)
             + ". `train.py` adds them "
-            "itself; in Python pass callbacks=callbacks.method_callbacks() to the Trainer"
+            "itself; in Python pass callbacks=crma_lightning.callbacks.method_callbacks() to the Trainer"
         )
     if getattr(dm, "vocab_size", 0) > vocab_size:
         raise ConfigError(

@@ -17,7 +17,7 @@ from crma_lightning.backbone.loading import BackboneConfig
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule, TaskSpec
 from crma_lightning.data.replay import Replay
-from crma_lightning.methods.layouts import layout_from_config
+from crma_lightning.methods.layouts import AdapterLayout, layout_from_config
 from crma_lightning.runs.checkpoint import PEFT_CONFIG, PEFT_WEIGHTS
 from crma_lightning.runs.rundir import RunDir, init_args
 
@@ -29,7 +29,8 @@ class RunInfo:
     """What a run directory says about its run: the parsed ``config.yaml`` and the adapters present."""
 
     run: RunDir
-    strategy: str
+    layout: AdapterLayout
+    """The run's adapter layout (``model.strategy`` or ``model.layout``), the object the run trained with."""
     tasks: list[str]
     """Every task of the configured sequence, in training order."""
     trained: list[str]
@@ -43,6 +44,11 @@ class RunInfo:
     @property
     def run_dir(self) -> Path:
         return self.run.path
+
+    @property
+    def strategy(self) -> str:
+        """The layout's name (``naive``, ``frozen``, ``modular``, ``inc_lora`` or a registered one)."""
+        return self.layout.name
 
     @property
     def tokenizer_name(self) -> str | None:
@@ -60,8 +66,9 @@ class RunInfo:
         return ContinualDataModule(**data)
 
 
-def read_run(run_dir: str | os.PathLike) -> RunInfo:
-    """Parse ``<run_dir>/config.yaml`` and list the completed tasks; a clear error for a non-run."""
+def read_run(run_dir: str | os.PathLike, allow_foreign_classes: bool = False) -> RunInfo:
+    """Parse ``<run_dir>/config.yaml`` and list the completed tasks; a clear error for a non-run.
+    A layout from outside crma-lightning is imported only with ``allow_foreign_classes``."""
     run = RunDir(run_dir)
     cfg = run.read_config()
     try:
@@ -72,7 +79,7 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
         raise ConfigError(
             f"{run.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
         ) from None
-    strategy = layout_from_config(model).name  # an unknown strategy or layout fails here, naming the field
+    layout = layout_from_config(model, allow_foreign_classes)  # an unknown one fails here, naming the field
     trained = [t for t in tasks if (run.adapter(t) / PEFT_WEIGHTS).is_file()]
     if not trained:
         raise ConfigError(
@@ -82,7 +89,7 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
         )
     routing = cfg.get("routing")
     return RunInfo(
-        run, strategy, tasks, trained, backbone, data, init_args(routing) if isinstance(routing, dict) else {}
+        run, layout, tasks, trained, backbone, data, init_args(routing) if isinstance(routing, dict) else {}
     )
 
 

@@ -37,7 +37,7 @@ from crma_lightning.evaluation.evaluator import (
     summarize_rows,
     task_data,
 )
-from crma_lightning.methods.layouts import SHARED_ADAPTER, layout_of
+from crma_lightning.methods.layouts import SHARED_ADAPTER
 from crma_lightning.routing.router import load_stats_router
 from crma_lightning.runs.checkpoint import CRMA_WEIGHTS, load_crma, load_lora
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
@@ -59,7 +59,7 @@ def _set_row(run: TrainedRun, k: int) -> list[str]:
     hold a trained state at that row."""
     info = run.info
     done = info.trained[:k]
-    layout = layout_of(info.strategy)
+    layout = info.layout
     if run.crma is not None:
         run.crma.enabled = k > 0
         if k > 0:
@@ -90,7 +90,7 @@ def evaluate_run(
     _check_history(run)
     dm.setup()
     info = run.info
-    layout = layout_of(info.strategy)
+    layout = info.layout
     tasks = task_data(dm, split, batch_size=batch_size)
     rows: Rows = {}
     blind: Rows = {}
@@ -147,7 +147,7 @@ def write_run_matrices(
         "base_model": info.backbone.label,
         "split": split,
         "task_id": "none" if task_id == "none" else "given",
-        "router": router if task_id == "none" and layout_of(info.strategy).no_task_id == "route" else None,
+        "router": router if task_id == "none" and info.layout.no_task_id == "route" else None,
         "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
         "rebuilt_from_adapters": True,
     }
@@ -158,7 +158,7 @@ def write_run_matrices(
     if blind is not None:
         files |= {matrix_name(m, no_task_id=True): blind[m] for m in ("loss", "accuracy")}
         files |= {matrix_name(m, no_task_id=True): r for m, r in extra_matrices(blind).items()}
-        summary["no_task_id"] = summarize_rows(blind) | {"routing": layout_of(info.strategy).no_task_id,
+        summary["no_task_id"] = summarize_rows(blind) | {"routing": info.layout.no_task_id,
                                                         "router": router}
     info.run.write_matrices(list(dm.task_names), files, summary, split)
     return summary

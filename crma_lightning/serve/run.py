@@ -35,7 +35,7 @@ from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import ContinualDataModule, load_tokenizer
 from crma_lightning.evaluation import generation
 from crma_lightning.evaluation.generation import Prompt
-from crma_lightning.methods.layouts import SHARED_ADAPTER, layout_of
+from crma_lightning.methods.layouts import SHARED_ADAPTER, AdapterLayout
 from crma_lightning.routing import routers as routing
 from crma_lightning.routing.router import (
     DEFAULT_SHRINKAGE,
@@ -104,6 +104,10 @@ class TrainedRun(ServedModel):
     def strategy(self) -> str:
         return self.info.strategy
 
+    @property
+    def layout(self) -> AdapterLayout:
+        return self.info.layout
+
     def adapter_for(self, task: str) -> str:
         """The LoRA serving ``task``: its own, or under NAIVE the shared one (as at the end of the run)."""
         if task not in self.info.tasks:
@@ -115,7 +119,7 @@ class TrainedRun(ServedModel):
                 f"task {task!r} was never completed in {self.info.run_dir} (no {self.info.run.adapter(task)}); "
                 f"completed tasks: {self.tasks}"
             )
-        return layout_of(self.strategy).adapter_for(task, self.info.tasks)
+        return self.layout.adapter_for(task, self.info.tasks)
 
     @contextmanager
     def serving(self, task: str | None, crma: bool = True) -> Iterator[None]:
@@ -123,7 +127,7 @@ class TrainedRun(ServedModel):
         if task is None:
             raise ConfigError(f"name a task to serve: one of {self.tasks}, or 'auto' to route")
         self.adapter_for(task)  # a clear error for an unknown or unfinished task
-        activate_lora(self.model, layout_of(self.strategy).active_for(task, self.info.trained))
+        activate_lora(self.model, self.layout.active_for(task, self.info.trained))
         with super().serving(task, crma):
             yield
 
@@ -223,7 +227,7 @@ class TrainedRun(ServedModel):
         A 1-token prompt has no next-token loss (NaN); it goes to the last completed task. Under
         NAIVE every task is served by the same LoRA, so routing is moot: the last task is returned.
         """
-        if self.strategy == "naive":
+        if self.layout.shared_lora:
             return [self.tasks[-1]] * losses.shape[0]
         best = torch.nan_to_num(losses, nan=float("inf")).argmin(dim=1)
         scorable = torch.isfinite(losses).all(dim=1)
@@ -249,8 +253,8 @@ class TrainedRun(ServedModel):
         """
         check_routing(self, router, threshold, fallback)
         prompts = list(prompts)
-        if self.strategy == "naive":  # one shared LoRA: nothing to score
-            return [RouteDecision(self.tasks[-1], None, "naive") for _ in prompts]
+        if self.layout.shared_lora:  # one shared LoRA: nothing to score
+            return [RouteDecision(self.tasks[-1], None, self.layout.name) for _ in prompts]
         if not prompts:
             return []
         if router == "stats":
@@ -361,7 +365,7 @@ def load_run(
         trust_remote_code: allow a config that sets ``model.backbone.trust_remote_code``.
         allow_foreign_classes: allow a config that names classes from outside this project.
     """
-    info = read_run(run_dir)
+    info = read_run(run_dir, allow_foreign_classes)
     overridden = backbone is not None
     if overridden:
         info.backbone = backbone
@@ -375,7 +379,7 @@ def load_run(
     if tokenizer is not None:
         info.data["tokenizer"] = tokenizer
     meta = None
-    if layout_of(info.strategy).crma:
+    if info.layout.crma:
         if not (info.run.crma / CRMA_WEIGHTS).is_file():
             raise ConfigError(
                 f"{info.run_dir} is a {info.strategy} run but has no {info.run.crma / CRMA_WEIGHTS}; the CRMA state "
@@ -392,7 +396,7 @@ def load_run(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in layout_of(info.strategy).adapter_names(info.trained):
+    for name in info.layout.adapter_names(info.trained):
         # A shared LoRA (NAIVE): adapters/<last task>/ holds it as the run ended.
         source = info.run.adapter(info.trained[-1] if name == SHARED_ADAPTER else name)
         _check_adapter_dir(source)

@@ -31,6 +31,7 @@ from crma_lightning.backbone.loading import BackboneConfig, load_backbone
 from crma_lightning.backbone.output_head import batch_token_stats, head_problem, probe_matches
 from crma_lightning.backbone.sharding import shard_for_strategy
 from crma_lightning.core import losses
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.core.errors import ConfigError, raise_problems
 from crma_lightning.data.tasks import name_problems
 from crma_lightning.methods.layouts import AdapterKind, AdapterLayout, Strategy, resolve_layout
@@ -241,8 +242,7 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         return shared + self.adapter_parameters("crma")
 
     def current_task(self) -> str:
-        dm = self.trainer.datamodule
-        return self.task_names[dm.task_index_at_epoch(self.trainer.current_epoch)]
+        return TaskClock.of(self.trainer).task(self.trainer.current_epoch)
 
     def ever_trainable_parameters(self) -> list[nn.Parameter]:
         return self.adapter_parameters("lora") + self.adapter_parameters("crma")
@@ -354,13 +354,10 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         # Checked per batch, not per epoch: Lightning skips on_train_epoch_start when it resumes
         # from a checkpoint taken on an epoch's last step. Before the task's first optimizer step
         # the state is cleared (repeating it for accumulated micro-batches is harmless).
-        k = self.trainer.datamodule.task_index_at_epoch(self.trainer.current_epoch)
-        if k > 0 and step == self.task_start_step(k):
-            if self.reset_optimizer_per_task:
-                for opt in self.trainer.optimizers:
-                    opt.state.clear()
-            for reg in self.regularizers:
-                reg.on_task_start(self, self.task_names[k])
+        k = TaskClock.of(self.trainer).task_index(self.trainer.current_epoch)
+        if k > 0 and step == self.task_start_step(k) and self.reset_optimizer_per_task:
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
         # Dropout masks as a function of (seed, step, rank): identical after a resume.
         torch.manual_seed(self.seed * 1_000_003 + step * 7919 + self.global_rank)
 
