@@ -55,7 +55,12 @@ class RunInfo:
         return self.data.get("tokenizer")
 
     def datamodule(self) -> ContinualDataModule:
-        """The run's DataModule, rebuilt from its config: the same holdout split (same seed, sizes)."""
+        """The run's DataModule, rebuilt from its config: the same holdout split (same seed, sizes).
+
+        Imports the classes its ``data.sources`` name: ``load_run`` has refused foreign ones
+        (:func:`check_trusted`) before this is called, unless ``allow_foreign_classes``."""
+        from crma_lightning.data.sources import source_from_config
+
         known = {f.name for f in fields(TaskSpec)}
         tasks = [
             TaskSpec(**{k: v for k, v in init_args(t).items() if k in known}) for t in self.data["tasks"]
@@ -63,6 +68,8 @@ class RunInfo:
         data = {**self.data, "tasks": tasks}
         if isinstance(data.get("replay"), dict):  # config.yaml holds the Replay's fields
             data["replay"] = Replay(**init_args(data["replay"]))
+        if data.get("sources"):  # config.yaml holds {class_path, init_args} per source
+            data["sources"] = [source_from_config(s) for s in data["sources"]]
         return ContinualDataModule(**data)
 
 
