@@ -29,8 +29,10 @@ class TaskSpec:
     name: str
     """Unique task name; the key of the task's adapter state, metrics (``val/<name>/loss``) and checkpoints."""
     source: str = "synthetic"
-    """``synthetic``, a local file (.txt .jsonl .json .parquet .csv), ``corpus:<domain>`` (a shipped domain,
-    see ``crma_lightning.corpus.DOMAINS``), or a ``datasets`` hub name."""
+    """``synthetic``, a local file (.txt .jsonl .json .parquet .csv) or folder of split files,
+    ``corpus:<domain>`` (a shipped domain, see ``crma_lightning.corpus.DOMAINS``), a ``datasets`` hub
+    name, or what a source of ``data.sources`` or a registered one claims
+    (:mod:`crma_lightning.data.sources`)."""
     format: Literal["text", "prompt_response", "classification"] = "text"
     """``text``: records are concatenated with eos and cut into ``max_length`` blocks, every token
     trained. ``prompt_response``: one example per record, loss on the response (+ eos) only.
