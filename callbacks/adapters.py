@@ -1,16 +1,8 @@
 """Save each task's adapters when the task ends: ``adapters/<task>/`` (PEFT) and ``adapters/crma/``.
 
-``adapters/<task>/`` holds the LoRA used for that task (under NAIVE, the shared LoRA as it was at
-the end of the task) in PEFT's format; ``adapters/crma/`` the latest CRMA state (safetensors +
-JSON), rewritten after every task, and ``adapters/crma_history/<task>/`` the CRMA state as it was
-when that task ended, so that ``train.py test --run`` can rebuild the model of every matrix row.
-Written by rank 0, atomically; where they go is ``crma_lightning.runs.rundir``'s, and
-``serve.load_run`` reads them from there.
-
-Distributed: every rank gathers the whole adapter tensors (under FSDP a collective over the
-shards; under DDP each rank's own replica) and hashes them; the hashes are exchanged and the run
-stops if any rank holds different adapters (replicas that diverged, e.g. a parameter left out of
-the gradient all-reduce). ``adapters/ranks.json`` records, per task, every rank's hash.
+Also ``adapters/crma_history/<task>/`` (the CRMA as it was after that task, to rebuild each matrix
+row) and ``adapters/ranks.json``; written by rank 0, atomically, where ``crma_lightning.runs.rundir``
+says. Every rank hashes its gathered adapters and the run stops if the ranks differ.
 """
 
 from __future__ import annotations
@@ -29,7 +21,15 @@ class RanksDivergedError(RuntimeError):
 
 
 class AdapterCheckpoint(TaskBoundaryCallback):
-    """Writes the adapters of every completed task into the run directory's ``adapters/``."""
+    """Writes the adapters of every completed task into the run directory's ``adapters/``.
+
+    ``adapters/<task>/`` holds the LoRA used for that task (under NAIVE, the shared LoRA as it was at
+    the end of the task) in PEFT's format; ``adapters/crma/`` the latest CRMA state (safetensors +
+    JSON), rewritten after every task. Every rank gathers the whole adapter tensors (under FSDP a
+    collective over the shards) and hashes them; the hashes are exchanged, recorded per task in
+    ``adapters/ranks.json``, and :class:`RanksDivergedError` stops the run if any rank differs
+    (replicas that diverged, e.g. a parameter left out of the gradient all-reduce).
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,13 +1,7 @@
 """Task-boundary events for callbacks, robust to resume.
 
-A task is complete once the epoch after its last one has started (or training has ended after
-it). Callbacks that act at task ends (evaluate, save adapters) subclass :class:`TaskBoundaryCallback`
-and implement :meth:`on_task_end`; it runs once per completed task, in order, at the first train
-start, epoch start or train end that sees the task complete. (Train start matters: a run resumed
-from a checkpoint taken on a task's last step gets no epoch-start hook for the next epoch.) Because
-a task's weights do not change until the next task's first step, running it there is the same as
-running it at the very end of the task, and a run resumed from a checkpoint saved in between
-catches up on what it missed.
+Callbacks that act at task ends (evaluate, save adapters) subclass :class:`TaskBoundaryCallback`
+and implement :meth:`on_task_end`.
 """
 
 from __future__ import annotations
@@ -26,7 +20,12 @@ def run_dir(trainer: pl.Trainer) -> RunDir:
 
 
 class TaskBoundaryCallback(Callback):
-    """Calls :meth:`on_task_end` once for every completed task; the progress is resumable state."""
+    """Calls :meth:`on_task_end` once for every completed task; the progress is resumable state.
+
+    A task is complete once the epoch after its last one has started (or training has ended after
+    it). ``on_task_end`` runs once per completed task, in order, at the first train start, epoch start
+    or train end that sees the task complete.
+    """
 
     def __init__(self) -> None:
         self.tasks_done: list[str] = []

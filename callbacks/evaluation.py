@@ -1,32 +1,8 @@
 """Evaluate every task before training and after each task: the matrices L and A, and task metrics.
 
-Row ``base`` is the model before any training (the zero-shot row); row ``<task k>`` is after
-training task k. Every row covers all tasks (later ones too, for forward transfer). Task i is
-evaluated with its own LoRA (the shared one under NAIVE) and, in MODULAR, the current CRMA. Each
-rank evaluates a disjoint shard of every held-out set and the per-task sums are all-reduced
-(torchmetrics), so the result equals a single-process evaluation (``crma_lightning.evaluation.evaluator``).
-
-Per task and row: the next-token loss (L, ``loss_matrix.csv``), and A (``accuracy_matrix.csv``),
-the task's metric (``data.tasks[].metric``): token accuracy for text, exact match of the greedy
-answer for classification, or ROUGE-L / exact match for a free-text task that names it. The other
-metrics computed (token accuracy, label-set accuracy, ...) get their own ``<metric>_matrix.csv``.
-BWT, FWT, forgetting and the final average accuracy are computed on A (docs/method.md §4).
-
-With ``task_id: both`` every row is also evaluated without the task id: layouts with a LoRA per
-task route each example among the adapters trained so far (the routing accuracy per task is a
-matrix of its own), with ``router: stats`` by the routing statistics the ``routing`` callback
-wrote at each task end (as ``serve`` routes ``task: auto``; each adapter then runs only on its own
-examples), with ``router: loss`` to the adapter that gives its prompt the lowest loss; layouts that serve every input with one model (a shared LoRA, all LoRAs
-summed) give the same numbers as with the id. These are ``*_no_task_id.csv`` and the
-``no_task_id`` part of summary.json. With ``task_id: none`` the rows are evaluated only that way:
-the matrices (``loss_matrix.csv``, ...) hold the numbers without the task id, summary.json says
-``"task_id": "none"``, and each row costs one evaluation instead of two.
-
-The matrices use the validation split during ``fit``; with ``test_matrices`` each row also scores
-the test split, written to ``continual/test/`` (the numbers to report; hyperparameters are picked
-on validation). After each row the files, the summary and heatmaps are written atomically (a crash
-keeps the last complete row) and logged as ``val/<task>/<metric>``, ``cl/*`` (``test/...``,
-``cl_test/*``) at step = number of tasks trained.
+Writes ``continual/{loss,accuracy,<metric>}_matrix.csv``, their ``*_no_task_id.csv`` and
+``continual/test/`` counterparts, summary.json (BWT, FWT, forgetting, final averages; docs/method.md
+§4) and heatmaps; the scoring itself is ``crma_lightning.evaluation.evaluator``'s.
 """
 
 from __future__ import annotations
@@ -87,7 +63,29 @@ def _shown(key: str, value: float | None) -> str:
 
 
 class ContinualEvaluation(TaskBoundaryCallback):
-    """Held-out loss and task metrics on every task, before training and after each task."""
+    """Held-out loss and task metrics on every task, before training and after each task.
+
+    Row ``base`` is the model before any training (the zero-shot row); row ``<task k>`` is after
+    training task k, and covers all tasks (later ones too, for forward transfer). Task i is evaluated
+    with its own LoRA (the shared one under NAIVE) and, in MODULAR, the current CRMA. Per task and row:
+    the next-token loss (L, ``loss_matrix.csv``) and the task's metric (A, ``accuracy_matrix.csv``;
+    ``data.tasks[].metric``: token accuracy for text, exact match of the greedy answer for
+    classification, ROUGE-L or exact match for a free-text task that names it); the other metrics
+    computed get their own ``<metric>_matrix.csv``. BWT, FWT, forgetting and the final average accuracy
+    are computed on A.
+
+    Without the task id (``task_id: both`` or ``none``) layouts with a LoRA per task route each example
+    among the adapters trained so far (``router``; the routing accuracy per task is a matrix of its
+    own), and layouts that serve every input with one model give the same numbers as with the id.
+    With ``task_id: none`` the matrices hold those numbers and summary.json says ``"task_id": "none"``.
+
+    The matrices use the validation split; with ``test_matrices`` each row also scores the test split
+    (``continual/test/``: the numbers to report, hyperparameters being picked on validation). After each
+    row the files, the summary and heatmaps are written atomically (a crash keeps the last complete row)
+    and logged as ``val/<task>/<metric>``, ``cl/*`` (``test/...``, ``cl_test/*``) at step = number of
+    tasks trained. Each rank evaluates a disjoint shard and the sums are all-reduced, so the result
+    equals a single-process evaluation.
+    """
 
     role = "evaluation"
 

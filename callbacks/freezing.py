@@ -1,9 +1,7 @@
 """Per-task freezing policy: what trains during each task (the table is ``crma_lightning.methods.layouts``).
 
-Applied at train start and at every epoch start (idempotent; a run resumed mid-epoch gets no
-epoch-start hook, so the train-start call is what restores its set). Parameters outside the set get
-``requires_grad=False`` and hence no gradient, which the optimizer skips entirely (no weight
-decay, no momentum): a frozen adapter stays bit-identical.
+Applied at train start and at every epoch start (idempotent). Parameters outside the set get
+``requires_grad=False``: the optimizer skips them entirely, so a frozen adapter stays bit-identical.
 """
 
 from __future__ import annotations

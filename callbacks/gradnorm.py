@@ -1,21 +1,8 @@
 """Gradient-norm statistics per task and per parameter group: the peak and mean of the logged norms.
 
-The authors report that plain LoRA shows gradient-norm spikes that CRMA removes (docs/method.md §3);
-this makes the comparison numbers per task. The module logs three norms every optimizer step
-(``ContinualLM.gradient_norms``: global, after the all-reduce, before any clipping):
-``train/grad_norm`` (all trainable adapters), ``train/grad_norm/lora`` (the LoRA gradients alone)
-and, with CRMA, ``train/grad_norm/crma``. Comparing conditions needs the groups apart: under
-MODULAR the total mixes CRMA's gradients into the LoRAs'.
-
-At each task end the task's statistics are logged as ``grad_norm/<task>/{max,mean}`` (the total),
-``grad_norm/<task>/<group>/{max,mean}`` and written to ``<run dir>/continual/grad_norm.json``
-(atomically, rank 0)::
-
-    {task: {max, mean, steps, max_step,           # the total, as before the groups existed
-            lora: {max, mean, max_step}, crma: {max, mean, max_step},   # crma only with CRMA
-            clipped: n}}                          # steps ZClip clipped (only with ZClip on)
-
-The statistics are resumable state.
+Per task, of ``train/grad_norm`` (all trainable adapters), ``train/grad_norm/lora`` and, with CRMA,
+``train/grad_norm/crma`` (``ContinualLM.gradient_norms``: global, before any clipping); logged as
+``grad_norm/<task>/...`` and written to ``continual/grad_norm.json``.
 """
 
 from __future__ import annotations
@@ -36,7 +23,18 @@ CLIPPED = "zclip/clipped"
 
 
 class GradNormStats(TaskBoundaryCallback):
-    """Per-task max and mean of each logged gradient norm (total, LoRA, CRMA)."""
+    """Per-task max and mean of each logged gradient norm (total, LoRA, CRMA).
+
+    At each task end the task's statistics are logged as ``grad_norm/<task>/{max,mean}`` (the total),
+    ``grad_norm/<task>/<group>/{max,mean}`` and written to ``<run dir>/continual/grad_norm.json``
+    (atomically, rank 0)::
+
+        {task: {max, mean, steps, max_step,           # the total, as before the groups existed
+                lora: {max, mean, max_step}, crma: {max, mean, max_step},   # crma only with CRMA
+                clipped: n}}                          # steps ZClip clipped (only with ZClip on)
+
+    The statistics are resumable state.
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,12 +1,5 @@
 """The lifecycle of the module's regularisers (``model.regularizers``): their task-start and
 task-end hooks (LwF's snapshot, EWC's Fisher pass). The module only adds their penalties to the loss.
-
-At the end of each task every regulariser sees that task's training set in a fixed batching (the
-same batches whatever the number of ranks; this rank's share of them), with the task's own
-adapters active, and may update its state (EWC: the Fisher of the shared parameters and their
-anchor). Sums are all-reduced across ranks by the regulariser through ``reduce``. The progress is
-resumable state (TaskBoundaryCallback); the regularisers' own state goes into the checkpoint with
-the module.
 """
 
 from __future__ import annotations
@@ -22,7 +15,14 @@ from crma_lightning.methods.protocol import as_continual
 
 class RegularizerHooks(TaskBoundaryCallback):
     """Calls every regulariser's ``on_task_start`` before a task's first step (from the second task
-    on) and its ``on_task_end`` with the finished task's training batches."""
+    on) and its ``on_task_end`` with the finished task's training batches.
+
+    At a task end every regulariser sees that task's training set in a fixed batching (the same batches
+    whatever the number of ranks; this rank's share of them), with the task's own adapters active, and
+    may update its state (EWC: the Fisher of the shared parameters and their anchor); it all-reduces its
+    sums through ``reduce``. The progress is resumable state; the regularisers' own state goes into the
+    checkpoint with the module.
+    """
 
     role = "regularization"
 

@@ -1,14 +1,7 @@
 """What each task costs in time and memory: step time, resident memory, optimizer state.
 
-An optional callback (``trainer.callbacks: - class_path: crma_lightning.callbacks.resources.ResourceMonitor``).
-At every task end it records, per task: the median training-step time (the interval between
-consecutive batch starts, the task's first step excluded since it follows the boundary work), in
-wall and in this process's CPU time, the
-process's resident memory now, its anonymous memory after returning the allocator's free pages to
-the system (what it really holds), its peak resident memory, the bytes held in optimizer state, and how many
-parameters train. They are logged as ``resources/*`` at step = tasks trained and written to the run
-directory's ``continual/resources.json`` (rank 0, atomically). A long task sequence should show the
-step time and the memory flat, and the optimizer state holding only the current task's adapters.
+An optional callback (``trainer.callbacks: - class_path: crma_lightning.callbacks.resources.ResourceMonitor``);
+writes ``continual/resources.json`` and logs ``resources/*``.
 """
 
 from __future__ import annotations
@@ -58,7 +51,17 @@ def peak_resident_mb() -> float:
 
 
 class ResourceMonitor(TaskBoundaryCallback):
-    """Per task: median step time, resident memory, optimizer-state bytes, trainable parameters."""
+    """Per task: median step time, resident memory, optimizer-state bytes, trainable parameters.
+
+    At every task end it records, per task: the median training-step time (the interval between
+    consecutive batch starts, the task's first step excluded since it follows the boundary work), in
+    wall and in this process's CPU time; the process's resident memory now, its anonymous memory after
+    returning the allocator's free pages to the system (what it really holds) and its peak resident
+    memory; the bytes held in optimizer state, and how many parameters train. They are logged as
+    ``resources/*`` at step = tasks trained and written to ``continual/resources.json`` (rank 0,
+    atomically). A long task sequence should show the step time and the memory flat, and the optimizer
+    state holding only the current task's adapters.
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,17 +1,8 @@
 """Routing statistics of every task, gathered when the task ends: ``routing/<task>.*`` of the run.
 
-At each task end the task's training examples (the first ``max_examples`` of its training set, via
-``ContinualDataModule.train_examples``: this rank's shard, every example once, padding examples of
-weight 0 so that all ranks run the same number of forward passes) go through the frozen base (LoRA
-and CRMA off), and the sums of their pooled features (``crma_lightning.routing.routers``) are all-reduced
-over the ranks in float64 and written by rank 0 (``crma_lightning.routing.stats``). The base never
-changes, so a task's file is written once and later tasks never touch it; ``serve`` builds the
-router from the files. Under FSDP every rank runs the whole forward pass (the layers' all-gathers
-are collectives); otherwise the pass stops at the routing layer.
-
-The base model's dtype is used as it is (no autocast), as when a loaded run routes a prompt.
-Which tasks are done is resumable state (``TaskBoundaryCallback``): a run resumed from a checkpoint
-taken before a task's end gathers that task again, with the same result.
+The statistics are the sums of the frozen base's pooled features of the task's training examples
+(``crma_lightning.routing.routers``), written by ``crma_lightning.routing.stats``; ``serve`` builds the
+router from them.
 """
 
 from __future__ import annotations
@@ -38,7 +29,15 @@ from crma_lightning.routing.stats import (
 
 
 class RoutingStatistics(TaskBoundaryCallback):
-    """Writes each completed task's routing statistics (frozen-base features of its training data)."""
+    """Writes each completed task's routing statistics (frozen-base features of its training data).
+
+    At each task end the first ``max_examples`` of the task's training set (``ContinualDataModule.train_examples``:
+    this rank's shard, every example once, padding examples of weight 0 so that all ranks run the same
+    number of forward passes) go through the frozen base (LoRA and CRMA off, the base's dtype, no
+    autocast); the sums of their pooled features are all-reduced in float64 and written by rank 0.
+    Which tasks are done is resumable state: a run resumed from a checkpoint taken before a task's end
+    gathers that task again, with the same result.
+    """
 
     def __init__(
         self,

@@ -1,15 +1,10 @@
 """Logs the CRMA spectral bound and projection health per layer (docs/method.md §6).
 
 Per layer: ``spectral/<layer>/{sigma_max,sigma_2,row_err,col_err,rescale,gate}``; across layers:
-``spectral/max_sigma`` and ``spectral/max_row_col_err``. Uses the same projection functions as the
-adapter (one implementation). The run-wide maxima are resumable state; they are reported to the
-module (``run_facts``) for summary.json.
-All are computed in float64 from the float32 M the forward pass uses, so ``max_sigma`` <= 1 holds
-with no tolerance (projection.certify). An exactly doubly-stochastic M always has sigma_max = 1; the
-row/column errors and sigma_2 (collapse toward J/n shows as sigma_2 -> 0) are the informative
-diagnostics.
+``spectral/max_sigma`` and ``spectral/max_row_col_err``, whose run-wide maxima are resumable state
+reported to the module (``run_facts``) for summary.json. Computed in float64 by the adapter's own
+projection functions, so ``max_sigma`` <= 1 holds with no tolerance (projection.certify).
 """
-
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -29,8 +24,7 @@ class SpectralBoundLogger(Callback):
             every_n_steps: measure after every n-th optimizer step (the maxima see only those).
             per_layer: also log one series per layer (else only the maxima across layers).
             per_layer_every_n_steps: log the per-layer series at the first measured step and then
-                every n-th optimizer step: 6 values per layer cost ~33 us each in TensorBoard, 6 ms a
-                step on a 30-layer model (~1 % of SmolLM2's step at the main job's shape).
+                every n-th optimizer step (6 values per layer).
         """
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
@@ -83,8 +77,8 @@ class SpectralBoundLogger(Callback):
         self.steps_checked += 1
         self._report(module)
         # One call to the logger API for all 2 + 6 L values (identical on every rank: DDP replicas,
-        # FSDP shards gathered by measure()), at the step just taken, as pl_module.log would:
-        # Lightning's log() costs ~2 ms per value on CPU, a quarter of a tiny model's step.
+        # FSDP shards gathered by measure()), at the step just taken, as pl_module.log would, but
+        # without log()'s per-value cost.
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step - 1)
 

@@ -1,41 +1,8 @@
 """ZClip: adaptive gradient clipping by the z-score of the global gradient norm.
 
-Reference: Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv 2504.02507,
-Algorithm 1; the authors' package ``zclip`` 1.0.0 (PyPI, Apache-2.0), whose maths and defaults this
-follows. The CRMA authors use it in place of a fixed ``max_grad_norm`` (docs/method.md §3).
-
-Over the first ``warmup_steps`` optimizer steps the global norms g_t are collected, unclipped; their
-mean and (population) variance start the statistics. From then on, every step::
-
-    z = (g − μ) / (σ + ε)                                           σ = sqrt(v)
-    z > z_thresh:  g* = μ + z_thresh · σ / (z / z_thresh)   ('adaptive_scaling'; 'mean': g* = μ)
-                   the gradients are scaled by g* / (g + 1e-6)
-    otherwise:     g* = g, nothing changes
-    μ ← α μ + (1 − α) g*,   v ← α v + (1 − α) (g* − μ)²             (the updated μ, as the paper)
-
-**Why our own callback, not the package's** (``zclip.ZClipLightningCallback``), read at 1.0.0:
-
-- Lightning calls the callbacks' ``on_before_optimizer_step`` *before* the module's, so the
-  package's callback sees the gradients before FSDP2's replicated gradients are averaged and before
-  a non-finite step is dropped: a NaN norm enters its warm-up buffer and every later statistic is
-  NaN. Here the norm comes from ``ContinualLM.gradient_norms()`` (computed once per step, whichever
-  asks first), which is None for a skipped step, and then the statistics are left untouched.
-- Its global norm is right for DDP and FSDP1 only: FSDP2's DTensor gradients are not recognised as
-  sharded (``is_fsdp_model`` tests for FSDP1), and FSDP2's unsharded 0-dim parameters (CRMA's gate)
-  mix plain tensors with DTensors in one ``torch.stack``. ``gradient_norms()`` is the global norm
-  under DDP and FSDP2 alike, the same on every rank.
-- It keeps its statistics in plain attributes with no ``state_dict``: a resumed run restarts the
-  warm-up. This callback's statistics are saved in the checkpoint and restored bit-exactly.
-- Its default ``max_grad_norm=1.0`` caps every step at 1.0 as well, i.e. ZClip *and* the fixed clip;
-  the recipe replaces the fixed clip, so ``max_grad_norm`` defaults to None here.
-- It reads the norm back with ``.item()`` every step; here the statistics stay tensors on the
-  gradients' device (the logged values are read when Lightning logs them anyway).
-
-The maths are the pure functions :func:`warmup_statistics`, :func:`zscore_threshold` and
-:func:`ema_update`, tested on hand-computed sequences. Clip events are logged as ``zclip/clipped``
-(1.0 on a clipped step), ``zclip/clip_events`` (the count so far), ``zclip/z``,
-``zclip/threshold``, ``zclip/mean`` and ``zclip/std``; ``crma_lightning.callbacks.gradnorm`` counts the clipped
-steps per task in ``continual/grad_norm.json``. Off by default: ``zclip: {enabled: true}`` with
+Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv 2504.02507, Algorithm 1,
+following the maths and defaults of the authors' package ``zclip`` 1.0.0; the recipe uses it in place
+of a fixed ``max_grad_norm`` (docs/method.md §3). Off by default: ``zclip: {enabled: true}`` with
 ``trainer.gradient_clip_val: null`` (``configs/recipe/zclip.yaml``).
 """
 
@@ -88,7 +55,23 @@ def clip_coefficient(norm: Tensor, target: Tensor) -> Tensor:
 
 # -- the callback --------------------------------------------------------------------------------
 class ZClip(Callback):
-    """Z-score adaptive gradient clipping of the global gradient norm (arXiv 2504.02507)."""
+    """Z-score adaptive gradient clipping of the global gradient norm (arXiv 2504.02507).
+
+    Over the first ``warmup_steps`` optimizer steps the global norms g_t are collected, unclipped; their
+    mean and (population) variance start the statistics. From then on, every step::
+
+        z = (g − μ) / (σ + ε)                                           σ = sqrt(v)
+        z > z_thresh:  g* = μ + z_thresh · σ / (z / z_thresh)   ('adaptive_scaling'; 'mean': g* = μ)
+                       the gradients are scaled by g* / (g + 1e-6)
+        otherwise:     g* = g, nothing changes
+        μ ← α μ + (1 − α) g*,   v ← α v + (1 − α) (g* − μ)²             (the updated μ, as the paper)
+
+    The norm is ``ContinualLM.gradient_norms()`` (None for a skipped step: the statistics are left
+    untouched); the statistics are checkpointed. Logs ``zclip/clipped`` (1.0 on a clipped step),
+    ``zclip/clip_events`` (the count so far), ``zclip/z``, ``zclip/threshold``, ``zclip/mean`` and
+    ``zclip/std``; ``crma_lightning.callbacks.gradnorm`` counts the clipped steps per task in
+    ``continual/grad_norm.json``.
+    """
 
     def __init__(
         self,
