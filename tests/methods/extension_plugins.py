@@ -1,4 +1,4 @@
-"""A layout and a regulariser defined outside the package, as a user's own module would: the
+"""A layout, a regulariser and a callback defined outside the package, as a user's own module would: the
 extension tests put this folder on PYTHONPATH and name the classes by ``class_path``."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
 from crma_lightning.methods.layouts import AdapterLayout
 from crma_lightning.methods.regularizers import Regularizer
 
@@ -43,3 +44,13 @@ class L2ToTaskStart(Regularizer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchor = list(state["anchor"])
+
+
+class TaskEndLog(TaskBoundaryCallback):
+    """Appends each finished task's name and the global step to ``<run dir>/task_ends.txt``."""
+
+    def on_task_end(self, trainer, pl_module, task_index: int) -> None:
+        path = run_dir(trainer).path / "task_ends.txt"
+        if trainer.is_global_zero:
+            with path.open("a") as f:
+                f.write(f"{trainer.datamodule.task_names[task_index]} {trainer.global_step}\n")

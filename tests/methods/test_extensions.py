@@ -1,5 +1,5 @@
-"""A layout and a regulariser defined outside the package (tests/methods/extension_plugins.py,
-given by ``class_path``) train, evaluate with and without the task id, serve, export, and rebuild
+"""A layout, a regulariser and a callback defined outside the package
+(tests/methods/extension_plugins.py, given by ``class_path``) train, evaluate with and without the task id, serve, export, and rebuild
 their rows with ``test --run``, like the built-in ones."""
 
 from __future__ import annotations
@@ -77,9 +77,13 @@ def test_a_layout_from_outside_the_package(tmp_path, plugins_importable):
 
 
 @pytest.mark.slow
-def test_a_regularizer_from_outside_the_package(tmp_path, plugins_importable):
+def test_a_regularizer_and_a_callback_from_outside_the_package(tmp_path, plugins_importable):
     reg = json.dumps([{"class_path": "extension_plugins.L2ToTaskStart", "init_args": {"weight": 10.0}}])
-    run = fit(tmp_path, "--config", "configs/methods/naive.yaml", "--model.regularizers", reg)
+    callback = json.dumps([{"class_path": "extension_plugins.TaskEndLog"}])
+    run = fit(tmp_path, "--config", "configs/methods/naive.yaml", "--model.regularizers", reg,
+              "--trainer.callbacks+", callback)  # fmt: skip
+    ends = (run.path / "task_ends.txt").read_text().split()
+    assert ends[0::2] == ["alpha", "beta", "gamma"]  # once per task, in order
     events = EventAccumulator(str(run.path)).Reload()
     terms = [e.value for e in events.Scalars("train/reg/l2_start")]
     assert len(terms) > 0 and max(terms) > 0  # its penalty reached the loss from the second task on
