@@ -60,9 +60,8 @@ class CRMAConfig:
     init_seed: int = 0
     """Seed of the read/write projection initialisation (same adapter on every rank and rerun)."""
     compile: bool = False
-    """torch.compile the CRMA write and projection (opt-in). On CPU the compiled write measured
-    slower than the eager fused one and the projection pays only after ~1e5 steps
-    (benchmarks/results/kernels.md); GPUs are not measured yet."""
+    """torch.compile the CRMA write and projection (opt-in; on CPU it does not pay, see
+    docs/decisions.md)."""
 
     def resolved_gate_init(self) -> float:
         if self.gate_init is not None:

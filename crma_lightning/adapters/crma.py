@@ -1,19 +1,7 @@
 """The CRMA block: a residual adapter whose n x n mixing matrix is (sub-)doubly stochastic.
 
-Reference: CRMA, arXiv 2606.00382; docs/method.md §5. For one decoder layer, on every token's hidden
-state h in R^d:
-
-    additive:  s = R h,  h' = h + g * W (M s - s)            R (n, d), W (d, n) = 0 at init
-    subspace:  h' = h + g * U (M - I) U^T h                   U (d, n) orthonormal, g in [0, 1]
-
-M = P(log_mix) is recomputed by the projection at every forward pass, so ||M||_2 <= 1 always. Both
-forms are exactly the identity at step 0 (W = 0, resp. g = 0).
-
-Both are one rank-n update h' = h + W' (R h) with W' = g W (M - I) (d, n) (subspace: R = U^T,
-W = U). The forward folds g and M into W' (a (d, n) product, negligible) and writes with one
-``addmm``, h + s W'^T, instead of three passes over (..., d) (write, scale by g, add);
-:class:`_LowRankResidual` also fuses the input gradient into one ``addmm``. Measured in
-``benchmarks/results/kernels.md``.
+Reference: CRMA, arXiv 2606.00382; docs/method.md §5. :class:`CRMABlock` is one decoder layer's
+adapter; :func:`low_rank_residual` its fused write.
 """
 
 from __future__ import annotations
@@ -106,7 +94,16 @@ def principal_directions(weight: Tensor, n: int) -> Tensor:
 
 
 class CRMABlock(nn.Module):
-    """One layer's CRMA adapter. Acts on ``(..., d)`` hidden states; holds no reference to its host."""
+    """One layer's CRMA adapter. Acts on ``(..., d)`` hidden states; holds no reference to its host.
+
+    On every token's hidden state h in R^d::
+
+        additive:  s = R h,  h' = h + g * W (M s - s)            R (n, d), W (d, n) = 0 at init
+        subspace:  h' = h + g * U (M - I) U^T h                   U (d, n) orthonormal, g in [0, 1]
+
+    M = P(log_mix) is recomputed by the projection at every forward pass, so ||M||_2 <= 1 always.
+    Both forms are exactly the identity at step 0 (W = 0, resp. g = 0).
+    """
 
     def __init__(
         self,
@@ -150,8 +147,7 @@ class CRMABlock(nn.Module):
         # The model-level batched projection may hand the block its M for the current forward pass.
         self.step_mix: Tensor | None = None
         self.enabled = True
-        #: torch.compile the write and this block's own projection (opt-in; on CPU the compiled
-        #: write is slower than the eager one: benchmarks/results/kernels.md).
+        #: torch.compile the write and this block's own projection (opt-in).
         self.compiled = compiled
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

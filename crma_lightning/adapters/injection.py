@@ -1,11 +1,8 @@
 """Put CRMA on every decoder layer of a Hugging Face causal LM, switch it off and on, remove it.
 
-Wrap, don't patch: each block is added as a child module ``crma`` of its decoder layer and applied
-by a removable forward hook on that layer; no method of a transformers class is replaced, and the
-layer keeps its name, so peft LoRA state-dict keys are unchanged.
-
-Matching rule (one, documented): the decoder layers are the ``nn.ModuleList`` found at the first of
-:data:`LAYER_PATHS` that exists on the model. Hidden size comes from the (text) config.
+Each block is a child module ``crma`` of its decoder layer, applied by a removable forward hook.
+The decoder layers are the ``nn.ModuleList`` found at the first of :data:`LAYER_PATHS` that exists
+on the model; the hidden size comes from the (text) config.
 """
 
 from __future__ import annotations

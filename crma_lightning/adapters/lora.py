@@ -1,9 +1,7 @@
 """Per-task LoRA adapters through peft's functional API, on a plain transformers model.
 
-peft's named adapters give one fresh LoRA per task (or one shared for NAIVE), exactly one active
-at a time. We use ``peft.functional`` (inject/set_adapter/state-dict helpers) rather than
-``PeftModel``, so the transformers model stays the root module (no ``__getattr__`` wrapper, CRMA
-hooks and FSDP wrapping see the model's own module tree) while files stay in PEFT's format.
+One fresh LoRA per task (or one shared for NAIVE), exactly one active at a time, as peft named
+adapters; files stay in PEFT's format.
 """
 
 from __future__ import annotations

@@ -3,22 +3,6 @@
 Pure functions over tensors, batched over any leading dimensions, so all layers' ``(L, n, n)``
 logits are projected in one call. Reference: CRMA, arXiv 2606.00382 (docs/method.md §5); the exact
 Birkhoff construction follows mHC-lite, arXiv 2601.05732.
-
-Why a certifying rescale: a finite number of Sinkhorn–Knopp iterations is not exactly doubly
-stochastic (with peaked logits, std 10, the spectral norm after 20 iterations is ~1.045), and
-Birkhoff's float32 sum of permutation matrices is so only up to rounding. For a non-negative matrix
-``||M||_2 <= sqrt(||M||_1 * ||M||_inf)``, so dividing by ``c >= max(max row sum, max col sum)``
-bounds ``||M||_2 <= 1`` whatever the iteration count. :func:`certify` takes the sums in float64 and
-gives ``c`` a relative margin of 2^-21 that the float32 rounding of ``c`` and of the division
-cannot undo: the bound holds for the float32 matrix the forward pass uses, as stored. The result is
-doubly *sub*-stochastic; at convergence ``c`` is 1 up to the margin.
-
-Why ``log_softmax`` and a hand-written backward: at the sizes CRMA uses (``(L, 4, 4)``) Sinkhorn's
-cost is per-call overhead, not arithmetic. Each half-iteration is one ``log_softmax`` kernel
-(``x - logsumexp(x)`` was ~9; the values differ by float32 rounding, at most ~5e-7 on M).
-:class:`_LogSinkhorn` runs the ``2K`` of them without recording an autograd graph and replays them
-backwards with the very kernel autograd's ``LogSoftmaxBackward`` calls, so its gradient is
-bit-identical to autograd's through the same iterations (``benchmarks/results/kernels.md``).
 """
 
 from __future__ import annotations
@@ -58,16 +42,13 @@ class Diagnostics:
 
 
 def _float32(logits: Tensor) -> Tensor:
-    # The projection must run in float32 even under bf16/fp16 autocast: 20 log-domain
-    # normalisations in bf16 lose the row/column sums to ~1e-2.
+    # Float32 even under bf16/fp16 autocast: in bf16 the row/column sums are lost.
     return logits.to(torch.float32)
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast(device_type, enabled=False)`` when autocast is on there, else a no-op.
-
-    Entering an autocast context costs ~15 us on CPU, as much as a few kernels at ``(L, 4, 4)``.
-    """
+    """``torch.autocast(device_type, enabled=False)`` when autocast is on there, else a no-op
+    (entering an autocast context costs as much as a few kernels at ``(L, 4, 4)``)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
@@ -86,12 +67,7 @@ def certify(m: Tensor, *, detach_rescale: bool = False) -> tuple[Tensor, Tensor]
     returned unchanged (``c == 1``). ``detach_rescale`` treats ``c`` as a constant in the backward
     (for a ``c`` whose gradient is zero in exact arithmetic, as Birkhoff's).
     """
-    # Why the margin suffices, u = 2^-24 (float32 rounding), v = 2^-53 (float64): the float64 sums
-    # are within (n - 1) v of the exact sums S of m's entries, so S <= b / (1 - n v); c rounds to
-    # float32 within u and each quotient within u (plus 2^-150 absolute if it underflows), so every
-    # exact row/column sum of the result is at most (1 + u) / ((1 - u) (1 - n v) (1 - v) (1 + 2^-21))
-    # + n 2^-150 < 1 - 2^-22 for any n < 2^20 (a compiler's reciprocal-multiply, one more u, still
-    # fits). With c == 1 the division is exact.
+    # The margin outlasts every float32/float64 rounding on the way (docs/decisions.md).
     if m.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"certify needs a float32 or float64 matrix, got {m.dtype}")
     with torch.no_grad() if detach_rescale else contextlib.nullcontext():
@@ -150,7 +126,7 @@ def sinkhorn(
 
     Computed in float32 with autocast disabled; the result is float32. ``tau`` is the temperature
     (smaller = closer to a permutation). With ``certified`` the output goes through :func:`certify`:
-    its spectral norm, as stored in float32, is provably below 1 (see the module docstring).
+    its spectral norm, as stored in float32, is provably below 1.
     ``custom_backward=False`` differentiates the unrolled iterations with autograd instead of
     :class:`_LogSinkhorn`: the same values and gradients, slower, but twice differentiable and
     traceable by ``torch.compile``.
@@ -232,10 +208,8 @@ def project(
 ) -> Tensor:
     """Dispatch to :func:`sinkhorn` or :func:`birkhoff`, both certified; returns ``(..., n, n)`` float32.
 
-    ``compiled`` runs a ``torch.compile`` of this function instead (opt-in). On CPU the first call
-    per shape compiles for 11-30 s; at L = 30 later calls save ~0.12 ms (~15 %) against the custom
-    backward, so it pays only after ~10^5 steps, and at L = 2 it is not reliably faster
-    (``benchmarks/results/kernels.md``). GPUs are not measured.
+    ``compiled`` runs a ``torch.compile`` of this function instead (opt-in; the first call per
+    shape compiles).
     """
     if compiled:
         return _compiled_project()(logits, kind, n, iters=iters, tau=tau)
@@ -263,8 +237,8 @@ def _compiled_project() -> Callable[..., Tensor]:
 def diagnostics(m: Tensor, rescale: Tensor | None = None) -> Diagnostics:
     """Row/column errors, spectral norm and second singular value of ``m (..., n, n)`` (docs/method.md §6).
 
-    Computed in float64 from ``m`` as stored (a float32 SVD errs by ~1e-7 and could report a
-    certified matrix above 1); the fields are float64. ``rescale`` is the certifying divisor if
+    Computed in float64 from ``m`` as stored (a float32 SVD could report a certified matrix above
+    1); the fields are float64. ``rescale`` is the certifying divisor if
     known; otherwise ``max(1, largest row or column sum)``, 1 for any matrix inside the bound.
     """
     m = m.detach().to(torch.float64)
