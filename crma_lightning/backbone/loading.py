@@ -1,25 +1,9 @@
 """Load the backbone causal LM: by hub name or local path, from a GGUF file, or built from a config.
 
-Safe by default: ``trust_remote_code`` is off unless the config turns it on, and an unknown name
-on an offline machine becomes one clear message instead of a network traceback. Package paths,
-the GGUF conversion cache and the offline rule live in :mod:`crma_lightning.backbone.hub`.
-
-**A 4-bit base (QLoRA, Dettmers et al., arXiv 2305.14314).** ``quantize: nf4`` replaces every
-``nn.Linear`` of the loaded model except the output embedding (LM head) by a bitsandbytes
-``Linear4bit`` holding the same weight in NF4 (blocks of 64, double-quantised constants, as QLoRA),
-computing in ``dtype``. It is done here, explicitly, on whatever device the weights were loaded to
-(bitsandbytes >= 0.46 quantises and runs NF4 on CPU too), so every path that builds the base
-(training, resume, ``serve.load_run``, from a hub name, a GGUF file or a config) gets the same
-4-bit model; the LoRAs and CRMA are added afterwards in float32 (peft wraps ``Linear4bit`` with
-its own 4-bit LoRA layer). Why not the alternatives: Lightning's ``BitsandbytesPrecision``
-converts the module when the trainer sets up, so it would also quantise the LoRA layers (they are
-``nn.Linear`` too), it quantises only on a CUDA device (it fails on CPU), and a served run, built
-outside a Trainer, would get a full-precision base; transformers' ``BitsAndBytesConfig`` applies
-to ``from_pretrained`` only (not a model built from a config) and leaves ``quantization_config``
-in the model's config, which the export path would then carry. Its one advantage, quantising
-shard by shard while loading, is lost here: the base is materialised once in ``dtype`` before it
-is quantised (for Mistral-7B in bf16, ~14.5 GB for a moment). FSDP is refused with a 4-bit base:
-``fully_shard`` would split the packed NF4 bytes from their quantisation state.
+``trust_remote_code`` is off unless the config turns it on; paths, the GGUF cache and the offline rule
+are :mod:`crma_lightning.backbone.hub`'s. ``quantize: nf4`` makes a 4-bit base (QLoRA, arXiv
+2305.14314): every ``nn.Linear`` but the LM head becomes a bitsandbytes ``Linear4bit``, on every path
+that builds the base; the LoRAs and CRMA are added afterwards in float32. FSDP is refused with it.
 """
 
 from __future__ import annotations

@@ -2,13 +2,8 @@
 and :func:`crma_lightning.core.losses.head_token_stats` forms the loss (in training, its gradient; in
 evaluation, the accuracy) from the final hidden states chunk by chunk (``model.fused_loss``).
 
-The logits, their log-softmax and their gradient are three ``B x T x V`` float32 tensors, 200 MB
-each on SmolLM2-135M at batch 8 x 128 (its peak RSS in a FROZEN fit went from 3781 to 3340 MiB),
-gigabytes at a 128k vocabulary and 2k-token sequences. The path is taken
-only where it is exactly the model's own loss: the head is a plain, frozen, bias-free
-``nn.Linear`` whose output the model returns as the logits. The last condition cannot be read off
-the module (a model may scale or soft-cap its logits after the head), so :func:`probe_matches` also
-compares the two on a probe batch and keeps the logits path when they differ.
+Taken only where it is exactly the model's own loss: a plain, frozen, bias-free ``nn.Linear`` head
+whose output the model returns as the logits (:func:`probe_matches` checks that on a probe batch).
 """
 
 from __future__ import annotations

@@ -1,22 +1,8 @@
 """Sharded training: FSDP2 (``fully_shard``) per decoder layer, FSDP1 wrap units, adapter-only
 distributed checkpoints, and gathering sharded tensors.
 
-FSDP2 runs through Lightning's ``ModelParallelStrategy`` (CPU/gloo too): :meth:`ContinualLM.
-configure_model` calls :func:`fully_shard_model` on the device mesh's data-parallel dimension.
-Every decoder layer (with its LoRAs and CRMA block, which are its children) is one FSDP unit and
-the root model (embeddings, final norm, LM head) another. Parameters are sharded ``DTensor``s
-between forward passes; anything that reads a whole adapter tensor (saving, diagnostics) goes
-through :func:`crma_lightning.core.dist.full_tensor`, a collective that every rank must call.
-
-:class:`AdapterShardedStrategy` is ``ModelParallelStrategy`` whose checkpoints hold only the
-adapters: a sharded (DCP) checkpoint folder of a 7B run stays megabytes, and it loads back
-partially into a model whose frozen base was rebuilt by ``configure_model``. (The stock strategy
-would ask DCP for every base weight on load and fail.)
-
-FSDP1 (``strategy: fsdp``, GPU only) uses :func:`fsdp1_policy` as ``auto_wrap_policy``: one unit
-per decoder layer, and one per adapter module, so a decoder layer's flat parameter holds only the
-frozen base weights (e.g. bf16) and the adapters keep their own dtype (fp32); FSDP1 needs one
-dtype per flat parameter.
+Under FSDP2 parameters are sharded ``DTensor``s between forward passes; anything that reads a whole
+adapter tensor goes through :func:`crma_lightning.core.dist.full_tensor`, a collective every rank calls.
 """
 
 from __future__ import annotations

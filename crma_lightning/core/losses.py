@@ -60,12 +60,8 @@ def token_losses(logits: Tensor, labels: Tensor, accuracy: bool = True) -> Token
     ``accuracy=False`` skips the argmax over the vocabulary (a pass over the (B, T, V) logits).
     """
     B, T, V = logits.shape
-    # The targets move left instead of the logits: position t is scored against labels[:, t + 1],
-    # the last position against nothing. The loss then reads the logits as they are, one row-major
-    # (B * T, V) view, as transformers' own causal-LM loss does. Slicing the logits to (B, T - 1, V)
-    # copies them, and cross_entropy over dim 1 of a transposed (B, V, T - 1) view was ~4x slower
-    # forward + backward at SmolLM2's vocabulary and biased low by ~3e-5 nats per token against
-    # float64, where this layout is off by ~5e-7 (benchmarks/bench_loss.py).
+    # The targets move left instead of the logits (position t scored against labels[:, t + 1]), so
+    # the loss reads the logits as one row-major (B * T, V) view, as transformers' own loss does.
     rows = row_losses(logits.reshape(B * T, V), next_targets(labels).reshape(-1), accuracy)
 
     def cut(x: Tensor | None) -> Tensor | None:  # (B * T,) -> (B, T - 1): the last position scores nothing
@@ -109,13 +105,8 @@ class _HeadLoss(torch.autograd.Function):
     """``sum_i w_i * CE(hidden_i @ W^T, target_i)`` over rows, chunk by chunk, with the gradient
     with respect to ``hidden`` computed in the forward pass.
 
-    Written by hand because neither torch nor transformers has it on CPU (Liger's fused linear
-    cross-entropy is a Triton kernel): the ``(N, V)`` logits, their log-softmax kept for backward
-    and the logits' gradient (three ``N x V`` float32 tensors, 200 MB each at SmolLM2's vocabulary
-    and a batch of 8 x 128) never exist at once; a ``chunk x V`` block does. The head weight is
-    frozen, so no gradient for it is formed; the FLOPs are those of the unfused loss, and it is
-    faster than it (0.83-0.88x the loss and head's forward + backward at 1,024 positions, chunks of
-    512: one log-softmax, its exp in place, the example weights applied after the matmul).
+    The ``(N, V)`` logits, their log-softmax and their gradient never exist at once; a
+    ``chunk x V`` block does. The head weight is frozen, so no gradient for it is formed.
     """
 
     @staticmethod

@@ -1,15 +1,8 @@
 """The LightningModule: a frozen causal LM plus per-task LoRAs and (MODULAR) the shared CRMA.
 
-Conditions (docs/method.md §2, :mod:`crma_lightning.methods.layouts`): NAIVE trains one shared LoRA on every
-task; FROZEN trains a fresh LoRA per task and freezes it afterwards; MODULAR is FROZEN plus CRMA on
-every decoder layer, trained during every task. Prior task i is evaluated with LoRA_i (+ the latest
-CRMA).
-
-The whole task sequence is one ``fit``: tasks are consecutive blocks of epochs
-(``data.epochs_per_task`` each). What changes at a boundary (active LoRA, trainable set, schedule
-restart, optimizer state) is a pure function of the epoch and the global step, so resuming from any
-checkpoint lands in the same state. Which parameters train is set by the freezing callback through
-:meth:`trainable_parameters`; callbacks use the module through ``crma_lightning.methods.protocol``.
+The conditions are :mod:`crma_lightning.methods.layouts`' (docs/method.md §2). The whole task
+sequence is one ``fit``: tasks are consecutive blocks of ``data.epochs_per_task`` epochs; callbacks
+use the module through ``crma_lightning.methods.protocol``.
 """
 
 from __future__ import annotations
@@ -113,9 +106,8 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         self.gradient_checkpointing = gradient_checkpointing
         self.fused_loss = fused_loss
         self._fused_head: nn.Linear | None = None  # set at fit start (on_fit_start)
-        # adapter_parameters() per (kind, task), kept from fit start to fit end, when the model's
-        # modules and parameters (sharded or not) no longer change: walking the model for them
-        # cost ~0.3 ms a call, several calls a step.
+        # adapter_parameters() per (kind, task), kept from fit start to fit end (the module tree no
+        # longer changes then): walking the model for them costs several calls a step.
         self._adapter_cache: dict[tuple[str, str | None], list[nn.Parameter]] | None = None
         self.nonfinite = nonfinite
         self.nonfinite_skipped = 0

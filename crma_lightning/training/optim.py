@@ -1,11 +1,4 @@
-"""Adam and AdamW on torch's fused kernel by default.
-
-torch's default Adam on CPU loops over the parameters in Python, ~15 small ops per tensor: with a
-LoRA on every attention projection and CRMA's four tensors per layer that is 360 tensors on
-SmolLM2-135M, 10.4 ms per step against 2.1 ms fused (measured alone on 2 threads with those
-shapes; the whole step is in benchmarks/results/step_cost.md). The fused kernel is the same update
-up to float rounding (1.2e-7 after five steps in that measurement).
-"""
+"""Adam and AdamW on torch's fused kernel by default (the same update up to float rounding)."""
 
 from __future__ import annotations
 
