@@ -1,32 +1,8 @@
 """One row of the continual-learning matrices: every task's held-out split under one model state.
 
 Used by the evaluation callback during ``fit`` (the live module, after each task) and by
-``train.py test --run`` (a finished run, rebuilt as it was after each task). ``serve(task)`` is a
-context that sets the forward pass up as ``task`` is served (its LoRA, CRMA); the evaluator never
-changes weights. For each task it computes (docs/method.md §4, :mod:`crma_lightning.evaluation.task_metrics`):
-
-- next-token loss and token accuracy over the scored tokens (``losses.token_stats``, the sums of
-  training's loss, so the loss matrix is the one the callback always wrote);
-- for classification, all from one forward of each batch's prompts
-  (:func:`~crma_lightning.evaluation.task_metrics.score_choices`): the loss and token accuracy of the
-  example's own label target, the label-set accuracy (every label scored from the prompts' KV
-  cache) and exact match of the greedy answer (decoded from the same cache); for a free-text task
-  whose metric asks for it, exact match or ROUGE-L of answers from ``generate_ids``;
-- **without the task id** (:meth:`RowEvaluator.routed`, for layouts that route): every example is
-  routed to one candidate adapter and takes that adapter's loss, token accuracy, label choice and
-  greedy answer. The router is the statistics router when one is given (``route``: a discriminant
-  of frozen-base features of the prompt; each candidate then runs only on its own examples), else
-  the loss router (every candidate scores every prompt, the lowest prompt loss wins; for
-  classification every candidate answers from its own prompt forward). The routing accuracy
-  counts examples routed to their own task's adapter. Layouts with one model for every input (a
-  shared LoRA, or all LoRAs summed) need no routing: their rows without the task id are the rows
-  with it. A text block (every token scored) is routed on its first ``route_tokens`` tokens.
-
-Answers are generated greedily with the KV cache (``serve.generation.generate_ids``), left padded,
-``answer_budget`` tokens (the longest label or reference + eos; a fixed count, so every rank runs
-the same forward passes, as a sharded model needs; routed groups are padded to the largest rank's
-for the same reason). Sums go through
-:class:`~crma_lightning.evaluation.task_metrics.Sums`, a torchmetrics metric, so ranks add up exactly once.
+``train.py test --run`` (a finished run, rebuilt as it was after each task); the metrics are
+docs/method.md §4's and :mod:`crma_lightning.evaluation.task_metrics`'.
 """
 
 from __future__ import annotations
@@ -153,7 +129,24 @@ def answer_budget(dm, task: str, split: str = "validation") -> int:
 
 
 class RowEvaluator:
-    """Evaluates tasks with a model whose forward ``serve(task)`` sets up (see the module docstring)."""
+    """Evaluates tasks with a model whose forward ``serve(task)`` sets up; never changes weights.
+
+    For each task: next-token loss and token accuracy over the scored tokens (``losses.token_stats``,
+    the sums of training's loss); for classification, from one forward of each batch's prompts
+    (:func:`~crma_lightning.evaluation.task_metrics.score_choices`), the loss and token accuracy of
+    the example's own label target, the label-set accuracy (every label scored from the prompts' KV
+    cache) and exact match of the greedy answer; for a free-text task whose metric asks for it,
+    exact match or ROUGE-L of answers from ``generate_ids``.
+
+    Without the task id (:meth:`routed`, for layouts that route) every example is routed to one
+    candidate adapter and takes that adapter's numbers: by the statistics router when ``route`` is
+    given (each candidate then runs only on its own examples), else by the loss router (every
+    candidate scores every prompt, the lowest prompt loss wins). The routing accuracy counts
+    examples routed to their own task's adapter; a text block is routed on its first
+    ``route_tokens`` tokens. Answers are generated greedily with the KV cache, left padded,
+    ``answer_budget`` tokens (the longest label or reference + eos). Sums go through
+    :class:`~crma_lightning.evaluation.task_metrics.Sums`, so ranks add up exactly once.
+    """
 
     def __init__(
         self,

@@ -1,35 +1,8 @@
 """Routing without a task id from the frozen base model's features: the maths.
 
-Continual-learning methods that infer the task from a frozen backbone (RanPAC, McDonnell et al.
-2023, arXiv 2307.02251; SLCA, Zhang et al. 2023, arXiv 2303.05118; HiDe-Prompt, Wang et al. 2023,
-arXiv 2310.16226) keep a per-task statistic of the backbone's features and classify a new input by
-a prototype/Mahalanobis rule. With CRMA the base model never changes, so a statistic gathered when
-a task ends stays valid for every later task. docs/inference.md ("Routing") describes the use.
-
-A prompt's feature is a pooled hidden state of the frozen base (no LoRA, no CRMA): the mean over
-the prompt's tokens of the residual stream after one decoder layer (``pooling="mean"``), or the
-last token's (``"last"``). Per task k we keep the sufficient statistics of these features, summed
-in float64 so that ranks, batches and tasks add exactly:
-
-    n_k = sum_i w_i,   s_k = sum_i w_i x_i  (D,),   S_k = sum_i w_i x_i x_i^T  (D, D)
-
-The router is linear discriminant analysis with one covariance shared by all tasks (equivalently
-the nearest class mean in the Mahalanobis metric of that covariance: the two differ by the
-task-independent term -x^T C^-1 x / 2), uniform task priors, and shrinkage toward the diagonal:
-
-    mu_k = s_k / n_k
-    C    = sum_k (S_k - n_k mu_k mu_k^T) / (sum_k n_k - K)            pooled within-task covariance
-    C_l  = (1 - l) C + l diag(C)                                      shrinkage l in [0, 1]
-    g_k(x) = mu_k^T C_l^-1 x - mu_k^T C_l^-1 mu_k / 2                 (= -d_M(x, mu_k)^2 / 2 + const)
-    p(k | x) = softmax_k g_k(x)                                       the confidence is max_k p(k | x)
-
-Adding a task adds one (n, s, S) and changes nothing stored for the others; the shared covariance
-is recomputed from the sums when the router is built.
-
-Features of training examples are taken at several prompt lengths (prefixes), because a router
-sees prompts of any length: the mean over a 4-token prefix varies far more than over 64 tokens,
-and the covariance must know it. :func:`prefix_pool` computes every prefix's pooled feature from
-one forward pass (the model is causal: a prefix's hidden states do not depend on what follows).
+Per task k the float64 sufficient statistics (n_k, s_k, S_k) of pooled frozen-base features;
+the router is linear discriminant analysis with one shared, shrunk covariance (docs/decisions.md).
+docs/inference.md ("Routing") describes the use.
 """
 
 from __future__ import annotations
