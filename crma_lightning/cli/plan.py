@@ -1,27 +1,9 @@
 """Will it fit? A memory plan for a training config, with no weights and no download.
 
 ``python train.py plan --config configs/paper_mistral7b_qlora.yaml [--device_gib 80] [overrides]``
-parses the config exactly as ``fit`` does (every option and override), builds the configured model
-on the meta device (``with torch.device("meta")``) from its transformers config (a hub name
-resolves to a config shipped in ``assets/model_configs``, a local folder to its config.json), adds
-the LoRAs and CRMA as ``configure_model`` does, and counts, per device, for the configured strategy
-and world size (devices x nodes):
-
-- weights: the frozen base in its dtype (NF4: its linear layers but the LM head at 0.516 B each:
-  4 bits plus the double-quantised block constants, counted, not quantised: bitsandbytes cannot
-  quantise meta tensors), every LoRA and CRMA in float32;
-- gradients and AdamW's two moments, float32, of what trains during one task;
-- activations at the configured batch and length (:func:`layer_activation_bytes`), with and
-  without activation checkpointing, plus the loss's workspace (:func:`loss_bytes`);
-- DDP: everything replicated, plus its gradient buckets (every parameter that ever trains
-  requires grad when DDP wraps the model); FSDP1/FSDP2: weights, gradients and optimizer state
-  sharded over the world, plus two decoder layers gathered whole (the current one and the
-  prefetched one).
-
-It ends with one line of advice: the fewest devices of ``--device_gib`` that hold the configured
-strategy's peak, or that none do. Calibrated on CPU against SmolLM2 fits
-(benchmarks/results/memory_plan.md); on a GPU, CUDA's context (~0.5 GiB) and the caching
-allocator's slack come on top, :data:`RESERVE_GIB` of every device is kept for them.
+builds the configured model on the meta device and counts, per device, weights, gradients, optimizer
+state and activations for the configured strategy and world size, then names the fewest devices of
+``--device_gib`` that hold the peak (docs/distributed.md "Will it fit?").
 """
 
 from __future__ import annotations
