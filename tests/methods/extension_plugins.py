@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from crma_lightning.callbacks.boundary import TaskBoundaryCallback, run_dir
+
 from crma_lightning.methods.layouts import AdapterLayout
 from crma_lightning.methods.regularizers import Regularizer
 

@@ -13,12 +13,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import TASKS, build
 from crma_lightning.callbacks.boundary import TaskBoundaryCallback
 from crma_lightning.callbacks.evaluation import ContinualEvaluation
 from crma_lightning.callbacks.routing import RoutingStatistics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
-from test_framework import TASKS, build
 
 from crma_lightning.backbone.loading import load_backbone
 from crma_lightning.core.errors import ConfigError

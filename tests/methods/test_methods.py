@@ -299,7 +299,7 @@ COMBINED = {  # the stateful parts together: replay buffer, EWC's Fisher and anc
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(COMBINED))
 def test_a_killed_method_run_resumes_to_the_uninterrupted_result(method, tmp_path):
-    from test_reliability import artefacts, callbacks_with, train
+    from kills import artefacts, callbacks_with, train
 
     full = train(tmp_path / "full", *COMBINED[method])
     assert full.returncode == 0, full.stderr[-3000:]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import build
 from conftest import TINY_CONFIGS, tiny_model
 from crma_lightning.callbacks.evaluation import ContinualEvaluation
-from test_framework import build
 
 from crma_lightning.backbone.output_head import head_as_identity, head_problem, probe_matches
 from crma_lightning.core import losses

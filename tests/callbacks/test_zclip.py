@@ -95,7 +95,7 @@ def test_bad_options_are_reported_together():
 
 
 def _fit(tmp_path, *callbacks, **trainer_kwargs):
-    from test_framework import build
+    from builders import build
 
     module, dm, trainer = build("modular", tmp_path, epochs_per_task=1, callbacks=callbacks, **trainer_kwargs)
     module.nonfinite = "skip"
@@ -154,7 +154,7 @@ def zclip_state(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_sigkill_then_resume_with_zclip_matches_uninterrupted(tmp_path):
     import numpy as np
-    from test_reliability import KILLS, artefacts, callbacks_with, train
+    from kills import KILLS, artefacts, callbacks_with, train
 
     full = train(tmp_path / "full", *ZCLIP)
     assert full.returncode == 0, full.stderr[-3000:]

@@ -23,6 +23,7 @@ from crma_lightning.callbacks.adapters import AdapterCheckpoint
 from crma_lightning.callbacks.evaluation import ContinualEvaluation
 from crma_lightning.callbacks.freezing import FreezingPolicy
 from crma_lightning.callbacks.routing import RoutingStatistics
+from keyword_tasks import KEYWORDS, write_task
 from lightning.pytorch.loggers import TensorBoardLogger
 from subproc import run_dir_of, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -34,28 +35,12 @@ from crma_lightning.data import ContinualDataModule, TaskSpec
 from crma_lightning.runs.rundir import RunDir
 from crma_lightning.training.module import ContinualLM, GroupLR
 
-KEYWORDS = {
-    "news": {"Sports": "goals", "Business": "markets"},
-    "mood": {"positive": "great", "negative": "awful"},
-}
-
 
 @pytest.fixture(autouse=True)
 def _private_datasets_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(
         datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache")
     )
-
-
-def write_task(root, name: str, keywords: dict[str, dict[str, str]] = KEYWORDS) -> str:
-    """``root/name/`` with train.jsonl and task.json: the label is readable from one keyword."""
-    folder = root / name
-    folder.mkdir()
-    labels = list(keywords[name])
-    rows = [{"sentence": f"x{i} {keywords[name][labels[i % 2]]}", "label": labels[i % 2]} for i in range(120)]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "task.json").write_text(json.dumps({"instruction": f"The {name}?", "labels": labels}))
-    return str(folder)
 
 
 def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id: str = "oracle", router: str = "stats",

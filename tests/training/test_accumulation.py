@@ -9,8 +9,8 @@ import json
 import numpy as np
 from conftest import TINY_CONFIGS
 from distributed_helpers import fit
+from keyword_tasks import KEYWORDS, write_task
 from safetensors.torch import load_file
-from test_evaluation_tasks import KEYWORDS, write_task
 
 from crma_lightning.runs.rundir import read_matrix_csv
 

@@ -23,7 +23,7 @@ from crma_lightning.cli.plan import (
     strategy_kind,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
 SMOLLM2_LAYER = {"q_proj": 576, "k_proj": 576, "v_proj": 576, "o_proj": 576, "gate_proj": 576, "up_proj": 576,
                  "down_proj": 1536}  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_reliability import KILLS, artefacts, callbacks_with, train
+from kills import KILLS, artefacts, callbacks_with, train
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -25,8 +25,8 @@ def pretrained_with_dropout(folder: Path) -> Path:
 
 
 def test_a_pretrained_base_is_in_train_mode_at_the_first_step(tmp_path):
+    from builders import build
     from lightning.pytorch.callbacks import Callback
-    from test_framework import build
 
     modes = []
 

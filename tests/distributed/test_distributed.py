@@ -138,7 +138,7 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
     all 16 examples (a mean of micro-batch means was 6.5e-3 off in loss and one test example).
     """
     from conftest import TINY_CONFIGS
-    from test_evaluation_tasks import KEYWORDS, write_task
+    from keyword_tasks import KEYWORDS, write_task
 
     sources = {t: write_task(tmp_path, t) for t in KEYWORDS}  # labels of 4 ("Sports") and 7 ("Business") tokens
     tasks = [

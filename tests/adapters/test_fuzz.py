@@ -35,7 +35,7 @@ from crma_lightning.cli.fit import ContinualCLI, main
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import IGNORE_INDEX, ContinualDataModule, TaskSpec, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SUFFIXES = [".txt", ".jsonl", ".json", ".csv", ".parquet"]
 FIELD_NAMES = ["text", "prompt", "response", "other", ""]
