@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: subproc.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: subproc.py
 
 from plugin_source import ReversedLines
 from subproc import run_dir_of, run_train

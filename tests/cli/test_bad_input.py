@@ -14,7 +14,7 @@ import pytest
 
 from crma_lightning.cli.fit import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fit_args(tmp_path: Path, *extra: str) -> list[str]:

@@ -17,7 +17,7 @@ from crma_lightning.data.synthetic import permutation_sequences
 from crma_lightning.data.tasks import OLORA_TEMPLATE, source_kind
 from crma_lightning.evaluation.evaluator import answer_budget, label_targets
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CL_BENCHMARK = REPO / ".." / "shared" / "cl_benchmark"
 LABELS = ["Sports", "Business", "Science or Technology"]
 WORDS = {"Sports": "goals", "Business": "markets", "Science or Technology": "atoms"}
