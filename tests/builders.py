@@ -8,6 +8,7 @@ from conftest import TINY_CONFIGS
 from crma_lightning.callbacks.adapters import AdapterCheckpoint
 from crma_lightning.callbacks.evaluation import ContinualEvaluation
 from crma_lightning.callbacks.freezing import FreezingPolicy
+from crma_lightning.callbacks.regularization import RegularizerHooks
 from crma_lightning.callbacks.spectral import SpectralBoundLogger
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -55,7 +56,7 @@ def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callb
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         default_root_dir=tmp_path,
         callbacks=[FreezingPolicy(), *([routing] if routing else []), evaluation or ContinualEvaluation(print_table=False),
-                   SpectralBoundLogger(), AdapterCheckpoint(), *callbacks],  # fmt: skip
+                   SpectralBoundLogger(), AdapterCheckpoint(), *([RegularizerHooks()] if regularizers else []), *callbacks],  # fmt: skip
         **trainer_kwargs,
     )
     return module, dm, trainer

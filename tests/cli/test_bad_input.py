@@ -100,7 +100,7 @@ def test_resume_with_another_task_list_or_strategy_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "trained with tasks ['alpha', 'beta', 'gamma']" in err and "'other'" in err and "Traceback" not in err
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tmp_path, "--config", str(REPO / "configs" / "strategy" / "frozen.yaml"), "--ckpt_path", str(ckpt)))
+        main(fit_args(tmp_path, "--config", str(REPO / "configs" / "methods" / "frozen.yaml"), "--ckpt_path", str(ckpt)))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "(strategy modular)" in err and "(strategy frozen)" in err and "Traceback" not in err

@@ -147,7 +147,7 @@ class ParseOnly(ContinualCLI):
 
 
 #: Override files (a few keys each), parsed on top of a full config below.
-OVERRIDES = ("strategy", "recipe", "methods")
+OVERRIDES = ("recipe", "methods")
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if not set(OVERRIDES) & set(p.parts))
 RECIPE = sorted((REPO / "configs" / "recipe").glob("*.yaml"))
 
@@ -157,7 +157,7 @@ RECIPE = sorted((REPO / "configs" / "recipe").glob("*.yaml"))
 def test_every_config_parses(config, strategy):
     args = ["--config", str(config)]
     if strategy:
-        args += ["--config", str(REPO / "configs" / "strategy" / f"{strategy}.yaml")]
+        args += ["--config", str(REPO / "configs" / "methods" / f"{strategy}.yaml")]
     cli = ParseOnly(args=args, run=False)
     assert cli.config.model.task_names == [t.init_args.name if "init_args" in t else t.name for t in cli.config.data.tasks]
     if strategy:

@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from faults import NaNAt
+from kills import KILLS, artefacts, callbacks_with, train
 from lightning.pytorch.callbacks import Callback
-from safetensors.torch import load_file
-from kills import FAST, KILLS, artefacts, callbacks_with, train
-from subproc import REPO, run_train
 
-from crma_lightning.runs.rundir import read_matrix_csv
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, np.ndarray]:
