@@ -543,6 +543,7 @@ _YAML_VALUES = st.one_of(
 )
 
 
+@pytest.mark.e2e
 @settings(FUZZ, max_examples=30)
 @given(
     section=st.sampled_from(["data", "model.crma", "model.lora"]),
@@ -592,6 +593,7 @@ def test_cli_rejects_a_bad_value_naming_its_key(workdir, section, key, value, bo
     assert got == value, (section, key, value, got)
 
 
+@pytest.mark.e2e
 @settings(FUZZ, max_examples=25)
 @given(data=st.data())
 def test_cli_mangled_config_file_parses_or_exits_with_a_message(workdir, data):
@@ -608,6 +610,7 @@ def test_cli_mangled_config_file_parses_or_exits_with_a_message(workdir, data):
     assert cli is not None or (code == 2 and "error:" in stderr), stderr[-2000:]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "content",
     [b"data:\n  seed: 0 # caf\xe9\n", "data:\n  seed: 0\n".encode("utf-16")],

@@ -17,6 +17,8 @@ import yaml
 from crma_lightning.evaluation import metrics as clm
 from crma_lightning.runs.rundir import read_matrix_csv
 
+pytestmark = pytest.mark.e2e  # every test here runs a fit through train.py's CLI
+
 REPO = Path(__file__).resolve().parents[2]
 SIZES = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
 

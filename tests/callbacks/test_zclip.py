@@ -151,6 +151,7 @@ def zclip_state(run_dir: Path) -> dict:
     return next(v for k, v in ckpt["callbacks"].items() if k.startswith("ZClip"))
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_then_resume_with_zclip_matches_uninterrupted(tmp_path):
     import numpy as np

@@ -90,6 +90,7 @@ def test_bad_input_is_one_clear_error(case, tmp_path, capsys):
     expect_error(fit_args(tmp_path, *build(tmp_path)), capsys, *needles, tmp_path=tmp_path)
 
 
+@pytest.mark.e2e
 def test_resume_with_another_task_list_or_strategy_is_refused(tmp_path, capsys):
     main(fit_args(tmp_path, "--trainer.max_steps", "10"))
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
@@ -106,6 +107,7 @@ def test_resume_with_another_task_list_or_strategy_is_refused(tmp_path, capsys):
     assert "(strategy modular)" in err and "(strategy frozen)" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 def test_debug_shows_the_traceback(tmp_path, capsys):
     """--debug: the same problem raises the exception itself (a traceback) instead of one line."""
     from crma_lightning.core.errors import ConfigError

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from subproc import run_train
+
+pytestmark = pytest.mark.e2e  # every test here runs a fit through train.py's CLI
 
 NOISE = ("litlogger", "FLOPs", "holdout_sums", "Training:", "Epoch ", "v_num", "eval mode", "LeafSpec",
          "Total length of", "GPU available")  # fmt: skip

@@ -53,6 +53,7 @@ def read_matrix(path: Path) -> tuple[list[str], list[list[float]]]:
     return [r[0] for r in rows[1:]], [[float(x) for x in r[1:]] for r in rows[1:]]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", ["naive", "frozen", "modular"])
 def test_output_contract(runs, strategy):
     run_dir, proc = runs[strategy]
@@ -81,6 +82,7 @@ def test_output_contract(runs, strategy):
     assert "validation loss" in proc.stdout and "drift_pct=" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_frozen_is_an_exact_oracle(runs):
     run_dir, _ = runs["frozen"]
     _, loss = read_matrix(run_dir / "continual" / "loss_matrix.csv")
@@ -92,6 +94,7 @@ def test_frozen_is_an_exact_oracle(runs):
     assert summary["spectral_max_sigma"] is None and summary["spectral_max_row_col_err"] is None
 
 
+@pytest.mark.e2e
 def test_naive_forgets_and_modular_stays_bounded(runs):
     naive = json.loads((runs["naive"][0] / "continual" / "summary.json").read_text())
     modular = json.loads((runs["modular"][0] / "continual" / "summary.json").read_text())
@@ -106,6 +109,7 @@ def test_naive_forgets_and_modular_stays_bounded(runs):
     assert frozen["final_avg_loss"] < sum(base[0]) / len(TASKS) - 0.3
 
 
+@pytest.mark.e2e
 def test_tensorboard_scalars_read_back(runs):
     run_dir, _ = runs["modular"]
     acc = EventAccumulator(str(run_dir))
@@ -175,6 +179,7 @@ def test_recipe_overrides_parse_on_the_full_configs(config, override):
             "nf4.yaml": c.model.backbone.quantize == "nf4"}[override.name]  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_help_and_print_config():
     proc = run_train("fit", "--help", timeout=180)
     assert proc.returncode == 0 and "--model.strategy" in proc.stdout and "--data.tasks" in proc.stdout
@@ -183,6 +188,7 @@ def test_help_and_print_config():
     assert "seed_everything: 0" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_bad_config_is_one_clear_line(tmp_path):
     proc = run_train("fit", "--config", "configs/tiny.yaml", "--model.crma.streams", "1",
                      "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=180)  # fmt: skip
@@ -194,6 +200,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert "model.crma.streams must be >= 2" in proc.record["error"]
 
 
+@pytest.mark.e2e
 def test_ckpt_path_last_resumes_in_place_and_matches_the_uninterrupted_run(runs, tmp_path):
     save = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     base = ["fit", "--config", "configs/tiny.yaml", *save, *FAST]
@@ -209,6 +216,7 @@ def test_ckpt_path_last_resumes_in_place_and_matches_the_uninterrupted_run(runs,
         assert (run_dir / "continual" / name).read_text() == (full_dir / "continual" / name).read_text()
 
 
+@pytest.mark.e2e
 def test_validate_subcommand_evaluates_every_task(runs, tmp_path):
     run_dir, _ = runs["frozen"]
     proc = run_train("validate", "--config", "configs/tiny.yaml", "--config", "configs/methods/frozen.yaml",

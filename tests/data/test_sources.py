@@ -134,6 +134,7 @@ def test_sources_of_a_saved_config_are_rebuilt_or_refused_clearly():
         source_from_config({"class_path": "pathlib.Path"})
 
 
+@pytest.mark.e2e
 def test_a_source_from_the_test_tree_trains_and_the_run_rebuilds(tmp_path, lines):
     """``fit`` with a task source named in data.sources (imported from PYTHONPATH), then ``test --run``:
     refused without --allow-foreign-classes, and with it every row rebuilt as fit measured it."""

@@ -36,6 +36,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from crma_lightning.runs.rundir import read_matrix_csv
 
+pytestmark = pytest.mark.e2e  # every test here runs a fit through train.py's CLI
+
 DDP = ["--trainer.strategy", "ddp_find_unused_parameters_true"]
 
 

@@ -54,6 +54,7 @@ def fsdp2(tmp_path_factory) -> Path:
     return fit(tmp_path_factory.mktemp("fsdp2"), *FSDP2)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(fsdp2, single, tmp_path):
     # FSDP2 refuses the fused loss (the reference turned it off to take the same path).
@@ -105,6 +106,7 @@ def _fit_killed(save_dir: Path, save: int) -> subprocess.CompletedProcess:
                      env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_kill_inside_a_sharded_save_leaves_the_previous_checkpoint(fsdp2, tmp_path):
     # Killed inside the second save (step 20): last.ckpt is still the complete step-10 checkpoint,
@@ -137,6 +139,7 @@ def _logged(save_dir: Path, prefix: str) -> dict[str, float]:
     return {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith(f"{prefix}/")}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("subcommand", ["validate", "test"])
 def test_validate_and_test_under_fsdp2_match_one_process(fsdp2, subcommand, tmp_path):
@@ -161,6 +164,7 @@ def test_validate_and_test_under_fsdp2_match_one_process(fsdp2, subcommand, tmp_
         assert got[k] == pytest.approx(v, abs=1e-5), k
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_fsdp2_two_simulated_nodes_match_one_process(single, tmp_path):
     run = fit_nodes(tmp_path, 2, *FSDP2)

@@ -33,6 +33,7 @@ QUICK = ["--data.train_size", "32", "--data.holdout_size", "8", "--data.epochs_p
 SETUPS = {"ddp": DDP, "fsdp2": FSDP2}
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_two_rank_fits_exit_0_every_time(setup, tmp_path):
@@ -43,6 +44,7 @@ def test_two_rank_fits_exit_0_every_time(setup, tmp_path):
         assert proc.record["status"] == "finished" and "terminate called" not in proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_rank_that_fails_at_the_end_fails_the_job(tmp_path):
     """Rank 1 finishes the fit, then exits 3: rank 0 waits for it and exits 1 with one line."""
@@ -53,6 +55,7 @@ def test_a_rank_that_fails_at_the_end_fails_the_job(tmp_path):
     assert "error: local rank 1 exited with code 3" in proc.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_a_killed_rank_stops_the_run_and_last_resumes_it(setup, tmp_path, tmp_path_factory):

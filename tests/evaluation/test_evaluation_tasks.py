@@ -236,6 +236,7 @@ def test_task_id_none_evaluates_only_without_the_task_id(tmp_path):
 
 # Six train.py processes (75 s for modular): with the slow tests; the default suite checks the
 # callback's matrices and task_id none in process.
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["modular", "naive"])
 def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_path):

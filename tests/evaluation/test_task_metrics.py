@@ -216,6 +216,7 @@ def test_oracle_row_matches_one_example_at_a_time_references(tmp_path):
         assert row["blocks"]["exact_match"] != row["blocks"]["exact_match"]  # NaN: nothing generated
 
 
+@pytest.mark.e2e
 def test_a_model_that_knows_the_labels_scores_one(tmp_path):
     """Exact match and label accuracy can reach 1: a model trained to the answers gets them all."""
     dm = _classification_dm(tmp_path)

@@ -158,6 +158,7 @@ def test_bf16_tokens_per_s_modular_vs_frozen():
     assert row["modular_over_frozen_step"] < 1.25
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 @needs_cuda
 def test_fsdp1_one_node(tmp_path):
@@ -174,6 +175,7 @@ def test_fsdp1_one_node(tmp_path):
     assert adapters
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize(

@@ -18,6 +18,8 @@ from crma_lightning.core.errors import ConfigError
 from crma_lightning.runs.rundir import RunDir
 from crma_lightning.serve import export_task, load_exported, load_run
 
+pytestmark = pytest.mark.e2e  # every test here runs a fit through train.py's CLI
+
 PLUGINS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": str(PLUGINS)}
 SMALL = ["--data.train_size", "64", "--data.holdout_size", "16", "--data.test_size", "16",

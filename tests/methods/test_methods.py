@@ -26,6 +26,7 @@ def fit_dir(tmp: Path, *args: str) -> Path:
     return run_dir_of(proc)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "strategy", ["modular", pytest.param("naive", marks=pytest.mark.slow), pytest.param("frozen", marks=pytest.mark.slow)]
 )
@@ -266,6 +267,7 @@ def test_every_method_preset_parses_on_any_base_config(preset, base):
     assert cli.config.model.strategy in ("naive", "frozen", "modular", "inc_lora")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_method_preset_runs(preset, tmp_path):
@@ -296,6 +298,7 @@ COMBINED = {  # the stateful parts together: replay buffer, EWC's Fisher and anc
 }  # fmt: skip
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(COMBINED))
 def test_a_killed_method_run_resumes_to_the_uninterrupted_result(method, tmp_path):
@@ -314,6 +317,7 @@ def test_a_killed_method_run_resumes_to_the_uninterrupted_result(method, tmp_pat
         np.testing.assert_allclose(got[k], v, atol=1e-6, rtol=0, err_msg=k)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_two_ddp_ranks_equal_one_process_under_a_combined_method(tmp_path, tmp_path_factory):
     from distributed_helpers import MICRO_8X2, SMALL, assert_matches_single, fit, fit_once

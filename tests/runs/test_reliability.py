@@ -23,6 +23,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, np.ndarray]:
     return artefacts(tmp / "tiny" / "version_0")
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("point", list(KILLS))
 def test_sigkill_then_resume_matches_uninterrupted(point, uninterrupted, tmp_path):
@@ -66,6 +67,7 @@ def test_nonfinite_step_is_skipped_and_counted(where, tmp_path):
     assert np.isfinite(loss).all()
 
 
+@pytest.mark.e2e
 def test_nonfinite_stop_exits_1_with_one_error_line_and_keeps_the_checkpoint(tmp_path):
     """The documented behaviour of model.nonfinite: stop, through train.py: exit status 1, one
     `error:` line naming the step and the fixes, no traceback, the last checkpoint kept."""

@@ -99,6 +99,7 @@ def _holdout(run, task):
 
 
 # -- load -------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_loaded_run_reproduces_the_runs_final_loss_row(tiny, tiny_dir):
     """Base + every LoRA + CRMA back from the run dir: the holdout losses are the run's own."""
     assert tiny.tasks == ["alpha", "beta", "gamma"] and tiny.strategy == "modular"
@@ -117,6 +118,7 @@ def test_loaded_run_reproduces_the_runs_final_loss_row(tiny, tiny_dir):
         assert loss_sum / tokens == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.e2e
 def test_load_checks_the_base_model(tiny_dir):
     other = BackboneConfig(config={"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})  # fmt: skip
@@ -124,6 +126,7 @@ def test_load_checks_the_base_model(tiny_dir):
         load_run(tiny_dir, backbone=other)
 
 
+@pytest.mark.e2e
 def test_clear_errors_for_bad_run_dirs(tmp_path, tiny_dir, tiny):
     with pytest.raises(ConfigError, match="does not exist"):
         load_run(tmp_path / "nope")
@@ -138,6 +141,7 @@ def test_clear_errors_for_bad_run_dirs(tmp_path, tiny_dir, tiny):
         tiny.generate([5, 6, 7], task="delta")
 
 
+@pytest.mark.e2e
 def test_a_run_that_stopped_early_serves_its_completed_tasks(tmp_path, tiny_dir):
     partial = tmp_path / "partial"
     shutil.copytree(tiny_dir, partial)
@@ -157,6 +161,7 @@ def test_a_run_that_stopped_early_serves_its_completed_tasks(tmp_path, tiny_dir)
 
 
 # -- generate ---------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_greedy_generation_with_kv_cache_equals_full_forward_argmax(tiny):
     """CRMA acts per position, so the cached decode is the same as re-running the whole sequence."""
     prompt = [5, 9, 14, 20, 33]
@@ -172,6 +177,7 @@ def test_greedy_generation_with_kv_cache_equals_full_forward_argmax(tiny):
         assert no_cache[0, len(prompt) :].tolist() == fast
 
 
+@pytest.mark.e2e
 def test_batched_left_padded_generation_equals_one_by_one(tiny):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [40]]
     assert tiny.generate(prompts, task="gamma", max_new_tokens=6) == [
@@ -179,6 +185,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
     ]
 
 
+@pytest.mark.e2e
 def test_crma_on_by_default_and_switchable_off(tiny):
     x = torch.tensor([[5, 9, 14, 20, 33, 41]])
     on, off = tiny.logits(x, task="alpha"), tiny.logits(x, task="alpha", crma=False)
@@ -187,6 +194,7 @@ def test_crma_on_by_default_and_switchable_off(tiny):
     assert torch.equal(tiny.logits(x, task="alpha", crma=True), on)
 
 
+@pytest.mark.e2e
 def test_text_generation_with_the_runs_tokenizer(text):
     # Text in, text out through the run's own tokenizer: the completion is the decoded greedy
     # continuation, token by token the argmax of the full-sequence logits.
@@ -212,6 +220,7 @@ def test_text_generation_with_the_runs_tokenizer(text):
 
 
 # -- routing ----------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_the_loss_router_picks_the_right_task_on_the_tiny_config(tiny):
     """Each task's holdout prefixes (8 tokens) go to that task's adapter nearly always. (The statistics
     router cannot do this here: the random-init base's features do not tell synthetic permutation
@@ -237,6 +246,7 @@ def _prefixes(run, task, p=16):
     return [ids[: min(p, int(m.sum()) - 1)].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
 
 
+@pytest.mark.e2e
 def test_the_stats_router_is_the_default_and_gives_a_confidence(distinct, distinct_dir):
     """Where the base's features tell the tasks apart, holdout prompts of 16 tokens go to their own
     task by the statistics router (one partial forward pass), each with its posterior."""
@@ -254,6 +264,7 @@ def test_the_stats_router_is_the_default_and_gives_a_confidence(distinct, distin
     assert [c.router for c in done] == ["stats", "stats"] and all(c.routed and c.confidence >= 0.5 for c in done)
 
 
+@pytest.mark.e2e
 def test_threshold_sends_unsure_prompts_to_the_fallback(distinct):
     prompts = _prefixes(distinct, "numbers", 2) + _prefixes(distinct, "words", 2)
     plain = distinct.route_decisions(prompts)
@@ -284,6 +295,7 @@ def test_threshold_sends_unsure_prompts_to_the_fallback(distinct):
         distinct.route(prompts[0], router="knn")
 
 
+@pytest.mark.e2e
 def test_routing_statistics_built_afterwards_equal_the_callbacks(distinct_dir, tmp_path):
     """A run without statistics (trained before they existed) gets them from --build-stats, equal to
     what the callback wrote at each task end (the base is frozen); until then task='auto' says how."""
@@ -301,6 +313,7 @@ def test_routing_statistics_built_afterwards_equal_the_callbacks(distinct_dir, t
         assert {k: v for k, v in meta_a.items() if k != "sha256"} == {k: v for k, v in meta_b.items() if k != "sha256"}
 
 
+@pytest.mark.e2e
 def test_a_new_tasks_statistics_leave_the_earlier_files_untouched(distinct_dir, tmp_path):
     """Continuing a sequence: statistics are written for the tasks that lack them only; the earlier
     tasks' files stay byte-identical (not even rewritten), and the router uses them all."""
@@ -318,6 +331,7 @@ def test_a_new_tasks_statistics_leave_the_earlier_files_untouched(distinct_dir, 
     assert run.route(_prefixes(run, "words")[:4]) == ["words"] * 4
 
 
+@pytest.mark.e2e
 def test_damaged_or_mixed_statistics_are_refused(distinct_dir, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(distinct_dir, run_dir)
@@ -332,6 +346,7 @@ def test_damaged_or_mixed_statistics_are_refused(distinct_dir, tmp_path):
 
 
 # -- predict ----------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_predict_over_a_jsonl_file_through_train_py(text_dir, text, tmp_path):
     src = tmp_path / "prompts.jsonl"
     lines = [
@@ -360,6 +375,7 @@ def test_predict_over_a_jsonl_file_through_train_py(text_dir, text, tmp_path):
     assert all(len(r["completion_ids"]) <= 5 for r in rows)
 
 
+@pytest.mark.e2e
 def test_predict_with_token_ids_on_the_synthetic_run(tiny_dir, tiny, tmp_path, capsys):
     src = tmp_path / "ids.jsonl"
     src.write_text(
@@ -388,6 +404,7 @@ def test_predict_with_token_ids_on_the_synthetic_run(tiny_dir, tiny, tmp_path, c
     assert rows[0]["routed"] and len(rows[0]["completion"]) == 4
 
 
+@pytest.mark.e2e
 def test_route_subcommand_writes_the_choice_and_its_confidence(distinct_dir, distinct, tmp_path):
     prompts = ["123 4567 89", "abc deh iij", distinct.encode("7")[:1]]
     src = tmp_path / "p.jsonl"
@@ -432,6 +449,7 @@ def test_bad_jsonl_lines_are_named(tmp_path, content, message):
         read_prompts(str(src), "auto")
 
 
+@pytest.mark.e2e
 def test_cli_errors_are_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
     src = tmp_path / "p.jsonl"
     src.write_text('{"input_ids": [5, 6], "task": "delta"}\n')
@@ -484,6 +502,7 @@ def _tampered(tiny_dir, tmp_path, edit) -> Path:
     return run
 
 
+@pytest.mark.e2e
 def test_a_run_dir_that_asks_to_run_code_is_refused(tiny_dir, tmp_path, capsys):
     remote = _tampered(tiny_dir, tmp_path / "a", lambda c: c["model"]["backbone"].update(trust_remote_code=True))
     with pytest.raises(ConfigError, match="trust_remote_code.*--trust-remote-code"):
@@ -514,6 +533,7 @@ def test_a_run_dir_that_asks_to_run_code_is_refused(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_an_export_that_asks_to_run_code_is_refused(tiny, tmp_path):
     out = export_task(tiny, "alpha", tmp_path / "alpha")
     manifest = json.loads((out / "crma_export.json").read_text())
@@ -523,6 +543,7 @@ def test_an_export_that_asks_to_run_code_is_refused(tiny, tmp_path):
 
 
 # -- export -----------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_export_round_trip_gives_the_runs_logits(tiny, tmp_path):
     out = export_task(tiny, "beta", tmp_path / "beta")
     assert {p.name for p in out.iterdir()} == {"crma_export.json", "model", "crma", "peft_lora"}
@@ -545,6 +566,7 @@ def test_export_round_trip_gives_the_runs_logits(tiny, tmp_path):
         assert (merged(x).logits - off).abs().max() <= 2e-6  # measured 3.7e-7: W + BA rounded once
 
 
+@pytest.mark.e2e
 def test_export_of_a_text_run_carries_the_tokenizer(text, tmp_path):
     out = tmp_path / "legal"
     serve_main(["export", "--run", str(text.info.run_dir), "--task", "legal", "--output", str(out)])
@@ -558,6 +580,7 @@ def test_export_of_a_text_run_carries_the_tokenizer(text, tmp_path):
         load_exported(tmp_path)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["naive", "frozen"])
 def test_other_strategies_load_export_and_route(strategy, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import TINY_CONFIGS
 from distributed_helpers import fit
 from keyword_tasks import KEYWORDS, write_task
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from crma_lightning.runs.rundir import read_matrix_csv
 
 
+@pytest.mark.e2e
 def test_two_micro_batches_of_8_train_as_one_batch_of_16(tmp_path):
     # "Sports" and "Business" labels score 4 and 7 tokens, so a mean of the two micro-batch means
     # weights them differently: measured then, adapters 4.7e-5 and losses 9.3e-6 apart; now 9e-10 and 0.

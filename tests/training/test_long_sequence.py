@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from subproc import REPO
 
+pytestmark = pytest.mark.e2e  # every test here runs a fit through train.py's CLI
+
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 

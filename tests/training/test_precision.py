@@ -42,6 +42,7 @@ def test_projection_is_float32_under_bf16_autocast(batched, base_dtype, tokens):
     assert handle.diagnostics().sigma_max.max().item() <= 1
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_bf16_mixed_run_keeps_the_spectral_bound(tmp_path, tmp_path_factory):
     args = ("--config", "configs/tiny.yaml", *SMALL)

@@ -45,6 +45,7 @@ def test_a_pretrained_base_is_in_train_mode_at_the_first_step(tmp_path):
     assert not [w for w in seen if "eval mode" in str(w.message)]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_run_killed_mid_task_on_a_base_with_dropout_resumes_to_the_uninterrupted_result(tmp_path):
     base = ("--model.backbone.config", "null", "--model.backbone.name_or_path",
