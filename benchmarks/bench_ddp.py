@@ -55,9 +55,21 @@ def step_seconds(run_dir: Path) -> list[float]:
 
 def run_variant(name: str, tmp: Path, timeout: int) -> dict:
     spec = VARIANTS[name]
-    fit = train_fit(["--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp / name),
-                     "--trainer.enable_checkpointing", "true", *spec["args"]],
-                    threads=spec["threads"], env={"HF_HUB_OFFLINE": "1"}, timeout=timeout, meter=True)  # fmt: skip
+    fit = train_fit(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp / name),
+            "--trainer.enable_checkpointing",
+            "true",
+            *spec["args"],
+        ],
+        threads=spec["threads"],
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=timeout,
+        meter=True,
+    )
     if fit.rc is None:
         raise SystemExit(f"{name}: timed out after {timeout} s")
     if fit.rc != 0 or fit.run_dir is None:
@@ -150,8 +162,14 @@ def main(argv: list[str] | None = None) -> None:
 
         interleave({name: variant(name) for name in names}, args.rounds)
     table = summarise(rows, names)
-    meta = {"date": info["date"], "cpus": info["machine"]["cores"], "python": info["machine"]["python"],
-            "loadavg_at_end": os.getloadavg(), "command": info["command"], "machine": info["machine"]}  # fmt: skip
+    meta = {
+        "date": info["date"],
+        "cpus": info["machine"]["cores"],
+        "python": info["machine"]["python"],
+        "loadavg_at_end": os.getloadavg(),
+        "command": info["command"],
+        "machine": info["machine"],
+    }
     md, js = write_report(
         args.out / "ddp", markdown(meta, table, args.rounds), {"meta": meta, "summary": table, "runs": rows}
     )

@@ -42,16 +42,35 @@ def fit_args(tasks: int, save_dir: Path) -> list[str]:
     names = [{"name": f"t{i:02d}"} for i in range(tasks)]
     callbacks = [
         {"class_path": "crma_lightning.callbacks.resources.ResourceMonitor"},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"every_n_epochs": 1, "save_top_k": -1, "filename": "after-{epoch:02d}"}},
-    ]  # fmt: skip
-    return ["--config", "configs/tiny.yaml", "--data.tasks", json.dumps(names), "--data.epochs_per_task", "1",
-            "--data.train_size", "96", "--data.holdout_size", "16", "--evaluation.print_table", "false",
-            # What grows with the task count is measured on the validation matrices alone: test
-            # matrices would double the evaluation (30 x 31 task scorings) and add nothing here.
-            "--evaluation.test_matrices", "false",
-            "--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_progress_bar", "false",
-            "--trainer.logger.init_args.save_dir", str(save_dir)]  # fmt: skip
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_epochs": 1, "save_top_k": -1, "filename": "after-{epoch:02d}"},
+        },
+    ]
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        "--data.tasks",
+        json.dumps(names),
+        "--data.epochs_per_task",
+        "1",
+        "--data.train_size",
+        "96",
+        "--data.holdout_size",
+        "16",
+        "--evaluation.print_table",
+        "false",
+        # What grows with the task count is measured on the validation matrices alone: test
+        # matrices would double the evaluation (30 x 31 task scorings) and add nothing here.
+        "--evaluation.test_matrices",
+        "false",
+        "--trainer.callbacks",
+        json.dumps(callbacks),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+    ]
 
 
 def growth(y: list[float]) -> dict[str, float]:
@@ -79,8 +98,12 @@ def collect(run: RunDir, tasks: int) -> dict:
         k: [per_task[t][k] for t in names] for k in SERIES if k != "checkpoint_mb"
     }
     series["checkpoint_mb"] = [p.stat().st_size / 2**20 for p in ckpts]
-    return {"tasks": names, "series": series, "growth": {k: growth(v) for k, v in series.items()},
-            "trainable_params": [per_task[t]["trainable_params"] for t in names]}  # fmt: skip
+    return {
+        "tasks": names,
+        "series": series,
+        "growth": {k: growth(v) for k, v in series.items()},
+        "trainable_params": [per_task[t]["trainable_params"] for t in names],
+    }
 
 
 def figure(res: dict, path: Path) -> None:
@@ -114,33 +137,35 @@ def markdown(res: dict, info: dict, wall: float) -> str:
         f"| {100 * g['max_linear_residual_rel']:.2f} % |"
         for k, g in res["growth"].items()
     ]
-    return "\n".join([
-        "# A long task sequence: what grows with the number of finished tasks",
-        "",
-        f"`{info['command']}` ({info['date']}; {machine_line(info['machine'])}; one run, {wall:.0f} s wall).",
-        "",
-        f"{len(res['tasks'])} synthetic tasks of configs/tiny.yaml (96 training examples, 6 steps and 16 holdout "
-        "examples each; every task evaluated after every task). Per finished task k, fitted against k:",
-        "",
-        "| series | after task 1 | after the last | slope per task | k² coefficient | largest residual of the linear fit |",
-        "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        f"Trainable parameters during every task: {sorted(set(res['trainable_params']))} (the current LoRA and CRMA).",
-        "",
-        "Reading it: the optimizer state is the same every task (only the current task's LoRA and CRMA have "
-        "moments; finished tasks' are cleared at the boundary). The checkpoint grows by "
-        f"{1024 * g['checkpoint_mb']['slope_per_task']:.2f} KiB per task, linearly: every task's LoRA exists from "
-        "step 0, and what is added per task is the evaluation matrices' row and small per-task records. The "
-        f"memory the process holds grows by {g['held_anon_mb']['slope_per_task']:.2f} MiB per task (k² coefficient "
-        f"{g['held_anon_mb']['quadratic_coef']:+.1g}: linear); resident and peak memory grow faster "
-        f"({g['rss_mb']['slope_per_task']:.1f} and {g['peak_rss_mb']['slope_per_task']:.1f} MiB per task) because the "
-        "allocator keeps freed pages and each task end renders two heatmaps with one more row (a (k+1) x N "
-        "picture, twice: PNG and TensorBoard). The step's CPU time has no trend; its wall time also measures "
-        "what other processes took.",
-        "",
-        "![per-task step time, memory, optimizer state and checkpoint size](long_sequence.png)",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "# A long task sequence: what grows with the number of finished tasks",
+            "",
+            f"`{info['command']}` ({info['date']}; {machine_line(info['machine'])}; one run, {wall:.0f} s wall).",
+            "",
+            f"{len(res['tasks'])} synthetic tasks of configs/tiny.yaml (96 training examples, 6 steps and 16 holdout "
+            "examples each; every task evaluated after every task). Per finished task k, fitted against k:",
+            "",
+            "| series | after task 1 | after the last | slope per task | k² coefficient | largest residual of the linear fit |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Trainable parameters during every task: {sorted(set(res['trainable_params']))} (the current LoRA and CRMA).",
+            "",
+            "Reading it: the optimizer state is the same every task (only the current task's LoRA and CRMA have "
+            "moments; finished tasks' are cleared at the boundary). The checkpoint grows by "
+            f"{1024 * g['checkpoint_mb']['slope_per_task']:.2f} KiB per task, linearly: every task's LoRA exists from "
+            "step 0, and what is added per task is the evaluation matrices' row and small per-task records. The "
+            f"memory the process holds grows by {g['held_anon_mb']['slope_per_task']:.2f} MiB per task (k² coefficient "
+            f"{g['held_anon_mb']['quadratic_coef']:+.1g}: linear); resident and peak memory grow faster "
+            f"({g['rss_mb']['slope_per_task']:.1f} and {g['peak_rss_mb']['slope_per_task']:.1f} MiB per task) because the "
+            "allocator keeps freed pages and each task end renders two heatmaps with one more row (a (k+1) x N "
+            "picture, twice: PNG and TensorBoard). The step's CPU time has no trend; its wall time also measures "
+            "what other processes took.",
+            "",
+            "![per-task step time, memory, optimizer state and checkpoint size](long_sequence.png)",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -51,10 +51,27 @@ CASES: dict[str, tuple[str, int, int, list[str]]] = {
 
 
 def fit_args(strategy: str, batch: int, length: int, steps: int, extra: list[str]) -> list[str]:
-    return ["--config", "configs/smollm2.yaml", "--config", f"configs/methods/{strategy}.yaml", *extra,
-            "--data.tasks", '[{"name": "code", "source": "corpus:code"}]', "--data.max_length", str(length),
-            "--data.train_size", str(steps * batch), "--data.holdout_size", "8", "--data.batch_size", str(batch),
-            "--data.eval_batch_size", "8", "--evaluation.print_table", "false"]  # fmt: skip
+    return [
+        "--config",
+        "configs/smollm2.yaml",
+        "--config",
+        f"configs/methods/{strategy}.yaml",
+        *extra,
+        "--data.tasks",
+        '[{"name": "code", "source": "corpus:code"}]',
+        "--data.max_length",
+        str(length),
+        "--data.train_size",
+        str(steps * batch),
+        "--data.holdout_size",
+        "8",
+        "--data.batch_size",
+        str(batch),
+        "--data.eval_batch_size",
+        "8",
+        "--evaluation.print_table",
+        "false",
+    ]
 
 
 def measure(case: str, steps: int, tmp: Path, timeout: float, default_malloc: bool = False) -> dict:
@@ -63,15 +80,30 @@ def measure(case: str, steps: int, tmp: Path, timeout: float, default_malloc: bo
     out = tmp / f"{len(list(tmp.iterdir()))}.json"
     probe = [{"class_path": "benchmarks.memory_probe.PeakMemory", "init_args": {"out": str(out)}}]
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} | ({} if default_malloc else MALLOC)
-    fit = train_fit([*args, "--trainer.callbacks", json.dumps(probe), "--trainer.logger.init_args.save_dir",
-                     str(tmp / "runs")], threads=2, env=env, timeout=timeout)  # fmt: skip
+    fit = train_fit(
+        [
+            *args,
+            "--trainer.callbacks",
+            json.dumps(probe),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp / "runs"),
+        ],
+        threads=2,
+        env=env,
+        timeout=timeout,
+    )
     if fit.rc != 0 or not out.is_file():
         raise SystemExit(f"{case}: train.py fit failed (exit {fit.rc}):\n{fit.tail}")
     row = json.loads(out.read_text())
-    measured = {"case": case, "steps": row["steps"], "baseline_mib": row["baseline_mib"],
-                "measured_static_mib": row["start_mib"] - row["baseline_mib"],
-                "measured_mib": row["peak_mib"] - row["baseline_mib"], "default_malloc": default_malloc,
-                "mapped_checkpoint_mib": row["mapped_checkpoint_mib"]}  # fmt: skip
+    measured = {
+        "case": case,
+        "steps": row["steps"],
+        "baseline_mib": row["baseline_mib"],
+        "measured_static_mib": row["start_mib"] - row["baseline_mib"],
+        "measured_mib": row["peak_mib"] - row["baseline_mib"],
+        "default_malloc": default_malloc,
+        "mapped_checkpoint_mib": row["mapped_checkpoint_mib"],
+    }
     return with_plan(measured, steps)
 
 
@@ -81,10 +113,11 @@ def with_plan(row: dict, steps: int) -> dict:
     plan, _ = plan_config(fit_args(strategy, batch, length, steps, extra))
     estimate = plan.peak() / MiB
     return row | {
-        "plan_static_mib": (plan.weights + plan.adapters) / MiB, "plan_mib": estimate,
+        "plan_static_mib": (plan.weights + plan.adapters) / MiB,
+        "plan_mib": estimate,
         "error": estimate / row["measured_mib"] - 1,
         "plan_activations_mib": plan.activations[plan.checkpointing] / MiB,
-    }  # fmt: skip
+    }
 
 
 def markdown(rows: list[dict], info: dict, wall: float) -> str:

@@ -28,8 +28,19 @@ from harness import REPO, interleave, machine_line, paired_ratio, run_info, trai
 
 from crma_lightning.runs.rundir import RunDir
 
-METHODS = ["frozen", "naive", "inc_lora", "olora", "replay", "ewc", "lwf", "multitask", "modular",
-           "modular_replay", "modular_ewc"]  # fmt: skip
+METHODS = [
+    "frozen",
+    "naive",
+    "inc_lora",
+    "olora",
+    "replay",
+    "ewc",
+    "lwf",
+    "multitask",
+    "modular",
+    "modular_replay",
+    "modular_ewc",
+]
 
 
 def config_of(method: str) -> str:
@@ -38,11 +49,27 @@ def config_of(method: str) -> str:
 
 def run(args: argparse.Namespace, method: str, tmp: Path) -> dict:
     callbacks = json.dumps([{"class_path": "crma_lightning.callbacks.resources.ResourceMonitor"}])
-    fit = train_fit(["--config", args.config, "--config", config_of(method), "--trainer.callbacks", callbacks,
-                     "--evaluation.print_table", "false", "--trainer.enable_progress_bar", "false",
-                     "--trainer.logger.init_args.save_dir", str(tmp / method), *args.extra],
-                    threads=args.threads, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, timeout=args.timeout,
-                    meter=True)  # fmt: skip
+    fit = train_fit(
+        [
+            "--config",
+            args.config,
+            "--config",
+            config_of(method),
+            "--trainer.callbacks",
+            callbacks,
+            "--evaluation.print_table",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp / method),
+            *args.extra,
+        ],
+        threads=args.threads,
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        timeout=args.timeout,
+        meter=True,
+    )
     if fit.rc != 0 or fit.run_dir is None:
         raise SystemExit(f"{method}: train.py fit failed (exit {fit.rc}):\n{fit.tail}")
     rundir = RunDir(fit.run_dir)
@@ -87,8 +114,12 @@ def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
             f"({100 * s['task_end_share']:.1f} %) |"
         )
     lwf = res["summary"].get("lwf", {}).get("lwf_vs_naive")
-    lines += ["", "Targets: replay and EWC add at most 10 % to a step (the 95 % interval of step / FROZEN, and of the "
-              "method against its own layout without it):", ""]  # fmt: skip
+    lines += [
+        "",
+        "Targets: replay and EWC add at most 10 % to a step (the 95 % interval of step / FROZEN, and of the "
+        "method against its own layout without it):",
+        "",
+    ]
     for m, base in (
         ("replay", "naive"),
         ("ewc", "naive"),
@@ -97,11 +128,15 @@ def markdown(res: dict, info: dict, args: argparse.Namespace) -> str:
     ):
         if m in res["summary"]:
             r = res["summary"][m][f"vs_{base}"]
-            lines.append(f"- {m} / {base}: {r['median']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]: "
-                         f"{verdict(r['ci95'], 1.10)}")  # fmt: skip
+            lines.append(
+                f"- {m} / {base}: {r['median']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]: "
+                f"{verdict(r['ci95'], 1.10)}"
+            )
     if lwf:
-        lines.append(f"- LwF's teacher forward: the LwF step is {lwf['median']:.3f}x SeqLoRA's "
-                     f"[{lwf['ci95'][0]:.3f}, {lwf['ci95'][1]:.3f}] (the extra is the teacher's forward).")  # fmt: skip
+        lines.append(
+            f"- LwF's teacher forward: the LwF step is {lwf['median']:.3f}x SeqLoRA's "
+            f"[{lwf['ci95'][0]:.3f}, {lwf['ci95'][1]:.3f}] (the extra is the teacher's forward)."
+        )
     return "\n".join(lines)
 
 
@@ -145,9 +180,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rounds = interleave({m: (lambda m=m: run(args, m, Path(tmp))) for m in methods}, args.rounds)
     # Per fit, not per round: a round's meter would count the fits' own subprocesses as neighbours.
-    others = [r["others_pct"] for per in rounds.values.values() for r in per if r.get("others_pct") is not None]
-    res = {"rounds": rounds.values, "info": info, "wall_s": time.perf_counter() - start,
-           "others_pct_median": statistics.median(others or [0.0])}  # fmt: skip
+    others = [
+        r["others_pct"] for per in rounds.values.values() for r in per if r.get("others_pct") is not None
+    ]
+    res = {
+        "rounds": rounds.values,
+        "info": info,
+        "wall_s": time.perf_counter() - start,
+        "others_pct_median": statistics.median(others or [0.0]),
+    }
     res["summary"] = summarise(rounds.values)
     text = markdown(res, info, args)
     write_report(args.out, text, res)

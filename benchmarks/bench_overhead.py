@@ -59,9 +59,17 @@ from crma_lightning.backbone.loading import BackboneConfig, load_backbone
 
 #: A tiny random-init Llama: 4 layers, hidden 128. Small enough that CRMA's fixed per-layer cost
 #: (kernel launches, the projection) is most visible relative to the step.
-TINY_CONFIG = dict(model_type="llama", vocab_size=2048, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                   tie_word_embeddings=True)  # fmt: skip
+TINY_CONFIG = dict(
+    model_type="llama",
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 SMOLLM2 = BackboneConfig(name_or_path=SMOLLM2_PACKAGE, gguf_file=SMOLLM2_GGUF)
 ADAPTER = "task0"
 TARGETS = {"tiny": 5.0, "smollm2": 2.0}  # max CRMA overhead over LoRA-only, percent
@@ -196,8 +204,15 @@ def measure(run: ModelRun, wait_s: float) -> Rounds[Timing]:
                 flush=True,
             )
 
-    rounds = interleave(variants(run), run.steps, warmup=run.warmup, max_rounds=3 * run.steps,
-                        budget_s=run.budget_s, wait_s=wait_s, progress=progress)  # fmt: skip
+    rounds = interleave(
+        variants(run),
+        run.steps,
+        warmup=run.warmup,
+        max_rounds=3 * run.steps,
+        budget_s=run.budget_s,
+        wait_s=wait_s,
+        progress=progress,
+    )
     run.times = {n: [t.wall_s for t in ts] for n, ts in rounds.values.items()}
     run.cpu_times = {n: [t.cpu_s for t in ts] for n, ts in rounds.values.items()}
     run.others_pct, run.waited_s = rounds.others_pct, rounds.waited_s
@@ -234,8 +249,12 @@ def summarise(run: ModelRun, rounds: Rounds) -> dict:
     idx, quiet_only = rounds.used(min(10, run.steps // 2))
     stats = time_stats({name: [xs[i] for i in idx] for name, xs in run.times.items()})
     stats["cpu"] = time_stats({name: [xs[i] for i in idx] for name, xs in run.cpu_times.items()})
-    stats["rounds"] = {"measured": len(run.others_pct), "quiet": len(rounds.quiet()), "used": len(idx),
-                       "quiet_only": quiet_only}  # fmt: skip
+    stats["rounds"] = {
+        "measured": len(run.others_pct),
+        "quiet": len(rounds.quiet()),
+        "used": len(idx),
+        "quiet_only": quiet_only,
+    }
     target = TARGETS[run.key]
     stats["targets"] = {
         "crma_overhead_target_pct": target,
@@ -255,23 +274,33 @@ def model_section(run: ModelRun, stats: dict | None) -> list[str]:
     if run.skipped:
         return [f"### {run.label}", "", f"Skipped: {run.skipped}", ""]
     p, r, t, cpu = run.params, stats["rounds"], stats["targets"], stats["cpu"]
-    lines = [f"### {run.label}", "",
-             f"{run.num_layers} decoder layers; batch {run.batch_size} x seq {run.seq_len}; {run.warmup} warm-up rounds, then "
-             f"rounds until {run.steps} quiet ones (at most {3 * run.steps}, or {run.budget_s:.0f} s). Trainable: LoRA "
-             f"{p['lora']:,} params, CRMA {p['crma']:,}; frozen base {p['base']:,}.{(' ' + run.note) if run.note else ''}",
-             ""]  # fmt: skip
+    lines = [
+        f"### {run.label}",
+        "",
+        f"{run.num_layers} decoder layers; batch {run.batch_size} x seq {run.seq_len}; {run.warmup} warm-up rounds, then "
+        f"rounds until {run.steps} quiet ones (at most {3 * run.steps}, or {run.budget_s:.0f} s). Trainable: LoRA "
+        f"{p['lora']:,} params, CRMA {p['crma']:,}; frozen base {p['base']:,}.{(' ' + run.note) if run.note else ''}",
+        "",
+    ]
     known = [o for o in run.others_pct if o is not None]
     if known:
-        line = (f"Other processes used {statistics.mean(known):.0f}% of the machine's CPU on average during the "
-                f"{r['measured']} measured rounds; {r['quiet']} were quiet (<= {QUIET_PCT:.0f}%). "
-                f"Waited {run.waited_s:.0f} s in all for a quiet machine.")  # fmt: skip
-        line += (f" Statistics use the {r['used']} quiet rounds." if r["quiet_only"] else
-                 " **Warning:** too few quiet rounds, so the statistics use all rounds: with torch threads = cores a"
-                 " busy neighbour stalls parallel regions, so absolute times are inflated and noisy (the"
-                 " interleaving keeps the ratios fairer).")  # fmt: skip
+        line = (
+            f"Other processes used {statistics.mean(known):.0f}% of the machine's CPU on average during the "
+            f"{r['measured']} measured rounds; {r['quiet']} were quiet (<= {QUIET_PCT:.0f}%). "
+            f"Waited {run.waited_s:.0f} s in all for a quiet machine."
+        )
+        line += (
+            f" Statistics use the {r['used']} quiet rounds."
+            if r["quiet_only"]
+            else " **Warning:** too few quiet rounds, so the statistics use all rounds: with torch threads = cores a"
+            " busy neighbour stalls parallel regions, so absolute times are inflated and noisy (the"
+            " interleaving keeps the ratios fairer)."
+        )
         lines += [line, ""]
-    lines += ["| variant | median ms | IQR ms | min ms | vs LoRA-only (paired median [IQR]) | share of its CRMA step |",
-              "|---|---:|---:|---:|---|---:|"]  # fmt: skip
+    lines += [
+        "| variant | median ms | IQR ms | min ms | vs LoRA-only (paired median [IQR]) | share of its CRMA step |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
     for name, label in VARIANTS.items():
         s = stats[name]
         vs = (
@@ -285,7 +314,8 @@ def model_section(run: ModelRun, stats: dict | None) -> list[str]:
         )
     b = stats["crma_batched"]
     lo, hi = b["overhead_ci95_pct"]
-    lines += ["",
+    lines += [
+        "",
         f"- CRMA (batched, the default) adds {b['overhead_pct']:+.1f}% (95% CI {lo:+.1f} to {hi:+.1f}) to the LoRA-only step"
         f" (target <= {t['crma_overhead_target_pct']:.0f}%): **{t['crma_overhead']}** (met: whole CI under the target;"
         f" MISSED: whole CI above). Per-layer projection: {stats['crma_per_layer']['overhead_pct']:+.1f}%.",
@@ -296,7 +326,9 @@ def model_section(run: ModelRun, stats: dict | None) -> list[str]:
         f"- Cross-check in process CPU time (less sensitive to neighbours): LoRA-only {ms(cpu['lora']['median_s'])} ms;"
         f" CRMA batched {cpu['crma_batched']['overhead_pct']:+.1f}%, per-layer {cpu['crma_per_layer']['overhead_pct']:+.1f}%,"
         f" component estimate {cpu['component_overhead_pct']:+.1f}%; batched projection {cpu['proj_batched']['share_pct']:.2f}%"
-        " of the step.", ""]  # fmt: skip
+        " of the step.",
+        "",
+    ]
     return lines
 
 
@@ -328,14 +360,29 @@ PROTOCOL = """\
 
 
 def report(args: argparse.Namespace, runs: list[ModelRun], all_stats: dict, info: dict) -> str:
-    lines = ["# CRMA step-time overhead over LoRA-only (forward + backward, CPU)", "",
-             f"- Command: `{info['command']}`", f"- Date: {info['date']}", f"- Machine: {machine_line(info['machine'])}",
-             f"- Load average (1 min) at start / end: {info['load_start']:.2f} / {info['load_end']:.2f} "
-             "(other work on the machine shows up here; the interleaving spreads it over all variants).",
-             "", "## Protocol", "",
-             PROTOCOL.format(threads=args.threads, wait=args.wait_s, quiet=QUIET_PCT, t_smol=TARGETS["smollm2"],
-                             t_tiny=TARGETS["tiny"], t_proj=PROJECTION_TARGET),
-             "", "## Results", ""]  # fmt: skip
+    lines = [
+        "# CRMA step-time overhead over LoRA-only (forward + backward, CPU)",
+        "",
+        f"- Command: `{info['command']}`",
+        f"- Date: {info['date']}",
+        f"- Machine: {machine_line(info['machine'])}",
+        f"- Load average (1 min) at start / end: {info['load_start']:.2f} / {info['load_end']:.2f} "
+        "(other work on the machine shows up here; the interleaving spreads it over all variants).",
+        "",
+        "## Protocol",
+        "",
+        PROTOCOL.format(
+            threads=args.threads,
+            wait=args.wait_s,
+            quiet=QUIET_PCT,
+            t_smol=TARGETS["smollm2"],
+            t_tiny=TARGETS["tiny"],
+            t_proj=PROJECTION_TARGET,
+        ),
+        "",
+        "## Results",
+        "",
+    ]
     for run in runs:
         lines += model_section(run, all_stats.get(run.key))
     return "\n".join(lines)
@@ -345,14 +392,26 @@ def report(args: argparse.Namespace, runs: list[ModelRun], all_stats: dict, info
 #: Per model: label, flag prefix, measurement defaults, note. SmolLM2's LoRA step is ~5 s at 8 x 128
 #: on 2 cores: fewer, smaller steps keep a run near 10 minutes.
 MODELS = {
-    "tiny": ("Tiny random-init Llama (4 layers, hidden 128, vocab 2048)", "",
-             dict(steps=60, warmup=5, batch_size=8, seq_len=128, budget_s=120.0), ""),
-    "smollm2": ("SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)", "smollm2_",
-                dict(steps=20, warmup=2, batch_size=4, seq_len=128, budget_s=360.0),
-                "Fewer rounds and a smaller batch than the tiny model to keep the run near 10 minutes (--smollm2-* flags)."),
-}  # fmt: skip
-SETTING_HELP = {"steps": "quiet measured rounds wanted", "warmup": "warm-up rounds", "batch_size": "batch size",
-                "seq_len": "sequence length", "budget_s": "measuring time limit (s)"}  # fmt: skip
+    "tiny": (
+        "Tiny random-init Llama (4 layers, hidden 128, vocab 2048)",
+        "",
+        dict(steps=60, warmup=5, batch_size=8, seq_len=128, budget_s=120.0),
+        "",
+    ),
+    "smollm2": (
+        "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
+        "smollm2_",
+        dict(steps=20, warmup=2, batch_size=4, seq_len=128, budget_s=360.0),
+        "Fewer rounds and a smaller batch than the tiny model to keep the run near 10 minutes (--smollm2-* flags).",
+    ),
+}
+SETTING_HELP = {
+    "steps": "quiet measured rounds wanted",
+    "warmup": "warm-up rounds",
+    "batch_size": "batch size",
+    "seq_len": "sequence length",
+    "budget_s": "measuring time limit (s)",
+}
 
 
 def flag(prefix: str, name: str) -> str:
@@ -374,8 +433,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="wait at most this long in all for a quiet machine, per model",
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.md"),
-                   help="Markdown results; a .json with the raw times is written next to it")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/overhead.md"),
+        help="Markdown results; a .json with the raw times is written next to it",
+    )
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - set(MODELS)

@@ -81,8 +81,9 @@ def holdout_examples(run: TrainedRun, batch_size: int) -> dict[str, list[Example
     for task in run.tasks:
         rows = []
         for b in dm.holdout_batches(task, batch_size=batch_size):
-            for ids, labels, mask, w in zip(b["input_ids"], b["labels"], b["attention_mask"], b["example_weight"],
-                                            strict=True):  # fmt: skip
+            for ids, labels, mask, w in zip(
+                b["input_ids"], b["labels"], b["attention_mask"], b["example_weight"], strict=True
+            ):
                 if w > 0:
                     n = int(mask.sum())
                     rows.append((ids[:n].tolist(), labels[:n].tolist()))
@@ -178,8 +179,14 @@ def select(
             # What a router is asked: the first P tokens of a text example (at most its length - 1),
             # the whole prompt of a prompt/response example.
             asked = torch.stack(
-                [torch.where(text, torch.clamp(torch.full_like(lengths, p), max=lengths - 1).clamp_min(1), lengths)
-                 for p in prompt_tokens], 1)  # fmt: skip
+                [
+                    torch.where(
+                        text, torch.clamp(torch.full_like(lengths, p), max=lengths - 1).clamp_min(1), lengths
+                    )
+                    for p in prompt_tokens
+                ],
+                1,
+            )
             for (la, po), out in feats.items():
                 out.append(routing.prefix_pool(hidden[la].cpu(), table, po))
                 prompts[(la, po)].append(routing.prefix_pool(hidden[la].cpu(), asked, po))
@@ -193,23 +200,37 @@ def select(
     for (la, po), parts in feats.items():
         x, asked = torch.cat(parts), torch.cat(prompts[(la, po)])  # (N, M, D), (N, P, D)
         dim = x.shape[-1]
-        sums = {(k, f): routing.feature_sums(x[(y == k) & (fold == f)].reshape(-1, dim),
-                                             w[(y == k) & (fold == f)].reshape(-1))
-                for k in range(len(run.tasks)) for f in range(folds)}  # fmt: skip
+        sums = {
+            (k, f): routing.feature_sums(
+                x[(y == k) & (fold == f)].reshape(-1, dim), w[(y == k) & (fold == f)].reshape(-1)
+            )
+            for k in range(len(run.tasks))
+            for f in range(folds)
+        }
         for lam in shrinkages:
             right = torch.zeros(len(prompt_tokens))
             for f in range(folds):
-                train = [sum((sums[(k, g)] for g in range(folds) if g != f), routing.FeatureSums.zeros(dim))
-                         for k in range(len(run.tasks))]  # fmt: skip
+                train = [
+                    sum((sums[(k, g)] for g in range(folds) if g != f), routing.FeatureSums.zeros(dim))
+                    for k in range(len(run.tasks))
+                ]
                 lda = routing.fit_lda(train, lam)
                 held = fold == f
                 for j in range(len(prompt_tokens)):
                     right[j] += (lda.scores(asked[held, j]).argmax(1) == y[held]).sum()
             acc = (right / len(y)).tolist()
-            rows.append({"layer": la, "pooling": po, "shrinkage": lam, "accuracy": acc, "mean": float(np.mean(acc))})
+            rows.append(
+                {"layer": la, "pooling": po, "shrinkage": lam, "accuracy": acc, "mean": float(np.mean(acc))}
+            )
     best = max(rows, key=lambda r: (round(r["mean"], 6), -r["layer"]))
-    return {"folds": folds, "examples": len(y), "prompt_tokens": prompt_tokens, "rows": rows, "best": best,
-            "num_layers": num_layers(run.model)}  # fmt: skip
+    return {
+        "folds": folds,
+        "examples": len(y),
+        "prompt_tokens": prompt_tokens,
+        "rows": rows,
+        "best": best,
+        "num_layers": num_layers(run.model),
+    }
 
 
 # -- the measurement -------------------------------------------------------------------------
@@ -227,20 +248,40 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, help="the stats router's shrinkage")
-    ap.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.9, 0.99],
-                    help="confidence thresholds below which the stats router falls back to the loss router")  # fmt: skip
-    ap.add_argument("--build-stats", action="store_true", help="write the run's missing routing statistics first")
-    ap.add_argument("--select-layers", type=int, nargs="*", default=None,
-                    help="cross-validate these layers on the training data (no value: every layer)")  # fmt: skip
+    ap.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.9, 0.99],
+        help="confidence thresholds below which the stats router falls back to the loss router",
+    )
+    ap.add_argument(
+        "--build-stats", action="store_true", help="write the run's missing routing statistics first"
+    )
+    ap.add_argument(
+        "--select-layers",
+        type=int,
+        nargs="*",
+        default=None,
+        help="cross-validate these layers on the training data (no value: every layer)",
+    )
     ap.add_argument("--select-poolings", nargs="+", default=["mean", "last"])
     ap.add_argument("--select-shrinkages", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--select-folds", type=int, default=4)
-    ap.add_argument("--keep-stats", action="store_true",
-                    help="report the run's own statistics and --shrinkage even when the selection prefers others "
-                    "(default: the selected layer/pooling/shrinkage are used; differing statistics are rebuilt "
-                    "in the run dir)")  # fmt: skip
-    ap.add_argument("--time-routers", nargs="*", choices=ROUTERS, default=list(ROUTERS),
-                    help="routers whose cost is timed (the loss router's K forwards dominate a CPU run)")  # fmt: skip
+    ap.add_argument(
+        "--keep-stats",
+        action="store_true",
+        help="report the run's own statistics and --shrinkage even when the selection prefers others "
+        "(default: the selected layer/pooling/shrinkage are used; differing statistics are rebuilt "
+        "in the run dir)",
+    )
+    ap.add_argument(
+        "--time-routers",
+        nargs="*",
+        choices=ROUTERS,
+        default=list(ROUTERS),
+        help="routers whose cost is timed (the loss router's K forwards dominate a CPU run)",
+    )
     ap.add_argument("--no-batch-1", action="store_true", help="time only at --batch-size")
     ap.add_argument("--out", default="benchmarks/results/routing", help="output path without extension")
     ap.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
@@ -266,33 +307,50 @@ def main(argv: list[str] | None = None) -> dict:
         "base_model": run.info.backbone.label,
         "tasks": tasks,
         "stats": {
-            "layer": stats_meta["layer"], "num_layers": stats_meta["num_layers"], "pooling": stats_meta["pooling"],
-            "shrinkage": args.shrinkage, "examples_per_task": stats_meta["examples"],
-            "features_per_task": stats_meta["features"], "feature_dim": stats_meta["feature_dim"],
-        },  # fmt: skip
+            "layer": stats_meta["layer"],
+            "num_layers": stats_meta["num_layers"],
+            "pooling": stats_meta["pooling"],
+            "shrinkage": args.shrinkage,
+            "examples_per_task": stats_meta["examples"],
+            "features_per_task": stats_meta["features"],
+            "feature_dim": stats_meta["feature_dim"],
+        },
     }
     if args.select_layers is not None:
         layers = args.select_layers or list(range(1, num_layers(run.model) + 1))
-        result["selection"] = select(run, layers, args.select_poolings, args.select_shrinkages,
-                                     args.prompt_tokens, args.select_folds, stats_meta["max_examples"],
-                                     args.batch_size)  # fmt: skip
+        result["selection"] = select(
+            run,
+            layers,
+            args.select_poolings,
+            args.select_shrinkages,
+            args.prompt_tokens,
+            args.select_folds,
+            stats_meta["max_examples"],
+            args.batch_size,
+        )
         print("selection done", result["selection"]["best"], flush=True)
         best = result["selection"]["best"]
         if not args.keep_stats:
             # Serve what the cross-validation chose: its shrinkage, and statistics at its layer/pooling.
             args.shrinkage = best["shrinkage"]
             if (best["layer"], best["pooling"]) != (stats_meta["layer"], stats_meta["pooling"]):
-                build_routing_stats(run, layer=best["layer"], pooling=best["pooling"], overwrite=True, log=print)
+                build_routing_stats(
+                    run, layer=best["layer"], pooling=best["pooling"], overwrite=True, log=print
+                )
                 run.forget_router()
-                result["stats_rebuilt"] = (f"the run's statistics (layer {stats_meta['layer']}, "
-                                           f"{stats_meta['pooling']} pooling) were rebuilt at the selected layer "
-                                           f"{best['layer']}, {best['pooling']} pooling, from the same training "
-                                           "examples")  # fmt: skip
+                result["stats_rebuilt"] = (
+                    f"the run's statistics (layer {stats_meta['layer']}, "
+                    f"{stats_meta['pooling']} pooling) were rebuilt at the selected layer "
+                    f"{best['layer']}, {best['pooling']} pooling, from the same training "
+                    "examples"
+                )
                 stats_meta = read_task_stats(run.info.run, tasks[0])[1]
             result["stats"] |= {
-                "layer": stats_meta["layer"], "pooling": stats_meta["pooling"], "shrinkage": args.shrinkage,
+                "layer": stats_meta["layer"],
+                "pooling": stats_meta["pooling"],
+                "shrinkage": args.shrinkage,
                 "features_per_task": stats_meta["features"],
-            }  # fmt: skip
+            }
 
     per_task_examples = holdout_examples(run, args.batch_size)
     examples = [e for t in tasks for e in per_task_examples[t]]
@@ -330,7 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
         routed_loss, routed_acc = per_task(nll, choice, truth), per_task(correct, choice, truth)
         drift, bwt = drift_with(routed_loss, routed_acc)
         return {
-            "routing_accuracy": {t: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, t in enumerate(tasks)},
+            "routing_accuracy": {
+                t: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, t in enumerate(tasks)
+            },
             "routing_accuracy_all": float(np.trace(confusion) / confusion.sum()),
             "routing_accuracy_full_prompts": float(right[full].mean()) if full.any() else None,
             "confusion": confusion.tolist(),
@@ -341,7 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
     for p in args.prompt_tokens:
         starts = [prompt_length(e, p) for e in examples]
         prompts = [e[0][:s] for e, s in zip(examples, starts, strict=True)]
-        stats = run.route_decisions(prompts, batch_size=args.batch_size, router="stats", shrinkage=args.shrinkage)
+        stats = run.route_decisions(
+            prompts, batch_size=args.batch_size, router="stats", shrinkage=args.shrinkage
+        )
         loss = run.route_decisions(prompts, batch_size=args.batch_size, router="loss")
         # Text prompts that got all P tokens (the rest are holdout blocks shorter than P + 1).
         full = np.array([s == p or e[1][0] == IGNORE_INDEX for e, s in zip(examples, starts, strict=True)])
@@ -359,14 +421,19 @@ def main(argv: list[str] | None = None) -> dict:
             "mean_right": float(conf[right].mean()) if right.any() else None,
             "mean_wrong": float(conf[~right].mean()) if (~right).any() else None,
             "fallback": [
-                {"threshold": th, "share": float((conf < th).mean()),
-                 "accuracy": float(np.where(conf < th, loss_right, right).mean())}
+                {
+                    "threshold": th,
+                    "share": float((conf < th).mean()),
+                    "accuracy": float(np.where(conf < th, loss_right, right).mean()),
+                }
                 for th in args.thresholds
-            ],  # fmt: skip
+            ],
         }
         result["by_prompt_tokens"][str(p)] = entry
-        print(f"P={p}: stats {entry['stats']['routing_accuracy_all']:.3f}, loss {entry['loss']['routing_accuracy_all']:.3f}",
-              flush=True)  # fmt: skip
+        print(
+            f"P={p}: stats {entry['stats']['routing_accuracy_all']:.3f}, loss {entry['loss']['routing_accuracy_all']:.3f}",
+            flush=True,
+        )
 
     # Cost, at one prompt length: routing, and routing + the chosen task's forward, against one
     # forward pass with the task known.
@@ -377,10 +444,14 @@ def main(argv: list[str] | None = None) -> dict:
     def routed_forward(items: list[list[int]], batch: int, router: str) -> None:
         chosen = run.route_ids(items, batch_size=batch, router=router)
         for task in dict.fromkeys(chosen):
-            run.prompt_losses([x for x, c in zip(items, chosen, strict=True) if c == task], task, batch_size=batch)
+            run.prompt_losses(
+                [x for x, c in zip(items, chosen, strict=True) if c == task], task, batch_size=batch
+            )
 
-    calls = {"known": lambda: run.prompt_losses(prompts, tasks[0], batch_size=args.batch_size),
-             "known_1": lambda: run.prompt_losses(few, tasks[0], batch_size=1)}  # fmt: skip
+    calls = {
+        "known": lambda: run.prompt_losses(prompts, tasks[0], batch_size=args.batch_size),
+        "known_1": lambda: run.prompt_losses(few, tasks[0], batch_size=1),
+    }
     if args.no_batch_1:
         del calls["known_1"]
     for r in args.time_routers:
@@ -389,21 +460,34 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_batch_1:
             calls[f"{r}_route_1"] = lambda r=r: run.route_ids(few, batch_size=1, router=r)
             calls[f"{r}_total_1"] = lambda r=r: routed_forward(few, 1, r)
-    rounds = interleave({k: lambda f=f: time_call(f).wall_s for k, f in calls.items()}, args.repeats, warmup=1)
+    rounds = interleave(
+        {k: lambda f=f: time_call(f).wall_s for k, f in calls.items()}, args.repeats, warmup=1
+    )
     t = {k: statistics.median(v) for k, v in rounds.values.items()}
-    cost: dict = {"prompt_tokens": p, "batch_size": args.batch_size, "rounds": args.repeats,
-                  "others_cpu_pct_per_round": rounds.others_pct, "ms_per_prompt": {}}  # fmt: skip
+    cost: dict = {
+        "prompt_tokens": p,
+        "batch_size": args.batch_size,
+        "rounds": args.repeats,
+        "others_cpu_pct_per_round": rounds.others_pct,
+        "ms_per_prompt": {},
+    }
     for k, v in t.items():
         cost["ms_per_prompt"][k] = 1e3 * v / (len(few) if k.endswith("_1") else len(prompts))
     ratios = {}
     for k in t:
         base = "known_1" if k.endswith("_1") else "known"
-        ratios[k] = statistics.median(a / b for a, b in zip(rounds.values[k], rounds.values[base], strict=True))
+        ratios[k] = statistics.median(
+            a / b for a, b in zip(rounds.values[k], rounds.values[base], strict=True)
+        )
     for r in args.time_routers:  # the steady state: routing, then a full batch of the chosen task
         for sfx, base in (("", "known"), ("_1", "known_1"))[: 1 if args.no_batch_1 else 2]:
             ratios[f"{r}_route_plus_known{sfx}"] = statistics.median(
-                (a + b) / b for a, b in zip(rounds.values[f"{r}_route{sfx}"], rounds.values[base], strict=True))
-            cost["ms_per_prompt"][f"{r}_route_plus_known{sfx}"] = cost["ms_per_prompt"][f"{r}_route{sfx}"] + cost["ms_per_prompt"][base]
+                (a + b) / b
+                for a, b in zip(rounds.values[f"{r}_route{sfx}"], rounds.values[base], strict=True)
+            )
+            cost["ms_per_prompt"][f"{r}_route_plus_known{sfx}"] = (
+                cost["ms_per_prompt"][f"{r}_route{sfx}"] + cost["ms_per_prompt"][base]
+            )
     cost["paired_ratio_vs_known"] = ratios
     result["cost"] = cost
     result["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
@@ -444,27 +528,45 @@ def render(r: dict) -> str:
         f"- Date: {r['date']}; wall time {r.get('wall_s', '—')} s; machine: {r['machine']}; "
         f"load average {r['load_avg_1min_start']} / {r['load_avg_1min_end']}",
         *([f"- Statistics: {r['stats_rebuilt']}."] if "stats_rebuilt" in r else []),
-        "- Routers: **stats** = " + ROUTER_TEXT["stats"].format(
-            layer=s["layer"], num_layers=s["num_layers"], pooling=s["pooling"], shrinkage=s["shrinkage"],
-            examples=s["examples_per_task"], features=s["features_per_task"] / 1.0),
+        "- Routers: **stats** = "
+        + ROUTER_TEXT["stats"].format(
+            layer=s["layer"],
+            num_layers=s["num_layers"],
+            pooling=s["pooling"],
+            shrinkage=s["shrinkage"],
+            examples=s["examples_per_task"],
+            features=s["features_per_task"] / 1.0,
+        ),
         "  **loss** = " + ROUTER_TEXT["loss"] + ".",
         "- Prompt = the first P tokens of a holdout example, at most its length - 1 (the unlabelled prompt for "
         "prompt/response tasks).",
-    ]  # fmt: skip
+    ]
     if "selection" in r:
         lines += render_selection(r["selection"])
-    lines += ["", "## Routing accuracy (share of each task's holdout examples routed to that task)", "",
-              "The last column counts only the prompts that got all P tokens (holdout blocks longer than P).", "",
-              "| P (mean tokens) | router | " + " | ".join(tasks) + " | all | prompts of P tokens (how many) |",
-              "|---|---|" + "---|" * (n + 2)]  # fmt: skip
+    lines += [
+        "",
+        "## Routing accuracy (share of each task's holdout examples routed to that task)",
+        "",
+        "The last column counts only the prompts that got all P tokens (holdout blocks longer than P).",
+        "",
+        "| P (mean tokens) | router | " + " | ".join(tasks) + " | all | prompts of P tokens (how many) |",
+        "|---|---|" + "---|" * (n + 2),
+    ]
     for p, b in by_p.items():
         for router in ROUTERS:
             x = b[router]
-            lines.append(f"| {p} ({b['mean_prompt_tokens']:.1f}) | {router} | "
-                         f"{_cells([x['routing_accuracy'][t] for t in tasks], 3)} | {x['routing_accuracy_all']:.3f} | "
-                         f"{_f(x.get('routing_accuracy_full_prompts'), 3)} ({b.get('full_prompts', '—')}) |")  # fmt: skip
-    lines += ["", "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids", "",
-              "| evaluation | " + " | ".join(tasks) + " | drift_pct | bwt |", "|---|" + "---|" * (n + 2)]  # fmt: skip
+            lines.append(
+                f"| {p} ({b['mean_prompt_tokens']:.1f}) | {router} | "
+                f"{_cells([x['routing_accuracy'][t] for t in tasks], 3)} | {x['routing_accuracy_all']:.3f} | "
+                f"{_f(x.get('routing_accuracy_full_prompts'), 3)} ({b.get('full_prompts', '—')}) |"
+            )
+    lines += [
+        "",
+        "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids",
+        "",
+        "| evaluation | " + " | ".join(tasks) + " | drift_pct | bwt |",
+        "|---|" + "---|" * (n + 2),
+    ]
     if "csv_final_row" in r:
         lines.append(
             f"| run's loss_matrix.csv | {_cells(r['csv_final_row'])} | {_f(r.get('csv_drift_pct'), 3)} | |"
@@ -474,31 +576,55 @@ def render(r: dict) -> str:
     for p, b in by_p.items():
         for router in ROUTERS:
             x = b[router]["routed"]
-            lines.append(f"| {router}, P={p} | {_cells(x['loss'])} | {_f(x['drift_pct'], 3)} | {_f(x['bwt'])} |")
+            lines.append(
+                f"| {router}, P={p} | {_cells(x['loss'])} | {_f(x['drift_pct'], 3)} | {_f(x['bwt'])} |"
+            )
     if "oracle_vs_csv_max_abs_diff" in r:
         lines += ["", f"Oracle row vs the run's CSV: max |diff| = {r['oracle_vs_csv_max_abs_diff']:.2e}."]
-    lines += ["", "Loss on the continuation only (tokens after the prompt; no router saw them), oracle / stats / loss:", "",
-              "| P | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (n + 1)]  # fmt: skip
+    lines += [
+        "",
+        "Loss on the continuation only (tokens after the prompt; no router saw them), oracle / stats / loss:",
+        "",
+        "| P | " + " | ".join(tasks) + " | mean |",
+        "|---|" + "---|" * (n + 1),
+    ]
     for p, b in by_p.items():
-        o_c, s_c, l_c = b["oracle_continuation_loss"], b["stats"]["continuation_loss"], b["loss"]["continuation_loss"]
+        o_c, s_c, l_c = (
+            b["oracle_continuation_loss"],
+            b["stats"]["continuation_loss"],
+            b["loss"]["continuation_loss"],
+        )
         cells = [f"{_f(a)} / {_f(z)} / {_f(w)}" for a, z, w in zip(o_c, s_c, l_c, strict=True)]
         means = f"{_f(np.nanmean(o_c))} / {_f(np.nanmean(s_c))} / {_f(np.nanmean(l_c))}"
         lines.append(f"| {p} | " + " | ".join(cells) + f" | {means} |")
-    lines += ["", "## Confidence of the stats router, and falling back to the loss router", "",
-              "Confidence = the posterior probability of the chosen task. Below a threshold the prompt goes to the "
-              "loss router (K more forward passes).", "",
-              "| P | mean confidence, right / wrong | " + " | ".join(
-                  f"threshold {x['threshold']}: share to loss, accuracy"
-                  for x in next(iter(by_p.values()))["stats"]["confidence"]["fallback"]) + " |",
-              "|---|---|" + "---|" * len(next(iter(by_p.values()))["stats"]["confidence"]["fallback"])]  # fmt: skip
+    lines += [
+        "",
+        "## Confidence of the stats router, and falling back to the loss router",
+        "",
+        "Confidence = the posterior probability of the chosen task. Below a threshold the prompt goes to the "
+        "loss router (K more forward passes).",
+        "",
+        "| P | mean confidence, right / wrong | "
+        + " | ".join(
+            f"threshold {x['threshold']}: share to loss, accuracy"
+            for x in next(iter(by_p.values()))["stats"]["confidence"]["fallback"]
+        )
+        + " |",
+        "|---|---|" + "---|" * len(next(iter(by_p.values()))["stats"]["confidence"]["fallback"]),
+    ]
     for p, b in by_p.items():
         c = b["stats"]["confidence"]
         fb = " | ".join(f"{x['share']:.3f}, {x['accuracy']:.3f}" for x in c["fallback"])
         lines.append(f"| {p} | {_f(c['mean_right'], 3)} / {_f(c['mean_wrong'], 3)} | {fb} |")
     for router in ROUTERS:
         first = next(iter(by_p))
-        lines += ["", f"Confusion of the {router} router at P={first} (rows: true task, columns: routed task):", "",
-                  "| true \\ routed | " + " | ".join(tasks) + " |", "|---|" + "---|" * n]  # fmt: skip
+        lines += [
+            "",
+            f"Confusion of the {router} router at P={first} (rows: true task, columns: routed task):",
+            "",
+            "| true \\ routed | " + " | ".join(tasks) + " |",
+            "|---|" + "---|" * n,
+        ]
         for t, c in zip(tasks, by_p[first][router]["confusion"], strict=True):
             lines.append(f"| {t} | " + " | ".join(str(v) for v in c) + " |")
     c = r["cost"]
@@ -521,12 +647,22 @@ def render(r: dict) -> str:
         if "known" + sfx not in ms:
             continue
         cells = [f"{ms['known' + sfx]:.2f} ms"]
-        for k in ("stats_route", "stats_route_plus_known", "stats_total", "loss_route", "loss_route_plus_known", "loss_total"):
+        for k in (
+            "stats_route",
+            "stats_route_plus_known",
+            "stats_total",
+            "loss_route",
+            "loss_route_plus_known",
+            "loss_total",
+        ):
             cells.append(f"{ms[k + sfx]:.2f} ms ({ratio[k + sfx]:.2f}x)" if k + sfx in ms else "not timed")
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     others = [x for x in c["others_cpu_pct_per_round"] if x is not None]
     if others:
-        lines += ["", f"Other processes used {min(others):.0f}-{max(others):.0f} % of the machine's CPU during the timed rounds."]
+        lines += [
+            "",
+            f"Other processes used {min(others):.0f}-{max(others):.0f} % of the machine's CPU during the timed rounds.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -534,15 +670,24 @@ def render_selection(sel: dict) -> list[str]:
     ps, best = sel["prompt_tokens"], sel["best"]
     columns = sorted({(x["pooling"], x["shrinkage"]) for x in sel["rows"]})
     by_key = {(x["layer"], x["pooling"], x["shrinkage"]): x for x in sel["rows"]}
-    lines = ["", f"## Choosing the layer, pooling and shrinkage ({sel['folds']}-fold cross-validation on the training data)", "",
-             f"{sel['examples']} training examples (never the holdout); each cell is the routing accuracy on the held-out "
-             f"fold's prompts, averaged over P = {', '.join(map(str, ps))}; the model has {sel['num_layers']} decoder layers. "
-             f"Best: layer {best['layer']}, {best['pooling']} pooling, shrinkage {best['shrinkage']} "
-             f"({', '.join(f'P={p}: {a:.3f}' for p, a in zip(ps, best['accuracy'], strict=True))}).", "",
-             "| layer | " + " | ".join(f"{po}, {lam}" for po, lam in columns) + " |",
-             "|---|" + "---|" * len(columns)]  # fmt: skip
+    lines = [
+        "",
+        f"## Choosing the layer, pooling and shrinkage ({sel['folds']}-fold cross-validation on the training data)",
+        "",
+        f"{sel['examples']} training examples (never the holdout); each cell is the routing accuracy on the held-out "
+        f"fold's prompts, averaged over P = {', '.join(map(str, ps))}; the model has {sel['num_layers']} decoder layers. "
+        f"Best: layer {best['layer']}, {best['pooling']} pooling, shrinkage {best['shrinkage']} "
+        f"({', '.join(f'P={p}: {a:.3f}' for p, a in zip(ps, best['accuracy'], strict=True))}).",
+        "",
+        "| layer | " + " | ".join(f"{po}, {lam}" for po, lam in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for layer in sorted({x["layer"] for x in sel["rows"]}):
-        lines.append(f"| {layer} | " + " | ".join(f"{by_key[(layer, po, lam)]['mean']:.3f}" for po, lam in columns) + " |")
+        lines.append(
+            f"| {layer} | "
+            + " | ".join(f"{by_key[(layer, po, lam)]['mean']:.3f}" for po, lam in columns)
+            + " |"
+        )
     return lines
 
 

@@ -55,8 +55,12 @@ from crma_lightning.runs.rundir import RunDir
 
 TARGETS_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: variant -> what it runs: the plain loop (unfused or on the fused paths) or a fit (strategy, extra arguments).
-UNFUSED = ["--model.fused_loss", "false", "--model.optimizer",
-           json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"foreach": False}})]  # fmt: skip
+UNFUSED = [
+    "--model.fused_loss",
+    "false",
+    "--model.optimizer",
+    json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"foreach": False}}),
+]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "plain": ("plain", []),
     "plain_fused": ("plain", ["--fused"]),
@@ -67,14 +71,27 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 #: name -> (numerator, denominator, target or None, label): the ratios reported, paired by round.
 RATIOS: dict[str, tuple[str, str, float | None, str]] = {
     "frozen_vs_plain": ("frozen", "plain", 1.05, "FROZEN / plain loop (against what a user writes)"),
-    "frozen_vs_plain_fused": ("frozen", "plain_fused", 1.03,
-                              "FROZEN / plain loop on the fused paths (like for like)"),
-    "frozen_unfused_vs_plain": ("frozen_unfused", "plain", 1.03,
-                                "FROZEN unfused / plain loop (like for like)"),
-    "plain_fused_vs_plain": ("plain_fused", "plain", None, "plain loop: fused paths / unfused (what they save)"),
+    "frozen_vs_plain_fused": (
+        "frozen",
+        "plain_fused",
+        1.03,
+        "FROZEN / plain loop on the fused paths (like for like)",
+    ),
+    "frozen_unfused_vs_plain": (
+        "frozen_unfused",
+        "plain",
+        1.03,
+        "FROZEN unfused / plain loop (like for like)",
+    ),
+    "plain_fused_vs_plain": (
+        "plain_fused",
+        "plain",
+        None,
+        "plain loop: fused paths / unfused (what they save)",
+    ),
     "frozen_vs_frozen_unfused": ("frozen", "frozen_unfused", None, "FROZEN: fused paths / unfused"),
     "modular_vs_frozen": ("modular", "frozen", 1.02, "MODULAR / FROZEN (CRMA's cost)"),
-}  # fmt: skip
+}
 #: (ratio, clock) -> target: a step's on both clocks (its CPU time is the one a busy machine leaves
 #: usable at 1 thread), peak memory's against the plain loop.
 TARGETS = {
@@ -83,8 +100,16 @@ TARGETS = {
     ("frozen_vs_plain", "peak_rss_mb"): 1.10,
     ("frozen_vs_plain_fused", "peak_rss_mb"): 1.10,
 }
-TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}  # fmt: skip
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
 
 
 # -- the plain loop (run in a subprocess: python bench_step_cost.py --plain-loop ...) ------------
@@ -120,8 +145,11 @@ def plain_loop(
         opt.zero_grad(set_to_none=True)
     starts.append((time.perf_counter(), time.process_time()))
     gaps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(starts, starts[1:], strict=False)][skip:]
-    return {"step_s": statistics.median(g[0] for g in gaps), "step_cpu_s": statistics.median(g[1] for g in gaps),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    return {
+        "step_s": statistics.median(g[0] for g in gaps),
+        "step_cpu_s": statistics.median(g[1] for g in gaps),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 # -- train.py fit ------------------------------------------------------------------------------
@@ -130,25 +158,65 @@ def fit_args(
 ) -> list[str]:
     """One task of ``steps`` steps at the plain loop's shape (real text blocks of ``seq`` tokens)."""
     if model == "smollm2":
-        backbone = ["--model.backbone.name_or_path", SMOLLM2_PACKAGE, "--model.backbone.gguf_file", SMOLLM2_GGUF,
-                    "--model.backbone.config", "null", "--data.tokenizer", f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}"]  # fmt: skip
+        backbone = [
+            "--model.backbone.name_or_path",
+            SMOLLM2_PACKAGE,
+            "--model.backbone.gguf_file",
+            SMOLLM2_GGUF,
+            "--model.backbone.config",
+            "null",
+            "--data.tokenizer",
+            f"{SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}",
+        ]
     else:
         backbone = ["--model.backbone.config", json.dumps(TINY), "--data.tokenizer", "tiny"]
     callbacks = json.dumps([{"class_path": "crma_lightning.callbacks.resources.ResourceMonitor"}])
-    return ["--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml", *backbone,
-            "--data.tasks", '[{"name": "code", "source": "corpus:code"}]', "--data.max_length", str(seq),
-            "--data.train_size", str(steps * batch), "--data.holdout_size", "8", "--data.batch_size", str(batch),
-            "--data.epochs_per_task", "1", "--data.eval_batch_size", "8",
-            "--model.lora.target_modules", json.dumps(TARGETS_QKVO), "--model.lora.r", str(rank),
-            "--model.lora.alpha", str(2 * rank), "--model.lora.dropout", "0.0", "--trainer.callbacks", callbacks,
-            "--evaluation.print_table", "false", "--trainer.logger.init_args.save_dir", str(save_dir)]  # fmt: skip
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        f"configs/methods/{strategy}.yaml",
+        *backbone,
+        "--data.tasks",
+        '[{"name": "code", "source": "corpus:code"}]',
+        "--data.max_length",
+        str(seq),
+        "--data.train_size",
+        str(steps * batch),
+        "--data.holdout_size",
+        "8",
+        "--data.batch_size",
+        str(batch),
+        "--data.epochs_per_task",
+        "1",
+        "--data.eval_batch_size",
+        "8",
+        "--model.lora.target_modules",
+        json.dumps(TARGETS_QKVO),
+        "--model.lora.r",
+        str(rank),
+        "--model.lora.alpha",
+        str(2 * rank),
+        "--model.lora.dropout",
+        "0.0",
+        "--trainer.callbacks",
+        callbacks,
+        "--evaluation.print_table",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+    ]
 
 
 def run_fit(args: argparse.Namespace, variant: str, tmp: Path) -> dict:
     strategy, extra = VARIANTS[variant]
     cli = fit_args(args.model, strategy, args.steps, args.batch, args.seq, args.rank, tmp / variant) + extra
-    fit = train_fit(cli, threads=args.threads, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-                    timeout=args.timeout)  # fmt: skip
+    fit = train_fit(
+        cli,
+        threads=args.threads,
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        timeout=args.timeout,
+    )
     if fit.rc != 0 or fit.run_dir is None:
         raise SystemExit(f"train.py fit ({variant}) failed (exit {fit.rc}):\n{fit.tail}")
     run = RunDir(fit.run_dir)
@@ -169,8 +237,25 @@ def run_plain(args: argparse.Namespace, fused: bool) -> dict:
         from crma_lightning.backbone.hub import converted_gguf, resolve_path
 
         folder = str(converted_gguf(resolve_path(SMOLLM2_PACKAGE), SMOLLM2_GGUF))
-    cmd = [sys.executable, __file__, "--plain-loop", "--steps", str(args.steps + args.skip), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--rank", str(args.rank), "--skip", str(args.skip)] + (["--model-dir", folder] if folder else []) + (["--fused"] if fused else [])  # fmt: skip
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--plain-loop",
+            "--steps",
+            str(args.steps + args.skip),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--rank",
+            str(args.rank),
+            "--skip",
+            str(args.skip),
+        ]
+        + (["--model-dir", folder] if folder else [])
+        + (["--fused"] if fused else [])
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -201,8 +286,10 @@ def ratio_rows(s: dict, clocks: tuple[str, ...] = ("step_s", "step_cpu_s", "peak
                 continue
             target = TARGETS.get((name, clock))
             judged = verdict(r["ci95"], target) if target else ""
-            rows.append(f"| {label}, {CLOCKS[clock]} | {r['median']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
-                        f"{'' if target is None else f'<= {target}'} | {judged} |")  # fmt: skip
+            rows.append(
+                f"| {label}, {CLOCKS[clock]} | {r['median']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+                f"{'' if target is None else f'<= {target}'} | {judged} |"
+            )
     return rows
 
 
@@ -295,13 +382,26 @@ def main(argv: list[str] | None = None) -> dict | None:
     info = run_info("benchmarks/bench_step_cost.py", sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        steps = {v: (lambda v=v: run_plain(args, v == "plain_fused") if VARIANTS[v][0] == "plain"
-                     else run_fit(args, v, Path(tmp))) for v in args.variants}  # fmt: skip
+        steps = {
+            v: (
+                lambda v=v: (
+                    run_plain(args, v == "plain_fused")
+                    if VARIANTS[v][0] == "plain"
+                    else run_fit(args, v, Path(tmp))
+                )
+            )
+            for v in args.variants
+        }
         budget = float("inf") if args.budget_min is None else 60 * args.budget_min
         rounds = interleave(steps, args.rounds, budget_s=budget, progress=progress)
-    res = {"rounds": rounds.values, "others_pct": rounds.others_pct, "wall_s": time.perf_counter() - start,
-           "others_pct_median": statistics.median([o for o in rounds.others_pct if o is not None] or [0.0]),
-           "info": info, "args": vars(args)}  # fmt: skip
+    res = {
+        "rounds": rounds.values,
+        "others_pct": rounds.others_pct,
+        "wall_s": time.perf_counter() - start,
+        "others_pct_median": statistics.median([o for o in rounds.others_pct if o is not None] or [0.0]),
+        "info": info,
+        "args": vars(args),
+    }
     res["summary"] = summarise(rounds.values)
     text = markdown(res, info, args)
     write_report(args.out or REPO / "benchmarks" / "results" / f"step_cost_{args.model}", text, res)

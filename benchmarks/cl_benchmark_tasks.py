@@ -42,8 +42,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for line in lines:
             if line.strip():
                 r = json.loads(line)
-                rows.append({"prompt": prompt_of(meta["instruction"], meta["labels"], r["sentence"]),
-                             "response": " " + r["label"]})  # fmt: skip
+                rows.append(
+                    {
+                        "prompt": prompt_of(meta["instruction"], meta["labels"], r["sentence"]),
+                        "response": " " + r["label"],
+                    }
+                )
         path = out / f"{task}.jsonl"
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         specs.append({"name": task, "source": str(path), "format": "prompt_response"})

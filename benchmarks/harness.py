@@ -367,11 +367,18 @@ def code_commit(repo: Path = REPO) -> str:
     """The checkout's commit, ``git rev-parse HEAD``, with ``-dirty`` when tracked files have uncommitted
     changes (untracked ones do not count); ``unknown`` where git cannot tell."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              timeout=60, check=True).stdout.strip()  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=60, check=True
+        ).stdout.strip()
         # --no-optional-locks: never take the index lock (others may be committing in this tree)
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=repo, capture_output=True, text=True, timeout=60, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty else "") if head else "unknown"
@@ -401,7 +408,9 @@ def write_record(
     if run_commits is not None:
         code["run_commits"] = {c: list(names) for c, names in run_commits.items()}
         if len(run_commits) > 1:
-            print(f"note: {Path(path).name}'s runs were fitted at {len(run_commits)} commits: {', '.join(run_commits)}")
+            print(
+                f"note: {Path(path).name}'s runs were fitted at {len(run_commits)} commits: {', '.join(run_commits)}"
+            )
     js = Path(path).with_suffix(".json")
     atomic_write_json(js, json_safe({**data, "code": code}))
     return js
@@ -412,7 +421,9 @@ def write_report(path: str | os.PathLike, markdown: str, data: Any) -> tuple[Pat
     :func:`code_line`."""
     js = write_record(path, data if isinstance(data, dict) else {"data": data})
     md = Path(path).with_suffix(".md")
-    atomic_write_text(md, markdown.rstrip("\n") + "\n\n" + code_line(json.loads(js.read_text())["code"]) + "\n")
+    atomic_write_text(
+        md, markdown.rstrip("\n") + "\n\n" + code_line(json.loads(js.read_text())["code"]) + "\n"
+    )
     return md, js
 
 
@@ -494,8 +505,14 @@ def train_fit(
         offset = out.tell()
         load_meter.start()
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "train.py", command, *args], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", command, *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         with _lock:
             _running.add(proc)
         rc: int | None = None
@@ -590,16 +607,20 @@ def checked_record(
         return new  # nothing there to reuse or resume: a failed start's record is simply replaced
     if not file.is_file():
         if not adopt_legacy:
-            raise SystemExit(f"[{name}] {root} holds a run with no {FIT_RECORD} (made before runs recorded "
-                             f"their arguments): {fix}, delete it, or pass {ADOPT_LEGACY} to reuse it as "
-                             "made with these arguments")  # fmt: skip
+            raise SystemExit(
+                f"[{name}] {root} holds a run with no {FIT_RECORD} (made before runs recorded "
+                f"their arguments): {fix}, delete it, or pass {ADOPT_LEGACY} to reuse it as "
+                "made with these arguments"
+            )
         print(f"[{name}] {root}: adopted as made with these arguments ({ADOPT_LEGACY})", flush=True)
         atomic_write_json(file, new | {"adopted": utc_now(), "commits": []})
         return new
     old = json.loads(file.read_text())
     if old.get("digest") != new["digest"]:
-        raise SystemExit(f"[{name}] {root} was fitted with other arguments ({record_difference(old, new)}): "
-                         f"{fix} or delete it")  # fmt: skip
+        raise SystemExit(
+            f"[{name}] {root} was fitted with other arguments ({record_difference(old, new)}): "
+            f"{fix} or delete it"
+        )
     return old
 
 
@@ -667,9 +688,12 @@ def script_argv(
     parser = argparse.ArgumentParser(
         description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(ADOPT_LEGACY, action="store_true",
-                        help=f"reuse finished runs that have no {FIT_RECORD} (made before runs recorded their "
-                        "arguments) as made with this command's arguments")  # fmt: skip
+    parser.add_argument(
+        ADOPT_LEGACY,
+        action="store_true",
+        help=f"reuse finished runs that have no {FIT_RECORD} (made before runs recorded their "
+        "arguments) as made with this command's arguments",
+    )
     return argv, ours, extra, parser
 
 

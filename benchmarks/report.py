@@ -39,8 +39,14 @@ LABELS = {
     "multitask": "multi-task (upper bound)",
 }
 #: The knob a method's grid varies (methods.yaml's ``grid``).
-KNOBS = {"replay": "ratio", "modular_replay": "ratio", "ewc": "weight", "modular_ewc": "weight", "lwf": "weight",
-         "olora": "l1"}  # fmt: skip
+KNOBS = {
+    "replay": "ratio",
+    "modular_replay": "ratio",
+    "ewc": "weight",
+    "modular_ewc": "weight",
+    "lwf": "weight",
+    "olora": "l1",
+}
 NO_TASK_ID = {"route": "routed", "sum": "all LoRAs summed", "shared": "the shared LoRA"}
 #: The paper's numbers (Mistral-7B, 5 domains, 500/100 examples, seeds 0/42/1234; docs/method.md §3).
 PAPER = {
@@ -81,7 +87,9 @@ def grad_per_task(res: dict, condition: str, stat: str, group: str = "total") ->
 def clipped_per_task(res: dict, condition: str) -> list[float] | None:
     """Steps ZClip clipped per task (mean over seeds); None without ZClip."""
     per_seed = res["grad_norm"].get(condition, {})
-    if not per_seed or any(v is None or any("clipped" not in e for e in v.values()) for v in per_seed.values()):
+    if not per_seed or any(
+        v is None or any("clipped" not in e for e in v.values()) for v in per_seed.values()
+    ):
         return None
     return [float(np.mean([g[t]["clipped"] for g in per_seed.values()])) for t in res["tasks"]]
 
@@ -102,7 +110,9 @@ def reproduction_figure(res: dict, path: Path) -> None:
             ax_grad.plot(range(len(tasks)), peaks, marker="o", color=f"C{k}", label=f"{c.upper()}: LoRA")
         crma_peaks = grad_per_task(res, c, "max", "crma")
         if crma_peaks is not None:
-            ax_grad.plot(range(len(tasks)), crma_peaks, marker="s", ls="--", color=f"C{k}", label=f"{c.upper()}: CRMA")
+            ax_grad.plot(
+                range(len(tasks)), crma_peaks, marker="s", ls="--", color=f"C{k}", label=f"{c.upper()}: CRMA"
+            )
     ax_drift.axhline(0, color="black", lw=0.8)
     ax_drift.set_xticks(range(len(conds)), [c.upper() for c in conds])
     ax_drift.set_ylabel("drift, % (+ = forgetting)")
@@ -115,8 +125,16 @@ def reproduction_figure(res: dict, path: Path) -> None:
     means = [np.asarray(res["loss_matrix_mean"][c]["matrix"]) for c in conds]
     limits = (min(m.min() for m in means), max(m.max() for m in means))  # one colour scale for every panel
     for ax, c, matrix in zip(np.atleast_1d(bottom.subplots(1, len(conds))), conds, means, strict=True):
-        im = heatmap(ax, matrix, res["loss_matrix_mean"][c]["rows"], tasks, f"{c.upper()}: {res.get('split', 'validation')} loss (mean over seeds)",
-                     "viridis_r", fmt="{:.3f}", limits=limits)  # fmt: skip
+        im = heatmap(
+            ax,
+            matrix,
+            res["loss_matrix_mean"][c]["rows"],
+            tasks,
+            f"{c.upper()}: {res.get('split', 'validation')} loss (mean over seeds)",
+            "viridis_r",
+            fmt="{:.3f}",
+            limits=limits,
+        )
         bottom.colorbar(im, ax=ax, shrink=0.9)
     save_figure(fig, path)
     plt.close(fig)
@@ -145,19 +163,29 @@ def reproduction_md(res: dict, protocol: dict) -> str:
     conds, tasks, seeds = res["conditions"], res["tasks"], res["seeds"]
     split = res.get("split", "validation")
     cols = " / ".join(str(s) for s in seeds)
-    lines = ["# Reproduction of the paper's headline table", "",
-             f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}).",
-             f"Ours: {protocol['model']}, tasks {' → '.join(tasks)}, seeds {', '.join(map(str, seeds))}. Paper: {PAPER['model']}.",
-             ""]  # fmt: skip
+    lines = [
+        "# Reproduction of the paper's headline table",
+        "",
+        f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}).",
+        f"Ours: {protocol['model']}, tasks {' → '.join(tasks)}, seeds {', '.join(map(str, seeds))}. Paper: {PAPER['model']}.",
+        "",
+    ]
     if split == "test":
-        lines += ["Every number is on the **test split** (`continual/test/`, scored after every task like the "
-                  "validation matrices), which no setting was chosen on. The one setting picked by comparing runs, CRMA "
-                  "learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section), was picked on the "
-                  "validation split; the validation numbers are in their own section.", ""]  # fmt: skip
-    lines += ["## Loss-relative drift on prior tasks (%, + = forgetting)", "",
-             "drift = 100 · mean over prior tasks i of (L[T, i] − L[i, i]) / L[i, i]; mean ± sample SD over seeds.", "",
-             f"| condition | ours: mean ± SD | ours: per seed ({cols}) | paper: mean ± SD | paper: per seed |",
-             "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "Every number is on the **test split** (`continual/test/`, scored after every task like the "
+            "validation matrices), which no setting was chosen on. The one setting picked by comparing runs, CRMA "
+            "learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section), was picked on the "
+            "validation split; the validation numbers are in their own section.",
+            "",
+        ]
+    lines += [
+        "## Loss-relative drift on prior tasks (%, + = forgetting)",
+        "",
+        "drift = 100 · mean over prior tasks i of (L[T, i] − L[i, i]) / L[i, i]; mean ± sample SD over seeds.",
+        "",
+        f"| condition | ours: mean ± SD | ours: per seed ({cols}) | paper: mean ± SD | paper: per seed |",
+        "|---|---|---|---|---|",
+    ]
     for c in conds:
         d, paper = res["drift"][c], PAPER["drift"].get(c)
         p_ms = "0 by construction" if c == "frozen" else pm(paper[0], paper[1]) if paper else "n/a"
@@ -167,13 +195,20 @@ def reproduction_md(res: dict, protocol: dict) -> str:
         )
     if "modular_vs_frozen" in res:
         a, (p_mean, p_sd, p_seeds) = res["modular_vs_frozen"], PAPER["modular_vs_frozen"]
-        lines += ["", f"## MODULAR vs FROZEN: prior-task {split} loss advantage (%, + = MODULAR better)", "",
-                  "advantage = 100 · mean over prior tasks i of (L_F[T, i] − L_M[T, i]) / L_F[T, i], paired by seed.", "",
-                  f"| | mean ± SD | per seed ({cols}) |", "|---|---|---|",
-                  f"| ours | {pm(a['mean'], a['sd'])} | {seeds_str(a['per_seed'])} |",
-                  f"| paper | {pm(p_mean, p_sd)} | {seeds_str(p_seeds)} |", "",
-                  "Per prior task (mean over seeds): "
-                  + ", ".join(f"{t} {v:+.2f} %" for t, v in zip(tasks, a["per_task_mean"], strict=False))]  # fmt: skip
+        lines += [
+            "",
+            f"## MODULAR vs FROZEN: prior-task {split} loss advantage (%, + = MODULAR better)",
+            "",
+            "advantage = 100 · mean over prior tasks i of (L_F[T, i] − L_M[T, i]) / L_F[T, i], paired by seed.",
+            "",
+            f"| | mean ± SD | per seed ({cols}) |",
+            "|---|---|---|",
+            f"| ours | {pm(a['mean'], a['sd'])} | {seeds_str(a['per_seed'])} |",
+            f"| paper | {pm(p_mean, p_sd)} | {seeds_str(p_seeds)} |",
+            "",
+            "Per prior task (mean over seeds): "
+            + ", ".join(f"{t} {v:+.2f} %" for t, v in zip(tasks, a["per_task_mean"], strict=False)),
+        ]
     lines += [
         "",
         f"## Final {split} loss per task (after the last task; mean over seeds)",
@@ -188,28 +223,44 @@ def reproduction_md(res: dict, protocol: dict) -> str:
     if "ablation" in res:
         ab = res["ablation"]
         on, off = np.mean(ab["on_mean"]), np.mean(ab["off_mean"])
-        lines += ["", "## Inference ablation: the trained MODULAR weights with CRMA on and off", "",
-                  f"Each MODULAR run loaded as served (`serve.load_run`), task i evaluated with LoRA_i on its {split} set;"
-                  f" only the CRMA injection is toggled (mean over seeds). Paper: {PAPER['ablation']}.", "",
-                  *head("CRMA", tasks, "mean"),
-                  row("on", ab["on_mean"], f"{on:.4f}"), row("off", ab["off_mean"], f"{off:.4f}"), "",
-                  f"Turning CRMA off changes the mean {split} loss by {100 * (off - on) / on:+.2f} %. Check: the served "
-                  f"CRMA-on losses match the runs' last loss-matrix rows within {ab['max_diff_vs_run']:.1e}."]  # fmt: skip
+        lines += [
+            "",
+            "## Inference ablation: the trained MODULAR weights with CRMA on and off",
+            "",
+            f"Each MODULAR run loaded as served (`serve.load_run`), task i evaluated with LoRA_i on its {split} set;"
+            f" only the CRMA injection is toggled (mean over seeds). Paper: {PAPER['ablation']}.",
+            "",
+            *head("CRMA", tasks, "mean"),
+            row("on", ab["on_mean"], f"{on:.4f}"),
+            row("off", ab["off_mean"], f"{off:.4f}"),
+            "",
+            f"Turning CRMA off changes the mean {split} loss by {100 * (off - on) / on:+.2f} %. Check: the served "
+            f"CRMA-on losses match the runs' last loss-matrix rows within {ab['max_diff_vs_run']:.1e}.",
+        ]
     if "validation" in res:
         lines += validation_section(res["validation"], cols)
     if any(grad_per_task(res, c, "max") is not None for c in conds):
         lines += grad_norm_section(res)
     if res.get("spectral"):
         sp = res["spectral"]
-        lines += ["", "## Spectral bound", "",
-                  f"Over every logged step of every MODULAR run: max σ_max(M) = {sp['max_sigma']:.7f}, max row/column-sum "
-                  f"error {sp['max_row_col_err']:.1e}. Paper: {PAPER['spectral']}."]  # fmt: skip
+        lines += [
+            "",
+            "## Spectral bound",
+            "",
+            f"Over every logged step of every MODULAR run: max σ_max(M) = {sp['max_sigma']:.7f}, max row/column-sum "
+            f"error {sp['max_row_col_err']:.1e}. Paper: {PAPER['spectral']}.",
+        ]
     for label, v in res.get("variants", {}).items():
-        lines += ["", f"## Also tried: MODULAR with {label}", "",
-                  f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this report's; "
-                  f"on the {v.get('split', 'validation')} split.", "",
-                  f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: mean ± SD | per seed |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Also tried: MODULAR with {label}",
+            "",
+            f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this report's; "
+            f"on the {v.get('split', 'validation')} split.",
+            "",
+            f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: mean ± SD | per seed |",
+            "|---|---|---|---|---|",
+        ]
         for name, d, a in (
             ("this report's MODULAR", v["base_drift"], v["base_adv"]),
             (label, v["drift"], v["adv"]),
@@ -218,17 +269,30 @@ def reproduction_md(res: dict, protocol: dict) -> str:
                 f"| {name} | {pm(*clm.mean_sd(d))} | {seeds_str(d)} | {pm(*clm.mean_sd(a))} | {seeds_str(a)} |"
             )
     resumed = protocol.get("resumed", [])
-    lines += ["", "## Protocol", "", *[f"- {k}: {v}" for k, v in protocol["settings"].items()],
-              "- wall time per run (s): " + ", ".join(f"{k} {v:.0f}" + "*" * (k in resumed) for k, v in protocol["wall_s"].items())
-              + (" (* resumed after an interruption: the time before it is not counted)" if resumed else ""),
-              "", f"![drift, loss matrices and peak gradient norms]({protocol['figure']})", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Protocol",
+        "",
+        *[f"- {k}: {v}" for k, v in protocol["settings"].items()],
+        "- wall time per run (s): "
+        + ", ".join(f"{k} {v:.0f}" + "*" * (k in resumed) for k, v in protocol["wall_s"].items())
+        + (" (* resumed after an interruption: the time before it is not counted)" if resumed else ""),
+        "",
+        f"![drift, loss matrices and peak gradient norms]({protocol['figure']})",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def validation_section(val: dict, cols: str) -> list[str]:
     """Drift and the MODULAR-vs-FROZEN advantage on the validation split (where settings were chosen)."""
-    lines = ["", "## Validation split (where the settings were chosen)", "",
-             f"| | mean ± SD | per seed ({cols}) |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "## Validation split (where the settings were chosen)",
+        "",
+        f"| | mean ± SD | per seed ({cols}) |",
+        "|---|---|---|",
+    ]
     for c in val["conditions"]:
         d = val["drift"][c]
         lines.append(f"| drift %, {c.upper()} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} |")
@@ -249,28 +313,58 @@ def grad_norm_section(res: dict) -> list[str]:
         body = " | ".join(f"{p:.3g} ({m:.3g})" for p, m in zip(peaks, means, strict=True))
         return f"| {c.upper()} | {body} | {max(peaks):.3g} |"
 
-    lines = ["", "## Gradient norm per task: peak (mean) over the task's steps, mean over seeds", "",
-             "Global norms before clipping, per parameter group (`train/grad_norm/lora`, `train/grad_norm/crma`; "
-             "`callbacks/gradnorm.py`). The LoRA norm is the one comparable across conditions: under MODULAR the total "
-             f"also holds CRMA's gradients. Paper: {PAPER['grad']}.", "",
-             "LoRA gradients (NAIVE and FROZEN train nothing else):", "", *head("condition", tasks, "max over tasks")]  # fmt: skip
+    lines = [
+        "",
+        "## Gradient norm per task: peak (mean) over the task's steps, mean over seeds",
+        "",
+        "Global norms before clipping, per parameter group (`train/grad_norm/lora`, `train/grad_norm/crma`; "
+        "`callbacks/gradnorm.py`). The LoRA norm is the one comparable across conditions: under MODULAR the total "
+        f"also holds CRMA's gradients. Paper: {PAPER['grad']}.",
+        "",
+        "LoRA gradients (NAIVE and FROZEN train nothing else):",
+        "",
+        *head("condition", tasks, "max over tasks"),
+    ]
     lines += [r for c in conds if (r := cells(c, "lora"))]
     lora = {c: grad_per_task(res, c, "max", "lora") for c in conds}
     if lora.get("naive") and lora.get("modular"):
         red = 100 * (1 - np.asarray(lora["modular"]) / np.asarray(lora["naive"]))
-        lines += ["", "LoRA peak reduction MODULAR vs NAIVE per task: " + ", ".join(f"{t} {r:+.0f} %" for t, r in zip(tasks, red, strict=True))
-                  + f"; overall LoRA peak {max(lora['naive']):.3g} → {max(lora['modular']):.3g}."]  # fmt: skip
+        lines += [
+            "",
+            "LoRA peak reduction MODULAR vs NAIVE per task: "
+            + ", ".join(f"{t} {r:+.0f} %" for t, r in zip(tasks, red, strict=True))
+            + f"; overall LoRA peak {max(lora['naive']):.3g} → {max(lora['modular']):.3g}.",
+        ]
     crma = [r for c in conds if (r := cells(c, "crma"))]
     if crma:
-        lines += ["", "CRMA gradients (MODULAR only):", "", *head("condition", tasks, "max over tasks"), *crma]
+        lines += [
+            "",
+            "CRMA gradients (MODULAR only):",
+            "",
+            *head("condition", tasks, "max over tasks"),
+            *crma,
+        ]
     total = [r for c in conds if (r := cells(c, "total"))]
-    lines += ["", "All trainable adapters together (`train/grad_norm`, the norm a clip acts on):", "",
-              *head("condition", tasks, "max over tasks"), *total]  # fmt: skip
+    lines += [
+        "",
+        "All trainable adapters together (`train/grad_norm`, the norm a clip acts on):",
+        "",
+        *head("condition", tasks, "max over tasks"),
+        *total,
+    ]
     clipped = {c: clipped_per_task(res, c) for c in conds}
     if any(v is not None for v in clipped.values()):
-        lines += ["", "Steps ZClip clipped per task (mean over seeds):", "", *head("condition", tasks, "all tasks")]
-        lines += [f"| {c.upper()} | " + " | ".join(f"{v:.3g}" for v in clipped[c]) + f" | {sum(clipped[c]):.3g} |"
-                  for c in conds if clipped[c] is not None]  # fmt: skip
+        lines += [
+            "",
+            "Steps ZClip clipped per task (mean over seeds):",
+            "",
+            *head("condition", tasks, "all tasks"),
+        ]
+        lines += [
+            f"| {c.upper()} | " + " | ".join(f"{v:.3g}" for v in clipped[c]) + f" | {sum(clipped[c]):.3g} |"
+            for c in conds
+            if clipped[c] is not None
+        ]
     return lines
 
 
@@ -323,8 +417,12 @@ def methods_md(res: dict, protocol: dict) -> str:
     for m, r in res["methods"].items():
         ps = r["per_seed"]
         first = next(iter(ps.values()))
-        routing = "n/a" if first["routing_acc"] is None else m_cell(
-            {s: {"x": {"r": 100 * p["routing_acc"]}} for s, p in ps.items()}, "x", "r", "{:.1f}") + " %"  # fmt: skip
+        routing = (
+            "n/a"
+            if first["routing_acc"] is None
+            else m_cell({s: {"x": {"r": 100 * p["routing_acc"]}} for s, p in ps.items()}, "x", "r", "{:.1f}")
+            + " %"
+        )
         setting = "preset" if r["value"] is None else f"{KNOBS[m]} = {r['value']:g}"
         lines.append(
             f"| {r['label']} | {setting} | {m_cell(ps, 'test', 'final_avg_loss')} | {m_cell(ps, 'test', 'drift_pct', '{:+.2f}')} | "
@@ -333,19 +431,32 @@ def methods_md(res: dict, protocol: dict) -> str:
             f"{NO_TASK_ID.get(first['no_task_id'], first['no_task_id'] or 'n/a')} | {routing} |"
         )
     if "multitask" in res["methods"]:
-        lines += ["", "Multi-task trains one LoRA on every task's data at once: its rows are evaluation points of one "
-                  "run over the pooled data, so its drift is the change between those points, not forgetting; its "
-                  "final loss is the reference the sequential methods are measured against."]  # fmt: skip
-    lines += ["", "## Final test loss per task (mean over seeds, with the task id)", "",
-              "| method | " + " | ".join(res["tasks"]) + " |", "|---|" + "---|" * len(res["tasks"])]  # fmt: skip
+        lines += [
+            "",
+            "Multi-task trains one LoRA on every task's data at once: its rows are evaluation points of one "
+            "run over the pooled data, so its drift is the change between those points, not forgetting; its "
+            "final loss is the reference the sequential methods are measured against.",
+        ]
+    lines += [
+        "",
+        "## Final test loss per task (mean over seeds, with the task id)",
+        "",
+        "| method | " + " | ".join(res["tasks"]) + " |",
+        "|---|" + "---|" * len(res["tasks"]),
+    ]
     for r in res["methods"].values():
         row = np.mean([p["test"]["final_row"] for p in r["per_seed"].values()], 0)
         lines.append(f"| {r['label']} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
-    lines += ["", f"## The selection (seed {res['select_seed']})", "",
-              "Every grid value's final average loss and drift on validation (where the choice was made) and on "
-              "test (reported only).", "",
-              "| method | setting | validation loss | validation drift % | test loss | test drift % | kept |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"## The selection (seed {res['select_seed']})",
+        "",
+        "Every grid value's final average loss and drift on validation (where the choice was made) and on "
+        "test (reported only).",
+        "",
+        "| method | setting | validation loss | validation drift % | test loss | test drift % | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, grid in res["grid"].items():
         for v, p in grid.items():
             lines.append(
@@ -360,8 +471,11 @@ def methods_md(res: dict, protocol: dict) -> str:
         if p["rebuilt"]
     ]
     if rebuilt:
-        lines += ["", "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters by "
-                  f"`train.py test --run <run> --task-id both`: {', '.join(rebuilt)}."]  # fmt: skip
+        lines += [
+            "",
+            "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters by "
+            f"`train.py test --run <run> --task-id both`: {', '.join(rebuilt)}.",
+        ]
     lines += [
         "",
         "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items()),
@@ -377,12 +491,24 @@ def methods_figure(res: dict, path: Path, model: str) -> None:
     methods = list(res["methods"])
     x = np.arange(len(methods))
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
-    for ax, (key, title) in zip(axes, [("final_avg_loss", "final average test loss (lower is better)"),
-                                        ("drift_pct", "drift of earlier tasks, % (lower is better)")], strict=True):  # fmt: skip
+    for ax, (key, title) in zip(
+        axes,
+        [
+            ("final_avg_loss", "final average test loss (lower is better)"),
+            ("drift_pct", "drift of earlier tasks, % (lower is better)"),
+        ],
+        strict=True,
+    ):
         for off, split, name in [(-0.2, "test", "task id given"), (0.2, "test_no_task_id", "no task id")]:
             st = [m_stat(res["methods"][m]["per_seed"], split, key) for m in methods]
-            ax.bar(x + off, [np.nan if s[0] is None else s[0] for s in st], 0.4,
-                   yerr=[s[1] or 0.0 for s in st], label=name, capsize=3)  # fmt: skip
+            ax.bar(
+                x + off,
+                [np.nan if s[0] is None else s[0] for s in st],
+                0.4,
+                yerr=[s[1] or 0.0 for s in st],
+                label=name,
+                capsize=3,
+            )
         if key == "final_avg_loss":
             lo = min(
                 s
@@ -400,7 +526,6 @@ def methods_figure(res: dict, path: Path, model: str) -> None:
     )
     fig.tight_layout()
     save_figure(fig, path)
-
 
 
 # -- standard CL
@@ -498,12 +623,22 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         f"{m}_s{s}" for m, r in res["methods"].items() for s, p in r["per_seed"].items() if p.get("rebuilt")
     ]
     if rebuilt:
-        lines += ["", f"Test matrices rebuilt from the runs' adapters by `train.py test --run <run> --task-id both` "
-                  f"(what a fit writes, to 2e-5: tests/test_evaluation_tasks.py), after the fit: {', '.join(rebuilt)}. "
-                  "Their evaluation share is the fit's own."]  # fmt: skip
-    lines += ["", "## Validation split (where settings would be chosen)", "",
-              f"Average accuracy after the last task with the task id, on {protocol['validation_size']} validation "
-              "examples per task (the matrices of `fit`).", "", "| method | validation | test |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"Test matrices rebuilt from the runs' adapters by `train.py test --run <run> --task-id both` "
+            f"(what a fit writes, to 2e-5: tests/test_evaluation_tasks.py), after the fit: {', '.join(rebuilt)}. "
+            "Their evaluation share is the fit's own.",
+        ]
+    lines += [
+        "",
+        "## Validation split (where settings would be chosen)",
+        "",
+        f"Average accuracy after the last task with the task id, on {protocol['validation_size']} validation "
+        "examples per task (the matrices of `fit`).",
+        "",
+        "| method | validation | test |",
+        "|---|---|---|",
+    ]
     for m, r in res["methods"].items():
         lines.append(f"| {r['label']} | {s_cell(res, m, 'val_avg_acc')} | {s_cell(res, m, 'avg_acc')} |")
     lines += [
@@ -543,7 +678,6 @@ def standard_cl_figure(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 
 # -- recipe
@@ -602,9 +736,17 @@ def summarise(label: str, report: dict, current: dict) -> dict:
     res, cur, protocol = report["results"], current["results"], report["protocol"]
     seeds = res["seeds"]
     extra = shlex.join(extra_of(protocol))
-    out: dict = {"label": label, "seeds": seeds, "conditions": {}, "command": protocol["command"], "model": protocol["model"],
-                 "override": extra or "none", "wall_s": protocol["wall_s"], "resumed": protocol.get("resumed", []),
-                 "settings": protocol["settings"]}  # fmt: skip
+    out: dict = {
+        "label": label,
+        "seeds": seeds,
+        "conditions": {},
+        "command": protocol["command"],
+        "model": protocol["model"],
+        "override": extra or "none",
+        "wall_s": protocol["wall_s"],
+        "resumed": protocol.get("resumed", []),
+        "settings": protocol["settings"],
+    }
     for cond in res["conditions"]:
         row: dict = {
             "lora_peak": [peak(res, cond, s, "lora") for s in seeds],
@@ -616,11 +758,17 @@ def summarise(label: str, report: dict, current: dict) -> dict:
         for split in SPLITS:
             r = on_split(res, split)
             frozen_src = r if "frozen" in res["conditions"] else on_split(cur, split)
-            row[split] = {"drift": [r["drift"][cond]["per_seed"][seeds.index(s)] for s in seeds],
-                          "final_mean_loss": [float(final(r, cond, s).mean()) for s in seeds]}  # fmt: skip
+            row[split] = {
+                "drift": [r["drift"][cond]["per_seed"][seeds.index(s)] for s in seeds],
+                "final_mean_loss": [float(final(r, cond, s).mean()) for s in seeds],
+            }
             if cond == "modular":
-                row[split]["vs_frozen"] = [vs_frozen(final(frozen_src, "frozen", s), final(r, "modular", s))
-                                           if s in frozen_src["seeds"] else None for s in seeds]  # fmt: skip
+                row[split]["vs_frozen"] = [
+                    vs_frozen(final(frozen_src, "frozen", s), final(r, "modular", s))
+                    if s in frozen_src["seeds"]
+                    else None
+                    for s in seeds
+                ]
         if cond == "modular":
             row["crma_off_pct"] = [crma_off_pct(res, s) for s in seeds]
             row["frozen_from"] = "this setting" if "frozen" in res["conditions"] else "the current recipe"
@@ -665,39 +813,65 @@ def recipe_run_commits(reports: list[tuple[str, dict]]) -> dict[str, list[str]]:
 
 def recipe_md(summaries: list[dict], info: dict) -> str:
     cur = summaries[0]
-    lines = [f"# The authors' training recipe against the current one ({cur['model']})", "",
-             f"Produced by `{info['command']}` on {info['date']} from the `reproduce.py` reports below. Every "
-             "setting is the reproduction's protocol (benchmarks/results/reproduction.md) with one override file; "
-             "the current recipe *is* the reproduction.", "", "## What ran", "",
-             "The protocol (the current recipe's settings):", ""]  # fmt: skip
+    lines = [
+        f"# The authors' training recipe against the current one ({cur['model']})",
+        "",
+        f"Produced by `{info['command']}` on {info['date']} from the `reproduce.py` reports below. Every "
+        "setting is the reproduction's protocol (benchmarks/results/reproduction.md) with one override file; "
+        "the current recipe *is* the reproduction.",
+        "",
+        "## What ran",
+        "",
+        "The protocol (the current recipe's settings):",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in cur["settings"].items()]
-    lines += ["", "| setting | override | differs from the current recipe in | seeds | training wall time per run (s) |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| setting | override | differs from the current recipe in | seeds | training wall time per run (s) |",
+        "|---|---|---|---|---|",
+    ]
     for s in summaries:
-        differs = [f"{k}: {v}" for k, v in s["settings"].items() if k != "extra train.py arguments"
-                   and cur["settings"].get(k) != v]  # fmt: skip
+        differs = [
+            f"{k}: {v}"
+            for k, v in s["settings"].items()
+            if k != "extra train.py arguments" and cur["settings"].get(k) != v
+        ]
         walls = ", ".join(f"{k} {v:.0f}" for k, v in s["wall_s"].items())
-        lines.append(f"| {s['label']} | `{s['override']}` | {'; '.join(differs) or '—'} | "
-                     f"{', '.join(map(str, s['seeds']))} | {walls} |")  # fmt: skip
+        lines.append(
+            f"| {s['label']} | `{s['override']}` | {'; '.join(differs) or '—'} | "
+            f"{', '.join(map(str, s['seeds']))} | {walls} |"
+        )
     lines += ["", "Commands (from the repository root):", "", "```bash"]
     lines += [s["command"] for s in summaries] + ["```", ""]
     resumed = [f"{s['label']}: {', '.join(s['resumed'])}" for s in summaries if s["resumed"]]
     lines += [f"Runs that continued from a checkpoint: {'; '.join(resumed) if resumed else 'none'}.", ""]
 
     yard = cur["conditions"]
-    sd = {k: clm.mean_sd(v)[1] for k, v in (("NAIVE drift", yard["naive"]["test"]["drift"]),
-                                            ("MODULAR drift", yard["modular"]["test"]["drift"]),
-                                            ("MODULAR vs FROZEN", yard["modular"]["test"]["vs_frozen"]))}  # fmt: skip
-    lines += ["## Per setting (test split)", "",
-              "drift: loss-relative drift on prior tasks (%, + = forgetting); MODULAR vs FROZEN: the prior-task "
-              "test loss advantage (%, + = MODULAR better); peaks: the largest per-task peak of the pre-clip global "
-              "gradient norm of the group over a run (the LoRA norm is comparable across conditions, CRMA's is "
-              f"MODULAR's own); clipped: steps ZClip clipped, of a run's {cur['steps']}. Mean ± sample SD over seeds, per "
-              "seed in brackets. No setting's hyperparameters were tuned: each override file ran as committed.", "",
-              "The yardstick is the current recipe's seed-to-seed SD: " +
-              ", ".join(f"{k} ±{v:.2f} pp" for k, v in sd.items() if v is not None) + ".", "",
-              "| setting | condition | drift % | MODULAR vs FROZEN % | final mean loss | LoRA peak | CRMA peak | total peak | clipped steps |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    sd = {
+        k: clm.mean_sd(v)[1]
+        for k, v in (
+            ("NAIVE drift", yard["naive"]["test"]["drift"]),
+            ("MODULAR drift", yard["modular"]["test"]["drift"]),
+            ("MODULAR vs FROZEN", yard["modular"]["test"]["vs_frozen"]),
+        )
+    }
+    lines += [
+        "## Per setting (test split)",
+        "",
+        "drift: loss-relative drift on prior tasks (%, + = forgetting); MODULAR vs FROZEN: the prior-task "
+        "test loss advantage (%, + = MODULAR better); peaks: the largest per-task peak of the pre-clip global "
+        "gradient norm of the group over a run (the LoRA norm is comparable across conditions, CRMA's is "
+        f"MODULAR's own); clipped: steps ZClip clipped, of a run's {cur['steps']}. Mean ± sample SD over seeds, per "
+        "seed in brackets. No setting's hyperparameters were tuned: each override file ran as committed.",
+        "",
+        "The yardstick is the current recipe's seed-to-seed SD: "
+        + ", ".join(f"{k} ±{v:.2f} pp" for k, v in sd.items() if v is not None)
+        + ".",
+        "",
+        "| setting | condition | drift % | MODULAR vs FROZEN % | final mean loss | LoRA peak | CRMA peak | total peak | clipped steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summaries:
         for cond, r in s["conditions"].items():
             t = r["test"]
@@ -706,10 +880,15 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
                 f"{fmt(t['final_mean_loss'], 4, False)} | {fmt(r['lora_peak'], 3, False)} | "
                 f"{fmt(r['crma_peak'], 3, False)} | {fmt(r['total_peak'], 3, False)} | {fmt(r['clipped'], 1, False)} |"
             )
-    lines += ["", "## Against the current recipe, paired by seed (test split)", "",
-              "Δ = setting − current recipe on the same seed; peak ratios = setting / current recipe.", "",
-              "| setting | condition | Δ drift (pp) | Δ MODULAR vs FROZEN (pp) | Δ final mean loss | LoRA peak ratio | CRMA peak ratio |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Against the current recipe, paired by seed (test split)",
+        "",
+        "Δ = setting − current recipe on the same seed; peak ratios = setting / current recipe.",
+        "",
+        "| setting | condition | Δ drift (pp) | Δ MODULAR vs FROZEN (pp) | Δ final mean loss | LoRA peak ratio | CRMA peak ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summaries[1:]:
         for cond in s["conditions"]:
             if cond not in cur["conditions"]:
@@ -723,19 +902,31 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
                 f"{fmt(paired(s, cur, cond, lambda x: x['lora_peak'], True), 2, False)} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['crma_peak'], True), 2, False)} |"
             )
-    lines += ["", "## Validation split", "",
-              "Beside the test numbers: the split fit evaluates on, and where the current recipe's CRMA learning "
-              "rates were chosen (reproduction.md). Nothing of the settings above was chosen on it.", "",
-              "| setting | drift % NAIVE | drift % FROZEN | drift % MODULAR | MODULAR vs FROZEN % |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## Validation split",
+        "",
+        "Beside the test numbers: the split fit evaluates on, and where the current recipe's CRMA learning "
+        "rates were chosen (reproduction.md). Nothing of the settings above was chosen on it.",
+        "",
+        "| setting | drift % NAIVE | drift % FROZEN | drift % MODULAR | MODULAR vs FROZEN % |",
+        "|---|---|---|---|---|",
+    ]
     for s in summaries:
         c = s["conditions"]
         cells = [fmt(c[k]["validation"]["drift"]) if k in c else "—" for k in ("naive", "frozen", "modular")]
         vf = fmt(c["modular"]["validation"]["vs_frozen"]) if "modular" in c else "—"
         lines.append(f"| {s['label']} | {' | '.join(cells)} | {vf} |")
-    lines += ["", "## CRMA off at inference (MODULAR)", "",
-              "Each MODULAR run served (`serve.load_run`) with its trained weights and the CRMA injection toggled "
-              "off: the rise of the mean test loss over the tasks, % (+ = CRMA helps).", "",
-              "| setting | mean test loss rise with CRMA off, % |", "|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "## CRMA off at inference (MODULAR)",
+        "",
+        "Each MODULAR run served (`serve.load_run`) with its trained weights and the CRMA injection toggled "
+        "off: the rise of the mean test loss over the tasks, % (+ = CRMA helps).",
+        "",
+        "| setting | mean test loss rise with CRMA off, % |",
+        "|---|---|",
+    ]
     for s in summaries:
         if "modular" in s["conditions"]:
             lines.append(f"| {s['label']} | {fmt(s['conditions']['modular']['crma_off_pct'])} |")
@@ -748,11 +939,22 @@ def recipe_figure(summaries: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     labels = [s["label"] for s in summaries]
-    panels = [("drift on prior tasks, % (test)", [("naive", lambda r: r["test"]["drift"]),
-                                                  ("modular", lambda r: r["test"]["drift"])]),
-              ("MODULAR vs FROZEN, % (test; + = MODULAR better)", [("modular", lambda r: r["test"]["vs_frozen"])]),
-              ("peak pre-clip gradient norm", [("naive", lambda r: r["lora_peak"]), ("frozen", lambda r: r["lora_peak"]),
-                                                ("modular", lambda r: r["lora_peak"]), ("modular", lambda r: r["crma_peak"])])]  # fmt: skip
+    panels = [
+        (
+            "drift on prior tasks, % (test)",
+            [("naive", lambda r: r["test"]["drift"]), ("modular", lambda r: r["test"]["drift"])],
+        ),
+        ("MODULAR vs FROZEN, % (test; + = MODULAR better)", [("modular", lambda r: r["test"]["vs_frozen"])]),
+        (
+            "peak pre-clip gradient norm",
+            [
+                ("naive", lambda r: r["lora_peak"]),
+                ("frozen", lambda r: r["lora_peak"]),
+                ("modular", lambda r: r["lora_peak"]),
+                ("modular", lambda r: r["crma_peak"]),
+            ],
+        ),
+    ]
     names = [
         ["NAIVE", "MODULAR"],
         ["MODULAR"],
@@ -774,7 +976,6 @@ def recipe_figure(summaries: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     save_figure(fig, path)
     plt.close(fig)
-
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -799,10 +1000,14 @@ def render(path: str | Path, figures: bool = True) -> Path:
             res["base"] = {int(s): v for s, v in res["base"].items()}
             for m in res["methods"].values():
                 m["per_seed"] = {int(s): v for s, v in m["per_seed"].items()}
-        body = {"reproduction": reproduction_md, "methods": methods_md, "standard_cl": standard_cl_md}[k](res, protocol)
-        draw = {"reproduction": lambda: reproduction_figure(res, png),
-                "methods": lambda: methods_figure(res, png, protocol["settings"]["model"]),
-                "standard_cl": lambda: standard_cl_figure(res, png)}[k]  # fmt: skip
+        body = {"reproduction": reproduction_md, "methods": methods_md, "standard_cl": standard_cl_md}[k](
+            res, protocol
+        )
+        draw = {
+            "reproduction": lambda: reproduction_figure(res, png),
+            "methods": lambda: methods_figure(res, png, protocol["settings"]["model"]),
+            "standard_cl": lambda: standard_cl_figure(res, png),
+        }[k]
     lines = body.rstrip("\n").split("\n")
     command = record.get("protocol", record).get("command", "")
     if record.get("experiment") and "benchmarks/run.py" not in command:  # made before the runner: how now

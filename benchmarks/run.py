@@ -78,7 +78,9 @@ def setting_args(method: str, value: float | None) -> list[str]:
 def fit_args(exp: dict, method: str, seed: int, value: float | None = None) -> list[str]:
     """The ``train.py fit`` arguments of one run (their digest decides whether a run is reused)."""
     args = [c for path in (*exp["config"], f"configs/methods/{method}.yaml") for c in ("--config", path)]
-    args += ["--data.seed", str(seed)] + (["--evaluation.task_id", exp["task_id"]] if exp.get("task_id") else [])
+    args += ["--data.seed", str(seed)] + (
+        ["--evaluation.task_id", exp["task_id"]] if exp.get("task_id") else []
+    )
     return args + setting_args(method, value) + [str(a) for a in exp.get("fit_args", [])]
 
 
@@ -97,20 +99,30 @@ class Runner:
         if self.reuse and method in self.reuse["methods"] and value is None:
             src = (REPO / self.reuse["runs_dir"]).resolve() / f"{method}_s{seed}"
             # only a run fitted with this experiment's config files and fit_args is taken
-            checked_record(f"{method}_s{seed}", src, fit_args({**self.exp, "task_id": None}, method, seed),
-                           self.args.adopt_legacy_runs, fix="point reuse at an experiment of these config files "
-                           "and fit_args, leave reuse out")  # fmt: skip
+            checked_record(
+                f"{method}_s{seed}",
+                src,
+                fit_args({**self.exp, "task_id": None}, method, seed),
+                self.args.adopt_legacy_runs,
+                fix="point reuse at an experiment of these config files and fit_args, leave reuse out",
+            )
             if (run := finished_run(src)) is not None:
                 return self.with_blind_test(run), json.loads((src / "wall.json").read_text())["wall_s"]
         args = fit_args(self.exp, method, seed, value)
-        return resumable_fit(run_name(*key), args, self.runs_dir, self.args.threads, self.args.adopt_legacy_runs)
+        return resumable_fit(
+            run_name(*key), args, self.runs_dir, self.args.threads, self.args.adopt_legacy_runs
+        )
 
     def with_blind_test(self, run: RunDir) -> RunDir:
         """A reused run, with its test matrices without the task id rebuilt from its adapters once."""
         if not run.matrix_file(matrix_name("loss", no_task_id=True), "test").is_file():
             print(f"[reuse] train.py test --run {run.path} --task-id both", flush=True)
-            done = train_fit(["--run", str(run.path), "--split", "test", "--task-id", "both"], command="test",
-                             threads=self.args.threads, log=run.path.parent / "test.log")  # fmt: skip
+            done = train_fit(
+                ["--run", str(run.path), "--split", "test", "--task-id", "both"],
+                command="test",
+                threads=self.args.threads,
+                log=run.path.parent / "test.log",
+            )
             if done.rc != 0:
                 raise SystemExit(f"train.py test --run {run.path} failed (exit {done.rc}):\n{done.tail}")
         return run
@@ -124,8 +136,17 @@ def collect(runs: dict[tuple[str, int], RunDir], conditions: list[str], seeds: l
     """The reproduction's numbers from the runs' loss matrices on ``split``."""
     loss = {key: run.read_matrix(split=split).values for key, run in runs.items()}
     first = runs[next(iter(runs))].read_matrix(split=split)
-    res: dict = {"tasks": first.tasks, "seeds": seeds, "conditions": conditions, "split": split, "drift": {},
-                 "final_loss": {}, "loss_matrix_mean": {}, "grad_norm": {}, "spectral": {}}  # fmt: skip
+    res: dict = {
+        "tasks": first.tasks,
+        "seeds": seeds,
+        "conditions": conditions,
+        "split": split,
+        "drift": {},
+        "final_loss": {},
+        "loss_matrix_mean": {},
+        "grad_norm": {},
+        "spectral": {},
+    }
     for c in conditions:
         per_seed = [clm.drift_pct(loss[(c, s)]) for s in seeds]
         mean, sd = clm.mean_sd(per_seed)
@@ -136,14 +157,20 @@ def collect(runs: dict[tuple[str, int], RunDir], conditions: list[str], seeds: l
         res["grad_norm"][c] = {s: runs[(c, s)].read_grad_norm() for s in seeds}
         if c == "modular":
             summaries = [runs[(c, s)].read_summary() for s in seeds]
-            res["spectral"] = {"max_sigma": max(x["spectral_max_sigma"] for x in summaries),
-                               "max_row_col_err": max(x["spectral_max_row_col_err"] for x in summaries)}  # fmt: skip
+            res["spectral"] = {
+                "max_sigma": max(x["spectral_max_sigma"] for x in summaries),
+                "max_row_col_err": max(x["spectral_max_row_col_err"] for x in summaries),
+            }
     if {"frozen", "modular"} <= set(conditions):
         adv = [clm.modular_vs_frozen_pct(loss[("frozen", s)], loss[("modular", s)]) for s in seeds]
         mean, sd = clm.mean_sd(adv)
         f, m = (np.stack([loss[(c, s)][-1, :-1] for s in seeds]) for c in ("frozen", "modular"))
-        res["modular_vs_frozen"] = {"mean": mean, "sd": sd, "per_seed": adv,
-                                    "per_task_mean": (100 * (f - m) / f).mean(0).tolist()}  # fmt: skip
+        res["modular_vs_frozen"] = {
+            "mean": mean,
+            "sd": sd,
+            "per_seed": adv,
+            "per_task_mean": (100 * (f - m) / f).mean(0).tolist(),
+        }
     return res
 
 
@@ -153,12 +180,17 @@ def ablation(runs: dict[tuple[str, int], RunDir], seeds: list[int], split: str) 
     for s in seeds:
         served = load_run(runs[("modular", s)].path)
         dm = served.info.datamodule()
-        abl[s] = {mode: [served.holdout_loss(t, crma=mode == "on", dm=dm, split=split) for t in served.tasks]
-                  for mode in ("on", "off")}  # fmt: skip
+        abl[s] = {
+            mode: [served.holdout_loss(t, crma=mode == "on", dm=dm, split=split) for t in served.tasks]
+            for mode in ("on", "off")
+        }
     last = {s: runs[("modular", s)].read_matrix(split=split).values[-1] for s in seeds}
-    return {"per_seed": abl, "on_mean": np.mean([abl[s]["on"] for s in seeds], 0).tolist(),
-            "off_mean": np.mean([abl[s]["off"] for s in seeds], 0).tolist(),
-            "max_diff_vs_run": float(max(np.max(np.abs(np.asarray(abl[s]["on"]) - last[s])) for s in seeds))}  # fmt: skip
+    return {
+        "per_seed": abl,
+        "on_mean": np.mean([abl[s]["on"] for s in seeds], 0).tolist(),
+        "off_mean": np.mean([abl[s]["off"] for s in seeds], 0).tolist(),
+        "max_diff_vs_run": float(max(np.max(np.abs(np.asarray(abl[s]["on"]) - last[s])) for s in seeds)),
+    }
 
 
 def compare_variant(label: str, path: str, res: dict) -> dict:
@@ -180,9 +212,16 @@ def compare_variant(label: str, path: str, res: dict) -> dict:
     def drift(r: dict, s: int) -> float:
         return r["drift"]["modular"]["per_seed"][r["seeds"].index(s)]
 
-    return {"source": Path(path).name, "extra": extra_of(other["protocol"]), "seeds": seeds, "split": res["split"],
-            "drift": [drift(theirs, s) for s in seeds], "adv": [adv(theirs, s) for s in seeds],
-            "base_drift": [drift(res, s) for s in seeds], "base_adv": [adv(res, s) for s in seeds]}  # fmt: skip
+    return {
+        "source": Path(path).name,
+        "extra": extra_of(other["protocol"]),
+        "seeds": seeds,
+        "split": res["split"],
+        "drift": [drift(theirs, s) for s in seeds],
+        "adv": [adv(theirs, s) for s in seeds],
+        "base_drift": [drift(res, s) for s in seeds],
+        "base_adv": [adv(res, s) for s in seeds],
+    }
 
 
 def settings(run: RunDir, exp: dict) -> dict:
@@ -194,26 +233,32 @@ def settings(run: RunDir, exp: dict) -> dict:
     lrs = ", ".join(f"{k} {v}" for k, v in m["lr"].items())
     lora = m["lora"]
     if exp["kind"] == "methods":
-        return {"model": run.read_summary()["base_model"],
-                "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {test} test blocks of "
-                f"{d['max_length']} tokens",
-                "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, learning rates {lrs}",
-                "presets": "configs/methods/*.yaml (per-task LoRA: configs/methods/frozen.yaml); grids: "
-                + "; ".join(f"{k} {KNOBS[k]} {v}" for k, v in exp.get("grid", {}).items()),
-                "extra train.py arguments": extra}  # fmt: skip
+        return {
+            "model": run.read_summary()["base_model"],
+            "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {test} test blocks of "
+            f"{d['max_length']} tokens",
+            "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, learning rates {lrs}",
+            "presets": "configs/methods/*.yaml (per-task LoRA: configs/methods/frozen.yaml); grids: "
+            + "; ".join(f"{k} {KNOBS[k]} {v}" for k, v in exp.get("grid", {}).items()),
+            "extra train.py arguments": extra,
+        }
     if exp["kind"] == "standard_cl":
-        return {"model": run.read_summary()["base_model"],
-                "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {d['test_size']} test, "
-                f"at most {d['max_length']} tokens (the sentence is cut, the instruction and options kept)",
-                "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, learning rates {lrs}",
-                "LoRA": f"r={lora['r']}, alpha={lora['alpha']}, targets {lora['target_modules']}",
-                "replay (replay presets)": "25 % of each batch from a buffer of 32 examples per finished task",
-                "O-LoRA": "λ1 = 0.5, λ2 = 0 (configs/methods/olora.yaml)",
-                "extra train.py arguments": extra}  # fmt: skip
+        return {
+            "model": run.read_summary()["base_model"],
+            "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {d['test_size']} test, "
+            f"at most {d['max_length']} tokens (the sentence is cut, the instruction and options kept)",
+            "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, learning rates {lrs}",
+            "LoRA": f"r={lora['r']}, alpha={lora['alpha']}, targets {lora['target_modules']}",
+            "replay (replay presets)": "25 % of each batch from a buffer of 32 examples per finished task",
+            "O-LoRA": "λ1 = 0.5, λ2 = 0 (configs/methods/olora.yaml)",
+            "extra train.py arguments": extra,
+        }
     crma, sched = m["crma"], m["lr_schedule"]
     zclip = cfg.get("zclip") or {}
     return {
-        "tasks": ", ".join(f"{x['name']} ({x.get('source', 'synthetic')})" for x in map(init_args, d["tasks"])),
+        "tasks": ", ".join(
+            f"{x['name']} ({x.get('source', 'synthetic')})" for x in map(init_args, d["tasks"])
+        ),
         "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / "
         f"{test} test blocks of {d['max_length']} tokens",
         "batch": f"{d['batch_size']} x {t.get('accumulate_grad_batches', 1)} accumulation, "
@@ -223,7 +268,9 @@ def settings(run: RunDir, exp: dict) -> dict:
         f"({crma['sinkhorn_iters']} iterations)",
         "learning rates": lrs,
         "schedule": f"{sched['class_path'].split('.')[-1]} {sched.get('init_args', {})}, restarted per task",
-        "optimizer": str(m["optimizer"]["class_path"] if isinstance(m["optimizer"], dict) else m["optimizer"]),
+        "optimizer": str(
+            m["optimizer"]["class_path"] if isinstance(m["optimizer"], dict) else m["optimizer"]
+        ),
         "precision / clipping": f"{t['precision']}, gradient_clip_val {t.get('gradient_clip_val')}"
         + (f", ZClip {zclip}" if zclip.get("enabled") else ""),
         "base model": f"{m['backbone'].get('dtype', 'float32')}"
@@ -248,15 +295,21 @@ def reproduction(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RunD
         res.setdefault("variants", {})[label] = compare_variant(label, path, res)
     first = runs[("modular" if "modular" in conditions else conditions[0], seeds[0])]  # every setting in use
     protocol = {
-        "command": info["command"], "date": info["date"], "extra": [str(a) for a in exp.get("fit_args", [])],
+        "command": info["command"],
+        "date": info["date"],
+        "extra": [str(a) for a in exp.get("fit_args", [])],
         "machine": f"{machine_line(info['machine'])}; {runner.args.threads} thread(s) per run",
-        "model": first.read_summary()["base_model"], "settings": settings(first, exp),
+        "model": first.read_summary()["base_model"],
+        "settings": settings(first, exp),
         "wall_s": {run_name(c, v, s): w for (c, v, s), (_, w) in done.items()},
         # train.log gets Lightning's restore line whenever a run continued from a checkpoint
-        "resumed": [f"{c}_s{s}" for c, s in keys
-                    if "Restored all states" in (runs[(c, s)].path.parent / "train.log").read_text(errors="replace")],
+        "resumed": [
+            f"{c}_s{s}"
+            for c, s in keys
+            if "Restored all states" in (runs[(c, s)].path.parent / "train.log").read_text(errors="replace")
+        ],
         "figure": Path(exp["out"]).with_suffix(".png").name,
-    }  # fmt: skip
+    }
     return {"protocol": protocol, "results": res}, list(runs.values())
 
 
@@ -266,8 +319,13 @@ def loss_numbers(run: RunDir, split: str, no_task_id: bool = False) -> dict | No
         return None
     L = run.read_matrix(matrix_name("loss", no_task_id), split).values
     # on the loss, BWT and forgetting with the accuracy's sign: negative BWT = earlier losses went up
-    return {"final_avg_loss": clm.final_avg_loss(L), "drift_pct": clm.drift_pct(L), "bwt": clm.bwt(-L),
-            "forgetting": clm.forgetting(-L), "final_row": L[-1].tolist()}  # fmt: skip
+    return {
+        "final_avg_loss": clm.final_avg_loss(L),
+        "drift_pct": clm.drift_pct(L),
+        "bwt": clm.bwt(-L),
+        "forgetting": clm.forgetting(-L),
+        "final_row": L[-1].tolist(),
+    }
 
 
 def routing_acc(run: RunDir) -> float | None:
@@ -277,23 +335,38 @@ def routing_acc(run: RunDir) -> float | None:
 
 def loss_scores(run: RunDir, wall_s: float) -> dict:
     test = run.read_summary("test")
-    return {"test": loss_numbers(run, "test"), "test_no_task_id": loss_numbers(run, "test", no_task_id=True),
-            "validation": loss_numbers(run, "validation"), "no_task_id": test.get("no_task_id", {}).get("routing"),
-            "routing_acc": routing_acc(run), "rebuilt": bool(test.get("rebuilt_from_adapters")), "wall_s": wall_s,
-            "evaluation_s": run.read_summary()["evaluation_s"],
-            "run": "/".join(run.path.parts[-3:])}  # fmt: skip  (<runs dir>/<name>/version_N: no machine path)
+    return {
+        "test": loss_numbers(run, "test"),
+        "test_no_task_id": loss_numbers(run, "test", no_task_id=True),
+        "validation": loss_numbers(run, "validation"),
+        "no_task_id": test.get("no_task_id", {}).get("routing"),
+        "routing_acc": routing_acc(run),
+        "rebuilt": bool(test.get("rebuilt_from_adapters")),
+        "wall_s": wall_s,
+        "evaluation_s": run.read_summary()["evaluation_s"],
+        "run": "/".join(run.path.parts[-3:]),
+    }  # fmt: skip  (<runs dir>/<name>/version_N: no machine path)
 
 
 def accuracy_scores(run: RunDir, wall_s: float) -> dict:
     summary, acc = run.read_summary("test"), run.read_matrix(ACCURACY_MATRIX, "test")
     blind = summary.get("no_task_id", {})
-    return {"avg_acc": summary["final_avg_accuracy"], "bwt": summary["bwt"],
-            "avg_acc_no_task_id": blind.get("final_avg_accuracy"), "bwt_no_task_id": blind.get("bwt"),
-            "no_task_id": blind.get("routing"), "routing_acc": routing_acc(run),
-            "base_acc": float(np.mean(acc.values[0])), "base_row": acc.values[0].tolist(),
-            "final_row": acc.values[-1].tolist(), "evaluation_s": run.read_summary()["evaluation_s"],
-            "router": blind.get("router"), "rebuilt": bool(summary.get("rebuilt_from_adapters")),
-            "val_avg_acc": run.read_summary()["final_avg_accuracy"], "wall_s": wall_s}  # fmt: skip
+    return {
+        "avg_acc": summary["final_avg_accuracy"],
+        "bwt": summary["bwt"],
+        "avg_acc_no_task_id": blind.get("final_avg_accuracy"),
+        "bwt_no_task_id": blind.get("bwt"),
+        "no_task_id": blind.get("routing"),
+        "routing_acc": routing_acc(run),
+        "base_acc": float(np.mean(acc.values[0])),
+        "base_row": acc.values[0].tolist(),
+        "final_row": acc.values[-1].tolist(),
+        "evaluation_s": run.read_summary()["evaluation_s"],
+        "router": blind.get("router"),
+        "rebuilt": bool(summary.get("rebuilt_from_adapters")),
+        "val_avg_acc": run.read_summary()["final_avg_accuracy"],
+        "wall_s": wall_s,
+    }
 
 
 def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RunDir]]:
@@ -313,12 +386,20 @@ def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Run
     scores = accuracy_scores if exp["kind"] == "standard_cl" else loss_scores
     res: dict = {"seeds": seeds, "methods": {}}
     for m in methods:
-        res["methods"][m] = {"label": LABELS[m], "per_seed": {s: scores(*runs[(m, value[m], s)]) for s in seeds}}
+        res["methods"][m] = {
+            "label": LABELS[m],
+            "per_seed": {s: scores(*runs[(m, value[m], s)]) for s in seeds},
+        }
     any_run = runs[first[0]][0]
     at_a_time = f"{runner.args.threads} thread(s) per run, {runner.args.jobs} at a time"
-    protocol = {"command": info["command"], "date": info["date"], "extra": [str(a) for a in exp.get("fit_args", [])],
-                "machine": f"{machine_line(info['machine'])}; {at_a_time}", "settings": settings(any_run, exp),
-                "wall_s": {run_name(*k): w for k, (_, w) in runs.items()}}  # fmt: skip
+    protocol = {
+        "command": info["command"],
+        "date": info["date"],
+        "extra": [str(a) for a in exp.get("fit_args", [])],
+        "machine": f"{machine_line(info['machine'])}; {at_a_time}",
+        "settings": settings(any_run, exp),
+        "wall_s": {run_name(*k): w for k, (_, w) in runs.items()},
+    }
     if exp["kind"] == "standard_cl":
         d = init_args(any_run.read_config()["data"])
         res["tasks"] = any_run.read_matrix(ACCURACY_MATRIX, "test").tasks
@@ -340,17 +421,25 @@ def run_experiment(path: str | Path, args: argparse.Namespace, argv: list[str]) 
     out = REPO / exp["out"]
     info = run_info(__file__, argv)
     if exp["kind"] == "recipe":
-        reports = [(label, json.loads(run_experiment(REPO / p, args, argv).read_text()))
-                   for label, p in [("current recipe", exp["current"]), *exp["settings"].items()]]  # fmt: skip
-        record = {"experiment": exp["path"], "command": info["command"], "date": info["date"],
-                  "settings": [summarise(label, r, reports[0][1]) for label, r in reports]}  # fmt: skip
+        reports = [
+            (label, json.loads(run_experiment(REPO / p, args, argv).read_text()))
+            for label, p in [("current recipe", exp["current"]), *exp["settings"].items()]
+        ]
+        record = {
+            "experiment": exp["path"],
+            "command": info["command"],
+            "date": info["date"],
+            "settings": [summarise(label, r, reports[0][1]) for label, r in reports],
+        }
         commits: dict[str, list[str]] = {}
         for label, r in reports:
             for commit, names in r.get("code", {}).get("run_commits", {"unknown": ["its runs"]}).items():
                 commits.setdefault(commit, []).extend(f"{label}: {n}" for n in names)
     else:
         if exp["kind"] == "standard_cl" and not (REPO / "../shared/cl_benchmark").is_dir():
-            raise SystemExit("../shared/cl_benchmark is missing: this benchmark reads the offline copy of the CL benchmark")
+            raise SystemExit(
+                "../shared/cl_benchmark is missing: this benchmark reads the offline copy of the CL benchmark"
+            )
         start, runner = time.perf_counter(), Runner(exp, args)
         data, runs = (reproduction if exp["kind"] == "reproduction" else methods_table)(exp, runner, info)
         if exp["kind"] != "reproduction":
@@ -365,10 +454,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", help="an experiment file, e.g. benchmarks/experiments/reproduction.yaml")
-    p.add_argument("--jobs", type=int, default=1, help="fits at a time (e.g. --jobs 2 --threads 1 on 2 cores)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="fits at a time (e.g. --jobs 2 --threads 1 on 2 cores)"
+    )
     p.add_argument("--threads", type=int, help="OMP threads per fit (default: cores / jobs)")
-    p.add_argument(ADOPT_LEGACY, action="store_true", help=f"reuse finished runs that have no {FIT_RECORD} (made "
-                   "before runs recorded their arguments) as made with the experiment's arguments")  # fmt: skip
+    p.add_argument(
+        ADOPT_LEGACY,
+        action="store_true",
+        help=f"reuse finished runs that have no {FIT_RECORD} (made "
+        "before runs recorded their arguments) as made with the experiment's arguments",
+    )
     args = p.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     run_experiment(args.experiment, args, argv)

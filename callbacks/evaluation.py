@@ -140,7 +140,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
         """The splits each row scores: the test split too with ``test_matrices``, unless the run was
         resumed from a checkpoint whose rows have no test scores (its matrix would lack rows)."""
         test = self.rows.get("test", {}).get("loss", {})
-        return ["validation", "test"] if self.test_matrices and list(test) == list(self.loss_rows) else ["validation"]
+        return (
+            ["validation", "test"]
+            if self.test_matrices and list(test) == list(self.loss_rows)
+            else ["validation"]
+        )
 
     def tables(self, split: str) -> list[str]:
         """The row tables of ``split``: with the task id, and without it with ``task_id: both``
@@ -191,7 +195,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
             return None
         sums, meta = _routing_callback(trainer).task_stats(trainer, tasks)
         router = StatsRouter(tasks, dict(zip(tasks, sums, strict=True)), meta, DEFAULT_SHRINKAGE)
-        return router.route(module.model, module.crma, trainer.datamodule.pad_token_id, stop=not is_sharded(module.model))
+        return router.route(
+            module.model, module.crma, trainer.datamodule.pad_token_id, stop=not is_sharded(module.model)
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         routes = as_continual(pl_module).layout.no_task_id == "route"
@@ -251,7 +257,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
     def matrices(self, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
         """``(L, A)`` of ``split``, each ``(rows, tasks)``."""
         rows = self.rows.get(split, {})
-        return np.array(list(rows.get("loss", {}).values())), np.array(list(rows.get("accuracy", {}).values()))
+        return np.array(list(rows.get("loss", {}).values())), np.array(
+            list(rows.get("accuracy", {}).values())
+        )
 
     def summary(self, trainer: pl.Trainer, module: ContinualModule, split: str = "validation") -> dict:
         dm = trainer.datamodule
@@ -276,7 +284,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "final_avg_accuracy": None,
             # Reported by the spectral callback, when it runs (and only meaningful with CRMA).
             "spectral_max_sigma": module.run_facts.get("spectral_max_sigma") if has_crma else None,
-            "spectral_max_row_col_err": module.run_facts.get("spectral_max_row_col_err") if has_crma else None,
+            "spectral_max_row_col_err": module.run_facts.get("spectral_max_row_col_err")
+            if has_crma
+            else None,
             "evaluation_s": self.evaluation_s,
             "fused_loss": module.run_facts.get("fused_loss"),  # how the training loss was formed
         }
@@ -305,14 +315,20 @@ class ContinualEvaluation(TaskBoundaryCallback):
             nt_extra = extra_matrices(nt_rows)
             files |= {matrix_name(m, no_task_id=True): nt_rows[m] for m in ("loss", "accuracy")}
             files |= {matrix_name(m, no_task_id=True): r for m, r in nt_extra.items()}
-            summary["no_task_id"] = summarize_rows(nt_rows) | {"routing": module.layout.no_task_id,
-                                                               "router": self.router}
+            summary["no_task_id"] = summarize_rows(nt_rows) | {
+                "routing": module.layout.no_task_id,
+                "router": self.router,
+            }
         out.write_matrices(tasks, files, summary, split)
         loss, acc = self.matrices(split)
         figures = {
-            LOSS_MATRIX: heatmap_figure(loss, list(rows["loss"]), tasks, f"{split} loss L[after, task] (lower is better)", "viridis_r"),
-            ACCURACY_MATRIX: heatmap_figure(acc, list(rows["accuracy"]), tasks, f"{split} task metric A[after, task]", "viridis"),
-        }  # fmt: skip
+            LOSS_MATRIX: heatmap_figure(
+                loss, list(rows["loss"]), tasks, f"{split} loss L[after, task] (lower is better)", "viridis_r"
+            ),
+            ACCURACY_MATRIX: heatmap_figure(
+                acc, list(rows["accuracy"]), tasks, f"{split} task metric A[after, task]", "viridis"
+            ),
+        }
         for name, fig in figures.items():
             save_figure(fig, out.figure_file(name, split))
         prefix, cl_prefix = SPLITS[split]
@@ -320,12 +336,18 @@ class ContinualEvaluation(TaskBoundaryCallback):
         scalars |= {f"{prefix}/{t}/accuracy": v for t, v in zip(tasks, acc[-1], strict=True)}
         for metric, m in extra.items():
             last = list(m.values())[-1]
-            scalars |= {f"{prefix}/{t}/{metric}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)}
+            scalars |= {
+                f"{prefix}/{t}/{metric}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)
+            }
         scalars |= {f"{cl_prefix}/{k}": v for k, v in summary.items() if k in CL_SCALARS and v is not None}
         if nt_rows is not None:
             for metric in ("loss", "accuracy", *nt_extra):
                 last = list(nt_rows[metric].values())[-1]
-                scalars |= {f"{prefix}/{t}/{metric}{NO_TASK_ID}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)}
+                scalars |= {
+                    f"{prefix}/{t}/{metric}{NO_TASK_ID}": v
+                    for t, v in zip(tasks, last, strict=True)
+                    if not math.isnan(v)
+                }
             nt_summary = summary["no_task_id"].items()
             scalars |= {f"{cl_prefix}{NO_TASK_ID}/{k}": v for k, v in nt_summary if isinstance(v, float)}
         for logger in trainer.loggers:
@@ -351,7 +373,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
             name += " (no task id)" if self.task_id == "none" else ""
             lines += [
                 "",
-                table(rows["loss"], tasks, f"{name} loss ({s['strategy']}; rows: after training, columns: task)"),
+                table(
+                    rows["loss"], tasks, f"{name} loss ({s['strategy']}; rows: after training, columns: task)"
+                ),
                 "",
                 table(rows["accuracy"], tasks, f"{name} task metric ({', '.join(metrics)})"),
                 "",
@@ -361,7 +385,10 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 nt = self.rows[split + NO_TASK_ID]
                 lines += ["", table(nt["accuracy"], tasks, f"{name} task metric without the task id")]
                 if "routing_accuracy" in extra_matrices(nt):
-                    lines += ["", table(nt["routing_accuracy"], tasks, f"{name} routing accuracy (no task id)")]
+                    lines += [
+                        "",
+                        table(nt["routing_accuracy"], tasks, f"{name} routing accuracy (no task id)"),
+                    ]
         return "\n".join(lines)
 
     # -- resumable state ---------------------------------------------------------------------
@@ -372,11 +399,19 @@ class ContinualEvaluation(TaskBoundaryCallback):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         if "rows" in state_dict:
-            self.rows = {split: {m: dict(r) for m, r in metrics.items()} for split, metrics in state_dict["rows"].items()}
+            self.rows = {
+                split: {m: dict(r) for m, r in metrics.items()}
+                for split, metrics in state_dict["rows"].items()
+            }
             self.evaluation_s = float(state_dict.get("evaluation_s", 0.0))
         else:
             # A checkpoint from before task metrics: its accuracy rows are token accuracy.
-            self.rows = {"validation": {"loss": dict(state_dict["loss_rows"]), "accuracy": dict(state_dict["acc_rows"])}}
+            self.rows = {
+                "validation": {
+                    "loss": dict(state_dict["loss_rows"]),
+                    "accuracy": dict(state_dict["acc_rows"]),
+                }
+            }
 
 
 def _routing_callback(trainer: pl.Trainer) -> RoutingStatistics | None:

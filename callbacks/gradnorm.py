@@ -60,7 +60,9 @@ class GradNormStats(TaskBoundaryCallback):
         names = [g for g, m in GROUPS.items() if m in metrics]
         keys = [GROUPS[g] for g in names] + ([CLIPPED] if CLIPPED in metrics else [])
         device = metrics[METRIC].device
-        values = torch.stack([metrics[k].detach().float().reshape(()).to(device) for k in keys]).tolist()  # one sync
+        values = torch.stack(
+            [metrics[k].detach().float().reshape(()).to(device) for k in keys]
+        ).tolist()  # one sync
         task = TaskClock.of(trainer).task(trainer.current_epoch)
         per_task = self.stats.setdefault(task, {})
         for group, value in zip(names, values, strict=False):
@@ -100,8 +102,10 @@ class GradNormStats(TaskBoundaryCallback):
             metrics = {f"grad_norm/{task}/max": s["max"], f"grad_norm/{task}/mean": s["mean"]}
             for group in ("lora", "crma"):
                 if group in s:
-                    metrics |= {f"grad_norm/{task}/{group}/max": s[group]["max"],
-                                f"grad_norm/{task}/{group}/mean": s[group]["mean"]}  # fmt: skip
+                    metrics |= {
+                        f"grad_norm/{task}/{group}/max": s[group]["max"],
+                        f"grad_norm/{task}/{group}/mean": s[group]["mean"],
+                    }
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=task_index + 1)
         if trainer.is_global_zero:

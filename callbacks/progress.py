@@ -34,9 +34,17 @@ class TaskProgressBar(TQDMProgressBar):
 
     def init_train_tqdm(self) -> Tqdm:
         # As Lightning's, with the task's length, so the bar is never drawn as "0/?".
-        return Tqdm(desc=self.train_description, total=convert_inf(self.total_train_batches),
-                    position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
-                    file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)  # fmt: skip
+        return Tqdm(
+            desc=self.train_description,
+            total=convert_inf(self.total_train_batches),
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
     def on_train_start(self, trainer: pl.Trainer, *_: Any) -> None:
         # Named here too: a run resumed mid-epoch gets no on_train_epoch_start for that epoch.

@@ -35,7 +35,9 @@ class RegularizerHooks(TaskBoundaryCallback):
         self.batch_size = batch_size
         self.seconds: dict[str, float] = {}  # per task: time spent in the task-end passes
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+    ) -> None:
         # Per batch, not per epoch: Lightning skips on_train_epoch_start when it resumes from a
         # checkpoint taken on an epoch's last step.
         module = as_continual(pl_module)
@@ -57,7 +59,11 @@ class RegularizerHooks(TaskBoundaryCallback):
         try:
             for reg in module.regularizers:
                 batches = dm.train_batches(
-                    task, trainer.global_rank, trainer.world_size, batch_size, limit=getattr(reg, "max_batches", None)
+                    task,
+                    trainer.global_rank,
+                    trainer.world_size,
+                    batch_size,
+                    limit=getattr(reg, "max_batches", None),
                 )
                 batches = [{k: v.to(pl_module.device) for k, v in b.items()} for b in batches]
                 reg.on_task_end(module, task, batches, lambda t: trainer.strategy.reduce(t, reduce_op="sum"))

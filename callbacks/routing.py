@@ -105,8 +105,15 @@ class RoutingStatistics(TaskBoundaryCallback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            sums = gather_sums(model, module.crma, batches, layer, self.pooling, stop=not is_sharded(model),
-                               device=pl_module.device)  # fmt: skip
+            sums = gather_sums(
+                model,
+                module.crma,
+                batches,
+                layer,
+                self.pooling,
+                stop=not is_sharded(model),
+                device=pl_module.device,
+            )
         finally:
             pl_module.train(was_training)
         # Every rank's sums, added in float64: the statistics of all the examples, whatever the world size.

@@ -5,6 +5,7 @@ Per layer: ``spectral/<layer>/{sigma_max,sigma_2,row_err,col_err,rescale,gate}``
 reported to the module (``run_facts``) for summary.json. Computed in float64 by the adapter's own
 projection functions, so ``max_sigma`` <= 1 holds with no tolerance (projection.certify).
 """
+
 from __future__ import annotations
 
 import lightning.pytorch as pl

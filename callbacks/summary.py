@@ -24,8 +24,10 @@ def summary_lines(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[st
     module = as_continual(pl_module)
     tasks, layout = module.task_names, module.layout
     k = TaskClock.of(trainer).task_index(trainer.current_epoch)
-    lora = {name: module.adapter_parameters("lora", name if name != SHARED_ADAPTER else tasks[0])
-            for name in layout.adapter_names(tasks)}  # fmt: skip
+    lora = {
+        name: module.adapter_parameters("lora", name if name != SHARED_ADAPTER else tasks[0])
+        for name in layout.adapter_names(tasks)
+    }
     crma = module.adapter_parameters("crma")
     adapters = {id(p) for params in [*lora.values(), crma] for p in params}
     base = [p for p in pl_module.parameters() if id(p) not in adapters]
@@ -36,8 +38,10 @@ def summary_lines(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[st
     if crma:
         rows.append(("CRMA", _count(crma), f"trains in every task ({len(module.crma.blocks)} layers)"))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{module.strategy}: {len(tasks)} tasks on {trainer.world_size} x {trainer.strategy.root_device.type}, "
-             f"precision {trainer.precision}, seed {module.seed}"]  # fmt: skip
+    lines = [
+        f"{module.strategy}: {len(tasks)} tasks on {trainer.world_size} x {trainer.strategy.root_device.type}, "
+        f"precision {trainer.precision}, seed {module.seed}"
+    ]
     lines += [f"  {name:<{width}}  {get_human_readable_count(n):>8}  {what}" for name, n, what in rows]
     now = module.trainable_parameters(tasks[k])
     kinds = " + ".join(

@@ -113,7 +113,9 @@ class ZClip(Callback):
         if not self.z_thresh > 0:
             p.append(f"zclip.z_thresh must be > 0 (got {self.z_thresh}); the paper's is 2.5.")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 1):
-            p.append(f"zclip.warmup_steps must be an integer >= 1 (got {self.warmup_steps!r}); the paper's is 25.")
+            p.append(
+                f"zclip.warmup_steps must be an integer >= 1 (got {self.warmup_steps!r}); the paper's is 25."
+            )
         if self.clip_option not in ("adaptive_scaling", "mean"):
             p.append(f"zclip.clip_option must be 'adaptive_scaling' or 'mean' (got {self.clip_option!r}).")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -154,11 +156,17 @@ class ZClip(Callback):
             coef = clip_coefficient(norm, target).to(grads[0].dtype)
             for g in grads:  # DTensor shards too: the coefficient is the same on every rank
                 g.mul_(coef)
-        log = {"zclip/clipped": torch.as_tensor(self._last_clipped, dtype=torch.float32),
-               "zclip/clip_events": torch.as_tensor(self.clip_events, dtype=torch.float32)}  # fmt: skip
+        log = {
+            "zclip/clipped": torch.as_tensor(self._last_clipped, dtype=torch.float32),
+            "zclip/clip_events": torch.as_tensor(self.clip_events, dtype=torch.float32),
+        }
         if self.warmed_up and self._last_z is not None:
-            log |= {"zclip/z": self._last_z, "zclip/threshold": target, "zclip/mean": self.mean,
-                    "zclip/std": self.var.sqrt()}  # fmt: skip
+            log |= {
+                "zclip/z": self._last_z,
+                "zclip/threshold": target,
+                "zclip/mean": self.mean,
+                "zclip/std": self.var.sqrt(),
+            }
         for name, value in log.items():
             pl_module.log(name, value.float(), batch_size=1)
 
@@ -173,7 +181,9 @@ class ZClip(Callback):
                 self.warmup = []
             return self._cap(norm) if self.max_grad_norm is not None else None
         mean, var = self.mean.to(norm.device), self.var.to(norm.device)
-        target, clipped, self._last_z = zscore_threshold(norm, mean, var, self.z_thresh, self.eps, self.clip_option)
+        target, clipped, self._last_z = zscore_threshold(
+            norm, mean, var, self.z_thresh, self.eps, self.clip_option
+        )
         self.mean, self.var = ema_update(mean, var, target, self.alpha)  # the clipped norm, as the paper
         self._last_clipped = clipped.to(norm.dtype)
         self.clip_events = self.clip_events + self._last_clipped

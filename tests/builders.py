@@ -20,8 +20,19 @@ from crma_lightning.training.module import ContinualLM, GroupLR
 TASKS = ("a", "b", "c")
 
 
-def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callbacks=(), evaluation=None, routing=None,
-          fused_loss=True, regularizers=None, **trainer_kwargs):  # fmt: skip
+def build(
+    strategy: str,
+    tmp_path,
+    *,
+    lora_dropout=0.1,
+    epochs_per_task=2,
+    callbacks=(),
+    evaluation=None,
+    routing=None,
+    fused_loss=True,
+    regularizers=None,
+    **trainer_kwargs,
+):
     """A tiny continual fit; ``routing`` (a RoutingStatistics) runs before ``evaluation``, as train.py orders them."""
     backbone = BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80})
     module = ContinualLM(
@@ -55,8 +66,15 @@ def build(strategy: str, tmp_path, *, lora_dropout=0.1, epochs_per_task=2, callb
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         default_root_dir=tmp_path,
-        callbacks=[FreezingPolicy(), *([routing] if routing else []), evaluation or ContinualEvaluation(print_table=False),
-                   SpectralBoundLogger(), AdapterCheckpoint(), *([RegularizerHooks()] if regularizers else []), *callbacks],  # fmt: skip
+        callbacks=[
+            FreezingPolicy(),
+            *([routing] if routing else []),
+            evaluation or ContinualEvaluation(print_table=False),
+            SpectralBoundLogger(),
+            AdapterCheckpoint(),
+            *([RegularizerHooks()] if regularizers else []),
+            *callbacks,
+        ],
         **trainer_kwargs,
     )
     return module, dm, trainer

@@ -22,15 +22,51 @@ _COMMON = dict(vocab_size=128, num_hidden_layers=2, num_attention_heads=4, max_p
 #: One tiny config per supported family (2 layers, width 32).
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_key_value_heads=2, **_COMMON),
-    "mistral": dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_key_value_heads=2, **_COMMON),
+    "mistral": dict(
+        model_type="mistral", hidden_size=32, intermediate_size=64, num_key_value_heads=2, **_COMMON
+    ),
     "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_key_value_heads=2, **_COMMON),
-    "gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8, **_COMMON),
-    "phi3": dict(model_type="phi3", hidden_size=32, intermediate_size=64, num_key_value_heads=2, pad_token_id=0, **_COMMON),
-    "gpt2": dict(model_type="gpt2", vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "gemma2": dict(
+        model_type="gemma2",
+        hidden_size=32,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        **_COMMON,
+    ),
+    "phi3": dict(
+        model_type="phi3",
+        hidden_size=32,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        **_COMMON,
+    ),
+    "gpt2": dict(
+        model_type="gpt2",
+        vocab_size=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
     # Layouts other than model.layers / transformer.h (injection.LAYER_PATHS), and Gemma3's text model.
-    "opt": dict(model_type="opt", ffn_dim=64, hidden_size=32, word_embed_proj_dim=32, **_COMMON),  # model.decoder.layers
-    "gpt_neox": dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, **_COMMON),  # gpt_neox.layers
-    "gemma3_text": dict(model_type="gemma3_text", hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8, **_COMMON),
+    "opt": dict(
+        model_type="opt", ffn_dim=64, hidden_size=32, word_embed_proj_dim=32, **_COMMON
+    ),  # model.decoder.layers
+    "gpt_neox": dict(
+        model_type="gpt_neox", hidden_size=32, intermediate_size=64, **_COMMON
+    ),  # gpt_neox.layers
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        hidden_size=32,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        head_dim=8,
+        **_COMMON,
+    ),
 }
 
 

@@ -27,7 +27,16 @@ from crma_lightning.runs.rundir import read_matrix_csv
 #: all; ModelCheckpoint every 10 steps leaves last.ckpt at step 20, inside task 3).
 # With the task id and without it: per-task layouts then route every row's examples with the routing
 # statistics (a sharded model runs the whole forward pass on every rank, in lockstep).
-SMALL = ["--data.train_size", "64", "--data.holdout_size", "32", "--model.lr.lora", "0.02", "--evaluation.task_id", "both"]
+SMALL = [
+    "--data.train_size",
+    "64",
+    "--data.holdout_size",
+    "32",
+    "--model.lr.lora",
+    "0.02",
+    "--evaluation.task_id",
+    "both",
+]
 
 #: The single-process reference of a 2-rank run at 8 examples per rank: the same two micro-batches
 #: of 8, summed by gradient accumulation (see test_distributed.single_run for why not batch 16).
@@ -35,8 +44,12 @@ MICRO_8X2 = ["--data.batch_size", "8", "--trainer.accumulate_grad_batches", "2"]
 #: For a one-process reference of an FSDP2 run: the paths FSDP2 takes (the loss from the logits,
 #: Adam's per-tensor loop). FSDP2's DTensors take neither the fused loss nor the fused Adam, whose
 #: float order, compounded over a run, moved single adapter weights by up to 5e-4.
-UNFUSED = ["--model.fused_loss", "false",
-           "--model.optimizer", json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"fused": False}})]  # fmt: skip
+UNFUSED = [
+    "--model.fused_loss",
+    "false",
+    "--model.optimizer",
+    json.dumps({"class_path": "torch.optim.AdamW", "init_args": {"fused": False}}),
+]
 
 
 def free_port() -> int:
@@ -68,10 +81,27 @@ def fit_nodes(save_dir: Path, num_nodes: int, *args: str, timeout: int = 420) ->
     Output goes to files (no pipe can fill up); if one node fails, the others are killed at once
     instead of waiting for a rendezvous that never comes.
     """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
-    cmd = [sys.executable, "train.py", "fit", *args, "--trainer.logger.init_args.save_dir", str(save_dir),
-           "--trainer.num_nodes", str(num_nodes), "--trainer.devices", "1"]  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    cmd = [
+        sys.executable,
+        "train.py",
+        "fit",
+        *args,
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--trainer.num_nodes",
+        str(num_nodes),
+        "--trainer.devices",
+        "1",
+    ]
     logs = save_dir / "node_logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs, files = [], []
@@ -79,8 +109,17 @@ def fit_nodes(save_dir: Path, num_nodes: int, *args: str, timeout: int = 420) ->
         for r in range(num_nodes):
             out, err = open(logs / f"{r}.out", "w"), open(logs / f"{r}.err", "w")  # noqa: SIM115
             files += [out, err]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env={**env, "NODE_RANK": str(r)}, stdout=out, stderr=err,
-                                          text=True, start_new_session=True))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env={**env, "NODE_RANK": str(r)},
+                    stdout=out,
+                    stderr=err,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):
@@ -160,7 +199,9 @@ def assert_matches_single(dist_run: Path, single_run: Path, adapter_atol: float 
         assert a.keys() == b.keys() == {"count", "total", "outer"}, task
         assert torch.equal(a["count"], b["count"]), task
         for k in ("total", "outer"):
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6 * float(a[k].abs().max()), msg=f"{task}: {k}")
+            torch.testing.assert_close(
+                b[k], a[k], rtol=1e-5, atol=1e-6 * float(a[k].abs().max()), msg=f"{task}: {k}"
+            )
 
 
 def assert_same_routing(dist_run: Path, single_run: Path) -> None:
@@ -170,7 +211,11 @@ def assert_same_routing(dist_run: Path, single_run: Path) -> None:
 
     runs = [load_run(d) for d in (single_run, dist_run)]
     dm = runs[0].info.datamodule()
-    prompts = [ids[:8].tolist() for t in runs[0].tasks for ids in dm.holdout_batches(t, batch_size=1024)[0]["input_ids"]]
+    prompts = [
+        ids[:8].tolist()
+        for t in runs[0].tasks
+        for ids in dm.holdout_batches(t, batch_size=1024)[0]["input_ids"]
+    ]
     posteriors = [torch.softmax(run.stats_router().scores(run, prompts, 64), dim=1) for run in runs]
     assert torch.equal(posteriors[0].argmax(1), posteriors[1].argmax(1))
     torch.testing.assert_close(posteriors[1], posteriors[0], rtol=0, atol=1e-5)
@@ -209,15 +254,25 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def kill_rank_mid_run(save_dir: Path, *args: str, sig: int = signal.SIGKILL, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
+def kill_rank_mid_run(
+    save_dir: Path, *args: str, sig: int = signal.SIGKILL, timeout: int = 300
+) -> tuple[subprocess.CompletedProcess, float]:
     """Start a 2-rank ``train.py fit``, wait for its first complete checkpoint, send ``sig`` to rank 1
     and return rank 0's result and the seconds it lived after the signal. Everything left of the
     run is killed at the end."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     cmd = [sys.executable, "train.py", "fit", *args, "--trainer.logger.init_args.save_dir", str(save_dir)]
     save_dir.mkdir(parents=True, exist_ok=True)
     with open(save_dir / "rank0.out", "w") as out, open(save_dir / "rank0.err", "w") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + timeout
             ckpt = None
@@ -226,7 +281,9 @@ def kill_rank_mid_run(save_dir: Path, *args: str, sig: int = signal.SIGKILL, tim
                 if found and (found[0].is_file() or (found[0] / "meta.pt").is_file()):
                     ckpt = found[0]
                 elif proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"no checkpoint before the run ended or timed out: {(save_dir / 'rank0.err').read_text()[-3000:]}")
+                    pytest.fail(
+                        f"no checkpoint before the run ended or timed out: {(save_dir / 'rank0.err').read_text()[-3000:]}"
+                    )
                 time.sleep(0.2)
             victims = children(proc.pid)
             assert victims, "rank 1 was not found among rank 0's children"
@@ -241,6 +298,7 @@ def kill_rank_mid_run(save_dir: Path, *args: str, sig: int = signal.SIGKILL, tim
             with contextlib.suppress(ProcessLookupError):  # rank 1 too: it is in rank 0's process group
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    result = subprocess.CompletedProcess(cmd, proc.returncode, (save_dir / "rank0.out").read_text(),
-                                         (save_dir / "rank0.err").read_text())  # fmt: skip
+    result = subprocess.CompletedProcess(
+        cmd, proc.returncode, (save_dir / "rank0.out").read_text(), (save_dir / "rank0.err").read_text()
+    )
     return result, lived

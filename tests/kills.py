@@ -13,20 +13,42 @@ from subproc import REPO, run_train
 
 from crma_lightning.runs.rundir import read_matrix_csv
 
-FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lora", "0.02", "--model.lora.dropout", "0.1"]
+FAST = [
+    "--data.train_size",
+    "128",
+    "--data.holdout_size",
+    "48",
+    "--model.lr.lora",
+    "0.02",
+    "--model.lora.dropout",
+    "0.1",
+]
 
 
 def train(save_dir: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_train("fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(save_dir),
-                     *FAST, *args, timeout=timeout, env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
+    return run_train(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        *FAST,
+        *args,
+        timeout=timeout,
+        env={"PYTHONPATH": str(REPO / "tests")},
+    )
 
 
 def callbacks_with(fault: str) -> list[str]:
     """The trainer.callbacks list (JSON): the fault injector (it runs after the method's callbacks,
     so after evaluation and adapter saving) and the config's ModelCheckpoint."""
     items = [json.loads(fault)]
-    items.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10}})  # fmt: skip
+    items.append(
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10},
+        }
+    )
     return ["--trainer.callbacks", json.dumps(items)]
 
 
@@ -36,7 +58,10 @@ def artefacts(run_dir: Path) -> dict[str, np.ndarray]:
         rows, _, m = read_matrix_csv(run_dir / "continual" / name)
         assert rows == ["base", "alpha", "beta", "gamma"]
         out[name] = m
-    for f in [*sorted((run_dir / "adapters").rglob("*.safetensors")), *sorted((run_dir / "routing").glob("*.safetensors"))]:
+    for f in [
+        *sorted((run_dir / "adapters").rglob("*.safetensors")),
+        *sorted((run_dir / "routing").glob("*.safetensors")),
+    ]:
         for k, v in load_file(f).items():
             out[f"{f.parent.name}/{f.name}/{k}"] = v.numpy()
     return out

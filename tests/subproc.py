@@ -20,15 +20,32 @@ from crma_lightning.runs.record import read_record
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(*args: str, timeout: int = 420, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1", **(env or {})}  # fmt: skip
-    record_dir = tempfile.mkdtemp(prefix="record-") if args[:1] == ("fit",) and "--record" not in args else None
+def run_train(
+    *args: str, timeout: int = 420, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    record_dir = (
+        tempfile.mkdtemp(prefix="record-") if args[:1] == ("fit",) and "--record" not in args else None
+    )
     if record_dir is not None:  # the run's record says where its run directory is (see run_dir_of)
         args = (*args, "--record", os.path.join(record_dir, "record.json"))
     cmd = [sys.executable, "train.py", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -49,4 +66,3 @@ def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.record is not None and proc.record["status"] == "finished", proc.record
     return Path(proc.record["run_dir"])
-

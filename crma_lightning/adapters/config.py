@@ -91,7 +91,9 @@ class CRMAConfig:
         if self.init not in ("orthogonal", "pissa"):
             p.append(f"{prefix}.init must be 'orthogonal' or 'pissa' (got {self.init!r}).")
         if self.init == "pissa" and not self.pissa_modules:
-            p.append(f"{prefix}.pissa_modules is empty; name the layers to take principal directions from (e.g. [q_proj]).")
+            p.append(
+                f"{prefix}.pissa_modules is empty; name the layers to take principal directions from (e.g. [q_proj])."
+            )
         if self.placement not in ("block_output", "block_input"):
             p.append(f"{prefix}.placement must be 'block_output' or 'block_input' (got {self.placement!r}).")
         g = self.resolved_gate_init()

@@ -123,7 +123,9 @@ class CRMABlock(nn.Module):
         self.hidden_size = hidden_size
         n = config.streams
         if principal is not None and tuple(principal.shape) != (n, hidden_size):
-            raise ValueError(f"principal directions must be ({n}, {hidden_size}), got {tuple(principal.shape)}")
+            raise ValueError(
+                f"principal directions must be ({n}, {hidden_size}), got {tuple(principal.shape)}"
+            )
         self.log_mix = nn.Parameter(identity_logits(config.projection, n, config.mix_init))
         if config.form == "additive":
             # Orthonormal read rows keep s = R h at the scale of h; W = 0 makes the block the identity

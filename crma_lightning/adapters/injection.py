@@ -141,7 +141,9 @@ class CRMAInjection:
         """
         c = self.config
         logits = torch.stack([b.log_mix for b in self.blocks.values()])  # (L, n, n) or (L, n!)
-        return project(logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature, compiled=c.compile)
+        return project(
+            logits, c.projection, c.streams, iters=c.sinkhorn_iters, tau=c.temperature, compiled=c.compile
+        )
 
     def _full_logits(self) -> Tensor:
         # Under FSDP each rank holds a shard of every log_mix: gather (a collective, every rank).

@@ -59,7 +59,9 @@ def add_lora(model: nn.Module, adapter: str, spec: LoRAConfig) -> list[str]:
             ) from None
     touched = [name for name, layer in tuner_layers(model) if adapter in _adapter_dicts(layer)]
     if not touched:
-        raise ConfigError(f"lora.target_modules {spec.target_modules!r} matched no module of {type(model).__name__}")
+        raise ConfigError(
+            f"lora.target_modules {spec.target_modules!r} matched no module of {type(model).__name__}"
+        )
     return touched
 
 
@@ -84,7 +86,11 @@ def lora_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
 
 def lora_down_weights(model: nn.Module, adapter: str) -> list[nn.Parameter]:
     """The ``lora_A`` weight ``(r, in_features)`` of ``adapter`` in every adapted layer, in module order."""
-    return [layer.lora_A[adapter].weight for _, layer in tuner_layers(model) if adapter in getattr(layer, "lora_A", {})]
+    return [
+        layer.lora_A[adapter].weight
+        for _, layer in tuner_layers(model)
+        if adapter in getattr(layer, "lora_A", {})
+    ]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -99,7 +105,9 @@ def activate_lora(model: nn.Module, adapter: str | list[str]) -> None:
     names = [adapter] if isinstance(adapter, str) else list(adapter)
     unknown = [a for a in names if a not in adapter_names(model)]
     if unknown or not names:
-        raise ConfigError(f"no LoRA adapter named {unknown or names!r}; this model has {adapter_names(model)}")
+        raise ConfigError(
+            f"no LoRA adapter named {unknown or names!r}; this model has {adapter_names(model)}"
+        )
     params = [p for _, layer in tuner_layers(model) for p in layer.parameters()]
     flags = [p.requires_grad for p in params]
     set_adapter(model, names[0] if len(names) == 1 else names, inference_mode=True)

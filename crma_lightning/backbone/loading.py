@@ -146,9 +146,7 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [
-        (name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head
-    ]
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
     if not targets:
         raise ConfigError(
             f"model.backbone.quantize: nf4 found no nn.Linear layer in {type(model).__name__} to quantise "
@@ -156,12 +154,22 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
         )
     for name, linear in targets:
         q = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta",
-        )  # fmt: skip
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
         weight = linear.weight.detach()
         q.weight = bnb.nn.Params4bit(
-            weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE, compress_statistics=True, module=q
+            weight,
+            requires_grad=False,
+            quant_type="nf4",
+            blocksize=NF4_BLOCKSIZE,
+            compress_statistics=True,
+            module=q,
         ).to(weight.device)  # quantises here (bitsandbytes' public path, as transformers uses it)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -175,5 +183,3 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype) -> list[str]:
     # with its 4-bit LoRA layer, and num_parameters() to count the packed weights right.
     model.is_loaded_in_4bit = True
     return [name for name, _ in targets]
-
-

@@ -263,7 +263,9 @@ def _resume_in_place(cfg, ckpt: str) -> None:
                     f"--ckpt_path last: {started[-1].path} has no complete checkpoint yet (the run stopped before "
                     "or during its first save); start it again without --ckpt_path"
                 )
-            raise ConfigError(f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume")
+            raise ConfigError(
+                f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume"
+            )
         run = runs[-1]
         cfg["ckpt_path"] = str(run.resumable_checkpoint())
     else:
@@ -281,6 +283,7 @@ def _resume_in_place(cfg, ckpt: str) -> None:
 _fresh_run_dir: Path | None = None
 _run_dir: Path | None = None  # the run directory of this invocation's fit, once the trainer has one
 _launcher = None  # the strategy's launcher: on rank 0 of a node it holds the other local ranks
+
 
 def _remove_unfinished_run() -> None:
     run = _fresh_run_dir
@@ -316,8 +319,14 @@ def check_checkpoint(path: str) -> None:
 
 
 #: Lightning's info lines that are not the run's own (the summary names device, precision and seed).
-_NOT_OURS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to",
-             "`Trainer.fit` stopped: `max_epochs=")  # fmt: skip
+_NOT_OURS = (
+    "💡 Tip:",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "Seed set to",
+    "`Trainer.fit` stopped: `max_epochs=",
+)
 
 
 class _DropLines(logging.Filter):
@@ -365,7 +374,9 @@ def main(args: list[str] | None = None) -> ContinualCLI | None:
         if code not in (0, None) and record_to is not None and rank_zero_only.rank == 0:
             cause = e.__context__ if isinstance(e, SystemExit) and e.__context__ is not None else e
             run_dir = _run_dir if _run_dir is not None and _run_dir.is_dir() else None
-            write_record(record("failed", run_dir, exit_code=code, error=str(cause) or type(cause).__name__), record_to)
+            write_record(
+                record("failed", run_dir, exit_code=code, error=str(cause) or type(cause).__name__), record_to
+            )
         raise
 
 
@@ -404,7 +415,9 @@ def _main(args: list[str] | None) -> ContinualCLI | None:
         stop_local_ranks(_launcher)
         rank = torch.distributed.get_rank()
         first = str(e).strip().splitlines()[0][:300]
-        print(f"error: rank {rank}: a peer rank was lost (died, hung or unreachable): {first}", file=sys.stderr)
+        print(
+            f"error: rank {rank}: a peer rank was lost (died, hung or unreachable): {first}", file=sys.stderr
+        )
         raise SystemExit(1) from None
     end_distributed_run(_launcher)
     return cli

@@ -215,8 +215,12 @@ def build_meta(module: Any) -> tuple[nn.Module, Counts]:
         layer = find_decoder_layers(model)[1][0]
         lin0 = sum(m.weight.numel() for m in layer.modules() if type(m) is nn.Linear)
         rest0 = sum(p.numel() for p in layer.parameters()) - lin0
-        base.update(total=total, linear=linear, largest=rest0 * size + (nf4_bytes(lin0) if nf4 else lin0 * size),
-                    bytes=(total - linear) * size + (nf4_bytes(linear) if nf4 else linear * size))  # fmt: skip
+        base.update(
+            total=total,
+            linear=linear,
+            largest=rest0 * size + (nf4_bytes(lin0) if nf4 else lin0 * size),
+            bytes=(total - linear) * size + (nf4_bytes(linear) if nf4 else linear * size),
+        )
 
     # torch's meta device context, not accelerate's init_empty_weights: under the latter, tying the
     # embeddings re-registers the head's weight as a new meta tensor, and a tied model counts it twice.
@@ -488,8 +492,14 @@ def plan_config(argv: list[str], device_gib: float = 80.0) -> tuple[Plan, str]:
     _, counts = build_meta(module)
     dtype_bytes = DTYPES[module.backbone_config.dtype].itemsize
     act = act_bytes(trainer.get("precision"), dtype_bytes)
-    shape = dict(batch=data["batch_size"], length=data["max_length"], act=act, residual=dtype_bytes,
-                 checkpointing=module.gradient_checkpointing, fused=module.fused_loss)  # fmt: skip
+    shape = dict(
+        batch=data["batch_size"],
+        length=data["max_length"],
+        act=act,
+        residual=dtype_bytes,
+        checkpointing=module.gradient_checkpointing,
+        fused=module.fused_loss,
+    )
     plan = make_plan(counts, kind, world, **shape)
     label = f"{module.backbone_config.label}, {module.strategy}, {module.backbone_config.dtype}" + (
         ", NF4 base" if module.backbone_config.quantize == "nf4" else ""
@@ -521,11 +531,25 @@ def main(argv: list[str] | None = None) -> Plan:
 
 def plan_dict(plan: Plan) -> dict:
     return {
-        "kind": plan.kind, "world": plan.world, "batch": plan.batch, "length": plan.length,
-        "weights": plan.weights, "adapters": plan.adapters, "gradients": plan.gradients,
-        "optimizer": plan.optimizer, "gathered": plan.gathered,
-        "activations": {"without_checkpointing": plan.activations[False], "with_checkpointing": plan.activations[True]},
-        "peak": plan.peak(), "checkpoint_bytes": plan.checkpoint_bytes,
-        "params": {"base": plan.counts.base, "loras": plan.counts.loras, "crma": plan.counts.crma,
-                   "trains": plan.counts.trains},
-    }  # fmt: skip
+        "kind": plan.kind,
+        "world": plan.world,
+        "batch": plan.batch,
+        "length": plan.length,
+        "weights": plan.weights,
+        "adapters": plan.adapters,
+        "gradients": plan.gradients,
+        "optimizer": plan.optimizer,
+        "gathered": plan.gathered,
+        "activations": {
+            "without_checkpointing": plan.activations[False],
+            "with_checkpointing": plan.activations[True],
+        },
+        "peak": plan.peak(),
+        "checkpoint_bytes": plan.checkpoint_bytes,
+        "params": {
+            "base": plan.counts.base,
+            "loras": plan.counts.loras,
+            "crma": plan.counts.crma,
+            "trains": plan.counts.trains,
+        },
+    }

@@ -118,7 +118,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-
     records, prompts, tasks = read_prompts(args.input, args.task)
     run = _load(args, args.device)
     _check_tasks(run, tasks, args.input)
@@ -151,7 +150,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_route(args: argparse.Namespace) -> None:
     if args.input is None and not args.build_stats:
-        raise ConfigError("route needs --input and --output (or --build-stats alone to write routing statistics)")
+        raise ConfigError(
+            "route needs --input and --output (or --build-stats alone to write routing statistics)"
+        )
     if (args.input is None) != (args.output is None):
         raise ConfigError("give both --input and --output, or neither (with --build-stats)")
     records, prompts, _ = read_prompts(args.input, "auto") if args.input else ([], [], [])
@@ -161,18 +162,35 @@ def cmd_route(args: argparse.Namespace) -> None:
 
         start = time.perf_counter()
         built = build_routing_stats(
-            run, layer=args.layer, pooling=args.pooling, max_examples=args.max_examples if args.max_examples else "config",
-            batch_size=args.stats_batch_size, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr),
-        )  # fmt: skip
-        note = f"built the routing statistics of {built}" if built else "every task already has routing statistics"
+            run,
+            layer=args.layer,
+            pooling=args.pooling,
+            max_examples=args.max_examples if args.max_examples else "config",
+            batch_size=args.stats_batch_size,
+            overwrite=args.overwrite,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+        note = (
+            f"built the routing statistics of {built}"
+            if built
+            else "every task already has routing statistics"
+        )
         print(f"{note} in {run.info.run.routing} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     if args.input is None:
         return
     ids = [run.encode(p, f"--input {args.input} prompt {i + 1}") for i, p in enumerate(prompts)]
-    decisions = run.route_decisions(ids, batch_size=args.batch_size, crma=not args.no_crma, **_routing_kwargs(args))
+    decisions = run.route_decisions(
+        ids, batch_size=args.batch_size, crma=not args.no_crma, **_routing_kwargs(args)
+    )
     rows = []
     for r, d in zip(records, decisions, strict=True):
-        row = {**r, "task": d.task, "confidence": _rounded(d.confidence), "router": d.router, "fallback": d.fallback}
+        row = {
+            **r,
+            "task": d.task,
+            "confidence": _rounded(d.confidence),
+            "router": d.router,
+            "fallback": d.fallback,
+        }
         if d.posterior is not None:
             row["posterior"] = {k: _rounded(v) for k, v in d.posterior.items()}
         if d.losses is not None:
@@ -213,9 +231,17 @@ def cmd_test(args: argparse.Namespace) -> None:
     rows, tasks = tables["main"], list(dm.task_names)
     if args.task_id == "none":
         print(f"{args.split}: every row evaluated without the task id")
-    print(table(rows["loss"], tasks, f"{args.split} loss ({run.strategy}; rows: after training, columns: task)"))
+    print(
+        table(rows["loss"], tasks, f"{args.split} loss ({run.strategy}; rows: after training, columns: task)")
+    )
     print()
-    print(table(rows["accuracy"], tasks, f"{args.split} task metric ({', '.join(sorted(set(summary['task_metric'].values())))})"))
+    print(
+        table(
+            rows["accuracy"],
+            tasks,
+            f"{args.split} task metric ({', '.join(sorted(set(summary['task_metric'].values())))})",
+        )
+    )
     if "no_task_id" in tables:
         print()
         print(table(tables["no_task_id"]["accuracy"], tasks, f"{args.split} task metric without the task id"))
@@ -236,10 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--trust-remote-code", action="store_true", help="allow a run whose config sets trust_remote_code"
         )
         p.add_argument(
-            "--allow-foreign-classes", action="store_true", help="allow a config naming classes from other packages"
+            "--allow-foreign-classes",
+            action="store_true",
+            help="allow a config naming classes from other packages",
         )
         p.add_argument(
-            "--base-model", help="load the adapters onto this base (hub name or folder) instead of config.yaml's"
+            "--base-model",
+            help="load the adapters onto this base (hub name or folder) instead of config.yaml's",
         )
 
     p = sub.add_parser("predict", help="complete every prompt of a jsonl file")
@@ -274,13 +303,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     routing_options(p)
     p.add_argument(
-        "--build-stats", action="store_true",
+        "--build-stats",
+        action="store_true",
         help="first write the routing statistics of every task that lacks them (runs trained before they existed)",
-    )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="with --build-stats: rebuild every task's statistics")
-    p.add_argument("--layer", type=int, help="with --build-stats: decoder layer of the feature (default: the config's, else a third of the depth)")
-    p.add_argument("--pooling", choices=["mean", "last"], help="with --build-stats: pooling over the prompt (default mean)")
-    p.add_argument("--max-examples", type=int, help="with --build-stats: training examples per task (default: the config's, else 512)")
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="with --build-stats: rebuild every task's statistics"
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        help="with --build-stats: decoder layer of the feature (default: the config's, else a third of the depth)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=["mean", "last"],
+        help="with --build-stats: pooling over the prompt (default mean)",
+    )
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        help="with --build-stats: training examples per task (default: the config's, else 512)",
+    )
     p.add_argument("--stats-batch-size", type=int, help="with --build-stats: examples per forward pass")
     p.set_defaults(fn=cmd_route)
 
@@ -292,18 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to write (replaced atomically if it exists)")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("test", help="rebuild every row of the matrices from the run's adapters and score a split")
+    p = sub.add_parser(
+        "test", help="rebuild every row of the matrices from the run's adapters and score a split"
+    )
     common(p)
     p.add_argument("--split", choices=("test", "validation"), default="test", help="held-out split to score")
     p.add_argument(
-        "--task-id", choices=("oracle", "both", "none"), default="oracle",
-        help="both: also evaluate without the task id; none: only without it"
+        "--task-id",
+        choices=("oracle", "both", "none"),
+        default="oracle",
+        help="both: also evaluate without the task id; none: only without it",
     )
     p.add_argument(
-        "--router", choices=["stats", "loss"], default="stats",
+        "--router",
+        choices=["stats", "loss"],
+        default="stats",
         help="without the task id, route by the run's routing statistics (default) or by the lowest prompt loss",
-    )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=None, help="examples per batch (default data.eval_batch_size)")
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="examples per batch (default data.eval_batch_size)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.set_defaults(fn=cmd_test)
     return parser
@@ -311,14 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def routing_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--router", choices=["stats", "loss"], default="stats",
+        "--router",
+        choices=["stats", "loss"],
+        default="stats",
         help="stats: the run's routing statistics, one partial forward pass (default); loss: lowest prompt loss over "
         "every task's adapter, one forward pass per task",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--threshold", type=float, default=0.0,
+        "--threshold",
+        type=float,
+        default=0.0,
         help="send decisions with a lower confidence (posterior probability of the chosen task) to --fallback",
-    )  # fmt: skip
+    )
     p.add_argument("--fallback", default="loss", help="'loss' (the loss router) or a task name")
 
 

@@ -114,7 +114,9 @@ class _HeadLoss(torch.autograd.Function):
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, hidden.shape[0], chunk):
-            logp = F.log_softmax(F.linear(hidden[s : s + chunk].to(weight.dtype), weight).float(), -1)  # (c, V)
+            logp = F.log_softmax(
+                F.linear(hidden[s : s + chunk].to(weight.dtype), weight).float(), -1
+            )  # (c, V)
             t, w = targets[s : s + chunk], weights[s : s + chunk]
             safe = t.clamp_min(0)[:, None]
             nll = -logp.gather(1, safe)[:, 0]

@@ -92,8 +92,17 @@ class ReplayBatchSampler(ShardedBatchSampler):
     """A :class:`ShardedBatchSampler` over the current task with ``replayed`` buffer examples added
     to every batch: indices ``>= num_examples`` address the buffer (``num_examples + j``)."""
 
-    def __init__(self, num_examples: int, batch_size: int, buffer_size: int, replayed: int, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        buffer_size: int,
+        replayed: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         super().__init__(num_examples, batch_size - replayed, seed, epoch, rank, world_size)
         self.buffer_size = buffer_size
         self.replayed = replayed

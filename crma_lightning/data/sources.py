@@ -121,7 +121,9 @@ def is_file(path: Path) -> bool:
 
 def folder_file(folder: Path, split: str) -> Path | None:
     """``<folder>/<split>.<ext>`` for the first known extension that exists, else None."""
-    return next((folder / f"{split}{ext}" for ext in FILE_BUILDERS if is_file(folder / f"{split}{ext}")), None)
+    return next(
+        (folder / f"{split}{ext}" for ext in FILE_BUILDERS if is_file(folder / f"{split}{ext}")), None
+    )
 
 
 def _split_file_problems(task: TaskSpec, where: str) -> list[str]:
@@ -312,7 +314,9 @@ def source_from_config(config: Any) -> TaskSource:
         config = {"class_path": config}
     class_path = config.get("class_path") if isinstance(config, Mapping) else None
     if not isinstance(class_path, str) or "." not in class_path:
-        raise ConfigError(f"data.sources: each entry needs a class_path such as my_module.MySource, got {config!r}")
+        raise ConfigError(
+            f"data.sources: each entry needs a class_path such as my_module.MySource, got {config!r}"
+        )
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)

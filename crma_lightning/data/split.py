@@ -87,12 +87,16 @@ def take(examples: datasets.Dataset, size: int, seed: int, where: str) -> datase
     """The first ``size`` examples of a given split (a validation or test file) in its seeded record
     order; all of them, with a warning, if it has fewer."""
     if len(examples) < size:
-        rank_zero_warn(f"{where}: has {len(examples)} examples, fewer than the {size} asked for; using all of them")
+        rank_zero_warn(
+            f"{where}: has {len(examples)} examples, fewer than the {size} asked for; using all of them"
+        )
     order, _ = record_order(examples, seed)
     return examples.select(order[:size])
 
 
-def task_sets(dm: Any, index: int, task: TaskSpec) -> tuple[TaskSpec, datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+def task_sets(
+    dm: Any, index: int, task: TaskSpec
+) -> tuple[TaskSpec, datasets.Dataset, datasets.Dataset, datasets.Dataset]:
     """Task ``index``'s ``(spec, validation, train, test)`` sets for the DataModule ``dm`` (its sizes,
     seed, tokenizer, synthetic settings and ``source_of``): split files where the task gives them, else cut from
     its one source by :func:`split_by_record`. A classification spec comes back with its label set
@@ -117,7 +121,9 @@ def task_sets(dm: Any, index: int, task: TaskSpec) -> tuple[TaskSpec, datasets.D
     if task.format == "classification":
         for raw in raws.values():  # every split's label values must be in the set
             task = resolve_labels(task, raw, index)
-    given = {split: tokenize_records(raw, task, dm.hf_tokenizer, dm.max_length) for split, raw in raws.items()}
+    given = {
+        split: tokenize_records(raw, task, dm.hf_tokenizer, dm.max_length) for split, raw in raws.items()
+    }
     holdout, train, test = split_by_record(
         given.pop("train"),
         dm.holdout_size,

@@ -141,8 +141,12 @@ def with_task_file(task: TaskSpec, source: TaskSource, where: str, problems: lis
         problems.append(f"{where}: {str(path)!r} is not readable as a JSON object ({err}); fix or remove it")
         return task
     labels, instruction = info.get("labels"), info.get("instruction")
-    if labels is not None and not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
-        problems.append(f"{where}: 'labels' in {str(path)!r} must be a non-empty list of strings, got {labels!r}")
+    if labels is not None and not (
+        isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)
+    ):
+        problems.append(
+            f"{where}: 'labels' in {str(path)!r} must be a non-empty list of strings, got {labels!r}"
+        )
         labels = None
     if instruction is not None and not isinstance(instruction, str):
         problems.append(f"{where}: 'instruction' in {str(path)!r} must be a string, got {instruction!r}")

@@ -132,7 +132,9 @@ def tokenize_prompt_response(
 def choice_ids(task: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """The target of each label of a classification task: ``answer_prefix`` + label, then eos."""
     eos = tokenizer.eos_token_id
-    targets = tokenizer([task.answer_prefix + label for label in task.labels], add_special_tokens=False).input_ids
+    targets = tokenizer(
+        [task.answer_prefix + label for label in task.labels], add_special_tokens=False
+    ).input_ids
     return [[*ids, eos] for ids in targets]
 
 
@@ -147,13 +149,14 @@ def resolve_labels(task: TaskSpec, raw: datasets.Dataset, index: int) -> TaskSpe
     if labels is None:
         raise ConfigError(
             f"{where}: a classification task needs its label set: set data.tasks[{index}].labels, or put a "
-            f"{TASK_FILE} with \"labels\" beside the data"
+            f'{TASK_FILE} with "labels" beside the data'
         )
     values = raw.unique(task.label_field)
     unknown = [
-        v for v in values
+        v
+        for v in values
         if not (isinstance(v, str) and v in labels) and not (isinstance(v, int) and 0 <= v < len(labels))
-    ]  # fmt: skip
+    ]
     if unknown:
         raise ConfigError(
             f"{where}: label values {sorted(map(repr, unknown))[:5]} are not in the label set {labels} "

@@ -189,9 +189,13 @@ class RowEvaluator:
                         scores = self._classify(batch, task)
                         sums.update(i, **{k: v * w for k, v in scores.items() if k != "answers"}, examples=w)
                         if task.budget:
-                            self._score_generated(sums, i, scores["answers"], w, self._references(task, batch))
+                            self._score_generated(
+                                sums, i, scores["answers"], w, self._references(task, batch)
+                            )
                         continue
-                    s, _ = batch_token_stats(partial(self._logits, batch), self.head, batch["labels"], w, True)
+                    s, _ = batch_token_stats(
+                        partial(self._logits, batch), self.head, batch["labels"], w, True
+                    )
                     sums.update(i, loss_sum=s.loss_sum, tokens=s.tokens, correct=s.correct, examples=w)
                     if task.budget:
                         prompts += self._prompts(batch)
@@ -217,8 +221,13 @@ class RowEvaluator:
                 w = batch["example_weight"]
                 p = self._prompts(batch)
                 choice, pick = self._route_batch(batch, p, task, candidates, route)
-                sums.update(i, loss_sum=pick["loss_sum"] * w, tokens=pick["tokens"] * w, correct=pick["correct"] * w,
-                            examples=w)  # fmt: skip
+                sums.update(
+                    i,
+                    loss_sum=pick["loss_sum"] * w,
+                    tokens=pick["tokens"] * w,
+                    correct=pick["correct"] * w,
+                    examples=w,
+                )
                 if task.choices is not None:
                     sums.update(i, label_correct=pick["label_correct"] * w)
                     if task.budget:  # each example's greedy answer under the adapter it was routed to
@@ -236,9 +245,13 @@ class RowEvaluator:
         return self._results(tasks, sums)
 
     def _route_batch(
-        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidates: list[str],
+        self,
+        batch: dict[str, Tensor],
+        prompts: list[list[int]],
+        task: TaskData,
+        candidates: list[str],
         route: Route | None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Which candidate each example of ``batch`` goes to ``(B,)``, and its numbers under that
         candidate (:meth:`_candidate`'s, per example)."""
         if route is None:  # every candidate scores every prompt; the lowest loss wins
@@ -273,9 +286,13 @@ class RowEvaluator:
         return [row[:k] for row, k in zip(batch["input_ids"].tolist(), n, strict=True)]
 
     def _candidate(
-        self, batch: dict[str, Tensor], prompts: list[list[int]], task: TaskData, candidate: str,
+        self,
+        batch: dict[str, Tensor],
+        prompts: list[list[int]],
+        task: TaskData,
+        candidate: str,
         prompt_loss: bool = False,
-    ) -> dict[str, Tensor]:  # fmt: skip
+    ) -> dict[str, Tensor]:
         """Per example of ``batch`` served as ``candidate``: the answer's loss sum, scored and correct
         tokens, (classification) whether the best label is its own and the greedy answer, and with
         ``prompt_loss`` the prompt's mean loss (the loss router's score)."""
@@ -287,11 +304,17 @@ class RowEvaluator:
             out = {k: stats[k] for k in ("loss_sum", "tokens", "correct")}
             if prompt_loss:
                 lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-                out["prompt_loss"] = tm.per_example(logits, tm.prompt_labels(batch["input_ids"], lengths))["mean"]
+                out["prompt_loss"] = tm.per_example(logits, tm.prompt_labels(batch["input_ids"], lengths))[
+                    "mean"
+                ]
         return out
 
     def _classify(
-        self, batch: dict[str, Tensor], task: TaskData, prompts: list[list[int]] | None = None, prompt_loss: bool = False
+        self,
+        batch: dict[str, Tensor],
+        task: TaskData,
+        prompts: list[list[int]] | None = None,
+        prompt_loss: bool = False,
     ) -> dict[str, Tensor]:
         """A classification batch from one forward of its prompts (``task_metrics.score_choices``), per
         example: the loss sum, scored and correct tokens of its own label's target (the numbers a
@@ -339,19 +362,29 @@ class RowEvaluator:
         """Greedy answers of ``budget`` tokens (every one generated: the same work on every rank),
         cut at the first eos, decoded."""
         new = generate_ids(
-            self.model, prompts, pad_id=self.pad_id, eos_id=None, batch_size=self.generation_batch_size,
-            max_new_tokens=budget, do_sample=False, use_cache=True,
-        )  # fmt: skip
+            self.model,
+            prompts,
+            pad_id=self.pad_id,
+            eos_id=None,
+            batch_size=self.generation_batch_size,
+            max_new_tokens=budget,
+            do_sample=False,
+            use_cache=True,
+        )
         return self._texts(new)
 
     @staticmethod
-    def _score_texts(sums: tm.Sums, i: int, answers: list[str], refs: list[str], weights: list[float]) -> None:
+    def _score_texts(
+        sums: tm.Sums, i: int, answers: list[str], refs: list[str], weights: list[float]
+    ) -> None:
         """Exact match and ROUGE-L of ``answers`` against ``refs``, real examples (weight > 0) only."""
         real = [k for k, w in enumerate(weights) if w > 0]
         texts, references = [answers[k] for k in real], [refs[k] for k in real]
         sums.update(i, exact=tm.exact_matches(texts, references), rouge=tm.rouge_l_sum(texts, references))
 
-    def _score_generated(self, sums: tm.Sums, i: int, answers: Tensor, weights: Tensor, refs: list[str]) -> None:
+    def _score_generated(
+        self, sums: tm.Sums, i: int, answers: Tensor, weights: Tensor, refs: list[str]
+    ) -> None:
         """Exact match (and ROUGE-L) of greedy answers ``(B, budget)``, cut at the first eos."""
         self._score_texts(sums, i, self._texts(answers.tolist()), refs, weights.tolist())
 
@@ -383,10 +416,14 @@ class RowEvaluator:
                 "loss": q["loss_sum"] / max(q["tokens"], 1.0),
                 "token_accuracy": q["correct"] / max(q["tokens"], 1.0),
                 "exact_match": tm.ratio(q["exact"], q["examples"]) if generated else float("nan"),
-                "label_accuracy": tm.ratio(q["label_correct"], q["examples"]) if task.choices else float("nan"),
+                "label_accuracy": tm.ratio(q["label_correct"], q["examples"])
+                if task.choices
+                else float("nan"),
                 "routing_accuracy": tm.ratio(q["routed_right"], q["routable"]),
-                "rougeL": tm.ratio(q["rouge"], q["examples"]) if generated and task.spec.format != "classification" else float("nan"),
-            }  # fmt: skip
+                "rougeL": tm.ratio(q["rouge"], q["examples"])
+                if generated and task.spec.format != "classification"
+                else float("nan"),
+            }
             r["accuracy"] = r[task.spec.task_metric]
             out[task.name] = r
         return out

@@ -48,7 +48,9 @@ Q = {name: i for i, name in enumerate(QUANTITIES)}
 
 #: The KV cache's name in a forward's arguments and outputs: ``cache`` in recent transformers 5.x,
 #: ``past_key_values`` before (the old name still works there, with a deprecation warning per call).
-CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+CACHE = (
+    "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+)
 
 
 def normalize_answer(text: str) -> str:
@@ -161,7 +163,9 @@ def score_choices(
         logits_to_keep=0 if prompt_loss else 1,
     )
     last = out.logits[:, -1].float()  # (B, V): predicts a label's first token, and the answer's
-    losses_ = per_example(out.logits, _left_padded_labels(prompt, prompt_mask))["mean"] if prompt_loss else None
+    losses_ = (
+        per_example(out.logits, _left_padded_labels(prompt, prompt_mask))["mean"] if prompt_loss else None
+    )
     cache = getattr(out, CACHE)
 
     # The labels, from a copy of the prompts' cache repeated per label (row b * L + l: label l after prompt b).

@@ -164,14 +164,22 @@ def layout_from_config(model: dict, allow_foreign_classes: bool = False) -> Adap
     path = section.get("class_path", "") if isinstance(section, dict) else str(section)
     init = section.get("init_args") or {} if isinstance(section, dict) else {}
     module, _, name = path.rpartition(".")
-    path = f"crma_lightning.{MOVED[old]}.{name}" if (old := module.removeprefix("crma_lightning.")) in MOVED else path
-    cls = next((c for c in LAYOUTS.values() if path in (f"{c.__module__}.{c.__qualname__}", c.__name__)), None)
+    path = (
+        f"crma_lightning.{MOVED[old]}.{name}"
+        if (old := module.removeprefix("crma_lightning.")) in MOVED
+        else path
+    )
+    cls = next(
+        (c for c in LAYOUTS.values() if path in (f"{c.__module__}.{c.__qualname__}", c.__name__)), None
+    )
     if cls is None and allow_foreign_classes and "." in path:
         module, _, name = path.rpartition(".")
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
-            raise ConfigError(f"model.layout {path!r} cannot be imported ({e}); put its module on PYTHONPATH") from None
+            raise ConfigError(
+                f"model.layout {path!r} cannot be imported ({e}); put its module on PYTHONPATH"
+            ) from None
     if not (isinstance(cls, type) and issubclass(cls, AdapterLayout)):
         raise ConfigError(
             f"model.layout {path!r} is not a registered layout ({', '.join(layout_names())}); a layout from outside "

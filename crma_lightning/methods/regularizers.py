@@ -100,7 +100,9 @@ class Regularizer:
         pass
 
 
-def penalties(module: ContinualModule, batch: dict[str, Tensor], logits: Tensor | None, tokens: Tensor) -> Tensor | None:
+def penalties(
+    module: ContinualModule, batch: dict[str, Tensor], logits: Tensor | None, tokens: Tensor
+) -> Tensor | None:
     """The sum of every regulariser's term for this step (None without one), each logged as
     ``train/reg/<name>``."""
     total = None

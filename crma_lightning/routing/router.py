@@ -55,6 +55,7 @@ class TrainedRun(Protocol):
 
     def forget_router(self) -> None: ...
 
+
 RouterName = Literal["stats", "loss"]
 ROUTERS = ("stats", "loss")
 LOSS_FALLBACK = "loss"
@@ -96,22 +97,30 @@ class StatsRouter:
 
     @torch.no_grad()
     def batch_scores(
-        self, model: nn.Module, crma: CRMAInjection | None, prompts: Sequence[list[int]], pad_id: int,
+        self,
+        model: nn.Module,
+        crma: CRMAInjection | None,
+        prompts: Sequence[list[int]],
+        pad_id: int,
         stop: bool = True,
-    ) -> Tensor:  # fmt: skip
+    ) -> Tensor:
         """``(N, K)`` discriminants of one right-padded batch of prompts through the frozen base
         (``stop=False`` for a sharded model: every rank runs the whole forward)."""
         device = next(model.parameters()).device
         ids, mask = pad(list(prompts), pad_id, "right")
-        feats = prompt_features(model, crma, ids.to(device), mask.to(device), self.layer, self.pooling, stop=stop)
+        feats = prompt_features(
+            model, crma, ids.to(device), mask.to(device), self.layer, self.pooling, stop=stop
+        )
         return self.lda.scores(feats.cpu())
 
     def scores(self, run: TrainedRun, prompts: Sequence[list[int]], batch_size: int) -> Tensor:
         """``(N, K)`` discriminants of the prompts, in batches of ``batch_size``."""
-        return torch.cat([
-            self.batch_scores(run.model, run.crma, prompts[lo : lo + batch_size], run.pad_id)
-            for lo in range(0, len(prompts), batch_size)
-        ])  # fmt: skip
+        return torch.cat(
+            [
+                self.batch_scores(run.model, run.crma, prompts[lo : lo + batch_size], run.pad_id)
+                for lo in range(0, len(prompts), batch_size)
+            ]
+        )
 
     def route(
         self, model: nn.Module, crma: CRMAInjection | None, pad_id: int, stop: bool = True
@@ -199,8 +208,10 @@ def build_routing_stats(
     todo = [t for t in tasks if overwrite or not has_task_stats(rd, t)]
     for t in todo:
         if log is not None:
-            log(f"routing statistics of task {t!r}: layer {layer} of {depth}, {pooling} pooling, "
-                f"up to {max_examples} training examples -> {rd.routing_stats(t)}")  # fmt: skip
+            log(
+                f"routing statistics of task {t!r}: layer {layer} of {depth}, {pooling} pooling, "
+                f"up to {max_examples} training examples -> {rd.routing_stats(t)}"
+            )
         batches = dm.train_examples(t, batch_size=batch_size, limit=max_examples)
         sums = gather_sums(run.model, run.crma, batches, layer, pooling, stop=True, device=run.device)
         examples = min(dm.num_train_examples(t), max_examples or dm.num_train_examples(t))

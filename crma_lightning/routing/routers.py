@@ -76,7 +76,11 @@ class FeatureSums:
     @staticmethod
     def zeros(dim: int, device: torch.device | str | None = None) -> FeatureSums:
         z = torch.zeros((), dtype=torch.float64, device=device)
-        return FeatureSums(z, torch.zeros(dim, dtype=torch.float64, device=device), torch.zeros(dim, dim, dtype=torch.float64, device=device))  # fmt: skip
+        return FeatureSums(
+            z,
+            torch.zeros(dim, dtype=torch.float64, device=device),
+            torch.zeros(dim, dim, dtype=torch.float64, device=device),
+        )
 
     def __add__(self, other: FeatureSums) -> FeatureSums:
         return FeatureSums(self.count + other.count, self.total + other.total, self.outer + other.outer)

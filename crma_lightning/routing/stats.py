@@ -243,8 +243,15 @@ def write_task_stats(run: RunDir, task: str, sums: FeatureSums, meta: dict[str, 
     """Write ``routing/<task>.safetensors``, then ``routing/<task>.json`` with its hash (atomically each)."""
     data = save(sums.tensors(), metadata={"format": "pt"})
     atomic_write_bytes(run.routing_stats(task), data)
-    atomic_write_json(run.routing_meta(task), {**meta, "feature_dim": sums.dim, "features": float(sums.count),
-                                               "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+    atomic_write_json(
+        run.routing_meta(task),
+        {
+            **meta,
+            "feature_dim": sums.dim,
+            "features": float(sums.count),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    )
 
 
 def has_task_stats(run: RunDir, task: str) -> bool:

@@ -111,12 +111,16 @@ class ExportedModel(ServedModel):
     def task(self) -> str:
         return self.manifest["task"]
 
-    def generate(self, prompt: Prompt | list[Prompt], crma: bool = True, batch_size: int = 8, **generate_kwargs: Any):
+    def generate(
+        self, prompt: Prompt | list[Prompt], crma: bool = True, batch_size: int = 8, **generate_kwargs: Any
+    ):
         """Complete ``prompt`` (text or token ids, or a list of them); see ``TrainedRun.generate``."""
         single = generation.is_single(prompt)
         prompts = [prompt] if single else list(prompt)
         ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
-        out = [self.decode(row) for row in self.generate_ids(ids, self.task, crma, batch_size, **generate_kwargs)]
+        out = [
+            self.decode(row) for row in self.generate_ids(ids, self.task, crma, batch_size, **generate_kwargs)
+        ]
         return out[0] if single else out
 
 

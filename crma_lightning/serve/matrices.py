@@ -110,8 +110,14 @@ def evaluate_run(
             evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id)
             routed = layout.no_task_id == "route" and k > 0  # else one model serves every input
 
-            def blind_row(done: list[str] = info.trained[:k], evaluator: RowEvaluator = evaluator) -> dict[str, dict[str, float]]:
-                route = load_stats_router(run, tasks=done).route(run.model, run.crma, run.pad_id) if router == "stats" else None
+            def blind_row(
+                done: list[str] = info.trained[:k], evaluator: RowEvaluator = evaluator
+            ) -> dict[str, dict[str, float]]:
+                route = (
+                    load_stats_router(run, tasks=done).route(run.model, run.crma, run.pad_id)
+                    if router == "stats"
+                    else None
+                )
                 return evaluator.routed(tasks, done, route)
 
             with torch.no_grad():
@@ -132,7 +138,11 @@ def evaluate_run(
 
 
 def write_run_matrices(
-    run: TrainedRun, dm: ContinualDataModule, tables: dict[str, Rows], split: str, task_id: str = "oracle",
+    run: TrainedRun,
+    dm: ContinualDataModule,
+    tables: dict[str, Rows],
+    split: str,
+    task_id: str = "oracle",
     router: str = "stats",
 ) -> dict[str, Any]:
     """Write :func:`evaluate_run`'s tables as the run's matrices and summary of ``split``; returns
@@ -158,7 +168,6 @@ def write_run_matrices(
     if blind is not None:
         files |= {matrix_name(m, no_task_id=True): blind[m] for m in ("loss", "accuracy")}
         files |= {matrix_name(m, no_task_id=True): r for m, r in extra_matrices(blind).items()}
-        summary["no_task_id"] = summarize_rows(blind) | {"routing": info.layout.no_task_id,
-                                                        "router": router}
+        summary["no_task_id"] = summarize_rows(blind) | {"routing": info.layout.no_task_id, "router": router}
     info.run.write_matrices(list(dm.task_names), files, summary, split)
     return summary

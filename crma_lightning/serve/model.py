@@ -64,20 +64,37 @@ class ServedModel:
 
     @torch.no_grad()
     def logits(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, *, task: str | None = None, crma: bool = True
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        task: str | None = None,
+        crma: bool = True,
     ) -> Tensor:
         """``(B, T, V)`` logits of the model serving ``task``."""
         mask = None if attention_mask is None else attention_mask.to(self.device)
         with self.serving(task, crma):
-            return self.model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False).logits
+            return self.model(
+                input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False
+            ).logits
 
     def generate_ids(
-        self, ids: Sequence[list[int]], task: str | None, crma: bool = True, batch_size: int = 8, **generate_kwargs: Any
+        self,
+        ids: Sequence[list[int]],
+        task: str | None,
+        crma: bool = True,
+        batch_size: int = 8,
+        **generate_kwargs: Any,
     ) -> list[list[int]]:
         """New token ids for each tokenised prompt, as ``task`` (see :func:`generation.generate_ids`)."""
         with self.serving(task, crma):
             return generation.generate_ids(
-                self.model, list(ids), pad_id=self.pad_id, eos_id=self.eos_id, batch_size=batch_size, **generate_kwargs
+                self.model,
+                list(ids),
+                pad_id=self.pad_id,
+                eos_id=self.eos_id,
+                batch_size=batch_size,
+                **generate_kwargs,
             )
 
     def prompt_losses(

@@ -153,9 +153,15 @@ class TrainedRun(ServedModel):
         """
         single = generation.is_single(prompt)
         results = self.complete(
-            [prompt] if single else list(prompt), task, crma, batch_size,
-            router=router, threshold=threshold, fallback=fallback, **generate_kwargs,
-        )  # fmt: skip
+            [prompt] if single else list(prompt),
+            task,
+            crma,
+            batch_size,
+            router=router,
+            threshold=threshold,
+            fallback=fallback,
+            **generate_kwargs,
+        )
         texts = [r.completion for r in results]
         return texts[0] if single else texts
 
@@ -186,8 +192,14 @@ class TrainedRun(ServedModel):
             self.adapter_for(t)  # unknown names fail before any work
         decisions: dict[int, RouteDecision] = {}
         if auto:
-            chosen = self.route_decisions([ids[i] for i in auto], batch_size, crma, router=router,
-                                          threshold=threshold, fallback=fallback)  # fmt: skip
+            chosen = self.route_decisions(
+                [ids[i] for i in auto],
+                batch_size,
+                crma,
+                router=router,
+                threshold=threshold,
+                fallback=fallback,
+            )
             for i, d in zip(auto, chosen, strict=True):
                 tasks[i], decisions[i] = d.task, d
         out: list[Completion | None] = [None] * len(prompts)
@@ -198,8 +210,14 @@ class TrainedRun(ServedModel):
                 new = self.generate_ids([ids[i] for i in chunk], task, crma, batch_size, **generate_kwargs)
                 for i, row in zip(chunk, new, strict=True):
                     d = decisions.get(i)
-                    out[i] = Completion(task, d is not None, self.decode(row), row,
-                                        d.confidence if d else None, d.router if d else None)  # fmt: skip
+                    out[i] = Completion(
+                        task,
+                        d is not None,
+                        self.decode(row),
+                        row,
+                        d.confidence if d else None,
+                        d.router if d else None,
+                    )
                 if progress is not None:
                     progress(len(chunk))
         return out  # type: ignore[return-value]

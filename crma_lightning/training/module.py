@@ -260,7 +260,9 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
         predictions of a batch (through the fused head when there is one)."""
         return self._token_stats(batch, accuracy)[0]
 
-    def _token_stats(self, batch: dict[str, Tensor], accuracy: bool) -> tuple[losses.TokenStats, Tensor | None]:
+    def _token_stats(
+        self, batch: dict[str, Tensor], accuracy: bool
+    ) -> tuple[losses.TokenStats, Tensor | None]:
         """:meth:`token_stats` and the logits, when this path formed them (None through the fused head)."""
         return batch_token_stats(
             lambda: self(batch["input_ids"], batch.get("attention_mask")),

@@ -17,13 +17,18 @@ def fused_adam(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     a supported device, not a DTensor); otherwise ``optimizer`` unchanged."""
     kind = type(optimizer)
     d = optimizer.defaults
-    if kind not in (torch.optim.Adam, torch.optim.AdamW) or d.get("fused") is not None or d.get("foreach") is not None:
+    if (
+        kind not in (torch.optim.Adam, torch.optim.AdamW)
+        or d.get("fused") is not None
+        or d.get("foreach") is not None
+    ):
         return optimizer
     if d.get("differentiable") or d.get("capturable"):
         return optimizer
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params or any(
-        isinstance(p, DTensor) or not p.is_floating_point() or p.device.type not in _FUSED_DEVICES for p in params
+        isinstance(p, DTensor) or not p.is_floating_point() or p.device.type not in _FUSED_DEVICES
+        for p in params
     ):
         return optimizer
     accepted = inspect.signature(kind.__init__).parameters

@@ -103,17 +103,26 @@ def test_a_fit_with_the_fused_loss_equals_one_with_the_logits(tmp_path):
         module, dm, trainer = build("modular", tmp_path / str(fused), fused_loss=fused, epochs_per_task=1)
         trainer.fit(module, dm)
         ev = next(c for c in trainer.callbacks if isinstance(c, ContinualEvaluation))
-        runs[fused] = module.run_facts["fused_loss"], ev.loss_rows, dict(module.named_parameters()), ev.acc_rows
+        runs[fused] = (
+            module.run_facts["fused_loss"],
+            ev.loss_rows,
+            dict(module.named_parameters()),
+            ev.acc_rows,
+        )
     assert runs[True][0] == "on"
     assert runs[False][0] == "off: model.fused_loss is false"
     for task, row in runs[True][1].items():
         assert row == pytest.approx(runs[False][1][task], rel=1e-5), task
-        assert runs[True][3][task] == pytest.approx(runs[False][3][task], abs=1e-9), task  # the evaluation's argmax
+        assert runs[True][3][task] == pytest.approx(runs[False][3][task], abs=1e-9), (
+            task
+        )  # the evaluation's argmax
     for name, p in runs[True][2].items():
         torch.testing.assert_close(p, runs[False][2][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_a_regulariser_that_reads_the_logits_keeps_the_logits_path(tmp_path):
-    module, dm, trainer = build("naive", tmp_path, regularizers=[LwF(weight=1.0)], epochs_per_task=1, max_steps=6)
+    module, dm, trainer = build(
+        "naive", tmp_path, regularizers=[LwF(weight=1.0)], epochs_per_task=1, max_steps=6
+    )
     trainer.fit(module, dm)
     assert module.run_facts["fused_loss"] == "off: model.regularizers ['lwf'] read the logits"

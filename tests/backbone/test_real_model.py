@@ -31,7 +31,9 @@ def test_package_paths_resolve_without_import_and_fail_clearly():
     # a real installed package: its folder, found without importing it
     folder = resolve_path("package:safetensors/torch.py")
     assert folder.endswith("torch.py") and importlib.util.find_spec("safetensors").submodule_search_locations
-    with pytest.raises(ConfigError, match=r"model\.backbone\.name_or_path: 'package:no_such_pkg_xyz' .* not installed"):
+    with pytest.raises(
+        ConfigError, match=r"model\.backbone\.name_or_path: 'package:no_such_pkg_xyz' .* not installed"
+    ):
         resolve_path("package:no_such_pkg_xyz")
 
 
@@ -52,7 +54,9 @@ def test_smollm2_gguf_is_converted_once_and_is_a_real_language_model(tmp_path, m
     model = load_backbone(cfg)
     folder = converted_gguf(resolve_path(SMOLLM2), GGUF)
     assert folder.parent == tmp_path / "cache" / "gguf"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "converted_from.json"} <= {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "converted_from.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert json.loads((folder / "converted_from.json").read_text())["gguf"].endswith(GGUF)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
@@ -65,8 +69,10 @@ def test_smollm2_gguf_is_converted_once_and_is_a_real_language_model(tmp_path, m
         assert torch.equal(a, b), name
     tokenizer = load_tokenizer(f"{SMOLLM2}/{GGUF}")
     assert len(tokenizer) == 49152 and tokenizer.eos_token is not None
-    ids = tokenizer("The capital of France is Paris. It is a large city in Europe, on the river Seine.",
-                    return_tensors="pt").input_ids  # fmt: skip
+    ids = tokenizer(
+        "The capital of France is Paris. It is a large city in Europe, on the river Seine.",
+        return_tensors="pt",
+    ).input_ids
     shuffled = ids[:, torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))]
     with torch.no_grad():
         real, noise = model(ids, labels=ids).loss.item(), model(shuffled, labels=shuffled).loss.item()

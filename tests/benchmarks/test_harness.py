@@ -59,8 +59,14 @@ def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tm
     config, runs, out = tmp_path / "tiny.yaml", tmp_path / "runs", tmp_path / "repro.md"
     shutil.copy(REPO / "configs/tiny.yaml", config)
     root = runs / "naive_s0"
-    exp = {"kind": "reproduction", "config": str(config), "methods": ["naive"], "seeds": [0],
-           "runs_dir": str(runs), "out": str(out.with_suffix(".json"))}  # fmt: skip
+    exp = {
+        "kind": "reproduction",
+        "config": str(config),
+        "methods": ["naive"],
+        "seeds": [0],
+        "runs_dir": str(runs),
+        "out": str(out.with_suffix(".json")),
+    }
 
     def experiment(name: str, **fields) -> str:
         path = tmp_path / f"{name}.yaml"
@@ -90,9 +96,15 @@ def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tm
     )
     # a methods experiment reuses the reproduction's runs only when they ran this config and these arguments
     with pytest.raises(SystemExit) as e:
-        methods = {**exp, "kind": "methods", "task_id": "both", "fit_args": SIZES,
-                   "reuse": experiment("repro", **exp, fit_args=SIZES), "runs_dir": str(tmp_path / "methods"),
-                   "out": str(tmp_path / "methods.json")}  # fmt: skip
+        methods = {
+            **exp,
+            "kind": "methods",
+            "task_id": "both",
+            "fit_args": SIZES,
+            "reuse": experiment("repro", **exp, fit_args=SIZES),
+            "runs_dir": str(tmp_path / "methods"),
+            "out": str(tmp_path / "methods.json"),
+        }
         run.main([experiment("methods", **methods), "--threads", "1"])
     msg = str(e.value.code)
     assert msg.startswith(f"[naive_s0] {root} was fitted with other arguments ({config} edited): ")

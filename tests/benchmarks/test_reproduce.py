@@ -28,8 +28,14 @@ def experiment(tmp_path: Path, name: str, **fields) -> Path:
     its record ``tmp_path/<name>.json``."""
     fit = [*SIZES, *fields.pop("fit", ())]
     runs = str(tmp_path / fields.pop("runs", "runs"))
-    defaults = {"kind": "reproduction", "config": "configs/tiny.yaml", "methods": ["naive", "frozen", "modular"],
-                "seeds": [0, 1], "fit_args": fit, "runs_dir": runs}  # fmt: skip
+    defaults = {
+        "kind": "reproduction",
+        "config": "configs/tiny.yaml",
+        "methods": ["naive", "frozen", "modular"],
+        "seeds": [0, 1],
+        "fit_args": fit,
+        "runs_dir": runs,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**defaults, **fields, "out": str(tmp_path / f"{name}.json")}))
     return path
@@ -38,8 +44,14 @@ def experiment(tmp_path: Path, name: str, **fields) -> Path:
 def bench(path: Path) -> subprocess.CompletedProcess:
     """``python benchmarks/run.py <experiment> --jobs 2 --threads 1``."""
     cmd = [sys.executable, "benchmarks/run.py", str(path), "--jobs", "2", "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -83,8 +95,17 @@ def test_reproduction_on_the_tiny_model(tmp_path):
     assert not np.allclose(res["ablation"]["on_mean"], res["ablation"]["off_mean"], rtol=0, atol=1e-7)
     assert res["spectral"]["max_sigma"] <= 1
     md = (tmp_path / "repro.md").read_text()
-    for heading in ("Loss-relative drift", "MODULAR vs FROZEN", "Final test loss", "Inference ablation", "Validation split",
-                    "Gradient norm", "Spectral bound", "Protocol", "+42.96 ± 5.50"):  # fmt: skip
+    for heading in (
+        "Loss-relative drift",
+        "MODULAR vs FROZEN",
+        "Final test loss",
+        "Inference ablation",
+        "Validation split",
+        "Gradient norm",
+        "Spectral bound",
+        "Protocol",
+        "+42.96 ± 5.50",
+    ):
         assert heading in md, heading
     assert (tmp_path / "repro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun reuses the finished runs (a killed reproduction resumes) and reports the same numbers
@@ -102,10 +123,24 @@ def test_reproduction_on_the_tiny_model(tmp_path):
 def recipe_report_pairs_a_setting_with_the_reproduction(tmp_path: Path, current: dict) -> None:
     """A recipe experiment over the reproduction above and a MODULAR-only setting (PiSSA): the
     setting's MODULAR vs FROZEN takes FROZEN from the reproduction, seed by seed, on the test split."""
-    pissa = experiment(tmp_path, "pissa", methods=["modular"], runs="pissa_runs", fit=("--config", "configs/recipe/pissa.yaml"))
+    pissa = experiment(
+        tmp_path,
+        "pissa",
+        methods=["modular"],
+        runs="pissa_runs",
+        fit=("--config", "configs/recipe/pissa.yaml"),
+    )
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"kind": "recipe", "current": str(tmp_path / "repro.yaml"),
-                                      "settings": {"PiSSA": str(pissa)}, "out": str(tmp_path / "recipe.json")}))  # fmt: skip
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "recipe",
+                "current": str(tmp_path / "repro.yaml"),
+                "settings": {"PiSSA": str(pissa)},
+                "out": str(tmp_path / "recipe.json"),
+            }
+        )
+    )
     proc = bench(recipe)
     assert proc.stdout.count("already finished") == 6  # the reproduction's runs reused, PiSSA's fitted
     out = tmp_path / "recipe.md"
@@ -150,8 +185,15 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
     repro = experiment(tmp_path, "repro", methods=["naive", "frozen"], seeds=[0], runs="repro_runs")
     bench(repro)
     runs = tmp_path / "runs"
-    methods = experiment(tmp_path, "methods", kind="methods", methods=["naive", "frozen", "ewc"], task_id="both",
-                         grid={"ewc": [1000.0, 10000.0]}, reuse=str(repro))  # fmt: skip
+    methods = experiment(
+        tmp_path,
+        "methods",
+        kind="methods",
+        methods=["naive", "frozen", "ewc"],
+        task_id="both",
+        grid={"ewc": [1000.0, 10000.0]},
+        reuse=str(repro),
+    )
     proc = bench(methods)
     res = json.loads((tmp_path / "methods.json").read_text())["results"]
 
@@ -161,8 +203,12 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
 
     # EWC: both grid values at the selection seed, only the kept one at the other; kept = the lowest
     # final average *validation* loss
-    grid = {float(v): clm.final_avg_loss(matrix(next((runs / f"ewc_weight={v:g}_s0").glob("version_*")), "validation"))
-            for v in (1000, 10000)}  # fmt: skip
+    grid = {
+        float(v): clm.final_avg_loss(
+            matrix(next((runs / f"ewc_weight={v:g}_s0").glob("version_*")), "validation")
+        )
+        for v in (1000, 10000)
+    }
     assert sorted(p.name for p in runs.glob("ewc_*")) == sorted(
         [f"ewc_weight={v:g}_s0" for v in grid] + [f"ewc_weight={min(grid, key=grid.get):g}_s1"]
     )

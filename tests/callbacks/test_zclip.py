@@ -50,7 +50,10 @@ def test_a_spike_is_clipped_to_the_adaptive_threshold_by_hand():
     target, clipped, _ = zscore_threshold(t(2), mean, var, 2.0, 0.0, "adaptive_scaling")
     assert not clipped.item() and target.item() == 2.0 and clip_coefficient(t(2), target).item() == 1.0
     mean, var = ema_update(mean, var, target, 0.5)
-    assert (mean.item(), var.item()) == (pytest.approx(25 / 12, rel=1e-14), pytest.approx(51 / 288, rel=1e-14))
+    assert (mean.item(), var.item()) == (
+        pytest.approx(25 / 12, rel=1e-14),
+        pytest.approx(51 / 288, rel=1e-14),
+    )
     # 'mean' clips a spike to μ itself.
     target, clipped, _ = zscore_threshold(t(10), t(2), t(Fraction(2, 3)), 2.0, 0.0, "mean")
     assert clipped.item() and target.item() == 2.0
@@ -63,7 +66,10 @@ def test_the_callback_warms_up_unclipped_then_clips_and_counts():
     assert z.step(t(10)).item() == pytest.approx(7 / 3, rel=1e-14)
     assert z.step(t(2)).item() == 2.0
     assert int(z.clip_events) == 1
-    assert (z.mean.item(), z.var.item()) == (pytest.approx(25 / 12, rel=1e-14), pytest.approx(51 / 288, rel=1e-14))
+    assert (z.mean.item(), z.var.item()) == (
+        pytest.approx(25 / 12, rel=1e-14),
+        pytest.approx(51 / 288, rel=1e-14),
+    )
 
 
 def test_max_grad_norm_caps_every_step_warm_up_included():
@@ -91,7 +97,11 @@ def test_state_survives_a_round_trip_exactly_and_continues_identically():
 def test_bad_options_are_reported_together():
     with pytest.raises(ConfigError) as e:
         ZClip(alpha=1.5, z_thresh=0, warmup_steps=0)
-    assert "zclip.alpha" in str(e.value) and "zclip.z_thresh" in str(e.value) and "zclip.warmup_steps" in str(e.value)
+    assert (
+        "zclip.alpha" in str(e.value)
+        and "zclip.z_thresh" in str(e.value)
+        and "zclip.warmup_steps" in str(e.value)
+    )
 
 
 def _fit(tmp_path, *callbacks, **trainer_kwargs):
@@ -135,7 +145,9 @@ def test_in_training_spikes_are_clipped_and_a_skipped_step_leaves_the_statistics
     for s in steps:
         target = replay.step(torch.tensor(norms.pre[s], dtype=T))
         expected = norms.pre[s] if target is None else min(norms.pre[s], target.item())
-        assert norms.post[s] == pytest.approx(expected, rel=1e-5), s  # the optimizer saw the clipped gradients
+        assert norms.post[s] == pytest.approx(expected, rel=1e-5), (
+            s
+        )  # the optimizer saw the clipped gradients
         clipped += int(target is not None and target.item() < norms.pre[s])
     assert clipped >= 2 and int(zclip.clip_events) == clipped
     assert zclip.state_dict() == replay.state_dict()  # the same float64 maths on the same norms
@@ -161,8 +173,13 @@ def test_sigkill_then_resume_with_zclip_matches_uninterrupted(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     killed = train(tmp_path / "cut", *ZCLIP, *callbacks_with(KILLS["mid-task"]))
     assert killed.returncode != 0
-    resumed = train(tmp_path / "cut", *ZCLIP, *callbacks_with('{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}'),
-                    "--ckpt_path", "last")  # fmt: skip
+    resumed = train(
+        tmp_path / "cut",
+        *ZCLIP,
+        *callbacks_with('{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}'),
+        "--ckpt_path",
+        "last",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a_dir, b_dir = tmp_path / "full" / "tiny" / "version_0", tmp_path / "cut" / "tiny" / "version_0"
     a, b = artefacts(a_dir), artefacts(b_dir)
@@ -174,7 +191,9 @@ def test_sigkill_then_resume_with_zclip_matches_uninterrupted(tmp_path):
     assert zclip_state(b_dir) == state  # the statistics resumed bit-exactly
     clipped = [json.loads((d / "continual" / "grad_norm.json").read_text()) for d in (a_dir, b_dir)]
     assert [s["clipped"] for s in clipped[0].values()] == [s["clipped"] for s in clipped[1].values()]
-    assert clipped[0]["alpha"]["clipped"] > 0 and clipped[0]["gamma"]["clipped"] > 0  # before and after the kill
+    assert (
+        clipped[0]["alpha"]["clipped"] > 0 and clipped[0]["gamma"]["clipped"] > 0
+    )  # before and after the kill
 
 
 @pytest.mark.slow
@@ -183,8 +202,16 @@ def test_ddp_two_ranks_with_zclip_match_one_process(tmp_path, tmp_path_factory):
 
     base = ["--config", "configs/tiny.yaml", *SMALL, *ZCLIP]
     single = fit(tmp_path / "one", *base, *MICRO_8X2)
-    ddp = fit(tmp_path / "ddp", *base, "--trainer.strategy", "ddp_find_unused_parameters_true",
-              "--trainer.devices", "2", "--data.batch_size", "8")  # fmt: skip
+    ddp = fit(
+        tmp_path / "ddp",
+        *base,
+        "--trainer.strategy",
+        "ddp_find_unused_parameters_true",
+        "--trainer.devices",
+        "2",
+        "--data.batch_size",
+        "8",
+    )
     assert_matches_single(ddp, single)
     assert_ranks_agree(ddp, world_size=2)
     one, two = zclip_state(single), zclip_state(ddp)

@@ -10,13 +10,33 @@ from subproc import run_train
 
 pytestmark = pytest.mark.e2e  # every test here runs a fit through train.py's CLI
 
-NOISE = ("litlogger", "FLOPs", "holdout_sums", "Training:", "Epoch ", "v_num", "eval mode", "LeafSpec",
-         "Total length of", "GPU available")  # fmt: skip
+NOISE = (
+    "litlogger",
+    "FLOPs",
+    "holdout_sums",
+    "Training:",
+    "Epoch ",
+    "v_num",
+    "eval mode",
+    "LeafSpec",
+    "Total length of",
+    "GPU available",
+)
 
 
 def test_a_tiny_fit_prints_only_its_own_lines(tmp_path):
-    proc = run_train("fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path),
-                     "--data.train_size", "32", "--data.holdout_size", "16", env={"PYTHONWARNINGS": ""})  # fmt: skip
+    proc = run_train(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--data.train_size",
+        "32",
+        "--data.holdout_size",
+        "16",
+        env={"PYTHONWARNINGS": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr
     assert not re.search(r"\.py:\d+: ", proc.stderr), proc.stderr  # a warning printed in any format

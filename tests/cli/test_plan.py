@@ -25,8 +25,15 @@ from crma_lightning.cli.plan import (
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
-SMOLLM2_LAYER = {"q_proj": 576, "k_proj": 576, "v_proj": 576, "o_proj": 576, "gate_proj": 576, "up_proj": 576,
-                 "down_proj": 1536}  # fmt: skip
+SMOLLM2_LAYER = {
+    "q_proj": 576,
+    "k_proj": 576,
+    "v_proj": 576,
+    "o_proj": 576,
+    "gate_proj": 576,
+    "up_proj": 576,
+    "down_proj": 1536,
+}
 
 
 # -- pure arithmetic, on literal values ------------------------------------------------------------
@@ -63,9 +70,23 @@ def test_nf4_bytes():
     assert nf4_bytes(64 * 256) == 8192 + 256 + 4
 
 
-COUNTS = Counts(base=1000, base_bytes=2000, base_linear=800, loras={"a": 10, "b": 10}, crma=5,
-                trains={"LoRA a": 10, "CRMA": 5}, largest_layer_bytes=300, nf4=False, head_bytes=2,
-                lora_inputs=0, layers=2, hidden=4, kv_dim=2, intermediate=8, vocab=16)  # fmt: skip
+COUNTS = Counts(
+    base=1000,
+    base_bytes=2000,
+    base_linear=800,
+    loras={"a": 10, "b": 10},
+    crma=5,
+    trains={"LoRA a": 10, "CRMA": 5},
+    largest_layer_bytes=300,
+    nf4=False,
+    head_bytes=2,
+    lora_inputs=0,
+    layers=2,
+    hidden=4,
+    kv_dim=2,
+    intermediate=8,
+    vocab=16,
+)
 
 
 def test_plan_replicates_under_ddp_and_shards_under_fsdp():
@@ -94,9 +115,13 @@ def test_strategy_kind():
     assert strategy_kind("auto", 2) == "ddp"
     assert strategy_kind("ddp_find_unused_parameters_true", 16) == "ddp"
     assert (
-        strategy_kind(Namespace(class_path="crma_lightning.backbone.sharding.AdapterShardedStrategy"), 16) == "fsdp2"
+        strategy_kind(Namespace(class_path="crma_lightning.backbone.sharding.AdapterShardedStrategy"), 16)
+        == "fsdp2"
     )
-    assert strategy_kind(Namespace(class_path="crma_lightning.backbone.sharding.AdapterFSDPStrategy"), 8) == "fsdp1"
+    assert (
+        strategy_kind(Namespace(class_path="crma_lightning.backbone.sharding.AdapterFSDPStrategy"), 8)
+        == "fsdp1"
+    )
     assert strategy_kind("fsdp", 8) == "fsdp1"
 
 
@@ -158,8 +183,16 @@ def test_paper_qlora_plan():
 
 
 def test_fsdp_plan_shards_the_paper_config():
-    one, _ = plan_config(["--config", "configs/distributed/fsdp2_multinode.yaml", "--trainer.devices", "1",
-                          "--trainer.num_nodes", "1"])  # fmt: skip
+    one, _ = plan_config(
+        [
+            "--config",
+            "configs/distributed/fsdp2_multinode.yaml",
+            "--trainer.devices",
+            "1",
+            "--trainer.num_nodes",
+            "1",
+        ]
+    )
     many, text = plan_config(["--config", "configs/distributed/fsdp2_multinode.yaml"])
     assert (one.kind, many.kind, many.world) == ("fsdp2", "fsdp2", 16)
     assert many.weights == pytest.approx(one.weights / 16, abs=1)

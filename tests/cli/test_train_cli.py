@@ -29,14 +29,19 @@ FAST = ["--data.train_size", "128", "--data.holdout_size", "48", "--model.lr.lor
 def fit(tmp: Path, strategy: str) -> tuple[Path, subprocess.CompletedProcess]:
     proc = run_train(
         "fit",
-        "--config", "configs/tiny.yaml",
-        "--config", f"configs/methods/{strategy}.yaml",
-        "--trainer.logger.init_args.save_dir", str(tmp),
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        f"configs/methods/{strategy}.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp),
         *FAST,
-    )  # fmt: skip
+    )
     run_dir = run_dir_of(proc)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RUN_DIR_LINE)]
-    assert len(lines) == 1 and Path(lines[0].removeprefix(RUN_DIR_LINE)).resolve() == run_dir, proc.stdout[-2000:]
+    assert len(lines) == 1 and Path(lines[0].removeprefix(RUN_DIR_LINE)).resolve() == run_dir, proc.stdout[
+        -2000:
+    ]
     return run_dir, proc
 
 
@@ -63,8 +68,19 @@ def test_output_contract(runs, strategy):
         assert all(len(v) == len(TASKS) for v in values)
     assert (run_dir / "continual" / "loss_matrix.png").stat().st_size > 1000
     summary = json.loads((run_dir / "continual" / "summary.json").read_text())
-    for key in ("strategy", "tasks", "seed", "base_model", "drift_pct", "bwt", "fwt", "forgetting",
-                "final_avg_loss", "spectral_max_sigma", "spectral_max_row_col_err"):  # fmt: skip
+    for key in (
+        "strategy",
+        "tasks",
+        "seed",
+        "base_model",
+        "drift_pct",
+        "bwt",
+        "fwt",
+        "forgetting",
+        "final_avg_loss",
+        "spectral_max_sigma",
+        "spectral_max_row_col_err",
+    ):
         assert key in summary, key
     assert summary["strategy"] == strategy and summary["tasks"] == TASKS and summary["seed"] == 0
     record = read_record(run_dir)  # run.json: the machine-readable record scripts read
@@ -115,8 +131,15 @@ def test_tensorboard_scalars_read_back(runs):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/grad_norm", "cl/drift_pct", "spectral/max_sigma", "spectral/layer_00/row_err",
-                *(f"val/{t}/loss" for t in TASKS), *(f"val/{t}/accuracy" for t in TASKS)):  # fmt: skip
+    for tag in (
+        "train/loss",
+        "train/grad_norm",
+        "cl/drift_pct",
+        "spectral/max_sigma",
+        "spectral/layer_00/row_err",
+        *(f"val/{t}/loss" for t in TASKS),
+        *(f"val/{t}/accuracy" for t in TASKS),
+    ):
         assert tag in tags, (tag, sorted(tags)[:20])
     drift = acc.Scalars("cl/drift_pct")
     summary = json.loads((run_dir / "continual" / "summary.json").read_text())
@@ -131,7 +154,9 @@ def test_tensorboard_scalars_read_back(runs):
     assert sum(s["steps"] for s in stats.values()) == len(steps)
     assert max(s["max"] for s in stats.values()) == pytest.approx(max(steps), rel=1e-6)
     assert sum(s["mean"] * s["steps"] for s in stats.values()) == pytest.approx(sum(steps), rel=1e-5)
-    assert acc.Scalars(f"grad_norm/{TASKS[0]}/max")[0].value == pytest.approx(stats[TASKS[0]]["max"], rel=1e-6)
+    assert acc.Scalars(f"grad_norm/{TASKS[0]}/max")[0].value == pytest.approx(
+        stats[TASKS[0]]["max"], rel=1e-6
+    )
     # Per group: LoRA and CRMA apart, and the total is the norm of both (crma_lightning.callbacks.gradnorm).
     lora, crma = ([e.value for e in acc.Scalars(f"train/grad_norm/{g}")] for g in ("lora", "crma"))
     assert len(lora) == len(crma) == len(steps) and min(crma) > 0
@@ -139,7 +164,9 @@ def test_tensorboard_scalars_read_back(runs):
         assert total == pytest.approx((lo**2 + cr**2) ** 0.5, rel=1e-5)
     for group, series in (("lora", lora), ("crma", crma)):
         assert max(s[group]["max"] for s in stats.values()) == pytest.approx(max(series), rel=1e-6)
-        assert acc.Scalars(f"grad_norm/{TASKS[0]}/{group}/max")[0].value == pytest.approx(stats[TASKS[0]][group]["max"], rel=1e-6)
+        assert acc.Scalars(f"grad_norm/{TASKS[0]}/{group}/max")[0].value == pytest.approx(
+            stats[TASKS[0]][group]["max"], rel=1e-6
+        )
     # Without CRMA the LoRA norm is the total, and there is no CRMA group.
     naive = json.loads((runs["naive"][0] / "continual" / "grad_norm.json").read_text())
     assert all(s["lora"]["max"] == s["max"] and "crma" not in s for s in naive.values())
@@ -163,7 +190,9 @@ def test_every_config_parses(config, strategy):
     if strategy:
         args += ["--config", str(REPO / "configs" / "methods" / f"{strategy}.yaml")]
     cli = ParseOnly(args=args, run=False)
-    assert cli.config.model.task_names == [t.init_args.name if "init_args" in t else t.name for t in cli.config.data.tasks]
+    assert cli.config.model.task_names == [
+        t.init_args.name if "init_args" in t else t.name for t in cli.config.data.tasks
+    ]
     if strategy:
         assert cli.config.model.strategy == strategy
     assert cli.config.trainer.max_epochs == len(cli.config.data.tasks) * cli.config.data.epochs_per_task
@@ -174,9 +203,11 @@ def test_every_config_parses(config, strategy):
 def test_recipe_overrides_parse_on_the_full_configs(config, override):
     cli = ParseOnly(args=["--config", str(REPO / "configs" / config), "--config", str(override)], run=False)
     c = cli.config
-    assert {"zclip.yaml": c.zclip.enabled and c.trainer.gradient_clip_val is None,
-            "pissa.yaml": c.model.crma.init == "pissa",
-            "nf4.yaml": c.model.backbone.quantize == "nf4"}[override.name]  # fmt: skip
+    assert {
+        "zclip.yaml": c.zclip.enabled and c.trainer.gradient_clip_val is None,
+        "pissa.yaml": c.model.crma.init == "pissa",
+        "nf4.yaml": c.model.backbone.quantize == "nf4",
+    }[override.name]
 
 
 @pytest.mark.e2e
@@ -190,13 +221,23 @@ def test_help_and_print_config():
 
 @pytest.mark.e2e
 def test_bad_config_is_one_clear_line(tmp_path):
-    proc = run_train("fit", "--config", "configs/tiny.yaml", "--model.crma.streams", "1",
-                     "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=180)  # fmt: skip
+    proc = run_train(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.crma.streams",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        timeout=180,
+    )
     assert proc.returncode == 2
     assert "model.crma.streams must be >= 2" in proc.stderr
     assert "Traceback" not in proc.stderr
     # the record says so too, for scripts; no run directory was left behind
-    assert proc.record["status"] == "failed" and proc.record["exit_code"] == 2 and proc.record["run_dir"] is None
+    assert (
+        proc.record["status"] == "failed" and proc.record["exit_code"] == 2 and proc.record["run_dir"] is None
+    )
     assert "model.crma.streams must be >= 2" in proc.record["error"]
 
 
@@ -204,7 +245,9 @@ def test_bad_config_is_one_clear_line(tmp_path):
 def test_ckpt_path_last_resumes_in_place_and_matches_the_uninterrupted_run(runs, tmp_path):
     save = ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     base = ["fit", "--config", "configs/tiny.yaml", *save, *FAST]
-    cut = run_train(*base, "--trainer.max_steps", "45")  # mid-task 3 (16 steps per task); last.ckpt at step 40
+    cut = run_train(
+        *base, "--trainer.max_steps", "45"
+    )  # mid-task 3 (16 steps per task); last.ckpt at step 40
     assert cut.returncode == 0, cut.stderr[-3000:]
     resumed = run_train(*base, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -219,9 +262,18 @@ def test_ckpt_path_last_resumes_in_place_and_matches_the_uninterrupted_run(runs,
 @pytest.mark.e2e
 def test_validate_subcommand_evaluates_every_task(runs, tmp_path):
     run_dir, _ = runs["frozen"]
-    proc = run_train("validate", "--config", "configs/tiny.yaml", "--config", "configs/methods/frozen.yaml",
-                     "--trainer.logger.init_args.save_dir", str(tmp_path), *FAST,
-                     "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"))  # fmt: skip
+    proc = run_train(
+        "validate",
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        "configs/methods/frozen.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        *FAST,
+        "--ckpt_path",
+        str(run_dir / "checkpoints" / "last.ckpt"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # last.ckpt is at step 40 of 48: alpha and beta are finished, frozen LoRAs, so their
     # holdout losses equal the final matrix's to float precision.

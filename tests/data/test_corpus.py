@@ -106,7 +106,9 @@ def test_corpus_tasks_set_up_and_yield_batches():
         batch = next(iter(dm.train_dataloader_for_epoch(epoch)))
         assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 128
         real = batch["attention_mask"].bool()
-        assert (batch["labels"][real] == batch["input_ids"][real]).all() and (batch["labels"][~real] == -100).all()
+        assert (batch["labels"][real] == batch["input_ids"][real]).all() and (
+            batch["labels"][~real] == -100
+        ).all()
         # The task reads its own domain: a block never spans records, so its text is part of one record.
         ids = batch["input_ids"][0][real[0]].tolist()
         eos = tokenizer.eos_token_id

@@ -96,7 +96,9 @@ def test_synthetic_sequences_follow_a_per_task_permutation():
 
 
 def test_jumps_keep_holdout_sequences_out_of_training():
-    dm = _synthetic_dm(names=("a",), train_size=200, holdout_size=50, synthetic_jump=0.2, max_length=32, synthetic_vocab=64)
+    dm = _synthetic_dm(
+        names=("a",), train_size=200, holdout_size=50, synthetic_jump=0.2, max_length=32, synthetic_vocab=64
+    )
     dm.setup()
     train = set(_as_tuples([dm.train_dataloader_for_epoch(0).collate_fn([e for e in dm._train["a"]])]))
     holdout = set(_as_tuples(dm.holdout_batches("a")))
@@ -487,7 +489,9 @@ def test_offline_hub_name_suggests_a_local_file():
 def test_split_is_by_record_so_no_record_is_on_both_sides(tmp_path):
     records = [{"text": f"record {i}: " + " ".join(f"w{i}x{j}" for j in range(40))} for i in range(30)]
     path = _write_jsonl(tmp_path / "long.jsonl", records)
-    dm = ContinualDataModule([TaskSpec("long", source=path)], tokenizer="tiny", max_length=32, train_size=200, holdout_size=7)
+    dm = ContinualDataModule(
+        [TaskSpec("long", source=path)], tokenizer="tiny", max_length=32, train_size=200, holdout_size=7
+    )
     dm.setup()
     holdout, train = dm._holdout["long"], dm._train["long"]
     assert len(holdout) == 7 and len(train) > 50

@@ -137,7 +137,11 @@ def test_long_text_is_cut_so_instruction_options_and_answer_survive(tmp_path):
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", records)
     dm = news_dm(
-        folder, task={"labels": LABELS, "instruction": "Topic?"}, max_length=112, train_size=10, holdout_size=4
+        folder,
+        task={"labels": LABELS, "instruction": "Topic?"},
+        max_length=112,
+        train_size=10,
+        holdout_size=4,
     )
     batch = dm.holdout_batches("news")[0]
     assert batch["input_ids"].shape[1] <= 112
@@ -308,15 +312,22 @@ def test_hub_task_entries_render_records_of_the_hub_schema(tmp_path):
     schema = {
         "dbpedia": {"title": "T", "content": "a village in Poland", "label": 8},
         "amazon": {"id": "x", "text": "it broke on day one", "label": 0, "label_text": "0"},
-        "yahoo": {"id": 1, "topic": 3, "question_title": "Why study?", "question_content": "Really.",
-                  "best_answer": "To learn."},
+        "yahoo": {
+            "id": 1,
+            "topic": 3,
+            "question_title": "Why study?",
+            "question_content": "Really.",
+            "best_answer": "To learn.",
+        },
         "agnews": {"text": "Stocks rallied today", "label": 2},
-    }  # fmt: skip
+    }
     for entry in order_tasks(1):
         name = entry["name"]
         source = write_jsonl(tmp_path / f"{name}.jsonl", [schema[name]] * 12)
         local = {k: v for k, v in entry.items() if k not in ("splits", "hub_config")} | {"source": source}
-        dm = ContinualDataModule([local], tokenizer="tiny", max_length=512, train_size=4, holdout_size=2, test_size=2)
+        dm = ContinualDataModule(
+            [local], tokenizer="tiny", max_length=512, train_size=4, holdout_size=2, test_size=2
+        )
         dm.setup()
         whole, scored = decoded(dm, dm.holdout_batches(name)[0], 0)
         label = dm.spec(name).labels[schema[name].get("label", schema[name].get("topic"))]

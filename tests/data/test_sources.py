@@ -37,7 +37,9 @@ from crma_lightning.runs.rundir import RunDir
 from crma_lightning.serve.run import load_run
 
 HERE = Path(__file__).resolve().parent
-LINES = [f"line {i}: the {w} sat on mat number {i * 7 % 13}" for i, w in enumerate(["cat", "dog", "owl"] * 16)]
+LINES = [
+    f"line {i}: the {w} sat on mat number {i * 7 % 13}" for i, w in enumerate(["cat", "dog", "owl"] * 16)
+]
 
 
 @pytest.fixture
@@ -59,7 +61,9 @@ def test_the_builtins_claim_in_order_and_the_hub_is_the_fallback(tmp_path, lines
 def test_an_unknown_source_still_gives_the_old_errors(lines):
     """Without its source class, ``reversed:<file>.txt`` is a missing file, ``reversed:<name>`` a hub
     name (offline: not found), as before task sources were classes."""
-    with pytest.raises(ConfigError, match=r"data\.tasks\[0\]\.source: file 'reversed:.*lines\.txt' does not exist"):
+    with pytest.raises(
+        ConfigError, match=r"data\.tasks\[0\]\.source: file 'reversed:.*lines\.txt' does not exist"
+    ):
         ContinualDataModule([TaskSpec("r", source=f"reversed:{lines}")], tokenizer="tiny")
     dm = ContinualDataModule([TaskSpec("r", source="reversed:lines")], tokenizer="tiny")
     assert isinstance(dm.source_of(dm.tasks[0]), HubSource)
@@ -97,7 +101,9 @@ def test_a_registered_source_is_chosen_over_the_builtins(tmp_path, shouted):
     path.write_text("\n".join(LINES), encoding="utf-8")
     assert source_kind(str(path)) == "shout"
     assert isinstance(find_source(str(tmp_path / "a.txt")), FileSource)  # other files: still the built-in
-    dm = ContinualDataModule([TaskSpec("s", source=str(path))], tokenizer="tiny", max_length=16, train_size=8, holdout_size=4)
+    dm = ContinualDataModule(
+        [TaskSpec("s", source=str(path))], tokenizer="tiny", max_length=16, train_size=8, holdout_size=4
+    )
     source = dm.source_of(dm.tasks[0])
     assert isinstance(source, Shouted)
     assert load_records(0, dm.tasks[0], source)["text"] == [line.upper() for line in LINES]
@@ -109,24 +115,34 @@ def test_a_registered_source_is_chosen_over_the_builtins(tmp_path, shouted):
 
 def test_data_sources_claim_first_and_report_their_problems(tmp_path, lines, shouted):
     task = TaskSpec("r", source=f"reversed:{lines}")
-    dm = ContinualDataModule([task], tokenizer="tiny", max_length=16, train_size=8, holdout_size=4, sources=[ReversedLines()])
+    dm = ContinualDataModule(
+        [task], tokenizer="tiny", max_length=16, train_size=8, holdout_size=4, sources=[ReversedLines()]
+    )
     source = dm.source_of(dm.tasks[0])
     assert isinstance(source, ReversedLines)
     assert load_records(0, dm.tasks[0], source)["text"] == [line[::-1] for line in LINES]
     # Given first, a source claims even what a registered one would.
     path = tmp_path / "a.shout.txt"
     path.write_text("x\n", encoding="utf-8")
-    anything = ContinualDataModule([TaskSpec("x", source=str(path))], tokenizer="tiny", sources=[ReversedLines(prefix="")])
+    anything = ContinualDataModule(
+        [TaskSpec("x", source=str(path))], tokenizer="tiny", sources=[ReversedLines(prefix="")]
+    )
     assert isinstance(anything.source_of(anything.tasks[0]), ReversedLines)
     with pytest.raises(ConfigError, match=r"data\.tasks\[0\]\.source: file '.*nowhere\.txt' does not exist"):
-        ContinualDataModule([TaskSpec("r", source=f"reversed:{tmp_path}/nowhere.txt")], tokenizer="tiny", sources=[ReversedLines()])
+        ContinualDataModule(
+            [TaskSpec("r", source=f"reversed:{tmp_path}/nowhere.txt")],
+            tokenizer="tiny",
+            sources=[ReversedLines()],
+        )
     with pytest.raises(ConfigError, match=r"data\.sources must be"):
         ContinualDataModule([task], tokenizer="tiny", sources=["plugin_source.ReversedLines"])
 
 
 def test_sources_of_a_saved_config_are_rebuilt_or_refused_clearly():
     assert isinstance(source_from_config({"class_path": "plugin_source.ReversedLines"}), ReversedLines)
-    rebuilt = source_from_config({"class_path": "plugin_source.ReversedLines", "init_args": {"prefix": "rev:"}})
+    rebuilt = source_from_config(
+        {"class_path": "plugin_source.ReversedLines", "init_args": {"prefix": "rev:"}}
+    )
     assert rebuilt.prefix == "rev:"
     with pytest.raises(ConfigError, match="cannot import 'no_such_module.Source'.*PYTHONPATH"):
         source_from_config({"class_path": "no_such_module.Source"})
@@ -139,16 +155,40 @@ def test_a_source_from_the_test_tree_trains_and_the_run_rebuilds(tmp_path, lines
     """``fit`` with a task source named in data.sources (imported from PYTHONPATH), then ``test --run``:
     refused without --allow-foreign-classes, and with it every row rebuilt as fit measured it."""
     tasks = [{"name": "plain", "source": str(lines)}, {"name": "reversed", "source": f"reversed:{lines}"}]
-    backbone = yaml.safe_load((HERE.parents[1] / "configs" / "tiny.yaml").read_text())["model"]["backbone"]["config"]
+    backbone = yaml.safe_load((HERE.parents[1] / "configs" / "tiny.yaml").read_text())["model"]["backbone"][
+        "config"
+    ]
     env = {"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = run_train(
-        "fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--data.tasks", json.dumps(tasks), "--data.sources", json.dumps([{"class_path": "plugin_source.ReversedLines"}]),
-        "--data.tokenizer", "tiny", "--model.backbone.config", json.dumps({**backbone, "vocab_size": 512}),
-        "--data.max_length", "32", "--data.train_size", "24", "--data.holdout_size", "8", "--data.test_size", "8",
-        "--data.epochs_per_task", "1", "--data.batch_size", "8", "--data.eval_batch_size", "8",
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--data.tasks",
+        json.dumps(tasks),
+        "--data.sources",
+        json.dumps([{"class_path": "plugin_source.ReversedLines"}]),
+        "--data.tokenizer",
+        "tiny",
+        "--model.backbone.config",
+        json.dumps({**backbone, "vocab_size": 512}),
+        "--data.max_length",
+        "32",
+        "--data.train_size",
+        "24",
+        "--data.holdout_size",
+        "8",
+        "--data.test_size",
+        "8",
+        "--data.epochs_per_task",
+        "1",
+        "--data.batch_size",
+        "8",
+        "--data.eval_batch_size",
+        "8",
         env=env,
-    )  # fmt: skip
+    )
     run = RunDir(run_dir_of(proc))
     saved = yaml.safe_load(run.config_file.read_text())["data"]["sources"]
     assert [s["class_path"] for s in saved] == ["plugin_source.ReversedLines"]

@@ -49,14 +49,29 @@ def single_run(tmp_path_factory, strategy: str) -> Path:
     LoRA flip sign with the float summation order (measured: up to 1.3e-3 on `beta`'s LoRA under
     MODULAR, 3e-2 on NAIVE's third row). DDP and 8 x 2 accumulation train bit-identical adapters.
     """
-    args = ["--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml", *SMALL, *MICRO_8X2]
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        f"configs/methods/{strategy}.yaml",
+        *SMALL,
+        *MICRO_8X2,
+    ]
     return fit_once(tmp_path_factory, *args)
 
 
 def ddp_args(strategy: str) -> list[str]:
     # 8 per rank x 2 ranks = the single run's batch of 16
-    return ["--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml", *SMALL, *DDP,
-            "--data.batch_size", "8"]  # fmt: skip
+    return [
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        f"configs/methods/{strategy}.yaml",
+        *SMALL,
+        *DDP,
+        "--data.batch_size",
+        "8",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -71,8 +86,16 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(strategy, tm
     single = single_run(tmp_path_factory, strategy)
     # Plain `ddp`, what most users type: the CLI turns on find_unused_parameters (each task trains
     # only its own adapters) and says so in one line.
-    proc = run_train("fit", *ddp_args(strategy), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                     "--trainer.logger.init_args.save_dir", str(tmp_path / "ddp"))  # fmt: skip
+    proc = run_train(
+        "fit",
+        *ddp_args(strategy),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "ddp"),
+    )
     ddp = run_dir_of(proc)
     assert (proc.stdout + proc.stderr).count("DDP: find_unused_parameters=True") == 1
     assert_matches_single(ddp, single)
@@ -96,11 +119,25 @@ def test_ddp_two_simulated_nodes_match_one_process(tmp_path, tmp_path_factory):
 
 
 def _ddp_with(save_dir: Path, *callbacks: dict, extra: tuple[str, ...] = ()):
-    listed = [*callbacks, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10}}]  # fmt: skip
-    return run_train("fit", *ddp_args("modular"), "--trainer.devices", "2", "--trainer.logger.init_args.save_dir",
-                     str(save_dir), "--trainer.callbacks", json.dumps(listed), *extra,
-                     env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
+    listed = [
+        *callbacks,
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10},
+        },
+    ]
+    return run_train(
+        "fit",
+        *ddp_args("modular"),
+        "--trainer.devices",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--trainer.callbacks",
+        json.dumps(listed),
+        *extra,
+        env={"PYTHONPATH": str(REPO / "tests")},
+    )
 
 
 @pytest.mark.slow
@@ -118,8 +155,11 @@ def test_ranks_that_diverge_stop_the_run_at_the_next_task_end(tmp_path):
 def test_a_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
     # NaN on rank 1 only, model.nonfinite: skip. The decision is all-reduced, so both ranks skip the
     # step: the run ends (diverged replicas would stop it at the task end) and counts one skip.
-    proc = _ddp_with(tmp_path, {"class_path": "faults.NaNAt", "init_args": {"step": 5, "where": "loss", "rank": 1}},
-                     extra=("--model.nonfinite", "skip"))  # fmt: skip
+    proc = _ddp_with(
+        tmp_path,
+        {"class_path": "faults.NaNAt", "init_args": {"step": 5, "where": "loss", "rank": 1}},
+        extra=("--model.nonfinite", "skip"),
+    )
     run = run_dir_of(proc)
     acc = EventAccumulator(str(run))
     acc.Reload()
@@ -142,21 +182,59 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
     from conftest import TINY_CONFIGS
     from keyword_tasks import KEYWORDS, write_task
 
-    sources = {t: write_task(tmp_path, t) for t in KEYWORDS}  # labels of 4 ("Sports") and 7 ("Business") tokens
+    sources = {
+        t: write_task(tmp_path, t) for t in KEYWORDS
+    }  # labels of 4 ("Sports") and 7 ("Business") tokens
     tasks = [
         {"name": t, "source": s, "format": "classification", "text_field": "sentence"}
         for t, s in sources.items()
     ]
-    backbone = {**TINY_CONFIGS["llama"], "vocab_size": 512, "max_position_embeddings": 128, "initializer_range": 0.2}
-    common = ["--config", "configs/tiny.yaml", "--config", "configs/methods/frozen.yaml",
-              "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
-              "--data.train_size", "64", "--data.holdout_size", "13", "--data.test_size", "11",
-              "--data.epochs_per_task", "4", "--model.lr.lora", "0.01",
-              "--data.eval_batch_size", "4", "--model.backbone.config", json.dumps(backbone),
-              "--evaluation.task_id", "both"]  # fmt: skip
+    backbone = {
+        **TINY_CONFIGS["llama"],
+        "vocab_size": 512,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.2,
+    }
+    common = [
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        "configs/methods/frozen.yaml",
+        "--data.tasks",
+        json.dumps(tasks),
+        "--data.tokenizer",
+        "tiny",
+        "--data.max_length",
+        "64",
+        "--data.train_size",
+        "64",
+        "--data.holdout_size",
+        "13",
+        "--data.test_size",
+        "11",
+        "--data.epochs_per_task",
+        "4",
+        "--model.lr.lora",
+        "0.01",
+        "--data.eval_batch_size",
+        "4",
+        "--model.backbone.config",
+        json.dumps(backbone),
+        "--evaluation.task_id",
+        "both",
+    ]
     single = fit_once(tmp_path_factory, *common, *MICRO_8X2)
-    proc = run_train("fit", *common, *DDP, "--data.batch_size", "8", "--trainer.devices", "2",
-                     "--trainer.logger.init_args.save_dir", str(tmp_path / "ddp"))  # fmt: skip
+    proc = run_train(
+        "fit",
+        *common,
+        *DDP,
+        "--data.batch_size",
+        "8",
+        "--trainer.devices",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "ddp"),
+    )
     ddp = run_dir_of(proc)
     names = ["loss_matrix", "accuracy_matrix", "label_accuracy_matrix"]
     names += [f"{n}_no_task_id" for n in names] + ["routing_accuracy_matrix_no_task_id"]
@@ -170,7 +248,9 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
                 continue
             real = ~np.isnan(m_2)
             assert np.array_equal(real, ~np.isnan(m_1)), split + name
-            np.testing.assert_allclose(m_2[real] * count, np.round(m_2[real] * count), atol=1e-4, err_msg=split + name)
+            np.testing.assert_allclose(
+                m_2[real] * count, np.round(m_2[real] * count), atol=1e-4, err_msg=split + name
+            )
             np.testing.assert_array_equal(m_2, m_1, err_msg=split + name)
     accuracy = read_matrix_csv(single / "continual" / "test" / "accuracy_matrix.csv")[2]
     assert accuracy[-1].min() > accuracy[0].max()  # trained: the metrics compared are not all zero

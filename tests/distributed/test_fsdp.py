@@ -44,9 +44,15 @@ def single(tmp_path_factory) -> Path:
     # DTensors take neither the fused loss nor the fused Adam, whose float order differs by ~1e-7
     # a step and, compounded over a run, moved single adapter weights by up to 5e-4).
     return fit_once(
-        tmp_path_factory, "--config", "configs/tiny.yaml", "--config", "configs/methods/modular.yaml", *SMALL,
-        *MICRO_8X2, *UNFUSED,
-    )  # fmt: skip
+        tmp_path_factory,
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        "configs/methods/modular.yaml",
+        *SMALL,
+        *MICRO_8X2,
+        *UNFUSED,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,10 @@ def fsdp2(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(fsdp2, single, tmp_path):
     # FSDP2 refuses the fused loss (the reference turned it off to take the same path).
-    facts = {run: json.loads((run / "continual" / "summary.json").read_text())["fused_loss"] for run in (fsdp2, single)}
+    facts = {
+        run: json.loads((run / "continual" / "summary.json").read_text())["fused_loss"]
+        for run in (fsdp2, single)
+    }
     assert facts[single] == "off: model.fused_loss is false"
     assert facts[fsdp2].startswith("off: sharded training"), facts[fsdp2]
     assert_matches_single(fsdp2, single)
@@ -99,11 +108,24 @@ def test_fsdp2_resumes_from_a_sharded_checkpoint(fsdp2, tmp_path):
 
 
 def _fit_killed(save_dir: Path, save: int) -> subprocess.CompletedProcess:
-    fault = json.dumps([{"class_path": "faults.KillInsideShardedSave", "init_args": {"save": save}},
-                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                         "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10}}])  # fmt: skip
-    return run_train("fit", *FSDP2, "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.callbacks", fault,
-                     env={"PYTHONPATH": str(REPO / "tests")})  # fmt: skip
+    fault = json.dumps(
+        [
+            {"class_path": "faults.KillInsideShardedSave", "init_args": {"save": save}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 10},
+            },
+        ]
+    )
+    return run_train(
+        "fit",
+        *FSDP2,
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        "--trainer.callbacks",
+        fault,
+        env={"PYTHONPATH": str(REPO / "tests")},
+    )
 
 
 @pytest.mark.e2e
@@ -115,12 +137,19 @@ def test_a_kill_inside_a_sharded_save_leaves_the_previous_checkpoint(fsdp2, tmp_
     assert killed.returncode != 0
     run = tmp_path / "fsdp2_cpu" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
-    assert (last / "meta.pt").is_file() and torch.load(last / "meta.pt", weights_only=True)["global_step"] == 10
+    assert (last / "meta.pt").is_file() and torch.load(last / "meta.pt", weights_only=True)[
+        "global_step"
+    ] == 10
     resumed = fit(tmp_path, *FSDP2, "--ckpt_path", "last")
     assert resumed == run
     for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
-        np.testing.assert_allclose(read_matrix_csv(resumed / "continual" / name)[2],
-                                   read_matrix_csv(fsdp2 / "continual" / name)[2], atol=1e-6, rtol=0, err_msg=name)  # fmt: skip
+        np.testing.assert_allclose(
+            read_matrix_csv(resumed / "continual" / name)[2],
+            read_matrix_csv(fsdp2 / "continual" / name)[2],
+            atol=1e-6,
+            rtol=0,
+            err_msg=name,
+        )
     assert not (run / "checkpoints" / ".last.ckpt.partial").exists()
 
     # Killed inside the first save: there is no last.ckpt, and resuming says so in one line.
@@ -146,14 +175,28 @@ def test_validate_and_test_under_fsdp2_match_one_process(fsdp2, subcommand, tmp_
     # The sharded last.ckpt evaluated by 2 FSDP2 ranks, and the same weights (converted to one
     # file) by one process: every task's holdout loss and accuracy agree.
     ckpt = fsdp2 / "checkpoints" / "last.ckpt"
-    sharded = run_train(subcommand, *FSDP2, "--trainer.logger.init_args.save_dir", str(tmp_path / "sharded"),
-                        "--ckpt_path", str(ckpt))  # fmt: skip
+    sharded = run_train(
+        subcommand,
+        *FSDP2,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "sharded"),
+        "--ckpt_path",
+        str(ckpt),
+    )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     single_ckpt = tmp_path / "single.ckpt"
     meta = torch.load(ckpt / "meta.pt", weights_only=True)
     torch.save({**meta, "state_dict": read_checkpoint_state(ckpt, tmp_path)}, single_ckpt)
-    single = run_train(subcommand, "--config", "configs/tiny.yaml", *SMALL, "--trainer.logger.init_args.save_dir",
-                       str(tmp_path / "single"), "--ckpt_path", str(single_ckpt))  # fmt: skip
+    single = run_train(
+        subcommand,
+        "--config",
+        "configs/tiny.yaml",
+        *SMALL,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "single"),
+        "--ckpt_path",
+        str(single_ckpt),
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     prefix = "val" if subcommand == "validate" else "test"
     got, expected = _logged(tmp_path / "sharded", prefix), _logged(tmp_path / "single", prefix)

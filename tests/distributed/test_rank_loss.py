@@ -24,12 +24,31 @@ from subproc import REPO, run_train
 
 from crma_lightning.runs.rundir import read_matrix_csv
 
-DDP = ["--config", "configs/tiny.yaml", *SMALL, "--trainer.devices", "2", "--trainer.strategy", "ddp",
-       "--data.batch_size", "8"]  # fmt: skip
+DDP = [
+    "--config",
+    "configs/tiny.yaml",
+    *SMALL,
+    "--trainer.devices",
+    "2",
+    "--trainer.strategy",
+    "ddp",
+    "--data.batch_size",
+    "8",
+]
 FSDP2 = ["--config", "configs/distributed/fsdp2_cpu.yaml", *SMALL]
 #: A quick run for the exit loop: 2 tasks, 1 epoch each, 2 steps per task.
-QUICK = ["--data.train_size", "32", "--data.holdout_size", "8", "--data.epochs_per_task", "1",
-         "--data.tasks", '[{"name": "a"}, {"name": "b"}]', "--trainer.callbacks", "[]"]  # fmt: skip
+QUICK = [
+    "--data.train_size",
+    "32",
+    "--data.holdout_size",
+    "8",
+    "--data.epochs_per_task",
+    "1",
+    "--data.tasks",
+    '[{"name": "a"}, {"name": "b"}]',
+    "--trainer.callbacks",
+    "[]",
+]
 SETUPS = {"ddp": DDP, "fsdp2": FSDP2}
 
 
@@ -38,8 +57,14 @@ SETUPS = {"ddp": DDP, "fsdp2": FSDP2}
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_two_rank_fits_exit_0_every_time(setup, tmp_path):
     for i in range(2):
-        proc = run_train("fit", *SETUPS[setup], *QUICK, "--trainer.logger.init_args.save_dir", str(tmp_path / str(i)),
-                         timeout=300)  # fmt: skip
+        proc = run_train(
+            "fit",
+            *SETUPS[setup],
+            *QUICK,
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / str(i)),
+            timeout=300,
+        )
         assert proc.returncode == 0, f"run {i}: exit {proc.returncode}: {proc.stderr[-3000:]}"
         assert proc.record["status"] == "finished" and "terminate called" not in proc.stderr
 
@@ -49,8 +74,17 @@ def test_two_rank_fits_exit_0_every_time(setup, tmp_path):
 def test_a_rank_that_fails_at_the_end_fails_the_job(tmp_path):
     """Rank 1 finishes the fit, then exits 3: rank 0 waits for it and exits 1 with one line."""
     fault = '[{"class_path": "faults.ExitCodeAtEnd", "init_args": {"rank": 1, "code": 3}}]'
-    proc = run_train("fit", *DDP, *QUICK, "--trainer.callbacks", fault, "--trainer.logger.init_args.save_dir",
-                     str(tmp_path), env={"PYTHONPATH": str(REPO / "tests")}, timeout=300)  # fmt: skip
+    proc = run_train(
+        "fit",
+        *DDP,
+        *QUICK,
+        "--trainer.callbacks",
+        fault,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        env={"PYTHONPATH": str(REPO / "tests")},
+        timeout=300,
+    )
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     assert "error: local rank 1 exited with code 3" in proc.stderr
 
@@ -69,8 +103,12 @@ def test_a_killed_rank_stops_the_run_and_last_resumes_it(setup, tmp_path, tmp_pa
     assert resumed == tmp_path / "run" / "version_0"  # the same run directory, continued
     reference = fit_once(tmp_path_factory, *SETUPS[setup])
     for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
-        np.testing.assert_allclose(read_matrix_csv(resumed / "continual" / name).values,
-                                   read_matrix_csv(reference / "continual" / name).values, atol=1e-6, rtol=0)  # fmt: skip
+        np.testing.assert_allclose(
+            read_matrix_csv(resumed / "continual" / name).values,
+            read_matrix_csv(reference / "continual" / name).values,
+            atol=1e-6,
+            rtol=0,
+        )
 
 
 @pytest.mark.slow

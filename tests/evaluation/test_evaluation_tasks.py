@@ -43,8 +43,14 @@ def _private_datasets_cache(tmp_path_factory, monkeypatch):
     )
 
 
-def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id: str = "oracle", router: str = "stats",
-        routing: bool = True):  # fmt: skip
+def fit(
+    tmp_path,
+    test_matrices: bool = True,
+    strategy: str = "frozen",
+    task_id: str = "oracle",
+    router: str = "stats",
+    routing: bool = True,
+):
     tasks = list(KEYWORDS)
     dm = ContinualDataModule(
         [
@@ -77,7 +83,9 @@ def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id:
         lr=GroupLR(lora=1e-2),
         seed=0,
     )
-    evaluation = ContinualEvaluation(print_table=False, test_matrices=test_matrices, task_id=task_id, router=router)
+    evaluation = ContinualEvaluation(
+        print_table=False, test_matrices=test_matrices, task_id=task_id, router=router
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=dm.total_epochs,
@@ -88,7 +96,12 @@ def fit(tmp_path, test_matrices: bool = True, strategy: str = "frozen", task_id:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[FreezingPolicy(), *([RoutingStatistics()] if routing else []), evaluation, AdapterCheckpoint()],
+        callbacks=[
+            FreezingPolicy(),
+            *([RoutingStatistics()] if routing else []),
+            evaluation,
+            AdapterCheckpoint(),
+        ],
     )
     trainer.fit(module, datamodule=dm)
     return RunDir(trainer.log_dir), evaluation
@@ -169,7 +182,9 @@ def test_test_matrices_can_be_turned_off_and_resume_state_round_trips(tmp_path):
     assert old.loss_rows == evaluation.loss_rows and old.splits == ["validation"]
 
 
-@pytest.mark.parametrize(("strategy", "router"), [("frozen", "stats"), ("frozen", "loss"), ("naive", "stats")])
+@pytest.mark.parametrize(
+    ("strategy", "router"), [("frozen", "stats"), ("frozen", "loss"), ("naive", "stats")]
+)
 def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(strategy, router, tmp_path):
     run, evaluation = fit(tmp_path, test_matrices=False, strategy=strategy, task_id="both", router=router)
     tasks = list(KEYWORDS)
@@ -228,7 +243,9 @@ def test_task_id_none_evaluates_only_without_the_task_id(tmp_path):
     none, evaluation = fit(tmp_path / "none", test_matrices=False, strategy="frozen", task_id="none")
     for metric in ("loss", "accuracy", "label_accuracy", "routing_accuracy"):
         blind = both.read_matrix(f"{metric}_matrix_no_task_id")
-        np.testing.assert_allclose(none.read_matrix(f"{metric}_matrix").values, blind.values, atol=1e-6, err_msg=metric)
+        np.testing.assert_allclose(
+            none.read_matrix(f"{metric}_matrix").values, blind.values, atol=1e-6, err_msg=metric
+        )
     assert not list(none.results.glob("*_no_task_id.csv")) and list(evaluation.rows) == ["validation"]
     assert none.read_summary()["task_id"] == "none" and both.read_summary()["task_id"] == "given"
     assert none.read_summary()["bwt"] == pytest.approx(both.read_summary()["no_task_id"]["bwt"], abs=1e-6)
@@ -253,18 +270,44 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
         "initializer_range": 0.2,
     }
     args = [
-        "--config", "configs/tiny.yaml", "--config", f"configs/methods/{strategy}.yaml",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
-        "--data.tasks", json.dumps(tasks), "--data.tokenizer", "tiny", "--data.max_length", "64",
-        "--data.train_size", "32", "--data.holdout_size", "8", "--data.test_size", "6",
-        "--data.epochs_per_task", "1", "--data.batch_size", "8", "--data.eval_batch_size", "4",
-        "--model.backbone.config", json.dumps(backbone), "--evaluation.task_id", "both",
-    ]  # fmt: skip
+        "--config",
+        "configs/tiny.yaml",
+        "--config",
+        f"configs/methods/{strategy}.yaml",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--data.tasks",
+        json.dumps(tasks),
+        "--data.tokenizer",
+        "tiny",
+        "--data.max_length",
+        "64",
+        "--data.train_size",
+        "32",
+        "--data.holdout_size",
+        "8",
+        "--data.test_size",
+        "6",
+        "--data.epochs_per_task",
+        "1",
+        "--data.batch_size",
+        "8",
+        "--data.eval_batch_size",
+        "4",
+        "--model.backbone.config",
+        json.dumps(backbone),
+        "--evaluation.task_id",
+        "both",
+    ]
     proc = run_train("fit", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test task metric (exact_match)" in proc.stdout  # the final tables, test split included
     said = [line for line in proc.stdout.splitlines() if line.startswith("evaluated ")]  # one per row
-    assert [line.split(":")[0] for line in said] == ["evaluated base model", "evaluated after news", "evaluated after mood"]
+    assert [line.split(":")[0] for line in said] == [
+        "evaluated base model",
+        "evaluated after news",
+        "evaluated after mood",
+    ]
     run = RunDir(run_dir_of(proc))
     names = ("loss_matrix", "accuracy_matrix", "label_accuracy_matrix", "token_accuracy_matrix")
     names += tuple(f"{n}_no_task_id" for n in names)
@@ -292,9 +335,16 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
     # it logs token accuracy, and leaves "accuracy" (here exact match, generated) to the callback.
     last = str(run.path / "checkpoints" / "last.ckpt")
     proc = run_train(
-        "test", *args, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "cli_test"),
-        "--ckpt_path", last, env={"COLUMNS": "200"},
-    )  # fmt: skip
+        "test",
+        *args,
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path / "cli_test"),
+        "--ckpt_path",
+        last,
+        env={"COLUMNS": "200"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = {
         cells[1].strip(): float(cells[2].strip().rstrip("…"))
@@ -325,7 +375,9 @@ def test_test_run_rebuilds_the_matrices_of_fit_from_the_adapters(strategy, tmp_p
         assert run.read_summary("test")["router"] == "stats"
         shutil.rmtree(run.path / "routing")
         proc = run_train("test", "--run", str(run.path), "--task-id", "none")
-        assert proc.returncode == 2 and "--build-stats" in proc.stderr and "--router loss" in proc.stderr, proc.stderr[-2000:]
+        assert proc.returncode == 2 and "--build-stats" in proc.stderr and "--router loss" in proc.stderr, (
+            proc.stderr[-2000:]
+        )
         proc = run_train("test", "--run", str(run.path), "--task-id", "none", "--router", "loss")
         assert proc.returncode == 0 and run.read_summary("test")["router"] == "loss", proc.stderr[-3000:]
     if strategy == "modular":  # a run made before the CRMA history: one clear line, nothing written

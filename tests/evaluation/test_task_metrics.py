@@ -85,7 +85,9 @@ def test_choice_log_likelihoods_equal_unpadded_sequences(family):
     want = torch.tensor([[_summed_log_prob(model, p, c) for c in choices] for p in prompts])
     # measured 1.9e-6 (one float32 ulp at ~16); one changed prompt token moves them by 2e-2 or more
     torch.testing.assert_close(got.log_likelihood, want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(tm.choice_log_likelihoods(model, prompts, choices, pad_id=0), got.log_likelihood)
+    torch.testing.assert_close(
+        tm.choice_log_likelihoods(model, prompts, choices, pad_id=0), got.log_likelihood
+    )
     with torch.no_grad():  # token accuracy of each target, the greedy answer and the prompt's own loss
         for b, p in enumerate(prompts):
             for k, c in enumerate(choices):

@@ -57,8 +57,16 @@ def reference_loss(device: str, liger: bool | None = None) -> tuple[str, Callabl
 
 
 #: TinyLlama-1.1B's shape, random init.
-LLAMA_1B = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
+LLAMA_1B = dict(
+    model_type="llama",
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RESULTS: dict[str, dict] = {}
 
@@ -88,8 +96,12 @@ def test_selection_without_cuda():
 
 def test_gpu_checks_skip_cleanly_without_cuda(request):
     """Every test marked ``gpu`` carries the CUDA skip, and it is active exactly when CUDA is absent."""
-    marked = [f for n, f in globals().items() if n.startswith("test_") and any(
-        getattr(m, "name", None) == "gpu" for m in getattr(f, "pytestmark", []))]  # fmt: skip
+    marked = [
+        f
+        for n, f in globals().items()
+        if n.startswith("test_")
+        and any(getattr(m, "name", None) == "gpu" for m in getattr(f, "pytestmark", []))
+    ]
     assert len(marked) == 6
     for f in marked:
         skips = [m for m in f.pytestmark if m.name == "skipif"]
@@ -163,9 +175,23 @@ def test_bf16_tokens_per_s_modular_vs_frozen():
 @needs_cuda
 def test_fsdp1_one_node(tmp_path):
     devices = str(torch.cuda.device_count())
-    args = ["fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "gpu", "--trainer.devices", devices,
-            "--trainer.strategy", "crma_lightning.backbone.sharding.AdapterFSDPStrategy", "--trainer.precision", "bf16-mixed",
-            "--model.backbone.dtype", "bfloat16", "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.accelerator",
+        "gpu",
+        "--trainer.devices",
+        devices,
+        "--trainer.strategy",
+        "crma_lightning.backbone.sharding.AdapterFSDPStrategy",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--model.backbone.dtype",
+        "bfloat16",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
     first = run_train(*args, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = run_train(*args, "--ckpt_path", "last", timeout=300)
@@ -180,13 +206,31 @@ def test_fsdp1_one_node(tmp_path):
 @needs_cuda
 @pytest.mark.parametrize(
     "extra",
-    [["--trainer.strategy", "crma_lightning.backbone.sharding.AdapterShardedStrategy", "--trainer.precision", "bf16-mixed"],
-     ["--trainer.precision", "16-mixed"]],
+    [
+        [
+            "--trainer.strategy",
+            "crma_lightning.backbone.sharding.AdapterShardedStrategy",
+            "--trainer.precision",
+            "bf16-mixed",
+        ],
+        ["--trainer.precision", "16-mixed"],
+    ],
     ids=["fsdp2_bf16", "single_16mixed"],
-)  # fmt: skip
+)
 def test_fit_on_one_gpu(tmp_path, extra):
-    fit = run_train("fit", "--config", "configs/tiny.yaml", "--trainer.accelerator", "gpu", "--trainer.devices", "1",
-                    *extra, "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=300)  # fmt: skip
+    fit = run_train(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        "--trainer.accelerator",
+        "gpu",
+        "--trainer.devices",
+        "1",
+        *extra,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        timeout=300,
+    )
     summary = next(tmp_path.rglob("summary.json"), None)
     RESULTS[f"fit_{extra[-1]}"] = {
         "exit": fit.returncode,
@@ -241,11 +285,31 @@ def test_plan_matches_cuda_peak():
     the step's ``torch.cuda.max_memory_allocated`` (weights included)."""
     from crma_lightning.cli.plan import parse, plan_config, shipped_config
 
-    shape = {k: v for k, v in json.loads(shipped_config("HuggingFaceTB/SmolLM2-135M-Instruct").read_text()).items()
-             if k != "architectures"}  # fmt: skip
-    argv = ["--config", "configs/tiny.yaml", "--model.backbone.config", json.dumps(shape), "--model.backbone.dtype",
-            "bfloat16", "--trainer.precision", "bf16-mixed", "--data.batch_size", "8", "--data.max_length", "512",
-            "--model.lora.dropout", "0.0", "--data.tokenizer", "null", "--data.synthetic_vocab", "64"]  # fmt: skip
+    shape = {
+        k: v
+        for k, v in json.loads(shipped_config("HuggingFaceTB/SmolLM2-135M-Instruct").read_text()).items()
+        if k != "architectures"
+    }
+    argv = [
+        "--config",
+        "configs/tiny.yaml",
+        "--model.backbone.config",
+        json.dumps(shape),
+        "--model.backbone.dtype",
+        "bfloat16",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--data.batch_size",
+        "8",
+        "--data.max_length",
+        "512",
+        "--model.lora.dropout",
+        "0.0",
+        "--data.tokenizer",
+        "null",
+        "--data.synthetic_vocab",
+        "64",
+    ]
     plan, text = plan_config(argv)
     _, module = parse(argv)
     module.configure_model()
@@ -262,6 +326,10 @@ def test_plan_matches_cuda_peak():
     for _ in range(3):
         _step(model, params, ids, opt)
     peak = torch.cuda.max_memory_allocated()
-    RESULTS["plan_vs_cuda_peak"] = {"plan_gib": plan.peak() / 2**30, "measured_gib": peak / 2**30,
-                                    "error": plan.peak() / peak - 1, "plan": text}  # fmt: skip
+    RESULTS["plan_vs_cuda_peak"] = {
+        "plan_gib": plan.peak() / 2**30,
+        "measured_gib": peak / 2**30,
+        "error": plan.peak() / peak - 1,
+        "plan": text,
+    }
     assert abs(plan.peak() / peak - 1) <= 0.15, text

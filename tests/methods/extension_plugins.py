@@ -37,7 +37,9 @@ class L2ToTaskStart(Regularizer):
         if not self.anchor:
             return None
         params = module.shared_parameters()
-        return self.weight * sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(params, self.anchor, strict=True))
+        return self.weight * sum(
+            ((p - a.to(p.device)) ** 2).sum() for p, a in zip(params, self.anchor, strict=True)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": [a.cpu() for a in self.anchor]}

@@ -22,13 +22,29 @@ pytestmark = pytest.mark.e2e  # every test here runs a fit through train.py's CL
 
 PLUGINS = Path(__file__).resolve().parent
 ENV = {"PYTHONPATH": str(PLUGINS)}
-SMALL = ["--data.train_size", "64", "--data.holdout_size", "16", "--data.test_size", "16",
-         "--trainer.enable_progress_bar", "false"]  # fmt: skip
+SMALL = [
+    "--data.train_size",
+    "64",
+    "--data.holdout_size",
+    "16",
+    "--data.test_size",
+    "16",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def fit(tmp_path: Path, *args: str) -> RunDir:
-    proc = run_train("fit", "--config", "configs/tiny.yaml", *SMALL, *args,
-                     "--trainer.logger.init_args.save_dir", str(tmp_path), env=ENV)  # fmt: skip
+    proc = run_train(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        *SMALL,
+        *args,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        env=ENV,
+    )
     return RunDir(run_dir_of(proc))
 
 
@@ -82,8 +98,15 @@ def test_a_layout_from_outside_the_package(tmp_path, plugins_importable):
 def test_a_regularizer_and_a_callback_from_outside_the_package(tmp_path, plugins_importable):
     reg = json.dumps([{"class_path": "extension_plugins.L2ToTaskStart", "init_args": {"weight": 10.0}}])
     callback = json.dumps([{"class_path": "extension_plugins.TaskEndLog"}])
-    run = fit(tmp_path, "--config", "configs/methods/naive.yaml", "--model.regularizers", reg,
-              "--trainer.callbacks+", callback)  # fmt: skip
+    run = fit(
+        tmp_path,
+        "--config",
+        "configs/methods/naive.yaml",
+        "--model.regularizers",
+        reg,
+        "--trainer.callbacks+",
+        callback,
+    )
     ends = (run.path / "task_ends.txt").read_text().split()
     assert ends[0::2] == ["alpha", "beta", "gamma"]  # once per task, in order
     events = EventAccumulator(str(run.path)).Reload()

@@ -21,14 +21,27 @@ from crma_lightning.runs.rundir import read_matrix_csv
 
 
 def fit_dir(tmp: Path, *args: str) -> Path:
-    proc = run_train("fit", "--config", "configs/tiny.yaml", *args, "--trainer.logger.init_args.save_dir", str(tmp),
-                     "--trainer.enable_progress_bar", "false")  # fmt: skip
+    proc = run_train(
+        "fit",
+        "--config",
+        "configs/tiny.yaml",
+        *args,
+        "--trainer.logger.init_args.save_dir",
+        str(tmp),
+        "--trainer.enable_progress_bar",
+        "false",
+    )
     return run_dir_of(proc)
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    "strategy", ["modular", pytest.param("naive", marks=pytest.mark.slow), pytest.param("frozen", marks=pytest.mark.slow)]
+    "strategy",
+    [
+        "modular",
+        pytest.param("naive", marks=pytest.mark.slow),
+        pytest.param("frozen", marks=pytest.mark.slow),
+    ],
 )
 def test_the_papers_conditions_keep_their_loss_matrices(strategy, tmp_path):
     run = fit_dir(tmp_path, "--config", f"configs/methods/{strategy}.yaml")
@@ -68,16 +81,36 @@ TASKS = ["a", "b", "c"]
 
 def build(strategy: str, regularizers: list, tmp_path, extra_callbacks=(), epochs_per_task: int = 1):
     module = ContinualLM(
-        BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80}), list(TASKS), strategy=strategy,
-        regularizers=regularizers, lora=LoRAConfig(r=4, dropout=0.0, target_modules="all-linear"),
+        BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80}),
+        list(TASKS),
+        strategy=strategy,
+        regularizers=regularizers,
+        lora=LoRAConfig(r=4, dropout=0.0, target_modules="all-linear"),
         lr=GroupLR(lora=1e-2, crma_proj=3e-3, crma_mix=1e-2, crma_gate=1e-2),
-    )  # fmt: skip
-    dm = ContinualDataModule([TaskSpec(t) for t in TASKS], max_length=16, train_size=64, holdout_size=16,
-                             batch_size=16, eval_batch_size=16, epochs_per_task=epochs_per_task, synthetic_vocab=48)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=len(TASKS) * epochs_per_task, reload_dataloaders_every_n_epochs=1,
-                         use_distributed_sampler=False, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                         callbacks=[*method_callbacks(progress_bar=False), *extra_callbacks])  # fmt: skip
+    )
+    dm = ContinualDataModule(
+        [TaskSpec(t) for t in TASKS],
+        max_length=16,
+        train_size=64,
+        holdout_size=16,
+        batch_size=16,
+        eval_batch_size=16,
+        epochs_per_task=epochs_per_task,
+        synthetic_vocab=48,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=len(TASKS) * epochs_per_task,
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[*method_callbacks(progress_bar=False), *extra_callbacks],
+    )
     return module, dm, trainer
 
 
@@ -93,7 +126,10 @@ def test_penalty_maths_on_hand_computed_values():
     # Orthogonality: |A_i A_t^T|_1, zero for orthogonal row spaces.
     e = torch.eye(4)
     assert orthogonality([e[:2]], e[2:]).item() == 0.0
-    assert orthogonality([torch.tensor([[1.0, 2.0]])], torch.tensor([[3.0, -1.0], [0.0, 1.0]])).item() == 1.0 + 2.0
+    assert (
+        orthogonality([torch.tensor([[1.0, 2.0]])], torch.tensor([[3.0, -1.0], [0.0, 1.0]])).item()
+        == 1.0 + 2.0
+    )
     # Distillation is zero against itself and positive otherwise.
     s = torch.randn(2, 3, 7)
     mask = torch.ones(2, 3)
@@ -118,8 +154,11 @@ def test_ewc_fisher_covers_exactly_the_shared_parameters(strategy, tmp_path):
 
 def test_meaningless_combinations_are_one_clear_error():
     backbone = BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80})
-    for strategy, reg, needle in (("frozen", EWC(), "EWC protects parameters shared"), ("inc_lora", LwF(), "LwF protects"),
-                                  ("naive", OrthogonalLoRA(), "OrthogonalLoRA keeps each task's LoRA")):  # fmt: skip
+    for strategy, reg, needle in (
+        ("frozen", EWC(), "EWC protects parameters shared"),
+        ("inc_lora", LwF(), "LwF protects"),
+        ("naive", OrthogonalLoRA(), "OrthogonalLoRA keeps each task's LoRA"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             ContinualLM(backbone, list(TASKS), strategy=strategy, regularizers=[reg])
     with pytest.raises(ConfigError, match="EWC weight must be >= 0"):
@@ -135,8 +174,12 @@ class _Probe(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.current_task() == "b" and batch_idx == 2 and not self.seen:
             with torch.no_grad():
-                self.seen = {"teacher": self.lwf.teacher_logits(pl_module, batch), "live": pl_module(batch["input_ids"]),
-                             "snapshot": [s.clone() for s in self.lwf.snapshot], "batch": batch}  # fmt: skip
+                self.seen = {
+                    "teacher": self.lwf.teacher_logits(pl_module, batch),
+                    "live": pl_module(batch["input_ids"]),
+                    "snapshot": [s.clone() for s in self.lwf.snapshot],
+                    "batch": batch,
+                }
 
 
 def test_lwf_targets_come_from_the_boundary_model_not_the_live_one(tmp_path):
@@ -215,8 +258,15 @@ def test_the_replay_buffer_holds_only_finished_tasks_in_the_configured_amounts()
 
 
 def test_replay_batches_mix_the_configured_ratio_on_one_and_two_ranks():
-    dm = ContinualDataModule([TaskSpec(t) for t in TASKS], max_length=16, train_size=64, holdout_size=8,
-                             batch_size=8, synthetic_vocab=48, replay=Replay(ratio=0.25, per_task=10))  # fmt: skip
+    dm = ContinualDataModule(
+        [TaskSpec(t) for t in TASKS],
+        max_length=16,
+        train_size=64,
+        holdout_size=8,
+        batch_size=8,
+        synthetic_vocab=48,
+        replay=Replay(ratio=0.25, per_task=10),
+    )
     assert dm.train_batches_per_epoch(0) == 8 and dm.train_batches_per_epoch(2) == math.ceil(64 / 6)
     kept = dm.replay_buffer(2)
     assert {k for k, _ in kept} == {0, 1} and len(kept) == 20
@@ -239,8 +289,15 @@ def test_replay_batches_mix_the_configured_ratio_on_one_and_two_ranks():
 
 
 def test_multitask_sees_every_tasks_data_in_every_stage_and_each_example_once():
-    dm = ContinualDataModule([TaskSpec(t) for t in TASKS], max_length=16, train_size=60, holdout_size=8,
-                             batch_size=8, synthetic_vocab=48, multitask=True)  # fmt: skip
+    dm = ContinualDataModule(
+        [TaskSpec(t) for t in TASKS],
+        max_length=16,
+        train_size=60,
+        holdout_size=8,
+        batch_size=8,
+        synthetic_vocab=48,
+        multitask=True,
+    )
     slices = [dm.joint_slice(k) for k in range(3)]
     assert sorted(p for s in slices for p in s) == sorted((k, i) for k in range(3) for i in range(60))
     for s in slices:
@@ -263,7 +320,9 @@ def test_every_method_preset_parses_on_any_base_config(preset, base):
         def instantiate_classes(self) -> None:
             pass
 
-    cli = ParseOnly(args=["--config", str(REPO / "configs" / f"{base}.yaml"), "--config", str(preset)], run=False)
+    cli = ParseOnly(
+        args=["--config", str(REPO / "configs" / f"{base}.yaml"), "--config", str(preset)], run=False
+    )
     assert cli.config.model.strategy in ("naive", "frozen", "modular", "inc_lora")
 
 
@@ -271,8 +330,17 @@ def test_every_method_preset_parses_on_any_base_config(preset, base):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_method_preset_runs(preset, tmp_path):
-    run = fit_dir(tmp_path, "--config", str(preset), "--data.train_size", "32", "--data.holdout_size", "16",
-                  "--data.epochs_per_task", "1")  # fmt: skip
+    run = fit_dir(
+        tmp_path,
+        "--config",
+        str(preset),
+        "--data.train_size",
+        "32",
+        "--data.holdout_size",
+        "16",
+        "--data.epochs_per_task",
+        "1",
+    )
     summary = __import__("json").loads((run / "continual" / "summary.json").read_text())
     base = read_matrix_csv(run / "continual" / "loss_matrix.csv")[2][0].mean()  # the untrained model's
     # Trained: measured 0.082-0.116 below the base row's 4.569 over the 10 presets (4.6 held untrained).
@@ -291,11 +359,17 @@ def test_every_method_preset_runs(preset, tmp_path):
 
 # -- every method keeps the framework's guarantees ----------------------------------------------
 COMBINED = {  # the stateful parts together: replay buffer, EWC's Fisher and anchors, LwF's snapshot
-    "modular_replay_ewc_lwf": ["--model.strategy", "modular", "--data.replay", '{"ratio": 0.25, "per_task": 16}',
-                               "--model.regularizers", '[{"class_path": "crma_lightning.methods.regularizers.EWC", "init_args": {"weight": 100}}, '
-                               '{"class_path": "crma_lightning.methods.regularizers.LwF"}]'],
+    "modular_replay_ewc_lwf": [
+        "--model.strategy",
+        "modular",
+        "--data.replay",
+        '{"ratio": 0.25, "per_task": 16}',
+        "--model.regularizers",
+        '[{"class_path": "crma_lightning.methods.regularizers.EWC", "init_args": {"weight": 100}}, '
+        '{"class_path": "crma_lightning.methods.regularizers.LwF"}]',
+    ],
     "olora": ["--config", "configs/methods/olora.yaml"],
-}  # fmt: skip
+}
 
 
 @pytest.mark.e2e
@@ -307,7 +381,11 @@ def test_a_killed_method_run_resumes_to_the_uninterrupted_result(method, tmp_pat
     full = train(tmp_path / "full", *COMBINED[method])
     assert full.returncode == 0, full.stderr[-3000:]
     expected = artefacts(tmp_path / "full" / "tiny" / "version_0")
-    killed = train(tmp_path / "k", *COMBINED[method], *callbacks_with('{"class_path": "faults.KillAtStep", "init_args": {"step": 25}}'))
+    killed = train(
+        tmp_path / "k",
+        *COMBINED[method],
+        *callbacks_with('{"class_path": "faults.KillAtStep", "init_args": {"step": 25}}'),
+    )
     assert killed.returncode != 0
     resumed = train(tmp_path / "k", *COMBINED[method], "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -325,7 +403,16 @@ def test_two_ddp_ranks_equal_one_process_under_a_combined_method(tmp_path, tmp_p
     # 60 examples: 10 batches of 6 new (+ 2 replayed) examples per epoch, so one process summing pairs
     # of micro-batches and two ranks take the same steps (with 64, one process would end each epoch
     # on a lone micro-batch where the two ranks pad a global batch by wrapping around).
-    args = ["--config", "configs/tiny.yaml", *SMALL, "--data.train_size", "60", *COMBINED["modular_replay_ewc_lwf"]]
+    args = [
+        "--config",
+        "configs/tiny.yaml",
+        *SMALL,
+        "--data.train_size",
+        "60",
+        *COMBINED["modular_replay_ewc_lwf"],
+    ]
     single = fit_once(tmp_path_factory, *args, *MICRO_8X2)
-    ddp = fit(tmp_path, *args, "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    ddp = fit(
+        tmp_path, *args, "--data.batch_size", "8", "--trainer.devices", "2", "--trainer.strategy", "ddp"
+    )
     assert_matches_single(ddp, single)

@@ -72,8 +72,13 @@ def test_pooled_covariance_and_shrinkage_by_hand():
 def test_lda_in_one_dimension_by_hand():
     # Task a: features -1, 1 (mean 0); task b: 1, 3 (mean 2). Pooled variance (2 + 2) / (4 - 2) = 2:
     # g_a(x) = 0, g_b(x) = x - 1, so p(b | x) = sigmoid(x - 1).
-    lda = routing.fit_lda([routing.feature_sums(torch.tensor([[-1.0], [1.0]])),
-                           routing.feature_sums(torch.tensor([[1.0], [3.0]]))], shrinkage=0.3)  # fmt: skip
+    lda = routing.fit_lda(
+        [
+            routing.feature_sums(torch.tensor([[-1.0], [1.0]])),
+            routing.feature_sums(torch.tensor([[1.0], [3.0]])),
+        ],
+        shrinkage=0.3,
+    )
     assert lda.weight.flatten().tolist() == pytest.approx([0.0, 1.0], abs=1e-8)
     assert lda.bias.tolist() == pytest.approx([0.0, -1.0], abs=1e-8)
     choice, confidence = routing.decide(lda.scores(torch.tensor([[1.0], [0.0], [3.0]])))
@@ -228,9 +233,13 @@ def test_evaluation_without_the_task_id_routes_with_statistics_read_back_after_a
     def fit(root, callbacks=(), ckpt_path=None):
         evaluation = ContinualEvaluation(print_table=False, test_matrices=False, task_id="both")
         module, dm, trainer = build(
-            "modular", root, epochs_per_task=1, evaluation=evaluation,
-            routing=RoutingStatistics(max_examples=MAX_EXAMPLES), callbacks=callbacks,
-        )  # fmt: skip
+            "modular",
+            root,
+            epochs_per_task=1,
+            evaluation=evaluation,
+            routing=RoutingStatistics(max_examples=MAX_EXAMPLES),
+            callbacks=callbacks,
+        )
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         return evaluation.rows["validation_no_task_id"]
 
@@ -243,5 +252,7 @@ def test_evaluation_without_the_task_id_routes_with_statistics_read_back_after_a
     assert list(resumed["loss"]) == ["base", *TASKS]
     for metric in ("loss", "token_accuracy", "routing_accuracy"):
         for row in TASKS[1:]:  # routed among 2 and 3 tasks
-            np.testing.assert_allclose(resumed[metric][row], whole[metric][row], atol=1e-6, err_msg=f"{metric} {row}")
+            np.testing.assert_allclose(
+                resumed[metric][row], whole[metric][row], atol=1e-6, err_msg=f"{metric} {row}"
+            )
     assert not np.isnan(whole["routing_accuracy"]["c"]).any()

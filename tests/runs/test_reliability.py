@@ -36,8 +36,12 @@ def test_sigkill_then_resume_matches_uninterrupted(point, uninterrupted, tmp_pat
         json.loads((run_dir / "continual" / "summary.json").read_text())
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)["global_step"] > 0
 
-    resumed = train(tmp_path, *callbacks_with('{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}'),
-                    "--ckpt_path", "last")  # fmt: skip
+    resumed = train(
+        tmp_path,
+        *callbacks_with('{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}'),
+        "--ckpt_path",
+        "last",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = artefacts(run_dir)
     assert got.keys() == uninterrupted.keys()
@@ -54,7 +58,9 @@ def test_nonfinite_step_is_skipped_and_counted(where, tmp_path):
     class Watch(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step in (3, 4):
-                snaps[trainer.global_step] = [p.detach().clone() for p in pl_module.ever_trainable_parameters()]
+                snaps[trainer.global_step] = [
+                    p.detach().clone() for p in pl_module.ever_trainable_parameters()
+                ]
 
     module, dm, trainer = build("modular", tmp_path, callbacks=[NaNAt(3, where), Watch()])
     module.nonfinite = "skip"
@@ -71,10 +77,17 @@ def test_nonfinite_step_is_skipped_and_counted(where, tmp_path):
 def test_nonfinite_stop_exits_1_with_one_error_line_and_keeps_the_checkpoint(tmp_path):
     """The documented behaviour of model.nonfinite: stop, through train.py: exit status 1, one
     `error:` line naming the step and the fixes, no traceback, the last checkpoint kept."""
-    proc = train(tmp_path, *callbacks_with('{"class_path": "faults.NaNAt", "init_args": {"step": 12, "where": "grad"}}'))
+    proc = train(
+        tmp_path,
+        *callbacks_with('{"class_path": "faults.NaNAt", "init_args": {"step": 12, "where": "grad"}}'),
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "non-finite gradient at step 12" in errors[0] and "model.nonfinite: skip" in errors[0]
+    assert (
+        len(errors) == 1
+        and "non-finite gradient at step 12" in errors[0]
+        and "model.nonfinite: skip" in errors[0]
+    )
     assert "Traceback" not in proc.stderr
     ckpt = tmp_path / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, weights_only=True, mmap=True)["global_step"] == 10

@@ -32,10 +32,19 @@ TEXT_TASKS = '[{"name": "code", "source": "corpus:code"}, {"name": "legal", "sou
 
 def _fit(tmp, name: str, *overrides: str):
     cli = fit_main(
-        ["fit", "--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp),
-         "--trainer.logger.init_args.name", name,
-         "--model.crma.init_seed", "0", *overrides]
-    )  # fmt: skip
+        [
+            "fit",
+            "--config",
+            "configs/tiny.yaml",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp),
+            "--trainer.logger.init_args.name",
+            name,
+            "--model.crma.init_seed",
+            "0",
+            *overrides,
+        ]
+    )
     return cli.trainer.log_dir
 
 
@@ -56,10 +65,21 @@ def tiny(tiny_dir):
 def text_dir(tmp_path_factory):
     """Two corpus domains, the shipped tiny tokenizer, one epoch each."""
     return _fit(
-        tmp_path_factory.mktemp("runs"), "text", "--data.tokenizer", "tiny", "--data.tasks", TEXT_TASKS,
-        "--model.backbone.config.vocab_size", "512", "--data.train_size", "64", "--data.holdout_size", "16",
-        "--data.epochs_per_task", "1",
-    )  # fmt: skip
+        tmp_path_factory.mktemp("runs"),
+        "text",
+        "--data.tokenizer",
+        "tiny",
+        "--data.tasks",
+        TEXT_TASKS,
+        "--model.backbone.config.vocab_size",
+        "512",
+        "--data.train_size",
+        "64",
+        "--data.holdout_size",
+        "16",
+        "--data.epochs_per_task",
+        "1",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +96,36 @@ def distinct_dir(tmp_path_factory):
 
     data, rng = tmp_path_factory.mktemp("distinct_data"), random.Random(0)
     numbers = [" ".join(str(rng.randrange(10 ** rng.randrange(1, 5))) for _ in range(40)) for _ in range(120)]
-    words = [" ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randrange(2, 7))) for _ in range(30))
-             for _ in range(120)]  # fmt: skip
+    words = [
+        " ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randrange(2, 7))) for _ in range(30))
+        for _ in range(120)
+    ]
     (data / "numbers.txt").write_text("\n".join(numbers) + "\n")
     (data / "words.txt").write_text("\n".join(words) + "\n")
-    tasks = json.dumps([{"name": "numbers", "source": str(data / "numbers.txt")}, {"name": "words", "source": str(data / "words.txt")}])
+    tasks = json.dumps(
+        [
+            {"name": "numbers", "source": str(data / "numbers.txt")},
+            {"name": "words", "source": str(data / "words.txt")},
+        ]
+    )
     return _fit(
-        tmp_path_factory.mktemp("runs"), "distinct", "--data.tokenizer", "tiny", "--data.tasks", tasks,
-        "--model.backbone.config.vocab_size", "512", "--data.train_size", "64", "--data.holdout_size", "16",
-        "--data.epochs_per_task", "1", "--routing.max_examples", "48",
-    )  # fmt: skip
+        tmp_path_factory.mktemp("runs"),
+        "distinct",
+        "--data.tokenizer",
+        "tiny",
+        "--data.tasks",
+        tasks,
+        "--model.backbone.config.vocab_size",
+        "512",
+        "--data.train_size",
+        "64",
+        "--data.holdout_size",
+        "16",
+        "--data.epochs_per_task",
+        "1",
+        "--routing.max_examples",
+        "48",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +160,17 @@ def test_loaded_run_reproduces_the_runs_final_loss_row(tiny, tiny_dir):
 
 @pytest.mark.e2e
 def test_load_checks_the_base_model(tiny_dir):
-    other = BackboneConfig(config={"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
-                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})  # fmt: skip
+    other = BackboneConfig(
+        config={
+            "model_type": "llama",
+            "vocab_size": 96,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
     with pytest.raises(ConfigError, match="does not fit this model|another base model"):
         load_run(tiny_dir, backbone=other)
 
@@ -172,8 +221,14 @@ def test_greedy_generation_with_kv_cache_equals_full_forward_argmax(tiny):
             seq.append(int(tiny.logits(torch.tensor([seq]), task="beta", crma=crma)[0, -1].argmax()))
         assert fast == seq[len(prompt) :]
         with tiny.serving("beta", crma):
-            no_cache = tiny.model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, use_cache=False,
-                                           pad_token_id=0, eos_token_id=None)  # fmt: skip
+            no_cache = tiny.model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=10,
+                do_sample=False,
+                use_cache=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
         assert no_cache[0, len(prompt) :].tolist() == fast
 
 
@@ -205,7 +260,9 @@ def test_text_generation_with_the_runs_tokenizer(text):
     new = seq[len(ids) :]
     if text.eos_id in new:
         new = new[: new.index(text.eos_id)]
-    assert text.generate("def parse(", task="code", max_new_tokens=6) == text.tokenizer.decode(new, skip_special_tokens=True)
+    assert text.generate("def parse(", task="code", max_new_tokens=6) == text.tokenizer.decode(
+        new, skip_special_tokens=True
+    )
     prompts = ["def parse(", "Permission is hereby granted"]
     routed = text.route(prompts)
     assert text.generate(prompts, task="auto", max_new_tokens=6) == [
@@ -230,7 +287,9 @@ def test_the_loss_router_picks_the_right_task_on_the_tiny_config(tiny):
         prompts = [row[:8].tolist() for row in batch["input_ids"]]
         chosen = tiny.route(prompts, router="loss")
         assert np.mean([c == task for c in chosen]) >= 0.9, (task, chosen)
-        assert np.mean([d.confidence for d in tiny.route_decisions(prompts)]) < 0.6  # the stats router is unsure
+        assert (
+            np.mean([d.confidence for d in tiny.route_decisions(prompts)]) < 0.6
+        )  # the stats router is unsure
     losses = tiny.route_losses([[5, 6, 7, 8], [9]])
     assert losses.shape == (2, 3) and torch.isnan(losses[1]).all()
     assert tiny.route([9], router="loss") == "gamma"  # a 1-token prompt has no loss: the last task
@@ -243,7 +302,10 @@ def test_the_loss_router_picks_the_right_task_on_the_tiny_config(tiny):
 
 def _prefixes(run, task, p=16):
     batch = run.info.datamodule().holdout_batches(task, batch_size=64)[0]
-    return [ids[: min(p, int(m.sum()) - 1)].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    return [
+        ids[: min(p, int(m.sum()) - 1)].tolist()
+        for ids, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
 
 
 @pytest.mark.e2e
@@ -251,7 +313,9 @@ def test_the_stats_router_is_the_default_and_gives_a_confidence(distinct, distin
     """Where the base's features tell the tasks apart, holdout prompts of 16 tokens go to their own
     task by the statistics router (one partial forward pass), each with its posterior."""
     meta = json.loads((Path(distinct_dir) / "routing" / "numbers.json").read_text())
-    assert meta["max_examples"] == 48 and meta["layer"] == 1  # the config's routing: section, the default layer
+    assert (
+        meta["max_examples"] == 48 and meta["layer"] == 1
+    )  # the config's routing: section, the default layer
     for task in distinct.tasks:
         prompts = _prefixes(distinct, task)
         decisions = distinct.route_decisions(prompts)
@@ -261,7 +325,9 @@ def test_the_stats_router_is_the_default_and_gives_a_confidence(distinct, distin
             assert d.posterior[d.task] == d.confidence and sum(d.posterior.values()) == pytest.approx(1)
         assert distinct.route(prompts) == [d.task for d in decisions]
     done = distinct.complete(["123 4567", "abc deh"], "auto", max_new_tokens=2)
-    assert [c.router for c in done] == ["stats", "stats"] and all(c.routed and c.confidence >= 0.5 for c in done)
+    assert [c.router for c in done] == ["stats", "stats"] and all(
+        c.routed and c.confidence >= 0.5 for c in done
+    )
 
 
 @pytest.mark.e2e
@@ -282,10 +348,13 @@ def test_threshold_sends_unsure_prompts_to_the_fallback(distinct):
             want = loss[unsure.index(i)]
             assert (b.task, b.router, b.fallback, b.losses) == (want.task, "loss", True, want.losses)
         else:
-            assert (a.task, a.router, a.fallback) == (b.task, b.router, b.fallback) == (d.task, "stats", False)
+            assert (
+                (a.task, a.router, a.fallback) == (b.task, b.router, b.fallback) == (d.task, "stats", False)
+            )
     some = unsure[:2] + [i for i in range(len(prompts)) if i not in unsure][:2]
-    generated = distinct.generate([prompts[i] for i in some], task="auto", threshold=threshold, fallback="words",
-                                  max_new_tokens=2)  # fmt: skip
+    generated = distinct.generate(
+        [prompts[i] for i in some], task="auto", threshold=threshold, fallback="words", max_new_tokens=2
+    )
     assert generated == [distinct.generate(prompts[i], task=to_task[i].task, max_new_tokens=2) for i in some]
     with pytest.raises(ConfigError, match="fallback must be 'loss' or a completed task"):
         distinct.route(prompts[0], fallback="medical")
@@ -302,15 +371,22 @@ def test_routing_statistics_built_afterwards_equal_the_callbacks(distinct_dir, t
     old = tmp_path / "old"
     shutil.copytree(distinct_dir, old)
     shutil.rmtree(old / "routing")
-    with pytest.raises(ConfigError, match=r"no routing statistics for tasks \['numbers', 'words'\].*--build-stats.*router='loss'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no routing statistics for tasks \['numbers', 'words'\].*--build-stats.*router='loss'",
+    ):
         load_run(old).route("123")
     serve_main(["route", "--run", str(old), "--build-stats"])
     for task in ("numbers", "words"):
         a, b = (load_file(Path(d) / "routing" / f"{task}.safetensors") for d in (distinct_dir, old))
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-9, atol=1e-9)
-        meta_a, meta_b = (json.loads((Path(d) / "routing" / f"{task}.json").read_text()) for d in (distinct_dir, old))
-        assert {k: v for k, v in meta_a.items() if k != "sha256"} == {k: v for k, v in meta_b.items() if k != "sha256"}
+        meta_a, meta_b = (
+            json.loads((Path(d) / "routing" / f"{task}.json").read_text()) for d in (distinct_dir, old)
+        )
+        assert {k: v for k, v in meta_a.items() if k != "sha256"} == {
+            k: v for k, v in meta_b.items() if k != "sha256"
+        }
 
 
 @pytest.mark.e2e
@@ -321,10 +397,14 @@ def test_a_new_tasks_statistics_leave_the_earlier_files_untouched(distinct_dir, 
     shutil.copytree(distinct_dir, run_dir)
     for f in (run_dir / "routing").glob("words.*"):
         f.unlink()
-    earlier = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in (run_dir / "routing").glob("numbers.*")}
+    earlier = {
+        f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in (run_dir / "routing").glob("numbers.*")
+    }
     run = load_run(run_dir)
     assert build_routing_stats(run) == ["words"]
-    assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in (run_dir / "routing").glob("numbers.*")} == earlier
+    assert {
+        f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in (run_dir / "routing").glob("numbers.*")
+    } == earlier
     assert build_routing_stats(run) == []  # nothing left to add
     with pytest.raises(ConfigError, match="new ones must match"):
         build_routing_stats(run, ["words"], layer=2, overwrite=True)
@@ -335,13 +415,23 @@ def test_a_new_tasks_statistics_leave_the_earlier_files_untouched(distinct_dir, 
 def test_damaged_or_mixed_statistics_are_refused(distinct_dir, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(distinct_dir, run_dir)
-    (run_dir / "routing" / "words.safetensors").write_bytes((run_dir / "routing" / "numbers.safetensors").read_bytes())
-    with pytest.raises(ConfigError, match="does not match .*words.json.*hash differs.*--build-stats --overwrite"):
+    (run_dir / "routing" / "words.safetensors").write_bytes(
+        (run_dir / "routing" / "numbers.safetensors").read_bytes()
+    )
+    with pytest.raises(
+        ConfigError, match="does not match .*words.json.*hash differs.*--build-stats --overwrite"
+    ):
         load_run(run_dir).route("123")
     meta = json.loads((Path(distinct_dir) / "routing" / "words.json").read_text())
-    shutil.copy(Path(distinct_dir) / "routing" / "words.safetensors", run_dir / "routing" / "words.safetensors")
-    (run_dir / "routing" / "words.json").write_text(json.dumps({**meta, "base_model": {**meta["base_model"], "hidden_size": 7}}))
-    with pytest.raises(ConfigError, match="routing statistics of task 'words'.*another base model.*hidden_size"):
+    shutil.copy(
+        Path(distinct_dir) / "routing" / "words.safetensors", run_dir / "routing" / "words.safetensors"
+    )
+    (run_dir / "routing" / "words.json").write_text(
+        json.dumps({**meta, "base_model": {**meta["base_model"], "hidden_size": 7}})
+    )
+    with pytest.raises(
+        ConfigError, match="routing statistics of task 'words'.*another base model.*hidden_size"
+    ):
         load_run(run_dir).route("123")
 
 
@@ -357,14 +447,28 @@ def test_predict_over_a_jsonl_file_through_train_py(text_dir, text, tmp_path):
     ]
     src.write_text("".join(json.dumps(x) + "\n" for x in lines) + "\n")
     out = tmp_path / "out.jsonl"
-    proc = run_train("predict", "--run", str(text_dir), "--input", str(src), "--output", str(out),
-                     "--batch-size", "3", "--max-new-tokens", "5", timeout=300)  # fmt: skip
+    proc = run_train(
+        "predict",
+        "--run",
+        str(text_dir),
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "5",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predict" in proc.stderr  # the progress bar
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2, 3, 4]
     assert [r["routed"] for r in rows] == [False, False, True, True]
-    assert "confidence" not in rows[0] and all(r["router"] == "stats" and 0.5 <= r["confidence"] <= 1 for r in rows[2:])
+    assert "confidence" not in rows[0] and all(
+        r["router"] == "stats" and 0.5 <= r["confidence"] <= 1 for r in rows[2:]
+    )
     assert (
         rows[0]["task"] == "code"
         and rows[1]["task"] == "legal"
@@ -408,8 +512,12 @@ def test_predict_with_token_ids_on_the_synthetic_run(tiny_dir, tiny, tmp_path, c
 def test_route_subcommand_writes_the_choice_and_its_confidence(distinct_dir, distinct, tmp_path):
     prompts = ["123 4567 89", "abc deh iij", distinct.encode("7")[:1]]
     src = tmp_path / "p.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "prompt" if isinstance(p, str) else "input_ids": p}) + "\n"
-                           for i, p in enumerate(prompts)))  # fmt: skip
+    src.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt" if isinstance(p, str) else "input_ids": p}) + "\n"
+            for i, p in enumerate(prompts)
+        )
+    )
     out = tmp_path / "r.jsonl"
     serve_main(["route", "--run", distinct_dir, "--input", str(src), "--output", str(out)])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -417,16 +525,34 @@ def test_route_subcommand_writes_the_choice_and_its_confidence(distinct_dir, dis
     assert [r["id"] for r in rows] == [0, 1, 2] and [r["task"] for r in rows[:2]] == ["numbers", "words"]
     for r, d in zip(rows, decisions, strict=True):
         assert (r["task"], r["router"], r["fallback"]) == (d.task, "stats", False)
-        assert r["confidence"] == pytest.approx(d.confidence, abs=1e-6) and set(r["posterior"]) == {"numbers", "words"}
+        assert r["confidence"] == pytest.approx(d.confidence, abs=1e-6) and set(r["posterior"]) == {
+            "numbers",
+            "words",
+        }
 
-    serve_main(["route", "--run", distinct_dir, "--input", str(src), "--output", str(out), "--router", "loss"])
+    serve_main(
+        ["route", "--run", distinct_dir, "--input", str(src), "--output", str(out), "--router", "loss"]
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     for r in rows[:2]:  # the loss router: the lowest loss wins (the last prompt has 1 token: no loss)
         assert r["router"] == "loss" and r["task"] == min(r["losses"], key=r["losses"].get)
     assert rows[2]["confidence"] is None and rows[2]["task"] == "words"
 
-    serve_main(["route", "--run", distinct_dir, "--input", str(src), "--output", str(out), "--threshold", "1",
-                "--fallback", "numbers"])  # fmt: skip
+    serve_main(
+        [
+            "route",
+            "--run",
+            distinct_dir,
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--threshold",
+            "1",
+            "--fallback",
+            "numbers",
+        ]
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     for r, d in zip(rows, decisions, strict=True):
         assert r["fallback"] == (d.confidence < 1) and r["task"] == ("numbers" if r["fallback"] else d.task)
@@ -504,18 +630,26 @@ def _tampered(tiny_dir, tmp_path, edit) -> Path:
 
 @pytest.mark.e2e
 def test_a_run_dir_that_asks_to_run_code_is_refused(tiny_dir, tmp_path, capsys):
-    remote = _tampered(tiny_dir, tmp_path / "a", lambda c: c["model"]["backbone"].update(trust_remote_code=True))
+    remote = _tampered(
+        tiny_dir, tmp_path / "a", lambda c: c["model"]["backbone"].update(trust_remote_code=True)
+    )
     with pytest.raises(ConfigError, match="trust_remote_code.*--trust-remote-code"):
         load_run(remote)
     assert load_run(remote, trust_remote_code=True).tasks == ["alpha", "beta", "gamma"]
 
-    foreign = _tampered(tiny_dir, tmp_path / "b", lambda c: c["data"].update(class_path="evil.payload.DataModule"))
+    foreign = _tampered(
+        tiny_dir, tmp_path / "b", lambda c: c["data"].update(class_path="evil.payload.DataModule")
+    )
     with pytest.raises(ConfigError, match="evil.payload.DataModule.*--allow-foreign-classes"):
         load_run(foreign)
     assert load_run(foreign, allow_foreign_classes=True).tasks == ["alpha", "beta", "gamma"]
 
     # A hub model other than the one the adapters were trained on (recorded in their PEFT config).
-    other = _tampered(tiny_dir, tmp_path / "c", lambda c: c["model"]["backbone"].update(name_or_path="org/model-b", config=None))
+    other = _tampered(
+        tiny_dir,
+        tmp_path / "c",
+        lambda c: c["model"]["backbone"].update(name_or_path="org/model-b", config=None),
+    )
     for task in ("alpha", "beta", "gamma"):
         f = other / "adapters" / task / "adapter_config.json"
         f.write_text(json.dumps({**json.loads(f.read_text()), "base_model_name_or_path": "org/model-a"}))
@@ -525,9 +659,15 @@ def test_a_run_dir_that_asks_to_run_code_is_refused(tiny_dir, tmp_path, capsys):
     # The command line says the same in one line, exit 2, and names the flag.
     src = tmp_path / "p.jsonl"
     src.write_text('{"input_ids": [5, 6]}\n')
-    for run, flag in ((remote, "--trust-remote-code"), (foreign, "--allow-foreign-classes"), (other, "--base-model")):
+    for run, flag in (
+        (remote, "--trust-remote-code"),
+        (foreign, "--allow-foreign-classes"),
+        (other, "--base-model"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
-            serve_main(["predict", "--run", str(run), "--input", str(src), "--output", str(tmp_path / "o.jsonl")])
+            serve_main(
+                ["predict", "--run", str(run), "--input", str(src), "--output", str(tmp_path / "o.jsonl")]
+            )
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and flag in err[0], err
     assert not (tmp_path / "o.jsonl").exists()
@@ -584,8 +724,18 @@ def test_export_of_a_text_run_carries_the_tokenizer(text, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["naive", "frozen"])
 def test_other_strategies_load_export_and_route(strategy, tmp_path):
-    run_dir = _fit(tmp_path, strategy, "--config", f"configs/methods/{strategy}.yaml",
-                   "--data.train_size", "64", "--data.holdout_size", "16", "--data.epochs_per_task", "1")  # fmt: skip
+    run_dir = _fit(
+        tmp_path,
+        strategy,
+        "--config",
+        f"configs/methods/{strategy}.yaml",
+        "--data.train_size",
+        "64",
+        "--data.holdout_size",
+        "16",
+        "--data.epochs_per_task",
+        "1",
+    )
     run = load_run(run_dir)
     assert run.crma is None and run.tasks == ["alpha", "beta", "gamma"]
     x = torch.tensor([[5, 9, 14, 20, 33]])

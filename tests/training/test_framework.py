@@ -22,7 +22,9 @@ class Snapshots(Callback):
         self.at_epoch: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.at_epoch[trainer.current_epoch] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.at_epoch[trainer.current_epoch] = {
+            n: p.detach().clone() for n, p in pl_module.named_parameters()
+        }
 
     def on_train_end(self, trainer, pl_module):
         self.final = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
@@ -57,9 +59,13 @@ def test_freezing_invariants_over_a_whole_run(strategy, tmp_path):
         # and untouched before its task started
         for n in names:
             assert torch.equal(first[n], snaps.at_epoch[2 * k][n])
-    crma = [n for n, p in module.named_parameters() if id(p) in {id(q) for q in module.adapter_parameters("crma")}]
+    crma = [
+        n for n, p in module.named_parameters() if id(p) in {id(q) for q in module.adapter_parameters("crma")}
+    ]
     if strategy == "modular":
-        assert crma and any(not torch.equal(snaps.at_epoch[4][n], snaps.final[n]) for n in crma)  # trains in task 3
+        assert crma and any(
+            not torch.equal(snaps.at_epoch[4][n], snaps.final[n]) for n in crma
+        )  # trains in task 3
     else:
         assert not crma
 
@@ -71,7 +77,11 @@ def test_each_task_restarts_the_schedule_and_the_optimizer_state(tmp_path):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             opt = trainer.optimizers[0]
             lora = next(g for g in opt.param_groups if g["name"] == "lora")
-            steps = [opt.state[p]["step"].item() for p in lora["params"] if p in opt.state and "step" in opt.state[p]]
+            steps = [
+                opt.state[p]["step"].item()
+                for p in lora["params"]
+                if p in opt.state and "step" in opt.state[p]
+            ]
             seen.append((trainer.global_step, lora["lr"], max(steps, default=0)))
 
     module, dm, trainer = build("frozen", tmp_path, callbacks=[LR()])
@@ -102,7 +112,9 @@ def test_resume_reproduces_an_uninterrupted_run(stop_at, every, tmp_path):
     saved_step = torch.load(last, weights_only=True)["global_step"]
     assert saved_step == stop_at - stop_at % every
 
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, save_top_k=0, every_n_train_steps=every)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt2", save_last=True, save_top_k=0, every_n_train_steps=every
+    )
     module2, dm2, trainer2 = build("modular", tmp_path / "resumed", callbacks=[ckpt])
     trainer2.fit(module2, dm2, ckpt_path=str(last))
     resumed = trainer2.callbacks[1]
@@ -128,8 +140,17 @@ def test_module_validation_lists_every_problem():
 
 def test_fit_without_the_required_callbacks_fails_clearly(tmp_path):
     module, dm, _ = build("frozen", tmp_path)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, reload_dataloaders_every_n_epochs=1, enable_progress_bar=False)
-    with pytest.raises(ConfigError, match=r"lacks the callbacks the method needs: freezing .*evaluation .*method_callbacks\(\)"):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        reload_dataloaders_every_n_epochs=1,
+        enable_progress_bar=False,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"lacks the callbacks the method needs: freezing .*evaluation .*method_callbacks\(\)",
+    ):
         trainer.fit(module, dm)
 
 

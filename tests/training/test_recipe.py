@@ -44,7 +44,9 @@ def test_principal_directions_are_the_top_right_singular_vectors():
     p = principal_directions(w, 4)
     torch.testing.assert_close(p @ p.T, torch.eye(4), atol=1e-6, rtol=0)  # orthonormal rows
     vh = torch.linalg.svd(w.double(), full_matrices=False).Vh[:4].float()
-    torch.testing.assert_close((p * vh).sum(1).abs(), torch.ones(4), atol=1e-5, rtol=0)  # the same, up to sign
+    torch.testing.assert_close(
+        (p * vh).sum(1).abs(), torch.ones(4), atol=1e-5, rtol=0
+    )  # the same, up to sign
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
@@ -60,7 +62,9 @@ def test_pissa_read_projection_keeps_identity_at_init(family, form, tokens):
     for i, block in enumerate(handle.blocks.values()):
         reader = min(i + 1, len(layers) - 1)  # block_output: the next layer reads h; the last, its own
         assert handle.init_sources[f"{path}.{i}"][0].startswith(f"{path}.{reader}.")
-        names = [n for n, m in layers[reader].named_modules() if n.rsplit(".", 1)[-1] in CRMAConfig().pissa_modules]
+        names = [
+            n for n, m in layers[reader].named_modules() if n.rsplit(".", 1)[-1] in CRMAConfig().pissa_modules
+        ]
         weight = torch.cat([dense_weight(layers[reader].get_submodule(n)) for n in names])
         read = block.read if form == "additive" else block.basis.T
         assert torch.equal(read.detach(), principal_directions(weight, 4))
@@ -80,7 +84,11 @@ def test_pissa_with_unknown_module_names_is_a_clear_error():
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
 def test_base_rewriting_lora_inits_are_refused(init):
     with pytest.raises(ConfigError, match="rewrites the frozen base weight"):
-        ContinualLM(BackboneConfig(config=TINY_CONFIGS["llama"]), ["a", "b"], lora=LoRAConfig(extra={"init_lora_weights": init}))
+        ContinualLM(
+            BackboneConfig(config=TINY_CONFIGS["llama"]),
+            ["a", "b"],
+            lora=LoRAConfig(extra={"init_lora_weights": init}),
+        )
 
 
 # -- a 4-bit base ----------------------------------------------------------------------------------
@@ -89,7 +97,9 @@ TASKS = ["a", "b"]
 
 def nf4_backbone(**kw) -> BackboneConfig:
     # hidden size 64: bitsandbytes' NF4 blocks hold 64 weights
-    return BackboneConfig(config={**TINY_CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 128, "vocab_size": 80}, **kw)
+    return BackboneConfig(
+        config={**TINY_CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 128, "vocab_size": 80}, **kw
+    )
 
 
 def test_nf4_quantises_every_linear_but_the_lm_head():
@@ -110,7 +120,9 @@ def test_nf4_without_bitsandbytes_or_linear_layers_is_a_clear_error(monkeypatch)
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
     problems = nf4_backbone(quantize="nf4").problems()
     assert len(problems) == 1 and "needs bitsandbytes, which is not installed" in problems[0]
 
@@ -123,11 +135,17 @@ def test_nf4_is_refused_under_fsdp():
         module.configure_model()
 
 
-def test_nf4_two_task_modular_fit_saves_peft_adapters_that_load_on_4bit_and_full_precision_bases(tmp_path, tokens):
+def test_nf4_two_task_modular_fit_saves_peft_adapters_that_load_on_4bit_and_full_precision_bases(
+    tmp_path, tokens
+):
     pytest.importorskip("bitsandbytes")
     tokens = tokens % 48
-    module = ContinualLM(nf4_backbone(quantize="nf4"), TASKS, lora=LoRAConfig(r=4, dropout=0.0, target_modules="all-linear"),
-                         lr=GroupLR(lora=2e-2, crma_proj=3e-3, crma_mix=1e-2, crma_gate=1e-2))  # fmt: skip
+    module = ContinualLM(
+        nf4_backbone(quantize="nf4"),
+        TASKS,
+        lora=LoRAConfig(r=4, dropout=0.0, target_modules="all-linear"),
+        lr=GroupLR(lora=2e-2, crma_proj=3e-3, crma_mix=1e-2, crma_gate=1e-2),
+    )
     module.configure_model()
     model = module.model
     # adapters and CRMA train in float32 on the 4-bit base; the projection runs in float32
@@ -137,16 +155,40 @@ def test_nf4_two_task_modular_fit_saves_peft_adapters_that_load_on_4bit_and_full
     with_adapters = model(input_ids=tokens).logits
     with lora_disabled(model), module.crma.disabled():
         assert torch.equal(model(input_ids=tokens).logits, with_adapters)
-    dm = ContinualDataModule([TaskSpec(t) for t in TASKS], max_length=16, train_size=64, holdout_size=16, batch_size=16,
-                             eval_batch_size=16, epochs_per_task=2, synthetic_vocab=48)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=2 * len(TASKS), reload_dataloaders_every_n_epochs=1,
-                         use_distributed_sampler=False, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                         callbacks=[FreezingPolicy(), ContinualEvaluation(print_table=False), SpectralBoundLogger(),
-                                    AdapterCheckpoint(), GradNormStats()])  # fmt: skip
+    dm = ContinualDataModule(
+        [TaskSpec(t) for t in TASKS],
+        max_length=16,
+        train_size=64,
+        holdout_size=16,
+        batch_size=16,
+        eval_batch_size=16,
+        epochs_per_task=2,
+        synthetic_vocab=48,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2 * len(TASKS),
+        reload_dataloaders_every_n_epochs=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[
+            FreezingPolicy(),
+            ContinualEvaluation(print_table=False),
+            SpectralBoundLogger(),
+            AdapterCheckpoint(),
+            GradNormStats(),
+        ],
+    )
     trainer.fit(module, dm)
     loss, _ = trainer.callbacks[1].matrices()
-    assert loss[1, 0] < loss[0, 0] - 0.2 and loss[2, 1] < loss[0, 1] - 0.2  # each task learned on the 4-bit base
+    assert (
+        loss[1, 0] < loss[0, 0] - 0.2 and loss[2, 1] < loss[0, 1] - 0.2
+    )  # each task learned on the 4-bit base
     assert module.run_facts["spectral_max_sigma"] <= 1  # the bound holds
     run = RunDir(tmp_path)
     from safetensors.torch import load_file
@@ -165,7 +207,9 @@ def test_nf4_two_task_modular_fit_saves_peft_adapters_that_load_on_4bit_and_full
         load_lora(base, "a", run.adapter("a"))
         activate_lora(base, "a")
         lora = {PEFT_PREFIX + n.replace(".a.", "."): p for n, p in base.named_parameters() if ".a." in n}
-        assert lora.keys() == saved.keys() and all(torch.equal(lora[k], saved[k]) for k in saved)  # identical weights
+        assert lora.keys() == saved.keys() and all(
+            torch.equal(lora[k], saved[k]) for k in saved
+        )  # identical weights
         with torch.no_grad():
             outs[quantize] = base(input_ids=tokens).logits
             with lora_disabled(base):

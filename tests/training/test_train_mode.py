@@ -16,9 +16,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 def pretrained_with_dropout(folder: Path) -> Path:
     """configs/tiny.yaml's model with attention dropout 0.1, saved and to be loaded as a pretrained one."""
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attention_dropout=0.1)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.1,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
@@ -48,8 +55,12 @@ def test_a_pretrained_base_is_in_train_mode_at_the_first_step(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_run_killed_mid_task_on_a_base_with_dropout_resumes_to_the_uninterrupted_result(tmp_path):
-    base = ("--model.backbone.config", "null", "--model.backbone.name_or_path",
-            str(pretrained_with_dropout(tmp_path / "base")))  # fmt: skip
+    base = (
+        "--model.backbone.config",
+        "null",
+        "--model.backbone.name_or_path",
+        str(pretrained_with_dropout(tmp_path / "base")),
+    )
     full = train(tmp_path / "full", *base)
     assert full.returncode == 0, full.stderr[-3000:]
     assert "eval mode" not in full.stderr
