@@ -40,6 +40,8 @@ class RunInfo:
     """``data`` init arguments of :class:`~crma_lightning.data.ContinualDataModule`, tasks as dicts."""
     routing_config: dict[str, Any]
     """The ``routing:`` section (``crma_lightning.callbacks.routing.RoutingStatistics``); empty for older runs."""
+    allow_foreign_classes: bool = False
+    """Whether classes from outside crma-lightning that the config names may be imported."""
 
     @property
     def run_dir(self) -> Path:
@@ -57,8 +59,8 @@ class RunInfo:
     def datamodule(self) -> ContinualDataModule:
         """The run's DataModule, rebuilt from its config: the same holdout split (same seed, sizes).
 
-        Imports the classes its ``data.sources`` name: ``load_run`` has refused foreign ones
-        (:func:`check_trusted`) before this is called, unless ``allow_foreign_classes``."""
+        Imports the classes its ``data.sources`` name only if they are crma-lightning's or the run
+        was read with ``allow_foreign_classes`` (a run directory is data)."""
         from crma_lightning.data.sources import source_from_config
 
         known = {f.name for f in fields(TaskSpec)}
@@ -69,6 +71,14 @@ class RunInfo:
         if isinstance(data.get("replay"), dict):  # config.yaml holds the Replay's fields
             data["replay"] = Replay(**init_args(data["replay"]))
         if data.get("sources"):  # config.yaml holds {class_path, init_args} per source
+            foreign = sorted(
+                {c for c in _class_paths(data["sources"]) if not c.startswith(KNOWN_CLASS_PREFIXES)}
+            )
+            if foreign and not self.allow_foreign_classes:
+                raise ConfigError(
+                    f"{self.run.config_file} names task sources from outside crma-lightning "
+                    f"({', '.join(foreign)}); pass --allow-foreign-classes (load_run(..., allow_foreign_classes=True)) if you trust it"
+                )
             data["sources"] = [source_from_config(s) for s in data["sources"]]
         return ContinualDataModule(**data)
 
@@ -95,9 +105,8 @@ def read_run(run_dir: str | os.PathLike, allow_foreign_classes: bool = False) ->
             "(`train.py fit ... --ckpt_path last`)."
         )
     routing = cfg.get("routing")
-    return RunInfo(
-        run, layout, tasks, trained, backbone, data, init_args(routing) if isinstance(routing, dict) else {}
-    )
+    routing = init_args(routing) if isinstance(routing, dict) else {}
+    return RunInfo(run, layout, tasks, trained, backbone, data, routing, allow_foreign_classes)
 
 
 #: Module prefixes whose classes a run's config.yaml may name (``class_path``): this project's and

@@ -34,6 +34,7 @@ from crma_lightning.data.sources import (
     unregister,
 )
 from crma_lightning.runs.rundir import RunDir
+from crma_lightning.runs.runinfo import read_run
 from crma_lightning.serve.run import load_run
 
 HERE = Path(__file__).resolve().parent
@@ -196,6 +197,8 @@ def test_a_source_from_the_test_tree_trains_and_the_run_rebuilds(tmp_path, lines
 
     with pytest.raises(ConfigError, match=r"plugin_source\.ReversedLines.*--allow-foreign-classes"):
         load_run(run.path)  # what `test --run` without the flag does first
+    with pytest.raises(ConfigError, match="names task sources from outside crma-lightning"):
+        read_run(run.path).datamodule()  # reading a run's data imports none of its classes unasked
 
     proc = run_train("test", "--run", str(run.path), "--allow-foreign-classes", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
