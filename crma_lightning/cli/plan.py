@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from crma_lightning.core.atomic import atomic_write_text
 from crma_lightning.core.errors import ConfigError
 
 GiB = 2**30
@@ -508,9 +509,25 @@ def plan_config(argv: list[str], device_gib: float = 80.0) -> tuple[Plan, str]:
     return plan, render(plan, label, device_gib, advice)
 
 
+PLAN_HELP = """usage: train.py plan --config FILE [--config FILE ...] [--device_gib N] [--json PATH] [fit's options]
+
+Print the memory plan of a fit config: the bytes of the weights, adapters, gradients, optimizer state
+and activations per device, the peak, and whether it fits a device of N GiB (default 80). Nothing is
+downloaded or trained: the model is built on the meta device from its config.
+
+  --device_gib N   the memory of one device, in GiB (default 80)
+  --json PATH      also write the plan as JSON to PATH
+
+Every option of `train.py fit` is accepted (`train.py fit --help` lists them), e.g.
+  python train.py plan --config configs/paper_mistral7b.yaml --trainer.devices 2 --device_gib 24"""
+
+
 def main(argv: list[str] | None = None) -> Plan:
     """``train.py plan --config ... [--device_gib N] [--json PATH] [fit's options]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(PLAN_HELP)
+        raise SystemExit(0)
     device_gib, out = 80.0, None
     for opt in ("--device_gib", "--json"):
         if opt in argv:
@@ -525,7 +542,7 @@ def main(argv: list[str] | None = None) -> Plan:
         raise SystemExit(2) from None
     print(text)
     if out:
-        Path(out).write_text(json.dumps(plan_dict(plan), indent=1))
+        atomic_write_text(out, json.dumps(plan_dict(plan), indent=1))
     return plan
 
 

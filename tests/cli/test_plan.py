@@ -231,3 +231,13 @@ def test_plan_command_prints_and_writes_json(tmp_path, capsys):
         and "advice: fits on 1 x 8 GiB" in printed
     )
     assert json.loads(out.read_text())["peak"] == plan.peak()
+
+
+def test_plan_help_is_its_own(capsys):
+    from crma_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: train.py plan --config FILE") and "--device_gib N" in out
