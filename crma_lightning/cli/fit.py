@@ -1,11 +1,9 @@
 """LightningCLI for continual fine-tuning: one ``fit`` runs the whole task sequence.
 
-Links shared values once: the task names and the seed flow from ``data`` to ``model``, and
-``trainer.max_epochs`` is derived from the number of tasks and ``data.epochs_per_task``. Trainer
-defaults the task loop depends on are set here, and the callbacks the method needs are added here
-(``callbacks.METHOD_CALLBACKS``, each with its own config section such as ``evaluation:``), so
-configs list only optional callbacks. ``--ckpt_path last`` (or a path inside a run directory)
-resumes in the same run directory, so nothing of the run is split or lost.
+Links shared values once (task names and seed from ``data`` to ``model``; ``trainer.max_epochs``
+from the tasks and ``data.epochs_per_task``), sets the trainer defaults the task loop depends on and
+adds the callbacks the method needs (``callbacks.METHOD_CALLBACKS``, each with its own config
+section). ``--ckpt_path last`` (or a path inside a run directory) resumes in the same run directory.
 """
 
 from __future__ import annotations

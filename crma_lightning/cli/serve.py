@@ -1,22 +1,9 @@
 """``train.py predict | export | route | test --run``: use a finished run from the command line.
 
-    python train.py predict --run runs/tiny/version_0 --input prompts.jsonl --output out.jsonl
-    python train.py export  --run runs/tiny/version_0 --task beta --output exported/beta
-    python train.py route   --run runs/tiny/version_0 --input prompts.jsonl --output routed.jsonl
-    python train.py route   --run runs/old/version_0 --build-stats     # routing statistics, afterwards
-    python train.py test    --run runs/tiny/version_0            # matrices on the test split
-
-``test --run`` rebuilds every row of the matrices from the run's adapters
-(``crma_lightning.serve.matrices``) and writes them to ``continual/test/``; ``test`` without
-``--run`` is LightningCLI's, on a checkpoint.
-
-Input lines are JSON objects with a ``prompt`` (text) or ``input_ids`` (token ids, for runs on
-synthetic tasks without a tokenizer) and an optional ``task`` (a task name or ``auto``; default
-``--task``). Output lines repeat the input object and add ``task`` (the one used), ``routed`` and
-``completion`` (text plus ``completion_ids``; token ids for a run without a tokenizer), in input
-order, written atomically once all are done; routed prompts also get the router's ``confidence``
-and which ``router`` chose (``--router``, ``--threshold``, ``--fallback``: serve.router).
-Problems the user can fix print one ``error:`` line and exit with status 2, as ``fit`` does.
+Reads JSON lines (a ``prompt`` or ``input_ids``, an optional ``task``), writes them back in input
+order with ``task``, ``routed``, ``completion`` (and ``confidence``, ``router`` when routed),
+atomically once all are done; ``test --run`` rebuilds the matrices (:mod:`crma_lightning.serve.matrices`).
+Problems the user can fix print one ``error:`` line and exit with status 2. docs/inference.md.
 """
 
 from __future__ import annotations

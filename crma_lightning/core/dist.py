@@ -1,10 +1,9 @@
 """Distributed helpers: whole tensors from shards, small all-gathers, and a run's process group.
 
-One place for "give me the whole tensor": under FSDP2 parameters are ``DTensor`` shards and
-``full_tensor()`` is a collective that every rank must call; elsewhere it is the tensor itself.
-The rest is what ``train.py`` needs around Lightning's strategies: the DDP setting that per-task
-freezing requires, a clear refusal of FSDP1 on CPU, recognising a lost peer, and a clean shutdown
-of the process group (docs/distributed.md, "When a rank dies, hangs or the job ends").
+The whole tensor of a parameter (under FSDP2 a ``DTensor``'s ``full_tensor()``, a collective every
+rank must call; elsewhere the tensor itself), the DDP setting per-task freezing requires, the
+refusal of FSDP1 on CPU, recognising a lost peer, and a clean shutdown of the process group
+(docs/distributed.md, "When a rank dies, hangs or the job ends").
 """
 
 from __future__ import annotations

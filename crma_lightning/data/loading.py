@@ -1,13 +1,9 @@
 """Batches: padding, the sharded per-epoch sampler and the resumable training loader.
 
 Batches are dicts of ``input_ids``, ``attention_mask``, ``labels`` (all ``(B, T)`` int64), padded to
-the longest sequence in the batch. Labels are NOT shifted and are ``IGNORE_INDEX`` on padding.
-
-Distributed training shards here, not through Lightning's sampler (``use_distributed_sampler=False``):
-each epoch draws one global permutation of the task's training set from ``(seed, epoch)``, cuts it
-into batches, and rank ``r`` of ``W`` takes global batches ``r, r + W, r + 2W, ...``. The permutation
-is padded by wrapping around to a multiple of ``batch_size * W`` so that every rank yields the same
-number of full batches and every example is seen at least once per epoch.
+the longest sequence in the batch; labels are NOT shifted and are ``IGNORE_INDEX`` on padding.
+Each epoch's global permutation of a task's training set, from ``(seed, epoch)``, is cut into
+batches, and rank ``r`` of ``W`` takes global batches ``r, r + W, r + 2W, ...``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The continual-learning DataModule: a sequence of tasks, one task per stage of one ``fit``.
 
-Task ``k`` is trained during epochs ``[k * epochs_per_task, (k + 1) * epochs_per_task)``; the trainer
-runs with ``reload_dataloaders_every_n_epochs=1`` so ``train_dataloader()`` is asked again at every
-epoch and hands out the current task. Every task also keeps two fixed held-out sets: validation
-(the holdout that the evaluation callback scores after every task during ``fit``, to measure
-forgetting and to select settings on) and test (scored for the report, :meth:`holdout_batches`
-with ``split="test"``), from files when given, else cut from the training data by the seed
-(:mod:`crma_lightning.data.split`).
+Task ``k`` is trained during epochs ``[k * epochs_per_task, (k + 1) * epochs_per_task)``;
+``train_dataloader()`` is asked again at every epoch and hands out the current task. Every task also
+keeps two fixed held-out sets, validation (scored after every task during ``fit``) and test
+(:meth:`holdout_batches` with ``split="test"``), from files or cut by the seed (:mod:`.split`).
 """
 
 from __future__ import annotations

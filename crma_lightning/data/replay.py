@@ -1,19 +1,9 @@
-"""Experience replay: examples of finished tasks mixed into later tasks' batches.
+"""Experience replay: examples of finished tasks mixed into later tasks' batches (``data.replay``).
 
-``data.replay`` configures it. The buffer after k finished tasks is a pure function of the seed,
-the tasks' training-set sizes and the settings, so it is the same on every rank and after any
-resume (the training loader also saves it in checkpoints and checks it on load):
-
-- ``per_task: N``: each finished task keeps N of its training examples (a seeded uniform choice);
-- ``memory: M, sampling: reservoir``: reservoir sampling (Vitter's algorithm R) of M examples over
-  the finished tasks' examples in task order (each task's in a seeded order), so every example seen
-  so far is equally likely to be kept;
-- ``memory: M, sampling: uniform``: M examples split evenly over the finished tasks (each task's
-  share a prefix of a seeded permutation, so shares only shrink as tasks are added).
-
-Each training batch of task k > 0 then holds ``round(ratio * batch_size)`` buffer examples and the
-rest from task k: global batch g draws its buffer part from ``(seed, epoch, g)``, so under DDP
-every rank draws its own share deterministically and the global mix is the configured ratio.
+The buffer after k finished tasks (``per_task`` examples of each, or a ``memory`` filled evenly or
+by reservoir sampling) is a pure function of the seed, the tasks' training-set sizes and the
+settings; each batch of task k > 0 holds ``round(ratio * batch_size)`` buffer examples, drawn per
+global batch from ``(seed, epoch, batch)`` (docs/baselines.md, "What each part does, exactly").
 """
 
 from __future__ import annotations
@@ -39,7 +29,10 @@ class Replay:
     memory: int | None = None
     """Total buffer size over all finished tasks (instead of ``per_task``)."""
     sampling: Literal["uniform", "reservoir"] = "uniform"
-    """How a ``memory``-sized buffer is filled (see the module docstring)."""
+    """How a ``memory``-sized buffer is filled: ``uniform``, split evenly over the finished tasks
+    (each task's share a prefix of a seeded permutation, so shares only shrink as tasks are added);
+    ``reservoir``, reservoir sampling (Vitter's algorithm R) over the finished tasks' examples in
+    task order, each task's in a seeded order, so every example seen so far is equally likely kept."""
 
     def problems(self, prefix: str = "data.replay") -> list[str]:
         p = type_problems(self, prefix)

@@ -3,8 +3,7 @@
 The first source that claims a task's ``source`` string owns it (:func:`find_source`): those given
 as ``data.sources``, then those added with :func:`register`, then the built-ins (synthetic, shipped
 corpus domains, local files, folders of split files, and hub datasets, the fallback). Every way a
-source can be wrong becomes one :class:`~crma_lightning.core.errors.ConfigError` naming the task,
-the file or field, and the fix.
+source can be wrong is one :class:`~crma_lightning.core.errors.ConfigError` naming the fix.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``TaskSpec``: one task of the continual-learning sequence (its name, source, format and metric).
 
-Which sources exist and how they are read is :mod:`crma_lightning.data.sources`; the validation of a
-task list is :mod:`crma_lightning.data.tasks`.
+Which sources exist and how they are read is :mod:`crma_lightning.data.sources`; the validation of
+a task list is :mod:`crma_lightning.data.tasks`.
 """
 
 from __future__ import annotations

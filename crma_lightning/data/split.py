@@ -1,11 +1,8 @@
 """A task's validation, train and test sets, by source record and seeded.
 
-A record cut into several blocks (``format: text``) lies wholly on one side, so no text of a
-held-out set is ever trained on. Cut from one pool, the shuffled records give, in order,
-``[validation | train | test]``: validation (the holdout the matrices use during ``fit``) and train
-are exactly what they were before test sets existed, and the test set is drawn from the records
-after the training ones. A split given as its own data (a file, a hub split) is instead the first
-examples of its seeded record order (:func:`take`).
+A record cut into several blocks (``format: text``) lies wholly on one side. Cut from one pool, the
+shuffled records give, in order, ``[validation | train | test]``; a split given as its own data (a
+file, a hub split) is instead the first examples of its seeded record order (:func:`take`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Synthetic permutation tasks: sequences that a tiny model learns quickly and forgets measurably.
 
-Task ``k`` draws its own permutation ``pi_k`` of the token range ``[FIRST_TOKEN, FIRST_TOKEN + vocab)``;
-a sequence starts at a uniform token ``x0`` and follows ``x_{i+1} = pi_k(x_i)``. Two tasks map the
-same input token to different next tokens, so training one shared adapter on task ``k + 1``
-overwrites what it learnt on task ``k``: the classic interference set-up of continual learning
-(cf. the permuted-input benchmarks of Goodfellow et al. 2013 and Kirkpatrick et al. 2017, here
-applied to next-token prediction).
-
-Everything is a pure function of ``(seed, task name)``. The name enters through ``zlib.crc32``,
-not ``hash()``, which Python salts per process.
+Task ``k`` draws its own permutation ``pi_k`` of the tokens ``[FIRST_TOKEN, FIRST_TOKEN + vocab)``; a
+sequence starts at a uniform token ``x0`` and follows ``x_{i+1} = pi_k(x_i)``. Everything is a pure
+function of ``(seed, task name)``.
 """
 
 import zlib

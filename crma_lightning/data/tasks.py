@@ -1,16 +1,9 @@
 """The validation of a task list: the one place that says what a valid task is.
 
 A task (:class:`~crma_lightning.data.spec.TaskSpec`) is a name (the key of its adapter, metrics and
-files) and a source, owned by one :class:`~crma_lightning.data.sources.TaskSource` (``synthetic``, a
-local file, a folder of split files, ``corpus:<domain>``, a ``datasets`` hub name, or a source of
-``data.sources``). Its format says what an example is (a text block, a prompt and response, or a
-classification prompt whose target is a label) and its task metric (``metric``) what the accuracy
-matrix holds for it.
-
-A classification task is rendered in the prompt format of the O-LoRA code (Wang et al. 2023,
-``CL_Benchmark``): ``<instruction>\nOption: <labels joined by ", "> \n<text>\nAnswer:`` with the label
-as the target; ``template`` changes it. Its instruction and label set come from the task entry, else
-from a ``task.json`` in its source's data folder (``{"instruction": ..., "labels": [...]}``).
+files), a source (:class:`~crma_lightning.data.sources.TaskSource`), a format (a text block, a prompt
+and response, or a classification prompt whose target is a label) and a task metric (``metric``).
+A classification task's instruction and labels come from its entry or its data folder's ``task.json``.
 """
 
 from __future__ import annotations

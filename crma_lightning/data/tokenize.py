@@ -1,8 +1,8 @@
 """Tokenizers and tokenisation: from raw records (or synthetic tasks) to ``input_ids``/``labels``.
 
 Examples are lists of token ids with unshifted labels (``IGNORE_INDEX`` on unscored tokens, see
-:mod:`crma_lightning.core.losses`) and the index of the source record they came from, so the holdout
-split can keep a record's blocks on one side.
+:mod:`crma_lightning.core.losses`) and the index of the source record they came from, so the
+holdout split can keep a record's blocks on one side.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         name = tiny_tokenizer_path()
     try:
         if name.endswith(".gguf"):
-            # The converted checkpoint's fast tokenizer loads in well under a second; reading
-            # the GGUF file's vocabulary takes ~4 s on every run.
+            # The converted checkpoint's tokenizer, not the GGUF file's (docs/decisions.md).
             path = local_path(resolve_path(name, "data.tokenizer"))
             folder = converted_gguf(str(path.parent), path.name, "data.tokenizer")
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

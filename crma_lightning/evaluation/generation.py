@@ -1,10 +1,8 @@
 """Prompts in, completions out: encoding, left-padded batches, ``generate``, per-prompt loss.
 
 Used by :class:`crma_lightning.serve.model.ServedModel`, the base of a loaded run and of an
-exported model; which LoRA and whether CRMA is on is the caller's business.
-A prompt is text (needs the run's tokenizer) or a list of token ids (runs on synthetic tasks have
-no tokenizer). CRMA acts per token position on each decoder layer's output, so generation with the
-KV cache computes exactly what a full forward pass would (``tests/test_inference.py`` checks it).
+exported model; which LoRA and whether CRMA is on is the caller's business. A prompt is text (needs
+the run's tokenizer) or a list of token ids (runs on synthetic tasks have no tokenizer).
 """
 
 from __future__ import annotations

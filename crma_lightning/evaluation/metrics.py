@@ -1,17 +1,9 @@
 """Continual-learning metrics from the raw loss and accuracy matrices (docs/method.md §4).
 
 ``L[j, i]`` is the mean holdout loss on task i after training task j, with row 0 the base model
-before any training (shape ``(T + 1, T)``); ``A`` is the same for token accuracy. Every summary
-number is computed from these matrices; none is accumulated on the side. Pure numpy functions.
-
-Formulas (i, j = 1..T; means over i < T for the backward-looking metrics):
-- loss-relative drift, % (positive = forgetting): 100 * mean_i (L[T, i] - L[i, i]) / L[i, i]
-  (inferred from the paper's wording, arXiv 2606.00382);
-- BWT (Lopez-Paz & Ranzato 2017, accuracy, positive = good): mean_i (A[T, i] - A[i, i]);
-- FWT: mean_{i >= 2} (A[i - 1, i] - A[0, i]);
-- forgetting (Chaudhry et al. 2018): mean_i (max_{1 <= k < T} A[k, i] - A[T, i]);
-- MODULAR-vs-FROZEN advantage, %: 100 * mean_i (L_F[T, i] - L_M[T, i]) / L_F[T, i].
-Metrics undefined for T = 1 (no prior task) are None.
+before any training (shape ``(T + 1, T)``); ``A`` is the same for token accuracy. Pure numpy
+functions; every summary number is computed from these matrices, and metrics undefined for T = 1
+(no prior task) are None. The formulas are in docs/method.md §4 and on each function.
 """
 
 from __future__ import annotations
@@ -34,6 +26,8 @@ def _none_if_nan(x: float) -> float | None:
 
 
 def drift_pct(loss: np.ndarray) -> float | None:
+    """Loss-relative drift, % (positive = forgetting): ``100 * mean_i (L[T, i] - L[i, i]) / L[i, i]``
+    over i < T (inferred from the paper's wording, arXiv 2606.00382)."""
     L = _matrix(loss)
     T = L.shape[1]
     if T < 2:
@@ -43,6 +37,8 @@ def drift_pct(loss: np.ndarray) -> float | None:
 
 
 def bwt(acc: np.ndarray) -> float | None:
+    """Backward transfer (Lopez-Paz & Ranzato 2017, positive = good): ``mean_i (A[T, i] - A[i, i])``
+    over i < T."""
     A = _matrix(acc)
     T = A.shape[1]
     if T < 2:
@@ -52,6 +48,7 @@ def bwt(acc: np.ndarray) -> float | None:
 
 
 def fwt(acc: np.ndarray) -> float | None:
+    """Forward transfer: ``mean_{i >= 2} (A[i - 1, i] - A[0, i])``."""
     A = _matrix(acc)
     T = A.shape[1]
     if T < 2:
@@ -61,6 +58,7 @@ def fwt(acc: np.ndarray) -> float | None:
 
 
 def forgetting(acc: np.ndarray) -> float | None:
+    """Forgetting (Chaudhry et al. 2018): ``mean_i (max_{1 <= k < T} A[k, i] - A[T, i])`` over i < T."""
     A = _matrix(acc)
     T = A.shape[1]
     if T < 2:
@@ -71,11 +69,13 @@ def forgetting(acc: np.ndarray) -> float | None:
 
 
 def final_avg_loss(loss: np.ndarray) -> float:
+    """The mean loss over every task after the last one: ``mean_i L[T, i]``."""
     L = _matrix(loss)
     return float(np.mean(L[-1]))
 
 
 def modular_vs_frozen_pct(loss_frozen: np.ndarray, loss_modular: np.ndarray) -> float | None:
+    """MODULAR-vs-FROZEN advantage, %: ``100 * mean_i (L_F[T, i] - L_M[T, i]) / L_F[T, i]`` over i < T."""
     LF, LM = _matrix(loss_frozen), _matrix(loss_modular)
     T = LF.shape[1]
     if T < 2:

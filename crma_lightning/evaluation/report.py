@@ -1,7 +1,7 @@
 """Continual-learning results for people: fixed-width tables and heatmaps of the matrices.
 
-The files themselves (CSV, summary JSON, where they live) belong to :mod:`crma_lightning.runs.rundir`;
-this module only renders. Figures are written atomically.
+The files themselves (CSV, summary JSON, where they live) belong to
+:mod:`crma_lightning.runs.rundir`; this module only renders. Figures are written atomically.
 """
 
 from __future__ import annotations

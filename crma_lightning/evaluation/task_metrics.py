@@ -1,20 +1,9 @@
 """Task metrics of answers, as continual-learning papers report them (docs/method.md §4).
 
-Pure functions over tensors and strings, plus the one summing metric the evaluation reduces with:
-
-- **exact match**: a greedy answer equals its reference after :func:`normalize_answer` (whitespace
-  trimmed, case folded), as the O-LoRA code scores classification;
-- **label-set accuracy**: the label whose target tokens (``answer_prefix`` + label + eos) get the
-  highest *summed* log-probability after the prompt (:func:`choice_log_likelihoods`; the sum is the
-  log-probability of the whole answer, which greedy decoding approximates; eos ends it, so a label
-  that is a prefix of another is not favoured): no generation and no parsing;
-- **ROUGE-L** F1 of a greedy answer against its reference (``torchmetrics``' implementation);
-- **routing without a task id**: the candidate adapter with the lowest mean next-token loss on the
-  prompt tokens only (:func:`prompt_labels`, :func:`route`); causal attention keeps the answer
-  out of the prompt positions' logits, so the answer cannot leak into the choice.
-
-:class:`Sums` is a torchmetrics ``Metric`` holding float64 sums per task, so ranks add up once
-(DDP, FSDP) and a single process gets exactly the same numbers.
+Pure functions over tensors and strings: exact match of a greedy answer (:func:`normalize_answer`),
+label-set accuracy (:func:`choice_log_likelihoods`: the label whose ``answer_prefix`` + label + eos
+is most likely after the prompt), ROUGE-L F1 (torchmetrics'), routing by the lowest prompt loss
+(:func:`prompt_labels`, :func:`route`); and :class:`Sums`, the float64 per-task sums over ranks.
 """
 
 from __future__ import annotations

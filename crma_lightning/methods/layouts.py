@@ -1,21 +1,11 @@
 """Adapter layouts: which LoRAs exist, which serve a task, and what trains during it.
 
-| layout (``model.strategy``)         | LoRAs                    | forward for task k      | trains during task k     |
-|-------------------------------------|--------------------------|-------------------------|--------------------------|
-| ``SharedLoRA`` (``naive``)          | one shared               | the shared LoRA         | the shared LoRA          |
-| ``TaskLoRA`` (``frozen``)           | one per task             | LoRA_k                  | LoRA_k                   |
-| ``TaskLoRAWithCRMA`` (``modular``)  | one per task, and CRMA   | LoRA_k + CRMA           | LoRA_k and all of CRMA   |
-| ``IncrementalLoRA`` (``inc_lora``)  | one per task             | every LoRA, summed      | LoRA_k                   |
-
-A LoRA that does not train in a task stays bit-identical (it gets no gradient). Under
-``IncrementalLoRA`` a task's LoRA is zero (B = 0) until its task trains it, so "every LoRA" is
-exactly the sum of the LoRAs of the tasks trained so far, for every task alike: it never needs a
-task id, and its evaluation uses none. Without a task id
-at inference, a layout either has one model for every task (``shared``), sums every trained LoRA
-(``sum``: IncLoRA, O-LoRA), or needs the task routed (``route``). The base model never trains
-(docs/method.md §2). Pick one in YAML by name (``model.strategy: naive``) or by class
-(``model.layout: {class_path: crma_lightning.methods.layouts.IncrementalLoRA}``); the module, the freezing
-callback and ``serve`` all read the layout.
+| layout (``model.strategy``)        | LoRAs                  | forward for task k | trains in task k   |
+|------------------------------------|------------------------|--------------------|--------------------|
+| ``SharedLoRA`` (``naive``)         | one shared             | the shared LoRA    | the shared LoRA    |
+| ``TaskLoRA`` (``frozen``)          | one per task           | LoRA_k             | LoRA_k             |
+| ``TaskLoRAWithCRMA`` (``modular``) | one per task, and CRMA | LoRA_k + CRMA      | LoRA_k and CRMA    |
+| ``IncrementalLoRA`` (``inc_lora``) | one per task           | every LoRA, summed | LoRA_k             |
 """
 
 from __future__ import annotations
@@ -47,7 +37,8 @@ class AdapterLayout:
     cumulative: ClassVar[bool] = False
     """Every forward runs through all LoRAs together (summed): no task id is ever used."""
     no_task_id: ClassVar[NoTaskId] = "route"
-    """What serves an input whose task is not known: see the module docstring."""
+    """What serves an input whose task is not known: one model for every task (``shared``), every
+    trained LoRA summed (``sum``), or the task routed (``route``)."""
 
     @property
     def trains(self) -> tuple[AdapterKind, ...]:
@@ -115,7 +106,8 @@ class TaskLoRAWithCRMA(AdapterLayout):
 
 class IncrementalLoRA(AdapterLayout):
     """IncLoRA (and, with ``regularizers.OrthogonalLoRA``, O-LoRA): a fresh LoRA per task, frozen
-    after it; every forward sums all of them (those of later tasks are still zero)."""
+    after it; every forward sums all of them. A task's LoRA is zero (B = 0) until its task trains
+    it, so the sum is that of the tasks trained so far, for every task alike: no task id is needed."""
 
     name = "inc_lora"
     cumulative = True

@@ -2,8 +2,8 @@
 
 Callbacks (``callbacks/``) talk to the module only through :class:`ContinualModule`; the module
 knows the callbacks only by the roles they declare (:data:`REQUIRED_ROLES`), never by importing
-them. ``crma_lightning.cli.fit.ContinualCLI`` adds the required callbacks itself; a Python user adds
-``callbacks.method_callbacks()`` to the Trainer.
+them. ``crma_lightning.cli.fit.ContinualCLI`` adds the required callbacks itself; a Python user
+adds ``callbacks.method_callbacks()`` to the Trainer.
 """
 
 from __future__ import annotations

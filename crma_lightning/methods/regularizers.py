@@ -1,24 +1,9 @@
 """Regularisers added to the training loss: EWC, LwF and O-LoRA's orthogonality, as composable parts.
 
-A method is a layout (``crma_lightning.methods.layouts``) plus any of these (``model.regularizers``, a list
-of ``class_path`` entries) plus, on the data side, replay (``data.replay``). Each regulariser is a
-small class whose maths is a pure function below, tested on its own:
-
-- :class:`EWC` (Kirkpatrick et al. 2017): ``lambda/2 * sum F (theta - theta*)^2`` over the parameters
-  shared across tasks (the shared LoRA under ``naive``; CRMA under ``modular``). At each task end
-  the diagonal Fisher is estimated from the task's training batches (squared gradients of the
-  batch loss, summed over a fixed batching of the whole set, averaged) and added to the running
-  sum; ``theta*`` becomes the parameters at that task end.
-- :class:`LwF` (Li & Hoiem 2017): ``weight * T^2 * KL(teacher || student)`` of the next-token
-  distributions at temperature ``T`` on the new task's inputs, the teacher being the model as it
-  was when the task began (a no-grad forward with the shared parameters replaced by their
-  boundary values for the call).
-- :class:`OrthogonalLoRA` (O-LoRA, Wang et al. 2023): ``l1 * sum_{i<t} sum_layers |A_i A_t^T|_1``
-  between the new task's LoRA down-projections and every earlier task's, plus ``l2`` times the
-  squared norm of the new LoRA.
-
-Each is logged as ``train/reg/<name>`` and its state (anchors, Fisher, snapshots) goes into the
-checkpoint, so a resumed run continues exactly.
+A method is a layout (:mod:`crma_lightning.methods.layouts`), any of these (``model.regularizers``,
+a list of ``class_path`` entries) and, on the data side, replay (``data.replay``). Each term's maths
+is a pure function below; each is logged as ``train/reg/<name>`` and its state (anchors, Fisher,
+snapshots) goes into the checkpoint. What each computes: docs/baselines.md.
 """
 
 from __future__ import annotations

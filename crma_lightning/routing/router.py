@@ -1,14 +1,9 @@
 """Routing without a task id for a loaded run: the statistics router and the loss router.
 
-``stats`` (the default): the run's routing statistics (``routing/<task>.*``, written by the
-``routing`` callback at each task end, or afterwards by :func:`build_routing_stats`) give a
-shared-covariance discriminant (``crma_lightning.routing.routers``) over a pooled hidden state of the frozen
-base; a prompt costs one base forward pass that stops at the routing layer. ``loss``: every task's
-adapter (LoRA_k + CRMA, as the task is served) scores the prompt by its own mean next-token loss and
-the lowest wins; K forward passes for K tasks. Both give each decision a confidence, the posterior
-probability of the chosen task under uniform priors (for the loss router the adapters are the
-models of the prompt: p(k) ~ exp(-tokens x loss_k)). With a ``threshold``, decisions less
-confident than it go to the ``fallback``: the loss router, or a named task.
+``stats`` (the default) classifies a pooled hidden state of the frozen base with the run's routing
+statistics (``crma_lightning.routing.routers``); ``loss`` picks the task whose adapter gives the
+prompt the lowest mean next-token loss. Each decision has a confidence (the chosen task's posterior
+probability); below ``threshold`` it goes to the ``fallback``. docs/inference.md ("Routing").
 """
 
 from __future__ import annotations

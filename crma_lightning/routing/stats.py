@@ -1,19 +1,10 @@
-"""A task's routing statistics: gathered from the frozen base model, written to and read from the
-run directory. The maths is :mod:`crma_lightning.routing.routers`; docs/inference.md ("Routing") the use.
+"""A task's routing statistics: gathered from the frozen base model (every LoRA and CRMA off),
+written to and read from the run directory (``routing/<task>.safetensors`` and ``.json``).
 
-Gathering runs a task's training examples through the base model alone: every LoRA switched off
-(``lora.lora_disabled``) and CRMA switched off (``CRMAInjection.disabled``), so the statistics do
-not depend on anything trained, and stay valid for the rest of the run and after it. The feature is
-the residual stream after decoder layer ``layer`` (1-based: the output of ``layers[layer - 1]``,
-taken by a removable forward hook), pooled over the prompt: a prompt/response example's unlabelled
-prompt, or for text (every token scored) each prefix of :func:`routing.prefix_lengths`. At serving
-time the forward pass stops at that layer (the hook raises once it has the hidden state), so
-routing costs a fraction of one forward pass.
-
-Files (names from :class:`~crma_lightning.runs.rundir.RunDir`): ``routing/<task>.safetensors`` holds
-``count``, ``total``, ``outer`` (float64) and is written first, atomically; ``routing/<task>.json``
-records how (layer, pooling, examples, the base-model signature) and the SHA-256 of the first file,
-so a reader can tell a complete pair from one interrupted between the two writes.
+The feature is the residual stream after decoder layer ``layer`` (1-based: the output of
+``layers[layer - 1]``, taken by a forward hook), pooled over a prompt/response example's prompt, or
+for text over each prefix of :func:`routing.prefix_lengths`. The maths is
+:mod:`crma_lightning.routing.routers`; docs/inference.md ("Routing") the use.
 """
 
 from __future__ import annotations

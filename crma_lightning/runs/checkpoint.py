@@ -1,11 +1,9 @@
 """Adapter checkpoints: a task's LoRA in PEFT's format, CRMA as safetensors + JSON; atomic writes.
 
 A LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) loads with
-``peft.PeftModel.from_pretrained(base, dir)``. A CRMA directory (``crma_config.json`` +
-``crma.safetensors``) loads onto a fresh copy of the base model with :func:`load_crma`. Loading
-checks the base architecture and shapes and says what differs. Every file is written to a
-temporary name and renamed into place (:mod:`crma_lightning.core.atomic`), so a crash never leaves a
-half-written artefact. Lightning checkpoints hold only the adapters (:func:`adapter_only_checkpoint`).
+``peft.PeftModel.from_pretrained(base, dir)``; a CRMA directory (``crma_config.json`` +
+``crma.safetensors``) with :func:`load_crma`. Loading checks the base architecture and shapes and
+says what differs. Lightning checkpoints hold only the adapters (:func:`adapter_only_checkpoint`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What a run directory says about its run, read without building anything, and whether it is safe
-to build: ``read_run`` parses ``config.yaml`` (YAML, ``yaml.safe_load``) and lists the trained tasks;
+to build: ``read_run`` parses ``config.yaml`` (``yaml.safe_load``) and lists the trained tasks;
 ``check_trusted`` refuses a config that would run code unless the caller allows it. Used by
 ``serve.run.load_run`` before any model is loaded.
 """

@@ -1,11 +1,9 @@
 """Use a trained run: load it, generate for a task, route without a task id, export a task.
 
-``load_run(run_dir)`` -> :class:`TrainedRun` (``generate``, ``route``, ``holdout_loss``);
-``build_routing_stats(run)`` writes the routing statistics of a run that lacks them;
-``export_task(run, task, dir)`` writes one task's model and ``load_exported(dir)`` ->
-:class:`ExportedModel` reads it back. Both served classes share :class:`ServedModel` (``logits``,
-batched generation, prompt scoring); ``export`` builds on ``run``, never the other way. Command line: ``train.py predict|route|export``
-(:mod:`crma_lightning.cli.serve`). Guide: docs/inference.md.
+``load_run(run_dir)`` -> :class:`TrainedRun`; ``build_routing_stats(run)`` writes the routing
+statistics of a run that lacks them; ``export_task(run, task, dir)`` writes one task's model and
+``load_exported(dir)`` -> :class:`ExportedModel` reads it back; both share :class:`ServedModel`.
+Command line: ``train.py predict|route|export`` (:mod:`crma_lightning.cli.serve`); docs/inference.md.
 """
 
 from crma_lightning.routing.router import RouteDecision, build_routing_stats

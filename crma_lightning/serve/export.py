@@ -1,18 +1,9 @@
 """Export one task of a run for a colleague, and load such an export in one call.
 
-``export_task(run, task, out_dir)`` writes::
-
-    out_dir/
-      crma_export.json   manifest: task, strategy, base model, dtype, what is where
-      model/             the base model with the task's LoRA merged into its weights
-                         (save_pretrained, safetensors) + the run's tokenizer, if it had one
-      crma/              the CRMA state (modular runs): re-injected by load_exported
-      peft_lora/         the task's LoRA alone in PEFT format, for tools that only know PEFT
-
-``load_exported(out_dir)`` returns the model with CRMA on, ready to generate. ``model/`` on its own
-(``AutoModelForCausalLM.from_pretrained``) and ``peft_lora/`` on the base model
-(``PeftModel.from_pretrained``) are both the task's model with **CRMA off**. The merge is peft's
-own (``merge_and_unload``); the whole directory is written atomically.
+``export_task(run, task, out_dir)`` writes, atomically, ``crma_export.json`` (the manifest),
+``model/`` (the base with the task's LoRA merged by peft's ``merge_and_unload``, and the run's
+tokenizer), ``crma/`` (modular runs) and ``peft_lora/`` (the LoRA alone); ``load_exported(out_dir)``
+returns the model with CRMA on. docs/inference.md ("Export one task") describes each part.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """``train.py test --run <dir>``: the matrices of a finished run, rebuilt row by row from its adapters.
 
-During ``fit`` the evaluation callback scores every row on the validation split (and, with
-``test_matrices``, on test). This scores them again afterwards, on any split, from the run
-directory alone: row ``after task k`` is the base model with
-
-- the LoRAs of tasks 1..k as they were saved at their ends (a per-task LoRA is frozen after its
-  task, so its saved state is its state in every later row), or under NAIVE the shared LoRA as it
-  was after task k (``adapters/<task k>/``); a LoRA of a later task is still at its initialisation,
-  the identity (B = 0), so it is left out;
-- the CRMA state after task k (``adapters/crma_history/<task k>/``), none for the base row (CRMA is
-  the identity at initialisation).
-
-Each row is evaluated by :class:`~crma_lightning.evaluation.evaluator.RowEvaluator`, as in ``fit``, so the
-numbers equal the callback's (tests compare them); with ``task_id="both"`` also without the task
-id (per-task LoRAs routed among the tasks trained by that row, as the callback does: by default
-with the statistics router, whose files the run wrote at each task end). Results go to ``continual/test/`` (or
-``continual/`` for ``--split validation``) through :class:`~crma_lightning.runs.rundir.RunDir`.
+Row ``after task k`` is the base model with the LoRAs saved at the ends of tasks 1..k (under NAIVE
+the shared LoRA after task k) and the CRMA state after task k (``adapters/crma_history/<task k>/``),
+scored by :class:`~crma_lightning.evaluation.evaluator.RowEvaluator` as in ``fit``, on any split.
+Results go to ``continual/test/`` (or ``continual/``) through :class:`~crma_lightning.runs.rundir.RunDir`.
 """
 
 from __future__ import annotations

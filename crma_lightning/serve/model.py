@@ -2,8 +2,8 @@
 
 :class:`ServedModel` holds a transformers model, its tokenizer (None for runs on synthetic tasks)
 and its CRMA blocks (None without CRMA). :meth:`ServedModel.serving` sets up the forward pass for a
-task; here it only switches CRMA on or off, and a loaded run (``serve.run.TrainedRun``) also makes
-the task's LoRA the active one. Everything else is written once, here.
+task: here it switches CRMA on or off; a loaded run (``serve.run.TrainedRun``) also makes the
+task's LoRA the active one.
 """
 
 from __future__ import annotations

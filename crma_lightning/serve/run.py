@@ -1,16 +1,9 @@
 """Load a finished run from its run directory and use it: logits, generation, routing.
 
-``load_run("runs/tiny/version_0")`` rebuilds the base model from the run's ``config.yaml`` (the
-configuration LightningCLI saved), puts every completed task's LoRA back from ``adapters/<task>/``
-and, for MODULAR runs, the latest CRMA from ``adapters/crma/`` — checking the base architecture
-and every tensor's shape on the way (``crma_lightning.runs.checkpoint``). Nothing is unpickled: adapters
-are safetensors and the configuration is YAML read with ``yaml.safe_load``.
-
-Routing without a task id (``task="auto"``, :mod:`crma_lightning.routing.router`): by default from
-the run's routing statistics (a discriminant over the frozen base's features, one partial forward
-pass per prompt); ``router="loss"`` scores the prompt under every task's adapter instead (K forward
-passes). Each decision comes with a confidence; ``threshold`` sends less confident prompts to a
-``fallback``. ``benchmarks/bench_routing.py`` measures both routers.
+``load_run("runs/tiny/version_0")`` rebuilds the base model from the run's ``config.yaml``, puts
+every completed task's LoRA back from ``adapters/<task>/`` and, for MODULAR runs, the latest CRMA
+from ``adapters/crma/``, checking the base architecture and every tensor's shape. Nothing is
+unpickled. ``task="auto"`` routes without a task id (:mod:`crma_lightning.routing.router`).
 """
 
 from __future__ import annotations

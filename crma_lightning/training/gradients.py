@@ -1,11 +1,9 @@
 """A training step's gradients: the non-finite policy and the per-group norms before clipping.
 
-Mixed into :class:`crma_lightning.training.module.ContinualLM` (docs/method.md; ``model.nonfinite``). A
-non-finite loss on any rank makes every rank take a zero-weighted step (``training_step``), and this
-drops the gradients before the optimizer moves anything; a non-finite gradient is dropped the same
-way. The norms are computed once per optimizer step, for whichever asks first (a clipping callback
-such as ZClip runs before the module's own hook), and are global: after DDP's all-reduce, over all
-FSDP2 shards, so the same on every rank.
+Mixed into :class:`crma_lightning.training.module.ContinualLM` (``model.nonfinite``). A non-finite
+loss on any rank makes every rank take a zero-weighted step, whose gradients are dropped before the
+optimizer moves anything, as is a non-finite gradient. The norms are computed once per optimizer
+step, for whichever asks first, and are global (the same on every rank, under DDP and FSDP2).
 """
 
 from __future__ import annotations

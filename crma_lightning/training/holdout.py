@@ -1,12 +1,9 @@
 """The ``validate`` and ``test`` subcommands: every task's holdout set with the current weights.
 
-During ``fit`` the evaluation callback builds the matrices at task boundaries; these steps serve
 ``train.py validate|test --ckpt_path ...``: one dataloader per task, each batch scored with its
-task's adapters, per-task sums all-reduced across ranks by torchmetrics, logged as
-``val/<task>/{loss,token_accuracy}`` (``test/...``; ``test`` reads the test split), and as
-``val/<task>/accuracy`` for tasks whose task metric is token accuracy: for the others (exact match,
-ROUGE-L, which need generation) that name belongs to the evaluation callback's value, and
-``train.py test --run`` computes it on a finished run.
+task's adapters, per-task sums all-reduced by torchmetrics, logged as
+``val/<task>/{loss,token_accuracy}`` (``test/...`` on the test split), and as ``val/<task>/accuracy``
+where the task metric is token accuracy (exact match and ROUGE-L need generation: ``test --run``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Per-task learning-rate schedules: every task restarts its warm-up and decay.
 
 A schedule is a pure function of (optimizer step within the task, steps in the task), wrapped by
-:func:`per_task_lambda` into a ``LambdaLR`` over the global step. Being a function of the global
-step alone, it resumes exactly from any checkpoint without extra state. Select one in YAML with
+:func:`per_task_lambda` into a ``LambdaLR`` over the global step, so it resumes exactly from any
+checkpoint without extra state. Select one in YAML with
 ``class_path: crma_lightning.training.schedules.WarmupCosine``.
 """
 
