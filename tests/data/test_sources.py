@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: subproc.py
@@ -35,7 +36,7 @@ from crma_lightning.data.sources import (
 )
 from crma_lightning.runs.rundir import RunDir
 from crma_lightning.runs.runinfo import read_run
-from crma_lightning.serve.run import load_run
+from crma_lightning.serve import export_task, load_exported, load_run
 
 HERE = Path(__file__).resolve().parent
 LINES = [
@@ -188,6 +189,8 @@ def test_a_source_from_the_test_tree_trains_and_the_run_rebuilds(tmp_path, lines
         "8",
         "--data.eval_batch_size",
         "8",
+        "--evaluation.task_id",
+        "both",
         env=env,
     )
     run = RunDir(run_dir_of(proc))
@@ -200,8 +203,20 @@ def test_a_source_from_the_test_tree_trains_and_the_run_rebuilds(tmp_path, lines
     with pytest.raises(ConfigError, match="names task sources from outside crma-lightning"):
         read_run(run.path).datamodule()  # reading a run's data imports none of its classes unasked
 
-    proc = run_train("test", "--run", str(run.path), "--allow-foreign-classes", env=env)
+    blind = run.read_matrix("loss_matrix_no_task_id", "test")  # evaluated without the task id too
+    proc = run_train("test", "--run", str(run.path), "--allow-foreign-classes", "--task-id", "both", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rebuilt = run.read_matrix("loss_matrix", "test")
     assert rebuilt.rows == ["base", "plain", "reversed"] and rebuilt.tasks == ["plain", "reversed"]
     np.testing.assert_allclose(rebuilt.values, during_fit.values, rtol=1e-6)  # same data, same adapters
+    np.testing.assert_allclose(
+        run.read_matrix("loss_matrix_no_task_id", "test").values, blind.values, rtol=1e-6
+    )
+
+    # the run serves and exports like any other (the source is needed only to read data)
+    served = load_run(run.path, allow_foreign_classes=True)  # plugin_source is importable here
+    text = served.generate("the cat", task="reversed", max_new_tokens=4)
+    assert isinstance(text, str) and served.route(["the cat sat"])[0] in ("plain", "reversed")
+    exported = load_exported(export_task(served, "reversed", tmp_path / "exported"))
+    x = torch.tensor([[5, 9, 14, 20, 33, 41]])
+    assert (exported.logits(x) - served.logits(x, task="reversed")).abs().max() <= 2e-6
