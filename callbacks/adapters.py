@@ -46,7 +46,8 @@ class AdapterCheckpoint(TaskBoundaryCallback):
         self.rank_hashes[task] = hashes
         if len(set(hashes)) > 1:
             raise RanksDivergedError(
-                f"after task {task!r} the ranks hold different adapters (hashes {hashes}); the replicas diverged"
+                f"after task {task!r} the ranks hold different adapters (hashes {hashes}); the replicas "
+                "diverged"
             )
         if not trainer.is_global_zero:
             return

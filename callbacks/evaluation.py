@@ -54,7 +54,8 @@ SPLITS = {"validation": ("val", "cl"), "test": ("test", "cl_test")}
 
 
 def _shown(key: str, value: float | None) -> str:
-    """A summary value as the console prints it; sigma_max to 7 digits, so a value below 1 never reads as 1."""
+    """A summary value as the console prints it; sigma_max to 7 digits, so a value below 1 never
+    reads as 1."""
     if value is None:
         return "n/a"
     if key in ("drift_pct", "bwt", "fwt"):

@@ -1,7 +1,8 @@
 """What each task costs in time and memory: step time, resident memory, optimizer state.
 
-An optional callback (``trainer.callbacks: - class_path: crma_lightning.callbacks.resources.ResourceMonitor``);
-writes ``continual/resources.json`` and logs ``resources/*``.
+An optional callback (``trainer.callbacks: - class_path:
+crma_lightning.callbacks.resources.ResourceMonitor``); writes ``continual/resources.json`` and logs
+``resources/*``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def resident_mb() -> float:
 def held_anonymous_mb() -> float:
     """Anonymous resident memory (``RssAnon``: heap, tensors; not mapped files or libraries) after
     collecting cyclic garbage and asking glibc to return its free heap pages (``malloc_trim``):
-    what the process holds, rather than what its allocator and the cyclic collector have yet to free. 0 where ``/proc/self/status`` does not exist."""
+    what the process holds, rather than what its allocator and the cyclic collector have yet to
+    free. 0 where ``/proc/self/status`` does not exist."""
     gc.collect()  # objects in reference cycles (matplotlib figures) wait for the cyclic collector
     with contextlib.suppress(OSError, AttributeError):  # no glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -31,12 +31,13 @@ from crma_lightning.routing.stats import (
 class RoutingStatistics(TaskBoundaryCallback):
     """Writes each completed task's routing statistics (frozen-base features of its training data).
 
-    At each task end the first ``max_examples`` of the task's training set (``ContinualDataModule.train_examples``:
-    this rank's shard, every example once, padding examples of weight 0 so that all ranks run the same
-    number of forward passes) go through the frozen base (LoRA and CRMA off, the base's dtype, no
-    autocast); the sums of their pooled features are all-reduced in float64 and written by rank 0.
-    Which tasks are done is resumable state: a run resumed from a checkpoint taken before a task's end
-    gathers that task again, with the same result.
+    At each task end the first ``max_examples`` of the task's training set
+    (``ContinualDataModule.train_examples``: this rank's shard, every example once, padding examples
+    of weight 0 so that all ranks run the same number of forward passes) go through the frozen base
+    (LoRA and CRMA off, the base's dtype, no autocast); the sums of their pooled features are
+    all-reduced in float64 and written by rank 0. Which tasks are done is resumable state: a run
+    resumed from a checkpoint taken before a task's end gathers that task again, with the same
+    result.
     """
 
     def __init__(

@@ -39,8 +39,8 @@ def summary_lines(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[st
         rows.append(("CRMA", _count(crma), f"trains in every task ({len(module.crma.blocks)} layers)"))
     width = max(len(r[0]) for r in rows)
     lines = [
-        f"{module.strategy}: {len(tasks)} tasks on {trainer.world_size} x {trainer.strategy.root_device.type}, "
-        f"precision {trainer.precision}, seed {module.seed}"
+        f"{module.strategy}: {len(tasks)} tasks on {trainer.world_size} x "
+        f"{trainer.strategy.root_device.type}, precision {trainer.precision}, seed {module.seed}"
     ]
     lines += [f"  {name:<{width}}  {get_human_readable_count(n):>8}  {what}" for name, n, what in rows]
     now = module.trainable_parameters(tasks[k])

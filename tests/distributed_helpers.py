@@ -282,7 +282,8 @@ def kill_rank_mid_run(
                     ckpt = found[0]
                 elif proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(
-                        f"no checkpoint before the run ended or timed out: {(save_dir / 'rank0.err').read_text()[-3000:]}"
+                        "no checkpoint before the run ended or timed out: "
+                        f"{(save_dir / 'rank0.err').read_text()[-3000:]}"
                     )
                 time.sleep(0.2)
             victims = children(proc.pid)

@@ -92,7 +92,8 @@ class CRMAConfig:
             p.append(f"{prefix}.init must be 'orthogonal' or 'pissa' (got {self.init!r}).")
         if self.init == "pissa" and not self.pissa_modules:
             p.append(
-                f"{prefix}.pissa_modules is empty; name the layers to take principal directions from (e.g. [q_proj])."
+                f"{prefix}.pissa_modules is empty; name the layers to take principal directions from (e.g. "
+                "[q_proj])."
             )
         if self.placement not in ("block_output", "block_input"):
             p.append(f"{prefix}.placement must be 'block_output' or 'block_input' (got {self.placement!r}).")
@@ -148,10 +149,10 @@ class LoRAConfig:
         init = self.extra.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
             p.append(
-                f"{prefix}.extra.init_lora_weights {init!r} rewrites the frozen base weight (W <- W - BA); with a "
-                "LoRA per task that would change the base under every earlier task's LoRA, and a shared LoRA's files "
-                "would no longer fit the original base. Use crma.init: pissa for CRMA's read projection, and the "
-                "default LoRA initialisation (docs/method.md §5)."
+                f"{prefix}.extra.init_lora_weights {init!r} rewrites the frozen base weight (W <- W - BA); "
+                "with a LoRA per task that would change the base under every earlier task's LoRA, and a "
+                "shared LoRA's files would no longer fit the original base. Use crma.init: pissa for CRMA's "
+                "read projection, and the default LoRA initialisation (docs/method.md §5)."
             )
         return p
 

@@ -300,8 +300,9 @@ def pissa_source(layer: nn.Module, names: list[str], d: int, where: str) -> tupl
     if not found:
         linear = [n for n, m in layer.named_modules() if n and dense_weight(m) is not None]
         raise ConfigError(
-            f"crma.init: pissa found no linear layer named {names} reading the hidden size {d} in {where}; its "
-            f"linear layers are {linear[:12]}. Set crma.pissa_modules to the names of the layer's input projections."
+            f"crma.init: pissa found no linear layer named {names} reading the hidden size {d} in {where}; "
+            f"its linear layers are {linear[:12]}. Set crma.pissa_modules to the names of the layer's input "
+            "projections."
         )
     return torch.cat([w for _, w in found]), [f"{where}.{n}" for n, _ in found]
 

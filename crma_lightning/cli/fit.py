@@ -108,8 +108,8 @@ class ContinualCLI(LightningCLI):
             "--record",
             type=str | None,
             default=None,
-            help="Also write the run's record (run directory, status, summary; as <run dir>/run.json) to this "
-            "JSON file, for scripts: it is written when fit finishes or fails.",
+            help="Also write the run's record (run directory, status, summary; as <run dir>/run.json) to "
+            "this JSON file, for scripts: it is written when fit finishes or fails.",
         )
         parser.add_argument(
             "--dist_timeout",
@@ -258,8 +258,8 @@ def _resume_in_place(cfg, ckpt: str) -> None:
             started = versions(base)
             if started:
                 raise ConfigError(
-                    f"--ckpt_path last: {started[-1].path} has no complete checkpoint yet (the run stopped before "
-                    "or during its first save); start it again without --ckpt_path"
+                    f"--ckpt_path last: {started[-1].path} has no complete checkpoint yet (the run stopped "
+                    "before or during its first save); start it again without --ckpt_path"
                 )
             raise ConfigError(
                 f"--ckpt_path last: no run under {base}/version_*/checkpoints/last.ckpt to resume"

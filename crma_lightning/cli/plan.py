@@ -163,8 +163,9 @@ def hf_config(backbone: Any):
         )
     except OSError as e:
         raise ConfigError(
-            f"plan: no config for {backbone.name_or_path!r}: it is not shipped in crma_lightning/{SHIPPED} and "
-            f"could not be read ({str(e)[:120]}); point model.backbone.name_or_path at a folder with its config.json"
+            f"plan: no config for {backbone.name_or_path!r}: it is not shipped in crma_lightning/{SHIPPED} "
+            f"and could not be read ({str(e)[:120]}); point model.backbone.name_or_path at a folder with its "
+            "config.json"
         ) from None
 
 
@@ -401,7 +402,8 @@ def render(plan: Plan, label: str, device_gib: float, advice: str) -> str:
     lora_sizes = sorted(set(c.loras.values()))
     lines = [
         f"memory plan: {label}",
-        f"  strategy {mode[plan.kind]}, {plan.world} device(s); per device: batch {plan.batch} x {plan.length} tokens",
+        f"  strategy {mode[plan.kind]}, {plan.world} device(s); per device: batch {plan.batch} x "
+        f"{plan.length} tokens",
         f"  parameters: base {_m(c.base)} ({_gb(c.base_bytes)}"
         + (f", {_m(c.base_linear)} of them in NF4" if c.nf4 else "")
         + f"); {len(c.loras)} LoRA(s) of {', '.join(_m(n) for n in lora_sizes)}; CRMA {_m(c.crma)}",
@@ -419,7 +421,8 @@ def render(plan: Plan, label: str, device_gib: float, advice: str) -> str:
     for ckpt in (False, True):
         mark = "  <- configured" if ckpt == plan.checkpointing else ""
         lines.append(
-            f"  activations     {_gb(plan.activations[ckpt]):>12}   {'with' if ckpt else 'without'} checkpointing{mark}"
+            f"  activations     {_gb(plan.activations[ckpt]):>12}   {'with' if ckpt else 'without'} "
+            f"checkpointing{mark}"
         )
     lines += [
         f"  peak per device {_gb(plan.peak()):>12}   ({_gb(plan.peak(not plan.checkpointing))} "
@@ -436,14 +439,20 @@ def advise(peak_at: Any, kind: Kind, world: int, device_gib: float) -> str:
     (``peak_at(world)``, bytes), less :data:`RESERVE_GIB` each, or that none do."""
     usable = (device_gib - RESERVE_GIB) * GiB
     need = fewest_devices(peak_at, kind, usable)
-    size = f"x {device_gib:g} GiB device(s) ({device_gib - RESERVE_GIB:g} GiB usable: {RESERVE_GIB:g} kept for CUDA)"
+    size = (
+        f"x {device_gib:g} GiB device(s) ({device_gib - RESERVE_GIB:g} GiB usable: {RESERVE_GIB:g} kept for "
+        "CUDA)"
+    )
     if need is None:
         hint = "shard it (FSDP2), " if kind in ("single", "ddp") else ""
         return (
             f"does not fit on {size} with {kind}: {hint}quantize the base (nf4), or lower the batch or length"
         )
     if kind in ("single", "ddp"):
-        return f"fits on 1 {size} with {kind}, {_gb(peak_at(1))} each; more devices add data parallelism, not room"
+        return (
+            f"fits on 1 {size} with {kind}, {_gb(peak_at(1))} each; more devices add data parallelism, not "
+            "room"
+        )
     configured = f"; as configured ({world}), {_gb(peak_at(world))} each" if world != need else ""
     return f"needs {need} {size} with {kind}, {_gb(peak_at(need))} each{configured}"
 
@@ -509,7 +518,9 @@ def plan_config(argv: list[str], device_gib: float = 80.0) -> tuple[Plan, str]:
     return plan, render(plan, label, device_gib, advice)
 
 
-PLAN_HELP = """usage: train.py plan --config FILE [--config FILE ...] [--device_gib N] [--json PATH] [fit's options]
+PLAN_HELP = (
+    "usage: train.py plan --config FILE [--config FILE ...] [--device_gib N] [--json PATH] [fit's options]\n"
+    """\
 
 Print the memory plan of a fit config: the bytes of the weights, adapters, gradients, optimizer state
 and activations per device, the peak, and whether it fits a device of N GiB (default 80). Nothing is
@@ -520,6 +531,7 @@ downloaded or trained: the model is built on the meta device from its config.
 
 Every option of `train.py fit` is accepted (`train.py fit --help` lists them), e.g.
   python train.py plan --config configs/paper_mistral7b.yaml --trainer.devices 2 --device_gib 24"""
+)
 
 
 def main(argv: list[str] | None = None) -> Plan:

@@ -70,8 +70,8 @@ def _check_tasks(run: Any, tasks: list[str], path: str) -> None:
     for number, task in enumerate(tasks, 1):
         if task != AUTO and task not in run.tasks:
             raise ConfigError(
-                f"--input {path}: prompt {number} asks for task {task!r}, which is not a completed task of this run; "
-                f"use one of {run.tasks} or 'auto'"
+                f"--input {path}: prompt {number} asks for task {task!r}, which is not a completed task of "
+                f"this run; use one of {run.tasks} or 'auto'"
             )
 
 
@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--build-stats",
         action="store_true",
-        help="first write the routing statistics of every task that lacks them (runs trained before they existed)",
+        help="first write the routing statistics of every task that lacks them (runs trained before they "
+        "existed)",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="with --build-stats: rebuild every task's statistics"
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer",
         type=int,
-        help="with --build-stats: decoder layer of the feature (default: the config's, else a third of the depth)",
+        help="with --build-stats: decoder layer of the feature (default: the config's, else a third of the "
+        "depth)",
     )
     p.add_argument(
         "--pooling",
@@ -338,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--router",
         choices=["stats", "loss"],
         default="stats",
-        help="without the task id, route by the run's routing statistics (default) or by the lowest prompt loss",
+        help="without the task id, route by the run's routing statistics (default) or by the lowest prompt "
+        "loss",
     )
     p.add_argument(
         "--batch-size", type=int, default=None, help="examples per batch (default data.eval_batch_size)"
@@ -353,14 +356,15 @@ def routing_options(p: argparse.ArgumentParser) -> None:
         "--router",
         choices=["stats", "loss"],
         default="stats",
-        help="stats: the run's routing statistics, one partial forward pass (default); loss: lowest prompt loss over "
-        "every task's adapter, one forward pass per task",
+        help="stats: the run's routing statistics, one partial forward pass (default); loss: lowest prompt "
+        "loss over every task's adapter, one forward pass per task",
     )
     p.add_argument(
         "--threshold",
         type=float,
         default=0.0,
-        help="send decisions with a lower confidence (posterior probability of the chosen task) to --fallback",
+        help="send decisions with a lower confidence (posterior probability of the chosen task) to "
+        "--fallback",
     )
     p.add_argument("--fallback", default="loss", help="'loss' (the loss router) or a task name")
 

@@ -79,8 +79,8 @@ def check_fsdp1_device(config: dict[str, Any]) -> None:
     accelerator = config.get("accelerator")
     if accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available()):
         raise ConfigError(
-            f"trainer.strategy {name} (FSDP1) needs a GPU; on CPU use FSDP2: "
-            "--config configs/distributed/fsdp2_cpu.yaml (crma_lightning.backbone.sharding.AdapterShardedStrategy)"
+            f"trainer.strategy {name} (FSDP1) needs a GPU; on CPU use FSDP2: --config "
+            "configs/distributed/fsdp2_cpu.yaml (crma_lightning.backbone.sharding.AdapterShardedStrategy)"
         )
 
 

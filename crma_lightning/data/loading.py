@@ -136,9 +136,9 @@ class ResumableDataLoader(DataLoader):
             return
         if state_dict["task"] != self.task:
             raise ConfigError(
-                f"the checkpoint was taken in epoch {self.epoch} on task '{state_dict['task']}', but the data "
-                f"config now trains '{self.task}' in that epoch; resume with the same data.tasks order and "
-                "data.epochs_per_task"
+                f"the checkpoint was taken in epoch {self.epoch} on task '{state_dict['task']}', but the "
+                f"data config now trains '{self.task}' in that epoch; resume with the same data.tasks order "
+                "and data.epochs_per_task"
             )
         saved = state_dict.get("replay_buffer")
         mine = None if self.replay_buffer is None else [list(pair) for pair in self.replay_buffer]

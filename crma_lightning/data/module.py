@@ -52,7 +52,8 @@ class ContinualDataModule(LightningDataModule):
         eval_batch_size: Examples per batch in ``holdout_batches``.
         epochs_per_task: Epochs spent on each task before moving to the next.
         seed: Seeds the holdout/train split, the per-epoch shuffles and synthetic data.
-        synthetic_vocab: Size of the token range a synthetic task permutes (ids ``3 .. 3 + synthetic_vocab - 1``).
+        synthetic_vocab: Size of the token range a synthetic task permutes
+            (ids ``3 .. 3 + synthetic_vocab - 1``).
         synthetic_jump: Probability that a synthetic sequence jumps to a random token instead of
             following the permutation; > 0 keeps holdout sequences distinct from training ones.
         num_workers: DataLoader worker processes for training batches.
@@ -155,7 +156,8 @@ class ContinualDataModule(LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        """Token ids the data can contain: ``len(tokenizer)``, or ``3 + synthetic_vocab`` without a tokenizer."""
+        """Token ids the data can contain: ``len(tokenizer)``, or ``3 + synthetic_vocab`` without a
+        tokenizer."""
         tokenizer = self.hf_tokenizer
         return FIRST_TOKEN + self.synthetic_vocab if tokenizer is None else len(tokenizer)
 
@@ -213,7 +215,8 @@ class ContinualDataModule(LightningDataModule):
     def train_dataloader_for_epoch(
         self, epoch: int, rank: int = 0, world_size: int = 1
     ) -> ResumableDataLoader:
-        """Training batches of ``epoch``'s task for ``rank`` of ``world_size``, shuffled by ``(seed, epoch)``."""
+        """Training batches of ``epoch``'s task for ``rank`` of ``world_size``, shuffled by
+        ``(seed, epoch)``."""
         k = self.task_index_at_epoch(epoch)
         task = self.task_names[k]
         self._require(task)

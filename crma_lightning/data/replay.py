@@ -140,7 +140,8 @@ def replay_problems(replay: Any, batch_size: int) -> list[str]:
         n = replay.replayed(batch_size)
         if replay.ratio > 0 and n == 0:
             p.append(
-                f"data.replay.ratio {replay.ratio} of data.batch_size {batch_size} rounds to 0 examples; raise either"
+                f"data.replay.ratio {replay.ratio} of data.batch_size {batch_size} rounds to 0 examples; "
+                "raise either"
             )
         if n >= batch_size:
             p.append(f"data.replay.ratio {replay.ratio} leaves no new example in a batch of {batch_size}")

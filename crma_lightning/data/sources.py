@@ -44,7 +44,8 @@ _READ_OPTIONS = {
 
 _FILE_SHAPES = {
     "text": "a .txt file holds UTF-8 text, one record per line",
-    "json": 'a .jsonl file holds one JSON object per line, e.g. {"text": "..."}; a .json file, a list of them',
+    "json": 'a .jsonl file holds one JSON object per line, e.g. {"text": "..."}; a .json file, a list of '
+    "them",
     "csv": "a .csv file holds UTF-8 text: a header line naming the fields, then one record per line",
     "parquet": "a .parquet file is written by a Parquet writer, e.g. pandas.DataFrame.to_parquet",
 }
@@ -378,8 +379,8 @@ def _check_label_field(raw: datasets.Dataset, index: int, task: TaskSpec, where:
     dtype = feature.dtype if isinstance(feature, datasets.Value) else None
     if dtype not in ("string", "large_string") and not (dtype or "").startswith(("int", "uint")):
         raise ConfigError(
-            f"{where}: label field {field!r} holds {feature} values; a label is a string of the label set or an "
-            "integer index into it"
+            f"{where}: label field {field!r} holds {feature} values; a label is a string of the label set or "
+            "an integer index into it"
         )
 
 
@@ -467,7 +468,8 @@ def _caused_by_network(err: BaseException | None) -> bool:
 
 
 def _is_text_feature(feature: Any, numbers: bool) -> bool:
-    """Whether a column of this ``datasets`` feature holds text (or, with ``numbers``, scalars written as text)."""
+    """Whether a column of this ``datasets`` feature holds text (or, with ``numbers``, scalars
+    written as text)."""
     dtype = feature.dtype if isinstance(feature, datasets.Value) else None
     if dtype in ("string", "large_string", "null"):  # null: every value missing
         return True

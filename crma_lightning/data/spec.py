@@ -27,7 +27,8 @@ class TaskSpec:
     """One task of the continual-learning sequence."""
 
     name: str
-    """Unique task name; the key of the task's adapter state, metrics (``val/<name>/loss``) and checkpoints."""
+    """Unique task name; the key of the task's adapter state, metrics (``val/<name>/loss``) and
+    checkpoints."""
     source: str = "synthetic"
     """``synthetic``, a local file (.txt .jsonl .json .parquet .csv) or folder of split files,
     ``corpus:<domain>`` (a shipped domain, see ``crma_lightning.corpus.DOMAINS``), a ``datasets`` hub

@@ -61,8 +61,8 @@ def split_by_record(
     train = rest[:train_size]
     if len(train) == 0:
         raise ConfigError(
-            f"{where}: no training example is left after data.holdout_size="
-            f"{holdout_size} (the source has {len(np.unique(rank))} records); lower data.holdout_size or add data"
+            f"{where}: no training example is left after data.holdout_size={holdout_size} (the source has "
+            f"{len(np.unique(rank))} records); lower data.holdout_size or add data"
         )
     if len(train) < train_size:
         rank_zero_warn(
@@ -95,9 +95,9 @@ def task_sets(
     dm: Any, index: int, task: TaskSpec
 ) -> tuple[TaskSpec, datasets.Dataset, datasets.Dataset, datasets.Dataset]:
     """Task ``index``'s ``(spec, validation, train, test)`` sets for the DataModule ``dm`` (its sizes,
-    seed, tokenizer, synthetic settings and ``source_of``): split files where the task gives them, else cut from
-    its one source by :func:`split_by_record`. A classification spec comes back with its label set
-    resolved from the data."""
+    seed, tokenizer, synthetic settings and ``source_of``): split files where the task gives them,
+    else cut from its one source by :func:`split_by_record`. A classification spec comes back with
+    its label set resolved from the data."""
     where = f"task '{task.name}' ({task.source})"
     source = dm.source_of(task)
     if source.synthetic:

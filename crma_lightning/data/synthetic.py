@@ -19,7 +19,8 @@ def task_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def task_permutation(seed: int, name: str, vocab: int) -> np.ndarray:
-    """The task's next-token map over ``[FIRST_TOKEN, FIRST_TOKEN + vocab)``, as token ids, shape ``(vocab,)``.
+    """The task's next-token map over ``[FIRST_TOKEN, FIRST_TOKEN + vocab)``, as token ids, shape
+    ``(vocab,)``.
 
     ``task_permutation(...)[x - FIRST_TOKEN]`` is the token that follows ``x``.
     """

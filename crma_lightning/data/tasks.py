@@ -29,7 +29,8 @@ from crma_lightning.data.sources import (  # noqa: F401  (CORPUS_PREFIX, FILE_BU
 from crma_lightning.data.spec import DEFAULT_METRIC, OLORA_TEMPLATE, Metric, TaskSpec  # noqa: F401  (re-exported)
 
 RESERVED_TASK_NAMES = ("crma", "crma_history")
-"""Task names that would collide with a run-directory entry (``adapters/crma/``, ``adapters/crma_history/``)."""
+"""Task names that would collide with a run-directory entry (``adapters/crma/``,
+``adapters/crma_history/``)."""
 
 RESERVED = {
     SHARED_ADAPTER: "NAIVE's shared LoRA",
@@ -67,7 +68,8 @@ def name_problems(names: list[str], where: str = "data.tasks") -> list[str]:
         at = f"{where}[{i}].name"
         if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
             problems.append(
-                f"{at}: {name!r} must be non-empty letters, digits, '_' or '-' (it becomes a module key and a metric name)"
+                f"{at}: {name!r} must be non-empty letters, digits, '_' or '-' (it becomes a module key and "
+                "a metric name)"
             )
         elif name in seen:
             problems.append(f"{at}: {name!r} is used twice; task names must be unique")
@@ -78,7 +80,8 @@ def name_problems(names: list[str], where: str = "data.tasks") -> list[str]:
 
 
 def _as_spec(task: Any, where: str, problems: list[str]) -> TaskSpec | None:
-    """``task`` (a TaskSpec or a mapping of its fields) as a well-typed TaskSpec; None after adding problems."""
+    """``task`` (a TaskSpec or a mapping of its fields) as a well-typed TaskSpec; None after adding
+    problems."""
     if isinstance(task, Mapping):
         known = [f.name for f in dataclasses.fields(TaskSpec)]
         if "name" not in task or any(key not in known for key in task):
@@ -89,7 +92,8 @@ def _as_spec(task: Any, where: str, problems: list[str]) -> TaskSpec | None:
         task = TaskSpec(**task)
     if not isinstance(task, TaskSpec):
         problems.append(
-            f"{where}: must be a task such as {{name: a, source: data.jsonl}}, got {type(task).__name__} {task!r}"
+            f"{where}: must be a task such as {{name: a, source: data.jsonl}}, got {type(task).__name__} "
+            f"{task!r}"
         )
         return None
     found = type_problems(task, where)
@@ -168,7 +172,8 @@ def _format_problems(task: TaskSpec, source: TaskSource, where: str) -> list[str
         else:
             if fields.count("text") != 1 or task.template.count("{text}") != 1:
                 problems.append(
-                    f"{where}.template: must contain {{text}} exactly once (where the record's text goes); got {task.template!r}"
+                    f"{where}.template: must contain {{text}} exactly once (where the record's text goes); "
+                    f"got {task.template!r}"
                 )
             bad = [f for f in fields if not f.isidentifier()]
             if bad:
@@ -179,7 +184,8 @@ def _format_problems(task: TaskSpec, source: TaskSource, where: str) -> list[str
         unknown = sorted(set(task.splits) - {"validation", "test"})
         if unknown:
             problems.append(
-                f"{where}.splits: keys must be 'validation' and/or 'test' (the source is the training data), got {unknown}"
+                f"{where}.splits: keys must be 'validation' and/or 'test' (the source is the training data), "
+                f"got {unknown}"
             )
         problems += source.split_problems(task, where)
     return problems

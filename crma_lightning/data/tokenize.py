@@ -39,7 +39,8 @@ def tiny_tokenizer_path() -> str:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer by hub name, local folder, ``tiny`` or ``path/to/model.gguf``; pad falls back to eos."""
+    """Load a tokenizer by hub name, local folder, ``tiny`` or ``path/to/model.gguf``; pad falls
+    back to eos."""
     if name == TINY_TOKENIZER:
         name = tiny_tokenizer_path()
     try:
@@ -59,8 +60,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         # others depending on what is wrong; all mean the same thing to the user.
         raise ConfigError(
             f"data.tokenizer: {name!r} could not be loaded ({type(err).__name__}: {err}); give a hub name "
-            "cached on this machine, a local folder with tokenizer files, path/to/model.gguf, package:<module>/<file>, "
-            "or 'tiny'"
+            "cached on this machine, a local folder with tokenizer files, path/to/model.gguf, "
+            "package:<module>/<file>, or 'tiny'"
         ) from err
     if tokenizer.eos_token_id is None:
         raise ConfigError(
@@ -240,8 +241,8 @@ def tokenize_records(
             reason = f"every {task.text_field!r} record is blank or missing"
         elif task.format == "classification":
             reason = (
-                f"the template and the longest label leave no room for text within data.max_length={max_length}; "
-                "raise data.max_length or shorten the template"
+                "the template and the longest label leave no room for text within "
+                f"data.max_length={max_length}; raise data.max_length or shorten the template"
             )
         else:
             reason = (

@@ -157,7 +157,8 @@ def score_choices(
     )
     cache = getattr(out, CACHE)
 
-    # The labels, from a copy of the prompts' cache repeated per label (row b * L + l: label l after prompt b).
+    # The labels, from a copy of the prompts' cache repeated per label
+    # (row b * L + l: label l after prompt b).
     ids, scored = choice.repeat(b, 1), choice_mask.repeat(b, 1).bool()  # (B * L, Tc)
     first = last.log_softmax(-1).repeat_interleave(n, 0)  # (B * L, V)
     logp = [first.gather(1, ids[:, :1])[:, 0]]

@@ -137,11 +137,13 @@ def resolve_layout(strategy: str | None, layout: AdapterLayout | None) -> Adapte
         return layout_of(strategy or "modular")
     if not isinstance(layout, AdapterLayout):
         raise ConfigError(
-            f"model.layout must be an AdapterLayout (class_path: crma_lightning.methods.layouts.<Layout>), got {layout!r}"
+            "model.layout must be an AdapterLayout (class_path: crma_lightning.methods.layouts.<Layout>), "
+            f"got {layout!r}"
         )
     if strategy is not None and strategy != layout.name:
         raise ConfigError(
-            f"model.strategy {strategy!r} and model.layout {type(layout).__name__} ({layout.name!r}) disagree; set one"
+            f"model.strategy {strategy!r} and model.layout {type(layout).__name__} ({layout.name!r}) "
+            "disagree; set one"
         )
     return layout
 
@@ -174,7 +176,8 @@ def layout_from_config(model: dict, allow_foreign_classes: bool = False) -> Adap
             ) from None
     if not (isinstance(cls, type) and issubclass(cls, AdapterLayout)):
         raise ConfigError(
-            f"model.layout {path!r} is not a registered layout ({', '.join(layout_names())}); a layout from outside "
-            "crma-lightning is loaded only with --allow-foreign-classes (load_run(..., allow_foreign_classes=True))"
+            f"model.layout {path!r} is not a registered layout ({', '.join(layout_names())}); a layout from "
+            "outside crma-lightning is loaded only with --allow-foreign-classes (load_run(..., "
+            "allow_foreign_classes=True))"
         )
     return resolve_layout(model.get("strategy"), cls(**init))

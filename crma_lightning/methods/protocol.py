@@ -145,8 +145,9 @@ def check_fit_setup(trainer: Any, task_names: list[str], vocab_size: int) -> Non
         )
     if getattr(dm, "vocab_size", 0) > vocab_size:
         raise ConfigError(
-            f"data: the token ids go up to {dm.vocab_size - 1} (data.tokenizer / data.synthetic_vocab) but the "
-            f"model's embedding has {vocab_size} rows; use the model's own tokenizer or a smaller synthetic_vocab"
+            f"data: the token ids go up to {dm.vocab_size - 1} (data.tokenizer / data.synthetic_vocab) but "
+            f"the model's embedding has {vocab_size} rows; use the model's own tokenizer or a smaller "
+            "synthetic_vocab"
         )
     if getattr(dm, "multitask", False) and not trainer.lightning_module.layout.shared_lora:
         raise ConfigError(

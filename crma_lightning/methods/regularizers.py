@@ -246,8 +246,8 @@ class OrthogonalLoRA(Regularizer):
     def problems(self, module: ContinualModule) -> list[str]:
         if module.layout.shared_lora:
             return [
-                "model.regularizers: OrthogonalLoRA keeps each task's LoRA orthogonal to the earlier ones, and "
-                f"model.strategy {module.strategy!r} has one shared LoRA; use inc_lora (O-LoRA) or frozen"
+                "model.regularizers: OrthogonalLoRA keeps each task's LoRA orthogonal to the earlier ones, "
+                f"and model.strategy {module.strategy!r} has one shared LoRA; use inc_lora (O-LoRA) or frozen"
             ]
         return []
 

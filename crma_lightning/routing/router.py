@@ -137,10 +137,11 @@ def load_stats_router(
     missing = [t for t in tasks if not has_task_stats(rd, t)]
     if missing:
         raise ConfigError(
-            f"{rd.path} has no routing statistics for tasks {missing} ({rd.routing.name}/<task>.safetensors): the run "
-            f"predates them or was trained with routing.enabled false. Build them (the base model is frozen, so they "
-            f"can be made afterwards): python train.py route --run {rd.path} --build-stats "
-            "(serve.build_routing_stats(run)); or route by adapter loss: router='loss' (--router loss)"
+            f"{rd.path} has no routing statistics for tasks {missing} "
+            f"({rd.routing.name}/<task>.safetensors): the run predates them or was trained with "
+            "routing.enabled false. Build them (the base model is frozen, so they can be made afterwards): "
+            f"python train.py route --run {rd.path} --build-stats (serve.build_routing_stats(run)); or route "
+            "by adapter loss: router='loss' (--router loss)"
         )
     read = {t: read_task_stats(rd, t) for t in tasks}
     metas = {t: meta for t, (_, meta) in read.items()}
@@ -193,8 +194,8 @@ def build_routing_stats(
     pooling = pooling or kept.get("pooling") or config.get("pooling") or "mean"
     if kept and (layer, pooling) != (kept["layer"], kept["pooling"]):
         raise ConfigError(
-            f"the statistics of {present} use layer {kept['layer']}, pooling {kept['pooling']!r}; new ones must match "
-            f"(got layer {layer}, pooling {pooling!r}), or rebuild all of them with --overwrite"
+            f"the statistics of {present} use layer {kept['layer']}, pooling {kept['pooling']!r}; new ones "
+            f"must match (got layer {layer}, pooling {pooling!r}), or rebuild all of them with --overwrite"
         )
     if max_examples == "config":
         max_examples = kept.get("max_examples", config.get("max_examples", DEFAULT_MAX_EXAMPLES))

@@ -59,8 +59,9 @@ def resolve_layer(layer: int | None, num_layers: int) -> int:
     resolved = layer + num_layers + 1 if layer < 0 else layer
     if not 1 <= resolved <= num_layers:
         raise ConfigError(
-            f"routing.layer {layer} is outside this model's decoder layers: give 1..{num_layers} (the residual "
-            f"stream after that many layers), -1..-{num_layers} from the end, or null for {default_layer(num_layers)}"
+            f"routing.layer {layer} is outside this model's decoder layers: give 1..{num_layers} (the "
+            f"residual stream after that many layers), -1..-{num_layers} from the end, or null for "
+            f"{default_layer(num_layers)}"
         )
     return resolved
 
@@ -268,12 +269,13 @@ def read_task_stats(run: RunDir, task: str) -> tuple[FeatureSums, dict[str, Any]
         ) from None
     if meta.get("format") != STATS_FORMAT:
         raise ConfigError(
-            f"{meta_file} has format {meta.get('format')!r}; this version reads format {STATS_FORMAT}; {rebuild}"
+            f"{meta_file} has format {meta.get('format')!r}; this version reads format {STATS_FORMAT}; "
+            f"{rebuild}"
         )
     if meta.get("sha256") != hashlib.sha256(data).hexdigest():
         raise ConfigError(
-            f"{stats} does not match {meta_file} (its hash differs: a write was interrupted, or the files come "
-            f"from two runs); {rebuild}"
+            f"{stats} does not match {meta_file} (its hash differs: a write was interrupted, or the files "
+            f"come from two runs); {rebuild}"
         )
     return sums, meta
 
@@ -289,6 +291,6 @@ def check_stats(metas: dict[str, dict[str, Any]], model: nn.Module, where: RunDi
     if len(set(seen.values())) > 1:
         listed = "; ".join(f"{t}: {dict(zip(keys, v, strict=True))}" for t, v in seen.items())
         raise ConfigError(
-            f"the routing statistics in {where.routing} were gathered in different ways ({listed}); rebuild them "
-            f"alike: python train.py route --run {where.path} --build-stats --overwrite"
+            f"the routing statistics in {where.routing} were gathered in different ways ({listed}); rebuild "
+            f"them alike: python train.py route --run {where.path} --build-stats --overwrite"
         )

@@ -203,8 +203,8 @@ def load_crma(
         handle = inject_crma(model, config, principal_init=False)  # the weights are loaded below
     elif handle.config.streams != config.streams or handle.config.form != config.form:
         raise ConfigError(
-            f"CRMA adapter {directory} has streams={config.streams}, form={config.form}; the model's CRMA has "
-            f"streams={handle.config.streams}, form={handle.config.form}. Use matching crma settings."
+            f"CRMA adapter {directory} has streams={config.streams}, form={config.form}; the model's CRMA "
+            f"has streams={handle.config.streams}, form={handle.config.form}. Use matching crma settings."
         )
     try:
         state = load_file(str(directory / CRMA_WEIGHTS))
@@ -237,13 +237,14 @@ def check_resumable(checkpoint: dict, identity: dict[str, Any], needed: set[str]
     saved = checkpoint.get("continual")
     if saved is None:
         raise ConfigError(
-            "this checkpoint was not written by crma-lightning's ContinualLM; pass one from <run dir>/checkpoints/"
+            "this checkpoint was not written by crma-lightning's ContinualLM; pass one from <run "
+            "dir>/checkpoints/"
         )
     if saved["tasks"] != identity["tasks"] or saved["strategy"] != identity["strategy"]:
         raise ConfigError(
-            f"the checkpoint was trained with tasks {saved['tasks']} (strategy {saved['strategy']}); this run has "
-            f"data.tasks {identity['tasks']} (strategy {identity['strategy']}). Resume with the same task list and "
-            "strategy, or start a new run without --ckpt_path."
+            f"the checkpoint was trained with tasks {saved['tasks']} (strategy {saved['strategy']}); this "
+            f"run has data.tasks {identity['tasks']} (strategy {identity['strategy']}). Resume with the same "
+            "task list and strategy, or start a new run without --ckpt_path."
         )
     missing = sorted(needed - set(checkpoint["state_dict"]))
     if missing:

@@ -208,7 +208,8 @@ class RunDir:
 
     @property
     def resources_file(self) -> Path:
-        """Per-task step time and memory (the optional ``crma_lightning.callbacks.resources.ResourceMonitor``)."""
+        """Per-task step time and memory (the optional
+        ``crma_lightning.callbacks.resources.ResourceMonitor``)."""
         return self.results / RESOURCES_FILE
 
     # -- writing results ---------------------------------------------------------------------
@@ -243,7 +244,8 @@ class RunDir:
                 init_args(cfg[section])
         except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ConfigError(
-                f"{self.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
+                f"{self.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it "
+                "is damaged"
             ) from None
         return cfg
 

@@ -39,7 +39,8 @@ class RunInfo:
     data: dict[str, Any]
     """``data`` init arguments of :class:`~crma_lightning.data.ContinualDataModule`, tasks as dicts."""
     routing_config: dict[str, Any]
-    """The ``routing:`` section (``crma_lightning.callbacks.routing.RoutingStatistics``); empty for older runs."""
+    """The ``routing:`` section (``crma_lightning.callbacks.routing.RoutingStatistics``); empty for
+    older runs."""
     allow_foreign_classes: bool = False
     """Whether classes from outside crma-lightning that the config names may be imported."""
 
@@ -77,7 +78,8 @@ class RunInfo:
             if foreign and not self.allow_foreign_classes:
                 raise ConfigError(
                     f"{self.run.config_file} names task sources from outside crma-lightning "
-                    f"({', '.join(foreign)}); pass --allow-foreign-classes (load_run(..., allow_foreign_classes=True)) if you trust it"
+                    f"({', '.join(foreign)}); pass --allow-foreign-classes (load_run(..., "
+                    "allow_foreign_classes=True)) if you trust it"
                 )
             data["sources"] = [source_from_config(s) for s in data["sources"]]
         return ContinualDataModule(**data)
@@ -94,15 +96,17 @@ def read_run(run_dir: str | os.PathLike, allow_foreign_classes: bool = False) ->
         tasks = [init_args(t)["name"] for t in data["tasks"]]
     except (KeyError, TypeError) as e:
         raise ConfigError(
-            f"{run.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is damaged"
+            f"{run.config_file} is not a readable crma-lightning config ({type(e).__name__}: {e}); it is "
+            "damaged"
         ) from None
     layout = layout_from_config(model, allow_foreign_classes)  # an unknown one fails here, naming the field
     trained = [t for t in tasks if (run.adapter(t) / PEFT_WEIGHTS).is_file()]
     if not trained:
         raise ConfigError(
-            f"{run.path} has no trained adapters ({run.adapter('<task>').relative_to(run.path)}/{PEFT_WEIGHTS} for "
-            f"none of the tasks {tasks}): the run stopped before its first task ended. Train it further "
-            "(`train.py fit ... --ckpt_path last`)."
+            f"{run.path} has no trained adapters "
+            f"({run.adapter('<task>').relative_to(run.path)}/{PEFT_WEIGHTS} for none of the tasks {tasks}): "
+            "the run stopped before its first task ended. Train it further (`train.py fit ... --ckpt_path "
+            "last`)."
         )
     routing = cfg.get("routing")
     routing = init_args(routing) if isinstance(routing, dict) else {}
@@ -129,22 +133,23 @@ def check_trusted(
     if info.backbone.trust_remote_code and not trust_remote_code:
         raise ConfigError(
             f"{info.run.config_file} asks for model.backbone.trust_remote_code, which runs code shipped with "
-            f"{info.backbone.name_or_path!r}; pass --trust-remote-code (load_run(..., trust_remote_code=True)) "
-            "only if you trust its author"
+            f"{info.backbone.name_or_path!r}; pass --trust-remote-code (load_run(..., "
+            "trust_remote_code=True)) only if you trust its author"
         )
     foreign = sorted({v for v in _class_paths(cfg) if not v.startswith(KNOWN_CLASS_PREFIXES)})
     if foreign and not allow_foreign_classes:
         raise ConfigError(
-            f"{info.run.config_file} names classes from outside crma-lightning ({', '.join(foreign)}); it was not "
-            "written by train.py fit as is. Pass --allow-foreign-classes (load_run(..., allow_foreign_classes=True)) "
-            "if you trust it"
+            f"{info.run.config_file} names classes from outside crma-lightning ({', '.join(foreign)}); it "
+            "was not written by train.py fit as is. Pass --allow-foreign-classes (load_run(..., "
+            "allow_foreign_classes=True)) if you trust it"
         )
     trained_on = _trained_base(info) if check_base else None
     name = info.backbone.name_or_path
     if name and trained_on and _is_hub_name(name) and name != trained_on:
         raise ConfigError(
             f"{info.run.config_file} names the hub model {name!r}, but the run's adapters were trained on "
-            f"{trained_on!r}; pass --base-model (load_run(..., backbone=...)) to load them onto another base on purpose"
+            f"{trained_on!r}; pass --base-model (load_run(..., backbone=...)) to load them onto another base "
+            "on purpose"
         )
 
 

@@ -78,8 +78,8 @@ def export_task(run: TrainedRun, task: str, out_dir: str | os.PathLike) -> Path:
                 "crma_dir": CRMA_DIR if run.crma is not None else None,
                 "peft_lora_dir": PEFT_DIR,
                 "tokenizer": run.tokenizer is not None,
-                "note": f"{MODEL_DIR}/ alone and {PEFT_DIR}/ on the base model are the task's model with CRMA off; "
-                "crma_lightning.serve.load_exported(dir) puts CRMA back on",
+                "note": f"{MODEL_DIR}/ alone and {PEFT_DIR}/ on the base model are the task's model with "
+                "CRMA off; crma_lightning.serve.load_exported(dir) puts CRMA back on",
             },
         )
     return out_dir
@@ -134,7 +134,8 @@ def load_exported(
         raise ConfigError(f"{path} is damaged ({e}); export the task again") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConfigError(
-            f"{path} is format {manifest.get('format')!r} v{manifest.get('version')}; this version reads {FORMAT!r} v{VERSION}"
+            f"{path} is format {manifest.get('format')!r} v{manifest.get('version')}; this version reads "
+            f"{FORMAT!r} v{VERSION}"
         )
     if manifest.get("trust_remote_code") and not trust_remote_code:
         raise ConfigError(

@@ -37,8 +37,9 @@ def _check_history(run: TrainedRun) -> None:
     if run.crma is not None and missing:
         raise ConfigError(
             f"{run.info.run_dir} has no CRMA state for the rows after {missing} "
-            f"({run.info.run.crma_after(missing[0]).relative_to(run.info.run_dir)}/{CRMA_WEIGHTS}): the run was "
-            "made before the CRMA history was saved; evaluate it with `train.py test --ckpt_path` instead"
+            f"({run.info.run.crma_after(missing[0]).relative_to(run.info.run_dir)}/{CRMA_WEIGHTS}): the run "
+            "was made before the CRMA history was saved; evaluate it with `train.py test --ckpt_path` "
+            "instead"
         )
 
 

@@ -109,8 +109,8 @@ class TrainedRun(ServedModel):
             )
         if task not in self.info.trained:
             raise ConfigError(
-                f"task {task!r} was never completed in {self.info.run_dir} (no {self.info.run.adapter(task)}); "
-                f"completed tasks: {self.tasks}"
+                f"task {task!r} was never completed in {self.info.run_dir} (no "
+                f"{self.info.run.adapter(task)}); completed tasks: {self.tasks}"
             )
         return self.layout.adapter_for(task, self.info.tasks)
 
@@ -393,15 +393,15 @@ def load_run(
     if info.layout.crma:
         if not (info.run.crma / CRMA_WEIGHTS).is_file():
             raise ConfigError(
-                f"{info.run_dir} is a {info.strategy} run but has no {info.run.crma / CRMA_WEIGHTS}; the CRMA state "
-                "is missing (copy the whole run directory, adapters/ included)"
+                f"{info.run_dir} is a {info.strategy} run but has no {info.run.crma / CRMA_WEIGHTS}; the "
+                "CRMA state is missing (copy the whole run directory, adapters/ included)"
             )
         meta = read_crma_meta(info.run.crma)
         saved = {"strategy": meta.get("strategy"), "tasks": meta.get("tasks")}
         if saved != {"strategy": info.strategy, "tasks": info.tasks}:
             raise ConfigError(
-                f"{info.run.crma} was written by a run with {saved}, but {info.run.config_file} says strategy "
-                f"{info.strategy!r}, tasks {info.tasks}; the run directory mixes two runs"
+                f"{info.run.crma} was written by a run with {saved}, but {info.run.config_file} says "
+                f"strategy {info.strategy!r}, tasks {info.tasks}; the run directory mixes two runs"
             )
     model = load_backbone(info.backbone).to(device)
     model.eval()
@@ -432,5 +432,6 @@ def load_run(
 def _check_adapter_dir(directory: Path) -> None:
     if not (directory / PEFT_CONFIG).is_file() or not (directory / PEFT_WEIGHTS).is_file():
         raise ConfigError(
-            f"{directory} is incomplete (needs {PEFT_CONFIG} and {PEFT_WEIGHTS}); the run directory is damaged"
+            f"{directory} is incomplete (needs {PEFT_CONFIG} and {PEFT_WEIGHTS}); the run directory is "
+            "damaged"
         )

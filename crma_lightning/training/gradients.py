@@ -59,8 +59,9 @@ class GradientSteps:
         step = self.trainer.global_step
         if self.nonfinite == "stop":
             raise NonFiniteError(
-                f"non-finite {what} at step {step}; stopped (the last checkpoint is kept). Lower the learning "
-                "rates (model.lr.*), clip gradients (trainer.gradient_clip_val), or set model.nonfinite: skip."
+                f"non-finite {what} at step {step}; stopped (the last checkpoint is kept). Lower the "
+                "learning rates (model.lr.*), clip gradients (trainer.gradient_clip_val), or set "
+                "model.nonfinite: skip."
             )
         self.nonfinite_skipped += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=1)

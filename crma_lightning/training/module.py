@@ -84,10 +84,11 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
                 whole run: joint multi-task training).
             gradient_checkpointing: recompute activations in backward (saves memory).
             fused_loss: form the training loss from the final hidden states a chunk of positions at
-                a time, never the (batch, length, vocabulary) logits (crma_lightning.backbone.output_head):
-                the same loss, 440 MB less peak memory at SmolLM2's 8 x 128 step. Used where the output head is a
-                plain frozen Linear and no regulariser reads the logits; otherwise, or when a probe
-                at fit start finds the two losses differ, the logits path (summary.json says which).
+                a time, never the (batch, length, vocabulary) logits
+                (crma_lightning.backbone.output_head): the same loss, in less memory. Used where the
+                output head is a plain frozen Linear and no regulariser reads the logits; otherwise,
+                or when a probe at fit start finds the two losses differ, the logits path
+                (summary.json says which).
             nonfinite: on a NaN/inf loss or gradient, 'skip' the step (counted and logged as
                 train/nonfinite_skipped) or 'stop' with a message; the last checkpoint stays.
             seed: seeds per-step randomness (dropout) as a function of the step, for exact resume
@@ -185,14 +186,14 @@ class ContinualLM(HoldoutSteps, GradientSteps, AdapterOnlyCheckpoints, pl.Lightn
             return
         if self.backbone_config.quantize != "none":
             raise ConfigError(
-                f"model.backbone.quantize: {self.backbone_config.quantize} does not work with FSDP: sharding would split "
-                "the packed 4-bit weights from their quantisation state. Use one device or DDP (every rank holds the "
-                "4-bit base; a 7B NF4 base needs ~4.5 GB), or quantize: none."
+                f"model.backbone.quantize: {self.backbone_config.quantize} does not work with FSDP: sharding "
+                "would split the packed 4-bit weights from their quantisation state. Use one device or DDP "
+                "(every rank holds the 4-bit base; a 7B NF4 base needs ~4.5 GB), or quantize: none."
             )
         if self.regularizers:
             raise ConfigError(
-                "model.regularizers are not supported under FSDP sharding yet (EWC and LwF need the whole shared "
-                "parameters outside the sharded forward); use DDP (trainer.strategy: ddp)"
+                "model.regularizers are not supported under FSDP sharding yet (EWC and LwF need the whole "
+                "shared parameters outside the sharded forward); use DDP (trainer.strategy: ddp)"
             )
 
     def adapter_for(self, task: str) -> str:

@@ -92,7 +92,8 @@ def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tm
     # the same arguments, but the config file's contents edited
     config.write_text(config.read_text().replace("lora: 0.01", "lora: 0.02"))
     assert refused() == (
-        f"[naive_s0] {root} was fitted with other arguments ({config} edited): use another runs_dir or delete it"
+        f"[naive_s0] {root} was fitted with other arguments ({config} edited): use another runs_dir or "
+        "delete it"
     )
     # a methods experiment reuses the reproduction's runs only when they ran this config and these arguments
     with pytest.raises(SystemExit) as e:

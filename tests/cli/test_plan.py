@@ -52,7 +52,8 @@ def test_lora_inputs_share_a_tensor_without_dropout():
 
 
 def test_loss_bytes():
-    # fused: the hidden states' gradient 1024 x 8 x 4, one 512-row chunk of logits (4 B) and log-softmax (2 x 4 B)
+    # fused: the hidden states' gradient 1024 x 8 x 4, one 512-row chunk of logits (4 B) and
+    # log-softmax (2 x 4 B)
     assert loss_bytes(tokens=1024, vocab=100, hidden=8, head_bytes=4, fused=True) == 32768 + 512 * 100 * 12
     assert loss_bytes(tokens=1024, vocab=100, hidden=8, head_bytes=4, fused=False) == 1024 * 100 * 12
     assert loss_bytes(tokens=100, vocab=10, hidden=2, head_bytes=2, fused=True) == 800 + 100 * 10 * 10
@@ -154,7 +155,8 @@ def test_meta_counts_equal_the_real_module():
 
 
 def _argv(config: str) -> list[str]:
-    """A config alone if it names a model, else laid over configs/smollm2.yaml (overlays: methods, recipes...)."""
+    """A config alone if it names a model, else laid over configs/smollm2.yaml (overlays: methods,
+    recipes...)."""
     import yaml
 
     backbone = (yaml.safe_load((REPO / config).read_text()).get("model") or {}).get("backbone") or {}

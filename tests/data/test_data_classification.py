@@ -95,7 +95,8 @@ def test_classification_renders_the_olora_prompt_with_the_label_as_target(tmp_pa
         text = whole.split("\n")[2]
         assert WORDS[label] in text
         assert whole == (
-            f"What is the topic?\nOption: Sports, Business, Science or Technology \n{text}\nAnswer: {label}<|endoftext|>"
+            f"What is the topic?\nOption: Sports, Business, Science or Technology \n{text}\nAnswer: "
+            f"{label}<|endoftext|>"
         )
         assert scored == f" {label}<|endoftext|>"  # the loss is on the answer only
     choices = label_targets(dm, "news")

@@ -1,6 +1,6 @@
 """A layout, a regulariser and a callback defined outside the package
-(tests/methods/extension_plugins.py, given by ``class_path``) train, evaluate with and without the task id, serve, export, and rebuild
-their rows with ``test --run``, like the built-in ones."""
+(tests/methods/extension_plugins.py, given by ``class_path``) train, evaluate with and without the
+task id, serve, export, and rebuild their rows with ``test --run``, like the built-in ones."""
 
 from __future__ import annotations
 

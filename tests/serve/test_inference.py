@@ -750,7 +750,8 @@ def test_other_strategies_load_export_and_route(strategy, tmp_path):
 
 @pytest.mark.slow
 def test_a_gguf_loaded_base_is_saved_as_a_plain_checkpoint(tmp_path):
-    """transformers refuses to save a GGUF-loaded model; export and the GGUF cache rebuild it as a plain one."""
+    """transformers refuses to save a GGUF-loaded model; export and the GGUF cache rebuild it as a
+    plain one."""
     import importlib.util
     import os
 

@@ -219,6 +219,6 @@ def test_nf4_two_task_modular_fit_saves_peft_adapters_that_load_on_4bit_and_full
         trained = model(input_ids=tokens).logits
     assert torch.equal(outs["nf4"], trained)  # back on a 4-bit base: the trained model's logits (CRMA off)
     # On the full-precision base the LoRA does what it did on the 4-bit one it was trained on: the
-    # holdout-loss gain over the bare base within 20 % (measured: 0.232 on NF4, 0.235 on fp32). (The logits differ
-    # by NF4's rounding of the random tiny base, ~30 % of their range.)
+    # holdout-loss gain over the bare base within 20 % (measured: 0.232 on NF4, 0.235 on fp32).
+    # (The logits differ by NF4's rounding of the random tiny base, ~30 % of their range.)
     assert gain["nf4"] > 0.2 and abs(gain["none"] - gain["nf4"]) < 0.2 * gain["nf4"], gain
