@@ -24,20 +24,11 @@ from crma_lightning.core.atomic import atomic_write_text
 from crma_lightning.evaluation import metrics as clm
 from crma_lightning.evaluation.report import heatmap, pyplot, save_figure
 
-#: One name per method (its preset: configs/methods/<name>.yaml) and its label in tables.
-LABELS = {
-    "naive": "sequential LoRA",
-    "frozen": "per-task LoRA (FROZEN)",
-    "inc_lora": "IncLoRA",
-    "replay": "replay",
-    "ewc": "EWC",
-    "lwf": "LwF",
-    "olora": "O-LoRA",
-    "modular": "MODULAR (CRMA)",
-    "modular_replay": "MODULAR + replay",
-    "modular_ewc": "MODULAR + EWC",
-    "multitask": "multi-task (upper bound)",
-}
+#: The methods: one preset each, configs/methods/<name>.yaml; reports name rows by these names.
+METHODS = (
+    *("naive", "frozen", "inc_lora", "replay", "ewc", "lwf", "olora", "modular"),
+    *("modular_replay", "modular_ewc", "multitask"),
+)
 #: The knob a method's grid varies (methods.yaml's ``grid``).
 KNOBS = {
     "replay": "ratio",
@@ -107,14 +98,14 @@ def reproduction_figure(res: dict, path: Path) -> None:
         ax_drift.scatter([k] * len(d["per_seed"]), d["per_seed"], color=f"C{k}", zorder=3, s=18)
         peaks = grad_per_task(res, c, "max", "lora")
         if peaks is not None:
-            ax_grad.plot(range(len(tasks)), peaks, marker="o", color=f"C{k}", label=f"{c.upper()}: LoRA")
+            ax_grad.plot(range(len(tasks)), peaks, marker="o", color=f"C{k}", label=f"{c}: LoRA")
         crma_peaks = grad_per_task(res, c, "max", "crma")
         if crma_peaks is not None:
             ax_grad.plot(
-                range(len(tasks)), crma_peaks, marker="s", ls="--", color=f"C{k}", label=f"{c.upper()}: CRMA"
+                range(len(tasks)), crma_peaks, marker="s", ls="--", color=f"C{k}", label=f"{c}: CRMA"
             )
     ax_drift.axhline(0, color="black", lw=0.8)
-    ax_drift.set_xticks(range(len(conds)), [c.upper() for c in conds])
+    ax_drift.set_xticks(range(len(conds)), [c for c in conds])
     ax_drift.set_ylabel("drift, % (+ = forgetting)")
     ax_drift.set_title("loss-relative drift on prior tasks (bar: mean ± SD, dots: seeds)")
     ax_grad.set_xticks(range(len(tasks)), tasks)
@@ -130,7 +121,7 @@ def reproduction_figure(res: dict, path: Path) -> None:
             matrix,
             res["loss_matrix_mean"][c]["rows"],
             tasks,
-            f"{c.upper()}: {res.get('split', 'validation')} loss (mean over seeds)",
+            f"{c}: {res.get('split', 'validation')} loss (mean over seeds)",
             "viridis_r",
             fmt="{:.3f}",
             limits=limits,
@@ -190,9 +181,7 @@ def reproduction_md(res: dict, protocol: dict) -> str:
         d, paper = res["drift"][c], PAPER["drift"].get(c)
         p_ms = "0 by construction" if c == "frozen" else pm(paper[0], paper[1]) if paper else "n/a"
         p_seed = seeds_str(paper[2], "+.1f") if paper and paper[2] else "—"
-        lines.append(
-            f"| {c.upper()} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} | {p_ms} | {p_seed} |"
-        )
+        lines.append(f"| {c} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} | {p_ms} | {p_seed} |")
     if "modular_vs_frozen" in res:
         a, (p_mean, p_sd, p_seeds) = res["modular_vs_frozen"], PAPER["modular_vs_frozen"]
         lines += [
@@ -217,7 +206,7 @@ def reproduction_md(res: dict, protocol: dict) -> str:
     ]
     for c in conds:
         final = res["final_loss"][c]["mean"]
-        lines.append(row(c.upper(), final, f"{np.mean(final):.4f}"))
+        lines.append(row(c, final, f"{np.mean(final):.4f}"))
     base = res["loss_matrix_mean"][conds[0]]["matrix"][0]
     lines.append(row("base model", base, f"{np.mean(base):.4f}"))
     if "ablation" in res:
@@ -295,7 +284,7 @@ def validation_section(val: dict, cols: str) -> list[str]:
     ]
     for c in val["conditions"]:
         d = val["drift"][c]
-        lines.append(f"| drift %, {c.upper()} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} |")
+        lines.append(f"| drift %, {c} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} |")
     if "modular_vs_frozen" in val:
         a = val["modular_vs_frozen"]
         lines.append(f"| MODULAR vs FROZEN % | {pm(a['mean'], a['sd'])} | {seeds_str(a['per_seed'])} |")
@@ -311,7 +300,7 @@ def grad_norm_section(res: dict) -> list[str]:
         if peaks is None or means is None:
             return None
         body = " | ".join(f"{p:.3g} ({m:.3g})" for p, m in zip(peaks, means, strict=True))
-        return f"| {c.upper()} | {body} | {max(peaks):.3g} |"
+        return f"| {c} | {body} | {max(peaks):.3g} |"
 
     lines = [
         "",
@@ -361,7 +350,7 @@ def grad_norm_section(res: dict) -> list[str]:
             *head("condition", tasks, "all tasks"),
         ]
         lines += [
-            f"| {c.upper()} | " + " | ".join(f"{v:.3g}" for v in clipped[c]) + f" | {sum(clipped[c]):.3g} |"
+            f"| {c} | " + " | ".join(f"{v:.3g}" for v in clipped[c]) + f" | {sum(clipped[c]):.3g} |"
             for c in conds
             if clipped[c] is not None
         ]
@@ -425,7 +414,7 @@ def methods_md(res: dict, protocol: dict) -> str:
         )
         setting = "preset" if r["value"] is None else f"{KNOBS[m]} = {r['value']:g}"
         lines.append(
-            f"| {r['label']} | {setting} | {m_cell(ps, 'test', 'final_avg_loss')} | {m_cell(ps, 'test', 'drift_pct', '{:+.2f}')} | "
+            f"| {m} | {setting} | {m_cell(ps, 'test', 'final_avg_loss')} | {m_cell(ps, 'test', 'drift_pct', '{:+.2f}')} | "
             f"{m_cell(ps, 'test', 'bwt', '{:+.4f}')} | {m_cell(ps, 'test', 'forgetting')} | "
             f"{m_cell(ps, 'test_no_task_id', 'final_avg_loss')} | {m_cell(ps, 'test_no_task_id', 'drift_pct', '{:+.2f}')} | "
             f"{NO_TASK_ID.get(first['no_task_id'], first['no_task_id'] or 'n/a')} | {routing} |"
@@ -444,9 +433,9 @@ def methods_md(res: dict, protocol: dict) -> str:
         "| method | " + " | ".join(res["tasks"]) + " |",
         "|---|" + "---|" * len(res["tasks"]),
     ]
-    for r in res["methods"].values():
+    for m, r in res["methods"].items():
         row = np.mean([p["test"]["final_row"] for p in r["per_seed"].values()], 0)
-        lines.append(f"| {r['label']} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
     lines += [
         "",
         f"## The selection (seed {res['select_seed']})",
@@ -460,7 +449,7 @@ def methods_md(res: dict, protocol: dict) -> str:
     for m, grid in res["grid"].items():
         for v, p in grid.items():
             lines.append(
-                f"| {LABELS[m]} | {KNOBS[m]} = {float(v):g} | {p['validation']['final_avg_loss']:.4f} | "
+                f"| {m} | {KNOBS[m]} = {float(v):g} | {p['validation']['final_avg_loss']:.4f} | "
                 f"{p['validation']['drift_pct']:+.2f} | {p['test']['final_avg_loss']:.4f} | {p['test']['drift_pct']:+.2f} | "
                 f"{'yes' if float(v) == res['methods'][m]['value'] else ''} |"
             )
@@ -518,7 +507,7 @@ def methods_figure(res: dict, path: Path, model: str) -> None:
             )
             ax.set_ylim(0.97 * lo, None)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_xticks(x, [res["methods"][m]["label"] for m in methods], rotation=30, ha="right")
+        ax.set_xticks(x, methods, rotation=30, ha="right")
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.suptitle(
@@ -596,7 +585,7 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         )
         pub = PUBLISHED_T5_LARGE.get(m)
         lines.append(
-            f"| {r['label']} | {s_cell(res, m, 'avg_acc')} | {s_cell(res, m, 'bwt', True)} | "
+            f"| {m} | {s_cell(res, m, 'avg_acc')} | {s_cell(res, m, 'bwt', True)} | "
             f"{s_cell(res, m, 'avg_acc_no_task_id')} | {s_cell(res, m, 'bwt_no_task_id', True)} | "
             f"{how} | {s_cell(res, m, 'routing_acc')} | "
             f"{'n/a' if pub is None else f'{pub:.1f}'} | {s_share(res, m)} |"
@@ -612,9 +601,9 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         "| method | " + " | ".join(res["tasks"]) + " |",
         "|---|" + "---|" * len(res["tasks"]),
     ]
-    for r in res["methods"].values():
+    for m, r in res["methods"].items():
         row = np.mean([r["per_seed"][s]["final_row"] for s in res["seeds"]], 0)
-        lines.append(f"| {r['label']} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
     base_row = np.mean(
         [res["methods"][next(iter(res["methods"]))]["per_seed"][s]["base_row"] for s in res["seeds"]], 0
     )
@@ -639,8 +628,8 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         "| method | validation | test |",
         "|---|---|---|",
     ]
-    for m, r in res["methods"].items():
-        lines.append(f"| {r['label']} | {s_cell(res, m, 'val_avg_acc')} | {s_cell(res, m, 'avg_acc')} |")
+    for m in res["methods"]:
+        lines.append(f"| {m} | {s_cell(res, m, 'val_avg_acc')} | {s_cell(res, m, 'avg_acc')} |")
     lines += [
         "",
         "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items()),
@@ -669,7 +658,7 @@ def standard_cl_figure(res: dict, path: Path) -> None:
             ax.axhline(
                 100 * np.mean(list(res["base"].values())), color="k", ls="--", lw=1, label="zero-shot base"
             )
-        ax.set_xticks(x, [res["methods"][m]["label"] for m in methods], rotation=30, ha="right")
+        ax.set_xticks(x, methods, rotation=30, ha="right")
         ax.set_title(title)
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(
@@ -876,7 +865,7 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
         for cond, r in s["conditions"].items():
             t = r["test"]
             lines.append(
-                f"| {s['label']} | {cond.upper()} | {fmt(t['drift'])} | {fmt(t.get('vs_frozen', [None]))} | "
+                f"| {s['label']} | {cond} | {fmt(t['drift'])} | {fmt(t.get('vs_frozen', [None]))} | "
                 f"{fmt(t['final_mean_loss'], 4, False)} | {fmt(r['lora_peak'], 3, False)} | "
                 f"{fmt(r['crma_peak'], 3, False)} | {fmt(r['total_peak'], 3, False)} | {fmt(r['clipped'], 1, False)} |"
             )
@@ -897,7 +886,7 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
                 fmt(paired(s, cur, cond, lambda x: x["test"]["vs_frozen"]), 3) if cond == "modular" else "n/a"
             )
             lines.append(
-                f"| {s['label']} | {cond.upper()} | {fmt(paired(s, cur, cond, lambda x: x['test']['drift']), 3)} | {vf} | "
+                f"| {s['label']} | {cond} | {fmt(paired(s, cur, cond, lambda x: x['test']['drift']), 3)} | {vf} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['test']['final_mean_loss']), 4)} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['lora_peak'], True), 2, False)} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['crma_peak'], True), 2, False)} |"
@@ -909,7 +898,7 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
         "Beside the test numbers: the split fit evaluates on, and where the current recipe's CRMA learning "
         "rates were chosen (reproduction.md). Nothing of the settings above was chosen on it.",
         "",
-        "| setting | drift % NAIVE | drift % FROZEN | drift % MODULAR | MODULAR vs FROZEN % |",
+        "| setting | drift % naive | drift % frozen | drift % modular | modular vs frozen % |",
         "|---|---|---|---|---|",
     ]
     for s in summaries:
@@ -956,9 +945,9 @@ def recipe_figure(summaries: list[dict], path: Path) -> None:
         ),
     ]
     names = [
-        ["NAIVE", "MODULAR"],
-        ["MODULAR"],
-        ["NAIVE: LoRA", "FROZEN: LoRA", "MODULAR: LoRA", "MODULAR: CRMA"],
+        ["naive", "modular"],
+        ["modular"],
+        ["naive: LoRA", "frozen: LoRA", "modular: LoRA", "modular: CRMA"],
     ]
     for ax, (title, series), legend in zip(axes, panels, names, strict=True):
         width = 0.8 / len(series)

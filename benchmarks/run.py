@@ -43,7 +43,7 @@ from harness import (
     train_fit,
     write_record,
 )
-from report import KNOBS, LABELS, extra_of, render, summarise
+from report import KNOBS, METHODS, extra_of, render, summarise
 
 from crma_lightning.evaluation import metrics as clm
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, LOSS_MATRIX, RunDir, init_args, matrix_name
@@ -58,8 +58,8 @@ def load_experiment(path: str | Path) -> dict:
         raise SystemExit(f"{path}: kind must be one of {KINDS}, not {exp.get('kind')!r}")
     if exp["kind"] != "recipe":
         exp["config"] = [exp["config"]] if isinstance(exp["config"], str) else list(exp["config"])
-        if unknown := sorted(set(exp["methods"]) - set(LABELS)):
-            raise SystemExit(f"{path}: unknown methods {unknown}; the presets are {list(LABELS)}")
+        if unknown := sorted(set(exp["methods"]) - set(METHODS)):
+            raise SystemExit(f"{path}: unknown methods {unknown}; the presets are {list(METHODS)}")
     return exp | {"path": repo_relative(path)}
 
 
@@ -387,7 +387,6 @@ def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Run
     res: dict = {"seeds": seeds, "methods": {}}
     for m in methods:
         res["methods"][m] = {
-            "label": LABELS[m],
             "per_seed": {s: scores(*runs[(m, value[m], s)]) for s in seeds},
         }
     any_run = runs[first[0]][0]
