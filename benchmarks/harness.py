@@ -21,12 +21,11 @@ Scripts run as ``python benchmarks/<script>.py`` from the repository root, so th
   arguments, the digest of them and of its ``--config`` files' contents, the commits) and refuses to
   reuse or resume a run made with other ones, so a rerun never mixes old results into a new report.
 - **Runs and models.** :func:`train_fit` runs ``train.py fit`` in its own process group and finds
-  its run directory; :func:`with_lora` sets up a LoRA step; SmolLM2 from its PyPI package.
+  its run directory; SmolLM2 from its PyPI package.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -47,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -57,30 +56,8 @@ from crma_lightning.core.atomic import atomic_write_json, atomic_write_text, jso
 from crma_lightning.runs.record import read_record  # noqa: E402
 from crma_lightning.runs.rundir import RunDir, versions  # noqa: E402
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from crma_lightning.adapters.config import LoRAConfig
-
 T = TypeVar("T")
 R = TypeVar("R")
-
-#: The continual-learning methods as override files on top of a base config: name -> (label, files).
-#: Each is a preset of configs/methods/ (per-task LoRAs: the FROZEN strategy). The benchmarks that
-#: compare methods (standard_cl.py, methods.py) pick theirs from here.
-METHODS: dict[str, tuple[str, list[str]]] = {
-    "naive": ("sequential LoRA", ["configs/methods/naive.yaml"]),
-    "per_task_lora": ("per-task LoRA (FROZEN)", ["configs/methods/frozen.yaml"]),
-    "inc_lora": ("IncLoRA", ["configs/methods/inc_lora.yaml"]),
-    "replay": ("replay", ["configs/methods/replay.yaml"]),
-    "ewc": ("EWC", ["configs/methods/ewc.yaml"]),
-    "lwf": ("LwF", ["configs/methods/lwf.yaml"]),
-    "olora": ("O-LoRA", ["configs/methods/olora.yaml"]),
-    "modular": ("MODULAR (CRMA)", ["configs/methods/modular.yaml"]),
-    "modular_replay": ("MODULAR + replay", ["configs/methods/modular_replay.yaml"]),
-    "modular_ewc": ("MODULAR + EWC", ["configs/methods/modular_ewc.yaml"]),
-    "multitask": ("multi-task (upper bound)", ["configs/methods/multitask.yaml"]),
-}
 
 QUIET_PCT = 5.0
 """A round is quiet when other processes used at most this share of the machine's CPU meanwhile.
@@ -298,7 +275,8 @@ def paired_ratio(xs: Sequence[float], base: Sequence[float]) -> Ratio:
 
 
 def verdict(ci: Sequence[float], target: float) -> str:
-    """``met`` when the whole interval lies at or under ``target``, ``MISSED`` when above, else ``inconclusive``."""
+    """``met`` when the whole interval lies at or under ``target``, ``MISSED`` when above, else
+    ``inconclusive``."""
     lo, hi = ci
     return "met" if hi <= target else "MISSED" if lo > target else "inconclusive"
 
@@ -319,7 +297,7 @@ def command_line(script: str | os.PathLike, argv: Sequence[str], drop: Sequence[
 
 
 def repo_relative(path: str | os.PathLike) -> str:
-    """``path`` relative to the repository when it lies inside it (results name no one's home), else absolute."""
+    """``path`` relative to the repository when inside it (results name no one's home), else absolute."""
     path = Path(path).resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
@@ -409,11 +387,21 @@ def write_record(
         code["run_commits"] = {c: list(names) for c, names in run_commits.items()}
         if len(run_commits) > 1:
             print(
-                f"note: {Path(path).name}'s runs were fitted at {len(run_commits)} commits: {', '.join(run_commits)}"
+                f"note: {Path(path).name}'s runs were fitted at {len(run_commits)} commits: "
+                + ", ".join(run_commits)
             )
     js = Path(path).with_suffix(".json")
     atomic_write_json(js, json_safe({**data, "code": code}))
     return js
+
+
+def table(columns: Sequence[object], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A markdown table's lines."""
+
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    return [line(columns), "|" + "---|" * len(columns), *map(line, rows)]
 
 
 def write_report(path: str | os.PathLike, markdown: str, data: Any) -> tuple[Path, Path]:
@@ -443,20 +431,6 @@ def smollm2_missing() -> str | None:
     except ConfigError as e:
         return str(e)
     return None if (folder / SMOLLM2_GGUF).is_file() else f"{SMOLLM2_GGUF} is not in {folder}"
-
-
-def with_lora(model: nn.Module, adapter: str, config: LoRAConfig) -> list[nn.Parameter]:
-    """Freeze ``model``, add one LoRA (``LoRAConfig``) and make it the active adapter; its parameters
-    alone require grad (returned). The set-up of a LoRA step in the overhead and GPU benchmarks."""
-    from crma_lightning.adapters.lora import activate_lora, add_lora, lora_parameters
-
-    model.requires_grad_(False)
-    add_lora(model, adapter, config)
-    activate_lora(model, adapter)  # leaves every adapter frozen: trainability is ours to set
-    params = lora_parameters(model, adapter)
-    for p in params:
-        p.requires_grad_(True)
-    return params
 
 
 # -- train.py fit subprocesses -----------------------------------------------------------------
@@ -489,10 +463,10 @@ def train_fit(
     timeout: float | None = None,
     meter: bool = False,
 ) -> Fit:
-    """``python train.py COMMAND ARGS`` (``fit`` by default) from the repository root, in its own process group (a timeout,
-    :func:`stop_fits` or an interrupt kills its DDP ranks too). Output goes to ``log`` (appended) or
-    a temporary file. ``threads`` sets ``OMP_NUM_THREADS``; ``meter`` samples the group's CPU time
-    and the neighbours' (the group's CPU is what counts as ours)."""
+    """``python train.py COMMAND ARGS`` (``fit`` by default) from the repository root, in its own
+    process group (a timeout, :func:`stop_fits` or an interrupt kills its DDP ranks too). Output goes
+    to ``log`` (appended) or a temporary file. ``threads`` sets ``OMP_NUM_THREADS``; ``meter`` samples
+    the group's CPU time and the neighbours' (the group's CPU is what counts as ours)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -676,25 +650,6 @@ def resumable_fit(
         raise SystemExit(f"[{name}] train.py failed (exit {fit.rc}); end of {log}:\n{fit.tail}")
     print(f"[{name}] done in {wall:.0f} s: {run.path}", flush=True)
     return run, wall
-
-
-def script_argv(
-    doc: str, argv: Sequence[str] | None
-) -> tuple[list[str], list[str], list[str], argparse.ArgumentParser]:
-    """A run-many-fits script's command line: its whole argv, the script's own arguments, the ones
-    after ``--`` (they go to every ``train.py fit``) and a parser described by the script's ``doc``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        ADOPT_LEGACY,
-        action="store_true",
-        help=f"reuse finished runs that have no {FIT_RECORD} (made before runs recorded their "
-        "arguments) as made with this command's arguments",
-    )
-    return argv, ours, extra, parser
 
 
 def run_all(fn: Callable[[T], R], keys: Sequence[T], jobs: int) -> list[R]:

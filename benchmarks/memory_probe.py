@@ -1,6 +1,6 @@
 """A callback that measures what a fit's training steps hold in memory, less the process's baseline.
 
-For benchmarks/bench_memory_plan.py, given to ``train.py fit`` as
+For ``benchmarks/cost.py memory-plan``, given to ``train.py fit`` as
 ``--trainer.callbacks '[{"class_path": "benchmarks.memory_probe.PeakMemory", "init_args": {"out": PATH}}]'``.
 Linux only (``/proc/self``).
 

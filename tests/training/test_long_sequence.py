@@ -1,6 +1,6 @@
 """A 30-task run of configs/tiny.yaml keeps nothing per finished task but that task's LoRA weights.
 
-Runs ``benchmarks/bench_long_sequence.py`` (one ``train.py fit`` with the ResourceMonitor callback
+Runs ``benchmarks/cost.py long-sequence`` (one ``train.py fit`` with the ResourceMonitor callback
 and a checkpoint after every task) and checks its per-task series: the optimizer state never
 grows (no finished task's moments are kept), the checkpoint grows at most linearly (the evaluation
 rows and small per-task records) and by little, the training step does not slow down, and the
@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 @pytest.mark.slow
 def test_thirty_tasks_grow_at_most_linearly(tmp_path):
-    import bench_long_sequence
+    import cost
 
-    res = bench_long_sequence.main(["--tasks", "30", "--out", str(tmp_path / "long"), "--timeout", "900"])
+    res = cost.main(["long-sequence", "--tasks", "30", "--out", str(tmp_path / "long"), "--timeout", "900"])
     s, g = res["series"], res["growth"]
     assert len(s["checkpoint_mb"]) == 30
     # Optimizer state: only the current task's LoRA and the CRMA, the same bytes every task.
