@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
         result["by_prompt_tokens"][str(p)] = entry
         print(
-            f"P={p}: stats {entry['stats']['routing_accuracy_all']:.3f}, loss {entry['loss']['routing_accuracy_all']:.3f}",
+            f"P={p}: stats {entry['stats']['routing_accuracy_all']:.3f}, loss "
+            f"{entry['loss']['routing_accuracy_all']:.3f}",
             flush=True,
         )
 
@@ -538,7 +539,8 @@ def render(r: dict) -> str:
             features=s["features_per_task"] / 1.0,
         ),
         "  **loss** = " + ROUTER_TEXT["loss"] + ".",
-        "- Prompt = the first P tokens of a holdout example, at most its length - 1 (the unlabelled prompt for "
+        "- Prompt = the first P tokens of a holdout example, at most its length - 1 (the unlabelled prompt "
+        "for "
         "prompt/response tasks).",
     ]
     if "selection" in r:
@@ -631,15 +633,20 @@ def render(r: dict) -> str:
     ms, ratio = c["ms_per_prompt"], c["paired_ratio_vs_known"]
     lines += [
         "",
-        f"## Cost per prompt (P={c['prompt_tokens']}; median of {c['rounds']} interleaved rounds; ratio = median of "
+        f"## Cost per prompt (P={c['prompt_tokens']}; median of {c['rounds']} interleaved rounds; ratio = "
+        "median of "
         "per-round ratios to the known-task forward)",
         "",
-        "Two ways to count the chosen task's forward pass: *grouped* runs the prompts routed to each task as one "
-        f"group ({len(r['tasks'])} groups of the {sum(r['holdout_examples'].values())} prompts, each in batches of "
-        f"{c['batch_size']}: leftover batches are smaller, as `complete()` does with these prompts); *+ known* adds one "
+        "Two ways to count the chosen task's forward pass: *grouped* runs the prompts routed to each task "
+        "as one "
+        f"group ({len(r['tasks'])} groups of the {sum(r['holdout_examples'].values())} prompts, each in "
+        "batches of "
+        f"{c['batch_size']}: leftover batches are smaller, as `complete()` does with these prompts); *+ "
+        "known* adds one "
         "known-task forward at the full batch (a stream of prompts, where each task's batch fills up).",
         "",
-        "| batch | one forward, task known | stats: route | stats: route + known | stats: route + grouped forward | "
+        "| batch | one forward, task known | stats: route | stats: route + known | stats: route + grouped "
+        "forward | "
         "loss: route | loss: route + known | loss: route + grouped forward |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -661,7 +668,8 @@ def render(r: dict) -> str:
     if others:
         lines += [
             "",
-            f"Other processes used {min(others):.0f}-{max(others):.0f} % of the machine's CPU during the timed rounds.",
+            f"Other processes used {min(others):.0f}-{max(others):.0f} % of the machine's CPU during the "
+            "timed rounds.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -672,10 +680,13 @@ def render_selection(sel: dict) -> list[str]:
     by_key = {(x["layer"], x["pooling"], x["shrinkage"]): x for x in sel["rows"]}
     lines = [
         "",
-        f"## Choosing the layer, pooling and shrinkage ({sel['folds']}-fold cross-validation on the training data)",
+        f"## Choosing the layer, pooling and shrinkage ({sel['folds']}-fold cross-validation on the "
+        "training data)",
         "",
-        f"{sel['examples']} training examples (never the holdout); each cell is the routing accuracy on the held-out "
-        f"fold's prompts, averaged over P = {', '.join(map(str, ps))}; the model has {sel['num_layers']} decoder layers. "
+        f"{sel['examples']} training examples (never the holdout); each cell is the routing accuracy on the "
+        "held-out "
+        f"fold's prompts, averaged over P = {', '.join(map(str, ps))}; the model has {sel['num_layers']} "
+        "decoder layers. "
         f"Best: layer {best['layer']}, {best['pooling']} pooling, shrinkage {best['shrinkage']} "
         f"({', '.join(f'P={p}: {a:.3f}' for p, a in zip(ps, best['accuracy'], strict=True))}).",
         "",

@@ -7,7 +7,8 @@ format, ``<instruction>\\nOption: <labels joined by ", "> \\n<sentence>\\nAnswer
 the response. It prints the ``--data.tasks`` value for ``train.py fit`` (``format: prompt_response``;
 the DataModule takes the holdout and training examples from these records).
 
-    python benchmarks/cl_benchmark_tasks.py --src ../shared/cl_benchmark --out runs/cl_data agnews amazon dbpedia
+    python benchmarks/cl_benchmark_tasks.py --src ../shared/cl_benchmark --out runs/cl_data \
+        agnews amazon dbpedia
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""GPU check: run the GPU tests (``pytest -m gpu``, tests/test_gpu.py) and write a report naming the device.
+"""GPU check: run the GPU tests (``pytest -m gpu``, tests/gpu/test_gpu.py), write a report naming the device.
 
-The checks themselves are tests (tests/test_gpu.py, skipped without CUDA): bf16 tokens/s of MODULAR
+The checks themselves are tests (tests/gpu/test_gpu.py, skipped without CUDA): bf16 tokens/s of MODULAR
 against FROZEN, ``train.py fit`` with FSDP1 on one node and its resume, an NF4 base, the fused loss
 on CUDA (against Liger's fused linear cross-entropy when installed), and the memory plan's estimate
 against ``torch.cuda.max_memory_allocated``. This script runs them once and writes
@@ -44,7 +44,7 @@ def run(out: Path, timeout: float, extra: list[str]) -> dict:
             "pytest",
             "-m",
             "gpu",
-            "tests/test_gpu.py",
+            "tests/gpu/test_gpu.py",
             "-q",
             "-rA",
             "-p",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One short GPU check: the GPU tests (pytest -m gpu, tests/test_gpu.py; see benchmarks/gpu_check.py):
+# One short GPU check: the GPU tests (pytest -m gpu, tests/gpu/test_gpu.py; see benchmarks/gpu_check.py):
 # bf16 tokens/s of FROZEN vs MODULAR, FSDP1 on one node, an NF4 base, the fused loss on CUDA and the
 # memory plan against torch.cuda.max_memory_allocated; the report names the device.
 #

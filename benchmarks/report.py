@@ -57,7 +57,8 @@ PUBLISHED_T5_LARGE = {"naive": 43.7, "inc_lora": 66.4, "replay": 57.8, "olora": 
 def grad_per_task(res: dict, condition: str, stat: str, group: str = "total") -> list[float] | None:
     """``stat`` (``max`` or ``mean``) of one gradient-norm group per task, averaged over seeds; None if
     a run lacks it. ``group``: ``total`` (all trainable adapters), ``lora`` or ``crma``
-    (``crma_lightning.callbacks.gradnorm``). A run without CRMA has LoRA gradients only, so there its total is its
+    (``crma_lightning.callbacks.gradnorm``). A run without CRMA has LoRA gradients only, so there its total
+    is its
     LoRA norm (also in files written before the groups were recorded)."""
     per_seed = res["grad_norm"].get(condition, {})
     if not per_seed or any(v is None for v in per_seed.values()):
@@ -158,13 +159,15 @@ def reproduction_md(res: dict, protocol: dict) -> str:
         "# Reproduction of the paper's headline table",
         "",
         f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}).",
-        f"Ours: {protocol['model']}, tasks {' → '.join(tasks)}, seeds {', '.join(map(str, seeds))}. Paper: {PAPER['model']}.",
+        f"Ours: {protocol['model']}, tasks {' → '.join(tasks)}, seeds {', '.join(map(str, seeds))}. Paper: "
+        f"{PAPER['model']}.",
         "",
     ]
     if split == "test":
         lines += [
             "Every number is on the **test split** (`continual/test/`, scored after every task like the "
-            "validation matrices), which no setting was chosen on. The one setting picked by comparing runs, CRMA "
+            "validation matrices), which no setting was chosen on. The one setting picked by comparing "
+            "runs, CRMA "
             "learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section), was picked on the "
             "validation split; the validation numbers are in their own section.",
             "",
@@ -172,7 +175,8 @@ def reproduction_md(res: dict, protocol: dict) -> str:
     lines += [
         "## Loss-relative drift on prior tasks (%, + = forgetting)",
         "",
-        "drift = 100 · mean over prior tasks i of (L[T, i] − L[i, i]) / L[i, i]; mean ± sample SD over seeds.",
+        "drift = 100 · mean over prior tasks i of (L[T, i] − L[i, i]) / L[i, i]; mean ± sample SD over "
+        "seeds.",
         "",
         f"| condition | ours: mean ± SD | ours: per seed ({cols}) | paper: mean ± SD | paper: per seed |",
         "|---|---|---|---|---|",
@@ -188,7 +192,8 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "",
             f"## MODULAR vs FROZEN: prior-task {split} loss advantage (%, + = MODULAR better)",
             "",
-            "advantage = 100 · mean over prior tasks i of (L_F[T, i] − L_M[T, i]) / L_F[T, i], paired by seed.",
+            "advantage = 100 · mean over prior tasks i of (L_F[T, i] − L_M[T, i]) / L_F[T, i], paired by "
+            "seed.",
             "",
             f"| | mean ± SD | per seed ({cols}) |",
             "|---|---|---|",
@@ -216,14 +221,16 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "",
             "## Inference ablation: the trained MODULAR weights with CRMA on and off",
             "",
-            f"Each MODULAR run loaded as served (`serve.load_run`), task i evaluated with LoRA_i on its {split} set;"
+            "Each MODULAR run loaded as served (`serve.load_run`), task i evaluated with LoRA_i on its "
+            f"{split} set;"
             f" only the CRMA injection is toggled (mean over seeds). Paper: {PAPER['ablation']}.",
             "",
             *head("CRMA", tasks, "mean"),
             row("on", ab["on_mean"], f"{on:.4f}"),
             row("off", ab["off_mean"], f"{off:.4f}"),
             "",
-            f"Turning CRMA off changes the mean {split} loss by {100 * (off - on) / on:+.2f} %. Check: the served "
+            f"Turning CRMA off changes the mean {split} loss by {100 * (off - on) / on:+.2f} %. Check: the "
+            "served "
             f"CRMA-on losses match the runs' last loss-matrix rows within {ab['max_diff_vs_run']:.1e}.",
         ]
     if "validation" in res:
@@ -236,7 +243,8 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "",
             "## Spectral bound",
             "",
-            f"Over every logged step of every MODULAR run: max σ_max(M) = {sp['max_sigma']:.7f}, max row/column-sum "
+            f"Over every logged step of every MODULAR run: max σ_max(M) = {sp['max_sigma']:.7f}, max "
+            "row/column-sum "
             f"error {sp['max_row_col_err']:.1e}. Paper: {PAPER['spectral']}.",
         ]
     for label, v in res.get("variants", {}).items():
@@ -244,10 +252,12 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "",
             f"## Also tried: MODULAR with {label}",
             "",
-            f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this report's; "
+            f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this "
+            "report's; "
             f"on the {v.get('split', 'validation')} split.",
             "",
-            f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: mean ± SD | per seed |",
+            f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: "
+            "mean ± SD | per seed |",
             "|---|---|---|---|---|",
         ]
         for name, d, a in (
@@ -255,7 +265,8 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             (label, v["drift"], v["adv"]),
         ):
             lines.append(
-                f"| {name} | {pm(*clm.mean_sd(d))} | {seeds_str(d)} | {pm(*clm.mean_sd(a))} | {seeds_str(a)} |"
+                f"| {name} | {pm(*clm.mean_sd(d))} | {seeds_str(d)} | {pm(*clm.mean_sd(a))} | "
+                f"{seeds_str(a)} |"
             )
     resumed = protocol.get("resumed", [])
     lines += [
@@ -307,7 +318,8 @@ def grad_norm_section(res: dict) -> list[str]:
         "## Gradient norm per task: peak (mean) over the task's steps, mean over seeds",
         "",
         "Global norms before clipping, per parameter group (`train/grad_norm/lora`, `train/grad_norm/crma`; "
-        "`callbacks/gradnorm.py`). The LoRA norm is the one comparable across conditions: under MODULAR the total "
+        "`callbacks/gradnorm.py`). The LoRA norm is the one comparable across conditions: under MODULAR the "
+        "total "
         f"also holds CRMA's gradients. Paper: {PAPER['grad']}.",
         "",
         "LoRA gradients (NAIVE and FROZEN train nothing else):",
@@ -379,14 +391,17 @@ def m_cell(per_seed: dict, split: str, key: str, fmt: str = "{:.4f}") -> str:
 def methods_md(res: dict, protocol: dict) -> str:
     seeds = ", ".join(map(str, res["seeds"]))
     lines = [
-        f"# Continual-learning methods on {len(res['tasks'])} tasks in sequence, {protocol['settings']['model']}",
+        f"# Continual-learning methods on {len(res['tasks'])} tasks in sequence, "
+        f"{protocol['settings']['model']}",
         "",
         f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}): "
-        f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time in all "
+        f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time "
+        "in all "
         "(finished runs are reused, so a report may gather runs of several invocations).",
         "",
         f"Tasks {' → '.join(res['tasks'])}, seeds {seeds}. Loss is the mean next-token loss on the **test** "
-        "split, which no setting was chosen on; every number is mean ± sample SD over seeds (per seed in brackets). "
+        "split, which no setting was chosen on; every number is mean ± sample SD over seeds (per seed in "
+        "brackets). "
         "Drift: % change of each earlier task's loss from just after it was trained to the end (positive = "
         "forgetting). BWT and forgetting on the loss, with the accuracy's sign: negative BWT and positive "
         "forgetting = earlier tasks' losses went up (nats). Lower final loss is better.",
@@ -394,7 +409,8 @@ def methods_md(res: dict, protocol: dict) -> str:
         "## Protocol",
         "",
         *[f"- {k}: {v}" for k, v in protocol["settings"].items()],
-        f"- selection: for each method with a knob, every value of its grid at seed {res['select_seed']}; kept: the "
+        f"- selection: for each method with a knob, every value of its grid at seed {res['select_seed']}; "
+        "kept: the "
         "lowest final average **validation** loss with the task id; the other seeds ran only that value",
         "",
         "## Results (test split)",
@@ -414,9 +430,11 @@ def methods_md(res: dict, protocol: dict) -> str:
         )
         setting = "preset" if r["value"] is None else f"{KNOBS[m]} = {r['value']:g}"
         lines.append(
-            f"| {m} | {setting} | {m_cell(ps, 'test', 'final_avg_loss')} | {m_cell(ps, 'test', 'drift_pct', '{:+.2f}')} | "
+            f"| {m} | {setting} | {m_cell(ps, 'test', 'final_avg_loss')} | "
+            f"{m_cell(ps, 'test', 'drift_pct', '{:+.2f}')} | "
             f"{m_cell(ps, 'test', 'bwt', '{:+.4f}')} | {m_cell(ps, 'test', 'forgetting')} | "
-            f"{m_cell(ps, 'test_no_task_id', 'final_avg_loss')} | {m_cell(ps, 'test_no_task_id', 'drift_pct', '{:+.2f}')} | "
+            f"{m_cell(ps, 'test_no_task_id', 'final_avg_loss')} | "
+            f"{m_cell(ps, 'test_no_task_id', 'drift_pct', '{:+.2f}')} | "
             f"{NO_TASK_ID.get(first['no_task_id'], first['no_task_id'] or 'n/a')} | {routing} |"
         )
     if "multitask" in res["methods"]:
@@ -450,7 +468,8 @@ def methods_md(res: dict, protocol: dict) -> str:
         for v, p in grid.items():
             lines.append(
                 f"| {m} | {KNOBS[m]} = {float(v):g} | {p['validation']['final_avg_loss']:.4f} | "
-                f"{p['validation']['drift_pct']:+.2f} | {p['test']['final_avg_loss']:.4f} | {p['test']['drift_pct']:+.2f} | "
+                f"{p['validation']['drift_pct']:+.2f} | {p['test']['final_avg_loss']:.4f} | "
+                f"{p['test']['drift_pct']:+.2f} | "
                 f"{'yes' if float(v) == res['methods'][m]['value'] else ''} |"
             )
     rebuilt = [
@@ -462,7 +481,8 @@ def methods_md(res: dict, protocol: dict) -> str:
     if rebuilt:
         lines += [
             "",
-            "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters by "
+            "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters "
+            "by "
             f"`train.py test --run <run> --task-id both`: {', '.join(rebuilt)}.",
         ]
     lines += [
@@ -541,7 +561,8 @@ def s_cell(res: dict, method: str, key: str, sign: bool = False) -> str:
 
 def s_share(res: dict, method: str) -> str:
     ps = res["methods"][method]["per_seed"].values()
-    return f"{np.mean([p['evaluation_s'] / p['wall_s'] for p in ps]) * 100:.0f} % of {np.mean([p['wall_s'] for p in ps]) / 60:.1f} min"
+    share, wall = np.mean([p["evaluation_s"] / p["wall_s"] for p in ps]), np.mean([p["wall_s"] for p in ps])
+    return f"{share * 100:.0f} % of {wall / 60:.1f} min"
 
 
 def standard_cl_md(res: dict, protocol: dict) -> str:
@@ -551,13 +572,18 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         "# The standard CL benchmark (O-LoRA's text classification) with SmolLM2-135M",
         "",
         f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}): "
-        f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time in all "
-        "(each run's own wall time below; finished runs are reused, so a report may gather runs of several invocations).",
+        f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time "
+        "in all "
+        "(each run's own wall time below; finished runs are reused, so a report may gather runs of several "
+        "invocations).",
         "",
         f"Tasks {' → '.join(res['tasks'])} (../shared/cl_benchmark: the O-LoRA repository's processed files, "
-        f"subsampled), O-LoRA's prompt format, seeds {seeds}. Accuracy is exact match of the greedy-generated "
-        "answer (trimmed, case-folded) on the **test** split, in %; average after the last task and BWT on it "
-        "(mean ± sample SD over seeds, per seed in brackets). Every method runs the same protocol and the presets' "
+        f"subsampled), O-LoRA's prompt format, seeds {seeds}. Accuracy is exact match of the "
+        "greedy-generated "
+        "answer (trimmed, case-folded) on the **test** split, in %; average after the last task and BWT on "
+        "it "
+        "(mean ± sample SD over seeds, per seed in brackets). Every method runs the same protocol and the "
+        "presets' "
         "default settings; none was tuned (the runs also wrote validation matrices, for selection).",
         "",
         "## Protocol",
@@ -570,11 +596,14 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         + (f" ± {base_sd:.1f}" if base_sd is not None else "")
         + "; it is the first row of every run's matrix.",
         "",
-        f"With {protocol['test_size']} test examples per task, one example is {100 / protocol['test_size']:.1f} points "
-        f"of a task's accuracy and {100 / protocol['test_size'] / len(res['tasks']):.1f} of the average: differences "
+        f"With {protocol['test_size']} test examples per task, one example is "
+        f"{100 / protocol['test_size']:.1f} points "
+        f"of a task's accuracy and {100 / protocol['test_size'] / len(res['tasks']):.1f} of the average: "
+        "differences "
         "of a few points between methods are within one seed's noise.",
         "",
-        "| method | avg acc (task id) | BWT (task id) | avg acc (no task id) | BWT (no task id) | without the id | routing acc | T5-large, published | eval share of the run |",
+        "| method | avg acc (task id) | BWT (task id) | avg acc (no task id) | BWT (no task id) | without "
+        "the id | routing acc | T5-large, published | eval share of the run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in res["methods"].items():
@@ -593,7 +622,8 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
     lines += [
         "",
         "The published column is **another model on another sequence**: T5-large (770M, encoder-decoder), "
-        "dbpedia/amazon/yahoo/agnews averaged over three orders, full training sets (O-LoRA, Wang et al. 2023). "
+        "dbpedia/amazon/yahoo/agnews averaged over three orders, full training sets (O-LoRA, Wang et al. "
+        "2023). "
         "It shows the ordering of methods in that paper, not a number ours should match.",
         "",
         "## Final test accuracy per task (mean over seeds, with the task id)",
@@ -615,7 +645,8 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         lines += [
             "",
             f"Test matrices rebuilt from the runs' adapters by `train.py test --run <run> --task-id both` "
-            f"(what a fit writes, to 2e-5: tests/test_evaluation_tasks.py), after the fit: {', '.join(rebuilt)}. "
+            "(what a fit writes, to 2e-5: tests/test_evaluation_tasks.py), after the fit: "
+            f"{', '.join(rebuilt)}. "
             "Their evaluation share is the fit's own.",
         ]
     lines += [
@@ -817,7 +848,8 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in cur["settings"].items()]
     lines += [
         "",
-        "| setting | override | differs from the current recipe in | seeds | training wall time per run (s) |",
+        "| setting | override | differs from the current recipe in | seeds | training wall time per run (s) "
+        "|",
         "|---|---|---|---|---|",
     ]
     for s in summaries:
@@ -849,16 +881,19 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
         "## Per setting (test split)",
         "",
         "drift: loss-relative drift on prior tasks (%, + = forgetting); MODULAR vs FROZEN: the prior-task "
-        "test loss advantage (%, + = MODULAR better); peaks: the largest per-task peak of the pre-clip global "
+        "test loss advantage (%, + = MODULAR better); peaks: the largest per-task peak of the pre-clip "
+        "global "
         "gradient norm of the group over a run (the LoRA norm is comparable across conditions, CRMA's is "
-        f"MODULAR's own); clipped: steps ZClip clipped, of a run's {cur['steps']}. Mean ± sample SD over seeds, per "
+        f"MODULAR's own); clipped: steps ZClip clipped, of a run's {cur['steps']}. Mean ± sample SD over "
+        "seeds, per "
         "seed in brackets. No setting's hyperparameters were tuned: each override file ran as committed.",
         "",
         "The yardstick is the current recipe's seed-to-seed SD: "
         + ", ".join(f"{k} ±{v:.2f} pp" for k, v in sd.items() if v is not None)
         + ".",
         "",
-        "| setting | condition | drift % | MODULAR vs FROZEN % | final mean loss | LoRA peak | CRMA peak | total peak | clipped steps |",
+        "| setting | condition | drift % | MODULAR vs FROZEN % | final mean loss | LoRA peak | CRMA peak | "
+        "total peak | clipped steps |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
@@ -867,7 +902,8 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
             lines.append(
                 f"| {s['label']} | {cond} | {fmt(t['drift'])} | {fmt(t.get('vs_frozen', [None]))} | "
                 f"{fmt(t['final_mean_loss'], 4, False)} | {fmt(r['lora_peak'], 3, False)} | "
-                f"{fmt(r['crma_peak'], 3, False)} | {fmt(r['total_peak'], 3, False)} | {fmt(r['clipped'], 1, False)} |"
+                f"{fmt(r['crma_peak'], 3, False)} | {fmt(r['total_peak'], 3, False)} | "
+                f"{fmt(r['clipped'], 1, False)} |"
             )
     lines += [
         "",
@@ -875,7 +911,8 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
         "",
         "Δ = setting − current recipe on the same seed; peak ratios = setting / current recipe.",
         "",
-        "| setting | condition | Δ drift (pp) | Δ MODULAR vs FROZEN (pp) | Δ final mean loss | LoRA peak ratio | CRMA peak ratio |",
+        "| setting | condition | Δ drift (pp) | Δ MODULAR vs FROZEN (pp) | Δ final mean loss | LoRA peak "
+        "ratio | CRMA peak ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in summaries[1:]:
@@ -886,7 +923,8 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
                 fmt(paired(s, cur, cond, lambda x: x["test"]["vs_frozen"]), 3) if cond == "modular" else "n/a"
             )
             lines.append(
-                f"| {s['label']} | {cond} | {fmt(paired(s, cur, cond, lambda x: x['test']['drift']), 3)} | {vf} | "
+                f"| {s['label']} | {cond} | {fmt(paired(s, cur, cond, lambda x: x['test']['drift']), 3)} | "
+                f"{vf} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['test']['final_mean_loss']), 4)} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['lora_peak'], True), 2, False)} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['crma_peak'], True), 2, False)} |"
@@ -924,7 +962,8 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
 
 
 def recipe_figure(summaries: list[dict], path: Path) -> None:
-    """Per setting: drift of NAIVE and MODULAR, MODULAR vs FROZEN, and the LoRA / CRMA gradient peaks (dots: seeds)."""
+    """Per setting: drift of naive and modular, modular vs frozen, and the LoRA / CRMA gradient peaks
+    (dots: seeds)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     labels = [s["label"] for s in summaries]
@@ -1000,7 +1039,10 @@ def render(path: str | Path, figures: bool = True) -> Path:
     lines = body.rstrip("\n").split("\n")
     command = record.get("protocol", record).get("command", "")
     if record.get("experiment") and "benchmarks/run.py" not in command:  # made before the runner: how now
-        rerun = f"Made again by `python benchmarks/run.py {record['experiment']}` (its runs reused where finished)."
+        rerun = (
+            f"Made again by `python benchmarks/run.py {record['experiment']}` "
+            "(its runs reused where finished)."
+        )
         lines[2:2] = [rerun, ""]
     if "code" in record:  # records from before reports named their commits have none
         lines += ["", code_line(record["code"])]

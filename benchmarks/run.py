@@ -235,9 +235,11 @@ def settings(run: RunDir, exp: dict) -> dict:
     if exp["kind"] == "methods":
         return {
             "model": run.read_summary()["base_model"],
-            "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {test} test blocks of "
+            "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {test} test "
+            "blocks of "
             f"{d['max_length']} tokens",
-            "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, learning rates {lrs}",
+            "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, "
+            f"learning rates {lrs}",
             "presets": "configs/methods/*.yaml (per-task LoRA: configs/methods/frozen.yaml); grids: "
             + "; ".join(f"{k} {KNOBS[k]} {v}" for k, v in exp.get("grid", {}).items()),
             "extra train.py arguments": extra,
@@ -245,9 +247,11 @@ def settings(run: RunDir, exp: dict) -> dict:
     if exp["kind"] == "standard_cl":
         return {
             "model": run.read_summary()["base_model"],
-            "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {d['test_size']} test, "
+            "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / "
+            f"{d['test_size']} test, "
             f"at most {d['max_length']} tokens (the sentence is cut, the instruction and options kept)",
-            "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, learning rates {lrs}",
+            "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, "
+            f"learning rates {lrs}",
             "LoRA": f"r={lora['r']}, alpha={lora['alpha']}, targets {lora['target_modules']}",
             "replay (replay presets)": "25 % of each batch from a buffer of 32 examples per finished task",
             "O-LoRA": "λ1 = 0.5, λ2 = 0 (configs/methods/olora.yaml)",
@@ -263,7 +267,8 @@ def settings(run: RunDir, exp: dict) -> dict:
         f"{test} test blocks of {d['max_length']} tokens",
         "batch": f"{d['batch_size']} x {t.get('accumulate_grad_batches', 1)} accumulation, "
         f"{d['epochs_per_task']} epoch(s) per task",
-        "LoRA": f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, targets {lora['target_modules']}",
+        "LoRA": f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+        f"targets {lora['target_modules']}",
         "CRMA (MODULAR)": f"n={crma['streams']}, form {crma['form']}, {crma['projection']} "
         f"({crma['sinkhorn_iters']} iterations)",
         "learning rates": lrs,
