@@ -15,8 +15,7 @@ class TaskClock:
     @classmethod
     def of(cls, trainer: Any) -> TaskClock:
         """The clock of a trainer's continual DataModule."""
-        dm = trainer.datamodule
-        return cls(tuple(dm.task_names), dm.epochs_per_task)
+        return trainer.datamodule.clock
 
     @property
     def num_tasks(self) -> int:

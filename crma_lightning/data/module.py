@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.backbone.hub import is_offline
+from crma_lightning.core.clock import TaskClock
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.data.loading import (
     PadCollator,
@@ -121,11 +122,16 @@ class ContinualDataModule(LightningDataModule):
     def total_epochs(self) -> int:
         return self.num_tasks * self.epochs_per_task
 
+    @property
+    def clock(self) -> TaskClock:
+        """Which task each epoch trains (the one task clock every module asks)."""
+        return TaskClock(tuple(self.task_names), self.epochs_per_task)
+
     def task_index_at_epoch(self, epoch: int) -> int:
         """Index of the task trained in ``epoch``; epochs past the schedule stay on the last task."""
         if epoch < 0:
             raise ConfigError(f"epoch must be >= 0, got {epoch}")
-        return min(epoch // self.epochs_per_task, self.num_tasks - 1)
+        return self.clock.task_index(epoch)
 
     @property
     def test_count(self) -> int:

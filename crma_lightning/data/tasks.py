@@ -15,6 +15,8 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any, get_type_hints
 
+from torch import nn
+
 from crma_lightning.adapters.lora import SHARED_ADAPTER
 from crma_lightning.core.errors import raise_problems, type_problems
 from crma_lightning.data.replay import replay_problems
@@ -75,6 +77,8 @@ def name_problems(names: list[str], where: str = "data.tasks") -> list[str]:
             problems.append(f"{at}: {name!r} is used twice; task names must be unique")
         elif name in RESERVED:
             problems.append(f"{at}: {name!r} is reserved (it names {RESERVED[name]}); rename that task")
+        elif hasattr(nn.ModuleDict, name):  # peft keys each task's LoRA by its name in a ModuleDict
+            problems.append(f"{at}: {name!r} is the name of a torch module method; rename that task")
         seen.add(name)
     return problems
 

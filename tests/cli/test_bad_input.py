@@ -72,6 +72,10 @@ def _cases():
             lambda t: tasks({"name": "crma"}),
             ["data.tasks[0].name", "'crma' is reserved"],
         ),
+        "task named like a torch module method": (
+            lambda t: tasks({"name": "forward"}),
+            ["data.tasks[0].name", "'forward' is the name of a torch module method"],
+        ),
         "missing data file": (
             lambda t: tasks({"name": "a", "source": str(t / "nope.jsonl")}),
             ["nope.jsonl"],
