@@ -962,7 +962,9 @@ def memory_plan(args: argparse.Namespace) -> dict:
         old = json.loads(Path(args.replan).read_text())
         steps = old["args"]["steps"]
         measured = old["info"].get("measured_by", old["info"])
-        return {"rows": [with_plan(r, steps) for r in old["rows"]], "measured_by": measured, "steps": steps}
+        wall = old.get("measured_wall_s", old.get("wall_s", 0.0))
+        rows = [with_plan(r, steps) for r in old["rows"]]
+        return {"rows": rows, "measured_by": measured, "measured_wall_s": wall, "steps": steps}
     rows = []
     env = {} if args.default_malloc else {"MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -997,7 +999,8 @@ def memory_plan_md(rec: dict) -> list[str]:
     return [
         "# Memory plan against measured peaks (SmolLM2-135M-Instruct, CPU, float32)",
         "",
-        f"`{m['command']}` ({m['date']}; {machine_line(m['machine'])}){replanned}. One task of "
+        f"`{m['command']}` ({m['date']}; {machine_line(m['machine'])}; "
+        f"{rec.get('measured_wall_s', rec['wall_s']):.0f} s){replanned}. One task of "
         f"{rows[0]['steps']} steps per fit, LoRA r 8 on every linear layer (configs/smollm2.yaml).",
         "",
         "Measured: the fit's peak resident memory during its training steps less the process's baseline "
@@ -1023,86 +1026,51 @@ def memory_plan_md(rec: dict) -> list[str]:
 
 
 # -- the command line --------------------------------------------------------------------------
-#: subcommand -> (measure, render, default result name, threads, timeout s, its own options)
+STEP_OPTIONS = [
+    ("--model", dict(choices=["tiny", "smollm2"], default="tiny")),
+    ("--rounds", dict(type=int, default=6)),
+    ("--steps", dict(type=int, default=10, help="steady-state steps per run")),
+    ("--skip", dict(type=int, default=3, help="plain loop: warm-up steps dropped")),
+    ("--batch", dict(type=int, default=8)),
+    ("--seq", dict(type=int, default=128)),
+    ("--rank", dict(type=int, default=8)),
+    ("--budget-min", dict(type=float, help="start no round after this (at least 2 rounds)")),
+    ("--variants", dict(nargs="+", choices=list(STEP_VARIANTS), default=list(STEP_VARIANTS))),
+    ("--plain-loop", dict(action="store_true", help=argparse.SUPPRESS)),
+    ("--fused", dict(action="store_true", help=argparse.SUPPRESS)),
+    ("--model-dir", dict(help=argparse.SUPPRESS)),
+]
+OVERHEAD_OPTIONS = [
+    ("--models", dict(default="tiny,smollm2", help="comma-separated: tiny, smollm2")),
+    ("--steps", dict(type=int, help="quiet measured rounds wanted (default: 60 tiny, 20 smollm2)")),
+    ("--warmup", dict(type=int, help="warm-up rounds (default: 5 tiny, 2 smollm2)")),
+    ("--batch", dict(type=int, help="batch size (default: 8 tiny, 4 smollm2)")),
+    ("--seq", dict(type=int, help="sequence length (default 128)")),
+    ("--budget-s", dict(type=float, help="measuring time limit per model (default: 120, 360)")),
+    ("--wait-s", dict(type=float, default=300, help="wait at most this long for a quiet machine")),
+]
+METHODS_OPTIONS = [
+    ("--config", dict(default="configs/tiny.yaml")),
+    ("--methods", dict(default=",".join(PRESETS))),
+    ("--rounds", dict(type=int, default=3)),
+]
+DDP_OPTIONS = [("--rounds", dict(type=int, default=2)), ("--variants", dict(default=",".join(DDP_VARIANTS)))]
+LONG_SEQUENCE_OPTIONS = [("--tasks", dict(type=int, default=30))]
+MEMORY_PLAN_OPTIONS = [
+    ("--steps", dict(type=int, default=3)),
+    ("--cases", dict(nargs="+", choices=list(CASES), default=list(CASES))),
+    ("--default-malloc", dict(action="store_true", help="glibc's default malloc thresholds")),
+    ("--replan", dict(help="a results JSON: recompute the plan column only, no fits")),
+]
+#: subcommand -> (measure, render, default result name (step: step_cost_<model>), threads, timeout s,
+#: its own options)
 SUBCOMMANDS: dict[str, tuple[Callable, Callable, str | None, int, float, list]] = {
-    "step": (
-        step,
-        step_md,
-        None,  # step_cost_<model>
-        2,
-        1200,
-        [
-            ("--model", dict(choices=["tiny", "smollm2"], default="tiny")),
-            ("--rounds", dict(type=int, default=6)),
-            ("--steps", dict(type=int, default=10, help="steady-state steps per run")),
-            ("--skip", dict(type=int, default=3, help="plain loop: warm-up steps dropped")),
-            ("--batch", dict(type=int, default=8)),
-            ("--seq", dict(type=int, default=128)),
-            ("--rank", dict(type=int, default=8)),
-            ("--budget-min", dict(type=float, help="start no round after this (at least 2 rounds)")),
-            ("--variants", dict(nargs="+", choices=list(STEP_VARIANTS), default=list(STEP_VARIANTS))),
-            ("--plain-loop", dict(action="store_true", help=argparse.SUPPRESS)),
-            ("--fused", dict(action="store_true", help=argparse.SUPPRESS)),
-            ("--model-dir", dict(help=argparse.SUPPRESS)),
-        ],
-    ),
-    "overhead": (
-        overhead,
-        overhead_md,
-        "overhead",
-        2,
-        0,
-        [
-            ("--models", dict(default="tiny,smollm2", help="comma-separated: tiny, smollm2")),
-            ("--steps", dict(type=int, help="quiet measured rounds wanted (default: 60 tiny, 20 smollm2)")),
-            ("--warmup", dict(type=int, help="warm-up rounds (default: 5 tiny, 2 smollm2)")),
-            ("--batch", dict(type=int, help="batch size (default: 8 tiny, 4 smollm2)")),
-            ("--seq", dict(type=int, help="sequence length (default 128)")),
-            ("--budget-s", dict(type=float, help="measuring time limit per model (default: 120, 360)")),
-            ("--wait-s", dict(type=float, default=300, help="wait at most this long for a quiet machine")),
-        ],
-    ),
-    "methods": (
-        methods,
-        methods_md,
-        "methods_cost",
-        1,
-        1800,
-        [
-            ("--config", dict(default="configs/tiny.yaml")),
-            ("--methods", dict(default=",".join(PRESETS))),
-            ("--rounds", dict(type=int, default=3)),
-        ],
-    ),
-    "ddp": (
-        ddp,
-        ddp_md,
-        "ddp",
-        1,
-        600,
-        [("--rounds", dict(type=int, default=2)), ("--variants", dict(default=",".join(DDP_VARIANTS)))],
-    ),
-    "long-sequence": (
-        long_sequence,
-        long_sequence_md,
-        "long_sequence",
-        1,
-        1200,
-        [("--tasks", dict(type=int, default=30))],
-    ),
-    "memory-plan": (
-        memory_plan,
-        memory_plan_md,
-        "memory_plan",
-        2,
-        900,
-        [
-            ("--steps", dict(type=int, default=3)),
-            ("--cases", dict(nargs="+", choices=list(CASES), default=list(CASES))),
-            ("--default-malloc", dict(action="store_true", help="glibc's default malloc thresholds")),
-            ("--replan", dict(help="a results JSON: recompute the plan column only, no fits")),
-        ],
-    ),
+    "step": (step, step_md, None, 2, 1200, STEP_OPTIONS),
+    "overhead": (overhead, overhead_md, "overhead", 2, 0, OVERHEAD_OPTIONS),
+    "methods": (methods, methods_md, "methods_cost", 1, 1800, METHODS_OPTIONS),
+    "ddp": (ddp, ddp_md, "ddp", 1, 600, DDP_OPTIONS),
+    "long-sequence": (long_sequence, long_sequence_md, "long_sequence", 1, 1200, LONG_SEQUENCE_OPTIONS),
+    "memory-plan": (memory_plan, memory_plan_md, "memory_plan", 2, 900, MEMORY_PLAN_OPTIONS),
 }
 
 

@@ -704,10 +704,6 @@ def standard_cl_figure(res: dict, path: Path) -> None:
 SPLITS = ("test", "validation")
 
 
-def load(path: str) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 def on_split(res: dict, split: str) -> dict:
     """A report's results on ``split``: test at the top level, validation nested (reproduce.py)."""
     return res if res["split"] == split else res["validation"]
@@ -820,15 +816,6 @@ def paired(s: dict, cur: dict, cond: str, get, ratio: bool = False) -> list[floa
         (get(r)[s["seeds"].index(x)], get(c)[cur["seeds"].index(x)]) for x in s["seeds"] if x in cur["seeds"]
     ]
     return [a / b if ratio else a - b for a, b in pairs if a is not None and b is not None]
-
-
-def recipe_run_commits(reports: list[tuple[str, dict]]) -> dict[str, list[str]]:
-    """Commit -> ``label: run`` over the reports' runs (their ``code``; ``unknown`` for a report without)."""
-    out: dict[str, list[str]] = {}
-    for label, report in reports:
-        for commit, runs in report.get("code", {}).get("run_commits", {"unknown": ["its runs"]}).items():
-            out.setdefault(commit, []).extend(f"{label}: {run}" for run in runs)
-    return out
 
 
 def recipe_md(summaries: list[dict], info: dict) -> str:
