@@ -1,2 +1,2 @@
-"""What every layer shares: the configuration error, atomic file writes, process-group helpers and
-the next-token loss. Imports nothing else of the package."""
+"""What every layer shares: the configuration error, atomic file writes, process-group helpers, the
+next-token loss and the task clock. Imports nothing else of the package."""
