@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import types
 import typing
@@ -68,3 +69,15 @@ def _describe(hint: Any) -> str:
     if hint is float:
         return "a finite number"
     return str(hint).replace("typing.", "") if args else getattr(hint, "__name__", str(hint))
+
+
+def import_class(class_path: str, field: str) -> Any:
+    """The object ``module.Name`` names, imported; a :class:`ConfigError` naming ``field`` when it
+    cannot be (a config's ``class_path`` for something the package builds itself)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(
+            f"{field}: cannot import {class_path!r} ({err}); put its module on PYTHONPATH"
+        ) from None

@@ -8,7 +8,6 @@ source can be wrong is one :class:`~crma_lightning.core.errors.ConfigError` nami
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,7 @@ import pyarrow as pa
 
 from crma_lightning import corpus
 from crma_lightning.backbone.hub import is_offline
-from crma_lightning.core.errors import ConfigError
+from crma_lightning.core.errors import ConfigError, import_class
 from crma_lightning.data.spec import TaskSpec
 
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -317,13 +316,7 @@ def source_from_config(config: Any) -> TaskSource:
         raise ConfigError(
             f"data.sources: each entry needs a class_path such as my_module.MySource, got {config!r}"
         )
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(
-            f"data.sources: cannot import {class_path!r} ({err}); put its module on PYTHONPATH"
-        ) from None
+    cls = import_class(class_path, "data.sources")
     if not (isinstance(cls, type) and issubclass(cls, TaskSource)):
         raise ConfigError(f"data.sources: {class_path!r} is not a TaskSource subclass")
     return cls(**(config.get("init_args") or {}))

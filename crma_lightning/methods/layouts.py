@@ -10,12 +10,11 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import ClassVar, Literal
 
 from crma_lightning._paths import MOVED
 from crma_lightning.adapters.lora import SHARED_ADAPTER
-from crma_lightning.core.errors import ConfigError
+from crma_lightning.core.errors import ConfigError, import_class
 
 Strategy = Literal["naive", "frozen", "modular", "inc_lora"]
 AdapterKind = Literal["lora", "crma"]
@@ -167,13 +166,7 @@ def layout_from_config(model: dict, allow_foreign_classes: bool = False) -> Adap
         (c for c in LAYOUTS.values() if path in (f"{c.__module__}.{c.__qualname__}", c.__name__)), None
     )
     if cls is None and allow_foreign_classes and "." in path:
-        module, _, name = path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(
-                f"model.layout {path!r} cannot be imported ({e}); put its module on PYTHONPATH"
-            ) from None
+        cls = import_class(path, "model.layout")
     if not (isinstance(cls, type) and issubclass(cls, AdapterLayout)):
         raise ConfigError(
             f"model.layout {path!r} is not a registered layout ({', '.join(layout_names())}); a layout from "
