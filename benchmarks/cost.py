@@ -350,32 +350,6 @@ OVERHEAD_VARIANTS = {
     "proj_per_layer": "projection alone, L per-layer calls",
     "blocks": "CRMA blocks alone, L layers on (B, T, d), M given",
 }
-PROTOCOL = """\
-- One process; every variant is built before timing. LoRA-only and LoRA+CRMA are two deep copies of
-  the same loaded LoRA model (CRMA injected into the second), so LoRA-only carries no CRMA hook at all.
-  LoRA: `LoRAConfig()` defaults (r=8, alpha=16, dropout 0.05, q_proj/v_proj), one active adapter, base
-  frozen. CRMA: `CRMAConfig()` defaults (n=4 streams, additive, certified Sinkhorn, 20 iterations) on
-  every decoder layer; its parameters and the LoRA's require grad. Models in train mode (dropout on).
-- A step is `model(input_ids, labels=input_ids, use_cache=False).loss.backward()` on fixed random
-  tokens; gradients are set to None before the timer starts; no optimizer step. fp32,
-  `torch.set_num_threads({threads})`.
-- The two CRMA variants share one model; `handle.set_batched_projection()` switches them (untimed).
-- Projection alone: forward + backward (`.sum().backward()`) of all layers' mixing logits, batched
-  (`handle.mixing_matrices()`, i.e. stack + one `project` call) and as L per-layer calls.
-- Blocks alone: the L CRMA blocks chained on a random `(B, T, d)` hidden state, M given, forward +
-  `backward(grad)`. 'Component estimate' = (blocks alone + batched projection alone) / LoRA-only step:
-  far less noisy than the step ratio, but it leaves out hook dispatch and cache effects on the step.
-- Rounds (benchmarks/harness.py): before each model, and after any busy round, wait (at most {wait:.0f} s
-  in all per model) for a 5 s window in which other processes use <= {quiet:.0f}% of the machine.
-  Warm-up rounds, then measured rounds; each runs every variant once, rotating which goes first, and
-  records the CPU time other processes used meanwhile (`/proc/stat` minus our own `getrusage`). Rounds
-  with neighbours above {quiet:.0f}% are dropped when enough quiet ones remain.
-- Median, IQR (q3 - q1) and min over the rounds used. 'vs LoRA-only' is the median (and IQR) of
-  per-round ratios variant / LoRA-only, with a 95% percentile-bootstrap CI (2000 resamples, seeded):
-  a target is 'met' when the whole CI lies under it, 'MISSED' when it lies above, else 'inconclusive'.
-  'share' is a part's median time / the median time of the CRMA step with the same projection mode.
-- Targets (the issue): CRMA adds <= 2% on SmolLM2-135M, <= 5% on the tiny model; the projection
-  takes <= 1% of the step."""
 
 
 def overhead_steps(key: str, batch: int, seq: int, sizes: dict) -> dict[str, Callable]:
@@ -530,7 +504,8 @@ def overhead_md(rec: dict) -> list[str]:
         "",
         "## Protocol",
         "",
-        PROTOCOL.format(threads=rec["args"]["threads"], wait=rec["args"]["wait_s"], quiet=QUIET_PCT),
+        f"benchmarks/README.md (overhead protocol), with `torch.set_num_threads({rec['args']['threads']})`, "
+        f"waiting at most {rec['args']['wait_s']:.0f} s per model for <= {QUIET_PCT:.0f}% neighbours.",
         "",
         "## Results",
     ]
@@ -906,16 +881,7 @@ def long_sequence_md(rec: dict) -> list[str]:
         f"Trainable parameters during every task: {sorted(set(rec['trainable_params']))} (the current LoRA "
         "and CRMA).",
         "",
-        "Reading it: the optimizer state is the same every task (only the current task's LoRA and CRMA have "
-        "moments; finished tasks' are cleared at the boundary). The checkpoint grows by "
-        f"{1024 * g['checkpoint_mb']['slope_per_task']:.2f} KiB per task, linearly: every task's LoRA exists "
-        "from step 0, and what is added per task is the evaluation matrices' row and small per-task records. "
-        f"The memory the process holds grows by {g['held_anon_mb']['slope_per_task']:.2f} MiB per task (k² "
-        f"coefficient {g['held_anon_mb']['quadratic_coef']:+.1g}: linear); resident and peak memory grow "
-        f"faster ({g['rss_mb']['slope_per_task']:.1f} and {g['peak_rss_mb']['slope_per_task']:.1f} MiB per "
-        "task) because the allocator keeps freed pages and each task end renders two heatmaps with one more "
-        "row (a (k+1) x N picture, twice: PNG and TensorBoard). The step's CPU time has no trend; its wall "
-        "time also measures what other processes took.",
+        "How to read it: benchmarks/README.md (long sequence).",
         "",
         "![per-task step time, memory, optimizer state and checkpoint size](long_sequence.png)",
     ]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import code_line
+from harness import code_line, table
 
 from crma_lightning.core.atomic import atomic_write_text
 from crma_lightning.evaluation import metrics as clm
@@ -370,22 +370,31 @@ def grad_norm_section(res: dict) -> list[str]:
 
 
 # -- methods
-def m_stat(per_seed: dict, split: str, key: str) -> tuple[float | None, float | None, list]:
-    vals = [None if p[split] is None else p[split][key] for p in per_seed.values()]
+def stat(vals: list) -> tuple[float | None, float | None]:
+    """Mean and SD of the non-missing values (None, None without any)."""
     given = [v for v in vals if v is not None]
-    return (*clm.mean_sd(given), vals) if given else (None, None, vals)
+    return clm.mean_sd(given) if given else (None, None)
 
 
-def m_cell(per_seed: dict, split: str, key: str, fmt: str = "{:.4f}") -> str:
-    mean, sd, vals = m_stat(per_seed, split, key)
+def cell(vals: list, f: str = "{:.4f}", sd_f: str | None = None, gap: str | None = None) -> str:
+    """mean ± SD (per seed) of the non-missing values; a missing seed shows as ``gap``, or is left out."""
+    mean, sd = stat(vals)
     if mean is None:
         return "n/a"
-    spread = "" if sd is None else " ± " + fmt.format(sd)
-    return (
-        fmt.format(mean)
-        + spread
-        + (" (" + " / ".join(fmt.format(v) for v in vals) + ")" if len(vals) > 1 else "")
-    )
+    shown = [gap if v is None else f.format(v) for v in vals if v is not None or gap is not None]
+    per = f" ({' / '.join(shown)})" if len(shown) > 1 else ""
+    return f.format(mean) + ("" if sd is None else " ± " + (sd_f or f).format(sd)) + per
+
+
+def m_vals(per_seed: dict, split: str | None, key: str) -> list:
+    """``key`` of each seed's ``split`` (of the seed's record itself without one; routing_acc in %)."""
+    if split is None:
+        return [None if p[key] is None else 100 * p[key] for p in per_seed.values()]
+    return [None if p[split] is None else p[split][key] for p in per_seed.values()]
+
+
+def m_cell(per_seed: dict, split: str, key: str, f: str = "{:.4f}") -> str:
+    return cell(m_vals(per_seed, split, key), f)
 
 
 def methods_md(res: dict, protocol: dict) -> str:
@@ -415,28 +424,23 @@ def methods_md(res: dict, protocol: dict) -> str:
         "",
         "## Results (test split)",
         "",
-        "| method | setting | final avg loss (task id) | drift % (task id) | BWT | forgetting | "
-        "final avg loss (no task id) | drift % (no task id) | without the id | routing acc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cols = ["method", "setting", "final avg loss (task id)", "drift % (task id)", "BWT", "forgetting"]
+    cols += ["final avg loss (no task id)", "drift % (no task id)", "without the id", "routing acc"]
+    rows = []
     for m, r in res["methods"].items():
         ps = r["per_seed"]
         first = next(iter(ps.values()))
-        routing = (
-            "n/a"
-            if first["routing_acc"] is None
-            else m_cell({s: {"x": {"r": 100 * p["routing_acc"]}} for s, p in ps.items()}, "x", "r", "{:.1f}")
-            + " %"
-        )
+        routing = "n/a" if first["routing_acc"] is None else m_cell(ps, None, "routing_acc", "{:.1f}") + " %"
         setting = "preset" if r["value"] is None else f"{KNOBS[m]} = {r['value']:g}"
-        lines.append(
-            f"| {m} | {setting} | {m_cell(ps, 'test', 'final_avg_loss')} | "
-            f"{m_cell(ps, 'test', 'drift_pct', '{:+.2f}')} | "
-            f"{m_cell(ps, 'test', 'bwt', '{:+.4f}')} | {m_cell(ps, 'test', 'forgetting')} | "
-            f"{m_cell(ps, 'test_no_task_id', 'final_avg_loss')} | "
-            f"{m_cell(ps, 'test_no_task_id', 'drift_pct', '{:+.2f}')} | "
-            f"{NO_TASK_ID.get(first['no_task_id'], first['no_task_id'] or 'n/a')} | {routing} |"
+        rows.append(
+            [m, setting, m_cell(ps, "test", "final_avg_loss"), m_cell(ps, "test", "drift_pct", "{:+.2f}")]
+            + [m_cell(ps, "test", "bwt", "{:+.4f}"), m_cell(ps, "test", "forgetting")]
+            + [m_cell(ps, "test_no_task_id", "final_avg_loss")]
+            + [m_cell(ps, "test_no_task_id", "drift_pct", "{:+.2f}")]
+            + [NO_TASK_ID.get(first["no_task_id"], first["no_task_id"] or "n/a"), routing]
         )
+    lines += table(cols, rows)
     if "multitask" in res["methods"]:
         lines += [
             "",
@@ -448,12 +452,12 @@ def methods_md(res: dict, protocol: dict) -> str:
         "",
         "## Final test loss per task (mean over seeds, with the task id)",
         "",
-        "| method | " + " | ".join(res["tasks"]) + " |",
-        "|---|" + "---|" * len(res["tasks"]),
     ]
-    for m, r in res["methods"].items():
-        row = np.mean([p["test"]["final_row"] for p in r["per_seed"].values()], 0)
-        lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+    final = {
+        m: np.mean([p["test"]["final_row"] for p in r["per_seed"].values()], 0)
+        for m, r in res["methods"].items()
+    }
+    lines += table(["method", *res["tasks"]], [[m, *(f"{v:.4f}" for v in row)] for m, row in final.items()])
     lines += [
         "",
         f"## The selection (seed {res['select_seed']})",
@@ -493,70 +497,56 @@ def methods_md(res: dict, protocol: dict) -> str:
     return "\n".join(lines)
 
 
-def methods_figure(res: dict, path: Path, model: str) -> None:
+def bar_figure(path: Path, methods: list, panels: list, vals, title: str, figsize, decorate) -> None:
+    """One panel per ``(key, title)``: each method's mean ± SD over seeds, task id given and not."""
     from crma_lightning.evaluation.report import pyplot, save_figure
 
     plt = pyplot()
-    methods = list(res["methods"])
     x = np.arange(len(methods))
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
-    for ax, (key, title) in zip(
-        axes,
-        [
-            ("final_avg_loss", "final average test loss (lower is better)"),
-            ("drift_pct", "drift of earlier tasks, % (lower is better)"),
-        ],
-        strict=True,
-    ):
-        for off, split, name in [(-0.2, "test", "task id given"), (0.2, "test_no_task_id", "no task id")]:
-            st = [m_stat(res["methods"][m]["per_seed"], split, key) for m in methods]
-            ax.bar(
-                x + off,
-                [np.nan if s[0] is None else s[0] for s in st],
-                0.4,
-                yerr=[s[1] or 0.0 for s in st],
-                label=name,
-                capsize=3,
-            )
-        if key == "final_avg_loss":
-            lo = min(
-                s
-                for m in methods
-                for s in m_stat(res["methods"][m]["per_seed"], "test", key)[2]
-                if s is not None
-            )
-            ax.set_ylim(0.97 * lo, None)
-        ax.axhline(0, color="k", lw=0.8)
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for off, no_id, name in [(-0.2, False, "task id given"), (0.2, True, "no task id")]:
+            st = [stat(vals(m, key, no_id)) for m in methods]
+            means, sds = [np.nan if s[0] is None else s[0] for s in st], [s[1] or 0.0 for s in st]
+            ax.bar(x + off, means, 0.4, yerr=sds, label=name, capsize=3)
+        decorate(ax, key)
         ax.set_xticks(x, methods, rotation=30, ha="right")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle(
-        f"{model}, {' → '.join(res['tasks'])}, test split, seeds {', '.join(map(str, res['seeds']))}"
-    )
+        ax.set_title(label)
+    fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
+    plt.close(fig)
+
+
+def methods_figure(res: dict, path: Path, model: str) -> None:
+    ps = {m: r["per_seed"] for m, r in res["methods"].items()}
+
+    def decorate(ax, key: str) -> None:
+        if key == "final_avg_loss":
+            ax.set_ylim(0.97 * min(v for m in ps for v in m_vals(ps[m], "test", key) if v is not None), None)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.legend(fontsize=8)
+
+    panels = [
+        ("final_avg_loss", "final average test loss (lower is better)"),
+        ("drift_pct", "drift of earlier tasks, % (lower is better)"),
+    ]
+    vals = lambda m, key, no_id: m_vals(ps[m], "test_no_task_id" if no_id else "test", key)  # noqa: E731
+    seeds = ", ".join(map(str, res["seeds"]))
+    title = f"{model}, {' → '.join(res['tasks'])}, test split, seeds {seeds}"
+    bar_figure(path, list(ps), panels, vals, title, (14, 4.8), decorate)
 
 
 # -- standard CL
-def s_stat(res: dict, method: str, key: str, scale: float = 100.0) -> tuple[float | None, float | None, list]:
-    vals = [res["methods"][method]["per_seed"][s][key] for s in res["seeds"]]
-    vals = [None if v is None else scale * v for v in vals]
-    given = [v for v in vals if v is not None]
-    if not given:
-        return None, None, vals
-    mean, sd = clm.mean_sd(given)
-    return mean, sd, vals
+def s_vals(res: dict, method: str, key: str) -> list:
+    return [
+        None if v is None else 100 * v
+        for v in (res["methods"][method]["per_seed"][s][key] for s in res["seeds"])
+    ]
 
 
 def s_cell(res: dict, method: str, key: str, sign: bool = False) -> str:
-    mean, sd, vals = s_stat(res, method, key)
-    if mean is None:
-        return "n/a"
-    f = "{:+.1f}" if sign else "{:.1f}"
-    per = " / ".join("–" if v is None else f.format(v) for v in vals)
-    return (
-        f.format(mean) + (f" ± {sd:.1f}" if sd is not None else "") + (f" ({per})" if len(vals) > 1 else "")
-    )
+    return cell(s_vals(res, method, key), "{:+.1f}" if sign else "{:.1f}", "{:.1f}", "–")
 
 
 def s_share(res: dict, method: str) -> str:
@@ -670,34 +660,17 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
 
 
 def standard_cl_figure(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    methods = list(res["methods"])
-    x = np.arange(len(methods))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, (key, title) in zip(
-        axes, [("avg_acc", "average accuracy after the last task (%)"), ("bwt", "BWT (pp)")], strict=True
-    ):
-        for off, suffix, name in [(-0.2, "", "task id given"), (0.2, "_no_task_id", "no task id")]:
-            means = [s_stat(res, m, key + suffix)[0] for m in methods]
-            sds = [s_stat(res, m, key + suffix)[1] or 0.0 for m in methods]
-            ax.bar(x + off, [np.nan if v is None else v for v in means], 0.4, yerr=sds, label=name, capsize=3)
+    def decorate(ax, key: str) -> None:
         if key == "avg_acc":
-            ax.axhline(
-                100 * np.mean(list(res["base"].values())), color="k", ls="--", lw=1, label="zero-shot base"
-            )
-        ax.set_xticks(x, methods, rotation=30, ha="right")
-        ax.set_title(title)
+            base = 100 * np.mean(list(res["base"].values()))
+            ax.axhline(base, color="k", ls="--", lw=1, label="zero-shot base")
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(
-        f"SmolLM2-135M, {' → '.join(res['tasks'])}, test split, seeds {', '.join(map(str, res['seeds']))}"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    panels = [("avg_acc", "average accuracy after the last task (%)"), ("bwt", "BWT (pp)")]
+    vals = lambda m, key, no_id: s_vals(res, m, key + ("_no_task_id" if no_id else ""))  # noqa: E731
+    seeds = ", ".join(map(str, res["seeds"]))
+    title = f"SmolLM2-135M, {' → '.join(res['tasks'])}, test split, seeds {seeds}"
+    bar_figure(path, list(res["methods"]), panels, vals, title, (13, 4.5), decorate)
 
 
 # -- recipe
@@ -794,17 +767,7 @@ def summarise(label: str, report: dict, current: dict) -> dict:
 
 def fmt(values: list, digits: int = 2, sign: bool = True) -> str:
     """mean ± SD (per seed) of the non-missing values."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "n/a"
-    mean, sd = clm.mean_sd(vals)
-    f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    per = " / ".join(f.format(v) for v in vals)
-    return (
-        f.format(mean)
-        + (f" ± {sd:.{digits}f}" if sd is not None else "")
-        + (f" ({per})" if len(vals) > 1 else "")
-    )
+    return cell(values, f"{{:{'+' if sign else ''}.{digits}f}}", f"{{:.{digits}f}}")
 
 
 def paired(s: dict, cur: dict, cond: str, get, ratio: bool = False) -> list[float]:
