@@ -23,11 +23,11 @@ same data, seed and sizes, so the same examples that filled ``continual/loss_mat
   scored on.
 - Drift: ``crma_lightning.evaluation.metrics.drift_pct`` of the run's loss matrix with its final row replaced
   by the oracle row (recomputed, as a check against the CSV) and by each router's row.
-- Confidence: with ``--thresholds``, the share of prompts whose stats confidence is below each
-  threshold (sent to the loss router as fallback) and the accuracy of that combination.
-- Cost per prompt at one prompt length (``--cost-prompt-tokens``, default 16), at ``--batch-size``
-  and at batch 1: routing alone, and routing plus the forward pass of the chosen task (prompts
-  grouped by chosen task, as ``complete`` does), against one forward pass with the task known.
+- Confidence: the share of prompts whose stats confidence is below each threshold (0.5, 0.9, 0.99;
+  sent to the loss router as fallback) and the accuracy of that combination.
+- Cost per prompt at one prompt length (16 tokens), at batch 16 and at batch 1: routing alone, and
+  routing plus the forward pass of the chosen task (prompts grouped by chosen task, as ``complete``
+  does), against one forward pass with the task known.
   Variants run in interleaved rounds (harness.py), median over ``--repeats`` rounds after a warm-up.
 - Selection (``--select-layers``): the layer, pooling and shrinkage of the stats router chosen by
   k-fold cross-validation on the run's *training* data (never its holdout): folds are contiguous
@@ -35,7 +35,7 @@ same data, seed and sizes, so the same examples that filled ``continual/loss_mat
   folds, accuracy on the held-out fold's prompts at each P.
 
 Run:  python benchmarks/bench_routing.py --run runs/tiny/version_0
-A run without routing statistics gets them first (``--build-stats``; written into the run dir).
+A run without routing statistics needs them first: ``python train.py route --run <run> --build-stats``.
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/routing``).
 """
 
@@ -55,8 +55,8 @@ from harness import interleave, machine_line, repo_relative, run_info, time_call
 from crma_lightning.core.losses import IGNORE_INDEX, token_losses
 from crma_lightning.data.loading import pad
 from crma_lightning.evaluation import metrics as clm
+from crma_lightning.routing import routers as routing
 from crma_lightning.routing.router import DEFAULT_SHRINKAGE
-from crma_lightning.routing.routers import routers as routing
 from crma_lightning.routing.stats import (
     base_hiddens,
     num_layers,
@@ -71,6 +71,9 @@ Example = tuple[list[int], list[int]]
 """One holdout example, unpadded: ``(input_ids, labels)``."""
 
 ROUTERS = ("stats", "loss")
+BATCH = 16  # prompts per forward pass
+COST_PROMPT_TOKENS = 16  # P for the timing
+THRESHOLDS = (0.5, 0.9, 0.99)  # stats confidences below which the loss router is the fallback
 
 
 def holdout_examples(run: TrainedRun, batch_size: int) -> dict[str, list[Example]]:
@@ -241,23 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--prompt-tokens", type=int, nargs="+", default=[4, 8, 16, 64], help="prompt lengths P for text tasks"
     )
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    ap.add_argument("--cost-prompt-tokens", type=int, default=16, help="P for the timing")
     ap.add_argument("--timing-prompts", type=int, default=48, help="prompts timed at batch 1")
     ap.add_argument("--repeats", type=int, default=3, help="timing rounds (median)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--shrinkage", type=float, default=DEFAULT_SHRINKAGE, help="the stats router's shrinkage")
-    ap.add_argument(
-        "--thresholds",
-        type=float,
-        nargs="*",
-        default=[0.5, 0.9, 0.99],
-        help="confidence thresholds below which the stats router falls back to the loss router",
-    )
-    ap.add_argument(
-        "--build-stats", action="store_true", help="write the run's missing routing statistics first"
-    )
     ap.add_argument(
         "--select-layers",
         type=int,
@@ -265,44 +253,24 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="cross-validate these layers on the training data (no value: every layer)",
     )
-    ap.add_argument("--select-poolings", nargs="+", default=["mean", "last"])
-    ap.add_argument("--select-shrinkages", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    ap.add_argument("--select-folds", type=int, default=4)
-    ap.add_argument(
-        "--keep-stats",
-        action="store_true",
-        help="report the run's own statistics and --shrinkage even when the selection prefers others "
-        "(default: the selected layer/pooling/shrinkage are used; differing statistics are rebuilt "
-        "in the run dir)",
-    )
-    ap.add_argument(
-        "--time-routers",
-        nargs="*",
-        choices=ROUTERS,
-        default=list(ROUTERS),
-        help="routers whose cost is timed (the loss router's K forwards dominate a CPU run)",
-    )
-    ap.add_argument("--no-batch-1", action="store_true", help="time only at --batch-size")
+    ap.add_argument("--no-batch-1", action="store_true", help="time only at batch 16")
     ap.add_argument("--out", default="benchmarks/results/routing", help="output path without extension")
-    ap.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    info = run_info(__file__, argv, drop=("--note",))
+    torch.set_num_threads(1)
+    info = run_info(__file__, argv)
     started = time.perf_counter()
 
-    run = load_run(args.run, device=args.device)
+    run = load_run(args.run)
     tasks = run.tasks
-    if args.build_stats:
-        build_routing_stats(run, log=print)
     stats_meta = read_task_stats(run.info.run, tasks[0])[1]
-    run.stats_router(args.shrinkage)  # missing or damaged statistics fail here, naming the fix
+    shrinkage = DEFAULT_SHRINKAGE
+    run.stats_router(shrinkage)  # missing or damaged statistics fail here, naming the fix
     result: dict = {
         "command": info["command"],
         "date": info["date"],
-        "machine": f"{machine_line(info['machine'])}, device {args.device}",
+        "machine": f"{machine_line(info['machine'])}, device cpu",
         "load_avg_1min_start": round(info["load_start"], 2),
         "run_dir": repo_relative(run.info.run_dir),
-        "notes": args.note,
         "strategy": run.strategy,
         "base_model": run.info.backbone.label,
         "tasks": tasks,
@@ -310,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             "layer": stats_meta["layer"],
             "num_layers": stats_meta["num_layers"],
             "pooling": stats_meta["pooling"],
-            "shrinkage": args.shrinkage,
+            "shrinkage": shrinkage,
             "examples_per_task": stats_meta["examples"],
             "features_per_task": stats_meta["features"],
             "feature_dim": stats_meta["feature_dim"],
@@ -321,42 +289,39 @@ def main(argv: list[str] | None = None) -> dict:
         result["selection"] = select(
             run,
             layers,
-            args.select_poolings,
-            args.select_shrinkages,
+            ["mean", "last"],
+            [0.1, 0.3, 0.5],
             args.prompt_tokens,
-            args.select_folds,
+            4,
             stats_meta["max_examples"],
-            args.batch_size,
+            BATCH,
         )
         print("selection done", result["selection"]["best"], flush=True)
         best = result["selection"]["best"]
-        if not args.keep_stats:
-            # Serve what the cross-validation chose: its shrinkage, and statistics at its layer/pooling.
-            args.shrinkage = best["shrinkage"]
-            if (best["layer"], best["pooling"]) != (stats_meta["layer"], stats_meta["pooling"]):
-                build_routing_stats(
-                    run, layer=best["layer"], pooling=best["pooling"], overwrite=True, log=print
-                )
-                run.forget_router()
-                result["stats_rebuilt"] = (
-                    f"the run's statistics (layer {stats_meta['layer']}, "
-                    f"{stats_meta['pooling']} pooling) were rebuilt at the selected layer "
-                    f"{best['layer']}, {best['pooling']} pooling, from the same training "
-                    "examples"
-                )
-                stats_meta = read_task_stats(run.info.run, tasks[0])[1]
-            result["stats"] |= {
-                "layer": stats_meta["layer"],
-                "pooling": stats_meta["pooling"],
-                "shrinkage": args.shrinkage,
-                "features_per_task": stats_meta["features"],
-            }
+        # Serve what the cross-validation chose: its shrinkage, and statistics at its layer/pooling.
+        shrinkage = best["shrinkage"]
+        if (best["layer"], best["pooling"]) != (stats_meta["layer"], stats_meta["pooling"]):
+            build_routing_stats(run, layer=best["layer"], pooling=best["pooling"], overwrite=True, log=print)
+            run.forget_router()
+            result["stats_rebuilt"] = (
+                f"the run's statistics (layer {stats_meta['layer']}, "
+                f"{stats_meta['pooling']} pooling) were rebuilt at the selected layer "
+                f"{best['layer']}, {best['pooling']} pooling, from the same training "
+                "examples"
+            )
+            stats_meta = read_task_stats(run.info.run, tasks[0])[1]
+        result["stats"] |= {
+            "layer": stats_meta["layer"],
+            "pooling": stats_meta["pooling"],
+            "shrinkage": shrinkage,
+            "features_per_task": stats_meta["features"],
+        }
 
-    per_task_examples = holdout_examples(run, args.batch_size)
+    per_task_examples = holdout_examples(run, BATCH)
     examples = [e for t in tasks for e in per_task_examples[t]]
     truth = np.array([k for k, t in enumerate(tasks) for _ in per_task_examples[t]])
     oracle = truth.tolist()
-    nll, correct = token_scores(run, examples, args.batch_size)
+    nll, correct = token_scores(run, examples, BATCH)
     result |= {
         "holdout_examples": {t: len(per_task_examples[t]) for t in tasks},
         "oracle": {"loss": per_task(nll, oracle, truth), "accuracy": per_task(correct, oracle, truth)},
@@ -401,10 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
     for p in args.prompt_tokens:
         starts = [prompt_length(e, p) for e in examples]
         prompts = [e[0][:s] for e, s in zip(examples, starts, strict=True)]
-        stats = run.route_decisions(
-            prompts, batch_size=args.batch_size, router="stats", shrinkage=args.shrinkage
-        )
-        loss = run.route_decisions(prompts, batch_size=args.batch_size, router="loss")
+        stats = run.route_decisions(prompts, batch_size=BATCH, router="stats", shrinkage=shrinkage)
+        loss = run.route_decisions(prompts, batch_size=BATCH, router="loss")
         # Text prompts that got all P tokens (the rest are holdout blocks shorter than P + 1).
         full = np.array([s == p or e[1][0] == IGNORE_INDEX for e, s in zip(examples, starts, strict=True)])
         entry = {
@@ -426,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "share": float((conf < th).mean()),
                     "accuracy": float(np.where(conf < th, loss_right, right).mean()),
                 }
-                for th in args.thresholds
+                for th in THRESHOLDS
             ],
         }
         result["by_prompt_tokens"][str(p)] = entry
@@ -438,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Cost, at one prompt length: routing, and routing + the chosen task's forward, against one
     # forward pass with the task known.
-    p = args.cost_prompt_tokens
+    p = COST_PROMPT_TOKENS
     prompts = [e[0][: prompt_length(e, p)] for e in examples]
     few = prompts[: args.timing_prompts]
 
@@ -450,14 +413,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     calls = {
-        "known": lambda: run.prompt_losses(prompts, tasks[0], batch_size=args.batch_size),
+        "known": lambda: run.prompt_losses(prompts, tasks[0], batch_size=BATCH),
         "known_1": lambda: run.prompt_losses(few, tasks[0], batch_size=1),
     }
     if args.no_batch_1:
         del calls["known_1"]
-    for r in args.time_routers:
-        calls[f"{r}_route"] = lambda r=r: run.route_ids(prompts, batch_size=args.batch_size, router=r)
-        calls[f"{r}_total"] = lambda r=r: routed_forward(prompts, args.batch_size, r)
+    for r in ROUTERS:
+        calls[f"{r}_route"] = lambda r=r: run.route_ids(prompts, batch_size=BATCH, router=r)
+        calls[f"{r}_total"] = lambda r=r: routed_forward(prompts, BATCH, r)
         if not args.no_batch_1:
             calls[f"{r}_route_1"] = lambda r=r: run.route_ids(few, batch_size=1, router=r)
             calls[f"{r}_total_1"] = lambda r=r: routed_forward(few, 1, r)
@@ -467,7 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = {k: statistics.median(v) for k, v in rounds.values.items()}
     cost: dict = {
         "prompt_tokens": p,
-        "batch_size": args.batch_size,
+        "batch_size": BATCH,
         "rounds": args.repeats,
         "others_cpu_pct_per_round": rounds.others_pct,
         "ms_per_prompt": {},
@@ -480,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
         ratios[k] = statistics.median(
             a / b for a, b in zip(rounds.values[k], rounds.values[base], strict=True)
         )
-    for r in args.time_routers:  # the steady state: routing, then a full batch of the chosen task
+    for r in ROUTERS:  # the steady state: routing, then a full batch of the chosen task
         for sfx, base in (("", "known"), ("_1", "known_1"))[: 1 if args.no_batch_1 else 2]:
             ratios[f"{r}_route_plus_known{sfx}"] = statistics.median(
                 (a + b) / b

@@ -282,18 +282,9 @@ def verdict(ci: Sequence[float], target: float) -> str:
 
 
 # -- run information ---------------------------------------------------------------------------
-def command_line(script: str | os.PathLike, argv: Sequence[str], drop: Sequence[str] = ()) -> str:
-    """``python benchmarks/<script> ARGS``, shell-quoted, without the options in ``drop`` (remarks
-    such as ``--note``, not settings; ``--opt value`` and ``--opt=value`` forms)."""
-    kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in drop:
-            skip = True
-        elif not any(a.startswith(f"{d}=") for d in drop):
-            kept.append(a)
-    return shlex.join(["python", os.path.relpath(Path(script).resolve(), REPO), *kept])
+def command_line(script: str | os.PathLike, argv: Sequence[str]) -> str:
+    """``python benchmarks/<script> ARGS``, shell-quoted."""
+    return shlex.join(["python", os.path.relpath(Path(script).resolve(), REPO), *argv])
 
 
 def repo_relative(path: str | os.PathLike) -> str:
@@ -331,10 +322,10 @@ def machine_line(m: Mapping[str, Any]) -> str:
     )
 
 
-def run_info(script: str | os.PathLike, argv: Sequence[str], drop: Sequence[str] = ()) -> dict[str, Any]:
+def run_info(script: str | os.PathLike, argv: Sequence[str]) -> dict[str, Any]:
     """Command line, date, machine and the 1-minute load average now (call after setting threads)."""
     return {
-        "command": command_line(script, argv, drop),
+        "command": command_line(script, argv),
         "date": utc_now(),
         "machine": machine(),
         "load_start": os.getloadavg()[0],
