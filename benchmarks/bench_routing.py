@@ -50,7 +50,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from harness import interleave, machine_line, repo_relative, run_info, time_call, write_report
+from harness import interleave, machine_line, repo_relative, run_info, table, time_call, write_report
 
 from crma_lightning.core.losses import IGNORE_INDEX, token_losses
 from crma_lightning.data.loading import pad
@@ -306,8 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["stats_rebuilt"] = (
                 f"the run's statistics (layer {stats_meta['layer']}, "
                 f"{stats_meta['pooling']} pooling) were rebuilt at the selected layer "
-                f"{best['layer']}, {best['pooling']} pooling, from the same training "
-                "examples"
+                f"{best['layer']}, {best['pooling']} pooling, from the same training examples"
             )
             stats_meta = read_task_stats(run.info.run, tasks[0])[1]
         result["stats"] |= {
@@ -480,7 +479,7 @@ ROUTER_TEXT = {
 
 
 def render(r: dict) -> str:
-    tasks, by_p, n = r["tasks"], r["by_prompt_tokens"], len(r["tasks"])
+    tasks, by_p = r["tasks"], r["by_prompt_tokens"]
     s = r["stats"]
     lines = [
         "# Routing without a task id (`task: auto`)",
@@ -503,8 +502,7 @@ def render(r: dict) -> str:
         ),
         "  **loss** = " + ROUTER_TEXT["loss"] + ".",
         "- Prompt = the first P tokens of a holdout example, at most its length - 1 (the unlabelled prompt "
-        "for "
-        "prompt/response tasks).",
+        "for prompt/response tasks).",
     ]
     if "selection" in r:
         lines += render_selection(r["selection"])
@@ -514,54 +512,51 @@ def render(r: dict) -> str:
         "",
         "The last column counts only the prompts that got all P tokens (holdout blocks longer than P).",
         "",
-        "| P (mean tokens) | router | " + " | ".join(tasks) + " | all | prompts of P tokens (how many) |",
-        "|---|---|" + "---|" * (n + 2),
     ]
-    for p, b in by_p.items():
-        for router in ROUTERS:
-            x = b[router]
-            lines.append(
-                f"| {p} ({b['mean_prompt_tokens']:.1f}) | {router} | "
-                f"{_cells([x['routing_accuracy'][t] for t in tasks], 3)} | {x['routing_accuracy_all']:.3f} | "
-                f"{_f(x.get('routing_accuracy_full_prompts'), 3)} ({b.get('full_prompts', '—')}) |"
-            )
-    lines += [
-        "",
-        "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids",
-        "",
-        "| evaluation | " + " | ".join(tasks) + " | drift_pct | bwt |",
-        "|---|" + "---|" * (n + 2),
-    ]
-    if "csv_final_row" in r:
-        lines.append(
-            f"| run's loss_matrix.csv | {_cells(r['csv_final_row'])} | {_f(r.get('csv_drift_pct'), 3)} | |"
+    lines += table(
+        ["P (mean tokens)", "router", *tasks, "all", "prompts of P tokens (how many)"],
+        [
+            [
+                f"{p} ({b['mean_prompt_tokens']:.1f})",
+                router,
+                _cells([x["routing_accuracy"][t] for t in tasks], 3),
+            ]
+            + [f"{x['routing_accuracy_all']:.3f}"]
+            + [f"{_f(x.get('routing_accuracy_full_prompts'), 3)} ({b.get('full_prompts', '—')})"]
+            for p, b in by_p.items()
+            for router, x in ((router, b[router]) for router in ROUTERS)
+        ],
+    )
+    lines += ["", "## Final-row holdout loss L[T, i] and drift: oracle vs routed task ids", ""]
+    o, rows = r["oracle"], []
+    if "csv_final_row" in r:  # its bwt cell is empty: "| |"
+        rows.append(
+            ["run's loss_matrix.csv", _cells(r["csv_final_row"]), _f(r.get("csv_drift_pct"), 3) + " |"]
         )
-    o = r["oracle"]
-    lines.append(f"| oracle (recomputed) | {_cells(o['loss'])} | {_f(o['drift_pct'], 3)} | {_f(o['bwt'])} |")
+    rows.append(["oracle (recomputed)", _cells(o["loss"]), _f(o["drift_pct"], 3), _f(o["bwt"])])
     for p, b in by_p.items():
         for router in ROUTERS:
             x = b[router]["routed"]
-            lines.append(
-                f"| {router}, P={p} | {_cells(x['loss'])} | {_f(x['drift_pct'], 3)} | {_f(x['bwt'])} |"
-            )
+            rows.append([f"{router}, P={p}", _cells(x["loss"]), _f(x["drift_pct"], 3), _f(x["bwt"])])
+    lines += table(["evaluation", *tasks, "drift_pct", "bwt"], rows)
     if "oracle_vs_csv_max_abs_diff" in r:
         lines += ["", f"Oracle row vs the run's CSV: max |diff| = {r['oracle_vs_csv_max_abs_diff']:.2e}."]
     lines += [
         "",
         "Loss on the continuation only (tokens after the prompt; no router saw them), oracle / stats / loss:",
         "",
-        "| P | " + " | ".join(tasks) + " | mean |",
-        "|---|" + "---|" * (n + 1),
     ]
+    rows = []
     for p, b in by_p.items():
-        o_c, s_c, l_c = (
+        losses = (
             b["oracle_continuation_loss"],
             b["stats"]["continuation_loss"],
             b["loss"]["continuation_loss"],
         )
-        cells = [f"{_f(a)} / {_f(z)} / {_f(w)}" for a, z, w in zip(o_c, s_c, l_c, strict=True)]
-        means = f"{_f(np.nanmean(o_c))} / {_f(np.nanmean(s_c))} / {_f(np.nanmean(l_c))}"
-        lines.append(f"| {p} | " + " | ".join(cells) + f" | {means} |")
+        rows.append(
+            [p, *(" / ".join(map(_f, x)) for x in [*zip(*losses, strict=True), map(np.nanmean, losses)])]
+        )
+    lines += table(["P", *tasks, "mean"], rows)
     lines += [
         "",
         "## Confidence of the stats router, and falling back to the loss router",
@@ -569,36 +564,34 @@ def render(r: dict) -> str:
         "Confidence = the posterior probability of the chosen task. Below a threshold the prompt goes to the "
         "loss router (K more forward passes).",
         "",
-        "| P | mean confidence, right / wrong | "
-        + " | ".join(
-            f"threshold {x['threshold']}: share to loss, accuracy"
-            for x in next(iter(by_p.values()))["stats"]["confidence"]["fallback"]
-        )
-        + " |",
-        "|---|---|" + "---|" * len(next(iter(by_p.values()))["stats"]["confidence"]["fallback"]),
     ]
-    for p, b in by_p.items():
-        c = b["stats"]["confidence"]
-        fb = " | ".join(f"{x['share']:.3f}, {x['accuracy']:.3f}" for x in c["fallback"])
-        lines.append(f"| {p} | {_f(c['mean_right'], 3)} / {_f(c['mean_wrong'], 3)} | {fb} |")
+    fallback = next(iter(by_p.values()))["stats"]["confidence"]["fallback"]
+    lines += table(
+        ["P", "mean confidence, right / wrong"]
+        + [f"threshold {x['threshold']}: share to loss, accuracy" for x in fallback],
+        [
+            [p, f"{_f(c['mean_right'], 3)} / {_f(c['mean_wrong'], 3)}"]
+            + [f"{x['share']:.3f}, {x['accuracy']:.3f}" for x in c["fallback"]]
+            for p, c in ((p, b["stats"]["confidence"]) for p, b in by_p.items())
+        ],
+    )
+    first = next(iter(by_p))
     for router in ROUTERS:
-        first = next(iter(by_p))
         lines += [
             "",
             f"Confusion of the {router} router at P={first} (rows: true task, columns: routed task):",
             "",
-            "| true \\ routed | " + " | ".join(tasks) + " |",
-            "|---|" + "---|" * n,
         ]
-        for t, c in zip(tasks, by_p[first][router]["confusion"], strict=True):
-            lines.append(f"| {t} | " + " | ".join(str(v) for v in c) + " |")
+        lines += table(
+            ["true \\ routed", *tasks],
+            [[t, *c] for t, c in zip(tasks, by_p[first][router]["confusion"], strict=True)],
+        )
     c = r["cost"]
     ms, ratio = c["ms_per_prompt"], c["paired_ratio_vs_known"]
     lines += [
         "",
         f"## Cost per prompt (P={c['prompt_tokens']}; median of {c['rounds']} interleaved rounds; ratio = "
-        "median of "
-        "per-round ratios to the known-task forward)",
+        "median of per-round ratios to the known-task forward)",
         "",
         "Two ways to count the chosen task's forward pass: *grouped* runs the prompts routed to each task "
         "as one "
@@ -608,25 +601,25 @@ def render(r: dict) -> str:
         "known* adds one "
         "known-task forward at the full batch (a stream of prompts, where each task's batch fills up).",
         "",
-        "| batch | one forward, task known | stats: route | stats: route + known | stats: route + grouped "
-        "forward | "
-        "loss: route | loss: route + known | loss: route + grouped forward |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for batch, sfx in ((c["batch_size"], ""), (1, "_1")):
-        if "known" + sfx not in ms:
-            continue
-        cells = [f"{ms['known' + sfx]:.2f} ms"]
-        for k in (
-            "stats_route",
-            "stats_route_plus_known",
-            "stats_total",
-            "loss_route",
-            "loss_route_plus_known",
-            "loss_total",
-        ):
-            cells.append(f"{ms[k + sfx]:.2f} ms ({ratio[k + sfx]:.2f}x)" if k + sfx in ms else "not timed")
-        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    parts = {"route": "route", "route_plus_known": "route + known", "total": "route + grouped forward"}
+    keys = [f"{router}_{k}" for router in ROUTERS for k in parts]
+    lines += table(
+        [
+            "batch",
+            "one forward, task known",
+            *(f"{router}: {x}" for router in ROUTERS for x in parts.values()),
+        ],
+        [
+            [batch, f"{ms['known' + sfx]:.2f} ms"]
+            + [
+                f"{ms[k + sfx]:.2f} ms ({ratio[k + sfx]:.2f}x)" if k + sfx in ms else "not timed"
+                for k in keys
+            ]
+            for batch, sfx in ((c["batch_size"], ""), (1, "_1"))
+            if "known" + sfx in ms
+        ],
+    )
     others = [x for x in c["others_cpu_pct_per_round"] if x is not None]
     if others:
         lines += [
@@ -653,16 +646,10 @@ def render_selection(sel: dict) -> list[str]:
         f"Best: layer {best['layer']}, {best['pooling']} pooling, shrinkage {best['shrinkage']} "
         f"({', '.join(f'P={p}: {a:.3f}' for p, a in zip(ps, best['accuracy'], strict=True))}).",
         "",
-        "| layer | " + " | ".join(f"{po}, {lam}" for po, lam in columns) + " |",
-        "|---|" + "---|" * len(columns),
     ]
-    for layer in sorted({x["layer"] for x in sel["rows"]}):
-        lines.append(
-            f"| {layer} | "
-            + " | ".join(f"{by_key[(layer, po, lam)]['mean']:.3f}" for po, lam in columns)
-            + " |"
-        )
-    return lines
+    layers = sorted({x["layer"] for x in sel["rows"]})
+    rows = [[la, *(f"{by_key[(la, po, lam)]['mean']:.3f}" for po, lam in columns)] for la in layers]
+    return lines + table(["layer", *(f"{po}, {lam}" for po, lam in columns)], rows)
 
 
 if __name__ == "__main__":

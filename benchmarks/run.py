@@ -236,8 +236,7 @@ def settings(run: RunDir, exp: dict) -> dict:
         return {
             "model": run.read_summary()["base_model"],
             "examples per task": f"{d['train_size']} train / {d['holdout_size']} validation / {test} test "
-            "blocks of "
-            f"{d['max_length']} tokens",
+            f"blocks of {d['max_length']} tokens",
             "training": f"batch {d['batch_size']}, {d['epochs_per_task']} epoch(s) per task, "
             f"learning rates {lrs}",
             "presets": "configs/methods/*.yaml (per-task LoRA: configs/methods/frozen.yaml); grids: "
