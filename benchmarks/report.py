@@ -222,8 +222,7 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "## Inference ablation: the trained MODULAR weights with CRMA on and off",
             "",
             "Each MODULAR run loaded as served (`serve.load_run`), task i evaluated with LoRA_i on its "
-            f"{split} set;"
-            f" only the CRMA injection is toggled (mean over seeds). Paper: {PAPER['ablation']}.",
+            f"{split} set; only the CRMA injection is toggled (mean over seeds). Paper: {PAPER['ablation']}.",
             "",
             *head("CRMA", tasks, "mean"),
             row("on", ab["on_mean"], f"{on:.4f}"),
@@ -244,8 +243,7 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "## Spectral bound",
             "",
             f"Over every logged step of every MODULAR run: max σ_max(M) = {sp['max_sigma']:.7f}, max "
-            "row/column-sum "
-            f"error {sp['max_row_col_err']:.1e}. Paper: {PAPER['spectral']}.",
+            f"row/column-sum error {sp['max_row_col_err']:.1e}. Paper: {PAPER['spectral']}.",
         ]
     for label, v in res.get("variants", {}).items():
         lines += [
@@ -253,8 +251,7 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             f"## Also tried: MODULAR with {label}",
             "",
             f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this "
-            "report's; "
-            f"on the {v.get('split', 'validation')} split.",
+            f"report's; on the {v.get('split', 'validation')} split.",
             "",
             f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: "
             "mean ± SD | per seed |",
@@ -319,8 +316,7 @@ def grad_norm_section(res: dict) -> list[str]:
         "",
         "Global norms before clipping, per parameter group (`train/grad_norm/lora`, `train/grad_norm/crma`; "
         "`callbacks/gradnorm.py`). The LoRA norm is the one comparable across conditions: under MODULAR the "
-        "total "
-        f"also holds CRMA's gradients. Paper: {PAPER['grad']}.",
+        f"total also holds CRMA's gradients. Paper: {PAPER['grad']}.",
         "",
         "LoRA gradients (NAIVE and FROZEN train nothing else):",
         "",
@@ -405,8 +401,7 @@ def methods_md(res: dict, protocol: dict) -> str:
         "",
         f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}): "
         f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time "
-        "in all "
-        "(finished runs are reused, so a report may gather runs of several invocations).",
+        "in all (finished runs are reused, so a report may gather runs of several invocations).",
         "",
         f"Tasks {' → '.join(res['tasks'])}, seeds {seeds}. Loss is the mean next-token loss on the **test** "
         "split, which no setting was chosen on; every number is mean ± sample SD over seeds (per seed in "
@@ -473,8 +468,7 @@ def methods_md(res: dict, protocol: dict) -> str:
             lines.append(
                 f"| {m} | {KNOBS[m]} = {float(v):g} | {p['validation']['final_avg_loss']:.4f} | "
                 f"{p['validation']['drift_pct']:+.2f} | {p['test']['final_avg_loss']:.4f} | "
-                f"{p['test']['drift_pct']:+.2f} | "
-                f"{'yes' if float(v) == res['methods'][m]['value'] else ''} |"
+                f"{p['test']['drift_pct']:+.2f} | {'yes' if float(v) == res['methods'][m]['value'] else ''} |"
             )
     rebuilt = [
         p["run"].split("/")[1]
@@ -486,8 +480,7 @@ def methods_md(res: dict, protocol: dict) -> str:
         lines += [
             "",
             "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters "
-            "by "
-            f"`train.py test --run <run> --task-id both`: {', '.join(rebuilt)}.",
+            f"by `train.py test --run <run> --task-id both`: {', '.join(rebuilt)}.",
         ]
     lines += [
         "",
@@ -571,10 +564,8 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         f"subsampled), O-LoRA's prompt format, seeds {seeds}. Accuracy is exact match of the "
         "greedy-generated "
         "answer (trimmed, case-folded) on the **test** split, in %; average after the last task and BWT on "
-        "it "
-        "(mean ± sample SD over seeds, per seed in brackets). Every method runs the same protocol and the "
-        "presets' "
-        "default settings; none was tuned (the runs also wrote validation matrices, for selection).",
+        "it (mean ± sample SD over seeds, per seed in brackets). Every method runs the same protocol and the "
+        "presets' default settings; none was tuned (the runs also wrote validation matrices, for selection).",
         "",
         "## Protocol",
         "",
@@ -589,8 +580,7 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         f"With {protocol['test_size']} test examples per task, one example is "
         f"{100 / protocol['test_size']:.1f} points "
         f"of a task's accuracy and {100 / protocol['test_size'] / len(res['tasks']):.1f} of the average: "
-        "differences "
-        "of a few points between methods are within one seed's noise.",
+        "differences of a few points between methods are within one seed's noise.",
         "",
         "| method | avg acc (task id) | BWT (task id) | avg acc (no task id) | BWT (no task id) | without "
         "the id | routing acc | T5-large, published | eval share of the run |",
@@ -613,8 +603,7 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         "",
         "The published column is **another model on another sequence**: T5-large (770M, encoder-decoder), "
         "dbpedia/amazon/yahoo/agnews averaged over three orders, full training sets (O-LoRA, Wang et al. "
-        "2023). "
-        "It shows the ordering of methods in that paper, not a number ours should match.",
+        "2023). It shows the ordering of methods in that paper, not a number ours should match.",
         "",
         "## Final test accuracy per task (mean over seeds, with the task id)",
         "",
@@ -636,8 +625,7 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
             "",
             f"Test matrices rebuilt from the runs' adapters by `train.py test --run <run> --task-id both` "
             "(what a fit writes, to 2e-5: tests/test_evaluation_tasks.py), after the fit: "
-            f"{', '.join(rebuilt)}. "
-            "Their evaluation share is the fit's own.",
+            f"{', '.join(rebuilt)}. Their evaluation share is the fit's own.",
         ]
     lines += [
         "",
@@ -874,8 +862,7 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
             )
             lines.append(
                 f"| {s['label']} | {cond} | {fmt(paired(s, cur, cond, lambda x: x['test']['drift']), 3)} | "
-                f"{vf} | "
-                f"{fmt(paired(s, cur, cond, lambda x: x['test']['final_mean_loss']), 4)} | "
+                f"{vf} | {fmt(paired(s, cur, cond, lambda x: x['test']['final_mean_loss']), 4)} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['lora_peak'], True), 2, False)} | "
                 f"{fmt(paired(s, cur, cond, lambda x: x['crma_peak'], True), 2, False)} |"
             )
