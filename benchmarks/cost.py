@@ -10,31 +10,7 @@ without suffix elsewhere), whose header names the command that made it.
     python benchmarks/cost.py memory-plan [--steps 3] [--replan results/memory_plan.json]
     python benchmarks/cost.py render results/<name>.json   # the .md again from its record
 
-- ``step`` (``step_cost_<model>``): a training step inside ``train.py fit`` (FROZEN, MODULAR, FROZEN
-  unfused) against a plain PyTorch + peft loop (unfused, and on the framework's fused paths), LoRA r on
-  q/k/v/o, fp32, AdamW. A step is the interval between training-batch starts in steady state (median
-  over a run's steps; ``ResourceMonitor`` for the fits). Like for like, frozen / plain_fused and
-  frozen_unfused / plain are the framework's own overhead (target <= 1.03); frozen / plain is against
-  what a user writes (<= 1.05); MODULAR / FROZEN is CRMA's cost (<= 1.02).
-- ``overhead``: what CRMA adds to a LoRA step (forward + backward) in one process, and the Sinkhorn
-  projection's share (targets: <= 5 % on the tiny model, <= 2 % on SmolLM2-135M; projection <= 1 %).
-- ``methods`` (``methods_cost``): each preset's fit against FROZEN at the same batch: step time of the
-  tasks after the first, peak memory, the regularisers' task-end passes (TensorBoard
-  ``regularization/task_end_s``). Target: replay and EWC add at most 10 % to a step.
-- ``ddp``: DDP with 2 CPU processes (gloo) against 1 process on configs/tiny.yaml: the whole command's
-  wall time, the median interval between ``train/loss`` events, examples/s, the CPU we got.
-- ``long-sequence``: one fit over ``--tasks`` synthetic tasks; per finished task: step time, memory,
-  optimizer state, checkpoint size, each fitted against the task count (slope, k^2 coefficient).
-  tests/training/test_long_sequence.py checks its series.
-- ``memory-plan``: ``train.py plan`` against the measured peak of real SmolLM2 fits (memory_probe.py's
-  callback: the training steps' peak RSS less the process's baseline), run with
-  ``MALLOC_MMAP_THRESHOLD_=65536``: glibc otherwise keeps freed blocks under its dynamic mmap threshold
-  in its heap and the RSS grows to about twice the live tensors (MODULAR 8 x 128 held 3899 MiB against
-  1612 MiB); ``--default-malloc`` measures without it. Target: the plan within +-15 %.
-
-Variants run in interleaved rounds (harness.interleave: each round every variant once, rotating the
-first; other processes' CPU metered per round) and ratios are paired by round (harness.paired_ratio:
-median and bootstrap 95 % CI); a target is met when the whole CI lies under it.
+What each measures, its targets and how variants are compared: benchmarks/README.md (Cost).
 """
 
 from __future__ import annotations
@@ -972,7 +948,7 @@ def memory_plan_md(rec: dict) -> list[str]:
         "Measured: the fit's peak resident memory during its training steps less the process's baseline "
         "(benchmarks/memory_probe.py: the RSS after the data are set up and before the model is built; the "
         "checkpoint's mapped pages are paged out and the peak is reset when training starts, so loading "
-        f"leaves no transient in it), with {malloc} (benchmarks/cost.py's docstring). Static: the RSS when "
+        f"leaves no transient in it), with {malloc} (benchmarks/README.md, Cost). Static: the RSS when "
         "training starts less the baseline, against the plan's weights + adapters; with a float32 base it is "
         "low because that base is mapped from the converted checkpoint, paged out there, and faults back in "
         "during the first step (the NF4 base is quantised into ordinary memory).",
