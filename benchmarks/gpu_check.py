@@ -38,20 +38,8 @@ def run(out: Path, timeout: float, extra: list[str]) -> dict:
             "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
         }
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-m",
-            "gpu",
-            "tests/gpu/test_gpu.py",
-            "-q",
-            "-rA",
-            "-p",
-            "no:cacheprovider",
-            "--durations=0",
-            *extra,
-        ]
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu/test_gpu.py", "-q", "-rA"]
+        cmd += ["-p", "no:cacheprovider", "--durations=0", *extra]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         checks = json.loads(results.read_text()) if results.is_file() else {}
     lines = (proc.stdout + proc.stderr).strip().splitlines()
