@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from subproc import REPO, run_dir_of, run_train
 
+from crma_lightning.runs.record import read_record
 from crma_lightning.runs.rundir import read_matrix_csv
 
 #: Small runs: 64 training examples (4 global batches of 16 per epoch, 8 steps per task, 24 in
@@ -101,6 +102,8 @@ def fit_nodes(save_dir: Path, num_nodes: int, *args: str, timeout: int = 420) ->
         str(num_nodes),
         "--trainer.devices",
         "1",
+        "--record",
+        str(save_dir / "record.json"),  # written by global rank 0, on node 0
     ]
     logs = save_dir / "node_logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,7 @@ def fit_nodes(save_dir: Path, num_nodes: int, *args: str, timeout: int = 420) ->
     ]
     for r, res in enumerate(results):
         assert res.returncode == 0, f"node {r} (exit {res.returncode}): {res.stderr[-4000:]}"
+    results[0].record = read_record(save_dir / "record.json")
     return run_dir_of(results[0])
 
 
