@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from crma_lightning.runs.runinfo import RunInfo
 
 
-class TrainedRun(Protocol):
-    """What routing reads of a loaded run (:class:`crma_lightning.serve.TrainedRun`)."""
+class LoadedRun(Protocol):
+    """What routing reads of a loaded run (a :class:`crma_lightning.serve.TrainedRun`)."""
 
     info: RunInfo
     tasks: list[str]
@@ -108,7 +108,7 @@ class StatsRouter:
         )
         return self.lda.scores(feats.cpu())
 
-    def scores(self, run: TrainedRun, prompts: Sequence[list[int]], batch_size: int) -> Tensor:
+    def scores(self, run: LoadedRun, prompts: Sequence[list[int]], batch_size: int) -> Tensor:
         """``(N, K)`` discriminants of the prompts, in batches of ``batch_size``."""
         return torch.cat(
             [
@@ -127,7 +127,7 @@ class StatsRouter:
 
 
 def load_stats_router(
-    run: TrainedRun, shrinkage: float = DEFAULT_SHRINKAGE, tasks: Sequence[str] | None = None
+    run: LoadedRun, shrinkage: float = DEFAULT_SHRINKAGE, tasks: Sequence[str] | None = None
 ) -> StatsRouter:
     """The statistics router of ``tasks`` (default: every completed task) of ``run``; a
     :class:`ConfigError` that names the fix when statistics are missing, damaged, mixed, or were
@@ -149,7 +149,7 @@ def load_stats_router(
     return StatsRouter(tasks, {t: s for t, (s, _) in read.items()}, metas[tasks[0]], shrinkage)
 
 
-def check_routing(run: TrainedRun, router: str, threshold: float, fallback: str) -> None:
+def check_routing(run: LoadedRun, router: str, threshold: float, fallback: str) -> None:
     """One clear error for a routing option that cannot work."""
     if router not in ROUTERS:
         raise ConfigError(f"router must be one of {list(ROUTERS)}, got {router!r}")
@@ -162,7 +162,7 @@ def check_routing(run: TrainedRun, router: str, threshold: float, fallback: str)
 
 
 def build_routing_stats(
-    run: TrainedRun,
+    run: LoadedRun,
     tasks: Sequence[str] | None = None,
     *,
     layer: int | None = None,
