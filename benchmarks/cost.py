@@ -1,11 +1,10 @@
-"""The cost benchmarks, one script: what a step, CRMA, each method, DDP, a long task sequence and a
+"""The cost benchmarks, one script: what a step, CRMA, each method, a long task sequence and a
 fit's memory cost. Every subcommand writes ``benchmarks/results/<name>.{md,json}`` (``--out PATH``
 without suffix elsewhere), whose header names the command that made it.
 
     python benchmarks/cost.py step --model tiny|smollm2 [--batch 8 --seq 128 --steps 10 --rounds 6]
     python benchmarks/cost.py overhead [--models tiny,smollm2]
     python benchmarks/cost.py methods [--config configs/tiny.yaml --rounds 3] [-- train.py fit args]
-    python benchmarks/cost.py ddp [--rounds 2]
     python benchmarks/cost.py long-sequence [--tasks 30]
     python benchmarks/cost.py memory-plan [--steps 3] [--replan results/memory_plan.json]
     python benchmarks/cost.py render results/<name>.json   # the .md again from its record
@@ -665,94 +664,6 @@ def methods_md(rec: dict) -> list[str]:
     return lines
 
 
-# -- ddp ---------------------------------------------------------------------------------------
-DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp_find_unused_parameters_true"]
-#: variant -> (processes, threads, batch per process): 1 and 2 one process at 1 and 2 threads; ddp2_same
-#: the same global batch of 16 (strong scaling, the same trajectory); ddp2_double global 32 (weak).
-DDP_VARIANTS = {
-    "1proc_1thread": (1, 1, 16),
-    "1proc_2threads": (1, 2, 16),
-    "ddp2_same": (2, 1, 8),
-    "ddp2_double": (2, 1, 16),
-}
-
-
-def ddp_run(args: argparse.Namespace, name: str, tmp: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    procs, threads, batch = DDP_VARIANTS[name]
-    cli = ["--config", "configs/tiny.yaml", "--trainer.logger.init_args.save_dir", str(tmp / name)]
-    cli += ["--trainer.enable_checkpointing", "true", "--data.batch_size", str(batch), *DDP * (procs > 1)]
-    done = fit(name, cli, args, threads=threads, meter=True)
-    acc = EventAccumulator(str(done.run_dir))
-    acc.Reload()
-    times = [e.wall_time for e in acc.Scalars("train/loss")]
-    step_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
-    row = {
-        "variant": name,
-        "wall_s": done.wall_s,
-        "step_s": step_s,
-        "steps": len(times),
-        "examples_per_s": procs * batch / step_s,
-        "our_cpu_s": done.cpu_s,  # sampled every 0.2 s: misses at most the last 0.2 s of each process
-        "others_cpu_s": done.load.others_cpu_s,
-        "final_avg_loss": RunDir(done.run_dir).read_summary()["final_avg_loss"],
-    }
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def ddp(args: argparse.Namespace) -> dict:
-    """DDP with 2 CPU processes against 1 process on configs/tiny.yaml."""
-    names = args.variants.split(",")
-    with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
-        rounds = interleave({n: lambda n=n: ddp_run(args, n, Path(tmp)) for n in names}, args.rounds)
-    summary = {}
-    for name, rows in rounds.values.items():
-        procs, threads, batch = DDP_VARIANTS[name]
-
-        def med(f: Callable[[dict], float], rows=rows) -> float:
-            return statistics.median(f(x) for x in rows)
-
-        summary[name] = {
-            **{k: med(lambda x, k=k: x[k]) for k in ("wall_s", "step_s", "examples_per_s")},
-            "steps": rows[0]["steps"],
-            "others_cpu_s": med(lambda x: x["others_cpu_s"] or 0.0),
-            "cores_used": med(lambda x: x["our_cpu_s"] / x["wall_s"]),
-            "cpu_ms_per_example": med(lambda x, g=procs * batch: 1e3 * x["our_cpu_s"] / (x["steps"] * g)),
-            "final_avg_loss": rows[0]["final_avg_loss"],
-        }
-    return {"rounds": rounds.values, "summary": summary}
-
-
-def ddp_md(rec: dict) -> list[str]:
-    lines = header(
-        "DDP on CPU: 2 gloo processes vs 1 process (configs/tiny.yaml)",
-        rec["info"],
-        f"medians of {rec['args']['rounds']} interleaved rounds. The whole `train.py fit` (96 steps at "
-        "global batch 16, 3 tasks x 2 epochs, 4 evaluations of 3 holdout sets, adapter saves, checkpoints "
-        "every 10 steps)",
-    )
-    base = rec["summary"].get("1proc_1thread")
-    rows = []
-    for name, t in rec["summary"].items():
-        procs, threads, batch = DDP_VARIANTS[name]
-        speed = f"{t['examples_per_s'] / base['examples_per_s']:.2f}x" if base else "n/a"
-        rows.append(
-            [name, f"{procs} x {threads}", procs * batch, f"{t['wall_s']:.1f}", f"{t['step_s']:.4f}"]
-            + [
-                f"{t['examples_per_s']:.0f}",
-                speed,
-                f"{t['cores_used']:.2f}",
-                f"{t['cpu_ms_per_example']:.1f}",
-            ]
-            + [f"{t['others_cpu_s']:.0f}", f"{t['final_avg_loss']:.4f}"]
-        )
-    cols = ["variant", "processes x threads", "global batch", "wall s", "step s (median)", "examples/s"]
-    cols += ["vs 1 proc x 1 thread", "cores we got", "CPU ms / example", "others' CPU s", "final avg loss"]
-    return lines + table(cols, rows)
-
-
 # -- long sequence -----------------------------------------------------------------------------
 SERIES = {
     "step_s_median": "median step time, s",
@@ -996,7 +907,6 @@ METHODS_OPTIONS = [
     ("--methods", dict(default=",".join(PRESETS))),
     ("--rounds", dict(type=int, default=3)),
 ]
-DDP_OPTIONS = [("--rounds", dict(type=int, default=2)), ("--variants", dict(default=",".join(DDP_VARIANTS)))]
 LONG_SEQUENCE_OPTIONS = [("--tasks", dict(type=int, default=30))]
 MEMORY_PLAN_OPTIONS = [
     ("--steps", dict(type=int, default=3)),
@@ -1010,7 +920,6 @@ SUBCOMMANDS: dict[str, tuple[Callable, Callable, str | None, int, float, list]] 
     "step": (step, step_md, None, 2, 1200, STEP_OPTIONS),
     "overhead": (overhead, overhead_md, "overhead", 2, 0, OVERHEAD_OPTIONS),
     "methods": (methods, methods_md, "methods_cost", 1, 1800, METHODS_OPTIONS),
-    "ddp": (ddp, ddp_md, "ddp", 1, 600, DDP_OPTIONS),
     "long-sequence": (long_sequence, long_sequence_md, "long_sequence", 1, 1200, LONG_SEQUENCE_OPTIONS),
     "memory-plan": (memory_plan, memory_plan_md, "memory_plan", 2, 900, MEMORY_PLAN_OPTIONS),
 }

@@ -519,8 +519,6 @@ FIT_RECORD = "fit_args.json"
 """In ``<runs dir>/<name>``, beside its ``version_N`` folders: what the run was fitted with
 (:func:`fit_record`) and the commits its fit started or resumed at (:func:`resumable_fit`)."""
 
-ADOPT_LEGACY = "--adopt-legacy-runs"
-
 
 def config_paths(args: Sequence[str]) -> list[str]:
     """The files ``--config PATH`` / ``--config=PATH`` name in ``train.py`` arguments."""
@@ -556,55 +554,27 @@ def record_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return "; ".join(why) or "its record differs"
 
 
-def checked_record(
-    name: str,
-    root: Path,
-    args: Sequence[str],
-    adopt_legacy: bool = False,
-    fix: str = "use another runs_dir",
-) -> dict[str, Any]:
-    """The record of fitting ``args`` as run ``root`` (the stored one when a run is there). A finished
-    or resumable run made with other arguments is refused with one line naming ``root``, what differs and
-    ``fix`` (or deleting it); so is one without a record (made before records), unless
-    ``adopt_legacy``: then it is taken as made with ``args`` and its record written so."""
+def checked_record(name: str, root: Path, args: Sequence[str]) -> dict[str, Any]:
+    """The record of fitting ``args`` as run ``root`` (the stored one when a run is there to reuse or
+    resume). One made with other arguments, or with none recorded, is refused with one line."""
     new, file = fit_record(args), root / FIT_RECORD
     if finished_run(root) is None and not any(r.has_checkpoint() for r in versions(root)):
         return new  # nothing there to reuse or resume: a failed start's record is simply replaced
     if not file.is_file():
-        if not adopt_legacy:
-            raise SystemExit(
-                f"[{name}] {root} holds a run with no {FIT_RECORD} (made before runs recorded "
-                f"their arguments): {fix}, delete it, or pass {ADOPT_LEGACY} to reuse it as "
-                "made with these arguments"
-            )
-        print(f"[{name}] {root}: adopted as made with these arguments ({ADOPT_LEGACY})", flush=True)
-        atomic_write_json(file, new | {"adopted": utc_now(), "commits": []})
-        return new
+        raise SystemExit(
+            f"[{name}] {root} holds a run with no {FIT_RECORD}: use another runs_dir or delete it"
+        )
     old = json.loads(file.read_text())
     if old.get("digest") != new["digest"]:
         raise SystemExit(
             f"[{name}] {root} was fitted with other arguments ({record_difference(old, new)}): "
-            f"{fix} or delete it"
+            "use another runs_dir or delete it"
         )
     return old
 
 
-def run_commits(runs: Iterable[RunDir]) -> dict[str, list[str]]:
-    """Commit -> the runs (``<runs dir>/<name>``) whose fit started or resumed at it; ``unknown`` for a
-    run with no commit recorded (made before records, or adopted). For :func:`write_report`."""
-    out: dict[str, list[str]] = {}
-    for run in runs:
-        f = run.path.parent / FIT_RECORD
-        commits = (json.loads(f.read_text()).get("commits") if f.is_file() else None) or ["unknown"]
-        name = "/".join(run.path.parts[-3:-1])
-        for c in commits:
-            if name not in out.setdefault(c, []):
-                out[c].append(name)
-    return out
-
-
 def resumable_fit(
-    name: str, args: Sequence[str], runs_dir: Path, threads: int | None, adopt_legacy: bool = False
+    name: str, args: Sequence[str], runs_dir: Path, threads: int | None
 ) -> tuple[RunDir, float]:
     """``train.py fit ARGS`` as run ``runs_dir/name``, or what is left of it: a finished run there is
     reused and an interrupted one continues from its last checkpoint (so a killed benchmark resumes),
@@ -612,7 +582,7 @@ def resumable_fit(
     with one line). Returns the run and its training wall time, summed over attempts; a failed fit exits
     with its log's end."""
     root = runs_dir / name
-    record = checked_record(name, root, args, adopt_legacy)
+    record = checked_record(name, root, args)
     timing = root / "wall.json"
     spent = json.loads(timing.read_text())["wall_s"] if timing.is_file() else 0.0
     done = finished_run(root)

@@ -1,20 +1,22 @@
-"""Run one experiment file: its fits (reused when finished, resumed when interrupted), its record and report.
+"""Run one experiment file: its fits, one record per run, the experiment's record and report.
 
     python benchmarks/run.py benchmarks/experiments/reproduction.yaml [--jobs 2 --threads 1]
 
 An experiment file (benchmarks/experiments/*.yaml) is data: ``kind`` (reproduction, methods,
 standard_cl, recipe), the base ``config`` file(s), the ``methods`` (presets configs/methods/<name>.yaml),
 ``seeds``, ``fit_args`` for every ``train.py fit`` (sizes, override files), ``task_id`` (``both``:
-also evaluate without the task id), a knob ``grid`` (methods: every value at the first seed, the
-lowest final average validation loss kept), ``reuse`` (methods: another experiment whose finished runs
-of the same method and seed are taken), ``compare`` (reproduction: other records' MODULAR runs as a
-variant), ``runs_dir`` and ``out`` (the record, ``.json``; benchmarks/report.py renders ``.md`` and
-``.png`` beside it). A recipe experiment names other experiment files (``current``, ``settings``) and
-runs each before setting them side by side.
+also evaluate without the task id), a knob ``grid`` (every value at the first seed, the best on
+validation kept), ``compare`` (reproduction: other records' MODULAR runs as a variant), ``runs_dir``
+(run directories), ``records`` (one record per run; default ``runs/<experiment>`` beside ``out``) and
+``out`` (the experiment's record, ``.json``; benchmarks/report.py renders ``.md`` and ``.png`` beside
+it). A recipe experiment names other experiment files (``current``, ``settings``) and runs each first.
 
-Every fit is one ``train.py fit`` subprocess, run as ``<runs_dir>/<method>[_<knob>=<value>]_s<seed>``
-by ``harness.resumable_fit``: a finished run is reused, an interrupted one resumes from its last
-checkpoint, and a run fitted with other arguments or edited config files is refused with one line.
+Each run (``<method>[_<knob>=<value>]_s<seed>``) is fitted once. When it finishes, its compact record
+(``crma_lightning.runs.record.compact``: every matrix and summary, the config, the digest of its
+arguments and config files, the commits, wall time by phase) is written to ``records`` and committed;
+from then on the run is read from its record, on any machine, and its run directory is not needed. An
+interrupted fit resumes from its last checkpoint (``harness.resumable_fit``); a record or run made with
+other arguments is refused with one line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,23 +32,24 @@ from pathlib import Path
 import numpy as np
 import yaml
 from harness import (
-    ADOPT_LEGACY,
     FIT_RECORD,
     REPO,
-    checked_record,
-    finished_run,
+    fit_record,
+    machine,
     machine_line,
+    record_difference,
     repo_relative,
     resumable_fit,
     run_all,
-    run_commits,
     run_info,
-    train_fit,
+    utc_now,
     write_record,
 )
 from report import KNOBS, METHODS, extra_of, render, summarise
 
+from crma_lightning.core.atomic import atomic_write_json
 from crma_lightning.evaluation import metrics as clm
+from crma_lightning.runs.record import RecordedRun, compact
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, LOSS_MATRIX, RunDir, init_args, matrix_name
 from crma_lightning.serve import load_run
 
@@ -60,7 +64,9 @@ def load_experiment(path: str | Path) -> dict:
         exp["config"] = [exp["config"]] if isinstance(exp["config"], str) else list(exp["config"])
         if unknown := sorted(set(exp["methods"]) - set(METHODS)):
             raise SystemExit(f"{path}: unknown methods {unknown}; the presets are {list(METHODS)}")
-    return exp | {"path": repo_relative(path)}
+    # beside the experiment's record: benchmarks/results/runs/<experiment> for the committed experiments
+    records = exp.get("records") or str(Path(exp["out"]).parent / "runs" / Path(path).stem)
+    return exp | {"path": repo_relative(path), "records": records}
 
 
 # -- fits --------------------------------------------------------------------------------------
@@ -89,50 +95,81 @@ def run_name(method: str, value: float | None, seed: int) -> str:
 
 
 class Runner:
+    """Fits an experiment's runs, each once: a run whose record is in ``records`` is read from it, never
+    fitted again; otherwise it is fitted (resumed when interrupted) and its record written, and
+    committed when it lies in this repository (``--no-commit``: not)."""
+
     def __init__(self, exp: dict, args: argparse.Namespace) -> None:
         self.exp, self.args = exp, args
         self.runs_dir = (REPO / exp["runs_dir"]).resolve()
-        self.reuse = load_experiment(REPO / exp["reuse"]) if exp.get("reuse") else None
+        self.records = (REPO / exp["records"]).resolve()
 
-    def fit(self, key: tuple[str, float | None, int]) -> tuple[RunDir, float]:
+    def fit(self, key: tuple[str, float | None, int]) -> RecordedRun:
         method, value, seed = key
-        if self.reuse and method in self.reuse["methods"] and value is None:
-            src = (REPO / self.reuse["runs_dir"]).resolve() / f"{method}_s{seed}"
-            # only a run fitted with this experiment's config files and fit_args is taken
-            checked_record(
-                f"{method}_s{seed}",
-                src,
-                fit_args({**self.exp, "task_id": None}, method, seed),
-                self.args.adopt_legacy_runs,
-                fix="point reuse at an experiment of these config files and fit_args, leave reuse out",
-            )
-            if (run := finished_run(src)) is not None:
-                return self.with_blind_test(run), json.loads((src / "wall.json").read_text())["wall_s"]
-        args = fit_args(self.exp, method, seed, value)
-        return resumable_fit(
-            run_name(*key), args, self.runs_dir, self.args.threads, self.args.adopt_legacy_runs
-        )
-
-    def with_blind_test(self, run: RunDir) -> RunDir:
-        """A reused run, with its test matrices without the task id rebuilt from its adapters once."""
-        if not run.matrix_file(matrix_name("loss", no_task_id=True), "test").is_file():
-            print(f"[reuse] train.py test --run {run.path} --task-id both", flush=True)
-            done = train_fit(
-                ["--run", str(run.path), "--split", "test", "--task-id", "both"],
-                command="test",
-                threads=self.args.threads,
-                log=run.path.parent / "test.log",
-            )
-            if done.rc != 0:
-                raise SystemExit(f"train.py test --run {run.path} failed (exit {done.rc}):\n{done.tail}")
-        return run
+        name, args = run_name(*key), fit_args(self.exp, method, seed, value)
+        path, fitted = self.records / f"{name}.json", fit_record(args)
+        if path.is_file():
+            rec = RecordedRun.load(path)
+            if rec.rec["fit"]["digest"] != fitted["digest"]:
+                raise SystemExit(
+                    f"[{name}] {repo_relative(path)} was fitted with other arguments "
+                    f"({record_difference(rec.rec['fit'], fitted)}): delete the record to fit it again, "
+                    "or give the experiment another `records` folder"
+                )
+            print(f"[{name}] recorded: {repo_relative(path)}", flush=True)
+            return rec
+        run, wall = resumable_fit(name, args, self.runs_dir, self.args.threads)
+        summary = run.read_summary()
+        extra = {
+            "name": name,
+            "experiment": self.exp["path"],
+            "fit": fitted,
+            "commits": json.loads((run.path.parent / FIT_RECORD).read_text())["commits"],
+            "date": utc_now(),
+            "machine": f"{machine_line(machine())}; {self.args.threads} thread(s) per run, "
+            f"{self.args.jobs} at a time",
+            # training is the rest: setup, steps, checkpoints
+            "wall_s": {"total": wall, "evaluation": summary["evaluation_s"]},
+            # train.log gets Lightning's restore line whenever a run continued from a checkpoint
+            "resumed": "Restored all states" in (run.path.parent / "train.log").read_text(errors="replace"),
+        }
+        if self.exp["kind"] == "reproduction" and summary.get("spectral_max_sigma") is not None:
+            extra["crma_ablation"] = crma_ablation(run, "test")
+        atomic_write_json(path, compact(run, **extra))
+        if path.is_relative_to(REPO) and not self.args.no_commit:
+            git = ["git", "-C", str(REPO)]
+            subprocess.run([*git, "add", "--", str(path)], check=True)
+            message = f"Run record {repo_relative(path)}: {name} fitted in {wall:.0f} s"
+            subprocess.run([*git, "commit", "-q", "-m", message, "--", str(path)], check=True)
+        return RecordedRun.load(path)
 
     def all(self, keys: list) -> dict:
         return dict(zip(keys, run_all(self.fit, keys, self.args.jobs), strict=True))
 
 
+def crma_ablation(run: RunDir, split: str) -> dict[str, list[float]]:
+    """The run as served (``serve.load_run``): every task's loss on ``split`` with CRMA on and off."""
+    served = load_run(run.path)
+    dm = served.info.datamodule()
+    return {
+        mode: [served.holdout_loss(t, crma=mode == "on", dm=dm, split=split) for t in served.tasks]
+        for mode in ("on", "off")
+    }
+
+
+def record_commits(runs: list[RecordedRun]) -> dict[str, list[str]]:
+    """Commit -> the runs fitted (or resumed) at it, for the experiment record's ``code`` line."""
+    out: dict[str, list[str]] = {}
+    for run in runs:
+        for c in run.rec.get("commits") or ["unknown"]:
+            out.setdefault(c, []).append(run.rec["name"])
+    return out
+
+
 # -- the reproduction --------------------------------------------------------------------------
-def collect(runs: dict[tuple[str, int], RunDir], conditions: list[str], seeds: list[int], split: str) -> dict:
+def collect(
+    runs: dict[tuple[str, int], RecordedRun], conditions: list[str], seeds: list[int], split: str
+) -> dict:
     """The reproduction's numbers from the runs' loss matrices on ``split``."""
     loss = {key: run.read_matrix(split=split).values for key, run in runs.items()}
     first = runs[next(iter(runs))].read_matrix(split=split)
@@ -174,16 +211,9 @@ def collect(runs: dict[tuple[str, int], RunDir], conditions: list[str], seeds: l
     return res
 
 
-def ablation(runs: dict[tuple[str, int], RunDir], seeds: list[int], split: str) -> dict:
-    """Each MODULAR run as served (``serve.load_run``), every task's loss with CRMA on and off."""
-    abl = {}
-    for s in seeds:
-        served = load_run(runs[("modular", s)].path)
-        dm = served.info.datamodule()
-        abl[s] = {
-            mode: [served.holdout_loss(t, crma=mode == "on", dm=dm, split=split) for t in served.tasks]
-            for mode in ("on", "off")
-        }
+def ablation(runs: dict[tuple[str, int], RecordedRun], seeds: list[int], split: str) -> dict:
+    """Each MODULAR run's recorded losses with CRMA on and off at inference (:func:`crma_ablation`)."""
+    abl = {s: runs[("modular", s)].rec["crma_ablation"] for s in seeds}
     last = {s: runs[("modular", s)].read_matrix(split=split).values[-1] for s in seeds}
     return {
         "per_seed": abl,
@@ -224,7 +254,7 @@ def compare_variant(label: str, path: str, res: dict) -> dict:
     }
 
 
-def settings(run: RunDir, exp: dict) -> dict:
+def settings(run: RecordedRun, exp: dict) -> dict:
     """The protocol as the record states it, read from a run's own config."""
     cfg = run.read_config()
     d, m, t = init_args(cfg["data"]), init_args(cfg["model"]), cfg["trainer"]
@@ -284,11 +314,11 @@ def settings(run: RunDir, exp: dict) -> dict:
     }
 
 
-def reproduction(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RunDir]]:
+def reproduction(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RecordedRun]]:
     conditions, seeds = list(exp["methods"]), list(exp["seeds"])
     keys = [(c, s) for s in seeds for c in conditions]  # seed-major: the first seed's runs finish first
     done = runner.all([(c, None, s) for c, s in keys])
-    runs = {(c, s): run for (c, _, s), (run, _) in done.items()}
+    runs = {(c, s): run for (c, _, s), run in done.items()}
     res = collect(runs, conditions, seeds, "test")
     # where the settings (the CRMA learning rates: compare) were chosen; test is reported
     val = collect(runs, conditions, seeds, "validation")
@@ -305,21 +335,16 @@ def reproduction(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RunD
         "machine": f"{machine_line(info['machine'])}; {runner.args.threads} thread(s) per run",
         "model": first.read_summary()["base_model"],
         "settings": settings(first, exp),
-        "wall_s": {run_name(c, v, s): w for (c, v, s), (_, w) in done.items()},
-        # train.log gets Lightning's restore line whenever a run continued from a checkpoint
-        "resumed": [
-            f"{c}_s{s}"
-            for c, s in keys
-            if "Restored all states" in (runs[(c, s)].path.parent / "train.log").read_text(errors="replace")
-        ],
+        "wall_s": {run.rec["name"]: run.rec["wall_s"]["total"] for run in runs.values()},
+        "resumed": [run.rec["name"] for run in runs.values() if run.rec["resumed"]],
         "figure": Path(exp["out"]).with_suffix(".png").name,
     }
     return {"protocol": protocol, "results": res}, list(runs.values())
 
 
 # -- the methods table and the standard CL benchmark -------------------------------------------
-def loss_numbers(run: RunDir, split: str, no_task_id: bool = False) -> dict | None:
-    if not run.matrix_file(matrix_name("loss", no_task_id), split).is_file():
+def loss_numbers(run: RecordedRun, split: str, no_task_id: bool = False) -> dict | None:
+    if not run.has_matrix(matrix_name("loss", no_task_id), split):
         return None
     L = run.read_matrix(matrix_name("loss", no_task_id), split).values
     # on the loss, BWT and forgetting with the accuracy's sign: negative BWT = earlier losses went up
@@ -332,12 +357,14 @@ def loss_numbers(run: RunDir, split: str, no_task_id: bool = False) -> dict | No
     }
 
 
-def routing_acc(run: RunDir) -> float | None:
-    f = run.matrix_file(matrix_name("routing_accuracy", no_task_id=True), "test")
-    return float(np.nanmean(run.read_matrix(f.stem, "test").values[-1])) if f.is_file() else None
+def routing_acc(run: RecordedRun) -> float | None:
+    name = matrix_name("routing_accuracy", no_task_id=True)
+    return (
+        float(np.nanmean(run.read_matrix(name, "test").values[-1])) if run.has_matrix(name, "test") else None
+    )
 
 
-def loss_scores(run: RunDir, wall_s: float) -> dict:
+def loss_scores(run: RecordedRun) -> dict:
     test = run.read_summary("test")
     return {
         "test": loss_numbers(run, "test"),
@@ -346,13 +373,13 @@ def loss_scores(run: RunDir, wall_s: float) -> dict:
         "no_task_id": test.get("no_task_id", {}).get("routing"),
         "routing_acc": routing_acc(run),
         "rebuilt": bool(test.get("rebuilt_from_adapters")),
-        "wall_s": wall_s,
+        "wall_s": run.rec["wall_s"]["total"],
         "evaluation_s": run.read_summary()["evaluation_s"],
-        "run": "/".join(run.path.parts[-3:]),
-    }  # fmt: skip  (<runs dir>/<name>/version_N: no machine path)
+        "run": run.rec["name"],
+    }
 
 
-def accuracy_scores(run: RunDir, wall_s: float) -> dict:
+def accuracy_scores(run: RecordedRun) -> dict:
     summary, acc = run.read_summary("test"), run.read_matrix(ACCURACY_MATRIX, "test")
     blind = summary.get("no_task_id", {})
     return {
@@ -369,11 +396,19 @@ def accuracy_scores(run: RunDir, wall_s: float) -> dict:
         "router": blind.get("router"),
         "rebuilt": bool(summary.get("rebuilt_from_adapters")),
         "val_avg_acc": run.read_summary()["final_avg_accuracy"],
-        "wall_s": wall_s,
+        "wall_s": run.rec["wall_s"]["total"],
+        "final_row_no_task_id": row_of(run, matrix_name("accuracy", no_task_id=True), -1),
+        "general": summary.get("general_drift"),
+        # the final row's per-example scores (``examples``: task -> 0/1 ...), for paired intervals
+        "examples": summary.get("final_examples"),
     }
 
 
-def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RunDir]]:
+def row_of(run: RecordedRun, name: str, k: int) -> list[float] | None:
+    return run.read_matrix(name, "test").values[k].tolist() if run.has_matrix(name, "test") else None
+
+
+def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RecordedRun]]:
     methods, seeds, grid = list(exp["methods"]), list(exp["seeds"]), exp.get("grid") or {}
     # the selection seed first (every grid value), then the other seeds at the kept values
     first = [(m, v, seeds[0]) for m in methods for v in grid.get(m, [None])]
@@ -382,8 +417,10 @@ def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Run
     def kept(m: str) -> float | None:
         if m not in grid:
             return None
-        val = [loss_numbers(runs[(m, v, seeds[0])][0], "validation")["final_avg_loss"] for v in grid[m]]
-        return grid[m][int(np.argmin(val))]
+        cands = [runs[(m, v, seeds[0])] for v in grid[m]]
+        if exp["kind"] == "standard_cl":  # the highest final average validation accuracy
+            return grid[m][int(np.argmax([r.read_summary()["final_avg_accuracy"] for r in cands]))]
+        return grid[m][int(np.argmin([loss_numbers(r, "validation")["final_avg_loss"] for r in cands]))]
 
     value = {m: kept(m) for m in methods}
     runs |= runner.all([(m, value[m], s) for s in seeds[1:] for m in methods])
@@ -391,9 +428,10 @@ def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Run
     res: dict = {"seeds": seeds, "methods": {}}
     for m in methods:
         res["methods"][m] = {
-            "per_seed": {s: scores(*runs[(m, value[m], s)]) for s in seeds},
+            "per_seed": {s: scores(runs[(m, value[m], s)]) for s in seeds},
+            "value": value[m],
         }
-    any_run = runs[first[0]][0]
+    any_run = runs[first[0]]
     at_a_time = f"{runner.args.threads} thread(s) per run, {runner.args.jobs} at a time"
     protocol = {
         "command": info["command"],
@@ -401,7 +439,7 @@ def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Run
         "extra": [str(a) for a in exp.get("fit_args", [])],
         "machine": f"{machine_line(info['machine'])}; {at_a_time}",
         "settings": settings(any_run, exp),
-        "wall_s": {run_name(*k): w for k, (_, w) in runs.items()},
+        "wall_s": {run_name(*k): run.rec["wall_s"]["total"] for k, run in runs.items()},
     }
     if exp["kind"] == "standard_cl":
         d = init_args(any_run.read_config()["data"])
@@ -411,10 +449,9 @@ def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Run
     else:
         res |= {"select_seed": seeds[0], "tasks": any_run.read_matrix(LOSS_MATRIX, "test").tasks, "grid": {}}
         for m in methods:
-            res["methods"][m]["value"] = value[m]
             if m in grid:
-                res["grid"][m] = {str(v): loss_scores(*runs[(m, v, seeds[0])]) for v in grid[m]}
-    return {"protocol": protocol, "results": res}, [run for run, _ in runs.values()]
+                res["grid"][m] = {str(v): loss_scores(runs[(m, v, seeds[0])]) for v in grid[m]}
+    return {"protocol": protocol, "results": res}, list(runs.values())
 
 
 # -- one experiment ----------------------------------------------------------------------------
@@ -447,7 +484,7 @@ def run_experiment(path: str | Path, args: argparse.Namespace, argv: list[str]) 
         data, runs = (reproduction if exp["kind"] == "reproduction" else methods_table)(exp, runner, info)
         if exp["kind"] != "reproduction":
             data["protocol"]["invocation_wall_s"] = time.perf_counter() - start  # reused runs count 0
-        record, commits = {"experiment": exp["path"], **data}, run_commits(runs)
+        record, commits = {"experiment": exp["path"], **data}, record_commits(runs)
     write_record(out, record, commits)
     print(f"wrote {out}, {render(out)}")
     return out
@@ -461,12 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         "--jobs", type=int, default=1, help="fits at a time (e.g. --jobs 2 --threads 1 on 2 cores)"
     )
     p.add_argument("--threads", type=int, help="OMP threads per fit (default: cores / jobs)")
-    p.add_argument(
-        ADOPT_LEGACY,
-        action="store_true",
-        help=f"reuse finished runs that have no {FIT_RECORD} (made "
-        "before runs recorded their arguments) as made with the experiment's arguments",
-    )
+    p.add_argument("--no-commit", action="store_true", help="write the run records, do not commit them")
     args = p.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     run_experiment(args.experiment, args, argv)

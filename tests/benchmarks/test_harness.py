@@ -1,9 +1,10 @@
-"""benchmarks/harness.py never mixes old runs into a new report silently: a run is reused (or resumed)
-only when it was fitted with the same arguments and ``--config`` files' contents, and every report
-names the commit it was written at and the commits its runs were fitted at.
+"""benchmarks/run.py and harness.py never mix old runs into a new report silently, and never fit a
+finished run again: a run's record is reused (an interrupted run resumed) only when it was fitted with
+the same arguments and ``--config`` files' contents, and every report names the commit it was written
+at and the commits its runs were fitted at.
 
 One real ``train.py fit`` of configs/tiny.yaml (a copy, to edit), through ``benchmarks/run.py`` and a
-reproduction experiment file in this process, then reruns that must refuse it or reuse it.
+reproduction experiment file in this process, then reruns that must refuse it or read its record.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from subproc import REPO
@@ -53,90 +55,74 @@ def test_code_commit_marks_uncommitted_changes_to_tracked_files(tmp_path):
     assert harness.code_commit(tmp_path) == f"{head}-dirty"
 
 
-def test_a_rerun_with_other_arguments_or_an_edited_config_refuses_the_old_run(tmp_path, capsys, script_env):
+def test_a_finished_run_is_read_from_its_record_and_never_fitted_again(tmp_path, capsys, script_env):
     import run
 
     config, runs, out = tmp_path / "tiny.yaml", tmp_path / "runs", tmp_path / "repro.md"
+    records = tmp_path / "records"
     shutil.copy(REPO / "configs/tiny.yaml", config)
-    root = runs / "naive_s0"
     exp = {
         "kind": "reproduction",
         "config": str(config),
         "methods": ["naive"],
         "seeds": [0],
         "runs_dir": str(runs),
+        "records": str(records),
         "out": str(out.with_suffix(".json")),
     }
+    path = tmp_path / "repro.yaml"
 
-    def experiment(name: str, **fields) -> str:
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(fields))
-        return str(path)
+    def repro(*fit: str) -> None:
+        path.write_text(yaml.safe_dump({**exp, "fit_args": [*SIZES, *fit]}))
+        run.main([str(path), "--threads", "1"])
 
-    def repro(*fit: str, ours: tuple[str, ...] = ()) -> None:
-        run.main([experiment("repro", **exp, fit_args=[*SIZES, *fit]), "--threads", "1", *ours])
-
-    def refused(*fit: str, ours: tuple[str, ...] = ()) -> str:
+    def refused(*fit: str) -> str:
         with pytest.raises(SystemExit) as e:
-            repro(*fit, ours=ours)
+            repro(*fit)
         msg = str(e.value.code)
         assert "\n" not in msg, msg  # one line
         return msg
 
     repro()  # the one fit
-    # other arguments after --: refused, nothing fitted
-    assert refused("--data.batch_size", "8") == (
-        f"[naive_s0] {root} was fitted with other arguments (arguments were `(none)`, now "
-        "`--data.batch_size 8`): use another runs_dir or delete it"
-    )
-    # the same arguments, but the config file's contents edited
-    config.write_text(config.read_text().replace("lora: 0.01", "lora: 0.02"))
-    assert refused() == (
-        f"[naive_s0] {root} was fitted with other arguments ({config} edited): use another runs_dir or "
-        "delete it"
-    )
-    # a methods experiment reuses the reproduction's runs only when they ran this config and these arguments
-    with pytest.raises(SystemExit) as e:
-        methods = {
-            **exp,
-            "kind": "methods",
-            "task_id": "both",
-            "fit_args": SIZES,
-            "reuse": experiment("repro", **exp, fit_args=SIZES),
-            "runs_dir": str(tmp_path / "methods"),
-            "out": str(tmp_path / "methods.json"),
-        }
-        run.main([experiment("methods", **methods), "--threads", "1"])
-    msg = str(e.value.code)
-    assert msg.startswith(f"[naive_s0] {root} was fitted with other arguments ({config} edited): ")
-    assert "point reuse at" in msg and not (tmp_path / "methods").exists()
-
-    # the same arguments and config: reused, not fitted again
-    shutil.copy(REPO / "configs/tiny.yaml", config)
-    capsys.readouterr()
-    repro()
-    assert "[naive_s0] already finished" in capsys.readouterr().out
-    assert [p.name for p in root.glob("version_*")] == ["version_0"]
-    # the run's record: its arguments and the commit its fit started at
+    record = json.loads((records / "naive_s0.json").read_text())
     head = git("rev-parse", "HEAD")
-    record = json.loads((root / harness.FIT_RECORD).read_text())
-    assert record["args"] == run.fit_args({**exp, "config": [str(config)], "fit_args": SIZES}, "naive", 0)
+    # the record: what the run was fitted with, at which commit, how long each phase took, its results
+    assert record["fit"]["args"] == run.fit_args(
+        {**exp, "config": [str(config)], "fit_args": SIZES}, "naive", 0
+    )
     (commit,) = record["commits"]
     assert commit.removesuffix("-dirty") == head
+    assert record["wall_s"]["total"] > record["wall_s"]["evaluation"] > 0
+    assert {"loss_matrix", "accuracy_matrix"} <= set(record["splits"]["test"]["matrices"])
+    # the run directory can go (a new machine): the report is rebuilt from the record alone
+    shutil.rmtree(runs)
+    capsys.readouterr()
+    repro()
+    assert "[naive_s0] recorded:" in capsys.readouterr().out and not runs.exists()
+    res = json.loads(out.with_suffix(".json").read_text())
+    loss = np.array(record["splits"]["test"]["matrices"]["loss_matrix"]["values"])
+    assert res["results"]["final_loss"]["naive"]["per_seed"] == [loss[-1].tolist()]
     # the report names the commit it was written at and the one its run was fitted at
-    code = json.loads(out.with_suffix(".json").read_text())["code"]
-    assert code["commit"].removesuffix("-dirty") == head
-    assert code["run_commits"] == {commit: ["runs/naive_s0"]}
+    assert res["code"]["commit"].removesuffix("-dirty") == head
+    assert res["code"]["run_commits"] == {commit: ["naive_s0"]}
     last = out.read_text().splitlines()[-1]
-    assert last == f"Code: written at commit `{code['commit']}`; its 1 run(s) were fitted at `{commit}`."
-
-    # a run from before records: refused, unless adopted (then recorded as made with these arguments)
-    (root / harness.FIT_RECORD).unlink()
-    msg = refused()
-    assert msg.startswith(f"[naive_s0] {root} holds a run with no fit_args.json")
-    assert "--adopt-legacy-runs" in msg
-    repro(ours=("--adopt-legacy-runs",))
-    assert json.loads((root / harness.FIT_RECORD).read_text())["digest"] == record["digest"]
-    code = json.loads(out.with_suffix(".json").read_text())["code"]
-    assert code["run_commits"] == {"unknown": ["runs/naive_s0"]}
-    repro()  # adopted: reused from now on without the flag
+    assert (
+        last == f"Code: written at commit `{res['code']['commit']}`; its 1 run(s) were fitted at `{commit}`."
+    )
+    # other arguments after --, or the config file's contents edited: refused, nothing fitted
+    rel = harness.repo_relative(records / "naive_s0.json")
+    assert refused("--data.batch_size", "8") == (
+        f"[naive_s0] {rel} was fitted with other arguments (arguments were `(none)`, now "
+        "`--data.batch_size 8`): delete the record to fit it again, or give the experiment another "
+        "`records` folder"
+    )
+    config.write_text(config.read_text().replace("lora: 0.01", "lora: 0.02"))
+    assert refused().startswith(f"[naive_s0] {rel} was fitted with other arguments ({config} edited)")
+    assert not runs.exists()
+    # an interrupted run directory made with other arguments is not resumed either
+    (records / "naive_s0.json").unlink()
+    (runs / "naive_s0" / "version_0" / "checkpoints").mkdir(parents=True)
+    (runs / "naive_s0" / "version_0" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert refused() == (
+        f"[naive_s0] {runs / 'naive_s0'} holds a run with no fit_args.json: use another runs_dir or delete it"
+    )

@@ -110,12 +110,12 @@ def test_reproduction_on_the_tiny_model(tmp_path):
     assert (tmp_path / "repro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun reuses the finished runs (a killed reproduction resumes) and reports the same numbers
     proc = reproduce(tmp_path)
-    assert proc.stdout.count("already finished") == 6
+    assert proc.stdout.count("recorded:") == 6 and "train.py fit" not in proc.stdout
     again = json.loads((tmp_path / "repro.json").read_text())["results"]
     assert again["drift"] == res["drift"] and again["ablation"] == res["ablation"]
-    # the report lists the commit(s) its runs were fitted at (harness.run_commits)
+    # the report lists the commit(s) its runs were fitted at, from their records
     assert fitted_at(tmp_path / "repro.json") == {
-        f"runs/{c}_s{s}" for c in res["conditions"] for s in res["seeds"]
+        f"{c}_s{s}" for c in res["conditions"] for s in res["seeds"]
     }
     recipe_report_pairs_a_setting_with_the_reproduction(tmp_path, res)
 
@@ -142,7 +142,7 @@ def recipe_report_pairs_a_setting_with_the_reproduction(tmp_path: Path, current:
         )
     )
     proc = bench(recipe)
-    assert proc.stdout.count("already finished") == 6  # the reproduction's runs reused, PiSSA's fitted
+    assert proc.stdout.count("recorded:") == 6  # the reproduction's runs read from records, PiSSA's fitted
     out = tmp_path / "recipe.md"
     cur, pissa = json.loads((tmp_path / "recipe.json").read_text())["settings"]
     assert pissa["override"].endswith("--config configs/recipe/pissa.yaml")
@@ -175,26 +175,21 @@ def recipe_report_pairs_a_setting_with_the_reproduction(tmp_path: Path, current:
     ):
         assert heading in md, heading
     assert (tmp_path / "recipe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {"current recipe: runs/naive_s0", "PiSSA: pissa_runs/modular_s1"} <= fitted_at(
-        tmp_path / "recipe.json"
-    )
+    assert {"current recipe: naive_s0", "PiSSA: modular_s1"} <= fitted_at(tmp_path / "recipe.json")
 
 
 @pytest.mark.slow
-def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tmp_path):
-    repro = experiment(tmp_path, "repro", methods=["naive", "frozen"], seeds=[0], runs="repro_runs")
-    bench(repro)
+def test_methods_comparison_selects_on_validation(tmp_path):
     runs = tmp_path / "runs"
     methods = experiment(
         tmp_path,
         "methods",
         kind="methods",
-        methods=["naive", "frozen", "ewc"],
+        methods=["frozen", "ewc"],
         task_id="both",
         grid={"ewc": [1000.0, 10000.0]},
-        reuse=str(repro),
     )
-    proc = bench(methods)
+    bench(methods)
     res = json.loads((tmp_path / "methods.json").read_text())["results"]
 
     def matrix(run: Path, split: str, blind: bool = False) -> np.ndarray:
@@ -215,33 +210,23 @@ def test_methods_comparison_selects_on_validation_and_reuses_the_reproduction(tm
     ewc = res["methods"]["ewc"]
     assert ewc["value"] == min(grid, key=grid.get)
     for seed, p in ewc["per_seed"].items():  # test numbers recomputed from each run's own test matrix
-        loss = matrix(runs.parent / p["run"], "test")
-        assert p["run"].split("/")[:2] == ["runs", f"ewc_weight={ewc['value']:g}_s{seed}"]
+        assert p["run"] == f"ewc_weight={ewc['value']:g}_s{seed}"
+        loss = matrix(next((runs / p["run"]).glob("version_*")), "test")
         assert p["test"]["final_avg_loss"] == pytest.approx(clm.final_avg_loss(loss), abs=1e-12)
         assert p["test"]["drift_pct"] == pytest.approx(clm.drift_pct(loss), abs=1e-12)
         assert p["test"]["bwt"] == pytest.approx(-clm.bwt(loss), abs=1e-12)
         # a shared LoRA serves every input as it is: without the task id nothing changes
         assert p["no_task_id"] == "shared"
         assert p["test_no_task_id"]["final_avg_loss"] == pytest.approx(p["test"]["final_avg_loss"], abs=1e-6)
-    # Reused: seed 0 from the reproduction (its no-task-id test matrices rebuilt once), seed 1 fitted here
-    for method, cond in (("naive", "naive"), ("frozen", "frozen")):
-        ps = res["methods"][method]["per_seed"]
-        assert ps["0"]["run"].split("/")[:2] == ["repro_runs", f"{cond}_s0"] and ps["0"]["rebuilt"]
-        assert ps["1"]["run"].split("/")[:2] == ["runs", f"{method}_s1"] and not ps["1"]["rebuilt"]
-        blind = matrix(tmp_path / ps["0"]["run"], "test", blind=True)
-        assert ps["0"]["test_no_task_id"]["final_avg_loss"] == pytest.approx(
-            clm.final_avg_loss(blind), abs=1e-12
-        )
-    assert res["methods"]["frozen"]["per_seed"]["1"]["routing_acc"] is not None
-    assert proc.stdout.count("[reuse] train.py test") == 2
-    reused, fitted = (
-        {"repro_runs/naive_s0", "repro_runs/frozen_s0"},
-        {"runs/naive_s1", "runs/ewc_weight=1000_s0"},
-    )
-    assert reused | fitted <= fitted_at(tmp_path / "methods.json")
+    frozen = res["methods"]["frozen"]["per_seed"]["1"]
+    assert frozen["routing_acc"] is not None and frozen["no_task_id"] == "route"
+    assert fitted_at(tmp_path / "methods.json") == {"frozen_s0", "frozen_s1", "ewc_weight=1000_s0"} | {
+        "ewc_weight=10000_s0",
+        f"ewc_weight={ewc['value']:g}_s1",
+    }
     md = (tmp_path / "methods.md").read_text()
     for heading in ("Results (test split)", "The selection (seed 0)", "weight = 10000", "Protocol"):
         assert heading in md, heading
-    # a rerun reuses everything: nothing is fitted or rebuilt again
+    # a rerun reads every run from its record: nothing is fitted again
     again = bench(methods)
-    assert "[reuse] train.py test" not in again.stdout and "train.py fit" not in again.stdout
+    assert "train.py fit" not in again.stdout and again.stdout.count("recorded:") == 5
