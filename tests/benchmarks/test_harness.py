@@ -24,6 +24,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import harness  # noqa: E402
 
+from crma_lightning.runs.record import RecordedRun  # noqa: E402
+from crma_lightning.runs.rundir import RunDir  # noqa: E402
+
 SIZES = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
 
 
@@ -94,6 +97,16 @@ def test_a_finished_run_is_read_from_its_record_and_never_fitted_again(tmp_path,
     assert commit.removesuffix("-dirty") == head
     assert record["wall_s"]["total"] > record["wall_s"]["evaluation"] > 0
     assert {"loss_matrix", "accuracy_matrix"} <= set(record["splits"]["test"]["matrices"])
+    # it reads back as the run directory does: every matrix (NaN: does not apply), summary, config
+    rec, rd = RecordedRun.load(records / "naive_s0.json"), RunDir(next((runs / "naive_s0").glob("version_*")))
+    for split in ("validation", "test"):
+        files = sorted(rd.results_of(split).glob("*_matrix*.csv"))
+        assert len(files) >= 2 and rec.read_summary(split) == json.loads(rd.summary_of(split).read_text())
+        for f in files:
+            want, got = rd.read_matrix(f.stem, split), rec.read_matrix(f.stem, split)
+            assert (got.rows, got.tasks) == (want.rows, want.tasks)
+            np.testing.assert_array_equal(got.values, want.values)
+    assert rec.read_config() == rd.read_config() and rec.read_grad_norm() == rd.read_grad_norm()
     # the run directory can go (a new machine): the report is rebuilt from the record alone
     shutil.rmtree(runs)
     capsys.readouterr()
