@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,8 +104,9 @@ class Runner:
         self.exp, self.args = exp, args
         self.runs_dir = (REPO / exp["runs_dir"]).resolve()
         self.records = (REPO / exp["records"]).resolve()
+        self.fitted, self.lock = 0, threading.Lock()
 
-    def fit(self, key: tuple[str, float | None, int]) -> RecordedRun:
+    def fit(self, key: tuple[str, float | None, int]) -> RecordedRun | None:
         method, value, seed = key
         name, args = run_name(*key), fit_args(self.exp, method, seed, value)
         path, fitted = self.records / f"{name}.json", fit_record(args)
@@ -118,6 +120,11 @@ class Runner:
                 )
             print(f"[{name}] recorded: {repo_relative(path)}", flush=True)
             return rec
+        with self.lock:
+            if self.args.fits is not None and self.fitted >= self.args.fits:
+                print(f"[{name}] not fitted: --fits {self.args.fits} reached", flush=True)
+                return None
+            self.fitted += 1
         run, wall = resumable_fit(name, args, self.runs_dir, self.args.threads)
         summary = run.read_summary()
         extra = {
@@ -144,7 +151,10 @@ class Runner:
         return RecordedRun.load(path)
 
     def all(self, keys: list) -> dict:
-        return dict(zip(keys, run_all(self.fit, keys, self.args.jobs), strict=True))
+        done = dict(zip(keys, run_all(self.fit, keys, self.args.jobs), strict=True))
+        if left := [run_name(*k) for k, run in done.items() if run is None]:
+            raise SystemExit(f"{len(left)} run(s) not fitted yet (--fits): {', '.join(left)}; rerun to go on")
+        return done
 
 
 def crma_ablation(run: RunDir, split: str) -> dict[str, list[float]]:
@@ -499,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--threads", type=int, help="OMP threads per fit (default: cores / jobs)")
     p.add_argument("--no-commit", action="store_true", help="write the run records, do not commit them")
+    p.add_argument(
+        "--fits", type=int, help="fit at most this many unrecorded runs, then stop (a session's share)"
+    )
     args = p.parse_args(argv)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     run_experiment(args.experiment, args, argv)
