@@ -30,16 +30,51 @@ class Snapshots(Callback):
         self.final = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
+class LoRASchedule(Callback):
+    """Records before every optimizer step: the global step, the LoRA group's learning rate and the
+    largest Adam step count among its parameters."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, float, int]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        opt = trainer.optimizers[0]
+        lora = next(g for g in opt.param_groups if g["name"] == "lora")
+        steps = [
+            opt.state[p]["step"].item() for p in lora["params"] if p in opt.state and "step" in opt.state[p]
+        ]
+        self.seen.append((trainer.global_step, lora["lr"], max(steps, default=0)))
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """``whole_run(strategy)``: one uninterrupted fit of ``build(strategy)`` per strategy and module,
+    as ``(module, trainer, snapshots, schedule)``. Its two callbacks only read (parameters at every
+    epoch start and the end, the LoRA group's lr and Adam steps), so the fit is the plain one: the
+    freezing invariants, the schedule test and the resume tests' uninterrupted reference share it."""
+    runs = {}
+
+    def get(strategy: str):
+        if strategy not in runs:
+            snaps, schedule = Snapshots(), LoRASchedule()
+            module, dm, trainer = build(
+                strategy, tmp_path_factory.mktemp(f"whole_{strategy}"), callbacks=[snaps, schedule]
+            )
+            trainer.fit(module, dm)
+            runs[strategy] = module, trainer, snaps, schedule
+        return runs[strategy]
+
+    return get
+
+
 def _lora_names(module, task):
     ids = {id(p) for p in module.adapter_parameters("lora", task)}
     return [n for n, p in module.named_parameters() if id(p) in ids]
 
 
 @pytest.mark.parametrize("strategy", ["naive", "frozen", "modular"])
-def test_freezing_invariants_over_a_whole_run(strategy, tmp_path):
-    snaps = Snapshots()
-    module, dm, trainer = build(strategy, tmp_path, callbacks=[snaps])
-    trainer.fit(module, dm)
+def test_freezing_invariants_over_a_whole_run(strategy, whole_run):
+    module, _, snaps, _ = whole_run(strategy)
     first = snaps.at_epoch[0]
     ever = {id(p) for p in module.ever_trainable_parameters()}
     base = [n for n, p in module.named_parameters() if id(p) not in ever]
@@ -70,22 +105,8 @@ def test_freezing_invariants_over_a_whole_run(strategy, tmp_path):
         assert not crma
 
 
-def test_each_task_restarts_the_schedule_and_the_optimizer_state(tmp_path):
-    seen = []
-
-    class LR(Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            opt = trainer.optimizers[0]
-            lora = next(g for g in opt.param_groups if g["name"] == "lora")
-            steps = [
-                opt.state[p]["step"].item()
-                for p in lora["params"]
-                if p in opt.state and "step" in opt.state[p]
-            ]
-            seen.append((trainer.global_step, lora["lr"], max(steps, default=0)))
-
-    module, dm, trainer = build("frozen", tmp_path, callbacks=[LR()])
-    trainer.fit(module, dm)
+def test_each_task_restarts_the_schedule_and_the_optimizer_state(whole_run):
+    seen = whole_run("frozen")[3].seen
     per_task = 8  # 64 examples / 16 per batch * 2 epochs
     lrs = [lr for _, lr, _ in seen]
     assert lrs[:per_task] == lrs[per_task : 2 * per_task] == lrs[2 * per_task :]
@@ -97,9 +118,8 @@ def test_each_task_restarts_the_schedule_and_the_optimizer_state(tmp_path):
 
 
 @pytest.mark.parametrize("stop_at,every", [(13, 5), (16, 8)], ids=["mid-task", "task-boundary"])
-def test_resume_reproduces_an_uninterrupted_run(stop_at, every, tmp_path):
-    module, dm, trainer = build("modular", tmp_path / "full")
-    trainer.fit(module, dm)
+def test_resume_reproduces_an_uninterrupted_run(stop_at, every, whole_run, tmp_path):
+    module, trainer, _, _ = whole_run("modular")
     full = trainer.callbacks[1]
     assert isinstance(full, ContinualEvaluation)
     final_full = {n: p.detach().clone() for n, p in module.named_parameters()}
