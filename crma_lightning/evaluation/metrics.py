@@ -4,6 +4,10 @@
 before any training (shape ``(T + 1, T)``); ``A`` is the same for token accuracy. Pure numpy
 functions; every summary number is computed from these matrices, and metrics undefined for T = 1
 (no prior task) are None. The formulas are in docs/method.md §4 and on each function.
+
+A cell may be unscored (``evaluation.schedule: seen`` or ``minimal``): ``None`` in a list of rows,
+or masked in a ``numpy.ma`` array. Each metric reads only its own cells, and one whose cells are
+unscored is None (absent, not wrong); a NaN cell is a metric that does not apply and propagates.
 """
 
 from __future__ import annotations
@@ -13,12 +17,30 @@ from collections.abc import Sequence
 
 import numpy as np
 
+Cells = Sequence[Sequence[float | None]] | np.ndarray
 
-def _matrix(m: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
-    a = np.asarray(m, dtype=np.float64)
+
+def as_masked(m: Cells) -> np.ma.MaskedArray:
+    """A matrix as float64 with its unscored cells (None, or already masked) masked; NaN stays NaN."""
+    if isinstance(m, np.ma.MaskedArray):
+        return np.ma.masked_array(m.astype(np.float64), mask=np.ma.getmaskarray(m))
+    raw = np.asarray(m, dtype=object)
+    missing = np.frompyfunc(lambda v: v is None, 1, 1)(raw).astype(bool) if raw.size else raw.astype(bool)
+    values = np.where(missing, np.nan, raw).astype(np.float64)
+    return np.ma.masked_array(values, mask=missing)
+
+
+def _matrix(m: Cells) -> np.ma.MaskedArray:
+    a = as_masked(m)
     if a.ndim != 2 or a.shape[0] != a.shape[1] + 1:
         raise ValueError(f"expected a (T + 1, T) matrix with the base row first, got shape {a.shape}")
     return a
+
+
+def _cells(a: np.ma.MaskedArray, rows, cols) -> np.ndarray | None:
+    """The cells ``a[rows, cols]`` as a plain array, or None when any of them is unscored."""
+    picked = a[rows, cols]
+    return None if np.ma.getmaskarray(picked).any() else np.ma.getdata(picked)
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -33,7 +55,10 @@ def drift_pct(loss: np.ndarray) -> float | None:
     if T < 2:
         return None
     i = np.arange(T - 1)  # prior tasks, 0-based columns; their "just trained" row is i + 1
-    return float(100.0 * np.mean((L[T, i] - L[i + 1, i]) / L[i + 1, i]))
+    final, trained = _cells(L, T, i), _cells(L, i + 1, i)
+    if final is None or trained is None:
+        return None
+    return float(100.0 * np.mean((final - trained) / trained))
 
 
 def bwt(acc: np.ndarray) -> float | None:
@@ -44,7 +69,10 @@ def bwt(acc: np.ndarray) -> float | None:
     if T < 2:
         return None
     i = np.arange(T - 1)
-    return float(np.mean(A[T, i] - A[i + 1, i]))
+    final, trained = _cells(A, T, i), _cells(A, i + 1, i)
+    if final is None or trained is None:
+        return None
+    return float(np.mean(final - trained))
 
 
 def fwt(acc: np.ndarray) -> float | None:
@@ -54,24 +82,42 @@ def fwt(acc: np.ndarray) -> float | None:
     if T < 2:
         return None
     c = np.arange(1, T)  # 0-based columns of tasks 2..T; row c = after training the task before
-    return float(np.mean(A[c, c] - A[0, c]))
+    before, base = _cells(A, c, c), _cells(A, 0, c)
+    if before is None or base is None:
+        return None
+    return float(np.mean(before - base))
 
 
 def forgetting(acc: np.ndarray) -> float | None:
-    """Forgetting (Chaudhry et al. 2018): ``mean_i (max_{1 <= k < T} A[k, i] - A[T, i])`` over i < T."""
+    """Forgetting (Chaudhry et al. 2018): ``mean_i (max_{1 <= k < T} A[k, i] - A[T, i])`` over i < T.
+
+    The max runs over the scored rows k (every row under ``full``; under ``seen`` the rows since
+    task i was trained; under ``minimal`` its diagonal row and the row before it); None when a
+    final-row cell is unscored."""
     A = _matrix(acc)
     T = A.shape[1]
     if T < 2:
         return None
     i = np.arange(T - 1)
-    best = A[1:T, :][:, i].max(axis=0)  # max over rows k = 1..T-1
-    return float(np.mean(best - A[T, i]))
+    final = _cells(A, T, i)
+    earlier = A[1:T, :][:, i]  # rows k = 1..T-1
+    if final is None or np.ma.getmaskarray(earlier).all(axis=0).any():
+        return None
+    # The max of each column's scored cells; NaN (a metric that does not apply) propagates as before.
+    best = np.array([np.max(col.compressed()) for col in earlier.T])
+    return float(np.mean(best - final))
 
 
-def final_avg_loss(loss: np.ndarray) -> float:
+def final_avg_loss(loss: np.ndarray) -> float | None:
     """The mean loss over every task after the last one: ``mean_i L[T, i]``."""
-    L = _matrix(loss)
-    return float(np.mean(L[-1]))
+    return final_avg(loss)
+
+
+def final_avg(m: Cells) -> float | None:
+    """The mean of the final row (None when a cell of it is unscored)."""
+    a = _matrix(m)
+    last = _cells(a, a.shape[0] - 1, np.arange(a.shape[1]))
+    return None if last is None else float(np.mean(last))
 
 
 def modular_vs_frozen_pct(loss_frozen: np.ndarray, loss_modular: np.ndarray) -> float | None:
@@ -81,7 +127,10 @@ def modular_vs_frozen_pct(loss_frozen: np.ndarray, loss_modular: np.ndarray) -> 
     if T < 2:
         return None
     i = np.arange(T - 1)
-    return float(100.0 * np.mean((LF[T, i] - LM[T, i]) / LF[T, i]))
+    f, m = _cells(LF, T, i), _cells(LM, T, i)
+    if f is None or m is None:
+        return None
+    return float(100.0 * np.mean((f - m) / f))
 
 
 def summarize(loss: np.ndarray, acc: np.ndarray) -> dict[str, float | None]:
@@ -92,7 +141,7 @@ def summarize(loss: np.ndarray, acc: np.ndarray) -> dict[str, float | None]:
         "fwt": fwt(acc),
         "forgetting": forgetting(acc),
         "final_avg_loss": final_avg_loss(loss),
-        "final_avg_accuracy": float(np.mean(_matrix(acc)[-1])),
+        "final_avg_accuracy": final_avg(acc),
     }
 
 

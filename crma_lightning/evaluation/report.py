@@ -15,15 +15,20 @@ import numpy as np
 from crma_lightning.core.atomic import atomic_write_bytes
 from crma_lightning.runs.rundir import BASE_ROW
 
+UNSCORED_CELL = "-"
+"""How a table shows a cell that was not scored (``evaluation.schedule``); ``nan``: does not apply."""
 
-def table(rows: dict[str, list[float]], tasks: Sequence[str], title: str, fmt: str = "{:.4f}") -> str:
-    """A fixed-width text table of a matrix, rows = 'after', columns = tasks."""
+
+def table(rows: dict[str, list[float | None]], tasks: Sequence[str], title: str, fmt: str = "{:.4f}") -> str:
+    """A fixed-width text table of a matrix, rows = 'after', columns = tasks; an unscored cell
+    (None) shows as :data:`UNSCORED_CELL`."""
     width = max(8, *(len(t) for t in tasks))
     first = max(6, *(len(r) for r in rows))
     lines = [title, " " * first + " | " + " ".join(t.rjust(width) for t in tasks)]
     lines.append("-" * len(lines[-1]))
     for name, values in rows.items():
-        lines.append(name.ljust(first) + " | " + " ".join(fmt.format(v).rjust(width) for v in values))
+        cells = (UNSCORED_CELL if v is None else fmt.format(v) for v in values)
+        lines.append(name.ljust(first) + " | " + " ".join(c.rjust(width) for c in cells))
     return "\n".join(lines)
 
 
@@ -36,9 +41,11 @@ def heatmap(
     cmap: str,
     fmt: str = "{:.3g}",
     limits: tuple[float, float] | None = None,
+    unscored: np.ndarray | None = None,
 ):
     """Draw one matrix on ``ax`` with its values written in the cells (readable on any colour);
-    ``limits`` (vmin, vmax) puts several panels on one colour scale."""
+    ``limits`` (vmin, vmax) puts several panels on one colour scale; cells marked in ``unscored``
+    (bool, the matrix's shape) are left blank."""
     vmin, vmax = limits if limits is not None else (None, None)
     im = ax.imshow(matrix, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(tasks)), labels=list(tasks), rotation=30, ha="right")
@@ -48,6 +55,8 @@ def heatmap(
     ax.set_xlabel("evaluated on task")
     ax.set_title(title)
     for (r, c), v in np.ndenumerate(matrix):
+        if unscored is not None and unscored[r, c]:
+            continue  # NaN: imshow leaves the cell blank
         red, green, blue, _ = im.cmap(im.norm(v))
         light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
         ax.text(
@@ -56,11 +65,18 @@ def heatmap(
     return im
 
 
-def heatmap_figure(matrix: np.ndarray, row_names: Sequence[str], tasks: Sequence[str], title: str, cmap: str):
+def heatmap_figure(
+    matrix: np.ndarray,
+    row_names: Sequence[str],
+    tasks: Sequence[str],
+    title: str,
+    cmap: str,
+    unscored: np.ndarray | None = None,
+):
     """A matplotlib figure of one matrix (see :func:`heatmap`)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 0.9 * len(tasks)), 1.2 + 0.55 * len(row_names)))
-    im = heatmap(ax, matrix, row_names, tasks, title, cmap)
+    im = heatmap(ax, matrix, row_names, tasks, title, cmap, unscored=unscored)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig

@@ -15,7 +15,8 @@ A run directory is the logger's log dir, ``<save_dir>/<name>/version_N``::
     routing/<task>.json           how they were gathered (layer, pooling, base signature) and the
                                   SHA-256 of the .safetensors file, written after it
     continual/loss_matrix.csv     validation (holdout) loss L[after, task]; header ``after,<tasks>``,
-                                  row ``base`` first
+                                  row ``base`` first; an empty field is a cell not scored
+                                  (evaluation.schedule), ``nan`` a metric that does not apply
     continual/accuracy_matrix.csv the task metric A[after, task] (token accuracy for text tasks,
                                   exact match for classification, ...), same layout
     continual/<metric>_matrix.csv the other metrics computed (label_accuracy, token_accuracy, ...)
@@ -88,13 +89,45 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and (path / SHARDED_META).is_file())
 
 
-class Matrix(NamedTuple):
-    """One results matrix as written to CSV: row names (``base`` first), task names, values."""
+UNSCORED = ""
+"""A matrix CSV's field for a cell that was not scored (``evaluation.schedule: seen`` or ``minimal``):
+empty, unlike ``nan``, a metric that does not apply to the task."""
 
+
+class _MatrixFields(NamedTuple):
     rows: list[str]
     tasks: list[str]
     values: np.ndarray
-    """``(len(rows), len(tasks))`` float64."""
+    """``(len(rows), len(tasks))`` float64; NaN where the metric does not apply or the cell was not
+    scored (:attr:`Matrix.unscored` tells them apart)."""
+
+
+class Matrix(_MatrixFields):
+    """One results matrix as written to CSV: row names (``base`` first), task names, values; and
+    ``unscored``, ``(len(rows), len(tasks))`` bool, the cells not scored. It unpacks as the three
+    fields (``rows, tasks, values = matrix``), as before unscored cells existed."""
+
+    unscored: np.ndarray
+
+    def __new__(
+        cls, rows: list[str], tasks: list[str], values: np.ndarray, unscored: np.ndarray | None = None
+    ):
+        self = super().__new__(cls, rows, tasks, values)
+        self.unscored = np.zeros(np.shape(values), bool) if unscored is None else np.asarray(unscored, bool)
+        return self
+
+    @property
+    def scored(self) -> np.ndarray:
+        """``(len(rows), len(tasks))`` bool: the cells that were scored."""
+        return ~self.unscored
+
+    def cells(self) -> dict[str, list[float | None]]:
+        """Row name -> values, None where a cell was not scored (the evaluator's rows)."""
+        scored = self.scored
+        return {
+            name: [float(v) if s else None for v, s in zip(row, ok, strict=True)]
+            for name, row, ok in zip(self.rows, self.values, scored, strict=True)
+        }
 
 
 def matrix_name(metric: str, no_task_id: bool = False) -> str:
@@ -103,21 +136,27 @@ def matrix_name(metric: str, no_task_id: bool = False) -> str:
     return f"{metric}_matrix" + (NO_TASK_ID if no_task_id else "")
 
 
-def matrix_csv(rows: dict[str, list[float]], tasks: list[str]) -> str:
+def matrix_csv(rows: dict[str, list[float | None]], tasks: list[str]) -> str:
+    """A matrix as CSV: ``None`` (a cell not scored) is written as :data:`UNSCORED`."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["after", *tasks])
     for name, values in rows.items():
-        writer.writerow([name, *(f"{v:.8g}" for v in values)])
+        writer.writerow([name, *(UNSCORED if v is None else f"{v:.8g}" for v in values)])
     return buf.getvalue()
 
 
 def read_matrix_csv(path: str | os.PathLike) -> Matrix:
+    """A matrix CSV; an :data:`UNSCORED` field reads as NaN, marked in :attr:`Matrix.unscored`."""
     with open(path, encoding="utf-8", newline="") as f:
         data = list(csv.reader(f))
     header, body = data[0], data[1:]
-    values = np.array([[float(x) for x in r[1:]] for r in body], dtype=np.float64).reshape(len(body), -1)
-    return Matrix([r[0] for r in body], header[1:], values)
+    cells = [r[1:] for r in body]
+    unscored = np.array([[x == UNSCORED for x in r] for r in cells], dtype=bool).reshape(len(body), -1)
+    values = np.array(
+        [[np.nan if x == UNSCORED else float(x) for x in r] for r in cells], dtype=np.float64
+    ).reshape(len(body), -1)
+    return Matrix([r[0] for r in body], header[1:], values, unscored)
 
 
 def init_args(section: Any) -> dict[str, Any]:

@@ -65,3 +65,37 @@ def test_mean_sd_uses_sample_sd():
     assert mean == pytest.approx(42.933, abs=1e-3)
     assert sd == pytest.approx(5.554, abs=1e-3)  # the paper reports 42.96 +- 5.5
     assert m.mean_sd([1.0]) == (1.0, None)
+
+
+def _unscored(a: np.ndarray, cells: list[tuple[int, int]]) -> list[list[float | None]]:
+    rows = a.tolist()
+    for r, c in cells:
+        rows[r][c] = None
+    return rows
+
+
+def test_a_metric_reads_only_its_cells_and_is_none_when_one_is_unscored():
+    full = m.summarize(LOSS, ACC)
+    # ``seen``: the upper triangle unscored. FWT needs it; the rest equal the full matrices'.
+    seen = [(1, 1), (1, 2), (2, 2)]
+    s = m.summarize(_unscored(LOSS, seen), _unscored(ACC, seen))
+    assert s["fwt"] is None
+    for key in ("drift_pct", "bwt", "final_avg_loss", "final_avg_accuracy"):
+        assert s[key] == pytest.approx(full[key]), key
+    # Forgetting over the scored rows since each task was trained: task 1 max(0.8, 0.6), task 2 0.9.
+    assert s["forgetting"] == pytest.approx(np.mean([0.8 - 0.5, 0.9 - 0.7]))
+    # ``minimal``: the diagonal, superdiagonal and final row; a cell of the final row unscored
+    # leaves BWT, drift and the final averages absent, not wrong.
+    minimal = [(2, 0)]
+    s = m.summarize(_unscored(LOSS, minimal), _unscored(ACC, minimal))
+    assert s["fwt"] == pytest.approx(full["fwt"]) and s["bwt"] == pytest.approx(full["bwt"])
+    gone = [(3, 1)]
+    s = m.summarize(_unscored(LOSS, gone), _unscored(ACC, gone))
+    assert {
+        k: s[k] for k in ("drift_pct", "bwt", "forgetting", "final_avg_loss", "final_avg_accuracy")
+    } == dict.fromkeys(("drift_pct", "bwt", "forgetting", "final_avg_loss", "final_avg_accuracy"))
+    assert m.modular_vs_frozen_pct(_unscored(LOSS, gone), LOSS) is None
+    # NaN is "does not apply", not unscored: it propagates as before.
+    nan = ACC.copy()
+    nan[3, 0] = np.nan
+    assert np.isnan(m.bwt(nan))
