@@ -79,3 +79,38 @@ def tiny_model(family: str = "llama", seed: int = 0):
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+#: The small fit of every method preset: configs/tiny.yaml with 32 training and 16 holdout examples a
+#: task, one epoch each.
+PRESET_FIT = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
+
+
+@pytest.fixture(scope="session")
+def preset_run(tmp_path_factory):
+    """``preset_run(name)``: the run directory of ``train.py fit`` of configs/tiny.yaml under
+    configs/methods/<name>.yaml with PRESET_FIT, fitted once per session: the presets' own test
+    (tests/methods) and serve's test of the other strategies (tests/serve) only read it."""
+    from subproc import run_dir_of, run_train
+
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            save_dir = tmp_path_factory.mktemp(f"preset_{name}")
+            proc = run_train(
+                "fit",
+                "--config",
+                "configs/tiny.yaml",
+                "--config",
+                f"configs/methods/{name}.yaml",
+                *PRESET_FIT,
+                "--trainer.logger.init_args.save_dir",
+                str(save_dir),
+                "--trainer.enable_progress_bar",
+                "false",
+            )
+            runs[name] = run_dir_of(proc)
+        return runs[name]
+
+    return get

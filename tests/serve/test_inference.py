@@ -723,20 +723,9 @@ def test_export_of_a_text_run_carries_the_tokenizer(text, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["naive", "frozen"])
-def test_other_strategies_load_export_and_route(strategy, tmp_path):
-    run_dir = _fit(
-        tmp_path,
-        strategy,
-        "--config",
-        f"configs/methods/{strategy}.yaml",
-        "--data.train_size",
-        "64",
-        "--data.holdout_size",
-        "16",
-        "--data.epochs_per_task",
-        "1",
-    )
-    run = load_run(run_dir)
+def test_other_strategies_load_export_and_route(strategy, preset_run, tmp_path):
+    # The method preset's small run (tests/conftest.py), which tests/methods checks trained.
+    run = load_run(preset_run(strategy))
     assert run.crma is None and run.tasks == ["alpha", "beta", "gamma"]
     x = torch.tensor([[5, 9, 14, 20, 33]])
     out = export_task(run, "alpha", tmp_path / "alpha")
