@@ -99,18 +99,24 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def activate_lora(model: nn.Module, adapter: str | list[str]) -> None:
     """Make ``adapter`` the one active LoRA, or the LoRAs of a list all active together (their
-    updates summed, as peft sums active adapters). Trainability (``requires_grad``) is left exactly
-    as it was: it is the freezing policy's job, not a side effect of switching (peft's own
-    set_adapter would make the active adapter trainable)."""
+    updates summed, as peft sums active adapters); an empty list: no LoRA (the base model, plus CRMA
+    if injected), until the next call. Trainability (``requires_grad``) is left exactly as it was: it
+    is the freezing policy's job, not a side effect of switching (peft's own set_adapter would make
+    the active adapter trainable)."""
     names = [adapter] if isinstance(adapter, str) else list(adapter)
     unknown = [a for a in names if a not in adapter_names(model)]
-    if unknown or not names:
+    if unknown or (isinstance(adapter, str) and not adapter):
         raise ConfigError(
             f"no LoRA adapter named {unknown or names!r}; this model has {adapter_names(model)}"
         )
-    params = [p for _, layer in tuner_layers(model) for p in layer.parameters()]
+    layers = [layer for _, layer in tuner_layers(model)]
+    params = [p for layer in layers for p in layer.parameters()]
     flags = [p.requires_grad for p in params]
-    set_adapter(model, names[0] if len(names) == 1 else names, inference_mode=True)
+    for layer in layers:
+        if layer.disable_adapters == bool(names):  # an earlier empty list turned them off
+            layer.enable_adapters(bool(names))
+    if names:
+        set_adapter(model, names[0] if len(names) == 1 else names, inference_mode=True)
     for p, flag in zip(params, flags, strict=True):
         p.requires_grad_(flag)
 

@@ -187,19 +187,30 @@ def striped_batches(
 
 
 def sharded_batches(
-    data: datasets.Dataset, batch_size: int, rank: int, world_size: int, pad_token_id: int
+    data: datasets.Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    pad_token_id: int,
+    by_length: bool = False,
 ) -> list[dict[str, Tensor]]:
-    """Examples ``rank::world_size`` of ``data``, in order, batched by ``batch_size``, each batch
-    with ``example_weight`` ``(B,)`` float32 (and, for a classification task, ``target`` ``(B,)``
+    """Examples ``rank::world_size`` of ``data``, in order (``by_length``: of ``data`` ordered by
+    length, longest first, ties in order), batched by ``batch_size``, each batch with
+    ``example_weight`` ``(B,)`` float32 (and, for a classification task, ``target`` ``(B,)``
     int64, each example's label index): every example once over all ranks.
 
     Every rank gets the same number of batches with the same batch sizes (collectives inside a
     sharded forward, and all-gathers of per-example values, need that): ranks short of
-    ``ceil(len(data) / world_size)`` examples repeat a real example with weight 0.
+    ``ceil(len(data) / world_size)`` examples repeat a real example with weight 0. Ordering by
+    length puts examples of similar length in a batch, so little padding is computed.
     """
     if not 0 <= rank < world_size:
         raise ConfigError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
-    indices = list(range(len(data)))[rank::world_size]
+    order = list(range(len(data)))
+    if by_length:
+        lengths = [len(ids) for ids in data["input_ids"]]
+        order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the data's order
+    indices = order[rank::world_size]
     weights = [1.0] * len(indices)
     per_rank = math.ceil(len(data) / world_size)
     indices += [0] * (per_rank - len(indices))

@@ -66,6 +66,9 @@ class ContinualDataModule(LightningDataModule):
         sources: task sources (``crma_lightning.data.sources.TaskSource``, given as
             ``{class_path: ..., init_args: ...}``) that claim a task's ``source`` before the
             registered and built-in ones.
+        eval_tasks: tasks that are evaluated, never trained (same spec format as ``tasks``): scored
+            after the base and after every task as extra columns of the matrices (general drift),
+            never in the task clock. Their validation and test sets are cut as a trained task's.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class ContinualDataModule(LightningDataModule):
         replay: Replay | None = None,
         multitask: bool = False,
         sources: list[TaskSource] | None = None,
+        eval_tasks: list[TaskSpec] | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
@@ -103,7 +107,7 @@ class ContinualDataModule(LightningDataModule):
         self.replay = replay
         self.multitask = multitask
         self.sources = sources
-        self.tasks = validate_data_config(self, tasks)
+        self.tasks, self.eval_tasks = validate_data_config(self, tasks, eval_tasks or [])
         self._hf_tokenizer: PreTrainedTokenizerBase | None = None
         self._train: dict[str, datasets.Dataset] = {}
         self._holdout: dict[str, datasets.Dataset] = {}
@@ -113,6 +117,16 @@ class ContinualDataModule(LightningDataModule):
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def eval_task_names(self) -> list[str]:
+        """The evaluation-only tasks (``eval_tasks``): never trained, scored after every task."""
+        return [t.name for t in self.eval_tasks]
+
+    @property
+    def evaluated_task_names(self) -> list[str]:
+        """The matrices' columns: the training tasks in order, then the evaluation-only ones."""
+        return self.task_names + self.eval_task_names
 
     @property
     def num_tasks(self) -> int:
@@ -145,7 +159,11 @@ class ContinualDataModule(LightningDataModule):
     def spec(self, task: str) -> TaskSpec:
         """The spec of ``task`` (after :meth:`setup`, a classification task's label set is filled in)."""
         self._require(task)
-        return self.tasks[self.task_names.index(task)]
+        return self._specs[self.evaluated_task_names.index(task)]
+
+    @property
+    def _specs(self) -> list[TaskSpec]:
+        return self.tasks + self.eval_tasks
 
     # -- tokens ------------------------------------------------------------------------------
     @property
@@ -174,7 +192,7 @@ class ContinualDataModule(LightningDataModule):
             return
         if self.tokenizer is not None:
             load_tokenizer(self.tokenizer)  # fills the hub cache that setup() reads on every rank
-        for i, task in enumerate(self.tasks):
+        for i, task in enumerate(self._specs):
             source = self.source_of(task)
             if source.network:
                 for location in source.splits(task).values():
@@ -182,9 +200,13 @@ class ContinualDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenise every task into validation, training and test sets; later calls do nothing."""
-        for i, task in enumerate(self.tasks):
+        for i, task in enumerate(self._specs):
             if task.name not in self._train:
-                self.tasks[i], *sets = task_sets(self, i, task)
+                # An evaluation-only task is cut as a trained one (index after the training tasks);
+                # its training set is never used.
+                spec, *sets = task_sets(self, i, task)
+                specs = self.tasks if i < len(self.tasks) else self.eval_tasks
+                specs[i if i < len(self.tasks) else i - len(self.tasks)] = spec
                 self._holdout[task.name], self._train[task.name], self._test[task.name] = sets
 
     def split_size(self, task: str, split: str = "validation") -> int:
@@ -199,8 +221,8 @@ class ContinualDataModule(LightningDataModule):
         return (self._holdout if split == "validation" else self._test)[task]
 
     def _require(self, task: str) -> None:
-        if task not in self.task_names:
-            raise ConfigError(f"unknown task {task!r}; the tasks are {self.task_names}")
+        if task not in self.evaluated_task_names:
+            raise ConfigError(f"unknown task {task!r}; the tasks are {self.evaluated_task_names}")
         self.setup()
 
     # -- loaders -----------------------------------------------------------------------------
@@ -280,12 +302,15 @@ class ContinualDataModule(LightningDataModule):
         world_size: int = 1,
         batch_size: int | None = None,
         split: str = "validation",
+        by_length: bool = True,
     ) -> list[dict[str, Tensor]]:
-        """The validation (holdout) or ``test`` set of ``task``, examples ``rank::world_size``, in
-        order, batched (:func:`~crma_lightning.data.loading.sharded_batches`: every rank the same
-        batch sizes, ``example_weight`` 0 on padding examples, ``target`` for classification)."""
+        """The validation (holdout) or ``test`` set of ``task``, ordered by length (longest first;
+        ``by_length=False``: in stored order), examples ``rank::world_size``, batched
+        (:func:`~crma_lightning.data.loading.sharded_batches`: every rank the same batch sizes,
+        ``example_weight`` 0 on padding examples, ``target`` for classification)."""
         data = self.held_out(task, split)
-        return sharded_batches(data, batch_size or self.eval_batch_size, rank, world_size, self.pad_token_id)
+        size = batch_size or self.eval_batch_size
+        return sharded_batches(data, size, rank, world_size, self.pad_token_id, by_length=by_length)
 
     def train_batches(
         self,

@@ -106,23 +106,28 @@ def _as_spec(task: Any, where: str, problems: list[str]) -> TaskSpec | None:
 
 
 def task_specs(
-    tasks: Any, tokenizer: str | None, problems: list[str], sources: Sequence[TaskSource] = ()
+    tasks: Any,
+    tokenizer: str | None,
+    problems: list[str],
+    sources: Sequence[TaskSource] = (),
+    where: str = "data.tasks",
 ) -> list[TaskSpec]:
-    """``data.tasks`` as TaskSpecs, appending every problem found (types first, then values);
-    ``sources`` (``data.sources``) claim a task's source before the registered and built-in ones."""
+    """``data.tasks`` (or, ``where="data.eval_tasks"``, the evaluation-only tasks, which may be
+    none) as TaskSpecs, appending every problem found (types first, then values); ``sources``
+    (``data.sources``) claim a task's source before the registered and built-in ones."""
     if not isinstance(tasks, list | tuple):
-        problems.append(f"data.tasks must be a list of tasks, got {type(tasks).__name__} {tasks!r}")
+        problems.append(f"{where} must be a list of tasks, got {type(tasks).__name__} {tasks!r}")
         return []
-    specs = [_as_spec(task, f"data.tasks[{i}]", problems) for i, task in enumerate(tasks)]
-    if any(s is None for s in specs):
+    specs = [_as_spec(task, f"{where}[{i}]", problems) for i, task in enumerate(tasks)]
+    if any(s is None for s in specs) or (not specs and where != "data.tasks"):
         return []
-    problems += name_problems([s.name for s in specs])
+    problems += name_problems([s.name for s in specs], where)
     owners = [find_source(task.source, sources) for task in specs]
     for i, (task, source) in enumerate(zip(specs, owners, strict=True)):
-        problems += _source_problems(task, source, f"data.tasks[{i}]", tokenizer)
-        problems += _format_problems(task, source, f"data.tasks[{i}]")
+        problems += _source_problems(task, source, f"{where}[{i}]", tokenizer)
+        problems += _format_problems(task, source, f"{where}[{i}]")
     return [
-        with_task_file(task, source, f"data.tasks[{i}]", problems)
+        with_task_file(task, source, f"{where}[{i}]", problems)
         for i, (task, source) in enumerate(zip(specs, owners, strict=True))
     ]
 
@@ -224,18 +229,25 @@ LOWEST = {
 }
 
 
-def validate_data_config(dm: Any, tasks: Any) -> list[TaskSpec]:
-    """Every problem of a ``ContinualDataModule``'s arguments (``dm``, its attributes set) and its
-    task list at once, as one :class:`ConfigError`; the task specs when there is none."""
+def validate_data_config(dm: Any, tasks: Any, eval_tasks: Any = ()) -> tuple[list[TaskSpec], list[TaskSpec]]:
+    """Every problem of a ``ContinualDataModule``'s arguments (``dm``, its attributes set), its
+    task list and its evaluation-only tasks at once, as one :class:`ConfigError`; the task specs of
+    both when there is none."""
     # Types first: the checks after them compare values and call str methods, which would raise
     # TypeError/AttributeError on a wrong type instead of naming the field.
-    hints = {
-        k: v for k, v in get_type_hints(type(dm).__init__).items() if k not in ("tasks", "return", "replay")
-    }
+    skip = ("tasks", "eval_tasks", "return", "replay")
+    hints = {k: v for k, v in get_type_hints(type(dm).__init__).items() if k not in skip}
     problems = type_problems(dm, "data", hints)
     typed = not problems
     sources = dm.sources if typed and dm.sources is not None else []
     specs = task_specs(tasks, dm.tokenizer, problems, sources)
+    extra = task_specs(eval_tasks, dm.tokenizer, problems, sources, where="data.eval_tasks")
+    both = {s.name for s in specs} & {s.name for s in extra}
+    if both:
+        problems.append(
+            f"data.eval_tasks: {sorted(both)} also in data.tasks; a task is either trained or only "
+            "evaluated: rename or remove one"
+        )
     if typed:
         problems += [
             f"data.{k}: must be >= {low}, got {getattr(dm, k)}"
@@ -251,4 +263,4 @@ def validate_data_config(dm: Any, tasks: Any) -> list[TaskSpec]:
                     "data.replay and data.multitask: joint training already sees every task; set one"
                 )
     raise_problems(problems, "data config")
-    return specs
+    return specs, extra

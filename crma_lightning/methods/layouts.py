@@ -55,7 +55,13 @@ class AdapterLayout:
         return SHARED_ADAPTER if self.shared_lora else task
 
     def active_for(self, task: str, tasks: list[str]) -> list[str]:
-        """The LoRAs active in the forward pass for ``task`` (training it, or serving it with its id)."""
+        """The LoRAs active in the forward pass for ``task`` (training it, or serving it with its id).
+
+        A task outside ``tasks`` is evaluated, never trained (``data.eval_tasks``): it has no LoRA of
+        its own, so a layout with one model for every input serves it with that model (the shared
+        LoRA, or the sum of them), and a per-task layout with none: the base (and CRMA, if any)."""
+        if task not in tasks:
+            return self.active_without_task_id(list(tasks)) or []
         own = self.adapter_for(task, tasks)
         return list(tasks) if self.cumulative else [own]
 

@@ -65,10 +65,13 @@ class RunInfo:
         from crma_lightning.data.sources import source_from_config
 
         known = {f.name for f in fields(TaskSpec)}
-        tasks = [
-            TaskSpec(**{k: v for k, v in init_args(t).items() if k in known}) for t in self.data["tasks"]
-        ]
-        data = {**self.data, "tasks": tasks}
+
+        def specs(entries) -> list[TaskSpec]:
+            return [TaskSpec(**{k: v for k, v in init_args(t).items() if k in known}) for t in entries or []]
+
+        data = {**self.data, "tasks": specs(self.data["tasks"])}
+        if "eval_tasks" in data:  # evaluation-only tasks: the same spec format
+            data["eval_tasks"] = specs(data["eval_tasks"])
         if isinstance(data.get("replay"), dict):  # config.yaml holds the Replay's fields
             data["replay"] = Replay(**init_args(data["replay"]))
         if data.get("sources"):  # config.yaml holds {class_path, init_args} per source

@@ -15,6 +15,7 @@ from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoTokenizer
 
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data import (
     IGNORE_INDEX,
     ContinualDataModule,
@@ -497,3 +498,52 @@ def test_split_is_by_record_so_no_record_is_on_both_sides(tmp_path):
     assert len(holdout) == 7 and len(train) > 50
     assert len(set(holdout["record"]) & set(train["record"])) == 0
     assert max(holdout["record"].count(r) for r in set(holdout["record"])) > 1  # records really span blocks
+
+
+def test_evaluation_only_tasks_are_held_out_sets_outside_the_task_clock():
+    dm = ContinualDataModule(
+        [TaskSpec("a"), TaskSpec("b")],
+        eval_tasks=[TaskSpec("g")],
+        max_length=8,
+        train_size=8,
+        holdout_size=4,
+        test_size=3,
+    )
+    assert dm.task_names == ["a", "b"] and dm.num_tasks == 2 and dm.clock.task_names == ("a", "b")
+    assert dm.eval_task_names == ["g"] and dm.evaluated_task_names == ["a", "b", "g"]
+    assert dm.split_size("g") == 4 and dm.split_size("g", "test") == 3 and dm.spec("g").name == "g"
+    assert len(dm.holdout_batches("g", batch_size=2)) == 2
+    for bad, match in (
+        ([TaskSpec("a")], r"data.eval_tasks: \['a'\] also in data.tasks"),
+        ([TaskSpec("g"), TaskSpec("g")], r"data.eval_tasks"),
+        ([{"name": "g", "format": "essay"}], r"data.eval_tasks\[0\].format"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            ContinualDataModule([TaskSpec("a"), TaskSpec("b")], eval_tasks=bad)
+
+
+def test_length_ordered_shards_keep_every_example_once_and_equal_batches_per_rank():
+    from crma_lightning.data.loading import sharded_batches
+
+    lengths = [9, 1, 8, 2, 7, 3, 6]
+    data = datasets.Dataset.from_dict(
+        {"input_ids": [[5] * n for n in lengths], "labels": [[5] * n for n in lengths]}
+    )
+
+    def padding(batches):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    shards = [sharded_batches(data, 2, r, 2, 0, by_length=True) for r in range(2)]
+    assert [len(s) for s in shards] == [2, 2]  # as many batches on every rank
+    real = [
+        int(m.sum())
+        for s in shards
+        for b in s
+        for m, w in zip(b["attention_mask"], b["example_weight"], strict=True)
+        if w
+    ]
+    assert sorted(real) == sorted(lengths)  # every example once (weight-0 fillers aside)
+    # Longest first over all ranks: rank 0 gets 9, 7, 3, 1; rank 1 8, 6, 2 and a filler.
+    assert [int(m.sum()) for m in shards[0][0]["attention_mask"]] == [9, 7]
+    one = sharded_batches(data, 2, 0, 1, 0, by_length=True)
+    assert padding(one) < padding(sharded_batches(data, 2, 0, 1, 0))  # 1 + 1 + 1 + 0 against 8 + 6 + 4 + 0
