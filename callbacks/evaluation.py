@@ -25,16 +25,21 @@ from crma_lightning.backbone.sharding import is_sharded
 from crma_lightning.core.clock import TaskClock
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.evaluation.evaluator import (
+    SCHEDULES,
     Route,
     RowEvaluator,
     add_row,
+    as_array,
     extra_matrices,
+    general_drift,
+    scheduled_tasks,
     summarize_rows,
     task_data,
 )
 from crma_lightning.evaluation.report import heatmap_figure, pyplot, save_figure, table
+from crma_lightning.evaluation.reuse import ServingDigests
 from crma_lightning.methods.protocol import ContinualModule, as_continual
-from crma_lightning.routing.router import DEFAULT_SHRINKAGE, StatsRouter
+from crma_lightning.routing.router import DEFAULT_SHRINKAGE, FeatureCache, StatsRouter
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, NO_TASK_ID, matrix_name
 
 CL_SCALARS = (
@@ -97,6 +102,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
         test_matrices: bool = True,
         task_id: Literal["oracle", "both", "none"] = "oracle",
         router: Literal["stats", "loss"] = "stats",
+        schedule: Literal["full", "seen", "minimal"] = "full",
+        reuse: bool = True,
     ):
         """
         Args:
@@ -110,17 +117,37 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 (frozen-base features of the prompt against each trained task's training data;
                 written by the ``routing`` callback at each task end), or ``loss``, the adapter that
                 gives the prompt the lowest loss (every candidate runs on every example).
+            schedule: which cells each row scores: ``full``, every task after every task; ``seen``,
+                the tasks trained so far (the lower triangle, as O-LoRA and TRACE report);
+                ``minimal``, only the cells the summary needs (the diagonal, the superdiagonal and
+                the final row: O(T) task evaluations). The base row and evaluation-only tasks
+                (``data.eval_tasks``) are always scored; a cell not scored is empty in the CSVs,
+                and a metric whose cells were not scored is null.
+            reuse: copy a cell (with the task id) instead of scoring it again when the tensors that
+                serve its task (its active LoRAs, CRMA) are bit-identical to when it was last
+                scored (``evaluation_reused_cells`` in the summary counts them).
         """
         super().__init__()
         if task_id not in ("oracle", "both", "none"):
             raise ConfigError(f"evaluation.task_id: must be 'oracle', 'both' or 'none', got {task_id!r}")
         if router not in ("stats", "loss"):
             raise ConfigError(f"evaluation.router: must be 'stats' or 'loss', got {router!r}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"evaluation.schedule: must be 'full', 'seen' or 'minimal', got {schedule!r}")
         self.batch_size = batch_size
         self.print_table = print_table
         self.test_matrices = test_matrices
         self.task_id = task_id
         self.router = router
+        self.schedule = schedule
+        self.reuse = reuse
+        self.reused_cells = 0
+        # (split, task) -> (digest of what served it, its scores) of the last time it was scored.
+        # Not resumable state: after a resume the first row scores again (the same numbers).
+        self._scored: dict[tuple[str, str], tuple[str, dict[str, float]]] = {}
+        # The statistics router's frozen-base features of each evaluation batch: the same in every
+        # row (the base is frozen, the batches fixed), so computed once per (split, task) batch.
+        self._route_features: FeatureCache = {}
         # table (a split, or a split + NO_TASK_ID) -> metric ("loss", "accuracy": the task metric,
         # then the evaluator's other metrics) -> row name -> value per task
         self.rows: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -162,10 +189,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
         pl_module: pl.LightningModule,
         split: str = "validation",
         route_among: list[str] | None = None,
+        only: list[str] | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Every task of ``split`` with its own adapters, or without the task id routed among the
-        adapters of ``route_among``: task -> metric -> value (evaluator.METRICS and ``accuracy``,
-        the task metric; NaN where a metric does not apply)."""
+        """Every evaluated task of ``split`` (``only``: those tasks) with its own adapters, or without
+        the task id routed among the adapters of ``route_among``: task -> metric -> value
+        (evaluator.METRICS and ``accuracy``, the task metric; NaN where a metric does not apply)."""
         module = as_continual(pl_module)
         dm = trainer.datamodule
         training_task = TaskClock.of(trainer).task(trainer.current_epoch)
@@ -179,7 +207,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         pl_module.eval()
         try:
             with trainer.precision_plugin.forward_context():
-                tasks = task_data(dm, split, trainer.global_rank, trainer.world_size, self.batch_size)
+                tasks = task_data(dm, split, trainer.global_rank, trainer.world_size, self.batch_size, only)
                 evaluator = RowEvaluator(
                     module.model, serve, dm.hf_tokenizer, pad_id=dm.pad_token_id, head=module.fused_head
                 )
@@ -197,7 +225,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
         sums, meta = _routing_callback(trainer).task_stats(trainer, tasks)
         router = StatsRouter(tasks, dict(zip(tasks, sums, strict=True)), meta, DEFAULT_SHRINKAGE)
         return router.route(
-            module.model, module.crma, trainer.datamodule.pad_token_id, stop=not is_sharded(module.model)
+            module.model,
+            module.crma,
+            trainer.datamodule.pad_token_id,
+            stop=not is_sharded(module.model),
+            cache=self._route_features,
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -213,27 +245,60 @@ class ContinualEvaluation(TaskBoundaryCallback):
 
     def _add_row(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         start = time.perf_counter()
-        tasks = trainer.datamodule.task_names
+        dm = trainer.datamodule
+        tasks, columns = dm.task_names, dm.evaluated_task_names
         trained = [] if name == BASE_ROW else tasks[: tasks.index(name) + 1]
+        todo = scheduled_tasks(self.schedule, tasks, len(trained)) + dm.eval_task_names
         routes = as_continual(pl_module).layout.no_task_id == "route"
+        reused_before = self.reused_cells
         for split, tables in {split: self.tables(split) for split in self.splits}.items():
             blind = self.task_id == "none" and routes and trained  # the one evaluation, routed
-            result = self.evaluate(trainer, pl_module, split, route_among=trained if blind else None)
-            add_row(self.rows.setdefault(split, {}), name, result, tasks)
+            if blind:
+                result = self.evaluate(trainer, pl_module, split, route_among=trained, only=todo)
+            else:
+                result = self._oracle(trainer, pl_module, split, todo)
+            add_row(self.rows.setdefault(split, {}), name, result, columns)
             if len(tables) > 1:
                 # A shared LoRA, or all LoRAs summed, serve every input alike: the row is the same.
                 # So is the base row (no adapter trained yet).
                 if routes and trained:
-                    result = self.evaluate(trainer, pl_module, split, route_among=trained)
-                add_row(self.rows.setdefault(split + NO_TASK_ID, {}), name, result, tasks)
+                    result = self.evaluate(trainer, pl_module, split, route_among=trained, only=todo)
+                add_row(self.rows.setdefault(split + NO_TASK_ID, {}), name, result, columns)
         took = time.perf_counter() - start
         self.evaluation_s += took
         # No progress bar runs here (fit's bar is the training one): say what the pause was.
         done = "base model" if name == BASE_ROW else f"after {name}"
-        line = f"evaluated {done}: {len(tasks)} tasks on {' and '.join(self.splits)} in {took:.1f} s"
+        reused = self.reused_cells - reused_before
+        line = f"evaluated {done}: {len(todo)} tasks on {' and '.join(self.splits)} in {took:.1f} s"
+        line += f" ({reused} cells reused)" if reused else ""
         if trainer.is_global_zero:
             tqdm.write(line, file=sys.stdout)  # on a line of its own, above a progress bar if one is drawn
         self._publish(trainer, as_continual(pl_module))
+
+    def _oracle(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, todo: list[str]
+    ) -> dict[str, dict[str, float]]:
+        """The cells of ``todo`` on ``split`` with the task id: copied where what serves the task is
+        bit-identical to when the cell was last scored (``reuse``), scored otherwise."""
+        if not self.reuse:
+            return self.evaluate(trainer, pl_module, split, only=todo)
+        module = as_continual(pl_module)
+        digests = ServingDigests(module.model, module.crma)
+        key = {t: digests.of(module.layout.active_for(t, module.task_names)) for t in todo}
+        same = [t for t in todo if self._scored.get((split, t), ("",))[0] == key[t]]
+        # Every rank must take the same decision (each scores its shard; sharded forwards are
+        # collectives): a cell is reused only if it is unchanged on every rank's shard.
+        changed = torch.tensor([float(t not in same) for t in todo], device=pl_module.device)
+        changed = trainer.strategy.reduce(changed, reduce_op="sum")
+        same = [t for t, c in zip(todo, changed.tolist(), strict=True) if c == 0]
+        fresh = [t for t in todo if t not in same]
+        result = self.evaluate(trainer, pl_module, split, only=fresh) if fresh else {}
+        for t in fresh:
+            self._scored[split, t] = (key[t], dict(result[t]))
+        for t in same:
+            result[t] = dict(self._scored[split, t][1])
+        self.reused_cells += len(same)
+        return result
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if BASE_ROW not in self.loss_rows:
@@ -256,11 +321,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
 
     # -- results -------------------------------------------------------------------------
     def matrices(self, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
-        """``(L, A)`` of ``split``, each ``(rows, tasks)``."""
+        """``(L, A)`` of ``split``, each ``(rows, tasks)``; NaN where a cell was not scored."""
         rows = self.rows.get(split, {})
-        return np.array(list(rows.get("loss", {}).values())), np.array(
-            list(rows.get("accuracy", {}).values())
-        )
+        return as_array(rows.get("loss", {})), as_array(rows.get("accuracy", {}))
 
     def summary(self, trainer: pl.Trainer, module: ContinualModule, split: str = "validation") -> dict:
         dm = trainer.datamodule
@@ -276,7 +339,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "task_id": "none" if self.task_id == "none" else "given",  # how the matrices were evaluated
             "router": self.router if self.task_id == "none" and module.layout.no_task_id == "route" else None,
             # What A holds for each task (BWT, FWT, forgetting and the averages are on it).
-            "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
+            "task_metric": {t: dm.spec(t).task_metric for t in dm.evaluated_task_names},
+            "eval_tasks": list(dm.eval_task_names),
+            "schedule": self.schedule,
             "drift_pct": None,
             "bwt": None,
             "fwt": None,
@@ -289,9 +354,14 @@ class ContinualEvaluation(TaskBoundaryCallback):
             if has_crma
             else None,
             "evaluation_s": self.evaluation_s,
+            "evaluation_reused_cells": self.reused_cells,
             "fused_loss": module.run_facts.get("fused_loss"),  # how the training loss was formed
         }
-        return out | summarize_rows(self.rows[split])
+        out |= summarize_rows(self.rows[split])
+        if dm.eval_task_names:
+            columns = dm.evaluated_task_names
+            out["general_drift"] = general_drift(self.rows[split], columns, dm.eval_task_names)
+        return out
 
     def _publish(self, trainer: pl.Trainer, module: ContinualModule) -> None:
         out = run_dir(trainer)  # on every rank: a collective
@@ -304,7 +374,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         gc.collect()
 
     def _publish_split(self, trainer: pl.Trainer, module: ContinualModule, out, split: str) -> None:
-        tasks = list(trainer.datamodule.task_names)
+        tasks = list(trainer.datamodule.evaluated_task_names)
         rows = self.rows[split]
         step = len(rows["loss"]) - 1
         summary = self.summary(trainer, module, split)
@@ -320,37 +390,47 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 "routing": module.layout.no_task_id,
                 "router": self.router,
             }
+            if trainer.datamodule.eval_task_names:
+                summary["no_task_id"]["general_drift"] = general_drift(
+                    nt_rows, tasks, trainer.datamodule.eval_task_names
+                )
         out.write_matrices(tasks, files, summary, split)
         loss, acc = self.matrices(split)
+        unscored = np.array([[v is None for v in row] for row in rows["loss"].values()], dtype=bool)
         figures = {
             LOSS_MATRIX: heatmap_figure(
-                loss, list(rows["loss"]), tasks, f"{split} loss L[after, task] (lower is better)", "viridis_r"
+                loss,
+                list(rows["loss"]),
+                tasks,
+                f"{split} loss L[after, task] (lower is better)",
+                "viridis_r",
+                unscored,
             ),
             ACCURACY_MATRIX: heatmap_figure(
-                acc, list(rows["accuracy"]), tasks, f"{split} task metric A[after, task]", "viridis"
+                acc, list(rows["accuracy"]), tasks, f"{split} task metric A[after, task]", "viridis", unscored
             ),
         }
         for name, fig in figures.items():
             save_figure(fig, out.figure_file(name, split))
         prefix, cl_prefix = SPLITS[split]
-        scalars = {f"{prefix}/{t}/loss": v for t, v in zip(tasks, loss[-1], strict=True)}
-        scalars |= {f"{prefix}/{t}/accuracy": v for t, v in zip(tasks, acc[-1], strict=True)}
+        # The latest row's scored cells (a schedule leaves some unscored; NaN: does not apply).
+        scalars = {f"{prefix}/{t}/loss": v for t, v in zip(tasks, loss[-1], strict=True) if not math.isnan(v)}
+        scalars |= {
+            f"{prefix}/{t}/accuracy": v for t, v in zip(tasks, acc[-1], strict=True) if not math.isnan(v)
+        }
         for metric, m in extra.items():
             last = list(m.values())[-1]
-            scalars |= {
-                f"{prefix}/{t}/{metric}": v for t, v in zip(tasks, last, strict=True) if not math.isnan(v)
-            }
+            scalars |= {f"{prefix}/{t}/{metric}": v for t, v in zip(tasks, last, strict=True) if _value(v)}
         scalars |= {f"{cl_prefix}/{k}": v for k, v in summary.items() if k in CL_SCALARS and v is not None}
+        scalars |= _drift_scalars(f"{cl_prefix}/", summary.get("general_drift"))
         if nt_rows is not None:
             for metric in ("loss", "accuracy", *nt_extra):
                 last = list(nt_rows[metric].values())[-1]
-                scalars |= {
-                    f"{prefix}/{t}/{metric}{NO_TASK_ID}": v
-                    for t, v in zip(tasks, last, strict=True)
-                    if not math.isnan(v)
-                }
+                named = zip(tasks, last, strict=True)
+                scalars |= {f"{prefix}/{t}/{metric}{NO_TASK_ID}": v for t, v in named if _value(v)}
             nt_summary = summary["no_task_id"].items()
             scalars |= {f"{cl_prefix}{NO_TASK_ID}/{k}": v for k, v in nt_summary if isinstance(v, float)}
+            scalars |= _drift_scalars(f"{cl_prefix}{NO_TASK_ID}/", summary["no_task_id"].get("general_drift"))
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             # Lightning has no logger-neutral image API; loggers whose writer takes figures
@@ -363,7 +443,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
             pyplot().close(fig)
 
     def render(self, trainer: pl.Trainer, module: ContinualModule) -> str:
-        tasks = list(trainer.datamodule.task_names)
+        tasks = list(trainer.datamodule.evaluated_task_names)
         metrics = sorted({trainer.datamodule.spec(t).task_metric for t in tasks})
         lines = []
         for split in self.splits:
@@ -382,6 +462,15 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 "",
                 f"{split}: " + "  ".join(f"{k}={v}" for k, v in fmt.items()),
             ]
+            drift = s.get("general_drift")
+            if drift:
+                lines.append(
+                    f"{split}: general drift (evaluation-only tasks, base -> last row): "
+                    + "  ".join(
+                        f"{g}: loss {d['loss_pct']:+.2f} %, metric drop {d['metric_drop']:+.4f}"
+                        for g, d in drift["tasks"].items()
+                    )
+                )
             if len(self.tables(split)) > 1:
                 nt = self.rows[split + NO_TASK_ID]
                 lines += ["", table(nt["accuracy"], tasks, f"{name} task metric without the task id")]
@@ -395,7 +484,11 @@ class ContinualEvaluation(TaskBoundaryCallback):
     # -- resumable state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         rows = {split: {m: dict(r) for m, r in metrics.items()} for split, metrics in self.rows.items()}
-        return super().state_dict() | {"rows": rows, "evaluation_s": self.evaluation_s}
+        return super().state_dict() | {
+            "rows": rows,
+            "evaluation_s": self.evaluation_s,
+            "reused_cells": self.reused_cells,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -405,6 +498,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                 for split, metrics in state_dict["rows"].items()
             }
             self.evaluation_s = float(state_dict.get("evaluation_s", 0.0))
+            self.reused_cells = int(state_dict.get("reused_cells", 0))
         else:
             # A checkpoint from before task metrics: its accuracy rows are token accuracy.
             self.rows = {
@@ -413,6 +507,21 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     "accuracy": dict(state_dict["acc_rows"]),
                 }
             }
+
+
+def _value(v: float | None) -> bool:
+    """A scored cell whose metric applies."""
+    return v is not None and not math.isnan(v)
+
+
+def _drift_scalars(prefix: str, drift: dict | None) -> dict[str, float]:
+    """``general_drift`` as scalars: the means, and each evaluation-only task's two changes."""
+    if not drift:
+        return {}
+    out = {f"{prefix}general_drift/{k}": drift[k] for k in ("mean_loss_pct", "mean_metric_drop")}
+    for task, d in drift["tasks"].items():
+        out |= {f"{prefix}general_drift/{task}/{k}": d[k] for k in ("loss_pct", "metric_drop")}
+    return out
 
 
 def _routing_callback(trainer: pl.Trainer) -> RoutingStatistics | None:

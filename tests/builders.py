@@ -31,10 +31,12 @@ def build(
     routing=None,
     fused_loss=True,
     regularizers=None,
+    eval_tasks=(),
+    logger=False,
     **trainer_kwargs,
 ):
     """A tiny continual fit; ``routing`` (a RoutingStatistics) runs before ``evaluation``, as
-    train.py orders them."""
+    train.py orders them; ``eval_tasks`` names synthetic tasks that are only evaluated."""
     backbone = BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80})
     module = ContinualLM(
         backbone,
@@ -55,6 +57,7 @@ def build(
         eval_batch_size=16,
         epochs_per_task=epochs_per_task,
         synthetic_vocab=48,
+        eval_tasks=[TaskSpec(t) for t in eval_tasks],
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -62,7 +65,7 @@ def build(
         reload_dataloaders_every_n_epochs=1,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        logger=False,
+        logger=logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),

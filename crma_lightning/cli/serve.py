@@ -215,7 +215,7 @@ def cmd_test(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     tables = evaluate_run(run, dm, args.split, args.batch_size, args.task_id, args.router)
     summary = write_run_matrices(run, dm, tables, args.split, args.task_id, args.router)
-    rows, tasks = tables["main"], list(dm.task_names)
+    rows, tasks = tables["main"], list(dm.evaluated_task_names)
     if args.task_id == "none":
         print(f"{args.split}: every row evaluated without the task id")
     print(

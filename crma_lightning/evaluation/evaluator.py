@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from crma_lightning.backbone.output_head import batch_token_stats
 from crma_lightning.core import losses
+from crma_lightning.core.errors import ConfigError
 from crma_lightning.data.tasks import TaskSpec
 from crma_lightning.data.tokenize import choice_ids
 from crma_lightning.evaluation import metrics as clm
@@ -36,14 +38,39 @@ Route = Callable[[list[list[int]]], Tensor]
 """Prompts (token ids) -> the index of the candidate each goes to ``(N,)``: a router that needs no
 adapter (the statistics router, ``serve.router.StatsRouter.route``)."""
 
-Rows = dict[str, dict[str, list[float]]]
-"""Matrices by metric (``loss``, ``accuracy``, then :data:`EXTRA`): row name -> value per task."""
+Rows = dict[str, dict[str, list[float | None]]]
+"""Matrices by metric (``loss``, ``accuracy``, then :data:`EXTRA`): row name -> value per task;
+None where the cell was not scored (``evaluation.schedule``), NaN where the metric does not apply."""
+
+SCHEDULES = ("full", "seen", "minimal")
+"""``evaluation.schedule``: which cells each row scores (:func:`scheduled_tasks`)."""
+
+
+def scheduled_tasks(schedule: str, tasks: Sequence[str], row: int) -> list[str]:
+    """The training tasks that row ``row`` (0: the base row; k: after task k) scores: ``full`` every
+    task; ``seen`` tasks 1..k (the lower triangle); ``minimal`` task k (the diagonal, drift and BWT)
+    and k + 1 (the superdiagonal, FWT), and every task in the final row. The base row is always
+    scored in full: it is the zero-shot reference (FWT, general drift) and costs O(T)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"evaluation.schedule: must be one of {list(SCHEDULES)}, got {schedule!r}")
+    tasks = list(tasks)
+    if schedule == "full" or row == 0 or row == len(tasks):
+        return tasks
+    if schedule == "seen":
+        return tasks[:row]
+    return tasks[row - 1 : row + 1]
 
 
 def add_row(rows: Rows, name: str, result: dict[str, dict[str, float]], tasks: Sequence[str]) -> None:
-    """Put one evaluated row (:meth:`RowEvaluator.oracle`'s result) into ``rows`` as row ``name``."""
+    """Put one evaluated row (:meth:`RowEvaluator.oracle`'s result) into ``rows`` as row ``name``;
+    a task the result lacks is an unscored cell (None)."""
     for metric in ("loss", "accuracy", *EXTRA):
-        rows.setdefault(metric, {})[name] = [result[t][metric] for t in tasks]
+        rows.setdefault(metric, {})[name] = [result[t][metric] if t in result else None for t in tasks]
+
+
+def _value(v: float | None) -> bool:
+    """A scored cell whose metric applies."""
+    return v is not None and not math.isnan(v)
 
 
 def extra_matrices(rows: Rows) -> Rows:
@@ -53,24 +80,63 @@ def extra_matrices(rows: Rows) -> Rows:
     for metric in EXTRA:
         m = rows.get(metric, {})
         values = [v for row in m.values() for v in row]
-        if values and not all(math.isnan(v) for v in values) and m != rows.get("accuracy"):
+        if any(_value(v) for v in values) and m != rows.get("accuracy"):
             out[metric] = m
     return out
 
 
+def as_array(m: dict[str, list[float | None]]) -> np.ndarray:
+    """A matrix's rows as float64, unscored cells NaN (for figures and scalars)."""
+    return np.array([[np.nan if v is None else v for v in row] for row in m.values()], dtype=np.float64)
+
+
 def summarize_rows(rows: Rows) -> dict[str, float | None]:
     """The continual-learning summary (``metrics.summarize``: drift on L; BWT, FWT, forgetting and the
-    final average on A, the task metric) over the tasks trained so far, plus ``final_avg_<metric>``
-    of the other metrics; empty before the first task ends."""
-    loss, acc = np.array(list(rows["loss"].values())), np.array(list(rows["accuracy"].values()))
+    final average on A, the task metric) over the tasks trained so far (the first column per row
+    after the base; evaluation-only tasks' columns come after the training tasks'), plus
+    ``final_avg_<metric>`` of the other metrics; empty before the first task ends. A metric whose
+    cells were not scored is None."""
+    loss, acc = clm.as_masked(list(rows["loss"].values())), clm.as_masked(list(rows["accuracy"].values()))
     done = loss.shape[0] - 1  # rows after the base row
     if done < 1:
         return {}
     # Rows 0..done, columns 0..done-1.
     out: dict[str, float | None] = clm.summarize(loss[: done + 1, :done], acc[: done + 1, :done])
     for metric, m in extra_matrices(rows).items():
-        last = np.array(list(m.values()))[done, :done]
-        out[f"final_avg_{metric}"] = None if np.isnan(last).all() else float(np.nanmean(last))
+        last = list(m.values())[done][:done]
+        out[f"final_avg_{metric}"] = (
+            None
+            if None in last or not any(_value(v) for v in last)
+            else float(np.nanmean(np.array(last, dtype=np.float64)))
+        )
+    return out
+
+
+def general_drift(rows: Rows, columns: Sequence[str], eval_tasks: Sequence[str]) -> dict[str, Any] | None:
+    """How the evaluation-only tasks moved from the base row to the latest row, in drift_pct's sign
+    convention (positive = worse): per task the loss change in % of the base's
+    (``loss_pct = 100 (L[last, g] - L[base, g]) / L[base, g]``) and the task metric's drop
+    (``metric_drop = A[base, g] - A[last, g]``), and their means over the tasks; None without
+    evaluation-only tasks or before the first task ends."""
+    names = list(rows.get("loss", {}))
+    if not eval_tasks or len(names) < 2:
+        return None
+    out: dict[str, Any] = {"tasks": {}}
+    for g in eval_tasks:
+        c = list(columns).index(g)
+        lb, lf = rows["loss"][names[0]][c], rows["loss"][names[-1]][c]
+        ab, af = rows["accuracy"][names[0]][c], rows["accuracy"][names[-1]][c]
+        out["tasks"][g] = {
+            "loss_base": lb,
+            "loss_final": lf,
+            "loss_pct": 100.0 * (lf - lb) / lb,
+            "metric_base": ab,
+            "metric_final": af,
+            "metric_drop": ab - af,
+        }
+    per = out["tasks"].values()
+    out["mean_loss_pct"] = float(np.mean([t["loss_pct"] for t in per]))
+    out["mean_metric_drop"] = float(np.mean([t["metric_drop"] for t in per]))
     return out
 
 
@@ -92,11 +158,19 @@ class TaskData:
 
 
 def task_data(
-    dm, split: str, rank: int = 0, world_size: int = 1, batch_size: int | None = None
+    dm,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[TaskData]:
-    """Every task of a ``ContinualDataModule`` on ``split``, this rank's shard."""
+    """Every evaluated task of a ``ContinualDataModule`` on ``split`` (its training tasks, then its
+    evaluation-only ones; ``only``: those of them), this rank's shard."""
     out = []
-    for task in dm.task_names:
+    for task in dm.evaluated_task_names:
+        if only is not None and task not in only:
+            continue
         spec = dm.spec(task)
         generates = spec.generates and dm.split_size(task, split) > 0
         out.append(

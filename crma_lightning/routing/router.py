@@ -51,6 +51,10 @@ class LoadedRun(Protocol):
     def forget_router(self) -> None: ...
 
 
+FeatureCache = dict[tuple[Any, ...], Tensor]
+"""Pooled frozen-base features of prompt batches, by (layer, pooling, prompts): see
+:meth:`StatsRouter.features`."""
+
 RouterName = Literal["stats", "loss"]
 ROUTERS = ("stats", "loss")
 LOSS_FALLBACK = "loss"
@@ -91,6 +95,31 @@ class StatsRouter:
         self.lda: LinearRouter = fit_lda([sums[t] for t in self.tasks], shrinkage)
 
     @torch.no_grad()
+    def features(
+        self,
+        model: nn.Module,
+        crma: CRMAInjection | None,
+        prompts: Sequence[list[int]],
+        pad_id: int,
+        stop: bool = True,
+        cache: FeatureCache | None = None,
+    ) -> Tensor:
+        """``(N, D)`` pooled frozen-base features of one right-padded batch of prompts, on the CPU
+        (``stop=False`` for a sharded model: every rank runs the whole forward). They depend only
+        on the frozen base and the prompts: with ``cache``, a batch seen before is not run again."""
+        key = (self.layer, self.pooling, tuple(tuple(p) for p in prompts))
+        if cache is not None and key in cache:
+            return cache[key]
+        device = next(model.parameters()).device
+        ids, mask = pad(list(prompts), pad_id, "right")
+        feats = prompt_features(
+            model, crma, ids.to(device), mask.to(device), self.layer, self.pooling, stop=stop
+        ).cpu()
+        if cache is not None:
+            cache[key] = feats
+        return feats
+
+    @torch.no_grad()
     def batch_scores(
         self,
         model: nn.Module,
@@ -98,15 +127,10 @@ class StatsRouter:
         prompts: Sequence[list[int]],
         pad_id: int,
         stop: bool = True,
+        cache: FeatureCache | None = None,
     ) -> Tensor:
-        """``(N, K)`` discriminants of one right-padded batch of prompts through the frozen base
-        (``stop=False`` for a sharded model: every rank runs the whole forward)."""
-        device = next(model.parameters()).device
-        ids, mask = pad(list(prompts), pad_id, "right")
-        feats = prompt_features(
-            model, crma, ids.to(device), mask.to(device), self.layer, self.pooling, stop=stop
-        )
-        return self.lda.scores(feats.cpu())
+        """``(N, K)`` discriminants of one batch of prompts (:meth:`features`)."""
+        return self.lda.scores(self.features(model, crma, prompts, pad_id, stop, cache))
 
     def scores(self, run: LoadedRun, prompts: Sequence[list[int]], batch_size: int) -> Tensor:
         """``(N, K)`` discriminants of the prompts, in batches of ``batch_size``."""
@@ -118,12 +142,17 @@ class StatsRouter:
         )
 
     def route(
-        self, model: nn.Module, crma: CRMAInjection | None, pad_id: int, stop: bool = True
+        self,
+        model: nn.Module,
+        crma: CRMAInjection | None,
+        pad_id: int,
+        stop: bool = True,
+        cache: FeatureCache | None = None,
     ) -> Callable[[list[list[int]]], Tensor]:
         """A function from prompts to the index of the task each is routed to (the highest
         discriminant, no threshold): for evaluation without the task id
-        (``evaluator.RowEvaluator.routed``)."""
-        return lambda prompts: self.batch_scores(model, crma, prompts, pad_id, stop).argmax(1)
+        (``evaluator.RowEvaluator.routed``); ``cache`` keeps each batch's features across rows."""
+        return lambda prompts: self.batch_scores(model, crma, prompts, pad_id, stop, cache).argmax(1)
 
 
 def load_stats_router(

@@ -4,6 +4,8 @@ Row ``after task k`` is the base model with the LoRAs saved at the ends of tasks
 the shared LoRA after task k) and the CRMA state after task k (``adapters/crma_history/<task k>/``),
 scored by :class:`~crma_lightning.evaluation.evaluator.RowEvaluator` as in ``fit``, on any split.
 Results go to ``continual/test/`` (or ``continual/``) through :class:`~crma_lightning.runs.rundir.RunDir`.
+Every row scores every task, evaluation-only ones (``data.eval_tasks``) included, whatever
+``evaluation.schedule`` the run was fitted with (a rebuilt matrix is full).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from crma_lightning.evaluation.evaluator import (
     Rows,
     add_row,
     extra_matrices,
+    general_drift,
     summarize_rows,
     task_data,
 )
 from crma_lightning.methods.layouts import SHARED_ADAPTER
-from crma_lightning.routing.router import load_stats_router
+from crma_lightning.routing.router import FeatureCache, load_stats_router
 from crma_lightning.runs.checkpoint import CRMA_WEIGHTS, load_crma, load_lora
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, BASE_ROW, LOSS_MATRIX, matrix_name
 from crma_lightning.serve.run import TrainedRun
@@ -84,6 +87,7 @@ def evaluate_run(
     rows: Rows = {}
     blind: Rows = {}
     crma_enabled = run.crma.enabled if run.crma is not None else None
+    features: FeatureCache = {}  # frozen-base features of each batch, the same for every row
     try:
         for k, name in enumerate([BASE_ROW, *info.trained]):
             trained = _set_row(run, k)
@@ -103,7 +107,7 @@ def evaluate_run(
                 done: list[str] = info.trained[:k], evaluator: RowEvaluator = evaluator
             ) -> dict[str, dict[str, float]]:
                 route = (
-                    load_stats_router(run, tasks=done).route(run.model, run.crma, run.pad_id)
+                    load_stats_router(run, tasks=done).route(run.model, run.crma, run.pad_id, cache=features)
                     if router == "stats"
                     else None
                 )
@@ -111,12 +115,13 @@ def evaluate_run(
 
             with torch.no_grad():
                 if task_id == "none":
-                    add_row(rows, name, blind_row() if routed else evaluator.oracle(tasks), dm.task_names)
+                    result = blind_row() if routed else evaluator.oracle(tasks)
+                    add_row(rows, name, result, dm.evaluated_task_names)
                     continue
                 result = evaluator.oracle(tasks)
-                add_row(rows, name, result, dm.task_names)
+                add_row(rows, name, result, dm.evaluated_task_names)
                 if task_id == "both":
-                    add_row(blind, name, blind_row() if routed else result, dm.task_names)
+                    add_row(blind, name, blind_row() if routed else result, dm.evaluated_task_names)
     finally:
         if run.crma is not None:  # back to the run's final state, as load_run left it
             run.crma.enabled = crma_enabled
@@ -147,10 +152,14 @@ def write_run_matrices(
         "split": split,
         "task_id": "none" if task_id == "none" else "given",
         "router": router if task_id == "none" and info.layout.no_task_id == "route" else None,
-        "task_metric": {t: dm.spec(t).task_metric for t in dm.task_names},
+        "task_metric": {t: dm.spec(t).task_metric for t in dm.evaluated_task_names},
+        "eval_tasks": list(dm.eval_task_names),
         "rebuilt_from_adapters": True,
     }
     summary |= summarize_rows(rows)
+    columns = dm.evaluated_task_names
+    if dm.eval_task_names:
+        summary["general_drift"] = general_drift(rows, columns, dm.eval_task_names)
     files = {LOSS_MATRIX: rows["loss"], ACCURACY_MATRIX: rows["accuracy"]}
     files |= {matrix_name(metric): m for metric, m in extra_matrices(rows).items()}
     blind = tables.get("no_task_id")
@@ -158,5 +167,7 @@ def write_run_matrices(
         files |= {matrix_name(m, no_task_id=True): blind[m] for m in ("loss", "accuracy")}
         files |= {matrix_name(m, no_task_id=True): r for m, r in extra_matrices(blind).items()}
         summary["no_task_id"] = summarize_rows(blind) | {"routing": info.layout.no_task_id, "router": router}
-    info.run.write_matrices(list(dm.task_names), files, summary, split)
+        if dm.eval_task_names:
+            summary["no_task_id"]["general_drift"] = general_drift(blind, columns, dm.eval_task_names)
+    info.run.write_matrices(list(columns), files, summary, split)
     return summary

@@ -214,7 +214,9 @@ def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(str
     np.testing.assert_array_equal(blind.values[1], oracle.values[1])  # one candidate: the oracle's row
     np.testing.assert_array_equal(blind.values[2], oracle.values[2])  # all routed right: the oracle's row
     loss = [run.read_matrix(n).values[2] for n in ("loss_matrix_no_task_id", "loss_matrix")]
-    np.testing.assert_array_equal(*loss)  # measured equal: each example scored by the same adapter
+    # Each example scored by the same adapter; the loss router keeps every prompt position's logits
+    # (logits_to_keep=0), the oracle the last one's: equal to float32 rounding (measured 1e-7).
+    np.testing.assert_allclose(*loss, rtol=1e-6)
     assert summary["routing"] == "route" and summary["final_avg_routing_accuracy"] == pytest.approx(
         routing.values[2].mean()
     )

@@ -4,6 +4,7 @@ The pure functions are checked on hand-computed values; the batched, padded, KV-
 against slow one-example-at-a-time references written here from the definitions.
 """
 
+import dataclasses
 import json
 import os
 from contextlib import nullcontext
@@ -324,3 +325,34 @@ def test_routed_row_matches_one_example_at_a_time_routing(router, tmp_path):
             assert got["label_accuracy"] == pytest.approx(label_right / n)
             assert got["exact_match"] == pytest.approx(exact / n)
     assert seen == {"news", "qa"}  # both adapters are chosen for some examples
+
+
+@torch.no_grad()
+def test_length_sorted_batches_score_as_the_stored_order_with_less_padding(tmp_path):
+    """holdout_batches orders a held-out set by length (longest first) before batching: the sums
+    are the same up to float rounding, the per-example counts exactly, and less padding is run."""
+    dm = _classification_dm(tmp_path)
+    model = _model_for(dm)
+    evaluator = RowEvaluator(model, lambda task: nullcontext(), dm.hf_tokenizer, pad_id=dm.pad_token_id)
+
+    def padding(tasks):
+        return sum(int((b["attention_mask"] == 0).sum()) for t in tasks for b in t.batches)
+
+    for split in ("validation", "test"):
+        by_length = task_data(dm, split, batch_size=3)
+        stored = [
+            dataclasses.replace(
+                t, batches=dm.holdout_batches(t.name, batch_size=3, split=split, by_length=False)
+            )
+            for t in by_length
+        ]
+        assert padding(by_length) <= padding(stored)  # (the lengths here differ little; see tests/data)
+        sorted_row, stored_row = evaluator.oracle(by_length), evaluator.oracle(stored)
+        for task, got in sorted_row.items():
+            want = stored_row[task]
+            for metric in ("token_accuracy", "exact_match", "label_accuracy"):  # counts: exact
+                assert got[metric] == want[metric] or (
+                    got[metric] != got[metric] and want[metric] != want[metric]
+                )
+            for metric in ("loss", "rougeL"):
+                assert got[metric] == pytest.approx(want[metric], abs=1e-6, nan_ok=True), (task, metric)
