@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from builders import TASKS, build
 from crma_lightning.callbacks.evaluation import ContinualEvaluation
+from crma_lightning.callbacks.routing import RoutingStatistics
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from crma_lightning.core.errors import ConfigError
 from crma_lightning.evaluation import metrics
+from crma_lightning.evaluation.task_metrics import prompt_lengths
+from crma_lightning.routing.router import DEFAULT_SHRINKAGE, StatsRouter
 from crma_lightning.runs.rundir import RunDir
 
 
@@ -143,3 +146,29 @@ def test_an_evaluation_only_task_is_scored_every_row_and_served_by_the_base(tmp_
     assert all(v != column[0] for v in column[1:])
     drift = RunDir(trainer.log_dir).read_summary()["general_drift"]["tasks"]["g"]
     assert drift["loss_pct"] == pytest.approx(100 * (column[-1] - column[0]) / column[0])
+
+
+def test_routing_features_are_computed_once_per_batch_and_route_as_fresh_ones(tmp_path):
+    """The statistics router's frozen-base features of an evaluation batch are cached across rows;
+    routing with them picks what features computed afresh pick."""
+    routing = RoutingStatistics()
+    ev = ContinualEvaluation(print_table=False, task_id="both")
+    module, dm, trainer = build("frozen", tmp_path, evaluation=ev, routing=routing, epochs_per_task=1)
+    trainer.fit(module, datamodule=dm)
+    batches = {(s, t): dm.holdout_batches(t, split=s) for s in ("validation", "test") for t in TASKS}
+    # At most one entry per evaluation batch (batches with the same prompts share one), not one
+    # per row and batch.
+    assert 0 < len(ev._route_features) <= sum(len(b) for b in batches.values())
+    sums, meta = routing.task_stats(trainer, list(TASKS))
+    router = StatsRouter(list(TASKS), dict(zip(TASKS, sums, strict=True)), meta, DEFAULT_SHRINKAGE)
+    cached = router.route(module.model, module.crma, dm.pad_token_id, cache=ev._route_features)
+    fresh = router.route(module.model, module.crma, dm.pad_token_id)
+    for task_batches in batches.values():
+        for b in task_batches:
+            n = prompt_lengths(b["labels"], b["attention_mask"], 16).tolist()
+            prompts = [row[:k] for row, k in zip(b["input_ids"].tolist(), n, strict=True)]
+            before = len(ev._route_features)
+            assert cached(prompts).tolist() == fresh(prompts).tolist()
+            assert len(ev._route_features) == before  # a hit: no forward pass
+    loss = ev.rows["validation_no_task_id"]["routing_accuracy"]
+    assert all(v == v for v in loss[TASKS[-1]])  # every task routed in the last row
