@@ -151,6 +151,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
         # table (a split, or a split + NO_TASK_ID) -> metric ("loss", "accuracy": the task metric,
         # then the evaluator's other metrics) -> row name -> value per task
         self.rows: dict[str, dict[str, dict[str, list[float]]]] = {}
+        # table -> task -> the final row's per-example scores of the task metric (None: not kept)
+        self.final_examples: dict[str, dict[str, list[float] | None]] = {}
         self.evaluation_s = 0.0
 
     @property
@@ -258,12 +260,14 @@ class ContinualEvaluation(TaskBoundaryCallback):
             else:
                 result = self._oracle(trainer, pl_module, split, todo)
             add_row(self.rows.setdefault(split, {}), name, result, columns)
+            self._keep_examples(split, name, tasks, result)
             if len(tables) > 1:
                 # A shared LoRA, or all LoRAs summed, serve every input alike: the row is the same.
                 # So is the base row (no adapter trained yet).
                 if routes and trained:
                     result = self.evaluate(trainer, pl_module, split, route_among=trained, only=todo)
                 add_row(self.rows.setdefault(split + NO_TASK_ID, {}), name, result, columns)
+                self._keep_examples(split + NO_TASK_ID, name, tasks, result)
         took = time.perf_counter() - start
         self.evaluation_s += took
         # No progress bar runs here (fit's bar is the training one): say what the pause was.
@@ -274,6 +278,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
         if trainer.is_global_zero:
             tqdm.write(line, file=sys.stdout)  # on a line of its own, above a progress bar if one is drawn
         self._publish(trainer, as_continual(pl_module))
+
+    def _keep_examples(self, table: str, name: str, tasks: list[str], result: dict) -> None:
+        """After the last task: each task's per-example scores of the task metric (``examples``: the
+        summary's ``final_examples``), so that methods can be compared example by example."""
+        if name == tasks[-1]:
+            self.final_examples[table] = {t: r.get("examples") for t, r in result.items()}
 
     def _oracle(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, todo: list[str]
@@ -358,6 +368,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
             "fused_loss": module.run_facts.get("fused_loss"),  # how the training loss was formed
         }
         out |= summarize_rows(self.rows[split])
+        if split in self.final_examples:  # paired comparisons of runs need the examples themselves
+            given, blind = self.final_examples[split], self.final_examples.get(split + NO_TASK_ID)
+            out["final_examples"] = {"task_id": given, "no_task_id": blind}
         if dm.eval_task_names:
             columns = dm.evaluated_task_names
             out["general_drift"] = general_drift(self.rows[split], columns, dm.eval_task_names)

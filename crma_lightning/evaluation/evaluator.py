@@ -43,6 +43,8 @@ Rows = dict[str, dict[str, list[float | None]]]
 None where the cell was not scored (``evaluation.schedule``), NaN where the metric does not apply."""
 
 SCHEDULES = ("full", "seen", "minimal")
+PER_EXAMPLE = {"exact_match": "exact", "label_accuracy": "label_correct"}
+"""Task metrics whose per-example scores a result carries (``examples``), and the quantity they are."""
 """``evaluation.schedule``: which cells each row scores (:func:`scheduled_tasks`)."""
 
 
@@ -243,6 +245,8 @@ class RowEvaluator:
         self.eos_id = None if tokenizer is None else tokenizer.eos_token_id
         self.route_tokens = route_tokens
         self.generation_batch_size = generation_batch_size
+        # task index -> quantity (``exact``, ``label_correct``) -> example position -> 0/1
+        self._examples: dict[int, dict[str, dict[int, float]]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -253,18 +257,23 @@ class RowEvaluator:
     def oracle(self, tasks: Sequence[TaskData]) -> dict[str, dict[str, float]]:
         """Each task evaluated as ``serve(task)`` sets the model up (the task id given)."""
         sums = tm.Sums(len(tasks)).to(self.device)
+        self._examples = {}
         for i, task in enumerate(tasks):
             prompts, weights, refs = [], [], []
             with self.serve(task.name):
+                seen = 0  # examples (padding included) before this batch: their positions
                 for batch in task.batches:
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     w = batch["example_weight"]
+                    at = range(seen, seen + len(w))
+                    seen += len(w)
                     if task.choices is not None:  # one forward of the prompts: every metric, the answers
                         scores = self._classify(batch, task)
                         sums.update(i, **{k: v * w for k, v in scores.items() if k != "answers"}, examples=w)
+                        self._keep(i, "label_correct", scores["label_correct"], w.tolist(), at)
                         if task.budget:
                             self._score_generated(
-                                sums, i, scores["answers"], w, self._references(task, batch)
+                                sums, i, scores["answers"], w, self._references(task, batch), at
                             )
                         continue
                     s, _ = batch_token_stats(
@@ -288,11 +297,15 @@ class RowEvaluator:
         the one whose adapters give its prompt the lowest mean next-token loss."""
         candidates = list(candidates)
         sums = tm.Sums(len(tasks)).to(self.device)
+        self._examples = {}
         for i, task in enumerate(tasks):
             prompts, weights, refs, chosen = [], [], [], []
+            seen = 0
             for batch in task.batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 w = batch["example_weight"]
+                at = range(seen, seen + len(w))
+                seen += len(w)
                 p = self._prompts(batch)
                 choice, pick = self._route_batch(batch, p, task, candidates, route)
                 sums.update(
@@ -304,8 +317,9 @@ class RowEvaluator:
                 )
                 if task.choices is not None:
                     sums.update(i, label_correct=pick["label_correct"] * w)
+                    self._keep(i, "label_correct", pick["label_correct"], w.tolist(), at)
                     if task.budget:  # each example's greedy answer under the adapter it was routed to
-                        self._score_generated(sums, i, pick["answers"], w, self._references(task, batch))
+                        self._score_generated(sums, i, pick["answers"], w, self._references(task, batch), at)
                 if task.name in candidates:
                     own = choice == candidates.index(task.name)
                     sums.update(i, routed_right=own.double() * w, routable=w)
@@ -447,23 +461,39 @@ class RowEvaluator:
         )
         return self._texts(new)
 
-    @staticmethod
     def _score_texts(
-        sums: tm.Sums, i: int, answers: list[str], refs: list[str], weights: list[float]
+        self,
+        sums: tm.Sums,
+        i: int,
+        answers: list[str],
+        refs: list[str],
+        weights: list[float],
+        at: Sequence[int],
     ) -> None:
-        """Exact match and ROUGE-L of ``answers`` against ``refs``, real examples (weight > 0) only."""
+        """Exact match and ROUGE-L of ``answers`` against ``refs``, real examples (weight > 0) only;
+        ``at``: the examples' positions in their task (for the per-example scores)."""
         real = [k for k, w in enumerate(weights) if w > 0]
         texts, references = [answers[k] for k in real], [refs[k] for k in real]
-        sums.update(i, exact=tm.exact_matches(texts, references), rouge=tm.rouge_l_sum(texts, references))
+        exact = tm.exact_matches(texts, references)
+        sums.update(i, exact=exact, rouge=tm.rouge_l_sum(texts, references))
+        self._keep(i, "exact", exact, [1.0] * len(real), [at[k] for k in real])
+
+    def _keep(self, i: int, quantity: str, values: Tensor, weights: list[float], at: Sequence[int]) -> None:
+        """Each real example's 0/1 score of ``quantity`` at its position in task ``i``."""
+        kept = self._examples.setdefault(i, {}).setdefault(quantity, {})
+        for v, w, k in zip(values.tolist(), weights, at, strict=True):
+            if w > 0:
+                kept[k] = float(v)
 
     def _score_generated(
-        self, sums: tm.Sums, i: int, answers: Tensor, weights: Tensor, refs: list[str]
+        self, sums: tm.Sums, i: int, answers: Tensor, weights: Tensor, refs: list[str], at: Sequence[int]
     ) -> None:
         """Exact match (and ROUGE-L) of greedy answers ``(B, budget)``, cut at the first eos."""
-        self._score_texts(sums, i, self._texts(answers.tolist()), refs, weights.tolist())
+        self._score_texts(sums, i, self._texts(answers.tolist()), refs, weights.tolist(), at)
 
     def _score_answers(self, sums: tm.Sums, i: int, task: TaskData, prompts, weights, refs) -> None:
-        self._score_texts(sums, i, self._answers(prompts, task.budget), refs, weights)
+        answers = self._answers(prompts, task.budget)
+        self._score_texts(sums, i, answers, refs, weights, range(len(prompts)))
 
     def _score_routed_answers(self, sums, i, task, candidates, prompts, weights, refs, chosen) -> None:
         """Greedy answers, each under the candidate its example was routed to."""
@@ -475,14 +505,14 @@ class RowEvaluator:
             padded = rows + [rows[0] if rows else 0] * (count - len(rows))  # padding: generated, dropped
             with self.serve(candidate):
                 answers = self._answers([prompts[k] for k in padded], task.budget)[: len(rows)]
-            self._score_texts(sums, i, answers, [refs[k] for k in rows], [weights[k] for k in rows])
+            self._score_texts(sums, i, answers, [refs[k] for k in rows], [weights[k] for k in rows], rows)
 
     def _results(self, tasks: Sequence[TaskData], sums: tm.Sums) -> dict[str, dict[str, float]]:
         """Per task: every metric of :data:`METRICS` (NaN where it does not apply) and ``accuracy``,
         the task metric."""
         v = sums.compute().tolist()  # synced over ranks
         out = {}
-        for task, row in zip(tasks, v, strict=True):
+        for i, (task, row) in enumerate(zip(tasks, v, strict=True)):
             q = dict(zip(tm.QUANTITIES, row, strict=True))
             generated = task.budget > 0
             r = {
@@ -499,8 +529,22 @@ class RowEvaluator:
                 else float("nan"),
             }
             r["accuracy"] = r[task.spec.task_metric]
+            # the task metric per example, for paired intervals; exact match and label accuracy only
+            per = PER_EXAMPLE.get(task.spec.task_metric)
+            kept = self._examples.get(i, {}).get(per, {}) if per else {}
+            # a collective when several ranks evaluate: called on every rank alike
+            r["examples"] = (_gathered([kept[k] for k in sorted(kept)]) or None) if per else None
             out[task.name] = r
         return out
+
+
+def _gathered(values: list[float]) -> list[float]:
+    """Every rank's ``values``, rank 0's first (``values`` itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    out: list[list[float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, values)
+    return [v for part in out for v in part or []]
 
 
 def _max_over_ranks(n: int) -> int:

@@ -143,6 +143,14 @@ def test_classification_fit_writes_task_metric_matrices_on_validation_and_test(t
         assert summary["final_avg_accuracy"] == pytest.approx(acc.values[-1].mean())
         assert summary["final_avg_label_accuracy"] == pytest.approx(label.values[-1].mean())
         assert summary["evaluation_s"] > 0
+        # The final row's score of every example, for paired comparisons of runs: they average to
+        # the final row exactly (the earlier tasks' cells were reused under FROZEN, examples too).
+        examples = summary["final_examples"]["task_id"]
+        sizes = {"validation": 12, "test": 10}
+        for i, t in enumerate(tasks):
+            assert len(examples[t]) == sizes[split] and set(examples[t]) <= {0.0, 1.0}
+            assert np.mean(examples[t]) == pytest.approx(acc.values[-1, i], abs=1e-12)
+        assert summary["evaluation_reused_cells"] > 0
     # The test split is other examples than validation: the matrices are computed apart.
     assert (
         run.read_matrix("loss_matrix", "test").values.tolist()
@@ -221,6 +229,11 @@ def test_without_the_task_id_routes_per_task_loras_and_reuses_one_model_rows(str
         routing.values[2].mean()
     )
     assert summary["final_avg_accuracy"] == pytest.approx(blind.values[2].mean())
+    # routed, each example scored under the adapter it went to, in the oracle's example order
+    examples = run.read_summary()["final_examples"]
+    for i, t in enumerate(tasks):
+        assert np.mean(examples["no_task_id"][t]) == pytest.approx(blind.values[2, i], abs=1e-12)
+        assert examples["no_task_id"][t] == examples["task_id"][t]  # all routed right
     assert summary["bwt"] == pytest.approx(blind.values[2, 0] - blind.values[1, 0])
     events = EventAccumulator(str(run.path))
     events.Reload()
