@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny random-init causal LMs of every supported family and layout, built from configs."""
+"""Shared fixtures: tiny random-init causal LMs of every supported family and layout, built from configs;
+the method presets' small fits, once per session."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +83,8 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 #: The small fit of every method preset: configs/tiny.yaml with 32 training and 16 holdout examples a
 #: task, one epoch each.
 PRESET_FIT = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
@@ -88,29 +92,32 @@ PRESET_FIT = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.ep
 
 @pytest.fixture(scope="session")
 def preset_run(tmp_path_factory):
-    """``preset_run(name)``: the run directory of ``train.py fit`` of configs/tiny.yaml under
-    configs/methods/<name>.yaml with PRESET_FIT, fitted once per session: the presets' own test
+    """``preset_run(name)``: the run directory of a fit of configs/tiny.yaml under
+    configs/methods/<name>.yaml with PRESET_FIT, once per session, in-process through train.py's
+    CLI (``crma_lightning.cli.fit.main``, as serve's fixtures fit): the presets' own test
     (tests/methods) and serve's test of the other strategies (tests/serve) only read it."""
-    from subproc import run_dir_of, run_train
+    from crma_lightning.cli.fit import main as fit_main
 
     runs = {}
 
     def get(name: str):
         if name not in runs:
             save_dir = tmp_path_factory.mktemp(f"preset_{name}")
-            proc = run_train(
-                "fit",
-                "--config",
-                "configs/tiny.yaml",
-                "--config",
-                f"configs/methods/{name}.yaml",
-                *PRESET_FIT,
-                "--trainer.logger.init_args.save_dir",
-                str(save_dir),
-                "--trainer.enable_progress_bar",
-                "false",
+            cli = fit_main(
+                [
+                    "fit",
+                    "--config",
+                    str(CONFIGS / "tiny.yaml"),
+                    "--config",
+                    str(CONFIGS / "methods" / f"{name}.yaml"),
+                    *PRESET_FIT,
+                    "--trainer.logger.init_args.save_dir",
+                    str(save_dir),
+                    "--trainer.enable_progress_bar",
+                    "false",
+                ]
             )
-            runs[name] = run_dir_of(proc)
+            runs[name] = Path(cli.trainer.log_dir)
         return runs[name]
 
     return get
