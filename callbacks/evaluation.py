@@ -211,7 +211,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
             with trainer.precision_plugin.forward_context():
                 tasks = task_data(dm, split, trainer.global_rank, trainer.world_size, self.batch_size, only)
                 evaluator = RowEvaluator(
-                    module.model, serve, dm.hf_tokenizer, pad_id=dm.pad_token_id, head=module.fused_head
+                    module.model,
+                    serve,
+                    dm.hf_tokenizer,
+                    pad_id=dm.pad_token_id,
+                    head=module.fused_head,
+                    early_stop=not is_sharded(module.model),  # a sharded forward is a collective
                 )
                 if route_among is None:
                     return evaluator.oracle(tasks)

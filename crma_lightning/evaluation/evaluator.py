@@ -234,9 +234,12 @@ class RowEvaluator:
         route_tokens: int = 16,
         generation_batch_size: int = 16,
         head: nn.Linear | None = None,
+        early_stop: bool = False,
     ) -> None:
         """``head``: the model's output head, when the loss may be formed from the final hidden
-        states without the logits (``crma_lightning.backbone.output_head``; the module's ``fused_head``)."""
+        states without the logits (``crma_lightning.backbone.output_head``; the module's ``fused_head``).
+        ``early_stop``: stop generating a batch's answers once every one has ended (eos); only where
+        ranks need not run the same forward passes (not a sharded model)."""
         self.model = model
         self.head = head
         self.serve = serve
@@ -245,6 +248,7 @@ class RowEvaluator:
         self.eos_id = None if tokenizer is None else tokenizer.eos_token_id
         self.route_tokens = route_tokens
         self.generation_batch_size = generation_batch_size
+        self.early_stop = early_stop and self.eos_id is not None
         # task index -> quantity (``exact``, ``label_correct``) -> example position -> 0/1
         self._examples: dict[int, dict[str, dict[int, float]]] = {}
 
@@ -409,7 +413,13 @@ class RowEvaluator:
         forward of prompt + target gives), whether the best-scored label is its own, the greedy
         answer (``(B, budget)`` ids) and, with ``prompt_loss``, the routing score."""
         scores = tm.score_choices(
-            self.model, prompts or self._prompts(batch), task.choices, self.pad_id, task.budget, prompt_loss
+            self.model,
+            prompts or self._prompts(batch),
+            task.choices,
+            self.pad_id,
+            task.budget,
+            prompt_loss,
+            stop_at=self.eos_id if self.early_stop else None,
         )
         target = batch["target"][:, None]
         lengths = torch.tensor([len(c) for c in task.choices], device=self.device, dtype=torch.float32)
@@ -447,13 +457,13 @@ class RowEvaluator:
         return [self._decode(row[: row.index(self.eos_id)] if self.eos_id in row else row) for row in rows]
 
     def _answers(self, prompts: list[list[int]], budget: int) -> list[str]:
-        """Greedy answers of ``budget`` tokens (every one generated: the same work on every rank),
-        cut at the first eos, decoded."""
+        """Greedy answers of ``budget`` tokens (every one generated, the same work on every rank,
+        unless ``early_stop``), cut at the first eos, decoded."""
         new = generate_ids(
             self.model,
             prompts,
             pad_id=self.pad_id,
-            eos_id=None,
+            eos_id=self.eos_id if self.early_stop else None,
             batch_size=self.generation_batch_size,
             max_new_tokens=budget,
             do_sample=False,

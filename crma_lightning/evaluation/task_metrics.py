@@ -128,12 +128,16 @@ def score_choices(
     pad_id: int,
     budget: int = 0,
     prompt_loss: bool = False,
+    stop_at: int | None = None,
 ) -> ChoiceScores:
     """Score every label of a classification batch and answer it greedily, with one forward of the
     B prompts: their KV cache is repeated L times for one forward of the ``B * L`` label targets (a
     few tokens each: the cost is about one forward of the prompts whatever the label count), and
     continued ``budget - 1`` single-token steps for the greedy answer (``budget`` tokens, the first
     from the prompt's last logits). ``prompt_loss`` also keeps every prompt position's logits.
+    ``stop_at`` (an eos id): generation stops once every row has produced it, and the rest of the
+    answers is filled with it (what follows an eos is never scored); leave it None where every
+    rank must run the same forward passes (a sharded model).
 
     Prompts are left-padded and targets right-padded; position ids count real tokens only, so
     padding changes nothing (tests compare with unpadded sequences scored whole, and with greedy
@@ -186,7 +190,11 @@ def score_choices(
         token = last.argmax(-1)  # (B,)
         steps = [token]
         mask = prompt_mask
+        ended = token == stop_at if stop_at is not None else None
         for k in range(1, budget):
+            if ended is not None and bool(ended.all()):
+                steps += [torch.full_like(token, stop_at)] * (budget - k)
+                break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step = model(
                 input_ids=token[:, None],
@@ -198,6 +206,8 @@ def score_choices(
             cache = getattr(step, CACHE)
             token = step.logits[:, -1].argmax(-1)
             steps.append(token)
+            if ended is not None:
+                ended |= token == stop_at
         answers = torch.stack(steps, 1)
     return ChoiceScores(log_likelihood, correct, answers, losses_)
 

@@ -100,7 +100,7 @@ def evaluate_run(
                 with nullcontext() if active else lora_disabled(run.model):
                     yield
 
-            evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id)
+            evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id, early_stop=True)
             routed = layout.no_task_id == "route" and k > 0  # else one model serves every input
 
             def blind_row(

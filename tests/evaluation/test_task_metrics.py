@@ -356,3 +356,40 @@ def test_length_sorted_batches_score_as_the_stored_order_with_less_padding(tmp_p
                 )
             for metric in ("loss", "rougeL"):
                 assert got[metric] == pytest.approx(want[metric], abs=1e-6, nan_ok=True), (task, metric)
+        # Stopping generation once every answer of a batch has ended changes no number.
+        early = RowEvaluator(
+            model, lambda task: nullcontext(), dm.hf_tokenizer, pad_id=dm.pad_token_id, early_stop=True
+        ).oracle(by_length)
+        assert json.dumps(early) == json.dumps(sorted_row)
+
+
+@torch.no_grad()
+def test_generation_stops_once_every_answer_has_ended_with_the_same_answers():
+    """``stop_at``: the steps after every row's eos are not run, and the answers cut at their
+    first eos are those of the full budget."""
+    model = tiny_model("llama")
+    prompts = [[10, 11], [12, 13, 14]]
+    choices = [[20, 21, 1], [22, 1]]
+    full = tm.score_choices(model, prompts, choices, pad_id=0, budget=6)
+    # As "eos", a token every row generates before the last step, so that generation can stop early.
+    common = set(full.answers[0, :-1].tolist()).intersection(*(r[:-1].tolist() for r in full.answers[1:]))
+    assert common, full.answers
+    eos = min(common)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        stopped = tm.score_choices(model, prompts, choices, pad_id=0, budget=6, stop_at=eos)
+        calls_stopped = len(calls)
+        calls.clear()
+        again = tm.score_choices(model, prompts, choices, pad_id=0, budget=6)
+    finally:
+        hook.remove()
+
+    def cut(row):
+        row = row.tolist()
+        return row[: row.index(eos)] if eos in row else row
+
+    assert [cut(r) for r in stopped.answers] == [cut(r) for r in again.answers]
+    assert stopped.answers.shape == again.answers.shape
+    assert torch.equal(stopped.log_likelihood, again.log_likelihood)
+    assert calls_stopped < len(calls)  # every row ended before the budget: fewer forward passes
