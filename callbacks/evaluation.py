@@ -91,6 +91,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
     and logged as ``val/<task>/<metric>``, ``cl/*`` (``test/...``, ``cl_test/*``) at step = number of
     tasks trained. Each rank evaluates a disjoint shard and the sums are all-reduced, so the result
     equals a single-process evaluation.
+
+    ``schedule`` picks the cells each row scores (``full``, ``seen``, ``minimal``; unscored cells
+    are None, empty in the CSVs); ``reuse`` copies a cell whose serving tensors are unchanged since
+    it was scored. Evaluation-only tasks (``data.eval_tasks``) are extra columns of every row,
+    summarised as ``general_drift`` (docs/decisions.md, "Evaluation schedules, unscored cells and
+    reuse").
     """
 
     role = "evaluation"
