@@ -181,10 +181,12 @@ def assert_matches_single(dist_run: Path, single_run: Path, adapter_atol: float 
     if (single_run / "continual" / "routing_accuracy_matrix_no_task_id.csv").is_file():
         names.append(("routing_accuracy_matrix_no_task_id.csv", 1 / 32 + 1e-6))
     for name, atol in names:
-        rows_1, tasks_1, m_1 = read_matrix_csv(single_run / "continual" / name)
-        rows_2, tasks_2, m_2 = read_matrix_csv(dist_run / "continual" / name)
-        assert (rows_1, tasks_1) == (rows_2, tasks_2)
-        np.testing.assert_allclose(m_2, m_1, atol=atol, rtol=0, err_msg=name)
+        one, dist = (
+            read_matrix_csv(single_run / "continual" / name),
+            read_matrix_csv(dist_run / "continual" / name),
+        )
+        assert (one.rows, one.tasks) == (dist.rows, dist.tasks)
+        np.testing.assert_allclose(dist.values, one.values, atol=atol, rtol=0, err_msg=name)
     tasks = json.loads((single_run / "continual" / "summary.json").read_text())["tasks"]
     files = [f"{t}/adapter_model.safetensors" for t in tasks]
     if (single_run / "adapters" / "crma").is_dir():

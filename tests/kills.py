@@ -55,9 +55,9 @@ def callbacks_with(fault: str) -> list[str]:
 def artefacts(run_dir: Path) -> dict[str, np.ndarray]:
     out = {}
     for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
-        rows, _, m = read_matrix_csv(run_dir / "continual" / name)
-        assert rows == ["base", "alpha", "beta", "gamma"]
-        out[name] = m
+        matrix = read_matrix_csv(run_dir / "continual" / name)
+        assert matrix.rows == ["base", "alpha", "beta", "gamma"]
+        out[name] = matrix.values
     for f in [
         *sorted((run_dir / "adapters").rglob("*.safetensors")),
         *sorted((run_dir / "routing").glob("*.safetensors")),

@@ -240,9 +240,10 @@ def test_ddp_task_metrics_with_and_without_the_task_id_match_one_process(tmp_pat
     names += [f"{n}_no_task_id" for n in names] + ["routing_accuracy_matrix_no_task_id"]
     for split, count in (("", 13), ("test/", 11)):
         for name in names:
-            rows_1, tasks_1, m_1 = read_matrix_csv(single / "continual" / f"{split}{name}.csv")
-            rows_2, tasks_2, m_2 = read_matrix_csv(ddp / "continual" / f"{split}{name}.csv")
-            assert (rows_1, tasks_1) == (rows_2, tasks_2)
+            one = read_matrix_csv(single / "continual" / f"{split}{name}.csv")
+            two = read_matrix_csv(ddp / "continual" / f"{split}{name}.csv")
+            assert (one.rows, one.tasks) == (two.rows, two.tasks)
+            m_1, m_2 = one.values, two.values
             if name.startswith("loss"):  # measured: 1e-7, the all-reduced sums' float32 rounding
                 np.testing.assert_allclose(m_2, m_1, atol=1e-6, rtol=0, err_msg=split + name)
                 continue

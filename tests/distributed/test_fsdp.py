@@ -99,8 +99,8 @@ def test_fsdp2_resumes_from_a_sharded_checkpoint(fsdp2, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(20, 24))
     for name in ("loss_matrix.csv", "accuracy_matrix.csv"):
-        _, _, before = read_matrix_csv(fsdp2 / "continual" / name)
-        _, _, after = read_matrix_csv(resumed / "continual" / name)
+        before = read_matrix_csv(fsdp2 / "continual" / name).values
+        after = read_matrix_csv(resumed / "continual" / name).values
         np.testing.assert_allclose(after, before, atol=1e-6, rtol=0, err_msg=name)
     for f in ("gamma/adapter_model.safetensors", "crma/crma.safetensors"):
         a, b = load_file(fsdp2 / "adapters" / f), load_file(resumed / "adapters" / f)
