@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One short GPU check: the GPU tests (pytest -m gpu, tests/gpu/test_gpu.py; see benchmarks/gpu_check.py):
+# One short GPU check: the GPU tests (pytest -m gpu, tests/gpu/test_gpu.py):
 # bf16 tokens/s of FROZEN vs MODULAR, FSDP1 on one node, an NF4 base, the fused loss on CUDA and the
-# memory plan against torch.cuda.max_memory_allocated; the report names the device.
+# memory plan against torch.cuda.max_memory_allocated. Writes OUT_DIR/gpu_check.json (the device, torch and
+# every test's measurements) and OUT_DIR/gpu_check.log (pytest's outcome of each test).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT, else benchmarks/results
 #
@@ -21,4 +22,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-timeout 590 "$PY" benchmarks/gpu_check.py --out "${1:-${OUT:-benchmarks/results}}"
+out=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$out"
+CRMA_GPU_RESULTS="$out/gpu_check.json" timeout 590 "$PY" -m pytest -m gpu tests/gpu/test_gpu.py -q -rA \
+  -p no:cacheprovider --durations=0 2>&1 | tee "$out/gpu_check.log"

@@ -1,4 +1,4 @@
-"""GPU checks as tests (``pytest -m gpu``), skipped without CUDA; ``benchmarks/gpu_check.py`` runs them.
+"""GPU checks as tests (``pytest -m gpu``), skipped without CUDA; ``benchmarks/gpu_check.sh`` runs them.
 
 - bf16 tokens/s of MODULAR against FROZEN (CRMA's cost) on a ~1B random-init Llama;
 - ``train.py fit`` with FSDP1 on one node (every visible GPU), then resumed; with FSDP2 (bf16-mixed)

@@ -1,6 +1,6 @@
 """Mixed precision on CPU: the projection stays float32 under bf16 autocast and the spectral bound
 holds through a real bf16-mixed run. (``16-mixed`` has no CPU autocast: Lightning replaces it by
-``bf16-mixed`` on CPU, so fp16 is checked by benchmarks/gpu_check.py on a GPU.)
+``bf16-mixed`` on CPU, so fp16 is checked by benchmarks/gpu_check.sh on a GPU.)
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_bf16_mixed_run_keeps_the_spectral_bound(tmp_path, tmp_path_factory):
 
 def test_fp16_mixed_on_cpu_becomes_bf16():
     # What Lightning does with 16-mixed on CPU: bf16 autocast instead (with a warning). fp16 with
-    # its GradScaler is therefore only exercised on a GPU (benchmarks/gpu_check.py).
+    # its GradScaler is therefore only exercised on a GPU (benchmarks/gpu_check.sh).
     from lightning.pytorch import Trainer
 
     with pytest.warns(UserWarning, match="16-mixed"):
