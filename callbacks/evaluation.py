@@ -198,10 +198,12 @@ class ContinualEvaluation(TaskBoundaryCallback):
         split: str = "validation",
         route_among: list[str] | None = None,
         only: list[str] | None = None,
+        batch_cache: dict | None = None,
     ) -> dict[str, dict[str, float]]:
         """Every evaluated task of ``split`` (``only``: those tasks) with its own adapters, or without
         the task id routed among the adapters of ``route_among``: task -> metric -> value
-        (evaluator.METRICS and ``accuracy``, the task metric; NaN where a metric does not apply)."""
+        (evaluator.METRICS and ``accuracy``, the task metric; NaN where a metric does not apply).
+        ``batch_cache``: shared by the calls of one row (``RowEvaluator``'s)."""
         module = as_continual(pl_module)
         dm = trainer.datamodule
         training_task = TaskClock.of(trainer).task(trainer.current_epoch)
@@ -223,6 +225,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     pad_id=dm.pad_token_id,
                     head=module.fused_head,
                     early_stop=not is_sharded(module.model),  # a sharded forward is a collective
+                    batch_cache=batch_cache,
                 )
                 if route_among is None:
                     return evaluator.oracle(tasks)
@@ -265,18 +268,23 @@ class ContinualEvaluation(TaskBoundaryCallback):
         routes = as_continual(pl_module).layout.no_task_id == "route"
         reused_before = self.reused_cells
         for split, tables in {split: self.tables(split) for split in self.splits}.items():
+            # The oracle's classification batches, for the routed pass of the same row to take
+            # where a whole batch is routed to its own task (RowEvaluator.batch_cache).
+            batch_cache: dict = {}
             blind = self.task_id == "none" and routes and trained  # the one evaluation, routed
             if blind:
                 result = self.evaluate(trainer, pl_module, split, route_among=trained, only=todo)
             else:
-                result = self._oracle(trainer, pl_module, split, todo)
+                result = self._oracle(trainer, pl_module, split, todo, batch_cache)
             add_row(self.rows.setdefault(split, {}), name, result, columns)
             self._keep_examples(split, name, tasks, result)
             if len(tables) > 1:
                 # A shared LoRA, or all LoRAs summed, serve every input alike: the row is the same.
                 # So is the base row (no adapter trained yet).
                 if routes and trained:
-                    result = self.evaluate(trainer, pl_module, split, route_among=trained, only=todo)
+                    result = self.evaluate(
+                        trainer, pl_module, split, route_among=trained, only=todo, batch_cache=batch_cache
+                    )
                 add_row(self.rows.setdefault(split + NO_TASK_ID, {}), name, result, columns)
                 self._keep_examples(split + NO_TASK_ID, name, tasks, result)
         took = time.perf_counter() - start
@@ -297,12 +305,17 @@ class ContinualEvaluation(TaskBoundaryCallback):
             self.final_examples[table] = {t: r.get("examples") for t, r in result.items()}
 
     def _oracle(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str, todo: list[str]
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        split: str,
+        todo: list[str],
+        batch_cache: dict | None = None,
     ) -> dict[str, dict[str, float]]:
         """The cells of ``todo`` on ``split`` with the task id: copied where what serves the task is
         bit-identical to when the cell was last scored (``reuse``), scored otherwise."""
         if not self.reuse:
-            return self.evaluate(trainer, pl_module, split, only=todo)
+            return self.evaluate(trainer, pl_module, split, only=todo, batch_cache=batch_cache)
         module = as_continual(pl_module)
         digests = ServingDigests(module.model, module.crma)
         key = {t: digests.of(module.layout.active_for(t, module.task_names)) for t in todo}
@@ -313,7 +326,9 @@ class ContinualEvaluation(TaskBoundaryCallback):
         changed = trainer.strategy.reduce(changed, reduce_op="sum")
         same = [t for t, c in zip(todo, changed.tolist(), strict=True) if c == 0]
         fresh = [t for t in todo if t not in same]
-        result = self.evaluate(trainer, pl_module, split, only=fresh) if fresh else {}
+        result = (
+            self.evaluate(trainer, pl_module, split, only=fresh, batch_cache=batch_cache) if fresh else {}
+        )
         for t in fresh:
             self._scored[split, t] = (key[t], dict(result[t]))
         for t in same:

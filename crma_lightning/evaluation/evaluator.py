@@ -235,11 +235,16 @@ class RowEvaluator:
         generation_batch_size: int = 16,
         head: nn.Linear | None = None,
         early_stop: bool = False,
+        batch_cache: dict[tuple[str, int], dict[str, Tensor]] | None = None,
     ) -> None:
         """``head``: the model's output head, when the loss may be formed from the final hidden
         states without the logits (``crma_lightning.backbone.output_head``; the module's ``fused_head``).
         ``early_stop``: stop generating a batch's answers once every one has ended (eos); only where
-        ranks need not run the same forward passes (not a sharded model)."""
+        ranks need not run the same forward passes (not a sharded model). ``batch_cache``: where
+        :meth:`oracle` keeps each classification batch's per-example outputs, by (task, batch
+        index), for :meth:`routed` to take when the statistics router sends a whole batch to its
+        own task's adapter (the same forward of the same inputs); share one only between calls
+        that see the same model state (one row)."""
         self.model = model
         self.head = head
         self.serve = serve
@@ -249,6 +254,7 @@ class RowEvaluator:
         self.route_tokens = route_tokens
         self.generation_batch_size = generation_batch_size
         self.early_stop = early_stop and self.eos_id is not None
+        self.batch_cache = batch_cache
         # task index -> quantity (``exact``, ``label_correct``) -> example position -> 0/1
         self._examples: dict[int, dict[str, dict[int, float]]] = {}
 
@@ -266,13 +272,15 @@ class RowEvaluator:
             prompts, weights, refs = [], [], []
             with self.serve(task.name):
                 seen = 0  # examples (padding included) before this batch: their positions
-                for batch in task.batches:
+                for j, batch in enumerate(task.batches):
                     batch = {k: v.to(self.device) for k, v in batch.items()}
                     w = batch["example_weight"]
                     at = range(seen, seen + len(w))
                     seen += len(w)
                     if task.choices is not None:  # one forward of the prompts: every metric, the answers
                         scores = self._classify(batch, task)
+                        if self.batch_cache is not None:
+                            self.batch_cache[task.name, j] = scores
                         sums.update(i, **{k: v * w for k, v in scores.items() if k != "answers"}, examples=w)
                         self._keep(i, "label_correct", scores["label_correct"], w.tolist(), at)
                         if task.budget:
@@ -305,13 +313,13 @@ class RowEvaluator:
         for i, task in enumerate(tasks):
             prompts, weights, refs, chosen = [], [], [], []
             seen = 0
-            for batch in task.batches:
+            for j, batch in enumerate(task.batches):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 w = batch["example_weight"]
                 at = range(seen, seen + len(w))
                 seen += len(w)
                 p = self._prompts(batch)
-                choice, pick = self._route_batch(batch, p, task, candidates, route)
+                choice, pick = self._route_batch(batch, p, task, candidates, route, j)
                 sums.update(
                     i,
                     loss_sum=pick["loss_sum"] * w,
@@ -343,9 +351,10 @@ class RowEvaluator:
         task: TaskData,
         candidates: list[str],
         route: Route | None,
+        index: int = -1,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Which candidate each example of ``batch`` goes to ``(B,)``, and its numbers under that
-        candidate (:meth:`_candidate`'s, per example)."""
+        """Which candidate each example of ``batch`` (``index`` of its task's batches) goes to
+        ``(B,)``, and its numbers under that candidate (:meth:`_candidate`'s, per example)."""
         if route is None:  # every candidate scores every prompt; the lowest loss wins
             per = [self._candidate(batch, prompts, task, c, prompt_loss=True) for c in candidates]
             choice = tm.route(torch.stack([c["prompt_loss"] for c in per], dim=1))  # (B,)
@@ -358,10 +367,15 @@ class RowEvaluator:
             count = _max_over_ranks(len(rows))  # every rank runs the same forward passes
             if count == 0:
                 continue
-            filler = rows[:1] if len(rows) else torch.zeros(1, dtype=torch.long, device=self.device)
-            padded = torch.cat([rows, filler.expand(count - len(rows))])  # padding: computed, dropped
-            sub = {k: v[padded] for k, v in batch.items()}
-            out = self._candidate(sub, [prompts[k] for k in padded.tolist()], task, candidate)
+            whole = count == len(rows) == len(choice)  # every example, in order, no filler
+            kept = self.batch_cache.get((task.name, index)) if self.batch_cache is not None else None
+            if whole and candidate == task.name and kept is not None:
+                out = kept  # the oracle ran this very forward (same adapters, same inputs)
+            else:
+                filler = rows[:1] if len(rows) else torch.zeros(1, dtype=torch.long, device=self.device)
+                padded = torch.cat([rows, filler.expand(count - len(rows))])  # padding: computed, dropped
+                sub = {k: v[padded] for k, v in batch.items()}
+                out = self._candidate(sub, [prompts[k] for k in padded.tolist()], task, candidate)
             for k, v in out.items():
                 pick.setdefault(k, v.new_zeros((len(choice), *v.shape[1:])))[rows] = v[: len(rows)]
         return choice, pick

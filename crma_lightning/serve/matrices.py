@@ -100,7 +100,10 @@ def evaluate_run(
                 with nullcontext() if active else lora_disabled(run.model):
                     yield
 
-            evaluator = RowEvaluator(run.model, serve, run.tokenizer, pad_id=run.pad_id, early_stop=True)
+            # One row, one model state: the routed pass may take the oracle's whole batches.
+            evaluator = RowEvaluator(
+                run.model, serve, run.tokenizer, pad_id=run.pad_id, early_stop=True, batch_cache={}
+            )
             routed = layout.no_task_id == "route" and k > 0  # else one model serves every input
 
             def blind_row(

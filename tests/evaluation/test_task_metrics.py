@@ -393,3 +393,38 @@ def test_generation_stops_once_every_answer_has_ended_with_the_same_answers():
     assert stopped.answers.shape == again.answers.shape
     assert torch.equal(stopped.log_likelihood, again.log_likelihood)
     assert calls_stopped < len(calls)  # every row ended before the budget: fewer forward passes
+
+
+@torch.no_grad()
+def test_routed_batches_sent_whole_to_their_own_task_take_the_oracles_forward(tmp_path):
+    """With a batch cache shared by one row's oracle and routed passes, a batch the router sends
+    whole to its own task's adapter is not run again; the routed row is the same bit for bit."""
+    dm = _classification_dm(tmp_path)
+    model = _model_for(dm)
+    tasks = task_data(dm, "validation")
+    names = [t.name for t in tasks]
+
+    def route(prompts):  # everything to "news": news's batches go whole to their own adapter
+        return torch.zeros(len(prompts), dtype=torch.long)
+
+    def evaluator(cache):
+        return RowEvaluator(
+            model, lambda task: nullcontext(), dm.hf_tokenizer, pad_id=dm.pad_token_id, batch_cache=cache
+        )
+
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        cache: dict = {}
+        shared = evaluator(cache)
+        shared.oracle(tasks)
+        assert sorted(cache) == [("news", j) for j in range(len(tasks[0].batches))]
+        calls.clear()
+        with_cache = shared.routed(tasks, names, route)
+        calls_with = len(calls)
+        calls.clear()
+        without = evaluator(None).routed(tasks, names, route)
+    finally:
+        hook.remove()
+    assert json.dumps(with_cache) == json.dumps(without)
+    assert calls_with < len(calls)  # news's prompts, labels and answers were not run again
