@@ -224,8 +224,10 @@ class ContinualEvaluation(TaskBoundaryCallback):
                     dm.hf_tokenizer,
                     pad_id=dm.pad_token_id,
                     head=module.fused_head,
-                    early_stop=not is_sharded(module.model),  # a sharded forward is a collective
-                    batch_cache=batch_cache,
+                    # A sharded forward is a collective: every rank must run as many, so neither
+                    # stopping early nor skipping a batch another rank may run.
+                    early_stop=not is_sharded(module.model),
+                    batch_cache=None if is_sharded(module.model) else batch_cache,
                 )
                 if route_among is None:
                     return evaluator.oracle(tasks)
