@@ -686,7 +686,7 @@ def paired_section(res: dict) -> list[str]:
                 cells.append("n/a" if got is None else f"{got[0]:+.1f} [{got[1]:+.1f}, {got[2]:+.1f}]")
                 cells.append("yes" if apart else "no" if got is not None else "n/a")
             rows.append([m, ref, *cells])
-    if not rows:
+    if all(c == "n/a" for r in rows for c in r[2:]):  # runs without per-example scores
         return []
     return [
         "",
