@@ -15,6 +15,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from crma_lightning.runs.rundir import read_matrix_csv
+
 TIMINGS = {"evaluation_s"}
 
 
@@ -51,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     for f in sorted(args.a.rglob("*.csv")):
         g = args.b / f.relative_to(args.a)
         same = g.is_file() and f.read_text() == g.read_text()
-        print(f"{f.relative_to(args.a)}: {'identical' if same else 'DIFFERENT'}")
+        note = ""
+        if not same and g.is_file() and "_matrix" in f.name:
+            # An empty field is a cell the run's evaluation.schedule did not score (rundir.UNSCORED).
+            x, y = read_matrix_csv(f), read_matrix_csv(g)
+            if x.values.shape == y.values.shape and (x.unscored != y.unscored).any():
+                note = f" ({int((x.unscored != y.unscored).sum())} cells scored in one run only)"
+        print(f"{f.relative_to(args.a)}: {'identical' if same else 'DIFFERENT'}{note}")
         ok &= same
     summaries = [flat(json.loads((r / "continual" / "summary.json").read_text())) for r in (args.a, args.b)]
     keys = sorted(

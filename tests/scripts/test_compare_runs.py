@@ -32,3 +32,10 @@ def test_same_only_when_bit_identical(tmp_path):
         == 0
     )
     assert compare_runs.main([str(a), str(fake_run(tmp_path / "e", 0.5, "4.26", 1.0))]) == 1
+
+
+def test_a_cell_scored_in_one_run_only_is_a_difference_and_says_so(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", 0.5, "4.25", 1.0)
+    b = fake_run(tmp_path / "b", 0.5, "", 1.0)  # the cell not scored (evaluation.schedule)
+    assert compare_runs.main([str(a), str(b)]) == 1
+    assert "1 cells scored in one run only" in capsys.readouterr().out
