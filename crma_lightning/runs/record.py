@@ -78,7 +78,12 @@ def compact(run: RunDir, **extra: Any) -> dict[str, Any]:
         matrices = {}
         for f in sorted(run.results_of(split).glob("*_matrix*.csv")):
             m = run.read_matrix(f.stem, split)
-            matrices[f.stem] = {"rows": m.rows, "tasks": m.tasks, "values": m.values.tolist()}
+            matrices[f.stem] = {
+                "rows": m.rows,
+                "tasks": m.tasks,
+                "values": m.values.tolist(),  # NaN (and unscored) cells become null in JSON
+                "unscored": m.unscored.tolist(),  # so the cells not scored are said apart
+            }
         splits[split] = {"summary": run.read_summary(split), "matrices": matrices}
     out = {"format": COMPACT_FORMAT, "splits": splits, "grad_norm": run.read_grad_norm()}
     return json_safe(out | {"config": run.read_config()} | extra)
@@ -103,7 +108,9 @@ class RecordedRun:
     def read_matrix(self, name: str = "loss_matrix", split: str = "validation") -> Matrix:
         m = self.rec["splits"][split]["matrices"][name]
         values = np.array([[np.nan if v is None else v for v in r] for r in m["values"]], dtype=np.float64)
-        return Matrix(list(m["rows"]), list(m["tasks"]), values.reshape(len(m["rows"]), len(m["tasks"])))
+        shape = (len(m["rows"]), len(m["tasks"]))
+        unscored = np.array(m.get("unscored") or np.zeros(shape, bool), bool).reshape(shape)
+        return Matrix(list(m["rows"]), list(m["tasks"]), values.reshape(shape), unscored)
 
     def read_summary(self, split: str = "validation") -> dict[str, Any]:
         return self.rec["splits"][split]["summary"]

@@ -106,6 +106,7 @@ def test_a_finished_run_is_read_from_its_record_and_never_fitted_again(tmp_path,
             want, got = rd.read_matrix(f.stem, split), rec.read_matrix(f.stem, split)
             assert (got.rows, got.tasks) == (want.rows, want.tasks)
             np.testing.assert_array_equal(got.values, want.values)
+            np.testing.assert_array_equal(got.unscored, want.unscored)
     assert rec.read_config() == rd.read_config() and rec.read_grad_norm() == rd.read_grad_norm()
     # the run directory can go (a new machine): the report is rebuilt from the record alone
     shutil.rmtree(runs)
