@@ -56,13 +56,11 @@ def test_the_papers_conditions_keep_their_loss_matrices(strategy, tmp_path):
 
 
 # -- regularisers: their defining properties, in-process with a real Trainer --------------------
-import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from builders import TASKS, build  # noqa: E402
 from conftest import TINY_CONFIGS  # noqa: E402
-from crma_lightning.callbacks import method_callbacks  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from crma_lightning.adapters.config import GroupLR, LoRAConfig  # noqa: E402
 from crma_lightning.backbone.loading import BackboneConfig  # noqa: E402
 from crma_lightning.core.errors import ConfigError  # noqa: E402
 from crma_lightning.data import ContinualDataModule, TaskSpec  # noqa: E402
@@ -76,42 +74,8 @@ from crma_lightning.methods.regularizers import (  # noqa: E402
 )
 from crma_lightning.training.module import ContinualLM  # noqa: E402
 
-TASKS = ["a", "b", "c"]
-
-
-def build(strategy: str, regularizers: list, tmp_path, extra_callbacks=(), epochs_per_task: int = 1):
-    module = ContinualLM(
-        BackboneConfig(config={**TINY_CONFIGS["llama"], "vocab_size": 80}),
-        list(TASKS),
-        strategy=strategy,
-        regularizers=regularizers,
-        lora=LoRAConfig(r=4, dropout=0.0, target_modules="all-linear"),
-        lr=GroupLR(lora=1e-2, crma_proj=3e-3, crma_mix=1e-2, crma_gate=1e-2),
-    )
-    dm = ContinualDataModule(
-        [TaskSpec(t) for t in TASKS],
-        max_length=16,
-        train_size=64,
-        holdout_size=16,
-        batch_size=16,
-        eval_batch_size=16,
-        epochs_per_task=epochs_per_task,
-        synthetic_vocab=48,
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=len(TASKS) * epochs_per_task,
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[*method_callbacks(progress_bar=False), *extra_callbacks],
-    )
-    return module, dm, trainer
+#: tests/builders.py's fit as the regulariser tests take it: no LoRA dropout, one epoch a task.
+PLAIN = dict(lora_dropout=0.0, epochs_per_task=1)
 
 
 def test_penalty_maths_on_hand_computed_values():
@@ -140,7 +104,7 @@ def test_penalty_maths_on_hand_computed_values():
 @pytest.mark.parametrize("strategy", ["naive", "modular"])
 def test_ewc_fisher_covers_exactly_the_shared_parameters(strategy, tmp_path):
     ewc = EWC(weight=10.0)
-    module, dm, trainer = build(strategy, [ewc], tmp_path)
+    module, dm, trainer = build(strategy, tmp_path, **PLAIN, regularizers=[ewc])
     trainer.fit(module, dm)
     shared = module.shared_parameters()
     expected = module.adapter_parameters("lora") if strategy == "naive" else module.adapter_parameters("crma")
@@ -192,7 +156,7 @@ def test_lwf_targets_come_from_the_boundary_model_not_the_live_one(tmp_path):
             if pl_module.current_task() == "b" and batch_idx == 0 and not boundary:
                 boundary["params"] = [p.detach().clone() for p in pl_module.shared_parameters()]
 
-    module, dm, trainer = build("naive", [lwf], tmp_path, extra_callbacks=[Boundary(), probe])
+    module, dm, trainer = build("naive", tmp_path, **PLAIN, regularizers=[lwf], callbacks=[Boundary(), probe])
     trainer.fit(module, dm)
     for s, b in zip(probe.seen["snapshot"], boundary["params"], strict=True):
         assert torch.equal(s, b)  # the snapshot is the shared LoRA as task b began
@@ -223,7 +187,9 @@ def test_olora_orthogonality_falls_while_earlier_loras_stay_bit_identical(tmp_pa
             for t in TASKS[: trainer.current_epoch // 2]:  # tasks finished (2 epochs each)
                 ends.setdefault(t, [p.detach().clone() for p in pl_module.adapter_parameters("lora", t)])
 
-    module, dm, trainer = build("inc_lora", [olora], tmp_path, extra_callbacks=[Watch()], epochs_per_task=2)
+    module, dm, trainer = build(
+        "inc_lora", tmp_path, lora_dropout=0.0, epochs_per_task=2, regularizers=[olora], callbacks=[Watch()]
+    )
     trainer.fit(module, dm)
     assert terms[-1] < 0.5 * terms[0], terms  # the new LoRA's A turned away from task a's
     for t, saved in ends.items():  # a and b: never moved after their tasks ended
