@@ -159,6 +159,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
         self.rows: dict[str, dict[str, dict[str, list[float]]]] = {}
         # table -> task -> the final row's per-example scores of the task metric (None: not kept)
         self.final_examples: dict[str, dict[str, list[float] | None]] = {}
+        # table -> task -> the final row's [loss sum, tokens] per example (None: not kept)
+        self.final_losses: dict[str, dict[str, list[list[float]] | None]] = {}
         self.evaluation_s = 0.0
 
     @property
@@ -305,6 +307,7 @@ class ContinualEvaluation(TaskBoundaryCallback):
         summary's ``final_examples``), so that methods can be compared example by example."""
         if name == tasks[-1]:
             self.final_examples[table] = {t: r.get("examples") for t, r in result.items()}
+            self.final_losses[table] = {t: r.get("example_losses") for t, r in result.items()}
 
     def _oracle(
         self,
@@ -399,6 +402,8 @@ class ContinualEvaluation(TaskBoundaryCallback):
         if split in self.final_examples:  # paired comparisons of runs need the examples themselves
             given, blind = self.final_examples[split], self.final_examples.get(split + NO_TASK_ID)
             out["final_examples"] = {"task_id": given, "no_task_id": blind}
+            given, blind = self.final_losses[split], self.final_losses.get(split + NO_TASK_ID)
+            out["final_losses"] = {"task_id": given, "no_task_id": blind}
         if dm.eval_task_names:
             columns = dm.evaluated_task_names
             out["general_drift"] = general_drift(self.rows[split], columns, dm.eval_task_names)

@@ -38,6 +38,8 @@ class TokenStats:
     tokens: Tensor
     correct: Tensor | None
     """None when accuracy was not asked for (training: the argmax over the vocabulary is skipped)."""
+    rows: Tensor | None = None
+    """``(B, 2)``: each example's own loss sum and token count, with accuracy (evaluation) only."""
 
 
 def next_targets(labels: Tensor) -> Tensor:
@@ -84,7 +86,8 @@ def token_stats(
     if example_weight is not None:
         mask = mask * example_weight.float()[:, None]
     correct = (t.correct * mask).sum() if t.correct is not None else None
-    return TokenStats((t.nll * mask).sum(), mask.sum(), correct)
+    rows = torch.stack([(t.nll * mask).sum(1), mask.sum(1)], -1) if accuracy else None
+    return TokenStats((t.nll * mask).sum(), mask.sum(), correct, rows)
 
 
 def sequence_losses(logits: Tensor, labels: Tensor) -> Tensor:
@@ -158,10 +161,12 @@ def head_token_stats(
     if torch.is_grad_enabled() and hidden.requires_grad:
         raise ValueError("head_token_stats: accuracy=True is for evaluation, under torch.no_grad()")
     loss_sum = correct = hidden.new_zeros((), dtype=torch.float32)
+    nll = hidden.new_zeros(B * T, dtype=torch.float32)  # each position's weighted loss, for ``rows``
     for s in range(0, B * T, chunk):
         logits = F.linear(h[s : s + chunk].to(weight.dtype), weight)
         ws = w[s : s + chunk]
         stats = row_losses(logits, t[s : s + chunk])
-        loss_sum = loss_sum + (stats.nll * ws).sum()
+        nll[s : s + chunk] = stats.nll * ws
+        loss_sum = loss_sum + nll[s : s + chunk].sum()
         correct = correct + (stats.correct * ws).sum()
-    return TokenStats(loss_sum, mask.sum(), correct)
+    return TokenStats(loss_sum, mask.sum(), correct, torch.stack([nll.view(B, T).sum(1), mask.sum(1)], -1))

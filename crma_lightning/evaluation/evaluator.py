@@ -255,7 +255,8 @@ class RowEvaluator:
         self.generation_batch_size = generation_batch_size
         self.early_stop = early_stop and self.eos_id is not None
         self.batch_cache = batch_cache
-        # task index -> quantity (``exact``, ``label_correct``) -> example position -> 0/1
+        # task index -> quantity (``exact``, ``label_correct``, ``loss_sum``, ``tokens``) -> example
+        # position -> its value
         self._examples: dict[int, dict[str, dict[int, float]]] = {}
 
     @property
@@ -282,7 +283,8 @@ class RowEvaluator:
                         if self.batch_cache is not None:
                             self.batch_cache[task.name, j] = scores
                         sums.update(i, **{k: v * w for k, v in scores.items() if k != "answers"}, examples=w)
-                        self._keep(i, "label_correct", scores["label_correct"], w.tolist(), at)
+                        for q in ("label_correct", "loss_sum", "tokens"):
+                            self._keep(i, q, scores[q], w.tolist(), at)
                         if task.budget:
                             self._score_generated(
                                 sums, i, scores["answers"], w, self._references(task, batch), at
@@ -292,6 +294,8 @@ class RowEvaluator:
                         partial(self._logits, batch), self.head, batch["labels"], w, True
                     )
                     sums.update(i, loss_sum=s.loss_sum, tokens=s.tokens, correct=s.correct, examples=w)
+                    self._keep(i, "loss_sum", s.rows[:, 0], w.tolist(), at)
+                    self._keep(i, "tokens", s.rows[:, 1], w.tolist(), at)
                     if task.budget:
                         prompts += self._prompts(batch)
                         weights += w.tolist()
@@ -558,6 +562,10 @@ class RowEvaluator:
             kept = self._examples.get(i, {}).get(per, {}) if per else {}
             # a collective when several ranks evaluate: called on every rank alike
             r["examples"] = (_gathered([kept[k] for k in sorted(kept)]) or None) if per else None
+            # each example's loss sum and token count (with the task id), for paired intervals on the loss
+            q = self._examples.get(i, {})
+            losses = [[q["loss_sum"][k], q["tokens"][k]] for k in sorted(q.get("loss_sum", {}))]
+            r["example_losses"] = _gathered(losses) or None
             out[task.name] = r
         return out
 

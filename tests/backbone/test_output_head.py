@@ -51,6 +51,10 @@ def test_head_evaluation_equals_the_logits_path_with_accuracy(chunk):
     assert ref.correct >= 4  # the test can tell a right argmax from a wrong one
     assert fused.correct == ref.correct and fused.tokens == ref.tokens
     torch.testing.assert_close(fused.loss_sum, ref.loss_sum, rtol=1e-6, atol=1e-5)
+    # each example's own weighted loss sum and token count (the padding example's are 0)
+    torch.testing.assert_close(fused.rows, ref.rows, rtol=1e-6, atol=1e-5)
+    assert ref.rows[1].tolist() == [0.0, 0.0] and ref.rows[2, 1] == 0.25 * (T - 1)
+    torch.testing.assert_close(ref.rows.sum(0), torch.stack([ref.loss_sum, ref.tokens]))
     with pytest.raises(ValueError, match="for evaluation"):
         losses.head_token_stats(hidden.requires_grad_(), weight, labels, accuracy=True)
 

@@ -76,6 +76,12 @@ def test_a_schedule_scores_its_cells_as_full_does_and_leaves_the_rest_unscored(
     fs = full.summary(trainer, module)
     for key in ("drift_pct", "bwt", "final_avg_loss", "final_avg_accuracy"):
         assert summary[key] == pytest.approx(fs[key], abs=0), key
+    # Each example's loss sum and tokens in the final row (paired intervals on the loss): pooled, the
+    # final row's loss, whichever head path scored them.
+    final = list(ev.rows["validation"]["loss"].values())[-1]
+    for i, t in enumerate(TASKS):
+        pooled = np.asarray(summary["final_losses"]["task_id"][t]).sum(0)
+        assert pooled[0] / pooled[1] == pytest.approx(final[i], rel=1e-6)
     if schedule == "seen":
         assert summary["fwt"] is None
     else:

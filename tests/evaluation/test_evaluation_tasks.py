@@ -150,6 +150,10 @@ def test_classification_fit_writes_task_metric_matrices_on_validation_and_test(t
         for i, t in enumerate(tasks):
             assert len(examples[t]) == sizes[split] and set(examples[t]) <= {0.0, 1.0}
             assert np.mean(examples[t]) == pytest.approx(acc.values[-1, i], abs=1e-12)
+            # and each example's loss sum and tokens: pooled, the final row's loss
+            pooled = np.asarray(summary["final_losses"]["task_id"][t]).sum(0)
+            assert len(summary["final_losses"]["task_id"][t]) == sizes[split]
+            assert pooled[0] / pooled[1] == pytest.approx(loss.values[-1, i], rel=1e-6)
         assert summary["evaluation_reused_cells"] > 0
     # The test split is other examples than validation: the matrices are computed apart.
     assert (
