@@ -1,28 +1,8 @@
-"""What every benchmark script shares: the machine meter, interleaved rounds, statistics, run
-information, ``train.py fit`` subprocesses and report files. One implementation of each.
-
-Scripts run as ``python benchmarks/<script>.py`` from the repository root, so this folder is on
-``sys.path`` and they ``from harness import ...``; importing this module puts the repository first on
-``sys.path``, so the checkout's ``crma_lightning`` is used even where another one is installed.
-
-- **Meter.** On a shared machine a neighbour's work decides a timing: with torch threads = cores,
-  one busy process stalls every OpenMP parallel region (we measured a SmolLM2 forward 13x slower).
-  :class:`NeighbourMeter` measures what other processes used over an interval (``/proc/stat`` minus
-  our own CPU time; ``ps`` cannot see other containers on the VM), and :func:`wait_until_quiet`
-  waits for a quiet window.
-- **Interleaved rounds.** :func:`interleave` runs every variant once per round, rotating which goes
-  first, and meters each round (the subprocesses a round ran count as ours): slow drifts hit all
-  variants alike, and round i of one variant pairs with round i of another.
-- **Statistics.** Median and quartiles, a seeded percentile-bootstrap CI of the median, and the
-  paired ratio of two variants (median of per-round ratios, with its CI).
-- **Reports.** :func:`run_info` (command line, date, machine), :func:`write_report` (``.md`` and
-  ``.json`` beside each other, atomically, with the checkout's commit and the commits its runs came from).
-- **Reused runs.** :func:`resumable_fit` records what each run was fitted with (``fit_args.json``: its
-  arguments, the digest of them and of its ``--config`` files' contents, the commits) and refuses to
-  reuse or resume a run made with other ones, so a rerun never mixes old results into a new report.
-- **Runs and models.** :func:`train_fit` runs ``train.py fit`` in its own process group and finds
-  its run directory; SmolLM2 from its PyPI package.
-"""
+"""What the benchmark scripts share: the neighbour meter, interleaved rounds, statistics, run
+information, ``train.py fit`` subprocesses (resumed or reused only when fitted with the same arguments)
+and report files. Scripts run as ``python benchmarks/<script>.py``, so they ``from harness import ...``;
+importing this puts the repository first on ``sys.path``. Why it meters neighbours and interleaves
+variants: docs/decisions.md (Benchmarks)."""
 
 from __future__ import annotations
 
@@ -60,8 +40,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 QUIET_PCT = 5.0
-"""A round is quiet when other processes used at most this share of the machine's CPU meanwhile.
-Quiet rounds measure 1-2%; at 10-12% we still saw single steps take 1.8x as long."""
+"""A round is quiet when other processes used at most this share of the machine's CPU meanwhile."""
 
 
 # -- the machine meter -------------------------------------------------------------------------
@@ -76,16 +55,10 @@ def machine_busy_s() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def own_cpu_s() -> float:
-    """CPU seconds of this process (all its threads)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def children_cpu_s() -> float:
-    """CPU seconds of this process's children that have ended and been waited for (their own
-    waited-for children included): a subprocess a step ran is ours, not a neighbour's."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+def own_cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    """CPU seconds of this process (all its threads), or with ``RUSAGE_CHILDREN`` of its children that
+    have ended and been waited for: a subprocess a step ran is ours, not a neighbour's."""
+    usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 
@@ -108,8 +81,7 @@ class Load:
 
     wall_s: float
     others_cpu_s: float | None
-    others_pct: float | None
-    """Other processes' CPU as a share of all cores' time (None where /proc/stat is missing)."""
+    others_pct: float | None  # as a share of all cores' time (None where /proc/stat is missing)
 
 
 class NeighbourMeter:
@@ -145,17 +117,10 @@ def wait_until_quiet(limit_s: float, window_s: float = 5.0, quiet_pct: float = Q
 
 
 # -- interleaved rounds ------------------------------------------------------------------------
-def rotated(names: Sequence[str], r: int) -> list[str]:
-    """The order of round ``r``: ``names`` rotated by ``r``, so each variant goes first in turn."""
-    k = r % len(names)
-    return [*names[k:], *names[:k]]
-
-
 @dataclass
 class Timing:
     wall_s: float
-    cpu_s: float
-    """This process's CPU seconds (less sensitive to neighbours than wall time; not to spinning)."""
+    cpu_s: float  # this process's: less sensitive to neighbours than wall time (not to spinning)
 
 
 def time_call(fn: Callable[[], object]) -> Timing:
@@ -221,10 +186,11 @@ def interleave(
             waited = wait_until_quiet(wait_s - out.waited_s)
             out.waited_s += waited
             deadline += waited
-        children = children_cpu_s()
+        children = own_cpu_s(resource.RUSAGE_CHILDREN)
         meter.start()
-        lap = {name: steps[name]() for name in rotated(names, r)}
-        others = meter.stop(children_cpu_s() - children).others_pct
+        k = r % len(names)  # each variant goes first in turn
+        lap = {name: steps[name]() for name in [*names[k:], *names[:k]]}
+        others = meter.stop(own_cpu_s(resource.RUSAGE_CHILDREN) - children).others_pct
         r += 1
         if r <= warmup:
             continue
@@ -282,11 +248,6 @@ def verdict(ci: Sequence[float], target: float) -> str:
 
 
 # -- run information ---------------------------------------------------------------------------
-def command_line(script: str | os.PathLike, argv: Sequence[str]) -> str:
-    """``python benchmarks/<script> ARGS``, shell-quoted."""
-    return shlex.join(["python", os.path.relpath(Path(script).resolve(), REPO), *argv])
-
-
 def repo_relative(path: str | os.PathLike) -> str:
     """``path`` relative to the repository when inside it (results name no one's home), else absolute."""
     path = Path(path).resolve()
@@ -325,7 +286,7 @@ def machine_line(m: Mapping[str, Any]) -> str:
 def run_info(script: str | os.PathLike, argv: Sequence[str]) -> dict[str, Any]:
     """Command line, date, machine and the 1-minute load average now (call after setting threads)."""
     return {
-        "command": command_line(script, argv),
+        "command": shlex.join(["python", os.path.relpath(Path(script).resolve(), REPO), *argv]),
         "date": utc_now(),
         "machine": machine(),
         "load_start": os.getloadavg()[0],
@@ -431,17 +392,12 @@ _lock = threading.Lock()
 
 @dataclass
 class Fit:
-    rc: int | None
-    """Exit status; None when it ran past its timeout and was killed."""
-    run_dir: Path | None
-    """The run directory its ``--record`` names (``fit`` only), if it got that far."""
-    tail: str
-    """The end of its output (stdout and stderr together)."""
+    rc: int | None  # exit status; None when it ran past its timeout and was killed
+    run_dir: Path | None  # the run directory its ``--record`` names (``fit`` only), if it got that far
+    tail: str  # the end of its output (stdout and stderr together)
     wall_s: float
-    cpu_s: float | None = None
-    """CPU seconds of its process group, sampled every 0.2 s (``meter=True`` only)."""
-    load: Load | None = None
-    """What other processes used meanwhile (``meter=True`` only)."""
+    cpu_s: float | None = None  # its process group's CPU seconds, sampled every 0.2 s (``meter`` only)
+    load: Load | None = None  # what other processes used meanwhile (``meter`` only)
 
 
 def train_fit(

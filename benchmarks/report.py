@@ -1,12 +1,10 @@
-"""Every table and figure of the experiments, rendered from their records (``results/<name>.json``).
+"""Every experiment's tables and figure, rendered from its record (``results/<name>.json``).
 
     python benchmarks/report.py benchmarks/results/reproduction.json [more.json ...] [--no-figures]
 
-A record is what ``benchmarks/run.py`` aggregated from its runs (``protocol``, ``results``, ``code``;
-the recipe comparison: ``settings``). This writes ``<name>.md`` beside it (ending with the commit the
-record was written at and the commits its runs were fitted at, from the record) and ``<name>.png``.
-The record's kind decides the renderer: a reproduction (``results.conditions``), the methods table
-(``results.grid``), the standard CL benchmark (``results.base``) or the recipe comparison (``settings``).
+writes ``<name>.md`` (ending with the commits the record names) and ``<name>.png`` beside it. The record's
+kind picks the renderer: a reproduction (``results.conditions``), the methods table (``results.grid``),
+the standard CL benchmark (``results.base``) or the recipe comparison (``settings``).
 """
 
 from __future__ import annotations
@@ -53,83 +51,21 @@ PAPER = {
 PUBLISHED_T5_LARGE = {"naive": 43.7, "inc_lora": 66.4, "replay": 57.8, "olora": 75.8, "multitask": 80.0}
 
 
-# -- reproduction
-def grad_per_task(res: dict, condition: str, stat: str, group: str = "total") -> list[float] | None:
-    """``stat`` (``max`` or ``mean``) of one gradient-norm group per task, averaged over seeds; None if
-    a run lacks it. ``group``: ``total`` (all trainable adapters), ``lora`` or ``crma``
-    (``crma_lightning.callbacks.gradnorm``). A run without CRMA has LoRA gradients only, so there its total
-    is its
-    LoRA norm (also in files written before the groups were recorded)."""
-    per_seed = res["grad_norm"].get(condition, {})
-    if not per_seed or any(v is None for v in per_seed.values()):
-        return None
-
-    def value(g: dict, task: str) -> float | None:
-        entry = g[task]
-        if group == "total" or (group == "lora" and condition != "modular" and "lora" not in entry):
-            return entry[stat]
-        return entry[group][stat] if group in entry else None
-
-    values = [[value(g, t) for g in per_seed.values()] for t in res["tasks"]]
-    if any(v is None for vs in values for v in vs):
-        return None
-    return [float(np.mean(vs)) for vs in values]
+# -- cells shared by every report
+def stat(vals: list) -> tuple[float | None, float | None]:
+    """Mean and SD of the non-missing values (None, None without any)."""
+    given = [v for v in vals if v is not None]
+    return clm.mean_sd(given) if given else (None, None)
 
 
-def clipped_per_task(res: dict, condition: str) -> list[float] | None:
-    """Steps ZClip clipped per task (mean over seeds); None without ZClip."""
-    per_seed = res["grad_norm"].get(condition, {})
-    if not per_seed or any(
-        v is None or any("clipped" not in e for e in v.values()) for v in per_seed.values()
-    ):
-        return None
-    return [float(np.mean([g[t]["clipped"] for g in per_seed.values()])) for t in res["tasks"]]
-
-
-def reproduction_figure(res: dict, path: Path) -> None:
-    """Top: drift per condition and seed, peak gradient norm per task. Bottom: mean loss matrices."""
-    plt = pyplot()
-    conds, tasks = res["conditions"], res["tasks"]
-    fig = plt.figure(figsize=(4.6 * len(conds) + 1.0, 8.6), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.15])
-    ax_drift, ax_grad = top.subplots(1, 2)
-    for k, c in enumerate(conds):
-        d = res["drift"][c]
-        ax_drift.bar(k, d["mean"], color=f"C{k}", alpha=0.5, yerr=d["sd"] or 0, capsize=4)
-        ax_drift.scatter([k] * len(d["per_seed"]), d["per_seed"], color=f"C{k}", zorder=3, s=18)
-        peaks = grad_per_task(res, c, "max", "lora")
-        if peaks is not None:
-            ax_grad.plot(range(len(tasks)), peaks, marker="o", color=f"C{k}", label=f"{c}: LoRA")
-        crma_peaks = grad_per_task(res, c, "max", "crma")
-        if crma_peaks is not None:
-            ax_grad.plot(
-                range(len(tasks)), crma_peaks, marker="s", ls="--", color=f"C{k}", label=f"{c}: CRMA"
-            )
-    ax_drift.axhline(0, color="black", lw=0.8)
-    ax_drift.set_xticks(range(len(conds)), [c for c in conds])
-    ax_drift.set_ylabel("drift, % (+ = forgetting)")
-    ax_drift.set_title("loss-relative drift on prior tasks (bar: mean ± SD, dots: seeds)")
-    ax_grad.set_xticks(range(len(tasks)), tasks)
-    ax_grad.set_ylabel("peak gradient norm (mean over seeds)")
-    ax_grad.set_title("peak gradient norm per task, by parameter group")
-    if ax_grad.lines:
-        ax_grad.legend()
-    means = [np.asarray(res["loss_matrix_mean"][c]["matrix"]) for c in conds]
-    limits = (min(m.min() for m in means), max(m.max() for m in means))  # one colour scale for every panel
-    for ax, c, matrix in zip(np.atleast_1d(bottom.subplots(1, len(conds))), conds, means, strict=True):
-        im = heatmap(
-            ax,
-            matrix,
-            res["loss_matrix_mean"][c]["rows"],
-            tasks,
-            f"{c}: {res.get('split', 'validation')} loss (mean over seeds)",
-            "viridis_r",
-            fmt="{:.3f}",
-            limits=limits,
-        )
-        bottom.colorbar(im, ax=ax, shrink=0.9)
-    save_figure(fig, path)
-    plt.close(fig)
+def cell(vals: list, f: str = "{:.4f}", sd_f: str | None = None, gap: str | None = None) -> str:
+    """mean ± SD (per seed) of the non-missing values; a missing seed shows as ``gap``, or is left out."""
+    mean, sd = stat(vals)
+    if mean is None:
+        return "n/a"
+    shown = [gap if v is None else f.format(v) for v in vals if v is not None or gap is not None]
+    per = f" ({' / '.join(shown)})" if len(shown) > 1 else ""
+    return f.format(mean) + ("" if sd is None else " ± " + (sd_f or f).format(sd)) + per
 
 
 def pm(mean: float | None, sd: float | None, digits: int = 2) -> str:
@@ -143,12 +79,120 @@ def seeds_str(values: list[float], fmt: str = "+.2f") -> str:
     return " / ".join(f"{v:{fmt}}" for v in values)
 
 
-def row(name: str, values: list[float], last: str) -> str:
-    return f"| {name} | " + " | ".join(f"{x:.4f}" for x in values) + f" | {last} |"
+def spread(d: dict) -> list[str]:
+    """``+mean ± sd`` and the per-seed values of a ``{mean, sd, per_seed}`` entry."""
+    return [pm(d["mean"], d["sd"]), seeds_str(d["per_seed"])]
 
 
-def head(first: str, tasks: list[str], last: str) -> list[str]:
-    return [f"| {first} | " + " | ".join(tasks) + f" | {last} |", "|---|" + "---|" * (len(tasks) + 1)]
+def unnamed(columns: list[str], rows: list) -> list[str]:
+    """A table whose first column has no heading."""
+    head, *rest = table(["", *columns], rows)
+    return ["| " + head[3:], *rest]
+
+
+def seed_vals(per_seed: dict, key: str, split: str | None = None, scale: float = 1) -> list:
+    """Each seed's ``key`` (in its ``split`` where given) times ``scale``; None where missing."""
+    got = [p if split is None else p[split] for p in per_seed.values()]
+    return [None if g is None or g[key] is None else scale * g[key] for g in got]
+
+
+def losses(name: str, values: list[float]) -> list[str]:
+    """A table row: ``name``, the losses and their mean."""
+    return [name, *(f"{x:.4f}" for x in values), f"{np.mean(values):.4f}"]
+
+
+def walls(wall_s: dict, marked: list | tuple = ()) -> str:
+    """Each run's wall time in seconds, ``*`` after the ``marked`` runs."""
+    return ", ".join(f"{k} {v:.0f}" + "*" * (k in marked) for k, v in wall_s.items())
+
+
+def produced(protocol: dict, note: str = "") -> str:
+    """The line naming the command, date, machine and the runs' wall time."""
+    w = protocol["wall_s"]
+    return (
+        f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}): {len(w)} runs, "
+        f"{sum(w.values()) / 60:.0f} min of run wall time in all ({note}finished runs are reused, so a "
+        "report may gather runs of several invocations)."
+    )
+
+
+# -- gradient norms (callbacks/gradnorm.py): ``total`` (all trainable adapters), ``lora`` or ``crma``
+def norm(entry: dict, cond: str, group: str, stat: str) -> float | None:
+    """One task's ``stat`` (``max`` or ``mean``) of ``group``; None if not recorded. Without CRMA the
+    total is the LoRA norm (also in records written before the groups were)."""
+    if group == "total" or (group == "lora" and cond != "modular" and "lora" not in entry):
+        return entry[stat]
+    return entry[group][stat] if group in entry else None
+
+
+def grad_per_task(res: dict, cond: str, stat: str, group: str = "total") -> list[float] | None:
+    """``stat`` of ``group`` per task, averaged over seeds; None if a run lacks it."""
+    per_seed = res["grad_norm"].get(cond, {})
+    if not per_seed or any(v is None for v in per_seed.values()):
+        return None
+    values = [[norm(g[t], cond, group, stat) for g in per_seed.values()] for t in res["tasks"]]
+    if any(v is None for vs in values for v in vs):
+        return None
+    return [float(np.mean(vs)) for vs in values]
+
+
+def peak(res: dict, cond: str, seed: int, group: str) -> float | None:
+    """Max over tasks of the per-task peak norm of ``group`` in one run (None if not recorded)."""
+    g = res["grad_norm"].get(cond, {}).get(str(seed))
+    vals = [norm(e, cond, group, "max") for e in g.values()] if g else [None]
+    return None if any(v is None for v in vals) else max(vals)
+
+
+def clipped_per_task(res: dict, cond: str) -> list[float] | None:
+    """Steps ZClip clipped per task (mean over seeds); None without ZClip."""
+    per_seed = res["grad_norm"].get(cond, {})
+    if not per_seed or any(
+        v is None or any("clipped" not in e for e in v.values()) for v in per_seed.values()
+    ):
+        return None
+    return [float(np.mean([g[t]["clipped"] for g in per_seed.values()])) for t in res["tasks"]]
+
+
+def clipped(res: dict, cond: str, seed: int) -> int | None:
+    g = res["grad_norm"].get(cond, {}).get(str(seed))
+    return sum(e["clipped"] for e in g.values()) if g and all("clipped" in e for e in g.values()) else None
+
+
+# -- reproduction
+def reproduction_figure(res: dict, protocol: dict, path: Path) -> None:
+    """Top: drift per condition and seed, peak gradient norm per task. Bottom: mean loss matrices."""
+    plt = pyplot()
+    conds, tasks = res["conditions"], res["tasks"]
+    fig = plt.figure(figsize=(4.6 * len(conds) + 1.0, 8.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.15])
+    ax_drift, ax_grad = top.subplots(1, 2)
+    for k, c in enumerate(conds):
+        d = res["drift"][c]
+        ax_drift.bar(k, d["mean"], color=f"C{k}", alpha=0.5, yerr=d["sd"] or 0, capsize=4)
+        ax_drift.scatter([k] * len(d["per_seed"]), d["per_seed"], color=f"C{k}", zorder=3, s=18)
+        for group, name, marker, ls in (("lora", "LoRA", "o", "-"), ("crma", "CRMA", "s", "--")):
+            peaks = grad_per_task(res, c, "max", group)
+            if peaks is not None:
+                label = f"{c}: {name}"
+                ax_grad.plot(range(len(tasks)), peaks, marker=marker, ls=ls, color=f"C{k}", label=label)
+    ax_drift.axhline(0, color="black", lw=0.8)
+    ax_drift.set_xticks(range(len(conds)), [c for c in conds])
+    ax_drift.set_ylabel("drift, % (+ = forgetting)")
+    ax_drift.set_title("loss-relative drift on prior tasks (bar: mean ± SD, dots: seeds)")
+    ax_grad.set_xticks(range(len(tasks)), tasks)
+    ax_grad.set_ylabel("peak gradient norm (mean over seeds)")
+    ax_grad.set_title("peak gradient norm per task, by parameter group")
+    if ax_grad.lines:
+        ax_grad.legend()
+    means = [np.asarray(res["loss_matrix_mean"][c]["matrix"]) for c in conds]
+    limits = (min(m.min() for m in means), max(m.max() for m in means))  # one colour scale for every panel
+    for ax, c, matrix in zip(np.atleast_1d(bottom.subplots(1, len(conds))), conds, means, strict=True):
+        title = f"{c}: {res.get('split', 'validation')} loss (mean over seeds)"
+        rows = res["loss_matrix_mean"][c]["rows"]
+        im = heatmap(ax, matrix, rows, tasks, title, "viridis_r", fmt="{:.3f}", limits=limits)
+        bottom.colorbar(im, ax=ax, shrink=0.9)
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def reproduction_md(res: dict, protocol: dict) -> str:
@@ -166,10 +210,9 @@ def reproduction_md(res: dict, protocol: dict) -> str:
     if split == "test":
         lines += [
             "Every number is on the **test split** (`continual/test/`, scored after every task like the "
-            "validation matrices), which no setting was chosen on. The one setting picked by comparing "
-            "runs, CRMA "
-            "learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section), was picked on the "
-            "validation split; the validation numbers are in their own section.",
+            "validation matrices), which no setting was chosen on. The one setting picked by comparing runs, "
+            "CRMA learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section), was picked on "
+            "the validation split; the validation numbers are in their own section.",
             "",
         ]
     lines += [
@@ -178,14 +221,18 @@ def reproduction_md(res: dict, protocol: dict) -> str:
         "drift = 100 · mean over prior tasks i of (L[T, i] − L[i, i]) / L[i, i]; mean ± sample SD over "
         "seeds.",
         "",
-        f"| condition | ours: mean ± SD | ours: per seed ({cols}) | paper: mean ± SD | paper: per seed |",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     for c in conds:
-        d, paper = res["drift"][c], PAPER["drift"].get(c)
+        paper = PAPER["drift"].get(c)
         p_ms = "0 by construction" if c == "frozen" else pm(paper[0], paper[1]) if paper else "n/a"
-        p_seed = seeds_str(paper[2], "+.1f") if paper and paper[2] else "—"
-        lines.append(f"| {c} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} | {p_ms} | {p_seed} |")
+        rows.append(
+            [c, *spread(res["drift"][c]), p_ms, seeds_str(paper[2], "+.1f") if paper and paper[2] else "—"]
+        )
+    lines += table(
+        ["condition", "ours: mean ± SD", f"ours: per seed ({cols})", "paper: mean ± SD", "paper: per seed"],
+        rows,
+    )
     if "modular_vs_frozen" in res:
         a, (p_mean, p_sd, p_seeds) = res["modular_vs_frozen"], PAPER["modular_vs_frozen"]
         lines += [
@@ -195,25 +242,24 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "advantage = 100 · mean over prior tasks i of (L_F[T, i] − L_M[T, i]) / L_F[T, i], paired by "
             "seed.",
             "",
-            f"| | mean ± SD | per seed ({cols}) |",
-            "|---|---|---|",
-            f"| ours | {pm(a['mean'], a['sd'])} | {seeds_str(a['per_seed'])} |",
-            f"| paper | {pm(p_mean, p_sd)} | {seeds_str(p_seeds)} |",
+            *unnamed(
+                ["mean ± SD", f"per seed ({cols})"],
+                [["ours", *spread(a)], ["paper", pm(p_mean, p_sd), seeds_str(p_seeds)]],
+            ),
             "",
             "Per prior task (mean over seeds): "
             + ", ".join(f"{t} {v:+.2f} %" for t, v in zip(tasks, a["per_task_mean"], strict=False)),
         ]
+    base = res["loss_matrix_mean"][conds[0]]["matrix"][0]
     lines += [
         "",
         f"## Final {split} loss per task (after the last task; mean over seeds)",
         "",
-        *head("condition", tasks, "mean"),
+        *table(
+            ["condition", *tasks, "mean"],
+            [*(losses(c, res["final_loss"][c]["mean"]) for c in conds), losses("base model", base)],
+        ),
     ]
-    for c in conds:
-        final = res["final_loss"][c]["mean"]
-        lines.append(row(c, final, f"{np.mean(final):.4f}"))
-    base = res["loss_matrix_mean"][conds[0]]["matrix"][0]
-    lines.append(row("base model", base, f"{np.mean(base):.4f}"))
     if "ablation" in res:
         ab = res["ablation"]
         on, off = np.mean(ab["on_mean"]), np.mean(ab["off_mean"])
@@ -224,16 +270,19 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "Each MODULAR run loaded as served (`serve.load_run`), task i evaluated with LoRA_i on its "
             f"{split} set; only the CRMA injection is toggled (mean over seeds). Paper: {PAPER['ablation']}.",
             "",
-            *head("CRMA", tasks, "mean"),
-            row("on", ab["on_mean"], f"{on:.4f}"),
-            row("off", ab["off_mean"], f"{off:.4f}"),
+            *table(["CRMA", *tasks, "mean"], [losses("on", ab["on_mean"]), losses("off", ab["off_mean"])]),
             "",
             f"Turning CRMA off changes the mean {split} loss by {100 * (off - on) / on:+.2f} %. Check: the "
-            "served "
-            f"CRMA-on losses match the runs' last loss-matrix rows within {ab['max_diff_vs_run']:.1e}.",
+            "served CRMA-on losses match the runs' last loss-matrix rows within "
+            f"{ab['max_diff_vs_run']:.1e}.",
         ]
     if "validation" in res:
-        lines += validation_section(res["validation"], cols)
+        val = res["validation"]
+        rows = [[f"drift %, {c}", *spread(val["drift"][c])] for c in val["conditions"]]
+        if "modular_vs_frozen" in val:
+            rows.append(["MODULAR vs FROZEN %", *spread(val["modular_vs_frozen"])])
+        lines += ["", "## Validation split (where the settings were chosen)", ""]
+        lines += unnamed(["mean ± SD", f"per seed ({cols})"], rows)
     if any(grad_per_task(res, c, "max") is not None for c in conds):
         lines += grad_norm_section(res)
     if res.get("spectral"):
@@ -253,26 +302,23 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             f"Same protocol and seeds, only `{' '.join(v['extra'])}` ({v['source']}); FROZEN is this "
             f"report's; on the {v.get('split', 'validation')} split.",
             "",
-            f"| | drift %: mean ± SD | per seed ({' / '.join(str(s) for s in v['seeds'])}) | vs FROZEN %: "
-            "mean ± SD | per seed |",
-            "|---|---|---|---|---|",
         ]
-        for name, d, a in (
-            ("this report's MODULAR", v["base_drift"], v["base_adv"]),
-            (label, v["drift"], v["adv"]),
-        ):
-            lines.append(
-                f"| {name} | {pm(*clm.mean_sd(d))} | {seeds_str(d)} | {pm(*clm.mean_sd(a))} | "
-                f"{seeds_str(a)} |"
+        per_seed = f"per seed ({' / '.join(str(s) for s in v['seeds'])})"
+        rows = [
+            [name, pm(*clm.mean_sd(d)), seeds_str(d), pm(*clm.mean_sd(a)), seeds_str(a)]
+            for name, d, a in (
+                ("this report's MODULAR", v["base_drift"], v["base_adv"]),
+                (label, v["drift"], v["adv"]),
             )
+        ]
+        lines += unnamed(["drift %: mean ± SD", per_seed, "vs FROZEN %: mean ± SD", "per seed"], rows)
     resumed = protocol.get("resumed", [])
     lines += [
         "",
         "## Protocol",
         "",
         *[f"- {k}: {v}" for k, v in protocol["settings"].items()],
-        "- wall time per run (s): "
-        + ", ".join(f"{k} {v:.0f}" + "*" * (k in resumed) for k, v in protocol["wall_s"].items())
+        f"- wall time per run (s): {walls(protocol['wall_s'], resumed)}"
         + (" (* resumed after an interruption: the time before it is not counted)" if resumed else ""),
         "",
         f"![drift, loss matrices and peak gradient norms]({protocol['figure']})",
@@ -281,35 +327,25 @@ def reproduction_md(res: dict, protocol: dict) -> str:
     return "\n".join(lines)
 
 
-def validation_section(val: dict, cols: str) -> list[str]:
-    """Drift and the MODULAR-vs-FROZEN advantage on the validation split (where settings were chosen)."""
-    lines = [
-        "",
-        "## Validation split (where the settings were chosen)",
-        "",
-        f"| | mean ± SD | per seed ({cols}) |",
-        "|---|---|---|",
-    ]
-    for c in val["conditions"]:
-        d = val["drift"][c]
-        lines.append(f"| drift %, {c} | {pm(d['mean'], d['sd'])} | {seeds_str(d['per_seed'])} |")
-    if "modular_vs_frozen" in val:
-        a = val["modular_vs_frozen"]
-        lines.append(f"| MODULAR vs FROZEN % | {pm(a['mean'], a['sd'])} | {seeds_str(a['per_seed'])} |")
-    return lines
-
-
 def grad_norm_section(res: dict) -> list[str]:
     """The gradient-norm tables: the LoRA norm across conditions, CRMA's norm apart, the total."""
     conds, tasks = res["conditions"], res["tasks"]
 
-    def cells(c: str, group: str) -> str | None:
-        peaks, means = grad_per_task(res, c, "max", group), grad_per_task(res, c, "mean", group)
-        if peaks is None or means is None:
-            return None
-        body = " | ".join(f"{p:.3g} ({m:.3g})" for p, m in zip(peaks, means, strict=True))
-        return f"| {c} | {body} | {max(peaks):.3g} |"
+    def group_rows(group: str) -> list[list[str]]:
+        out = []
+        for c in conds:
+            peaks, means = grad_per_task(res, c, "max", group), grad_per_task(res, c, "mean", group)
+            if peaks is not None and means is not None:
+                out.append(
+                    [
+                        c,
+                        *(f"{p:.3g} ({m:.3g})" for p, m in zip(peaks, means, strict=True)),
+                        f"{max(peaks):.3g}",
+                    ]
+                )
+        return out
 
+    cols = ["condition", *tasks, "max over tasks"]
     lines = [
         "",
         "## Gradient norm per task: peak (mean) over the task's steps, mean over seeds",
@@ -320,9 +356,8 @@ def grad_norm_section(res: dict) -> list[str]:
         "",
         "LoRA gradients (NAIVE and FROZEN train nothing else):",
         "",
-        *head("condition", tasks, "max over tasks"),
+        *table(cols, group_rows("lora")),
     ]
-    lines += [r for c in conds if (r := cells(c, "lora"))]
     lora = {c: grad_per_task(res, c, "max", "lora") for c in conds}
     if lora.get("naive") and lora.get("modular"):
         red = 100 * (1 - np.asarray(lora["modular"]) / np.asarray(lora["naive"]))
@@ -332,65 +367,43 @@ def grad_norm_section(res: dict) -> list[str]:
             + ", ".join(f"{t} {r:+.0f} %" for t, r in zip(tasks, red, strict=True))
             + f"; overall LoRA peak {max(lora['naive']):.3g} → {max(lora['modular']):.3g}.",
         ]
-    crma = [r for c in conds if (r := cells(c, "crma"))]
-    if crma:
-        lines += [
-            "",
-            "CRMA gradients (MODULAR only):",
-            "",
-            *head("condition", tasks, "max over tasks"),
-            *crma,
-        ]
-    total = [r for c in conds if (r := cells(c, "total"))]
-    lines += [
-        "",
-        "All trainable adapters together (`train/grad_norm`, the norm a clip acts on):",
-        "",
-        *head("condition", tasks, "max over tasks"),
-        *total,
-    ]
-    clipped = {c: clipped_per_task(res, c) for c in conds}
-    if any(v is not None for v in clipped.values()):
-        lines += [
-            "",
-            "Steps ZClip clipped per task (mean over seeds):",
-            "",
-            *head("condition", tasks, "all tasks"),
-        ]
-        lines += [
-            f"| {c} | " + " | ".join(f"{v:.3g}" for v in clipped[c]) + f" | {sum(clipped[c]):.3g} |"
-            for c in conds
-            if clipped[c] is not None
-        ]
+    if crma := group_rows("crma"):
+        lines += ["", "CRMA gradients (MODULAR only):", "", *table(cols, crma)]
+    lines += ["", "All trainable adapters together (`train/grad_norm`, the norm a clip acts on):", ""]
+    lines += table(cols, group_rows("total"))
+    steps = {c: v for c in conds if (v := clipped_per_task(res, c)) is not None}
+    if steps:
+        lines += ["", "Steps ZClip clipped per task (mean over seeds):", ""]
+        rows = [[c, *(f"{v:.3g}" for v in vs), f"{sum(vs):.3g}"] for c, vs in steps.items()]
+        lines += table(["condition", *tasks, "all tasks"], rows)
     return lines
 
 
-# -- methods
-def stat(vals: list) -> tuple[float | None, float | None]:
-    """Mean and SD of the non-missing values (None, None without any)."""
-    given = [v for v in vals if v is not None]
-    return clm.mean_sd(given) if given else (None, None)
+# -- per-method tables over seeds: the methods table and the standard CL benchmark
+def task_rows(rows: dict[str, list], f: str, scale: float = 1) -> list[list[str]]:
+    """Per method, its rows (one per seed) averaged: one value per task."""
+    return [[m, *(f.format(scale * v) for v in np.mean(r, 0))] for m, r in rows.items()]
 
 
-def cell(vals: list, f: str = "{:.4f}", sd_f: str | None = None, gap: str | None = None) -> str:
-    """mean ± SD (per seed) of the non-missing values; a missing seed shows as ``gap``, or is left out."""
-    mean, sd = stat(vals)
-    if mean is None:
-        return "n/a"
-    shown = [gap if v is None else f.format(v) for v in vals if v is not None or gap is not None]
-    per = f" ({' / '.join(shown)})" if len(shown) > 1 else ""
-    return f.format(mean) + ("" if sd is None else " ± " + (sd_f or f).format(sd)) + per
-
-
-def m_vals(per_seed: dict, split: str | None, key: str) -> list:
-    """``key`` of each seed's ``split`` (of the seed's record itself without one; routing_acc in %)."""
-    if split is None:
-        return [None if p[key] is None else 100 * p[key] for p in per_seed.values()]
-    return [None if p[split] is None else p[split][key] for p in per_seed.values()]
-
-
-def m_cell(per_seed: dict, split: str, key: str, f: str = "{:.4f}") -> str:
-    return cell(m_vals(per_seed, split, key), f)
+def bar_figure(path: Path, res: dict, model: str, panels: list, vals, figsize, decorate) -> None:
+    """One panel per ``(key, title)``: each method's mean ± SD over seeds, task id given and not."""
+    plt = pyplot()
+    methods = list(res["methods"])
+    x = np.arange(len(methods))
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for off, no_id, name in [(-0.2, False, "task id given"), (0.2, True, "no task id")]:
+            st = [stat(vals(m, key, no_id)) for m in methods]
+            means, sds = [np.nan if s[0] is None else s[0] for s in st], [s[1] or 0.0 for s in st]
+            ax.bar(x + off, means, 0.4, yerr=sds, label=name, capsize=3)
+        decorate(ax, key)
+        ax.set_xticks(x, methods, rotation=30, ha="right")
+        ax.set_title(label)
+    seeds = ", ".join(map(str, res["seeds"]))
+    fig.suptitle(f"{model}, {' → '.join(res['tasks'])}, test split, seeds {seeds}")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def methods_md(res: dict, protocol: dict) -> str:
@@ -399,23 +412,20 @@ def methods_md(res: dict, protocol: dict) -> str:
         f"# Continual-learning methods on {len(res['tasks'])} tasks in sequence, "
         f"{protocol['settings']['model']}",
         "",
-        f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}): "
-        f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time "
-        "in all (finished runs are reused, so a report may gather runs of several invocations).",
+        produced(protocol),
         "",
         f"Tasks {' → '.join(res['tasks'])}, seeds {seeds}. Loss is the mean next-token loss on the **test** "
         "split, which no setting was chosen on; every number is mean ± sample SD over seeds (per seed in "
-        "brackets). "
-        "Drift: % change of each earlier task's loss from just after it was trained to the end (positive = "
-        "forgetting). BWT and forgetting on the loss, with the accuracy's sign: negative BWT and positive "
-        "forgetting = earlier tasks' losses went up (nats). Lower final loss is better.",
+        "brackets). Drift: % change of each earlier task's loss from just after it was trained to the end "
+        "(positive = forgetting). BWT and forgetting on the loss, with the accuracy's sign: negative BWT and "
+        "positive forgetting = earlier tasks' losses went up (nats). Lower final loss is better.",
         "",
         "## Protocol",
         "",
         *[f"- {k}: {v}" for k, v in protocol["settings"].items()],
         f"- selection: for each method with a knob, every value of its grid at seed {res['select_seed']}; "
-        "kept: the "
-        "lowest final average **validation** loss with the task id; the other seeds ran only that value",
+        "kept: the lowest final average **validation** loss with the task id; the other seeds ran only that "
+        "value",
         "",
         "## Results (test split)",
         "",
@@ -426,14 +436,20 @@ def methods_md(res: dict, protocol: dict) -> str:
     for m, r in res["methods"].items():
         ps = r["per_seed"]
         first = next(iter(ps.values()))
-        routing = "n/a" if first["routing_acc"] is None else m_cell(ps, None, "routing_acc", "{:.1f}") + " %"
-        setting = "preset" if r["value"] is None else f"{KNOBS[m]} = {r['value']:g}"
+
+        def c(split: str, key: str, f: str = "{:.4f}", ps: dict = ps) -> str:
+            return cell(seed_vals(ps, key, split), f)
+
+        routing = cell(seed_vals(ps, "routing_acc", scale=100), "{:.1f}") + " %"
         rows.append(
-            [m, setting, m_cell(ps, "test", "final_avg_loss"), m_cell(ps, "test", "drift_pct", "{:+.2f}")]
-            + [m_cell(ps, "test", "bwt", "{:+.4f}"), m_cell(ps, "test", "forgetting")]
-            + [m_cell(ps, "test_no_task_id", "final_avg_loss")]
-            + [m_cell(ps, "test_no_task_id", "drift_pct", "{:+.2f}")]
-            + [NO_TASK_ID.get(first["no_task_id"], first["no_task_id"] or "n/a"), routing]
+            [m, "preset" if r["value"] is None else f"{KNOBS[m]} = {r['value']:g}"]
+            + [c("test", "final_avg_loss"), c("test", "drift_pct", "{:+.2f}"), c("test", "bwt", "{:+.4f}")]
+            + [c("test", "forgetting"), c("test_no_task_id", "final_avg_loss")]
+            + [
+                c("test_no_task_id", "drift_pct", "{:+.2f}"),
+                NO_TASK_ID.get(first["no_task_id"], first["no_task_id"] or "n/a"),
+            ]
+            + ["n/a" if first["routing_acc"] is None else routing]
         )
     lines += table(cols, rows)
     if "multitask" in res["methods"]:
@@ -443,16 +459,9 @@ def methods_md(res: dict, protocol: dict) -> str:
             "run over the pooled data, so its drift is the change between those points, not forgetting; its "
             "final loss is the reference the sequential methods are measured against.",
         ]
-    lines += [
-        "",
-        "## Final test loss per task (mean over seeds, with the task id)",
-        "",
-    ]
-    final = {
-        m: np.mean([p["test"]["final_row"] for p in r["per_seed"].values()], 0)
-        for m, r in res["methods"].items()
-    }
-    lines += table(["method", *res["tasks"]], [[m, *(f"{v:.4f}" for v in row)] for m, row in final.items()])
+    finals = {m: [p["test"]["final_row"] for p in r["per_seed"].values()] for m, r in res["methods"].items()}
+    lines += ["", "## Final test loss per task (mean over seeds, with the task id)", ""]
+    lines += table(["method", *res["tasks"]], task_rows(finals, "{:.4f}"))
     lines += [
         "",
         f"## The selection (seed {res['select_seed']})",
@@ -460,16 +469,16 @@ def methods_md(res: dict, protocol: dict) -> str:
         "Every grid value's final average loss and drift on validation (where the choice was made) and on "
         "test (reported only).",
         "",
-        "| method | setting | validation loss | validation drift % | test loss | test drift % | kept |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for m, grid in res["grid"].items():
-        for v, p in grid.items():
-            lines.append(
-                f"| {m} | {KNOBS[m]} = {float(v):g} | {p['validation']['final_avg_loss']:.4f} | "
-                f"{p['validation']['drift_pct']:+.2f} | {p['test']['final_avg_loss']:.4f} | "
-                f"{p['test']['drift_pct']:+.2f} | {'yes' if float(v) == res['methods'][m]['value'] else ''} |"
-            )
+    rows = [
+        [m, f"{KNOBS[m]} = {float(v):g}", f"{p['validation']['final_avg_loss']:.4f}"]
+        + [f"{p['validation']['drift_pct']:+.2f}", f"{p['test']['final_avg_loss']:.4f}"]
+        + [f"{p['test']['drift_pct']:+.2f}", "yes" if float(v) == res["methods"][m]["value"] else ""]
+        for m, grid in res["grid"].items()
+        for v, p in grid.items()
+    ]
+    cols = ["method", "setting", "validation loss", "validation drift %", "test loss", "test drift %", "kept"]
+    lines += table(cols, rows)
     rebuilt = [
         p["run"].split("/")[1]
         for r in res["methods"].values()
@@ -482,41 +491,17 @@ def methods_md(res: dict, protocol: dict) -> str:
             "Runs reused from the reproduction (`--reuse`), their test matrices rebuilt from their adapters "
             f"by `train.py test --run <run> --task-id both`: {', '.join(rebuilt)}.",
         ]
-    lines += [
-        "",
-        "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items()),
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"Wall time per run (s): {walls(protocol['wall_s'])}", ""])
 
 
-def bar_figure(path: Path, methods: list, panels: list, vals, title: str, figsize, decorate) -> None:
-    """One panel per ``(key, title)``: each method's mean ± SD over seeds, task id given and not."""
-    from crma_lightning.evaluation.report import pyplot, save_figure
-
-    plt = pyplot()
-    x = np.arange(len(methods))
-    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
-    for ax, (key, label) in zip(axes, panels, strict=True):
-        for off, no_id, name in [(-0.2, False, "task id given"), (0.2, True, "no task id")]:
-            st = [stat(vals(m, key, no_id)) for m in methods]
-            means, sds = [np.nan if s[0] is None else s[0] for s in st], [s[1] or 0.0 for s in st]
-            ax.bar(x + off, means, 0.4, yerr=sds, label=name, capsize=3)
-        decorate(ax, key)
-        ax.set_xticks(x, methods, rotation=30, ha="right")
-        ax.set_title(label)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def methods_figure(res: dict, path: Path, model: str) -> None:
+def methods_figure(res: dict, protocol: dict, path: Path) -> None:
     ps = {m: r["per_seed"] for m, r in res["methods"].items()}
 
     def decorate(ax, key: str) -> None:
         if key == "final_avg_loss":
-            ax.set_ylim(0.97 * min(v for m in ps for v in m_vals(ps[m], "test", key) if v is not None), None)
+            ax.set_ylim(
+                0.97 * min(v for m in ps for v in seed_vals(ps[m], key, "test") if v is not None), None
+            )
         ax.axhline(0, color="k", lw=0.8)
         ax.legend(fontsize=8)
 
@@ -524,47 +509,28 @@ def methods_figure(res: dict, path: Path, model: str) -> None:
         ("final_avg_loss", "final average test loss (lower is better)"),
         ("drift_pct", "drift of earlier tasks, % (lower is better)"),
     ]
-    vals = lambda m, key, no_id: m_vals(ps[m], "test_no_task_id" if no_id else "test", key)  # noqa: E731
-    seeds = ", ".join(map(str, res["seeds"]))
-    title = f"{model}, {' → '.join(res['tasks'])}, test split, seeds {seeds}"
-    bar_figure(path, list(ps), panels, vals, title, (14, 4.8), decorate)
-
-
-# -- standard CL
-def s_vals(res: dict, method: str, key: str) -> list:
-    return [
-        None if v is None else 100 * v
-        for v in (res["methods"][method]["per_seed"][s][key] for s in res["seeds"])
-    ]
-
-
-def s_cell(res: dict, method: str, key: str, sign: bool = False) -> str:
-    return cell(s_vals(res, method, key), "{:+.1f}" if sign else "{:.1f}", "{:.1f}", "–")
-
-
-def s_share(res: dict, method: str) -> str:
-    ps = res["methods"][method]["per_seed"].values()
-    share, wall = np.mean([p["evaluation_s"] / p["wall_s"] for p in ps]), np.mean([p["wall_s"] for p in ps])
-    return f"{share * 100:.0f} % of {wall / 60:.1f} min"
+    vals = lambda m, key, no_id: seed_vals(ps[m], key, "test_no_task_id" if no_id else "test")  # noqa: E731
+    bar_figure(path, res, protocol["settings"]["model"], panels, vals, (14, 4.8), decorate)
 
 
 def standard_cl_md(res: dict, protocol: dict) -> str:
-    seeds = ", ".join(map(str, res["seeds"]))
+    seeds, tasks, n_test = ", ".join(map(str, res["seeds"])), res["tasks"], protocol["test_size"]
     base_mean, base_sd = clm.mean_sd([100 * res["base"][s] for s in res["seeds"]])
+
+    def acc(m: str, key: str, sign: bool = False) -> str:
+        vals = seed_vals(res["methods"][m]["per_seed"], key, scale=100)
+        return cell(vals, "{:+.1f}" if sign else "{:.1f}", "{:.1f}", "–")
+
     lines = [
         "# The standard CL benchmark (O-LoRA's text classification) with SmolLM2-135M",
         "",
-        f"Produced by `{protocol['command']}` on {protocol['date']} ({protocol['machine']}): "
-        f"{len(protocol['wall_s'])} runs, {sum(protocol['wall_s'].values()) / 60:.0f} min of run wall time "
-        "in all "
-        "(each run's own wall time below; finished runs are reused, so a report may gather runs of several "
-        "invocations).",
+        produced(protocol, "each run's own wall time below; "),
         "",
-        f"Tasks {' → '.join(res['tasks'])} (../shared/cl_benchmark: the O-LoRA repository's processed files, "
+        f"Tasks {' → '.join(tasks)} (../shared/cl_benchmark: the O-LoRA repository's processed files, "
         f"subsampled), O-LoRA's prompt format, seeds {seeds}. Accuracy is exact match of the "
-        "greedy-generated "
-        "answer (trimmed, case-folded) on the **test** split, in %; average after the last task and BWT on "
-        "it (mean ± sample SD over seeds, per seed in brackets). Every method runs the same protocol and its "
+        "greedy-generated answer (trimmed, case-folded) on the **test** split, in %; average after the last "
+        "task and BWT on it (mean ± sample SD over seeds, per seed in brackets). Every method runs the same "
+        "protocol and its "
         "preset; a method's knob, where the experiment gives a grid, was chosen on the validation split at "
         f"the first seed ({chosen(res)}).",
         "",
@@ -578,30 +544,29 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         + (f" ± {base_sd:.1f}" if base_sd is not None else "")
         + "; it is the first row of every run's matrix.",
         "",
-        f"With {protocol['test_size']} test examples per task, one example is "
-        f"{100 / protocol['test_size']:.1f} points "
-        f"of a task's accuracy and {100 / protocol['test_size'] / len(res['tasks']):.1f} of the average: "
-        "differences of a few points between methods are within one seed's noise.",
+        f"With {n_test} test examples per task, one example is {100 / n_test:.1f} points of a task's "
+        f"accuracy and {100 / n_test / len(tasks):.1f} of the average: differences of a few points between "
+        "methods are within one seed's noise.",
         "",
-        "| method | avg acc (task id) | BWT (task id) | avg acc (no task id) | BWT (no task id) | without "
-        "the id | routing acc | T5-large, published | eval share of the run |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    cols = ["method", "avg acc (task id)", "BWT (task id)", "avg acc (no task id)", "BWT (no task id)"]
+    cols += ["without the id", "routing acc", "T5-large, published", "eval share of the run"]
+    rows = []
     for m, r in res["methods"].items():
-        first = r["per_seed"][res["seeds"][0]]
+        ps = r["per_seed"]
+        first, pub = ps[res["seeds"][0]], PUBLISHED_T5_LARGE.get(m)
         how = first["no_task_id"]
         how = NO_TASK_ID.get(how, how or "n/a") + (
             f" ({first['router']} router)" if how == "route" and first.get("router") else ""
         )
-        pub = PUBLISHED_T5_LARGE.get(m)
-        lines.append(
-            f"| {m} | {s_cell(res, m, 'avg_acc')} | {s_cell(res, m, 'bwt', True)} | "
-            f"{s_cell(res, m, 'avg_acc_no_task_id')} | {s_cell(res, m, 'bwt_no_task_id', True)} | "
-            f"{how} | {s_cell(res, m, 'routing_acc')} | "
-            f"{'n/a' if pub is None else f'{pub:.1f}'} | {s_share(res, m)} |"
+        share = np.mean([p["evaluation_s"] / p["wall_s"] for p in ps.values()])
+        wall = np.mean([p["wall_s"] for p in ps.values()])
+        rows.append(
+            [m, acc(m, "avg_acc"), acc(m, "bwt", True), acc(m, "avg_acc_no_task_id")]
+            + [acc(m, "bwt_no_task_id", True), how, acc(m, "routing_acc")]
+            + ["n/a" if pub is None else f"{pub:.1f}", f"{share * 100:.0f} % of {wall / 60:.1f} min"]
         )
-    lines += paired_section(res)
-    lines += general_section(res)
+    lines += [*table(cols, rows), *paired_section(res), *general_section(res)]
     lines += [
         "",
         "The published column is **another model on another sequence**: T5-large (770M, encoder-decoder), "
@@ -610,29 +575,18 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         "",
         "## Final test accuracy per task (mean over seeds, with the task id)",
         "",
-        "| method | " + " | ".join(res["tasks"]) + " |",
-        "|---|" + "---|" * len(res["tasks"]),
     ]
-    for m, r in res["methods"].items():
-        row = np.mean([r["per_seed"][s]["final_row"] for s in res["seeds"]], 0)
-        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
-    base_row = np.mean(
-        [res["methods"][next(iter(res["methods"]))]["per_seed"][s]["base_row"] for s in res["seeds"]], 0
-    )
-    lines.append("| zero-shot base | " + " | ".join(f"{100 * v:.1f}" for v in base_row) + " |")
+    finals = {m: [p["final_row"] for p in r["per_seed"].values()] for m, r in res["methods"].items()}
+    finals["zero-shot base"] = [
+        p["base_row"] for p in next(iter(res["methods"].values()))["per_seed"].values()
+    ]
+    lines += table(["method", *tasks], task_rows(finals, "{:.1f}", 100))
     blind = {
         m: [p.get("final_row_no_task_id") for p in r["per_seed"].values()] for m, r in res["methods"].items()
     }
-    if any(all(v is not None for v in rows) for rows in blind.values()):
-        lines += ["", "Without the task id:", ""]
-        lines += table(
-            ["method", *res["tasks"]],
-            [
-                [m, *(f"{100 * v:.1f}" for v in np.mean(rows, 0))]
-                for m, rows in blind.items()
-                if all(v is not None for v in rows)
-            ],
-        )
+    blind = {m: rows for m, rows in blind.items() if all(v is not None for v in rows)}
+    if blind:
+        lines += ["", "Without the task id:", "", *table(["method", *tasks], task_rows(blind, "{:.1f}", 100))]
     rebuilt = [
         f"{m}_s{s}" for m, r in res["methods"].items() for s, p in r["per_seed"].items() if p.get("rebuilt")
     ]
@@ -650,17 +604,26 @@ def standard_cl_md(res: dict, protocol: dict) -> str:
         f"Average accuracy after the last task with the task id, on {protocol['validation_size']} validation "
         "examples per task (the matrices of `fit`).",
         "",
-        "| method | validation | test |",
-        "|---|---|---|",
+        *table(
+            ["method", "validation", "test"],
+            [[m, acc(m, "val_avg_acc"), acc(m, "avg_acc")] for m in res["methods"]],
+        ),
     ]
-    for m in res["methods"]:
-        lines.append(f"| {m} | {s_cell(res, m, 'val_avg_acc')} | {s_cell(res, m, 'avg_acc')} |")
-    lines += [
-        "",
-        "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in protocol["wall_s"].items()),
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"Wall time per run (s): {walls(protocol['wall_s'])}", ""])
+
+
+def standard_cl_figure(res: dict, protocol: dict, path: Path) -> None:
+    def decorate(ax, key: str) -> None:
+        if key == "avg_acc":
+            base = 100 * np.mean(list(res["base"].values()))
+            ax.axhline(base, color="k", ls="--", lw=1, label="zero-shot base")
+        ax.legend(fontsize=8, loc="upper left")
+
+    panels = [("avg_acc", "average accuracy after the last task (%)"), ("bwt", "BWT (pp)")]
+    vals = lambda m, key, no_id: seed_vals(  # noqa: E731
+        res["methods"][m]["per_seed"], key + ("_no_task_id" if no_id else ""), scale=100
+    )
+    bar_figure(path, res, "SmolLM2-135M", panels, vals, (13, 4.5), decorate)
 
 
 def chosen(res: dict) -> str:
@@ -673,9 +636,8 @@ def chosen(res: dict) -> str:
 def paired_section(res: dict) -> list[str]:
     """Every method against FROZEN and against O-LoRA: the paired difference of the average test
     accuracy with its 95 % interval (:func:`paired_interval`), with and without the task id."""
-    refs = [r for r in ("frozen", "olora") if r in res["methods"]]
     rows = []
-    for ref in refs:
+    for ref in [r for r in ("frozen", "olora") if r in res["methods"]]:
         for m, r in res["methods"].items():
             if m == ref:
                 continue
@@ -756,21 +718,7 @@ def paired_interval(
     return float(point), float(lo), float(hi)
 
 
-def standard_cl_figure(res: dict, path: Path) -> None:
-    def decorate(ax, key: str) -> None:
-        if key == "avg_acc":
-            base = 100 * np.mean(list(res["base"].values()))
-            ax.axhline(base, color="k", ls="--", lw=1, label="zero-shot base")
-        ax.legend(fontsize=8, loc="upper left")
-
-    panels = [("avg_acc", "average accuracy after the last task (%)"), ("bwt", "BWT (pp)")]
-    vals = lambda m, key, no_id: s_vals(res, m, key + ("_no_task_id" if no_id else ""))  # noqa: E731
-    seeds = ", ".join(map(str, res["seeds"]))
-    title = f"SmolLM2-135M, {' → '.join(res['tasks'])}, test split, seeds {seeds}"
-    bar_figure(path, list(res["methods"]), panels, vals, title, (13, 4.5), decorate)
-
-
-# -- recipe
+# -- recipe: settings compared with the current recipe, each summarised from its reproduction record
 SPLITS = ("test", "validation")
 
 
@@ -781,24 +729,6 @@ def on_split(res: dict, split: str) -> dict:
 
 def final(res: dict, cond: str, seed: int) -> np.ndarray:
     return np.asarray(res["final_loss"][cond]["per_seed"][res["seeds"].index(seed)])
-
-
-def peak(res: dict, cond: str, seed: int, group: str) -> float | None:
-    """Max over tasks of the per-task peak norm of ``group`` in one run (None if not recorded)."""
-    g = res["grad_norm"].get(cond, {}).get(str(seed))
-    if not g:
-        return None
-    if group == "lora" and cond != "modular":
-        return max(e.get("lora", e)["max"] for e in g.values())  # no CRMA: the total is the LoRA norm
-    if group == "total":
-        return max(e["max"] for e in g.values())
-    vals = [e[group]["max"] for e in g.values() if group in e]
-    return max(vals) if len(vals) == len(g) else None
-
-
-def clipped(res: dict, cond: str, seed: int) -> int | None:
-    g = res["grad_norm"].get(cond, {}).get(str(seed))
-    return sum(e["clipped"] for e in g.values()) if g and all("clipped" in e for e in g.values()) else None
 
 
 def vs_frozen(f: np.ndarray, m: np.ndarray) -> float:
@@ -834,12 +764,8 @@ def summarise(label: str, report: dict, current: dict) -> dict:
         "settings": protocol["settings"],
     }
     for cond in res["conditions"]:
-        row: dict = {
-            "lora_peak": [peak(res, cond, s, "lora") for s in seeds],
-            "crma_peak": [peak(res, cond, s, "crma") for s in seeds],
-            "total_peak": [peak(res, cond, s, "total") for s in seeds],
-            "clipped": [clipped(res, cond, s) for s in seeds],
-        }
+        row: dict = {f"{g}_peak": [peak(res, cond, s, g) for s in seeds] for g in ("lora", "crma", "total")}
+        row["clipped"] = [clipped(res, cond, s) for s in seeds]
         out["steps"] = sum(e["steps"] for e in res["grad_norm"][cond][str(seeds[0])].values())
         for split in SPLITS:
             r = on_split(res, split)
@@ -891,90 +817,78 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
         "",
         "The protocol (the current recipe's settings):",
         "",
-    ]
-    lines += [f"- {k}: {v}" for k, v in cur["settings"].items()]
-    lines += [
+        *[f"- {k}: {v}" for k, v in cur["settings"].items()],
         "",
-        "| setting | override | differs from the current recipe in | seeds | training wall time per run (s) "
-        "|",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     for s in summaries:
         differs = [
             f"{k}: {v}"
             for k, v in s["settings"].items()
             if k != "extra train.py arguments" and cur["settings"].get(k) != v
         ]
-        walls = ", ".join(f"{k} {v:.0f}" for k, v in s["wall_s"].items())
-        lines.append(
-            f"| {s['label']} | `{s['override']}` | {'; '.join(differs) or '—'} | "
-            f"{', '.join(map(str, s['seeds']))} | {walls} |"
+        rows.append(
+            [s["label"], f"`{s['override']}`", "; ".join(differs) or "—", ", ".join(map(str, s["seeds"]))]
+            + [walls(s["wall_s"])]
         )
-    lines += ["", "Commands (from the repository root):", "", "```bash"]
-    lines += [s["command"] for s in summaries] + ["```", ""]
+    cols = ["setting", "override", "differs from the current recipe in", "seeds"]
+    lines += table([*cols, "training wall time per run (s)"], rows)
+    lines += ["", "Commands (from the repository root):", "", "```bash", *(s["command"] for s in summaries)]
     resumed = [f"{s['label']}: {', '.join(s['resumed'])}" for s in summaries if s["resumed"]]
-    lines += [f"Runs that continued from a checkpoint: {'; '.join(resumed) if resumed else 'none'}.", ""]
-
+    lines += ["```", "", f"Runs that continued from a checkpoint: {'; '.join(resumed) or 'none'}.", ""]
     yard = cur["conditions"]
     sd = {
-        k: clm.mean_sd(v)[1]
-        for k, v in (
-            ("NAIVE drift", yard["naive"]["test"]["drift"]),
-            ("MODULAR drift", yard["modular"]["test"]["drift"]),
-            ("MODULAR vs FROZEN", yard["modular"]["test"]["vs_frozen"]),
-        )
+        "NAIVE drift": clm.mean_sd(yard["naive"]["test"]["drift"])[1],
+        "MODULAR drift": clm.mean_sd(yard["modular"]["test"]["drift"])[1],
+        "MODULAR vs FROZEN": clm.mean_sd(yard["modular"]["test"]["vs_frozen"])[1],
     }
     lines += [
         "## Per setting (test split)",
         "",
         "drift: loss-relative drift on prior tasks (%, + = forgetting); MODULAR vs FROZEN: the prior-task "
         "test loss advantage (%, + = MODULAR better); peaks: the largest per-task peak of the pre-clip "
-        "global "
-        "gradient norm of the group over a run (the LoRA norm is comparable across conditions, CRMA's is "
-        f"MODULAR's own); clipped: steps ZClip clipped, of a run's {cur['steps']}. Mean ± sample SD over "
-        "seeds, per "
-        "seed in brackets. No setting's hyperparameters were tuned: each override file ran as committed.",
+        "global gradient norm of the group over a run (the LoRA norm is comparable across conditions, CRMA's "
+        f"is MODULAR's own); clipped: steps ZClip clipped, of a run's {cur['steps']}. Mean ± sample SD over "
+        "seeds, per seed in brackets. No setting's hyperparameters were tuned: each override file ran as "
+        "committed.",
         "",
         "The yardstick is the current recipe's seed-to-seed SD: "
         + ", ".join(f"{k} ±{v:.2f} pp" for k, v in sd.items() if v is not None)
         + ".",
         "",
-        "| setting | condition | drift % | MODULAR vs FROZEN % | final mean loss | LoRA peak | CRMA peak | "
-        "total peak | clipped steps |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in summaries:
-        for cond, r in s["conditions"].items():
-            t = r["test"]
-            lines.append(
-                f"| {s['label']} | {cond} | {fmt(t['drift'])} | {fmt(t.get('vs_frozen', [None]))} | "
-                f"{fmt(t['final_mean_loss'], 4, False)} | {fmt(r['lora_peak'], 3, False)} | "
-                f"{fmt(r['crma_peak'], 3, False)} | {fmt(r['total_peak'], 3, False)} | "
-                f"{fmt(r['clipped'], 1, False)} |"
-            )
+    rows = [
+        [s["label"], cond, fmt(r["test"]["drift"]), fmt(r["test"].get("vs_frozen", [None]))]
+        + [fmt(r["test"]["final_mean_loss"], 4, False)]
+        + [fmt(r[k], 3, False) for k in ("lora_peak", "crma_peak", "total_peak")]
+        + [fmt(r["clipped"], 1, False)]
+        for s in summaries
+        for cond, r in s["conditions"].items()
+    ]
+    cols = ["setting", "condition", "drift %", "MODULAR vs FROZEN %", "final mean loss", "LoRA peak"]
+    lines += table([*cols, "CRMA peak", "total peak", "clipped steps"], rows)
     lines += [
         "",
         "## Against the current recipe, paired by seed (test split)",
         "",
         "Δ = setting − current recipe on the same seed; peak ratios = setting / current recipe.",
         "",
-        "| setting | condition | Δ drift (pp) | Δ MODULAR vs FROZEN (pp) | Δ final mean loss | LoRA peak "
-        "ratio | CRMA peak ratio |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for s in summaries[1:]:
-        for cond in s["conditions"]:
-            if cond not in cur["conditions"]:
-                continue
-            vf = (
-                fmt(paired(s, cur, cond, lambda x: x["test"]["vs_frozen"]), 3) if cond == "modular" else "n/a"
+        for cond in [c for c in s["conditions"] if c in cur["conditions"]]:
+
+            def diff(get, digits: int, ratio: bool = False, s: dict = s, cond: str = cond) -> str:
+                return fmt(paired(s, cur, cond, get, ratio), digits, not ratio)
+
+            rows.append(
+                [s["label"], cond, diff(lambda x: x["test"]["drift"], 3)]
+                + [diff(lambda x: x["test"]["vs_frozen"], 3) if cond == "modular" else "n/a"]
+                + [diff(lambda x: x["test"]["final_mean_loss"], 4)]
+                + [diff(lambda x: x["lora_peak"], 2, True), diff(lambda x: x["crma_peak"], 2, True)]
             )
-            lines.append(
-                f"| {s['label']} | {cond} | {fmt(paired(s, cur, cond, lambda x: x['test']['drift']), 3)} | "
-                f"{vf} | {fmt(paired(s, cur, cond, lambda x: x['test']['final_mean_loss']), 4)} | "
-                f"{fmt(paired(s, cur, cond, lambda x: x['lora_peak'], True), 2, False)} | "
-                f"{fmt(paired(s, cur, cond, lambda x: x['crma_peak'], True), 2, False)} |"
-            )
+    cols = ["setting", "condition", "Δ drift (pp)", "Δ MODULAR vs FROZEN (pp)", "Δ final mean loss"]
+    lines += table([*cols, "LoRA peak ratio", "CRMA peak ratio"], rows)
     lines += [
         "",
         "## Validation split",
@@ -982,14 +896,16 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
         "Beside the test numbers: the split fit evaluates on, and where the current recipe's CRMA learning "
         "rates were chosen (reproduction.md). Nothing of the settings above was chosen on it.",
         "",
-        "| setting | drift % naive | drift % frozen | drift % modular | modular vs frozen % |",
-        "|---|---|---|---|---|",
     ]
+    rows = []
     for s in summaries:
         c = s["conditions"]
         cells = [fmt(c[k]["validation"]["drift"]) if k in c else "—" for k in ("naive", "frozen", "modular")]
-        vf = fmt(c["modular"]["validation"]["vs_frozen"]) if "modular" in c else "—"
-        lines.append(f"| {s['label']} | {' | '.join(cells)} | {vf} |")
+        rows.append(
+            [s["label"], *cells, fmt(c["modular"]["validation"]["vs_frozen"]) if "modular" in c else "—"]
+        )
+    cols = ["setting", "drift % naive", "drift % frozen", "drift % modular", "modular vs frozen %"]
+    lines += table(cols, rows)
     lines += [
         "",
         "## CRMA off at inference (MODULAR)",
@@ -997,50 +913,42 @@ def recipe_md(summaries: list[dict], info: dict) -> str:
         "Each MODULAR run served (`serve.load_run`) with its trained weights and the CRMA injection toggled "
         "off: the rise of the mean test loss over the tasks, % (+ = CRMA helps).",
         "",
-        "| setting | mean test loss rise with CRMA off, % |",
-        "|---|---|",
     ]
-    for s in summaries:
-        if "modular" in s["conditions"]:
-            lines.append(f"| {s['label']} | {fmt(s['conditions']['modular']['crma_off_pct'])} |")
+    rows = [
+        [s["label"], fmt(s["conditions"]["modular"]["crma_off_pct"])]
+        for s in summaries
+        if "modular" in s["conditions"]
+    ]
+    lines += table(["setting", "mean test loss rise with CRMA off, %"], rows)
     lines += ["", f"![drift, MODULAR vs FROZEN and gradient peaks per setting]({Path(info['figure']).name})"]
     return "\n".join(lines) + "\n"
 
 
-def recipe_figure(summaries: list[dict], path: Path) -> None:
+def recipe_figure(summaries: list[dict], info: dict, path: Path) -> None:
     """Per setting: drift of naive and modular, modular vs frozen, and the LoRA / CRMA gradient peaks
     (dots: seeds)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     labels = [s["label"] for s in summaries]
-    panels = [
-        (
-            "drift on prior tasks, % (test)",
-            [("naive", lambda r: r["test"]["drift"]), ("modular", lambda r: r["test"]["drift"])],
-        ),
-        ("MODULAR vs FROZEN, % (test; + = MODULAR better)", [("modular", lambda r: r["test"]["vs_frozen"])]),
+    panels = [  # title, [(condition, legend, (key, subkey))]
+        ("drift on prior tasks, % (test)", [(c, c, ("test", "drift")) for c in ("naive", "modular")]),
+        ("MODULAR vs FROZEN, % (test; + = MODULAR better)", [("modular", "modular", ("test", "vs_frozen"))]),
         (
             "peak pre-clip gradient norm",
-            [
-                ("naive", lambda r: r["lora_peak"]),
-                ("frozen", lambda r: r["lora_peak"]),
-                ("modular", lambda r: r["lora_peak"]),
-                ("modular", lambda r: r["crma_peak"]),
-            ],
+            [(c, f"{c}: LoRA", ("lora_peak",)) for c in ("naive", "frozen", "modular")]
+            + [("modular", "modular: CRMA", ("crma_peak",))],
         ),
     ]
-    names = [
-        ["naive", "modular"],
-        ["modular"],
-        ["naive: LoRA", "frozen: LoRA", "modular: LoRA", "modular: CRMA"],
-    ]
-    for ax, (title, series), legend in zip(axes, panels, names, strict=True):
+    for ax, (title, series) in zip(axes, panels, strict=True):
         width = 0.8 / len(series)
-        for j, ((cond, get), name) in enumerate(zip(series, legend, strict=True)):
+        for j, (cond, name, keys) in enumerate(series):
             for k, s in enumerate(summaries):
                 if cond not in s["conditions"]:
                     continue
-                vals = [v for v in get(s["conditions"][cond]) if v is not None]
+                got = s["conditions"][cond]
+                for key in keys:
+                    got = got[key]
+                vals = [v for v in got if v is not None]
                 x = k + (j - (len(series) - 1) / 2) * width
                 ax.bar(x, np.mean(vals), width, color=f"C{j}", alpha=0.5, label=name if k == 0 else None)
                 ax.scatter([x] * len(vals), vals, color=f"C{j}", s=14, zorder=3)
@@ -1053,6 +961,15 @@ def recipe_figure(summaries: list[dict], path: Path) -> None:
 
 
 # -- rendering ---------------------------------------------------------------------------------
+#: kind -> (markdown, figure), each taking the record's results and protocol
+RENDERERS = {
+    "reproduction": (reproduction_md, reproduction_figure),
+    "methods": (methods_md, methods_figure),
+    "standard_cl": (standard_cl_md, standard_cl_figure),
+    "recipe": (recipe_md, recipe_figure),
+}
+
+
 def kind(record: dict) -> str:
     if "settings" in record and "results" not in record:
         return "recipe"
@@ -1066,36 +983,26 @@ def render(path: str | Path, figures: bool = True) -> Path:
     record = json.loads(path.read_text())
     k, png = kind(record), path.with_suffix(".png")
     if k == "recipe":
-        body = recipe_md(record["settings"], {**record, "figure": png})
-        draw = lambda: recipe_figure(record["settings"], png)  # noqa: E731
+        res, protocol = record["settings"], {**record, "figure": png}
     else:
         res, protocol = record["results"], record["protocol"]
-        if k == "standard_cl":  # JSON keys are strings; the seeds are ints
-            res["base"] = {int(s): v for s, v in res["base"].items()}
-            for m in res["methods"].values():
-                m["per_seed"] = {int(s): v for s, v in m["per_seed"].items()}
-        body = {"reproduction": reproduction_md, "methods": methods_md, "standard_cl": standard_cl_md}[k](
-            res, protocol
-        )
-        draw = {
-            "reproduction": lambda: reproduction_figure(res, png),
-            "methods": lambda: methods_figure(res, png, protocol["settings"]["model"]),
-            "standard_cl": lambda: standard_cl_figure(res, png),
-        }[k]
-    lines = body.rstrip("\n").split("\n")
-    command = record.get("protocol", record).get("command", "")
-    if record.get("experiment") and "benchmarks/run.py" not in command:  # made before the runner: how now
-        rerun = (
-            f"Made again by `python benchmarks/run.py {record['experiment']}` "
-            "(its runs reused where finished)."
-        )
+    if k == "standard_cl":  # JSON keys are strings; the seeds are ints
+        res["base"] = {int(s): v for s, v in res["base"].items()}
+        for m in res["methods"].values():
+            m["per_seed"] = {int(s): v for s, v in m["per_seed"].items()}
+    markdown, figure = RENDERERS[k]
+    lines = markdown(res, protocol).rstrip("\n").split("\n")
+    if record.get("experiment") and "benchmarks/run.py" not in protocol.get("command", ""):
+        # made before the runner: how it is made now
+        rerun = f"Made again by `python benchmarks/run.py {record['experiment']}` (its runs reused where "
+        rerun += "finished)."
         lines[2:2] = [rerun, ""]
     if "code" in record:  # records from before reports named their commits have none
         lines += ["", code_line(record["code"])]
     md = path.with_suffix(".md")
     atomic_write_text(md, "\n".join(lines) + "\n")
     if figures:
-        draw()
+        figure(res, protocol, png)
     return md
 
 
