@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -54,14 +55,16 @@ from crma_lightning.runs.record import RecordedRun, compact
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, LOSS_MATRIX, RunDir, init_args, matrix_name
 from crma_lightning.serve import load_run
 
-KINDS = ("reproduction", "methods", "standard_cl", "recipe")
+KNOBS = KNOBS | {"modular": "crma_lr"}  # CRMA's read/write rate as a multiple of the LoRA rate
+
+KINDS = ("reproduction", "methods", "standard_cl", "recipe", "growth")
 
 
 def load_experiment(path: str | Path) -> dict:
     exp = yaml.safe_load(Path(path).read_text())
     if exp.get("kind") not in KINDS:
         raise SystemExit(f"{path}: kind must be one of {KINDS}, not {exp.get('kind')!r}")
-    if exp["kind"] != "recipe":
+    if exp["kind"] not in ("recipe", "growth"):
         exp["config"] = [exp["config"]] if isinstance(exp["config"], str) else list(exp["config"])
         if unknown := sorted(set(exp["methods"]) - set(METHODS)):
             raise SystemExit(f"{path}: unknown methods {unknown}; the presets are {list(METHODS)}")
@@ -71,10 +74,28 @@ def load_experiment(path: str | Path) -> dict:
 
 
 # -- fits --------------------------------------------------------------------------------------
-def setting_args(method: str, value: float | None) -> list[str]:
+def lora_lr(exp: dict) -> float:
+    """The LoRA learning rate the experiment's runs train with (its config files, then ``fit_args``)."""
+    lr = None
+    for path in exp["config"]:
+        lr = (yaml.safe_load((REPO / path).read_text()).get("model") or {}).get("lr", {}).get("lora", lr)
+    fit = [str(a) for a in exp.get("fit_args", [])]
+    lr = next((fit[i + 1] for i in range(len(fit) - 1) if fit[i] == "--model.lr.lora"), lr)
+    if lr is None:
+        raise SystemExit(f"{exp['path']}: a crma_lr grid needs model.lr.lora set in its config files")
+    return float(lr)
+
+
+def setting_args(method: str, value: float | None, exp: dict) -> list[str]:
     """``train.py`` arguments that set ``method``'s knob to ``value`` on top of its preset."""
     if value is None:
         return []
+    if KNOBS[method] == "crma_lr":
+        # CRMA's read/write rate = value x the LoRA rate; the mixing logits and the gate 10x that,
+        # the ratio of configs/smollm2.yaml (docs/decisions.md)
+        proj = value * lora_lr(exp)
+        rates = {"crma_proj": proj, "crma_mix": 10 * proj, "crma_gate": 10 * proj}
+        return [a for k, v in rates.items() for a in (f"--model.lr.{k}", f"{v:.6g}")]
     if KNOBS[method] == "ratio":
         return ["--data.replay.ratio", str(value)]
     (reg,) = yaml.safe_load((REPO / f"configs/methods/{method}.yaml").read_text())["model"]["regularizers"]
@@ -88,7 +109,7 @@ def fit_args(exp: dict, method: str, seed: int, value: float | None = None) -> l
     args += ["--data.seed", str(seed)] + (
         ["--evaluation.task_id", exp["task_id"]] if exp.get("task_id") else []
     )
-    return args + setting_args(method, value) + [str(a) for a in exp.get("fit_args", [])]
+    return args + setting_args(method, value, exp) + [str(a) for a in exp.get("fit_args", [])]
 
 
 def run_name(method: str, value: float | None, seed: int) -> str:
@@ -324,12 +345,45 @@ def settings(run: RecordedRun, exp: dict) -> dict:
     }
 
 
+def crma_lr_choice(exp: dict, runs: dict, seed: int) -> dict:
+    """MODULAR's CRMA rate among ``grid.modular``: the largest MODULAR-vs-FROZEN advantage on the
+    validation split's prior tasks at ``seed`` (the issue's criterion; test is only reported)."""
+    frozen, val = runs[("frozen", None, seed)].read_matrix(split="validation").values, "validation"
+    adv = {
+        v: clm.modular_vs_frozen_pct(frozen, runs[("modular", v, seed)].read_matrix(split=val).values)
+        for v in exp["grid"]["modular"]
+    }
+    return {"seed": seed, "validation_vs_frozen": adv, "chosen": max(adv, key=lambda v: adv[v])}
+
+
+def first_seed(exp: dict, runner: Runner) -> tuple[dict, dict, dict]:
+    """The first seed's runs (every grid value), the knob values kept and how they were chosen."""
+    conditions, seed, grid = list(exp["methods"]), exp["seeds"][0], exp.get("grid") or {}
+    if set(grid) - {"modular"} or ("modular" in grid and "frozen" not in conditions):
+        raise SystemExit(f"{exp['path']}: a reproduction's grid is MODULAR's crma_lr, chosen against FROZEN")
+    value = {c: None for c in conditions}
+    if exp.get("knobs_from"):  # another experiment's choice, from its recorded first-seed runs
+        other = load_experiment(REPO / exp["knobs_from"])
+        quiet = argparse.Namespace(**{**vars(runner.args), "fits": 0})
+        try:
+            value |= first_seed(other, Runner(other, quiet))[1]
+        except SystemExit as e:
+            raise SystemExit(f"{exp['path']} takes its knobs from {exp['knobs_from']}: {e}") from None
+    done = runner.all([(c, v, seed) for c in conditions for v in grid.get(c, [value[c]])])
+    choice = {m: crma_lr_choice(exp, done, seed) for m in grid}
+    return done, value | {m: ch["chosen"] for m, ch in choice.items()}, choice
+
+
 def reproduction(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[RecordedRun]]:
     conditions, seeds = list(exp["methods"]), list(exp["seeds"])
-    keys = [(c, s) for s in seeds for c in conditions]  # seed-major: the first seed's runs finish first
-    done = runner.all([(c, None, s) for c, s in keys])
-    runs = {(c, s): run for (c, _, s), run in done.items()}
+    done, value, choice = first_seed(exp, runner)
+    done |= runner.all([(c, value[c], s) for s in seeds[1:] for c in conditions])
+    runs = {(c, s): done[(c, value[c], s)] for s in seeds for c in conditions}
     res = collect(runs, conditions, seeds, "test")
+    res["steps_per_task"] = steps_per_task(runs[(conditions[0], seeds[0])])
+    if choice:
+        res["grid"] = choice
+    res["knobs"] = {c: v for c, v in value.items() if v is not None}
     # where the settings (the CRMA learning rates: compare) were chosen; test is reported
     val = collect(runs, conditions, seeds, "validation")
     res["validation"] = {k: v for k, v in val.items() if k != "grad_norm"}
@@ -350,6 +404,11 @@ def reproduction(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Reco
         "figure": Path(exp["out"]).with_suffix(".png").name,
     }
     return {"protocol": protocol, "results": res}, list(runs.values())
+
+
+def steps_per_task(run: RecordedRun) -> int:
+    """Optimizer steps of the first task, as the gradient-norm log counted them."""
+    return next(iter(run.read_grad_norm().values()))["steps"]
 
 
 # -- the methods table and the standard CL benchmark -------------------------------------------
@@ -464,13 +523,56 @@ def methods_table(exp: dict, runner: Runner, info: dict) -> tuple[dict, list[Rec
     return {"protocol": protocol, "results": res}, list(runs.values())
 
 
+# -- growth with training length ---------------------------------------------------------------
+def legacy_steps(protocol: dict) -> int:
+    """Steps per task of a reproduction record written before records counted them, from its
+    protocol's words ("64 train / ...", "4 x 1 accumulation, 1 epoch(s) per task")."""
+    st = protocol["settings"]
+    train = int(re.match(r"(\d+) train", st["examples per task"]).group(1))
+    batch = re.match(r"(\d+) x (\d+) accumulation, (\d+) epoch", st["batch"])
+    batch, accumulate, epochs = map(int, batch.groups())
+    return -(-train // (batch * accumulate)) * epochs
+
+
+def growth_point(label: str, record: dict) -> dict:
+    """One training size of the growth figure: NAIVE's drift and MODULAR vs FROZEN per seed (test)."""
+    res, protocol = record["results"], record["protocol"]
+    return {
+        "label": label,
+        "experiment": record.get("experiment"),
+        "steps_per_task": res.get("steps_per_task") or legacy_steps(protocol),
+        "examples": protocol["settings"]["examples per task"],
+        "seeds": res["seeds"],
+        "naive_drift": res["drift"].get("naive", {}).get("per_seed"),
+        "modular_drift": res["drift"].get("modular", {}).get("per_seed"),
+        "modular_vs_frozen": res.get("modular_vs_frozen", {}).get("per_seed"),
+        "knobs": res.get("knobs", {}),
+    }
+
+
+def growth(exp: dict, args: argparse.Namespace, argv: list[str], info: dict) -> tuple[dict, dict]:
+    """Each size (a reproduction experiment, run first, or a committed reproduction record) as a point."""
+    points, commits = [], {}
+    for label, path in exp["sizes"].items():
+        out = run_experiment(REPO / path, args, argv) if path.endswith(".yaml") else REPO / path
+        record = json.loads(out.read_text())
+        points.append(growth_point(label, record))
+        for commit, names in record.get("code", {}).get("run_commits", {"unknown": ["its runs"]}).items():
+            commits.setdefault(commit, []).extend(f"{label}: {n}" for n in names)
+    points.sort(key=lambda p: p["steps_per_task"])
+    record = {"experiment": exp["path"], "command": info["command"], "date": info["date"], "sizes": points}
+    return record, commits
+
+
 # -- one experiment ----------------------------------------------------------------------------
 def run_experiment(path: str | Path, args: argparse.Namespace, argv: list[str]) -> Path:
     """Fit (or reuse) an experiment's runs, write its record (``out``) and render its report."""
     exp = load_experiment(path)
     out = REPO / exp["out"]
     info = run_info(__file__, argv)
-    if exp["kind"] == "recipe":
+    if exp["kind"] == "growth":
+        record, commits = growth(exp, args, argv, info)
+    elif exp["kind"] == "recipe":
         reports = [
             (label, json.loads(run_experiment(REPO / p, args, argv).read_text()))
             for label, p in [("current recipe", exp["current"]), *exp["settings"].items()]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import harness  # noqa: E402
 
 from crma_lightning.runs.record import RecordedRun  # noqa: E402
-from crma_lightning.runs.rundir import RunDir  # noqa: E402
+from crma_lightning.runs.rundir import RunDir, init_args  # noqa: E402
 
 SIZES = ["--data.train_size", "32", "--data.holdout_size", "16", "--data.epochs_per_task", "1"]
 
@@ -140,3 +140,73 @@ def test_a_finished_run_is_read_from_its_record_and_never_fitted_again(tmp_path,
     assert refused() == (
         f"[naive_s0] {runs / 'naive_s0'} holds a run with no fit_args.json: use another runs_dir or delete it"
     )
+
+
+@pytest.mark.slow  # six tiny fits, ~2.5 min on 2 cores
+def test_a_crma_rate_grid_is_chosen_on_validation_and_other_experiments_take_the_choice(tmp_path, script_env):
+    """A reproduction's ``grid: {modular: [...]}`` fits every CRMA rate at the first seed, keeps the
+    one with the largest MODULAR-vs-FROZEN advantage on validation, and fits the other seeds at it; an
+    experiment with ``knobs_from`` fits at that rate, and refuses to start before it is chosen."""
+    import run
+
+    from crma_lightning.evaluation import metrics as clm
+
+    config = tmp_path / "tiny.yaml"
+    shutil.copy(REPO / "configs/tiny.yaml", config)
+
+    def experiment(name: str, **kw) -> str:
+        exp = {
+            "kind": "reproduction",
+            "config": str(config),
+            "methods": ["frozen", "modular"],
+            "seeds": [0, 1],
+            "fit_args": SIZES,
+            "runs_dir": str(tmp_path / "runs" / name),
+            "records": str(tmp_path / "records" / name),
+            "out": str(tmp_path / f"{name}.json"),
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**exp, **kw}))
+        return str(path)
+
+    grid = experiment("grid", grid={"modular": [0.1, 1.0]})
+    smaller = experiment(
+        "smaller",
+        methods=["modular"],
+        seeds=[0],
+        knobs_from=grid,
+        fit_args=[*SIZES, "--data.train_size", "16"],
+    )
+    with pytest.raises(SystemExit, match=r"takes its knobs from .*grid.yaml: .*not fitted yet"):
+        run.main([smaller, "--threads", "1"])
+    assert not (tmp_path / "runs" / "smaller").exists()
+
+    run.main([grid, "--threads", "1"])
+    records = tmp_path / "records" / "grid"
+    rec = {p.stem: RecordedRun.load(p) for p in records.glob("*.json")}
+    val = {k: r.read_matrix(split="validation").values for k, r in rec.items()}
+    adv = {
+        v: clm.modular_vs_frozen_pct(val["frozen_s0"], val[f"modular_crma_lr={v:g}_s0"]) for v in (0.1, 1.0)
+    }
+    chosen = max(adv, key=adv.get)
+    assert set(rec) == {"frozen_s0", "modular_crma_lr=0.1_s0", "modular_crma_lr=1_s0", "frozen_s1"} | {
+        f"modular_crma_lr={chosen:g}_s1"
+    }
+    # the rate is CRMA's read/write rate as a multiple of the LoRA rate (0.01), mixing and gate 10x it
+    lr = init_args(rec["modular_crma_lr=1_s0"].read_config()["model"])["lr"]
+    assert (lr["crma_proj"], lr["crma_mix"], lr["crma_gate"]) == (0.01, 0.1, 0.1)
+    res = json.loads((tmp_path / "grid.json").read_text())["results"]
+    assert res["grid"]["modular"] == {
+        "seed": 0,
+        "validation_vs_frozen": {str(v): a for v, a in adv.items()},
+        "chosen": chosen,
+    }
+    assert res["knobs"] == {"modular": chosen} and res["seeds"] == [0, 1]
+    assert res["steps_per_task"] == rec["frozen_s0"].read_grad_norm()["alpha"]["steps"] > 0
+    # the test numbers are the kept rate's runs
+    test = [rec[f"modular_crma_lr={chosen:g}_s{s}"].read_matrix(split="test").values for s in (0, 1)]
+    assert res["final_loss"]["modular"]["per_seed"] == [t[-1].tolist() for t in test]
+
+    run.main([smaller, "--threads", "1"])
+    (taken,) = (tmp_path / "records" / "smaller").glob("*.json")
+    assert taken.stem == f"modular_crma_lr={chosen:g}_s0"
