@@ -65,28 +65,32 @@ LOADED = (
 
 
 # -- shared ------------------------------------------------------------------------------------
-def fit(name: str, cli: list[str], args: argparse.Namespace, threads: int | None = None, **kw) -> Fit:
-    """``train.py fit CLI`` offline; exits with the log's end when it fails."""
-    env = OFFLINE | kw.pop("env", {})
-    done = train_fit(cli, threads=threads or args.threads, env=env, timeout=args.timeout, **kw)
+def fit(name: str, cli: list[str], args: argparse.Namespace, **kw) -> tuple[Fit, RunDir]:
+    """``train.py fit CLI`` offline, and its run; exits with the log's end when it fails."""
+    done = train_fit(cli, threads=args.threads, env=OFFLINE | kw.pop("env", {}), timeout=args.timeout, **kw)
     if done.rc != 0 or done.run_dir is None:
         raise SystemExit(f"{name}: train.py fit failed (exit {done.rc}):\n{done.tail}")
-    return done
+    return done, RunDir(done.run_dir)
+
+
+def per_task(run: RunDir) -> dict:
+    """What ``ResourceMonitor`` recorded per task: step times, memory, optimizer state."""
+    return json.loads(run.resources_file.read_text())
 
 
 def one_task(batch: int, length: int, steps: int) -> list[str]:
     """One task of ``steps`` steps of real text blocks (corpus:code) of ``length`` tokens."""
     return [
         *("--data.tasks", '[{"name": "code", "source": "corpus:code"}]', "--data.max_length", str(length)),
-        *("--data.train_size", str(steps * batch), "--data.holdout_size", "8"),
         *(
+            "--data.train_size",
+            str(steps * batch),
+            "--data.holdout_size",
+            "8",
             "--data.batch_size",
             str(batch),
-            "--data.eval_batch_size",
-            "8",
-            "--evaluation.print_table",
-            "false",
         ),
+        *("--data.eval_batch_size", "8", "--evaluation.print_table", "false"),
     ]
 
 
@@ -130,25 +134,15 @@ STEP_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "frozen_unfused": ("frozen", UNFUSED),
     "modular": ("modular", []),
 }
-#: name -> (numerator, denominator, target or None, label): the ratios reported, paired by round.
-STEP_RATIOS: dict[str, tuple[str, str, float | None, str]] = {
-    "frozen_vs_plain": ("frozen", "plain", 1.05, "frozen / plain loop (against what a user writes)"),
-    "frozen_vs_plain_fused": (
-        "frozen",
-        "plain_fused",
-        1.03,
-        "frozen / plain loop on the fused paths (like for like)",
-    ),
-    "frozen_unfused_vs_plain": (
-        "frozen_unfused",
-        "plain",
-        1.03,
-        "frozen_unfused / plain loop (like for like)",
-    ),
-    "plain_fused_vs_plain": ("plain_fused", "plain", None, "plain loop: fused paths / unfused"),
-    "frozen_vs_frozen_unfused": ("frozen", "frozen_unfused", None, "frozen: fused paths / unfused"),
-    "modular_vs_frozen": ("modular", "frozen", 1.02, "modular / frozen (CRMA's cost)"),
-}
+#: (numerator, denominator, target or None, label): the ratios reported (``<num>_vs_<den>``), paired by round
+STEP_RATIOS: list[tuple[str, str, float | None, str]] = [
+    ("frozen", "plain", 1.05, "frozen / plain loop (against what a user writes)"),
+    ("frozen", "plain_fused", 1.03, "frozen / plain loop on the fused paths (like for like)"),
+    ("frozen_unfused", "plain", 1.03, "frozen_unfused / plain loop (like for like)"),
+    ("plain_fused", "plain", None, "plain loop: fused paths / unfused"),
+    ("frozen", "frozen_unfused", None, "frozen: fused paths / unfused"),
+    ("modular", "frozen", 1.02, "modular / frozen (CRMA's cost)"),
+]
 CLOCKS = {"step_s": "step time", "step_cpu_s": "step CPU time", "peak_rss_mb": "peak resident memory"}
 #: peak memory is judged against the plain loop (1.10) and for CRMA's cost only
 MEMORY_TARGETS = {"frozen_vs_plain": 1.10, "frozen_vs_plain_fused": 1.10, "modular_vs_frozen": None}
@@ -212,8 +206,8 @@ def step_fit(args: argparse.Namespace, variant: str, tmp: Path) -> dict:
         *("--model.lora.dropout", "0.0", "--trainer.callbacks", json.dumps([RESOURCES])),
         *("--trainer.logger.init_args.save_dir", str(tmp / variant), *extra),
     ]
-    run = RunDir(fit(variant, cli, args).run_dir)
-    row = next(iter(json.loads(run.resources_file.read_text()).values()))
+    _, run = fit(variant, cli, args)
+    row = next(iter(per_task(run).values()))
     return {
         "step_s": row["step_s_median"],
         "step_cpu_s": row["step_cpu_s_median"],
@@ -222,18 +216,16 @@ def step_fit(args: argparse.Namespace, variant: str, tmp: Path) -> dict:
     }
 
 
-def step_plain(args: argparse.Namespace, fused: bool) -> dict:
-    cmd = [sys.executable, __file__, "step", "--plain-loop", *("--steps", str(args.steps))]
-    for flag in ("batch", "seq", "rank", "skip"):
+def step_plain(args: argparse.Namespace, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "step", "--plain-loop", *STEP_VARIANTS[variant][1]]
+    for flag in ("steps", "batch", "seq", "rank", "skip"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     if args.model == "smollm2":
         from crma_lightning.backbone.hub import converted_gguf, resolve_path
 
         cmd += ["--model-dir", str(converted_gguf(resolve_path(SMOLLM2_PACKAGE), SMOLLM2_GGUF))]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        cmd + ["--fused"] * fused, capture_output=True, text=True, env=env, timeout=args.timeout, check=True
-    )
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -248,20 +240,18 @@ def step(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         steps = {
             v: lambda v=v: (
-                step_plain(args, v == "plain_fused")
-                if STEP_VARIANTS[v][0] == "plain"
-                else step_fit(args, v, Path(tmp))
+                step_plain(args, v) if STEP_VARIANTS[v][0] == "plain" else step_fit(args, v, Path(tmp))
             )
-            for v in args.variants
+            for v in STEP_VARIANTS
         }
         budget = float("inf") if args.budget_min is None else 60 * args.budget_min
         rounds = interleave(steps, args.rounds, budget_s=budget, progress=print_round)
     summary: dict = {}
-    for name, (num, den, _, _) in STEP_RATIOS.items():
-        if num in rounds.values and den in rounds.values and len(rounds.values[num]) >= 2:
+    for num, den, _, _ in STEP_RATIOS:
+        if len(rounds.values[num]) >= 2:
             for clock in CLOCKS:
                 xs, base = ([r[clock] for r in rounds.values[v]] for v in (num, den))
-                summary[f"{name}/{clock}"] = vars(paired_ratio(xs, base))
+                summary[f"{num}_vs_{den}/{clock}"] = vars(paired_ratio(xs, base))
     return {"rounds": rounds.values, "others_pct": rounds.others_pct, "summary": summary}
 
 
@@ -275,7 +265,8 @@ def step_md(rec: dict) -> list[str]:
     per = {v: {k: statistics.median(r[k] for r in rs) for k in CLOCKS} for v, rs in rec["rounds"].items()}
     rows = []
     for clock in CLOCKS:
-        for name, (_, _, target, label) in STEP_RATIOS.items():
+        for num, den, target, label in STEP_RATIOS:
+            name = f"{num}_vs_{den}"
             r = s.get(f"{name}/{clock}")
             if r is None or (clock == "peak_rss_mb" and name not in MEMORY_TARGETS):
                 continue
@@ -436,11 +427,10 @@ def overhead(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     runs, keys = [], args.models.split(",")
-    if set(keys) - set(OVERHEAD_MODELS) or (args.steps or 2) < 2:
-        raise SystemExit(f"--models: {', '.join(OVERHEAD_MODELS)}; --steps >= 2 (quartiles need two)")
+    if set(keys) - set(OVERHEAD_MODELS):
+        raise SystemExit(f"--models: {', '.join(OVERHEAD_MODELS)}")
     for key in keys:
         label, s = OVERHEAD_MODELS[key]
-        s = s | {k: getattr(args, k) for k in s if getattr(args, k, None) is not None}
         run = {"key": key, "label": label, **s, "skipped": smollm2_missing() if key == "smollm2" else None}
         runs.append(run)
         if run["skipped"]:
@@ -520,17 +510,8 @@ def overhead_md(rec: dict) -> list[str]:
             ms = [f"{1e3 * s[k]:.2f}" for k in ("median_s", "iqr_s", "min_s")]
             share = f"{s['share_pct']:.2f}%" if "share_pct" in s else ""
             rows.append([label, *ms, vs if "overhead_pct" in s else "", share])
-        lines += table(
-            [
-                "variant",
-                "median ms",
-                "IQR ms",
-                "min ms",
-                "vs LoRA-only (paired median [IQR])",
-                "share of its CRMA step",
-            ],
-            rows,
-        )
+        cols = ["variant", "median ms", "IQR ms", "min ms", "vs LoRA-only (paired median [IQR])"]
+        lines += table([*cols, "share of its CRMA step"], rows)
         b, lo, hi = st["crma_batched"], *st["crma_batched"]["overhead_ci95_pct"]
         comp, proj = st["component_overhead_pct"], st["proj_batched"]["share_pct"]
         lines += [
@@ -567,9 +548,8 @@ def method_fit(args: argparse.Namespace, method: str, tmp: Path) -> dict:
         *("--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp / method)),
         *args.extra,
     ]
-    done = fit(method, cli, args, meter=True)
-    run = RunDir(done.run_dir)
-    rows = list(json.loads(run.resources_file.read_text()).values())
+    done, run = fit(method, cli, args, meter=True)
+    rows = list(per_task(run).values())
     later = rows[1:] or rows  # the tasks where replay and the regularisers act
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -710,16 +690,16 @@ def long_sequence(args: argparse.Namespace) -> dict:
             *("--trainer.callbacks", json.dumps(callbacks), "--trainer.enable_progress_bar", "false"),
             *("--trainer.logger.init_args.save_dir", tmp),
         ]
-        run = RunDir(fit("long-sequence", cli, args).run_dir)
-        per_task = json.loads(run.resources_file.read_text())
-        series = {k: [per_task[t][k] for t in names] for k in SERIES if k != "checkpoint_mb"}
+        _, run = fit("long-sequence", cli, args)
+        resources = per_task(run)
+        series = {k: [resources[t][k] for t in names] for k in SERIES if k != "checkpoint_mb"}
         ckpts = sorted(run.checkpoints.glob("after-epoch=*.ckpt"))
         series["checkpoint_mb"] = [p.stat().st_size / 2**20 for p in ckpts]
     return {
         "tasks": names,
         "series": series,
         "growth": {k: growth(v) for k, v in series.items()},
-        "trainable_params": [per_task[t]["trainable_params"] for t in names],
+        "trainable_params": [resources[t]["trainable_params"] for t in names],
     }
 
 
@@ -821,7 +801,7 @@ def memory_plan(args: argparse.Namespace) -> dict:
     rows = []
     env = {} if args.default_malloc else {"MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, case in enumerate(args.cases):
+        for i, case in enumerate(CASES):
             out = Path(tmp) / f"{i}.json"
             probe = {"class_path": "benchmarks.memory_probe.PeakMemory", "init_args": {"out": str(out)}}
             cli = [*case_args(case, args.steps), "--trainer.callbacks", json.dumps([probe])]
@@ -888,18 +868,12 @@ STEP_OPTIONS = [
     ("--seq", dict(type=int, default=128)),
     ("--rank", dict(type=int, default=8)),
     ("--budget-min", dict(type=float, help="start no round after this (at least 2 rounds)")),
-    ("--variants", dict(nargs="+", choices=list(STEP_VARIANTS), default=list(STEP_VARIANTS))),
     ("--plain-loop", dict(action="store_true", help=argparse.SUPPRESS)),
     ("--fused", dict(action="store_true", help=argparse.SUPPRESS)),
     ("--model-dir", dict(help=argparse.SUPPRESS)),
 ]
 OVERHEAD_OPTIONS = [
     ("--models", dict(default="tiny,smollm2", help="comma-separated: tiny, smollm2")),
-    ("--steps", dict(type=int, help="quiet measured rounds wanted (default: 60 tiny, 20 smollm2)")),
-    ("--warmup", dict(type=int, help="warm-up rounds (default: 5 tiny, 2 smollm2)")),
-    ("--batch", dict(type=int, help="batch size (default: 8 tiny, 4 smollm2)")),
-    ("--seq", dict(type=int, help="sequence length (default 128)")),
-    ("--budget-s", dict(type=float, help="measuring time limit per model (default: 120, 360)")),
     ("--wait-s", dict(type=float, default=300, help="wait at most this long for a quiet machine")),
 ]
 METHODS_OPTIONS = [
@@ -910,7 +884,6 @@ METHODS_OPTIONS = [
 LONG_SEQUENCE_OPTIONS = [("--tasks", dict(type=int, default=30))]
 MEMORY_PLAN_OPTIONS = [
     ("--steps", dict(type=int, default=3)),
-    ("--cases", dict(nargs="+", choices=list(CASES), default=list(CASES))),
     ("--default-malloc", dict(action="store_true", help="glibc's default malloc thresholds")),
     ("--replan", dict(help="a results JSON: recompute the plan column only, no fits")),
 ]

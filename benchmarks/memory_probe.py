@@ -1,22 +1,10 @@
-"""A callback that measures what a fit's training steps hold in memory, less the process's baseline.
-
-For ``benchmarks/cost.py memory-plan``, given to ``train.py fit`` as
+"""A callback measuring what a fit's training steps hold in memory, less the process's baseline (Linux,
+``/proc/self``), for ``benchmarks/cost.py memory-plan``, given to ``train.py fit`` as
 ``--trainer.callbacks '[{"class_path": "benchmarks.memory_probe.PeakMemory", "init_args": {"out": PATH}}]'``.
-Linux only (``/proc/self``).
 
-- baseline: the resident memory (RSS) at the callbacks' ``setup``, after the data are set up and
-  before ``configure_model`` builds the model: Python, torch, Lightning, the tokenizer and the data;
-- at ``on_train_start`` the pages of memory-mapped checkpoint files (``*.safetensors``) are paged
-  out (``madvise(MADV_PAGEOUT)``) and the peak RSS is reset (``/proc/self/clear_refs`` ``5``), so
-  loading's transients do not count: transformers maps the checkpoint, and with an NF4 base the
-  float32 pages of the quantised layers stayed resident (mapped, reclaimable) though nothing uses
-  them; pages the step does read (the weights kept as they are) fault back in and count;
-- peak: the highest RSS since then, read after every training batch (``VmHWM``); the evaluation at
-  the task's end comes after the last batch and is not read.
-
-``peak - baseline`` is what the training steps hold: weights, adapters, gradients, optimizer state,
-activations, and the allocator's own slack, as a GPU's ``max_memory_allocated`` would count them
-(less the slack).
+Baseline: the RSS at ``setup`` (data set up, model not built). At ``on_train_start`` the pages of mapped
+``*.safetensors`` checkpoints are paged out and the peak RSS is reset, so loading leaves no transient;
+peak: the highest RSS (``VmHWM``) read after every training batch. Why: docs/decisions.md (Benchmarks).
 """
 
 from __future__ import annotations
