@@ -219,6 +219,10 @@ def collect(
         per_seed = [clm.drift_pct(loss[(c, s)]) for s in seeds]
         mean, sd = clm.mean_sd(per_seed)
         res["drift"][c] = {"mean": mean, "sd": sd, "per_seed": per_seed}
+        # on the loss with the accuracy's sign: negative = earlier tasks' losses went up since trained
+        per_seed = [clm.bwt(-loss[(c, s)]) for s in seeds]
+        mean, sd = clm.mean_sd(per_seed)
+        res.setdefault("bwt", {})[c] = {"mean": mean, "sd": sd, "per_seed": per_seed}
         mats = np.stack([loss[(c, s)] for s in seeds])
         res["loss_matrix_mean"][c] = {"rows": first.rows, "matrix": mats.mean(0).tolist()}
         res["final_loss"][c] = {"mean": mats[:, -1].mean(0).tolist(), "per_seed": mats[:, -1].tolist()}
@@ -238,8 +242,48 @@ def collect(
             "sd": sd,
             "per_seed": adv,
             "per_task_mean": (100 * (f - m) / f).mean(0).tolist(),
+            "interval": advantage_interval(runs, seeds, split),
         }
     return res
+
+
+def advantage_interval(
+    runs: dict[tuple[str, int], RecordedRun], seeds: list[int], split: str, resamples: int = 2000
+) -> list[float] | None:
+    """MODULAR vs FROZEN on prior tasks (%) with a 95 % percentile bootstrap interval over seeds and,
+    within each seed and task, over the held-out examples, the same for both (paired): each task's
+    loss is its examples' loss sum over their tokens, as in the matrices. None for runs recorded
+    before the per-example losses were kept (``final_losses``)."""
+    try:
+        per = [
+            [
+                np.stack(
+                    [
+                        np.asarray(runs[(c, s)].read_summary(split)["final_losses"]["task_id"][t], float)
+                        for c in ("frozen", "modular")
+                    ]
+                )  # (2, examples, [loss sum, tokens])
+                for t in runs[("frozen", s)].read_matrix(split=split).tasks[:-1]
+            ]
+            for s in seeds
+        ]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+    def advantage(cells: list[np.ndarray]) -> float:
+        pooled = np.stack([x.sum(1) for x in cells])  # (tasks, 2, 2)
+        loss = pooled[..., 0] / pooled[..., 1]
+        return float(np.mean(100 * (loss[:, 0] - loss[:, 1]) / loss[:, 0]))
+
+    rng = np.random.default_rng(0)
+    boots = []
+    for _ in range(resamples):
+        drawn = [per[j] for j in rng.integers(0, len(per), len(per))]
+        boots.append(
+            np.mean([advantage([x[:, rng.integers(0, x.shape[1], x.shape[1])] for x in s]) for s in drawn])
+        )
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return [float(np.mean([advantage(s) for s in per])), float(lo), float(hi)]
 
 
 def ablation(runs: dict[tuple[str, int], RecordedRun], seeds: list[int], split: str) -> dict:

@@ -207,6 +207,12 @@ def test_a_crma_rate_grid_is_chosen_on_validation_and_other_experiments_take_the
     test = [rec[f"modular_crma_lr={chosen:g}_s{s}"].read_matrix(split="test").values for s in (0, 1)]
     assert res["final_loss"]["modular"]["per_seed"] == [t[-1].tolist() for t in test]
 
+    # BWT on the loss (FROZEN's earlier tasks are served as trained: 0), and MODULAR vs FROZEN with
+    # its paired interval over seeds and examples, from the examples' own losses
+    assert res["bwt"]["frozen"]["per_seed"] == [0.0, 0.0]
+    point, lo, hi = res["modular_vs_frozen"]["interval"]
+    assert lo < point < hi and point == pytest.approx(res["modular_vs_frozen"]["mean"], rel=1e-5)
+
     run.main([smaller, "--threads", "1"])
     (taken,) = (tmp_path / "records" / "smaller").glob("*.json")
     assert taken.stem == f"modular_crma_lr={chosen:g}_s0"
