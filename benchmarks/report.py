@@ -35,6 +35,7 @@ KNOBS = {
     "modular_ewc": "weight",
     "lwf": "weight",
     "olora": "l1",
+    "modular": "crma_lr",  # CRMA's read/write rate as a multiple of the LoRA rate (a reproduction's grid)
 }
 NO_TASK_ID = {"route": "routed", "sum": "all LoRAs summed", "shared": "the shared LoRA"}
 #: The paper's numbers (Mistral-7B, 5 domains, 500/100 examples, seeds 0/42/1234; docs/method.md §3).
@@ -208,11 +209,16 @@ def reproduction_md(res: dict, protocol: dict) -> str:
         "",
     ]
     if split == "test":
+        picked = (
+            "CRMA's learning rate (its own section below)"
+            if res.get("grid")
+            else "CRMA learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section)"
+        )
         lines += [
             "Every number is on the **test split** (`continual/test/`, scored after every task like the "
-            "validation matrices), which no setting was chosen on. The one setting picked by comparing runs, "
-            "CRMA learning 10x slower than the LoRAs (configs/smollm2.yaml; the last section), was picked on "
-            "the validation split; the validation numbers are in their own section.",
+            "validation matrices), which no setting was chosen on. The one setting picked by comparing "
+            f"runs, {picked}, was picked on the validation split; the validation numbers are in their own "
+            "section.",
             "",
         ]
     lines += [
@@ -250,6 +256,35 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             "Per prior task (mean over seeds): "
             + ", ".join(f"{t} {v:+.2f} %" for t, v in zip(tasks, a["per_task_mean"], strict=False)),
         ]
+        if a.get("interval"):
+            point, lo, hi = a["interval"]
+            lines += [
+                "",
+                f"Paired 95 % interval: {point:+.2f} % [{lo:+.2f}, {hi:+.2f}] (percentile bootstrap over "
+                f"seeds and, within each, over the {split} examples, the same for both; each task's loss "
+                "pooled over its examples' tokens as in the matrices). "
+                + ("It excludes 0." if lo > 0 or hi < 0 else "It includes 0: no difference is shown."),
+            ]
+    if "bwt" in res:
+        lines += [
+            "",
+            f"## BWT on the {split} loss (+ = earlier tasks improved since trained)",
+            "",
+            "BWT = mean over prior tasks i of (L[i, i] − L[T, i]) (Lopez-Paz & Ranzato's, on the loss with "
+            "the accuracy's sign).",
+            "",
+            *table(
+                ["condition", "mean ± SD", f"per seed ({cols})"],
+                [
+                    [
+                        c,
+                        pm(res["bwt"][c]["mean"], res["bwt"][c]["sd"], 4),
+                        seeds_str(res["bwt"][c]["per_seed"], "+.4f"),
+                    ]
+                    for c in conds
+                ],
+            ),
+        ]
     base = res["loss_matrix_mean"][conds[0]]["matrix"][0]
     lines += [
         "",
@@ -275,6 +310,22 @@ def reproduction_md(res: dict, protocol: dict) -> str:
             f"Turning CRMA off changes the mean {split} loss by {100 * (off - on) / on:+.2f} %. Check: the "
             "served CRMA-on losses match the runs' last loss-matrix rows within "
             f"{ab['max_diff_vs_run']:.1e}.",
+        ]
+    for g in res.get("grid", {}).values():
+        lines += [
+            "",
+            f"## CRMA's learning rate, chosen on validation at seed {g['seed']}",
+            "",
+            "CRMA's read/write rate as a multiple of the LoRA rate (the mixing logits and the gate at 10x "
+            "it); kept: the largest MODULAR-vs-FROZEN prior-task advantage on the validation split.",
+            "",
+            *table(
+                ["rate x LoRA", "validation: MODULAR vs FROZEN %", "kept"],
+                [
+                    [f"{float(v):g}", f"{a:+.2f}", "yes" if float(v) == g["chosen"] else ""]
+                    for v, a in g["validation_vs_frozen"].items()
+                ],
+            ),
         ]
     if "validation" in res:
         val = res["validation"]
@@ -962,15 +1013,82 @@ def recipe_figure(summaries: list[dict], info: dict, path: Path) -> None:
 
 # -- rendering ---------------------------------------------------------------------------------
 #: kind -> (markdown, figure), each taking the record's results and protocol
+# -- growth: how forgetting and CRMA's gain grow with the steps per task
+def growth_md(points: list[dict], record: dict) -> str:
+    def cell_of(vals: list | None) -> str:
+        return f"{pm(*stat(vals))} ({seeds_str(vals)})" if vals else "—"
+
+    rows = [
+        [p["label"], p["examples"], str(p["steps_per_task"]), ", ".join(map(str, p["seeds"]))]
+        + [cell_of(p[k]) for k in ("naive_drift", "modular_drift", "modular_vs_frozen")]
+        + [", ".join(f"{KNOBS.get(m, m)} {v:g}" for m, v in p["knobs"].items()) or "preset"]
+        for p in points
+    ]
+    return "\n".join(
+        [
+            "# How forgetting and CRMA's gain grow with training",
+            "",
+            f"Produced by `{record['command']}` on {record['date']}. Each size is a reproduction record "
+            "(its experiment file named below); every number on the **test split**, mean ± "
+            "sample SD over seeds, each seed in brackets. Paper (Mistral-7B, 500 examples a domain): NAIVE "
+            f"drift {pm(*PAPER['drift']['naive'][:2])} %, MODULAR vs FROZEN "
+            f"{pm(*PAPER['modular_vs_frozen'][:2])} %.",
+            "",
+            *table(
+                ["size", "examples per task", "steps per task", "seeds", "NAIVE drift %", "MODULAR drift %"]
+                + ["MODULAR vs FROZEN %", "CRMA rate"],
+                rows,
+            ),
+            "",
+            "Experiments: "
+            + "; ".join(
+                f"{p['label']}: {p['experiment']}" + " (reference)" * bool(p.get("reference")) for p in points
+            )
+            + ". A reference size follows another protocol: it is drawn hollow and not joined to the others.",
+            "",
+            f"![drift and MODULAR vs FROZEN against steps per task]({Path(record['figure']).name})",
+        ]
+    )
+
+
+def growth_figure(points: list[dict], record: dict, path: Path) -> None:
+    """NAIVE's drift and MODULAR vs FROZEN against the steps per task: mean ± SD, seeds as dots, the
+    sizes of one protocol joined; a reference size of another protocol hollow."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for ax, key, title in (
+        (axes[0], "naive_drift", "NAIVE: loss-relative drift on prior tasks, % (+ = forgetting)"),
+        (axes[1], "modular_vs_frozen", "MODULAR vs FROZEN on prior tasks, % (+ = MODULAR better)"),
+    ):
+        shown = [p for p in points if p[key]]
+        for p in shown:
+            mean, sd = stat(p[key])
+            face = "white" if p.get("reference") else "C0"
+            ax.errorbar(p["steps_per_task"], mean, yerr=sd or 0, fmt="o", color="C0", mfc=face, capsize=4)
+            ax.scatter([p["steps_per_task"]] * len(p[key]), p[key], color="C1", s=12, zorder=3)
+        joined = sorted((p["steps_per_task"], stat(p[key])[0]) for p in shown if not p.get("reference"))
+        if len(joined) > 1:
+            ax.plot(*zip(*joined, strict=True), color="C0", lw=1)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(sorted({p["steps_per_task"] for p in shown}))
+        ax.set_xlabel("optimizer steps per task (hollow: a reference of another protocol)")
+        ax.set_title(title, fontsize=10)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 RENDERERS = {
     "reproduction": (reproduction_md, reproduction_figure),
     "methods": (methods_md, methods_figure),
     "standard_cl": (standard_cl_md, standard_cl_figure),
     "recipe": (recipe_md, recipe_figure),
+    "growth": (growth_md, growth_figure),
 }
 
 
 def kind(record: dict) -> str:
+    if "sizes" in record:
+        return "growth"
     if "settings" in record and "results" not in record:
         return "recipe"
     res = record["results"]
@@ -982,8 +1100,8 @@ def render(path: str | Path, figures: bool = True) -> Path:
     path = Path(path)
     record = json.loads(path.read_text())
     k, png = kind(record), path.with_suffix(".png")
-    if k == "recipe":
-        res, protocol = record["settings"], {**record, "figure": png}
+    if k in ("recipe", "growth"):
+        res, protocol = record["settings" if k == "recipe" else "sizes"], {**record, "figure": png}
     else:
         res, protocol = record["results"], record["protocol"]
     if k == "standard_cl":  # JSON keys are strings; the seeds are ints

@@ -55,8 +55,6 @@ from crma_lightning.runs.record import RecordedRun, compact
 from crma_lightning.runs.rundir import ACCURACY_MATRIX, LOSS_MATRIX, RunDir, init_args, matrix_name
 from crma_lightning.serve import load_run
 
-KNOBS = KNOBS | {"modular": "crma_lr"}  # CRMA's read/write rate as a multiple of the LoRA rate
-
 KINDS = ("reproduction", "methods", "standard_cl", "recipe", "growth")
 
 
@@ -578,7 +576,7 @@ def legacy_steps(protocol: dict) -> int:
     return -(-train // (batch * accumulate)) * epochs
 
 
-def growth_point(label: str, record: dict) -> dict:
+def growth_point(label: str, record: dict, reference: bool = False) -> dict:
     """One training size of the growth figure: NAIVE's drift and MODULAR vs FROZEN per seed (test)."""
     res, protocol = record["results"], record["protocol"]
     return {
@@ -591,16 +589,19 @@ def growth_point(label: str, record: dict) -> dict:
         "modular_drift": res["drift"].get("modular", {}).get("per_seed"),
         "modular_vs_frozen": res.get("modular_vs_frozen", {}).get("per_seed"),
         "knobs": res.get("knobs", {}),
+        "reference": reference,
     }
 
 
 def growth(exp: dict, args: argparse.Namespace, argv: list[str], info: dict) -> tuple[dict, dict]:
-    """Each size (a reproduction experiment, run first, or a committed reproduction record) as a point."""
+    """Each size (a reproduction experiment, run first, or a committed reproduction record) as a point;
+    ``reference`` sizes follow another protocol (drawn apart)."""
     points, commits = [], {}
-    for label, path in exp["sizes"].items():
+    sizes = [(k, v, False) for k, v in exp["sizes"].items()]
+    for label, path, reference in sizes + [(k, v, True) for k, v in (exp.get("reference") or {}).items()]:
         out = run_experiment(REPO / path, args, argv) if path.endswith(".yaml") else REPO / path
         record = json.loads(out.read_text())
-        points.append(growth_point(label, record))
+        points.append(growth_point(label, record, reference))
         for commit, names in record.get("code", {}).get("run_commits", {"unknown": ["its runs"]}).items():
             commits.setdefault(commit, []).extend(f"{label}: {n}" for n in names)
     points.sort(key=lambda p: p["steps_per_task"])

@@ -216,3 +216,29 @@ def test_a_crma_rate_grid_is_chosen_on_validation_and_other_experiments_take_the
     run.main([smaller, "--threads", "1"])
     (taken,) = (tmp_path / "records" / "smaller").glob("*.json")
     assert taken.stem == f"modular_crma_lr={chosen:g}_s0"
+
+    # growth: each size's record as a point against its steps per task (nothing fitted again), the
+    # committed toy reproduction (64-token blocks, batch 4: 16 steps) among them
+    growth = tmp_path / "growth.yaml"
+    sizes, reference = (
+        {"32": grid, "16": smaller},
+        {"toy": str(REPO / "benchmarks/results/reproduction.json")},
+    )
+    exp = {"kind": "growth", "sizes": sizes, "reference": reference, "out": str(tmp_path / "growth.json")}
+    growth.write_text(yaml.safe_dump(exp))
+    run.main([str(growth), "--threads", "1"])
+    points = {p["label"]: p for p in json.loads((tmp_path / "growth.json").read_text())["sizes"]}
+    toy = json.loads((REPO / "benchmarks/results/reproduction.json").read_text())["results"]
+    assert points["toy"]["reference"] and not points["32"]["reference"]
+    assert (
+        points["toy"]["steps_per_task"] == 16
+        and points["toy"]["naive_drift"] == toy["drift"]["naive"]["per_seed"]
+    )
+    assert points["32"]["modular_vs_frozen"] == res["modular_vs_frozen"]["per_seed"]
+    assert (
+        points["16"]["steps_per_task"] < points["32"]["steps_per_task"]
+        and points["16"]["modular_vs_frozen"] is None
+    )
+    md = (tmp_path / "growth.md").read_text()
+    assert "| toy | 64 train / 16 validation / 16 test blocks of 64 tokens | 16 |" in md
+    assert (tmp_path / "growth.png").stat().st_size > 0
