@@ -3,13 +3,16 @@
     python benchmarks/run.py benchmarks/experiments/reproduction.yaml [--jobs 2 --threads 1]
 
 An experiment file (benchmarks/experiments/*.yaml) is data: ``kind`` (reproduction, methods,
-standard_cl, recipe), the base ``config`` file(s), the ``methods`` (presets configs/methods/<name>.yaml),
-``seeds``, ``fit_args`` for every ``train.py fit`` (sizes, override files), ``task_id`` (``both``:
-also evaluate without the task id), a knob ``grid`` (every value at the first seed, the best on
-validation kept), ``compare`` (reproduction: other records' MODULAR runs as a variant), ``runs_dir``
-(run directories), ``records`` (one record per run; default ``runs/<experiment>`` beside ``out``) and
-``out`` (the experiment's record, ``.json``; benchmarks/report.py renders ``.md`` and ``.png`` beside
-it). A recipe experiment names other experiment files (``current``, ``settings``) and runs each first.
+standard_cl, recipe, growth), the base ``config`` file(s), the ``methods`` (presets
+configs/methods/<name>.yaml), ``seeds``, ``fit_args`` for every ``train.py fit`` (sizes, override
+files), ``task_id`` (``both``: also evaluate without the task id), a knob ``grid`` (every value at the
+first seed, the best on validation kept; a reproduction's is MODULAR's ``crma_lr``), ``knobs_from``
+(another experiment whose first-seed choice to take), ``compare`` (reproduction: other records'
+MODULAR runs as a variant), ``runs_dir`` (run directories), ``records`` (one record per run; default
+``runs/<experiment>`` beside ``out``) and ``out`` (the experiment's record, ``.json``;
+benchmarks/report.py renders ``.md`` and ``.png`` beside it). A recipe experiment names other
+experiment files (``current``, ``settings``), a growth experiment reproductions at several training
+sizes (``sizes``, ``reference``); each runs them first.
 
 Each run (``<method>[_<knob>=<value>]_s<seed>``) is fitted once. When it finishes, its compact record
 (``crma_lightning.runs.record.compact``: every matrix and summary, the config, the digest of its
