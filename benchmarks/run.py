@@ -166,10 +166,7 @@ class Runner:
             extra["crma_ablation"] = crma_ablation(run, "test")
         atomic_write_json(path, compact(run, **extra))
         if path.is_relative_to(REPO) and not self.args.no_commit:
-            git = ["git", "-C", str(REPO)]
-            subprocess.run([*git, "add", "--", str(path)], check=True)
-            message = f"Run record {repo_relative(path)}: {name} fitted in {wall:.0f} s"
-            subprocess.run([*git, "commit", "-q", "-m", message, "--", str(path)], check=True)
+            commit_record(path, f"Run record {repo_relative(path)}: {name} fitted in {wall:.0f} s")
         return RecordedRun.load(path)
 
     def all(self, keys: list) -> dict:
@@ -177,6 +174,25 @@ class Runner:
         if left := [run_name(*k) for k, run in done.items() if run is None]:
             raise SystemExit(f"{len(left)} run(s) not fitted yet (--fits): {', '.join(left)}; rerun to go on")
         return done
+
+
+COMMITS = threading.Lock()  # one git commit at a time in this process (runs finish on several threads)
+
+
+def commit_record(path: Path, message: str, repo: Path = REPO, tries: int = 30) -> None:
+    """Commit the record at ``path`` alone; another process's commit holding git's index lock is
+    waited for (two runners may share a clone), any other failure raised."""
+    with COMMITS:
+        for attempt in range(tries):
+            for cmd in (["add", "--", str(path)], ["commit", "-q", "-m", message, "--", str(path)]):
+                out = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True)
+                if out.returncode:
+                    break
+            else:
+                return
+            if "index.lock" not in out.stderr or attempt == tries - 1:
+                raise SystemExit(f"committing {path} failed: {out.stderr.strip()}")
+            time.sleep(1)
 
 
 def crma_ablation(run: RunDir, split: str) -> dict[str, list[float]]:

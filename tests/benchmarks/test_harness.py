@@ -242,3 +242,21 @@ def test_a_crma_rate_grid_is_chosen_on_validation_and_other_experiments_take_the
     md = (tmp_path / "growth.md").read_text()
     assert "| toy | 64 train / 16 validation / 16 test blocks of 64 tokens | 16 |" in md
     assert (tmp_path / "growth.png").stat().st_size > 0
+
+
+def test_a_record_commit_waits_for_another_process_holding_the_index_lock(tmp_path):
+    import threading
+
+    import run
+
+    git("init", "-q", cwd=tmp_path)
+    git("config", "user.email", "t@t", cwd=tmp_path)
+    git("config", "user.name", "t", cwd=tmp_path)
+    (tmp_path / "r.json").write_text("{}\n")
+    lock = tmp_path / ".git" / "index.lock"
+    lock.write_text("")  # another runner's commit in flight
+    threading.Timer(2.5, lock.unlink).start()
+    run.commit_record(tmp_path / "r.json", "Run record r", repo=tmp_path)
+    assert git("log", "--format=%s", cwd=tmp_path) == "Run record r" and not lock.exists()
+    with pytest.raises(SystemExit, match="committing .*outside.json failed"):
+        run.commit_record(tmp_path.parent / "outside.json", "no", repo=tmp_path)
