@@ -409,12 +409,14 @@ def settings(run: RecordedRun, exp: dict) -> dict:
 def crma_lr_choice(exp: dict, runs: dict, seed: int) -> dict:
     """MODULAR's CRMA rate among ``grid.modular``: the largest MODULAR-vs-FROZEN advantage on the
     validation split's prior tasks at ``seed`` (the issue's criterion; test is only reported)."""
-    frozen, val = runs[("frozen", None, seed)].read_matrix(split="validation").values, "validation"
+
+    def loss(method: str, value: float | None) -> np.ndarray:
+        return runs[(method, value, seed)].read_matrix(split="validation").values
+
     adv = {
-        v: clm.modular_vs_frozen_pct(frozen, runs[("modular", v, seed)].read_matrix(split=val).values)
-        for v in exp["grid"]["modular"]
+        v: clm.modular_vs_frozen_pct(loss("frozen", None), loss("modular", v)) for v in exp["grid"]["modular"]
     }
-    return {"seed": seed, "validation_vs_frozen": adv, "chosen": max(adv, key=lambda v: adv[v])}
+    return {"seed": seed, "validation_vs_frozen": adv, "chosen": max(adv, key=adv.get)}
 
 
 def first_seed(exp: dict, runner: Runner) -> tuple[dict, dict, dict]:
